@@ -1,0 +1,1 @@
+"""Ray actor classes: thin wrappers that hold models and call apo_ray's functions."""

@@ -1,0 +1,125 @@
+"""The training engine every learner holds: DeepSpeed ZeRO, or plain torch when the user picks it.
+
+Both expose the same three verbs (`step(loss)`, `save_state`, `load_state`) so the learners do not care
+which one runs. DeepSpeed on CPU needs `DS_ACCELERATOR=cpu` and a gloo process group (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TrainEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        backend: str,
+        lr: float,
+        zero_stage: int,
+        grad_clip: float,
+        weight_decay: float,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        master_port: int | None = None,
+    ):
+        self.backend = backend
+        self.rank, self.world_size = rank, world_size
+        if backend == "deepspeed":
+            self.module, self.optimizer = self._init_deepspeed(
+                model, lr, zero_stage, grad_clip, weight_decay, micro_batch_size, master_port
+            )
+        else:
+            self.module = model
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+            self.grad_clip = grad_clip
+        self._ds_engine = self.module if backend == "deepspeed" else None
+
+    def _init_deepspeed(self, model, lr, zero_stage, grad_clip, weight_decay, micro_batch_size, master_port):
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.update(
+            MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            MASTER_PORT=str(master_port or free_port()),
+            RANK=str(self.rank),
+            LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
+            WORLD_SIZE=str(self.world_size),
+        )
+        import deepspeed
+
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": zero_stage},
+            "optimizer": {
+                "type": "AdamW",
+                # torch_adam: DeepSpeed's fused CPU Adam needs a JIT build; torch's is exact and fast enough.
+                "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": True},
+            },
+            "gradient_clipping": grad_clip,
+            "bf16": {"enabled": next(model.parameters()).dtype == torch.bfloat16},
+            "steps_per_print": 10**9,
+        }
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+        return engine, optimizer
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The bare HF model (unwrapped), for saving and exporting weights."""
+        return self._ds_engine.module if self._ds_engine is not None else self.module
+
+    def step(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()}: stopping the step before it touches the weights")
+        if self._ds_engine is not None:
+            self._ds_engine.backward(loss)
+            self._ds_engine.step()
+            return
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """HF-named CPU tensors of the whole model (ZeRO-3 shards are gathered first)."""
+        model = self.model
+        if self._ds_engine is not None and self._ds_engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+                return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def save_state(self, directory: Path) -> None:
+        """Optimizer and weights, so a resumed run continues exactly (not only from the HF weights)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        if self._ds_engine is not None:
+            self._ds_engine.save_checkpoint(str(directory), tag="engine")
+        elif self.rank == 0:
+            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}, directory / "engine.pt")
+
+    def load_state(self, directory: Path) -> None:
+        if self._ds_engine is not None:
+            self._ds_engine.load_checkpoint(str(directory), tag="engine")
+            return
+        state = torch.load(directory / "engine.pt", map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])

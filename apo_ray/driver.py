@@ -1,0 +1,220 @@
+"""The driver: plays the APO game (paper, Algorithm 1) over the Ray actors. It holds no model.
+
+Each round:
+  1. sample S responses per gold prompt from the current policy;
+  2. RM step (max player) on D_APO = {(x, y_gold, y_sample)} plus the human pairs D_P;
+  3. sample S responses per policy prompt, score them with the RM;
+  4. policy step (min player): RJS, RRHF or DPO;
+  5. sync weights to every rollout worker, evaluate, checkpoint.
+With `apo=false` step 2 is skipped: the RM stays as trained on D_P, the paper's baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import ray
+
+from apo_ray.checkpoint import Checkpointer
+from apo_ray.config import Config
+from apo_ray.data import GameData
+from apo_ray.evaluation import expected_calibration_error, preference_accuracy
+from apo_ray.game import Rollout, best_and_worst, best_of_n, build_apo_pairs, policy_version_lag
+from apo_ray.metrics import MetricsLogger
+from apo_ray.rollout_pool import RolloutPool
+
+Oracle = Callable[[str, str], float]
+
+# Distinct seed streams per use, so that e.g. changing S does not change the evaluation samples.
+_SEED_GOLD, _SEED_POLICY, _SEED_EVAL, _SEED_RM, _SEED_POLICY_STEP = range(5)
+
+
+def round_seed(seed: int, round_index: int, stream: int) -> int:
+    return (seed * 1_000_003 + round_index * 7_919 + stream * 104_729) % (2**31 - 1)
+
+
+@dataclass
+class Actors:
+    pool: RolloutPool
+    reward: ray.actor.ActorHandle
+    policy: ray.actor.ActorHandle
+    reference: ray.actor.ActorHandle
+    eval_reward: ray.actor.ActorHandle | None  # None: the task's gold oracle judges
+    critic: ray.actor.ActorHandle | None = None  # online PPO only
+
+
+class APOGame:
+    def __init__(
+        self,
+        cfg: Config,
+        data: GameData,
+        actors: Actors,
+        logger: MetricsLogger,
+        checkpointer: Checkpointer,
+        oracle: Oracle | None,
+        log: Callable[[str], None] = print,
+    ):
+        self.cfg, self.data, self.actors = cfg, data, actors
+        self.logger, self.checkpointer, self.oracle, self.log = logger, checkpointer, oracle, log
+        self.version = 0
+        self.eval_prompts = list(dict.fromkeys(p.prompt for p in data.eval_pairs))[:64]
+
+    # ------------------------------------------------------------------ Algorithm 1
+
+    def run(self, first_round: int = 0) -> list[dict[str, float]]:
+        """Play rounds first_round..cfg.rounds; round 0 is the initial RM fit and the baseline measurement."""
+        history = []
+        for r in range(first_round, self.cfg.rounds + 1):
+            history.append(self.initial_round() if r == 0 else self.play_round(r))
+        return history
+
+    def initial_round(self) -> dict[str, float]:
+        """Round 0: fit the RM on human pairs D_P, then measure the SFT policy and that RM."""
+        started = time.perf_counter()
+        self._phase("rm_init", 0)
+        stats = {}
+        if self.cfg.reward.initial_epochs > 0:
+            stats = self._rm_update([], epochs=self.cfg.reward.initial_epochs, round_index=0)
+        self.checkpointer.save_base_reward(self.actors.reward)
+        stats.update(self.evaluate(0))
+        self._finish_round(0, stats, started)
+        return stats
+
+    def play_round(self, r: int) -> dict[str, float]:
+        started = time.perf_counter()
+        stats: dict[str, float] = {}
+        S = self.cfg.samples_per_prompt
+
+        if self.cfg.apo:
+            self._phase("generate_gold", r)
+            gold_rollouts = self._generate([g.prompt for g in self.data.gold], S, round_seed(self.cfg.seed, r, _SEED_GOLD), stats)
+            self._phase("rm_step", r)
+            if self.cfg.reward.reinit_each_round:
+                ray.get(self.actors.reward.reinitialize.remote(str(self.checkpointer.base_reward_dir)))
+            stats.update(self._rm_update(build_apo_pairs(self.data.gold, gold_rollouts), self.cfg.reward.epochs_per_round, r))
+
+        self._phase("generate", r)
+        rollouts = self._generate(self.data.prompts, S, round_seed(self.cfg.seed, r, _SEED_POLICY), stats)
+        self._phase("score", r)
+        t = time.perf_counter()
+        scores = ray.get(self.actors.reward.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]))
+        stats["timing/score"] = time.perf_counter() - t
+        stats["policy/reward_mean"] = float(np.mean(scores))
+        stats["policy/reward_std"] = float(np.std(scores))
+
+        self._phase("policy_step", r)
+        stats.update(self.policy_step(rollouts, scores, round_seed(self.cfg.seed, r, _SEED_POLICY_STEP)))
+
+        self._phase("sync", r)
+        self.version = r
+        stats.update(self.actors.pool.sync_from(self.actors.policy, self.version))
+
+        stats.update(self.evaluate(r))
+        self._finish_round(r, stats, started)
+        return stats
+
+    def policy_step(self, rollouts: list[Rollout], scores: list[float], seed: int) -> dict[str, float]:
+        method, policy, epochs = self.cfg.method, self.actors.policy, self.cfg.policy.epochs_per_round
+        if method == "rjs":
+            best = best_of_n(rollouts, scores)
+            return ray.get(policy.sft_step.remote([b.prompt for b in best], [b.response for b in best], epochs=epochs, seed=seed))
+        if method == "rrhf":
+            return ray.get(policy.rrhf_step.remote(
+                [x.prompt for x in rollouts], [x.response for x in rollouts], list(scores),
+                [x.prompt_index for x in rollouts], epochs=epochs, seed=seed,
+            ))
+        if method == "dpo":
+            pairs = best_and_worst(rollouts, scores, min_margin=self.cfg.policy.dpo_min_margin)
+            if not pairs:
+                self.log("  dpo: every prompt's samples tied under the RM; policy unchanged this round")
+                return {"policy/pairs": 0.0}
+            prompts = [p.prompt for p in pairs]
+            ref_chosen, ref_rejected = ray.get([
+                self.actors.reference.sequence_logprobs.remote(prompts, [p.chosen for p in pairs]),
+                self.actors.reference.sequence_logprobs.remote(prompts, [p.rejected for p in pairs]),
+            ])
+            stats = ray.get(policy.dpo_step.remote(pairs, ref_chosen, ref_rejected, epochs=epochs, seed=seed))
+            return {**stats, "policy/pairs": float(len(pairs))}
+        raise ValueError(f"method: {method!r} is an online method; run it with apo_ray.online.OnlineAPOGame")
+
+    # ------------------------------------------------------------------ pieces
+
+    def _rm_update(self, apo_pairs, epochs: int, round_index: int) -> dict[str, float]:
+        return ray.get(self.actors.reward.apo_step.remote(
+            apo_pairs, self.data.pairs,
+            apo_coef=self.cfg.apo_coef, pref_coef=self.cfg.reward.pref_coef,
+            epochs=epochs, seed=round_seed(self.cfg.seed, round_index, _SEED_RM),
+        ))
+
+    def _generate(self, prompts: list[str], n: int, seed: int, stats: dict[str, float]) -> list[Rollout]:
+        t = time.perf_counter()
+        rollouts = self.actors.pool.generate(prompts, n, seed=seed)
+        elapsed = time.perf_counter() - t
+        stats["timing/generate"] = stats.get("timing/generate", 0.0) + elapsed
+        stats.update(self.actors.pool.last_stats())
+        stats.update(policy_version_lag(rollouts, self.version))
+        return rollouts
+
+    def evaluate(self, r: int) -> dict[str, float]:
+        """RM accuracy/ECE on held-out human pairs and on fresh policy pairs; gold and RM score; KL."""
+        self._phase("evaluate", r)
+        reward, stats = self.actors.reward, {}
+        chosen, rejected = ray.get(reward.score_pairs.remote(self.data.eval_pairs))
+        stats["rm/acc"] = preference_accuracy(chosen, rejected)
+        stats["rm/ece"] = expected_calibration_error(chosen, rejected)
+
+        # Two samples per held-out prompt: scored by the judge (oracle or evaluation RM), the game's RM,
+        # and turned into pairs labelled by the judge to test the RM on the policy's own distribution.
+        samples = self.actors.pool.generate(self.eval_prompts, 2, seed=round_seed(self.cfg.seed, 0, _SEED_EVAL))
+        prompts, responses = [x.prompt for x in samples], [x.response for x in samples]
+        judge = self._judge(prompts, responses)
+        rm_scores, policy_logps, ref_logps = ray.get([
+            reward.score.remote(prompts, responses),
+            self.actors.policy.sequence_logprobs.remote(prompts, responses),
+            self.actors.reference.sequence_logprobs.remote(prompts, responses),
+        ])
+        stats["eval/gold_score"] = float(np.mean(judge))
+        stats["eval/rm_score"] = float(np.mean(rm_scores))
+        stats["policy/kl"] = float(np.mean(np.array(policy_logps) - np.array(ref_logps)))
+        stats["policy/response_length"] = float(np.mean([len(x.response_token_ids) for x in samples]))
+        stats["rm/reward_sample"] = float(np.mean(rm_scores))
+
+        r_win, r_lose = [], []
+        for a, b in zip(range(0, len(samples), 2), range(1, len(samples), 2)):
+            if judge[a] == judge[b]:
+                continue
+            win, lose = (a, b) if judge[a] > judge[b] else (b, a)
+            r_win.append(rm_scores[win])
+            r_lose.append(rm_scores[lose])
+        if r_win:
+            stats["rm/acc_policy"] = preference_accuracy(r_win, r_lose)
+            stats["rm/ece_policy"] = expected_calibration_error(r_win, r_lose)
+        gold_scores = ray.get(reward.score.remote([g.prompt for g in self.data.gold], [g.response for g in self.data.gold]))
+        stats["rm/reward_gold"] = float(np.mean(gold_scores))
+        return stats
+
+    def _judge(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if self.oracle is not None:
+            return [self.oracle(p, y) for p, y in zip(prompts, responses)]
+        return ray.get(self.actors.eval_reward.score.remote(prompts, responses))
+
+    def _phase(self, name: str, r: int) -> None:
+        self.logger.set_phase(name)
+        self.log(f"[round {r}/{self.cfg.rounds}] {name}")
+
+    def _finish_round(self, r: int, stats: dict[str, float], started: float) -> None:
+        stats["timing/round"] = time.perf_counter() - started
+        stats["round"] = r
+        self._phase("checkpoint", r)
+        self.checkpointer.save_round(r, self.actors, version=self.version)
+        self.logger.log(stats, step=r)
+        self.log(format_round(r, stats))
+
+
+def format_round(r: int, stats: dict[str, float]) -> str:
+    keys = ("rm/acc", "rm/ece", "rm/acc_policy", "eval/gold_score", "eval/rm_score", "policy/kl", "timing/round")
+    shown = "  ".join(f"{k}={stats[k]:.3f}" for k in keys if k in stats)
+    return f"[round {r}] {shown}"

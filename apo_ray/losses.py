@@ -1,0 +1,182 @@
+"""Losses of the APO game in pure torch: the reward model's step and the offline policy steps.
+
+Every loss is a mean over the batch and returns a scalar tensor. Log-probability helpers work on
+right-padded batches with a 0/1 mask.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from apo_ray.evaluation import preference_accuracy
+
+PairLossKind = Literal["bt", "diff"]
+
+
+def bradley_terry_loss(r_win: Tensor, r_lose: Tensor) -> Tensor:
+    """-E log sigmoid(r_win - r_lose)."""
+    return -F.logsigmoid(r_win - r_lose).mean()
+
+
+def score_difference_loss(r_win: Tensor, r_lose: Tensor) -> Tensor:
+    """E[r_lose - r_win]: the raw score gap, the paper's WGAN-like "diff" variant (unbounded below)."""
+    return (r_lose - r_win).mean()
+
+
+_PAIR_LOSSES = {"bt": bradley_terry_loss, "diff": score_difference_loss}
+
+
+def _present(scores: Optional[Tensor]) -> bool:
+    return scores is not None and scores.numel() > 0
+
+
+def apo_reward_loss(
+    r_gold: Optional[Tensor],
+    r_sample: Optional[Tensor],
+    r_chosen: Optional[Tensor],
+    r_rejected: Optional[Tensor],
+    *,
+    apo_coef: float,
+    pref_coef: float,
+    kind: PairLossKind = "bt",
+) -> tuple[Tensor, dict[str, float]]:
+    """The RM's APO step: apo_coef * pair_loss(gold, sample) + pref_coef * BT(chosen, rejected).
+
+    A term whose scores are None or empty contributes nothing: no human pairs is the paper's GAIL-like
+    ablation, no APO pairs is plain RM training. `kind` selects the pair loss of the APO term only. The
+    human term stays Bradley-Terry in the "diff" variant because in the paper it is not a game term: it
+    comes from the KL constraint that keeps the RM faithful to human preferences (the RM objective,
+    Eq. 17), and the WGAN-like ablation replaces only the BT surrogate on gold-vs-sample pairs.
+
+    Stats (python floats) are reported only for the terms present: "rm/loss", "rm/loss_apo",
+    "rm/margin_apo", "rm/loss_pref", "rm/margin", "rm/acc_train_pref".
+    """
+    if kind not in _PAIR_LOSSES:
+        raise ValueError(f"kind: must be one of {', '.join(_PAIR_LOSSES)}, got {kind!r}")
+    has_apo = _present(r_gold) or _present(r_sample)
+    has_pref = _present(r_chosen) or _present(r_rejected)
+    if not (has_apo or has_pref):
+        raise ValueError("apo_reward_loss: no APO pairs and no human pairs; nothing to train on")
+    terms: list[Tensor] = []
+    stats: dict[str, float] = {}
+    if has_apo:
+        if r_gold is None or r_sample is None or r_gold.shape != r_sample.shape:
+            raise ValueError("r_gold and r_sample: must both be given with the same shape")
+        loss_apo = _PAIR_LOSSES[kind](r_gold, r_sample)
+        terms.append(apo_coef * loss_apo)
+        stats["rm/loss_apo"] = loss_apo.item()
+        stats["rm/margin_apo"] = (r_gold - r_sample).mean().item()
+    if has_pref:
+        if r_chosen is None or r_rejected is None or r_chosen.shape != r_rejected.shape:
+            raise ValueError("r_chosen and r_rejected: must both be given with the same shape")
+        loss_pref = bradley_terry_loss(r_chosen, r_rejected)
+        terms.append(pref_coef * loss_pref)
+        stats["rm/loss_pref"] = loss_pref.item()
+        stats["rm/margin"] = (r_chosen - r_rejected).mean().item()
+        stats["rm/acc_train_pref"] = preference_accuracy(r_chosen, r_rejected)
+    loss = torch.stack(terms).sum()
+    stats["rm/loss"] = loss.item()
+    return loss, stats
+
+
+def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """log p(labels[:, t+1] | logits[:, t]): logits [B, T, V], labels [B, T] -> [B, T-1].
+
+    Row by row, as gather minus logsumexp, so no [B, T, V] log-softmax is materialised; rows are
+    computed in float32 because logsumexp in bfloat16 loses the small differences that matter here.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"logits [B,T,V] and labels [B,T] expected, got {tuple(logits.shape)}, {tuple(labels.shape)}")
+    shifted_logits = logits[:, :-1]
+    targets = labels[:, 1:].unsqueeze(-1)
+    rows = []
+    for row_logits, row_targets in zip(shifted_logits, targets):
+        row_logits = row_logits.float()
+        picked = row_logits.gather(-1, row_targets).squeeze(-1)
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
+    """Mean of `values` where the 0/1 `mask` is 1; an all-zero mask gives 0 rather than NaN."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp_min(1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp_min(1)
+
+
+def sequence_logprob(token_logps: Tensor, mask: Tensor, *, average: bool) -> Tensor:
+    """Per-sequence log-probability [B]: the sum over response tokens, or their mean if `average`."""
+    if average:
+        return masked_mean(token_logps, mask, dim=1)
+    return (token_logps * mask.to(token_logps.dtype)).sum(dim=1)
+
+
+def sft_loss(token_logps: Tensor, mask: Tensor) -> Tensor:
+    """Negative log-likelihood per response token, averaged over all response tokens of the batch."""
+    return -masked_mean(token_logps, mask)
+
+
+def _best_index_per_group(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """Index of the highest reward in each group; ties go to the lowest index (torch.argmax's rule)."""
+    best = []
+    for group in torch.unique(group_ids):
+        members = torch.nonzero(group_ids == group).squeeze(1)
+        best.append(members[torch.argmax(rewards[members])])
+    return torch.stack(best)
+
+
+def rrhf_loss(
+    token_logps: Tensor,
+    mask: Tensor,
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    sft_coef: float = 1.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """RRHF (Yuan et al. 2023) over N sampled responses, several per prompt.
+
+    token_logps, mask: [N, T] response-token log-probs under the policy; rewards [N]; group_ids [N]
+    (responses to the same prompt share an id). With p_i the length-normalised log-probability,
+    L_rank = sum over pairs of one group with r_i < r_j of max(0, p_i - p_j), and L_sft is the token NLL
+    of each group's best response. Both are averaged over groups so the scale does not grow with the
+    number of prompts in a batch. Returns (L_rank + sft_coef * L_sft, stats).
+    """
+    if not (token_logps.shape[0] == rewards.shape[0] == group_ids.shape[0]):
+        raise ValueError("token_logps, rewards, group_ids: must have the same number of rows")
+    p = sequence_logprob(token_logps, mask, average=True)
+    same_group = group_ids.unsqueeze(1) == group_ids.unsqueeze(0)
+    i_worse_than_j = rewards.unsqueeze(1) < rewards.unsqueeze(0)
+    hinge = torch.relu(p.unsqueeze(1) - p.unsqueeze(0))
+    best = _best_index_per_group(rewards, group_ids)
+    loss_rank = (hinge * (same_group & i_worse_than_j)).sum() / best.numel()
+    loss_sft = -masked_mean(token_logps[best], mask[best], dim=1).mean()
+    loss = loss_rank + sft_coef * loss_sft
+    stats = {"policy/loss": loss.item(), "policy/loss_rank": loss_rank.item(), "policy/loss_sft": loss_sft.item()}
+    return loss, stats
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+) -> tuple[Tensor, dict[str, float]]:
+    """DPO (Rafailov et al. 2023), TRL's "sigmoid" loss without label smoothing; inputs are sequence
+    log-probs [B]. Implicit rewards are beta * (policy - reference) log-prob."""
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    stats = {
+        "policy/loss": loss.item(),
+        "policy/rewards_chosen": chosen_rewards.mean().item(),
+        "policy/rewards_rejected": rejected_rewards.mean().item(),
+        "policy/rewards_margin": (chosen_rewards - rejected_rewards).mean().item(),
+        "policy/rewards_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+    }
+    return loss, stats

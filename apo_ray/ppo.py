@@ -1,0 +1,191 @@
+"""Online policy-gradient math in pure torch: KL penalties, advantages (GAE, GRPO, REINFORCE++),
+PPO's clipped losses and KL coefficient controllers.
+
+Tensors are [B, T] over response tokens, right-padded, with a 0/1 mask that is 1 on real tokens.
+Token-level losses average over all real tokens of the batch (as TRL and OpenRLHF do).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from apo_ray.losses import masked_mean
+
+KLEstimator = Literal["k1", "k3"]
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k1") -> Tensor:
+    """Per-token estimate of KL(policy || reference) from log-probs of the sampled tokens.
+
+    k1 = log pi - log pi_ref is unbiased but can be negative per token; k3 = (r - 1) - log r with
+    r = pi_ref / pi is unbiased and never negative (Schulman, "Approximating KL divergence", 2020).
+    """
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k3":
+        log_ratio = ref_logp - logp
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"estimator: must be k1 or k3, got {estimator!r}")
+
+
+def _last_token_index(mask: Tensor) -> Tensor:
+    lengths = mask.sum(dim=1)
+    if bool((lengths == 0).any()):
+        raise ValueError("mask: a row has no response token; it cannot carry a reward")
+    # The first position where the running count reaches its maximum is the last real token.
+    return mask.long().cumsum(dim=1).argmax(dim=1)
+
+
+def per_token_rewards(score: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """-kl_coef * kl on every real token, plus the sequence score [B] on the last real token."""
+    rewards = -kl_coef * kl * mask.to(kl.dtype)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, _last_token_index(mask)] += score.to(rewards.dtype)
+    return rewards
+
+
+def gae_advantages(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) -> (advantages, returns), both [B, T].
+
+    Rewards and values are zeroed on padding, so the value after a row's last real token is 0 and
+    nothing leaks back from the padding; advantages and returns are 0 on padding.
+    """
+    mask = mask.to(values.dtype)
+    rewards = rewards * mask
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    steps = values.shape[1]
+    for t in reversed(range(steps)):
+        next_value = values[:, t + 1] if t + 1 < steps else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise `x` to unit variance over the real tokens of the whole batch (and zero mean if
+    `shift_mean`); padding is set to 0."""
+    if not bool(mask.any()):
+        raise ValueError("mask: no real token to whiten over")
+    mean = masked_mean(x, mask)
+    variance = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(variance + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(x.dtype)
+
+
+def ppo_policy_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+) -> tuple[Tensor, float, float]:
+    """PPO's clipped surrogate -> (loss, clipfrac, approx_kl).
+
+    clipfrac is the fraction of real tokens where the clipped branch is the one in use;
+    approx_kl = 0.5 * E[(log pi - log pi_old)^2], the estimate TRL logs.
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).to(logp.dtype), mask).item()
+        approx_kl = 0.5 * masked_mean(log_ratio**2, mask).item()
+    return loss, clipfrac, approx_kl
+
+
+def ppo_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float
+) -> tuple[Tensor, float]:
+    """Clipped value loss 0.5 * E[max((v - R)^2, (v_clipped - R)^2)] -> (loss, clipfrac), where
+    v_clipped keeps v within clip_eps of the value at rollout time."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped_error > unclipped_error).to(values.dtype), mask).item()
+    return loss, clipfrac
+
+
+def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean entropy of the next-token distributions logits [B, T, V] over the real positions [B, T].
+
+    Row by row, so only one [T, V] probability table exists at a time.
+    """
+    rows = []
+    for row_logits in logits:
+        row_logits = row_logits.float()
+        probabilities = torch.softmax(row_logits, dim=-1)
+        rows.append(torch.logsumexp(row_logits, dim=-1) - (probabilities * row_logits).sum(dim=-1))
+    return masked_mean(torch.stack(rows), mask)
+
+
+def grpo_advantages(scores: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
+    """GRPO (Shao et al. 2024): (score - group mean) / (group std + eps), per sample [N].
+
+    The std is the sample std (as TRL); a group of one has no one to compare with and gets 0.
+    """
+    if not scores.is_floating_point():
+        scores = scores.float()
+    advantages = torch.zeros_like(scores)
+    for group in torch.unique(group_ids):
+        members = group_ids == group
+        group_scores = scores[members]
+        if group_scores.numel() < 2:
+            continue
+        advantages[members] = (group_scores - group_scores.mean()) / (group_scores.std() + eps)
+    return advantages
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """G_t = r_t + gamma * G_{t+1} within each right-padded row; 0 on padding."""
+    # GAE with zero values and lambda = 1 is exactly the discounted return.
+    returns, _ = gae_advantages(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)
+    return returns
+
+
+def reinforce_plus_plus_advantages(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """REINFORCE++ (Hu 2025): discounted returns of the per-token rewards (score at the end, KL penalty
+    on every token; see `per_token_rewards`), whitened over all real tokens of the batch."""
+    return whiten(discounted_returns(rewards, mask, gamma), mask)
+
+
+class KLController(Protocol):
+    value: float
+
+    def update(self, current_kl: float, n_steps: int) -> None: ...
+
+
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Nothing to adapt."""
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019): moves the coefficient so that the measured KL
+    approaches `target`, by at most 20% of n_steps / horizon per update."""
+
+    def __init__(self, init_value: float, target: float, horizon: int) -> None:
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"target and horizon: must be > 0, got {target}, {horizon}")
+        self.value = init_value
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon

@@ -1,0 +1,75 @@
+"""Progress of a generation or training phase: a tqdm bar on a terminal, a few plain lines otherwise.
+
+Logs of cluster jobs are files, where a redrawn bar turns into thousands of lines; there the phase
+prints at most one line per `min_interval_s` and one line when it ends.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, TextIO
+
+
+class Progress:
+    """Counts work done in one phase; use as a context manager and call update(n) as items finish."""
+
+    def __init__(
+        self,
+        phase: str,
+        total: int | None = None,
+        unit: str = "it",
+        *,
+        stream: TextIO | None = None,
+        min_interval_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.phase = phase
+        self.total = total
+        self.unit = unit
+        self.count = 0
+        self._stream = stream if stream is not None else sys.stderr
+        self._min_interval_s = min_interval_s
+        self._clock = clock
+        self._started = clock()
+        self._last_line = self._started
+        self._bar = self._tqdm_bar() if _is_terminal(self._stream) else None
+
+    def _tqdm_bar(self):
+        from tqdm import tqdm
+
+        return tqdm(total=self.total, desc=self.phase, unit=self.unit, file=self._stream, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        now = self._clock()
+        if now - self._last_line >= self._min_interval_s:
+            self._write_line(now, state="running")
+
+    def close(self, failed: bool = False) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            self._write_line(self._clock(), state="failed" if failed else "done")
+
+    def _write_line(self, now: float, state: str) -> None:
+        self._last_line = now
+        elapsed = now - self._started
+        counted = f"{self.count}/{self.total}" if self.total is not None else str(self.count)
+        rate = f"{self.count / elapsed:.1f} {self.unit}/s" if elapsed > 0 else "-"
+        line = f"[{self.phase}] {state}: {counted} {self.unit} in {elapsed:.1f} s ({rate})"
+        print(line, file=self._stream, flush=True)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc_info: object) -> None:
+        self.close(failed=exc_type is not None)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())

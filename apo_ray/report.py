@@ -1,0 +1,249 @@
+"""Run report: PNG plots of the game per round and a Markdown summary, from a run's metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+# Figure draws with the Agg canvas without touching pyplot's global backend.
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from apo_ray.metrics import METRICS_FILE, read_metrics_jsonl
+
+REPORT_DIR = "report"
+SUMMARY_FILE = "summary.json"
+
+TIMING_KEYS = ("timing/generate", "timing/score", "timing/rm_step", "timing/policy_step", "timing/sync")
+TABLE_KEYS = (
+    "rm/acc",
+    "rm/acc_policy",
+    "rm/ece",
+    "rm/ece_policy",
+    "eval/gold_score",
+    "eval/rm_score",
+    "policy/kl",
+    "rollout/tokens_per_s",
+    *TIMING_KEYS,
+)
+
+Rounds = list[dict[str, Any]]
+
+
+def load_rounds(run_dir: Path) -> Rounds:
+    """One dict per round, in round order; rows logged for the same round are merged, later values winning.
+
+    A row's round is its "round" key, or its "step" when it has none.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {METRICS_FILE} in run directory {run_dir}")
+    merged: dict[int, dict[str, Any]] = {}
+    for row in read_metrics_jsonl(path):
+        number = row.get("round", row["step"])
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise ValueError(f"{path}: 'round' must be an integer, got {number!r} at step {row['step']}")
+        merged.setdefault(number, {}).update(row)
+        merged[number]["round"] = number
+    if not merged:
+        raise ValueError(f"{path}: no metrics logged")
+    return [merged[number] for number in sorted(merged)]
+
+
+def _series(rounds: Rounds, key: str) -> tuple[list[Any], list[float]]:
+    points = [(row["round"], row[key]) for row in rounds if row.get(key) is not None]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def _has_any(rounds: Rounds, keys: Sequence[str]) -> bool:
+    return any(row.get(key) is not None for row in rounds for key in keys)
+
+
+def _new_axes(title: str, ylabel: str, figsize: tuple[float, float] = (6.4, 4.0)):
+    figure = Figure(figsize=figsize, dpi=110, layout="constrained")
+    axes = figure.add_subplot()
+    axes.set_title(title)
+    axes.set_ylabel(ylabel)
+    _style_round_axis(axes)
+    return figure, axes
+
+
+def _style_round_axis(axes) -> None:
+    axes.set_xlabel("round")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+
+
+def _line_plot(
+    rounds: Rounds, path: Path, *, lines: dict[str, str], title: str, ylabel: str, chance_level: float | None = None
+) -> None:
+    figure, axes = _new_axes(title, ylabel)
+    for label, key in lines.items():
+        xs, ys = _series(rounds, key)
+        if xs:
+            axes.plot(xs, ys, marker="o", label=f"{label} ({key})")
+    if chance_level is not None:
+        axes.axhline(chance_level, color="grey", linestyle="--", linewidth=1, label="chance")
+    axes.legend()
+    figure.savefig(path)
+
+
+def _plot_scores(rounds: Rounds, path: Path) -> None:
+    # Two y axes: gold and RM scores live on unrelated scales; the plot is about whether they move together.
+    figure, gold_axes = _new_axes("Policy samples: gold vs. RM score", "gold score")
+    rm_axes = gold_axes.twinx()
+    rm_axes.set_ylabel("RM score")
+    handles = []
+    for axes, key, label, color in (
+        (gold_axes, "eval/gold_score", "gold score", "tab:green"),
+        (rm_axes, "eval/rm_score", "RM score", "tab:purple"),
+    ):
+        xs, ys = _series(rounds, key)
+        if xs:
+            handles += axes.plot(xs, ys, marker="o", color=color, label=f"{label} ({key})")
+            axes.yaxis.label.set_color(color)
+    gold_axes.legend(handles=handles)
+    figure.savefig(path)
+
+
+def _plot_timings(rounds: Rounds, path: Path) -> None:
+    figure, axes = _new_axes("Time per round by phase", "seconds")
+    numbers = [row["round"] for row in rounds]
+    bottom = [0.0] * len(rounds)
+    for key in TIMING_KEYS:
+        if _has_any(rounds, (key,)):
+            heights = [row.get(key) or 0.0 for row in rounds]
+            axes.bar(numbers, heights, bottom=bottom, label=key.removeprefix("timing/"))
+            bottom = [b + h for b, h in zip(bottom, heights)]
+    # outside the axes: a legend inside would hide the top of the bars
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.savefig(path)
+
+
+@dataclass(frozen=True)
+class _Plot:
+    title: str
+    file_name: str
+    keys: tuple[str, ...]
+    draw: Callable[[Rounds, Path], None]
+
+
+PLOTS = (
+    _Plot("RM accuracy", "rm_accuracy.png", ("rm/acc", "rm/acc_policy"), partial(
+        _line_plot, lines={"human pairs": "rm/acc", "policy pairs": "rm/acc_policy"},
+        title="RM preference accuracy", ylabel="accuracy", chance_level=0.5,
+    )),
+    _Plot("RM calibration (ECE)", "rm_ece.png", ("rm/ece", "rm/ece_policy"), partial(
+        _line_plot, lines={"human pairs": "rm/ece", "policy pairs": "rm/ece_policy"},
+        title="RM expected calibration error", ylabel="ECE (lower is better)",
+    )),
+    _Plot("Gold vs. RM score", "scores.png", ("eval/gold_score", "eval/rm_score"), _plot_scores),
+    _Plot("KL to reference", "kl.png", ("policy/kl",), partial(
+        _line_plot, lines={"policy": "policy/kl"}, title="KL(policy || reference)", ylabel="KL (nats)",
+    )),
+    _Plot("Timings", "timings.png", TIMING_KEYS, _plot_timings),
+)
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(_format(value) for value in row) + " |" for row in rows]
+    return lines
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _load_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return _flatten(summary)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Writes run_dir/report/{*.png, report.md}; returns the path of report.md."""
+    run_dir = Path(run_dir)
+    rounds = load_rounds(run_dir)
+    out_dir = run_dir / REPORT_DIR
+    out_dir.mkdir(exist_ok=True)
+    plots = [plot for plot in PLOTS if _has_any(rounds, plot.keys)]
+    for plot in plots:
+        plot.draw(rounds, out_dir / plot.file_name)
+
+    lines = [f"# apo-ray run report: {run_dir.name}", "", f"Run directory: `{run_dir}`", ""]
+    summary = _load_summary(run_dir)
+    if summary:
+        lines += ["## Summary", "", *_markdown_table(("key", "value"), list(summary.items())), ""]
+    columns = [key for key in TABLE_KEYS if _has_any(rounds, (key,))]
+    lines += ["## Per round", "", *_markdown_table(("round", *columns), [
+        [row["round"], *(row.get(key) for key in columns)] for row in rounds
+    ]), ""]
+    lines += ["## Plots", ""]
+    for plot in plots:
+        lines += [f"### {plot.title}", "", f"![{plot.title}]({plot.file_name})", ""]
+    missing = [key for key in TABLE_KEYS if key not in columns]
+    if missing:
+        lines += ["Not recorded in this run: " + ", ".join(f"`{key}`" for key in missing) + ".", ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    return report
+
+
+def compare_runs(run_dirs: Sequence[Path], out_dir: Path, labels: Sequence[str] | None = None) -> Path:
+    """Overlays several runs' gold score and RM accuracy per round (e.g. APO vs. a fixed RM) in one PNG."""
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    labels = list(labels) if labels is not None else [run_dir.name for run_dir in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ValueError(f"compare_runs got {len(run_dirs)} run directories but {len(labels)} labels")
+    figure = Figure(figsize=(11.0, 4.2), dpi=110, layout="constrained")
+    gold_axes, accuracy_axes = figure.subplots(1, 2)
+    gold_axes.set_title("Gold score of policy samples")
+    gold_axes.set_ylabel("gold score")
+    accuracy_axes.set_title("RM accuracy (solid: human pairs, dashed: policy pairs)")
+    accuracy_axes.set_ylabel("accuracy")
+    accuracy_axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    for index, (run_dir, label) in enumerate(zip(run_dirs, labels)):
+        rounds = load_rounds(run_dir)
+        color = f"C{index}"
+        for axes, key, style, line_label in (
+            (gold_axes, "eval/gold_score", "o-", label),
+            (accuracy_axes, "rm/acc", "o-", f"{label}, human"),
+            (accuracy_axes, "rm/acc_policy", "s--", f"{label}, policy"),
+        ):
+            xs, ys = _series(rounds, key)
+            if xs:
+                axes.plot(xs, ys, style, color=color, label=line_label)
+    for axes in (gold_axes, accuracy_axes):
+        _style_round_axis(axes)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "comparison.png"
+    figure.savefig(path)
+    return path

@@ -1,0 +1,234 @@
+"""RolloutPool: N rollout workers that sample as one, survive a worker's death, and resize between rounds.
+
+- `generate` splits the prompts into contiguous, balanced shards (one per worker) and returns the
+  rollouts in prompt order. If a worker dies mid-call, its shard is split over the surviving workers and
+  the dead worker is restarted in its placement-group bundle with the current weights: every prompt is
+  answered exactly once.
+- `sync` / `sync_from` move new weights to every worker through a WeightSync strategy; the pool keeps the
+  last payload so that workers that join (resize) or restart get the current weights and version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.rollout import RolloutWorker, check_rollout_settings
+from apo_ray.actor_group import ActorGroup
+from apo_ray.config import Config
+from apo_ray.game import Rollout, assign_shards
+from apo_ray.weight_sync import SyncStats, WeightSync, make_weight_sync
+
+
+@dataclass(frozen=True)
+class RolloutWorkerSpec:
+    """Everything a RolloutWorker is built from, except its index."""
+
+    model_path: str
+    backend: str = "vllm"
+    max_new_tokens: int = 32
+    max_prompt_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    max_model_len: int = 128
+    dtype: str = "auto"
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_rollout_settings(self.backend, self.max_prompt_tokens, self.max_new_tokens, self.max_model_len,
+                               self.engine_kwargs)
+
+    def worker_kwargs(self, worker_index: int) -> dict[str, Any]:
+        kwargs = dataclasses.asdict(self)
+        # Distinct engine seeds, so unseeded calls do not draw the same samples on every worker.
+        kwargs["seed"] = self.seed + worker_index
+        return {**kwargs, "worker_index": worker_index}
+
+
+class RolloutPool:
+    def __init__(
+        self,
+        spec: RolloutWorkerSpec,
+        num_workers: int,
+        *,
+        num_cpus_per_worker: float = 1.0,
+        num_gpus_per_worker: float = 0.0,
+        weight_sync: WeightSync | str = "object_store",
+        name_prefix: str = "rollout",
+        placement_strategy: str = "PACK",
+        env: dict[str, str] | None = None,
+        max_worker_failures: int = 3,
+    ):
+        self.weight_sync = make_weight_sync(weight_sync) if isinstance(weight_sync, str) else weight_sync
+        extra = self.weight_sync.engine_kwargs()
+        if extra and spec.backend != "vllm":
+            raise ValueError(f"rollout.weight_sync: {self.weight_sync.name!r} needs rollout.backend 'vllm'")
+        self.spec = dataclasses.replace(spec, engine_kwargs={**extra, **spec.engine_kwargs})
+        self.max_worker_failures = max_worker_failures
+        self.group = ActorGroup(
+            RolloutWorker, num_workers, name_prefix=name_prefix, make_kwargs=self.spec.worker_kwargs,
+            num_cpus_per_actor=num_cpus_per_worker, num_gpus_per_actor=num_gpus_per_worker,
+            placement_strategy=placement_strategy, env=env,
+        )
+        # Waiting here surfaces a worker that cannot start (bad path, engine error) before the first round.
+        self.engine_start_seconds = [info["engine_start_seconds"] for info in self.group.call("ping")]
+        self.version = 0
+        # The last sync's strategy and payload: replayed to workers that join or restart.
+        self._published: tuple[WeightSync, Any] | None = None
+        self._pending_loads: list[ray.ObjectRef] = []
+        self._last_stats: dict[str, float] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Config, policy_path: str, *, name_prefix: str = "rollout",
+                    env: dict[str, str] | None = None) -> "RolloutPool":
+        rollout = cfg.rollout
+        spec = RolloutWorkerSpec(
+            model_path=policy_path, backend=rollout.backend, max_new_tokens=cfg.model.max_response_tokens,
+            max_prompt_tokens=cfg.model.max_prompt_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
+            seed=cfg.seed, max_model_len=rollout.max_model_len, dtype=cfg.model.dtype,
+            engine_kwargs=dict(rollout.engine_kwargs),
+        )
+        options = {"root": Path(cfg.run_dir).resolve() / "rollout_weights"} if rollout.weight_sync == "disk" else {}
+        return cls(
+            spec, rollout.num_workers, num_cpus_per_worker=rollout.num_cpus_per_worker,
+            num_gpus_per_worker=rollout.num_gpus_per_worker,
+            weight_sync=make_weight_sync(rollout.weight_sync, **options), name_prefix=name_prefix, env=env,
+        )
+
+    # ------------------------------------------------------------------ workers
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.group)
+
+    @property
+    def workers(self) -> list[ray.actor.ActorHandle]:
+        return self.group.actors
+
+    def _restart(self, index: int) -> ray.actor.ActorHandle:
+        """A fresh worker in slot `index`; it loads the current weights before any later call reaches it."""
+        handle = self.group.restart(index)
+        if self._published is not None:
+            strategy, payload = self._published
+            self._pending_loads += strategy.apply([handle], payload, self.version)
+        return handle
+
+    def _settle_pending_loads(self) -> None:
+        pending, self._pending_loads = self._pending_loads, []
+        ray.get(pending)
+
+    def versions(self) -> list[int]:
+        self._settle_pending_loads()
+        return self.group.call("policy_version")
+
+    def resize(self, num_workers: int) -> None:
+        """Grow or shrink the pool between rounds; new workers get the current weights and version."""
+        self._settle_pending_loads()
+        added = self.group.resize(num_workers)
+        if added and self._published is not None:
+            strategy, payload = self._published
+            ray.get(strategy.apply([self.group.actors[i] for i in added], payload, self.version))
+
+    def shutdown(self) -> None:
+        self.group.kill()
+        if self._published is not None:
+            strategy, payload = self._published
+            strategy.release(payload)
+            self._published = None
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Sequence[str], n: int, seed: int | None = None) -> list[Rollout]:
+        """`n` rollouts per prompt, in prompt order (prompt_index = position in `prompts`)."""
+        self._settle_pending_loads()
+        started = time.perf_counter()
+        answered: dict[int, list[Rollout]] = {}
+        in_flight: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, list[int]]] = {}
+        restarted: set[int] = set()
+        failures = 0
+
+        def submit(worker: int, indices: list[int]) -> None:
+            if indices:
+                handle = self.group.actors[worker]
+                ref = handle.generate.remote([prompts[i] for i in indices], indices, n, seed)
+                in_flight[ref] = (worker, handle, indices)
+
+        for worker, shard in enumerate(assign_shards(len(prompts), self.num_workers)):
+            submit(worker, shard)
+        while in_flight:
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            worker, handle, indices = in_flight.pop(ref)
+            try:
+                rollouts = ray.get(ref)
+            except ray.exceptions.RayActorError as error:
+                failures += 1
+                if failures > self.max_worker_failures:
+                    raise RuntimeError(f"rollout pool: {failures} worker failures in one generate call") from error
+                if self.group.actors[worker] == handle:  # not restarted yet by an earlier failure
+                    self._restart(worker)
+                    restarted.add(worker)
+                # Restarted workers are still starting their engines; survivors take the shard if any.
+                survivors = [w for w in range(self.num_workers) if w not in restarted] or list(restarted)
+                for survivor, part in zip(survivors, assign_shards(len(indices), len(survivors))):
+                    submit(survivor, [indices[i] for i in part])
+                continue
+            for rollout in rollouts:
+                answered.setdefault(rollout.prompt_index, []).append(rollout)
+
+        result = [rollout for index in range(len(prompts)) for rollout in answered.get(index, [])]
+        if len(result) != n * len(prompts) or len(answered) != len(prompts):
+            raise RuntimeError(f"rollout pool: expected {n} rollouts for each of {len(prompts)} prompts, "
+                               f"got {len(result)} for {len(answered)} prompts")
+        elapsed = time.perf_counter() - started
+        tokens = sum(len(r.response_token_ids) for r in result)
+        self._last_stats = {
+            "rollout/tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "rollout/tokens": float(tokens),
+            "rollout/samples": float(len(result)),
+            "rollout/workers": float(self.num_workers),
+            "rollout/worker_failures": float(failures),
+        }
+        return result
+
+    def last_stats(self) -> dict[str, float]:
+        """Throughput of the last `generate` call (rollout/tokens_per_s, ...)."""
+        return dict(self._last_stats)
+
+    # ------------------------------------------------------------------ weights
+
+    def sync(self, weights: Any, version: int, weight_sync: WeightSync | None = None) -> dict[str, float]:
+        """Load `weights` (named tensors, an object ref of them, or an HF dir for `disk`) as `version`,
+        through `weight_sync` (default: the pool's strategy)."""
+        strategy = weight_sync or self.weight_sync
+        return self._sync(strategy, lambda: strategy.publish(weights, version), version)
+
+    def sync_from(self, learner: ray.actor.ActorHandle, version: int) -> dict[str, float]:
+        """Load the learner actor's current weights as `version`; nothing passes through the driver."""
+        return self._sync(self.weight_sync, lambda: self.weight_sync.publish_from(learner, version), version)
+
+    def _sync(self, strategy: WeightSync, publish: Callable[[], Any], version: int) -> dict[str, float]:
+        self._settle_pending_loads()
+        started = time.perf_counter()
+        payload = publish()
+        previous, self._published, self.version = self._published, (strategy, payload), version
+        refs = strategy.apply(self.group.actors, payload, version)
+        loaded = []
+        for worker, ref in enumerate(refs):
+            try:
+                loaded.append(ray.get(ref))
+            except ray.exceptions.RayActorError:
+                # The replacement loads `payload` as part of its start.
+                self._restart(worker)
+        self._settle_pending_loads()
+        if previous is not None and previous[1] != payload:
+            previous[0].release(previous[1])
+        stats = SyncStats(strategy.name, version, time.perf_counter() - started, max(loaded, default=0),
+                          self.num_workers)
+        return stats.metrics()

@@ -1,0 +1,315 @@
+"""Moving the policy learner's weights to the rollout workers: one interface, three strategies.
+
+- ``object_store``: the learner's state dict goes into Ray's object store once; every worker pulls that
+  one object (no per-worker copy is sent) and reloads its engine in place. Works on any device.
+- ``disk``: the learner saves an HF checkpoint directory; every worker reloads from it in place. The
+  directory must be visible to all workers (one node, or a shared filesystem).
+- ``nccl``: vLLM's weight-transfer API (``WeightTransferConfig(backend="nccl")``): the learner broadcasts
+  its GPU tensors straight into the vLLM engines. GPU only; selecting it on a CPU-only cluster fails at
+  once, before any actor starts.
+
+A strategy splits a sync in two so that the pool can replay it: ``publish`` (once per version, whatever
+the number of workers) and ``apply`` (per worker; also used for workers that join or restart later).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Union
+
+import ray
+import torch
+
+NamedTensors = Union[Mapping[str, torch.Tensor], Sequence[tuple[str, torch.Tensor]]]
+
+# The learner actor method each strategy asks for the weights (see actors/policy.py).
+LEARNER_STATE_DICT_METHOD = "state_dict"
+LEARNER_SAVE_METHOD = "save"
+LEARNER_NCCL_METHOD = "send_weights_nccl"
+
+
+def as_named_tensors(weights: NamedTensors) -> list[tuple[str, torch.Tensor]]:
+    """A state dict or a list of (name, tensor) pairs, as a list of pairs."""
+    pairs = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
+    for position, pair in enumerate(pairs):
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+                and isinstance(pair[1], torch.Tensor)):
+            raise TypeError(f"weights[{position}]: expected a (name, torch.Tensor) pair, got {type(pair).__name__}")
+    return pairs
+
+
+def tensor_bytes(named: Sequence[tuple[str, torch.Tensor]]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for _, tensor in named)
+
+
+def drop_shared_tensors(named: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """Keep the first name of tensors that share memory (tied embeddings); safetensors refuses aliases."""
+    seen, kept = set(), []
+    for name, tensor in named:
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            kept.append((name, tensor))
+    return kept
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files; save the checkpoint with save_pretrained()")
+    return files
+
+
+def read_checkpoint_dir(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors of a checkpoint directory, one file at a time."""
+    from safetensors.torch import load_file
+
+    for file in checkpoint_files(path):
+        yield from load_file(file).items()
+
+
+def write_checkpoint_dir(named: Sequence[tuple[str, torch.Tensor]], path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in drop_shared_tensors(named)},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    strategy: str
+    version: int
+    seconds: float
+    bytes: int  # size of the weights moved, counted once (not once per worker)
+    workers: int
+
+    def metrics(self) -> dict[str, float]:
+        return {"timing/sync": self.seconds, "sync/bytes": float(self.bytes), "sync/workers": float(self.workers)}
+
+
+class WeightSync(ABC):
+    name: ClassVar[str]
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Extra vLLM engine arguments the rollout workers need for this strategy."""
+        return {}
+
+    @abstractmethod
+    def publish(self, weights: Any, version: int) -> Any:
+        """Make `weights` available to workers; returns the payload `apply` hands to each worker."""
+
+    @abstractmethod
+    def publish_from(self, learner: ray.actor.ActorHandle, version: int) -> Any:
+        """Like `publish`, with the learner actor producing the weights itself (nothing passes the driver)."""
+
+    @abstractmethod
+    def apply(self, workers: Sequence[ray.actor.ActorHandle], payload: Any, version: int) -> list[ray.ObjectRef]:
+        """Start loading `payload` as `version` on each worker; each ref resolves to the bytes it loaded."""
+
+    def release(self, payload: Any) -> None:
+        """Free what `publish` made once no worker will need `payload` again."""
+
+    def push(self, workers: Sequence[ray.actor.ActorHandle], weights: Any, version: int) -> SyncStats:
+        """publish + apply on all workers, waiting for every worker."""
+        started = time.perf_counter()
+        loaded = ray.get(self.apply(workers, self.publish(weights, version), version))
+        return SyncStats(self.name, version, time.perf_counter() - started, max(loaded, default=0), len(workers))
+
+
+class ObjectStoreSync(WeightSync):
+    name = "object_store"
+
+    def publish(self, weights: NamedTensors | ray.ObjectRef, version: int) -> ray.ObjectRef:
+        if isinstance(weights, ray.ObjectRef):
+            return weights
+        return ray.put(as_named_tensors(weights))
+
+    def publish_from(self, learner: ray.actor.ActorHandle, version: int) -> ray.ObjectRef:
+        # The learner's return value lands in the object store; the driver only holds the ref.
+        return getattr(learner, LEARNER_STATE_DICT_METHOD).remote()
+
+    def apply(self, workers, payload: ray.ObjectRef, version: int) -> list[ray.ObjectRef]:
+        # A top-level ref argument is resolved by Ray on each worker: all of them read the same object.
+        return [worker.load_weights.remote(payload, version) for worker in workers]
+
+
+class DiskSync(WeightSync):
+    name = "disk"
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="apo_ray_weights_"))
+        # Only directories this strategy made are deleted on release; a path the caller gave stays theirs.
+        self._written: set[str] = set()
+
+    def _version_dir(self, version: int) -> Path:
+        return self.root / f"policy_v{version}"
+
+    def publish(self, weights: NamedTensors | str | Path, version: int) -> str:
+        if isinstance(weights, (str, Path)):
+            checkpoint_files(weights)
+            return str(weights)
+        path = str(write_checkpoint_dir(as_named_tensors(weights), self._version_dir(version)))
+        self._written.add(path)
+        return path
+
+    def publish_from(self, learner: ray.actor.ActorHandle, version: int) -> str:
+        path = str(self._version_dir(version))
+        ray.get(getattr(learner, LEARNER_SAVE_METHOD).remote(path))
+        self._written.add(path)
+        return path
+
+    def apply(self, workers, payload: str, version: int) -> list[ray.ObjectRef]:
+        return [worker.load_weights_from_dir.remote(payload, version) for worker in workers]
+
+    def release(self, payload: str) -> None:
+        if payload in self._written:
+            self._written.discard(payload)
+            shutil.rmtree(payload, ignore_errors=True)
+
+
+def require_gpu_cluster(strategy: str) -> None:
+    if ray.is_initialized():
+        gpus = ray.cluster_resources().get("GPU", 0)
+        where = "the Ray cluster"
+    else:
+        gpus = torch.cuda.device_count()
+        where = "this machine"
+    if not gpus:
+        raise RuntimeError(
+            f"rollout.weight_sync: {strategy!r} broadcasts GPU tensors over NCCL, but {where} has no GPU; "
+            "use 'object_store' or 'disk' on a CPU-only cluster"
+        )
+
+
+class NcclSync(WeightSync):
+    """vLLM's NCCL weight transfer: the learner (rank 0) broadcasts into every worker's engine.
+
+    The learner actor must offer ``send_weights_nccl(workers) -> bytes`` (NcclSendMixin gives it).
+    Weights never pass through the driver, so there is nothing to publish: the payload is the learner.
+    """
+
+    name = "nccl"
+
+    def __init__(self) -> None:
+        require_gpu_cluster(self.name)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return {"weight_transfer_config": {"backend": "nccl"}}
+
+    def publish(self, weights: Any, version: int) -> Any:
+        raise TypeError("weight_sync 'nccl': weights stream from the learner's GPU; call sync_from(learner)")
+
+    def publish_from(self, learner: ray.actor.ActorHandle, version: int) -> ray.actor.ActorHandle:
+        return learner
+
+    def apply(self, workers, payload: ray.actor.ActorHandle, version: int) -> list[ray.ObjectRef]:
+        sent = getattr(payload, LEARNER_NCCL_METHOD).remote(list(workers))
+        # Passing `sent` as an argument makes each version bump wait until the broadcast has landed.
+        return [worker.set_policy_version.remote(version, sent) for worker in workers]
+
+
+class RolloutEnginesClient:
+    """vLLM's VLLMWeightSyncClient protocol over several independent rollout engines.
+
+    vLLM's own Ray client gives every engine the same rank offset; here engine i joins the NCCL group
+    at ranks after engine i-1's, so N single-engine actors share one group with the learner.
+    """
+
+    def __init__(self, workers: Sequence[ray.actor.ActorHandle], ranks_per_worker: Sequence[int]):
+        self.workers = list(workers)
+        self.rank_offsets = [1 + sum(ranks_per_worker[:i]) for i in range(len(self.workers))]
+
+    def _all(self, method: str, kwargs_per_worker: Sequence[dict] | None = None) -> None:
+        kwargs_per_worker = kwargs_per_worker or [{}] * len(self.workers)
+        ray.get([w.weight_transfer_rpc.remote(method, kw) for w, kw in zip(self.workers, kwargs_per_worker)])
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self._all("init_weight_transfer_engine",
+                  [{"init_info": {**init_info, "rank_offset": offset}} for offset in self.rank_offsets])
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._all("shutdown_weight_transfer_engine")
+
+    def start_weight_update(self) -> None:
+        self._all("start_weight_update")
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self._all("update_weights", [{"update_info": update_info}] * len(self.workers))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all("finish_weight_update")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class NcclWeightSender:
+    """Learner side of the NCCL strategy: broadcasts `module`'s parameters to the given rollout workers.
+
+    The NCCL group is built on the first send and rebuilt when the set of workers changes (a resize or a
+    restart), since an NCCL group's size is fixed.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self._engine = None
+        self._workers: list[ray.actor.ActorHandle] = []
+
+    def send(self, workers: Sequence[ray.actor.ActorHandle]) -> int:
+        from vllm.distributed.weight_transfer.base import ModuleSource
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
+
+        if list(workers) != self._workers:
+            self.close()
+            ranks = [info["engine_ranks"] for info in ray.get([w.ping.remote() for w in workers])]
+            init_info = NCCLTrainerInitInfo(
+                master_address=ray.util.get_node_ip_address(), master_port=_free_port(),
+                world_size=1 + sum(ranks), rank=0,
+            )
+            self._engine = NCCLTrainerWeightTransferEngine.trainer_init(
+                init_info, client=RolloutEnginesClient(workers, ranks), source=ModuleSource(self.module)
+            )
+            self._workers = list(workers)
+        self._engine.send_weights()
+        return sum(p.numel() * p.element_size() for p in self.module.parameters())
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.client.shutdown_weight_transfer_engine()
+            self._engine.shutdown()
+            self._engine, self._workers = None, []
+
+
+class NcclSendMixin:
+    """Gives a learner actor class that holds `self.model` the method the NCCL strategy calls."""
+
+    def send_weights_nccl(self, workers: list[ray.actor.ActorHandle]) -> int:
+        if getattr(self, "_nccl_sender", None) is None:
+            self._nccl_sender = NcclWeightSender(self.model)
+        return self._nccl_sender.send(workers)
+
+
+WEIGHT_SYNCS: dict[str, type[WeightSync]] = {s.name: s for s in (ObjectStoreSync, DiskSync, NcclSync)}
+
+
+def make_weight_sync(name: str, **options: Any) -> WeightSync:
+    """The strategy called `name` (rollout.weight_sync). `nccl` raises here on a cluster without GPUs."""
+    if name not in WEIGHT_SYNCS:
+        raise ValueError(f"rollout.weight_sync: unknown strategy {name!r}; choose one of {', '.join(WEIGHT_SYNCS)}")
+    return WEIGHT_SYNCS[name](**options)

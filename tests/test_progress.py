@@ -1,0 +1,51 @@
+import io
+
+import pytest
+
+from apo_ray.progress import Progress
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_without_a_terminal_prints_at_most_one_line_per_interval_and_one_at_the_end():
+    stream, clock = io.StringIO(), FakeClock()
+    with Progress("generate", total=100, unit="samples", stream=stream, min_interval_s=30, clock=clock) as progress:
+        for _ in range(100):
+            clock.now += 1.0
+            progress.update()
+    assert stream.getvalue().splitlines() == [
+        "[generate] running: 30/100 samples in 30.0 s (1.0 samples/s)",
+        "[generate] running: 60/100 samples in 60.0 s (1.0 samples/s)",
+        "[generate] running: 90/100 samples in 90.0 s (1.0 samples/s)",
+        "[generate] done: 100/100 samples in 100.0 s (1.0 samples/s)",
+    ]
+
+
+def test_a_failing_phase_says_so():
+    stream, clock = io.StringIO(), FakeClock()
+    with pytest.raises(RuntimeError):
+        with Progress("rm_step", stream=stream, clock=clock) as progress:
+            progress.update(3)
+            clock.now = 2.0
+            raise RuntimeError("boom")
+    assert stream.getvalue() == "[rm_step] failed: 3 it in 2.0 s (1.5 it/s)\n"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_draws_a_tqdm_bar():
+    stream = Terminal()
+    with Progress("policy_step", total=4, unit="batch", stream=stream) as progress:
+        progress.update(4)
+    assert "\r" in stream.getvalue()
+    assert "policy_step" in stream.getvalue()
+    assert "4/4" in stream.getvalue()

@@ -1,0 +1,101 @@
+import json
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+
+from apo_ray.report import compare_runs, load_rounds, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+FULL_ROUND_KEYS = {
+    "rm/acc": 0.62, "rm/acc_policy": 0.55, "rm/ece": 0.08, "rm/ece_policy": 0.12,
+    "eval/gold_score": -0.4, "eval/rm_score": 1.3, "policy/kl": 0.02,
+    "timing/generate": 12.0, "timing/score": 1.5, "timing/rm_step": 8.0, "timing/policy_step": 20.0,
+    "timing/sync": 0.4, "rollout/tokens_per_s": 1070.0,
+}
+
+
+def _write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _synthetic_run(run_dir: Path, rounds: int = 4, gold_gain: float = 0.3) -> None:
+    _write_metrics(run_dir, [
+        {"step": number, "round": number,
+         **{key: value + 0.05 * number for key, value in FULL_ROUND_KEYS.items()},
+         "eval/gold_score": FULL_ROUND_KEYS["eval/gold_score"] + gold_gain * number}
+        for number in range(1, rounds + 1)
+    ])
+
+
+def _assert_valid_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    height, width, _channels = imread(path).shape
+    assert height > 200 and width > 300
+
+
+def test_report_draws_every_plot_and_embeds_it(tmp_path):
+    _synthetic_run(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"method": "rjs", "final": {"gold_score": 0.8}}))
+    report = write_report(tmp_path)
+    assert report == tmp_path / "report" / "report.md"
+    text = report.read_text()
+    for name in ("rm_accuracy.png", "rm_ece.png", "scores.png", "kl.png", "timings.png"):
+        _assert_valid_png(tmp_path / "report" / name)
+        assert f"]({name})" in text
+    assert "| method | rjs |" in text
+    assert "| final/gold_score | 0.8 |" in text
+    # round 2: rm/acc 0.62 + 0.1, gold -0.4 + 0.6
+    round_two = next(line for line in text.splitlines() if line.startswith("| 2 |"))
+    assert "| 0.72 |" in round_two and "| 0.2 |" in round_two
+    assert "Not recorded" not in text
+
+
+def test_missing_metrics_leave_out_their_plots(tmp_path):
+    _write_metrics(tmp_path, [{"step": 1, "round": 1, "rm/acc": 0.6, "timing/generate": 3.0},
+                              {"step": 2, "round": 2, "rm/acc": 0.7}])
+    text = write_report(tmp_path).read_text()
+    written = sorted(path.name for path in (tmp_path / "report").glob("*.png"))
+    assert written == ["rm_accuracy.png", "timings.png"]
+    assert "](kl.png)" not in text
+    assert "`policy/kl`" in text.split("Not recorded")[1]
+    assert "## Summary" not in text
+
+
+def test_rows_of_one_round_are_merged_and_rows_without_round_use_step(tmp_path):
+    _write_metrics(tmp_path, [
+        {"step": 10, "round": 1, "rm/acc": 0.6},
+        {"step": 11, "round": 1, "policy/kl": 0.1, "rm/acc": 0.65},
+        {"step": 3, "eval/gold_score": 0.2},
+    ])
+    assert load_rounds(tmp_path) == [
+        {"step": 11, "round": 1, "rm/acc": 0.65, "policy/kl": 0.1},
+        {"step": 3, "round": 3, "eval/gold_score": 0.2},
+    ]
+
+
+def test_report_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        write_report(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no metrics logged"):
+        write_report(tmp_path)
+    _write_metrics(tmp_path, [{"step": 1, "round": "one"}])
+    with pytest.raises(ValueError, match="'round' must be an integer, got 'one' at step 1"):
+        write_report(tmp_path)
+    _write_metrics(tmp_path, [{"step": 1, "rm/acc": 0.6}])
+    (tmp_path / "summary.json").write_text('{"method": \n')
+    with pytest.raises(ValueError, match=r"summary.json:2:"):
+        write_report(tmp_path)
+
+
+def test_compare_runs_overlays_runs_in_one_png(tmp_path):
+    _synthetic_run(tmp_path / "apo", gold_gain=0.3)
+    _synthetic_run(tmp_path / "fixed_rm", gold_gain=0.1)
+    path = compare_runs([tmp_path / "apo", tmp_path / "fixed_rm"], tmp_path / "compare", labels=["APO", "fixed RM"])
+    assert path == tmp_path / "compare" / "comparison.png"
+    _assert_valid_png(path)
+    with pytest.raises(ValueError, match="2 run directories but 1 labels"):
+        compare_runs([tmp_path / "apo", tmp_path / "fixed_rm"], tmp_path / "compare", labels=["APO"])

@@ -1,0 +1,235 @@
+"""Rollout side: the worker's engines (vLLM, HF), weight sync strategies, the pool's fault tolerance."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import ray
+import torch
+
+from actors.rollout import RolloutWorker, cut_at_eos, load_saved_tokenizer
+from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec
+from apo_ray.weight_sync import (
+    DiskSync,
+    ObjectStoreSync,
+    RolloutEnginesClient,
+    as_named_tensors,
+    drop_shared_tensors,
+    make_weight_sync,
+    read_checkpoint_dir,
+    write_checkpoint_dir,
+)
+
+PROMPTS = ["the cat sat on the mat", "how do i bake bread", "tell me about the sea", "why is the sky blue"]
+GREEDY = {"max_new_tokens": 12, "max_prompt_tokens": 32, "temperature": 0.0, "max_model_len": 64, "dtype": "float32"}
+
+
+def learner_copy(model_dir: str, seed: int) -> torch.nn.Module:
+    """The policy learner's model after some 'training': the same architecture with new random weights.
+    Large weights make the logits far apart, so greedy decoding does not hinge on rounding."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return model
+
+
+def checksum(model: torch.nn.Module) -> float:
+    return sum(p.detach().double().abs().sum().item() for p in model.parameters())
+
+
+def assert_greedy_under(model: torch.nn.Module, tokenizer, rollouts) -> None:
+    """Every response token is the argmax of `model`'s next-token logits (ties within 1e-4 allowed)."""
+    for rollout in rollouts:
+        prompt_ids = tokenizer(rollout.prompt, add_special_tokens=False)["input_ids"]
+        response = list(rollout.response_token_ids)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + response])).logits[0]
+        chosen = logits[len(prompt_ids) - 1 : -1]
+        picked = chosen.gather(1, torch.tensor(response)[:, None])[:, 0]
+        assert torch.all(picked >= chosen.max(dim=1).values - 1e-4), rollout
+
+
+def check_sync_round_trip(workers, sync, model_dir: str, tmp_path) -> None:
+    """Object store, then disk: every engine ends up with the learner's weights and reports the version.
+
+    `sync(strategy, weights, version)` moves the weights to `workers`.
+    """
+    tokenizer = load_saved_tokenizer(model_dir)
+    indices = list(range(len(PROMPTS)))
+    before = ray.get([w.generate.remote(PROMPTS, indices, 1) for w in workers])
+    assert {r.policy_version for rollouts in before for r in rollouts} == {0}
+
+    first = learner_copy(model_dir, seed=1)
+    stats = sync(ObjectStoreSync(), first.state_dict(), 1)
+    assert stats["sync/bytes"] >= sum(p.numel() * 4 for p in first.parameters()) and stats["timing/sync"] > 0
+    assert ray.get([w.weights_checksum.remote() for w in workers]) == pytest.approx(
+        [checksum(first)] * len(workers), rel=1e-9)
+    for previous, worker in zip(before, workers):
+        rollouts = ray.get(worker.generate.remote(PROMPTS, indices, 1))
+        assert [r.policy_version for r in rollouts] == [1] * len(PROMPTS)
+        assert [r.response_token_ids for r in rollouts] != [r.response_token_ids for r in previous]
+        assert_greedy_under(first, tokenizer, rollouts)
+
+    second = learner_copy(model_dir, seed=2)
+    second.save_pretrained(tmp_path / "learner_v2")  # what the learner's save() writes
+    sync(DiskSync(root=tmp_path), str(tmp_path / "learner_v2"), 2)
+    assert ray.get([w.policy_version.remote() for w in workers]) == [2] * len(workers)
+    assert ray.get([w.weights_checksum.remote() for w in workers]) == pytest.approx(
+        [checksum(second)] * len(workers), rel=1e-9)
+    for worker in workers:
+        rollouts = ray.get(worker.generate.remote(PROMPTS, indices, 2))
+        assert [r.prompt_index for r in rollouts] == [0, 0, 1, 1, 2, 2, 3, 3]
+        assert {r.policy_version for r in rollouts} == {2}
+        assert_greedy_under(second, tokenizer, rollouts)
+
+
+# ---------------------------------------------------------------------------------------- pure helpers
+
+
+def test_cut_at_eos_keeps_the_first_eos_and_drops_the_rest():
+    assert cut_at_eos([5, 7, 2, 0, 0], frozenset({2})) == [5, 7, 2]
+    assert cut_at_eos([5, 7, 9], frozenset({2})) == [5, 7, 9]
+
+
+def test_drop_shared_tensors_keeps_one_name_per_tied_tensor():
+    embedding = torch.ones(3, 2)
+    named = [("embed.weight", embedding), ("lm_head.weight", embedding), ("norm.weight", torch.ones(2))]
+    assert [name for name, _ in drop_shared_tensors(named)] == ["embed.weight", "norm.weight"]
+
+
+def test_checkpoint_dir_round_trip(tmp_path):
+    tied = torch.arange(6.0).reshape(3, 2)
+    write_checkpoint_dir([("a", tied), ("b", tied), ("c", torch.tensor([1.5]))], tmp_path / "v1")
+    loaded = dict(read_checkpoint_dir(tmp_path / "v1"))
+    assert sorted(loaded) == ["a", "c"]
+    assert torch.equal(loaded["a"], tied) and torch.equal(loaded["c"], torch.tensor([1.5]))
+
+
+def test_nccl_client_gives_each_engine_its_own_ranks_after_the_learner():
+    # Learner is rank 0; engines with 1, 2 and 1 vLLM workers (tensor parallel 2 in the middle).
+    assert RolloutEnginesClient(["a", "b", "c"], [1, 2, 1]).rank_offsets == [1, 2, 4]
+
+
+def test_bad_weights_and_names_fail_clearly(tmp_path):
+    with pytest.raises(TypeError, match=r"weights\[0\]"):
+        as_named_tensors([("w", [1.0, 2.0])])
+    with pytest.raises(ValueError, match="rollout.weight_sync: unknown strategy 'ftp'"):
+        make_weight_sync("ftp")
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        list(read_checkpoint_dir(tmp_path))
+    with pytest.raises(ValueError, match="rollout.max_model_len"):
+        RolloutWorkerSpec("unused", max_prompt_tokens=100, max_new_tokens=64, max_model_len=128)
+
+
+# ---------------------------------------------------------------------------------------- engines
+
+
+@pytest.fixture(scope="module")
+def vllm_worker(ray_cluster, tiny_lm_dir):
+    worker = ray.remote(RolloutWorker).options(num_cpus=1, name="test-rollout-vllm").remote(
+        tiny_lm_dir, "vllm", **GREEDY)
+    yield worker
+    ray.kill(worker)
+
+
+@pytest.mark.integration
+def test_nccl_sync_is_refused_on_a_cpu_cluster(ray_cluster):
+    with pytest.raises(RuntimeError, match="'nccl'.*has no GPU.*'object_store' or 'disk'"):
+        make_weight_sync("nccl")
+
+
+@pytest.mark.integration
+def test_vllm_worker_takes_new_weights_from_each_strategy(vllm_worker, tiny_lm_dir, tmp_path):
+    def sync(strategy, weights, version):
+        return strategy.push([vllm_worker], weights, version).metrics()
+
+    check_sync_round_trip([vllm_worker], sync, tiny_lm_dir, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- pool
+
+
+@pytest.fixture(scope="module")
+def hf_pool(ray_cluster, tiny_lm_dir):
+    spec = RolloutWorkerSpec(tiny_lm_dir, "hf", **{**GREEDY, "max_new_tokens": 24})
+    pool = RolloutPool(spec, 2, num_cpus_per_worker=1, name_prefix="test-rollout-hf")
+    yield pool
+    pool.shutdown()
+
+
+def expected_order(n_prompts: int, n: int) -> list[int]:
+    return [index for index in range(n_prompts) for _ in range(n)]
+
+
+@pytest.mark.integration
+def test_pool_answers_every_prompt_once_in_order(hf_pool):
+    prompts = [f"prompt number {i}" for i in range(7)]
+    rollouts = hf_pool.generate(prompts, n=3, seed=5)
+    assert [r.prompt_index for r in rollouts] == expected_order(7, 3)
+    assert [r.prompt for r in rollouts] == [prompts[i] for i in expected_order(7, 3)]
+    # Contiguous, balanced shards: prompts 0-3 on worker 0, 4-6 on worker 1.
+    assert [r.worker for r in rollouts[::3]] == [0, 0, 0, 0, 1, 1, 1]
+    stats = hf_pool.last_stats()
+    assert stats["rollout/samples"] == 21 and stats["rollout/tokens_per_s"] > 0
+
+
+@pytest.mark.integration
+def test_actor_group_names_and_per_actor_calls(hf_pool):
+    group = hf_pool.group
+    assert group.names == ["test-rollout-hf-0", "test-rollout-hf-1"]
+    assert ray.get_actor("test-rollout-hf-1") == group.actors[1]
+    first, second = ray.get(group.call_each("generate", [(["a"], [0], 1), (["b"], [1], 1)]))
+    assert (first[0].prompt, first[0].worker, second[0].prompt, second[0].worker) == ("a", 0, "b", 1)
+
+
+@pytest.mark.integration
+def test_hf_pool_takes_new_weights_from_each_strategy(hf_pool, tiny_lm_dir, tmp_path):
+    def sync(strategy, weights, version):
+        return hf_pool.sync(weights, version, weight_sync=strategy)
+
+    check_sync_round_trip(hf_pool.workers, sync, tiny_lm_dir, tmp_path)
+    assert hf_pool.version == 2
+
+
+@pytest.mark.integration
+def test_pool_survives_a_worker_killed_mid_generate(hf_pool):
+    prompts = [f"a longer request, number {i}, to keep both workers busy" for i in range(32)]
+    started = time.perf_counter()
+    hf_pool.generate(prompts, n=4)
+    undisturbed = time.perf_counter() - started
+    victim = hf_pool.workers[0]
+    killer = threading.Timer(undisturbed / 3, ray.kill, args=(victim,))
+    killer.start()
+    rollouts = hf_pool.generate(prompts, n=4)
+    killer.join()
+    assert [r.prompt_index for r in rollouts] == expected_order(32, 4)
+    # Worker 0 died before answering: its shard was answered by the survivor.
+    assert {r.worker for r in rollouts} == {1}
+    assert hf_pool.last_stats()["rollout/worker_failures"] == 1
+    assert hf_pool.workers[0] != victim
+    # The replacement took the current weights before answering anything.
+    assert hf_pool.versions() == [hf_pool.version] * 2
+
+
+@pytest.mark.integration
+def test_pool_resize_keeps_the_weights_version(hf_pool, tiny_lm_dir):
+    learner = learner_copy(tiny_lm_dir, seed=3)
+    version = hf_pool.version + 1
+    hf_pool.sync(ray.put(learner.state_dict()), version)
+    reserved_cpus = ray.available_resources().get("CPU", 0)
+    hf_pool.resize(1)
+    assert hf_pool.versions() == [version]
+    hf_pool.resize(2)
+    assert hf_pool.versions() == [version, version]
+    # The new worker took the bundle the removed one freed: nothing more is reserved.
+    assert ray.available_resources().get("CPU", 0) == reserved_cpus
+    assert ray.get([w.weights_checksum.remote() for w in hf_pool.workers]) == pytest.approx([checksum(learner)] * 2)
+    rollouts = hf_pool.generate(PROMPTS, n=1)
+    assert [r.prompt_index for r in rollouts] == [0, 1, 2, 3]
+    assert {r.policy_version for r in rollouts} == {version} and {r.worker for r in rollouts} == {0, 1}
