@@ -1,5 +1,6 @@
 """PolicyLearner: the min player. The reference model's log-prob machinery plus an engine and the
-offline policy steps (RJS, RRHF, DPO); the losses themselves are in apo_ray.losses."""
+offline policy steps (RJS, RRHF, DPO) and the online PPO step; the losses themselves are in apo_ray.losses
+and apo_ray.ppo."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import torch
 
 from actors.engine import TrainEngine
 from actors.reference import ReferenceModel
-from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
+from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.game import PreferencePair
-from apo_ray.losses import dpo_loss, rrhf_loss, sequence_logprob, sft_loss
-from apo_ray.modeling import encode_for_lm, response_token_logprobs
+from apo_ray.losses import dpo_loss, masked_mean, rrhf_loss, sequence_logprob, sft_loss, token_logprobs
+from apo_ray.modeling import encode_for_lm, minibatches, response_token_logprobs
+from apo_ray.ppo import entropy_from_logits, kl_penalty, ppo_policy_loss
 
 LossFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]
 
@@ -126,3 +128,92 @@ class PolicyLearner(ReferenceModel):
 
     def load_state(self, directory: str) -> None:
         self.engine.load_state(Path(directory))
+
+    # ------------------------------------------------------------------ online (apo_ray.online)
+
+    def ppo_step(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        old_logps: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        ppo: PPOConfig,
+        seed: int,
+        ref_logps: torch.Tensor | None = None,
+        kl_loss_coef: float = 0.0,
+    ) -> dict[str, float]:
+        """PPO's clipped update: ppo.ppo_epochs passes of shuffled minibatches of ppo.minibatch_size rollouts.
+
+        old_logps, advantages, mask are [N, W] grids as `token_logprobs(prompts, responses)` lays them out.
+        With `ref_logps` and kl_loss_coef > 0 the KL to the reference is a loss term (GRPO's way) rather
+        than a penalty inside the rewards. Entropy is measured, not optimised.
+        """
+        if kl_loss_coef > 0 and ref_logps is None:
+            raise ValueError("ppo_step: kl_loss_coef > 0 needs ref_logps")
+        device = self.model.device
+
+        def loss_fn(idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+            batch = encode_for_lm(
+                self.tokenizer, [prompts[i] for i in idx], [responses[i] for i in idx],
+                self.model_cfg.max_prompt_tokens, self.model_cfg.max_response_tokens,
+            ).to(device)
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logps = token_logprobs(logits, batch.input_ids)
+            m = batch.response_mask[:, 1:]
+            rows = GridRows(idx, logps.shape[1], device)
+            if not torch.equal(m, rows.of(mask)):
+                raise RuntimeError("ppo_step: the texts re-encode to other tokens than the rollout grid holds")
+            loss, clipfrac, approx_kl = ppo_policy_loss(logps, rows.of(old_logps), rows.of(advantages), m, ppo.clip_eps)
+            stats = {"policy/loss": loss.item(), "policy/clipfrac": clipfrac, "policy/approx_kl": approx_kl}
+            if kl_loss_coef > 0:
+                kl = masked_mean(kl_penalty(logps, rows.of(ref_logps), ppo.kl_estimator), m)
+                loss = loss + kl_loss_coef * kl
+                stats["policy/kl_loss"] = kl.item()
+            with torch.no_grad():
+                stats["policy/entropy"] = entropy_from_logits(logits[:, :-1], m).item()
+            return loss, stats
+
+        return train_minibatches(
+            self.engine, len(prompts), minibatch_size=ppo.minibatch_size, epochs=ppo.ppo_epochs, seed=seed,
+            loss_fn=loss_fn, role="policy",
+        )
+
+
+class GridRows:
+    """Rows `idx` of batch-wide [N, W] token grids, cut to a minibatch's own width `width`.
+
+    Rows are right-padded, so a minibatch encoded on its own has the same tokens in its first columns.
+    """
+
+    def __init__(self, idx: list[int], width: int, device: torch.device):
+        self.idx, self.width, self.device = idx, width, device
+
+    def of(self, grid: torch.Tensor) -> torch.Tensor:
+        return grid[self.idx, : self.width].to(self.device)
+
+
+def train_minibatches(
+    engine: TrainEngine, n_items: int, *, minibatch_size: int, epochs: int, seed: int, loss_fn: LossFn, role: str,
+) -> dict[str, float]:
+    """`epochs` passes over range(n_items) in freshly shuffled minibatches, one engine step each.
+
+    Returns the mean of the stats `loss_fn` reports, `{role}/steps` and `timing/{role}_step`.
+    """
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    engine.model.train()
+    history: list[dict[str, float]] = []
+    try:
+        for _ in range(epochs):
+            for idx in minibatches(n_items, minibatch_size, generator):
+                loss, stats = loss_fn(idx)
+                engine.step(loss)
+                history.append(stats)
+    finally:
+        engine.model.eval()
+    out = {k: float(np.mean([h[k] for h in history if k in h])) for k in {k for h in history for k in h}}
+    out[f"{role}/steps"] = float(len(history))
+    out[f"timing/{role}_step"] = time.perf_counter() - started
+    return out

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from apo_ray.game import Rollout
-from apo_ray.modeling import resolve_dtype
+from apo_ray.modeling import encode_prompt, load_tokenizer, resolve_dtype
 from apo_ray.weight_sync import NamedTensors, as_named_tensors, checkpoint_files, read_checkpoint_dir, tensor_bytes
 
 BACKENDS = ("vllm", "hf")
@@ -67,23 +67,6 @@ def cut_at_eos(token_ids: Sequence[int], eos_ids: frozenset[int]) -> list[int]:
         if token in eos_ids:
             return list(token_ids[: position + 1])
     return list(token_ids)
-
-
-def load_saved_tokenizer(path: str) -> Any:
-    """The tokenizer class that the checkpoint's tokenizer_config.json names.
-
-    transformers 5's AutoTokenizer swaps in Qwen2Tokenizer for every qwen2 model directory, whatever
-    tokenizer was saved with it; on a word-level or WordPiece vocabulary that tokenizer garbles text.
-    """
-    import transformers
-
-    config_file = Path(path) / "tokenizer_config.json"
-    name = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
-    tokenizer_cls = getattr(transformers, name, None) if name else None
-    tokenizer = (tokenizer_cls or transformers.AutoTokenizer).from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def eos_token_ids(model_path: str, tokenizer: Any) -> frozenset[int]:
@@ -288,7 +271,7 @@ class RolloutWorker:
         self.backend, self.worker_index, self.seed = backend, worker_index, seed
         self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
         self.temperature, self.top_p = temperature, top_p
-        self.tokenizer = load_saved_tokenizer(model_path)
+        self.tokenizer = load_tokenizer(model_path)
         self.eos_ids = eos_token_ids(model_path, self.tokenizer)
         started = time.perf_counter()
         if backend == "vllm":
@@ -310,9 +293,7 @@ class RolloutWorker:
                 "engine_ranks": self.engine.engine_ranks, "engine_start_seconds": self.engine_start_seconds}
 
     def _encode(self, prompt: str) -> list[int]:
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        # Keep the end of long prompts (the latest turn), as the learners do.
-        return ids[-self.max_prompt_tokens :]
+        return encode_prompt(self.tokenizer, prompt, self.max_prompt_tokens)[0]
 
     def generate(self, prompts: list[str], prompt_indices: list[int], n: int,
                  seed: int | None = None) -> list[Rollout]:

@@ -1,4 +1,5 @@
-"""Round checkpoints: HF-format policy and RM every round, engine (optimizer) state for exact resume.
+"""Round checkpoints: HF-format policy and RM (and PPO's critic) every round, engine (optimizer) state
+for exact resume.
 
 A round directory is written under a temporary name and renamed when complete, and `LATEST` is written
 after that, so a driver killed mid-checkpoint leaves the previous round as the one to resume from.
@@ -40,10 +41,9 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         ray.get([
-            actors.policy.save.remote(str(tmp / "policy")),
-            actors.reward.save.remote(str(tmp / "reward")),
-            actors.policy.save_state.remote(str(tmp / "engine_policy")),
-            actors.reward.save_state.remote(str(tmp / "engine_reward")),
+            handle.save.remote(str(tmp / name)) for name, handle in _learners(actors)
+        ] + [
+            handle.save_state.remote(str(tmp / f"engine_{name}")) for name, handle in _learners(actors)
         ])
         state = {"round": r, "policy_version": version, "saved_at": time.time(), **(extra or {})}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -57,7 +57,7 @@ class Checkpointer:
         # HF weights of every round stay (users evaluate them); optimizer states are large and only the
         # newest ones are needed to resume.
         for r in range(0, latest - self.keep_engine_states + 1):
-            for name in ("engine_policy", "engine_reward"):
+            for name in ("engine_policy", "engine_reward", "engine_critic"):
                 shutil.rmtree(self.round_dir(r) / name, ignore_errors=True)
 
     def latest_round(self) -> int | None:
@@ -70,8 +70,17 @@ class Checkpointer:
     def restore(self, r: int, actors: Any) -> dict:
         """Load round r's weights and optimizer state into the learners; return its state.json."""
         d = self.round_dir(r)
-        ray.get([
-            actors.policy.load_state.remote(str(d / "engine_policy")),
-            actors.reward.load_state.remote(str(d / "engine_reward")),
-        ])
-        return json.loads((d / "state.json").read_text())
+        ray.get([handle.load_state.remote(str(d / f"engine_{name}")) for name, handle in _learners(actors)])
+        return self.read_state(r)
+
+    def read_state(self, r: int) -> dict:
+        """Round r's state.json: its policy version and whatever the game saved as `extra`."""
+        return json.loads((self.round_dir(r) / "state.json").read_text())
+
+
+def _learners(actors: Any) -> list[tuple[str, Any]]:
+    """(name, actor) of every learner whose weights and optimizer a round checkpoint holds."""
+    learners = [("policy", actors.policy), ("reward", actors.reward)]
+    if getattr(actors, "critic", None) is not None:
+        learners.append(("critic", actors.critic))
+    return learners

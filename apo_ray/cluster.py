@@ -7,6 +7,7 @@ import uuid
 
 import ray
 
+from actors.critic import CriticLearner
 from actors.policy import PolicyLearner
 from actors.reference import ReferenceModel
 from actors.reward import RewardLearner
@@ -31,7 +32,8 @@ def actor_env() -> dict[str, str]:
 
 
 def required_cpus(cfg: Config) -> float:
-    learners = 2 * cfg.learner.num_cpus + 0.5  # policy, reward; the reference model is light
+    # policy, reward and (PPO) critic; the reference model is light
+    learners = (3 if cfg.method == "ppo" else 2) * cfg.learner.num_cpus + 0.5
     return learners + cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
 
 
@@ -73,12 +75,21 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
             cfg.model.eval_reward, reward=cfg.reward, learner=learner, dtype=cfg.model.dtype, trainable=False,
             trust_remote_code=cfg.model.trust_remote_code,
         )
+    critic = None
+    if cfg.method == "ppo":
+        # Built from reward_path so that a tokenizer or head mismatch shows when the actor starts; the online
+        # game reloads it from the RM as fitted in iteration 0 when critic_init is "reward".
+        critic = _named(CriticLearner, f"critic-{run_id}", learner.num_cpus, learner.num_gpus).remote(
+            reward_path if cfg.ppo.critic_init == "reward" else policy_path, tokenizer_path=policy_path,
+            model=cfg.model, ppo=cfg.ppo, learner=learner, seed=cfg.seed,
+        )
     pool = RolloutPool.from_config(cfg, policy_path, name_prefix=f"rollout-{run_id}", env=actor_env())
-    return Actors(pool=pool, reward=reward, policy=policy, reference=reference, eval_reward=eval_reward)
+    return Actors(pool=pool, reward=reward, policy=policy, reference=reference, eval_reward=eval_reward,
+                  critic=critic)
 
 
 def shutdown_actors(actors: Actors) -> None:
     actors.pool.shutdown()
-    for handle in (actors.policy, actors.reward, actors.reference, actors.eval_reward):
+    for handle in (actors.policy, actors.reward, actors.reference, actors.eval_reward, actors.critic):
         if handle is not None:
             ray.kill(handle)

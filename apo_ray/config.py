@@ -155,6 +155,9 @@ class PPOConfig:
     critic_init: Literal["reward", "policy"] = "reward"
     critic_lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
     whiten_advantages: bool = True
+    # Evaluation and checkpoints cost more than an iteration on small models; the last iteration always has both.
+    eval_every: int = field(default=5, metadata=_range(1))
+    checkpoint_every: int = field(default=5, metadata=_range(1))
 
 
 @dataclass

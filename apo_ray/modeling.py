@@ -6,7 +6,9 @@ survive; encoders count how many rows they truncated so the driver can report it
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -24,10 +26,29 @@ def default_device() -> torch.device:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    """The tokenizer class that the checkpoint's tokenizer_config.json names.
+
+    transformers 5's AutoTokenizer swaps in Qwen2Tokenizer for every qwen2 model directory, whatever
+    tokenizer was saved with it; on a word-level or WordPiece vocabulary that tokenizer garbles text.
+    Learners and rollout workers load through this one function so they never tokenize differently.
+    """
+    import transformers
+
+    config_file = Path(path) / "tokenizer_config.json"
+    name = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    tokenizer_cls = getattr(transformers, name, None) if name else None
+    tokenizer = (tokenizer_cls or AutoTokenizer).from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_tokens: int) -> tuple[list[int], bool]:
+    """Prompt token ids exactly as the sampler sees them and the learners score them: no special tokens
+    added (chat templates, when used, are part of the prompt text), cut from the left. Also says
+    whether it cut."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ids[-max_prompt_tokens:], len(ids) > max_prompt_tokens
 
 
 @dataclass
@@ -86,24 +107,14 @@ def encode_for_lm(
     """Prompt (left-truncated, as the sampler saw it) + response + EOS, with a mask on the response part."""
     rows, masks, n_truncated = [], [], 0
     for prompt, response in zip(prompts, responses):
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        if len(prompt_ids) > max_prompt_tokens:
-            prompt_ids = prompt_ids[-max_prompt_tokens:]
-            n_truncated += 1
+        prompt_ids, truncated = encode_prompt(tokenizer, prompt, max_prompt_tokens)
+        n_truncated += truncated
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"][:max_response_tokens]
         response_ids = response_ids + [tokenizer.eos_token_id]
         rows.append(prompt_ids + response_ids)
         masks.append([0] * len(prompt_ids) + [1] * len(response_ids))
     ids, attn, resp = _pad(rows, masks, tokenizer.pad_token_id)
     return EncodedBatch(ids, attn, resp, n_truncated)
-
-
-def truncate_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_tokens: int) -> str:
-    """The text a rollout worker should see: the last `max_prompt_tokens` tokens of the prompt."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if len(ids) <= max_prompt_tokens:
-        return prompt
-    return tokenizer.decode(ids[-max_prompt_tokens:])
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator | None) -> list[list[int]]:

@@ -209,9 +209,11 @@ class RolloutPool:
         strategy = weight_sync or self.weight_sync
         return self._sync(strategy, lambda: strategy.publish(weights, version), version)
 
-    def sync_from(self, learner: ray.actor.ActorHandle, version: int) -> dict[str, float]:
+    def sync_from(self, learner: ray.actor.ActorHandle, version: int,
+                  weight_sync: WeightSync | None = None) -> dict[str, float]:
         """Load the learner actor's current weights as `version`; nothing passes through the driver."""
-        return self._sync(self.weight_sync, lambda: self.weight_sync.publish_from(learner, version), version)
+        strategy = weight_sync or self.weight_sync
+        return self._sync(strategy, lambda: strategy.publish_from(learner, version), version)
 
     def _sync(self, strategy: WeightSync, publish: Callable[[], Any], version: int) -> dict[str, float]:
         self._settle_pending_loads()

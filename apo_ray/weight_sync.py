@@ -290,10 +290,15 @@ class NcclWeightSender:
         return sum(p.numel() * p.element_size() for p in self.module.parameters())
 
     def close(self) -> None:
-        if self._engine is not None:
-            self._engine.client.shutdown_weight_transfer_engine()
-            self._engine.shutdown()
-            self._engine, self._workers = None, []
+        if self._engine is None:
+            return
+        for worker in self._workers:
+            try:
+                ray.get(worker.weight_transfer_rpc.remote("shutdown_weight_transfer_engine", {}))
+            except ray.exceptions.RayActorError:
+                pass  # a dead worker has no group to leave
+        self._engine.shutdown()
+        self._engine, self._workers = None, []
 
 
 class NcclSendMixin:

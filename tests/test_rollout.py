@@ -9,7 +9,8 @@ import pytest
 import ray
 import torch
 
-from actors.rollout import RolloutWorker, cut_at_eos, load_saved_tokenizer
+from actors.rollout import RolloutWorker, cut_at_eos
+from apo_ray.modeling import load_tokenizer
 from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec
 from apo_ray.weight_sync import (
     DiskSync,
@@ -60,7 +61,7 @@ def check_sync_round_trip(workers, sync, model_dir: str, tmp_path) -> None:
 
     `sync(strategy, weights, version)` moves the weights to `workers`.
     """
-    tokenizer = load_saved_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     indices = list(range(len(PROMPTS)))
     before = ray.get([w.generate.remote(PROMPTS, indices, 1) for w in workers])
     assert {r.policy_version for rollouts in before for r in rollouts} == {0}
@@ -195,6 +196,34 @@ def test_hf_pool_takes_new_weights_from_each_strategy(hf_pool, tiny_lm_dir, tmp_
 
     check_sync_round_trip(hf_pool.workers, sync, tiny_lm_dir, tmp_path)
     assert hf_pool.version == 2
+
+
+@pytest.mark.integration
+def test_pool_syncs_from_a_learner_actor(hf_pool, tiny_lm_dir, tmp_path):
+    @ray.remote(num_cpus=0)
+    class Learner:
+        """The two methods a policy learner offers the object-store and disk strategies."""
+
+        def __init__(self, model):
+            self.model = model
+
+        def state_dict(self):
+            return {name: tensor.clone() for name, tensor in self.model.state_dict().items()}
+
+        def save(self, directory):
+            self.model.save_pretrained(directory)
+
+    model = learner_copy(tiny_lm_dir, seed=4)
+    learner, expected = Learner.remote(model), checksum(model)
+    disk = DiskSync(root=tmp_path)
+    for strategy in (disk, ObjectStoreSync()):
+        version = hf_pool.version + 1
+        hf_pool.sync_from(learner, version, weight_sync=strategy)
+        assert hf_pool.versions() == [version, version]
+        assert ray.get([w.weights_checksum.remote() for w in hf_pool.workers]) == pytest.approx([expected] * 2)
+    # The disk strategy's directory was deleted once the next sync made it obsolete.
+    assert list(tmp_path.iterdir()) == []
+    ray.kill(learner)
 
 
 @pytest.mark.integration

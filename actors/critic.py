@@ -1,0 +1,120 @@
+"""CriticLearner: PPO's value model. A decoder sequence classifier (the RM's architecture) whose score head
+is read at every token instead of only the last, so it starts either as a copy of the RM (its values are
+then the RM's score of each prefix) or as the policy's backbone with a fresh head.
+
+Values are laid out on the policy's token grid (`token_logprobs`): column t is the state that emits
+token t + 1, i.e. the hidden state at position t. That needs the policy's tokens, hence its tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from actors.engine import TrainEngine
+from actors.policy import GridRows, train_minibatches
+from apo_ray.config import LearnerConfig, ModelConfig, PPOConfig
+from apo_ray.modeling import EncodedBatch, encode_for_lm, load_reward_model, load_tokenizer
+from apo_ray.ppo import ppo_value_loss
+
+
+def check_same_vocabulary(policy_tokenizer, other_tokenizer, other_path: str) -> None:
+    if policy_tokenizer.get_vocab() != other_tokenizer.get_vocab():
+        raise ValueError(
+            f"ppo.critic_init: the model at {other_path} has another tokenizer than the policy; per-token "
+            "values must be read on the policy's tokens. Use ppo.critic_init=policy, or an RM that shares "
+            "the policy's tokenizer"
+        )
+
+
+class CriticLearner:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        tokenizer_path: str,
+        model: ModelConfig,
+        ppo: PPOConfig,
+        learner: LearnerConfig,
+        seed: int = 0,
+    ):
+        torch.manual_seed(seed)
+        self.model_cfg, self.ppo_cfg, self.learner_cfg = model, ppo, learner
+        self.tokenizer = load_tokenizer(tokenizer_path, model.trust_remote_code)
+        self.engine: TrainEngine
+        self._load(model_path)
+
+    def _load(self, path: str) -> None:
+        check_same_vocabulary(self.tokenizer, load_tokenizer(path, self.model_cfg.trust_remote_code), path)
+        model = load_reward_model(path, self.model_cfg.dtype, self.model_cfg.trust_remote_code)
+        if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+            raise ValueError(
+                f"ppo.critic_init: {type(model).__name__} from {path} has no per-token `score` head; the critic "
+                "needs a decoder sequence classifier (e.g. LlamaForSequenceClassification)"
+            )
+        self.engine = TrainEngine(
+            model,
+            backend=self.learner_cfg.backend,
+            lr=self.ppo_cfg.critic_lr,
+            zero_stage=self.learner_cfg.zero_stage,
+            grad_clip=self.learner_cfg.grad_clip,
+            weight_decay=self.learner_cfg.weight_decay,
+            micro_batch_size=self.ppo_cfg.minibatch_size,
+        )
+        self.model = self.engine.model.eval()
+
+    def reinitialize(self, path: str) -> None:
+        """Start afresh from `path` (weights and optimizer): the RM as fitted before the first iteration."""
+        self._load(path)
+
+    def _encode(self, prompts: list[str], responses: list[str]) -> EncodedBatch:
+        return encode_for_lm(
+            self.tokenizer, prompts, responses, self.model_cfg.max_prompt_tokens, self.model_cfg.max_response_tokens
+        ).to(self.model.device)
+
+    def _token_values(self, batch: EncodedBatch) -> torch.Tensor:
+        hidden = self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return self.model.score(hidden).squeeze(-1).float()[:, :-1]
+
+    @torch.no_grad()
+    def values(self, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token values and the response mask, both [B, T-1] like `token_logprobs`."""
+        batch = self._encode(prompts, responses)
+        return self._token_values(batch).cpu(), batch.response_mask[:, 1:].cpu()
+
+    def value_step(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        old_values: torch.Tensor,
+        returns: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        seed: int,
+    ) -> dict[str, float]:
+        """Clipped value regression towards `returns`, same epochs and minibatches as the policy's step."""
+        ppo = self.ppo_cfg
+
+        def loss_fn(idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+            batch = self._encode([prompts[i] for i in idx], [responses[i] for i in idx])
+            values = self._token_values(batch)
+            m = batch.response_mask[:, 1:]
+            rows = GridRows(idx, values.shape[1], values.device)
+            loss, clipfrac = ppo_value_loss(values, rows.of(old_values), rows.of(returns), m, ppo.value_clip_eps)
+            return loss, {"critic/loss": loss.item(), "critic/clipfrac": clipfrac}
+
+        return train_minibatches(
+            self.engine, len(prompts), minibatch_size=ppo.minibatch_size, epochs=ppo.ppo_epochs, seed=seed,
+            loss_fn=loss_fn, role="critic",
+        )
+
+    def save(self, directory: str) -> None:
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def save_state(self, directory: str) -> None:
+        self.engine.save_state(Path(directory))
+
+    def load_state(self, directory: str) -> None:
+        self.engine.load_state(Path(directory))

@@ -1,0 +1,255 @@
+"""Online APO (apo_ray.online): prompt cursor, advantages per method, the critic and the PPO step on tiny
+models in-process, and whole PPO / GRPO / REINFORCE++ iterations on a local Ray cluster."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from actors.critic import CriticLearner
+from actors.policy import PolicyLearner
+from apo_ray.builtin_task import format_prompt, make_policy_model, make_reward_model, make_tokenizer
+from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig, load_config
+from apo_ray.modeling import encode_for_lm
+from apo_ray.online import OnlineAPOGame, TokenGrids, concat_right_padded, estimate_advantages, iteration_prompt_indices
+
+PROMPTS = [format_prompt("river", "night"), format_prompt("castle", "rain")]
+RESPONSES = ["the river is calm and bright", "the castle looks grim"]
+MODEL = ModelConfig(max_prompt_tokens=16, max_response_tokens=12)
+TORCH = LearnerConfig(backend="torch", grad_clip=0.0)
+
+
+def test_prompt_cursor_uses_every_prompt_once_per_pass_and_is_reproducible():
+    first_pass = [k for i in (1, 2, 3) for k in iteration_prompt_indices(12, 4, i, seed=7)]
+    assert sorted(first_pass) == list(range(12))
+    # Iteration 4 starts the second pass, iteration 5 straddles nothing: 12 is a multiple of 4.
+    second_pass = [k for i in (4, 5, 6) for k in iteration_prompt_indices(12, 4, i, seed=7)]
+    assert sorted(second_pass) == list(range(12)) and second_pass != first_pass
+    assert iteration_prompt_indices(12, 4, 5, seed=7) == iteration_prompt_indices(12, 4, 5, seed=7)
+    assert iteration_prompt_indices(12, 4, 1, seed=8) != iteration_prompt_indices(12, 4, 1, seed=7)
+    # A slice that crosses the end of a pass takes the rest of that pass, then the start of the next.
+    straddling = iteration_prompt_indices(5, 3, 2, seed=0)
+    assert straddling[:2] == iteration_prompt_indices(5, 5, 1, seed=0)[3:]
+    with pytest.raises(ValueError, match="must be >= 1"):
+        iteration_prompt_indices(5, 3, 0, seed=0)
+
+
+def test_concat_right_padded():
+    joined = concat_right_padded([torch.tensor([[1, 2]]), torch.tensor([[3, 4, 5], [6, 7, 8]])])
+    assert joined.tolist() == [[1, 2, 0], [3, 4, 5], [6, 7, 8]]
+
+
+def grids(logps, ref_logps, mask, values=None) -> TokenGrids:
+    t = lambda x: None if x is None else torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    return TokenGrids(logps=t(logps), ref_logps=t(ref_logps), mask=torch.tensor(mask), values=t(values))
+
+
+def assert_grid(actual: torch.Tensor, expected: list[list[float]], atol: float) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected), atol=atol, rtol=0)
+
+
+def test_ppo_advantages_gae_with_kl_in_the_rewards_by_hand():
+    # One prompt token (masked), two response tokens, KL 0.5 per token, coefficient 0.1:
+    # rewards [-0.05, 1 - 0.05]; values [0.2, 0.4]; gamma = lambda = 1.
+    #   t=2: delta = 0.95 - 0.4 = 0.55            -> A = 0.55, R = 0.95
+    #   t=1: delta = -0.05 + 0.4 - 0.2 = 0.15     -> A = 0.70, R = 0.90
+    g = grids([[0.0, -1.0, -1.0]], [[0.0, -1.5, -1.5]], [[0, 1, 1]], values=[[9.0, 0.2, 0.4]])
+    ppo = PPOConfig(gamma=1.0, lam=1.0, kl_estimator="k1", whiten_advantages=False)
+    advantages, returns = estimate_advantages("ppo", torch.tensor([1.0]), g, ppo=ppo, kl_coef=0.1)
+    assert_grid(advantages, [[0.0, 0.70, 0.55]], atol=1e-6)
+    assert_grid(returns, [[0.0, 0.90, 0.95]], atol=1e-6)
+    whitened, _ = estimate_advantages("ppo", torch.tensor([1.0]), g, ppo=PPOConfig(gamma=1.0, lam=1.0), kl_coef=0.1)
+    assert_grid(whitened, [[0.0, 1.0, -1.0]], atol=1e-4)
+
+
+def test_reinforce_pp_whitens_returns_over_the_batch():
+    # No KL (identical log-probs): returns are the score on every token, +1 and -1; whitening keeps them.
+    g = grids([[-1.0, -1.0], [-1.0, -1.0]], [[-1.0, -1.0], [-1.0, -1.0]], [[1, 1], [1, 1]])
+    advantages, returns = estimate_advantages("reinforce_pp", torch.tensor([3.0, 1.0]), g, ppo=PPOConfig(), kl_coef=0.5)
+    assert returns is None
+    assert_grid(advantages, [[1.0, 1.0], [-1.0, -1.0]], atol=1e-4)
+
+
+def test_grpo_broadcasts_group_normalised_scores_and_ignores_kl_in_the_rewards():
+    g = grids([[-1.0, -1.0]] * 4, [[-3.0, -3.0]] * 4, [[1, 1], [1, 0], [1, 1], [1, 1]])
+    advantages, returns = estimate_advantages(
+        "grpo", torch.tensor([1.0, 3.0, 5.0, 5.0]), g, ppo=PPOConfig(), kl_coef=1.0,
+        group_ids=torch.tensor([0, 0, 1, 1]),
+    )
+    a = 1 / math.sqrt(2)  # (score - mean) / sample std, with mean 2 and std sqrt(2)
+    assert returns is None
+    assert_grid(advantages, [[-a, -a], [a, 0.0], [0.0, 0.0], [0.0, 0.0]], atol=1e-5)
+
+
+def test_estimate_advantages_refuses_offline_methods_and_missing_inputs():
+    g = grids([[-1.0]], [[-1.0]], [[1]])
+    with pytest.raises(ValueError, match="'dpo' is not an online method"):
+        estimate_advantages("dpo", torch.tensor([1.0]), g, ppo=PPOConfig(), kl_coef=0.1)
+    with pytest.raises(ValueError, match="critic's values"):
+        estimate_advantages("ppo", torch.tensor([1.0]), g, ppo=PPOConfig(), kl_coef=0.1)
+    with pytest.raises(ValueError, match="group_ids"):
+        estimate_advantages("grpo", torch.tensor([1.0]), g, ppo=PPOConfig(), kl_coef=0.1)
+
+
+# ------------------------------------------------------------------------------ learners, in-process
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> tuple[str, str]:
+    """An untrained builtin-task policy and RM sharing one word-level tokenizer."""
+    root = tmp_path_factory.mktemp("online_models")
+    tokenizer = make_tokenizer()
+    return str(make_policy_model(root / "policy", tokenizer)), str(make_reward_model(root / "reward", tokenizer))
+
+
+def test_critic_from_the_rm_values_each_prefix_with_the_rm_score(tiny_models):
+    policy_dir, reward_dir = tiny_models
+    critic = CriticLearner(reward_dir, tokenizer_path=policy_dir, model=MODEL, ppo=PPOConfig(), learner=TORCH)
+    values, mask = critic.values(PROMPTS, RESPONSES)
+    assert values.shape == mask.shape
+    ids = encode_for_lm(critic.tokenizer, PROMPTS[:1], RESPONSES[:1], MODEL.max_prompt_tokens,
+                        MODEL.max_response_tokens).input_ids
+    with torch.no_grad():
+        # Column t is the state that emits token t+1: the RM's score of the first t+1 tokens.
+        for t in (0, 5, int(mask[0].nonzero()[-1])):
+            assert values[0, t].item() == pytest.approx(critic.model(input_ids=ids[:, : t + 1]).logits[0, 0].item(), abs=1e-5)
+
+
+def test_critic_regresses_towards_the_returns(tiny_models):
+    policy_dir, _ = tiny_models
+    ppo = PPOConfig(ppo_epochs=8, minibatch_size=1, critic_lr=1e-2, value_clip_eps=10.0)
+    critic = CriticLearner(policy_dir, tokenizer_path=policy_dir, model=MODEL, ppo=ppo, learner=TORCH)
+    values, mask = critic.values(PROMPTS, RESPONSES)
+    returns = torch.full_like(values, 2.0) * mask
+    error = lambda v: ((v - returns).abs() * mask).sum() / mask.sum()  # noqa: E731
+    stats = critic.value_step(PROMPTS, RESPONSES, values, returns, mask, seed=0)
+    assert stats["critic/steps"] == 16 and stats["critic/loss"] > 0
+    assert error(critic.values(PROMPTS, RESPONSES)[0]) < 0.5 * error(values)
+
+
+def test_critic_refuses_a_model_with_another_tokenizer(tiny_models, tiny_lm_dir):
+    policy_dir, _ = tiny_models
+    with pytest.raises(ValueError, match="ppo.critic_init: the model at .* has another tokenizer"):
+        CriticLearner(tiny_lm_dir, tokenizer_path=policy_dir, model=MODEL, ppo=PPOConfig(), learner=TORCH)
+
+
+def test_ppo_step_raises_the_advantaged_response_and_lowers_the_other(tiny_models):
+    policy_dir, _ = tiny_models
+    policy = PolicyLearner(policy_dir, model=MODEL, policy=PolicyConfig(lr=3e-3), learner=TORCH)
+    before = policy.sequence_logprobs(PROMPTS, RESPONSES)
+    old_logps, mask = policy.token_logprobs(PROMPTS, RESPONSES)
+    advantages = torch.tensor([[1.0], [-1.0]]) * mask
+    ppo = PPOConfig(ppo_epochs=4, minibatch_size=1, clip_eps=0.2)
+    stats = policy.ppo_step(PROMPTS, RESPONSES, old_logps, advantages, mask, ppo=ppo, seed=0)
+    after = policy.sequence_logprobs(PROMPTS, RESPONSES)
+    assert after[0] > before[0] and after[1] < before[1]
+    assert stats["policy/steps"] == 8 and 0 < stats["policy/clipfrac"] <= 1 and stats["policy/entropy"] > 0
+    with pytest.raises(RuntimeError, match="re-encode to other tokens"):
+        policy.ppo_step(PROMPTS, RESPONSES[::-1], old_logps, advantages, mask, ppo=ppo, seed=0)
+
+
+def test_grpo_kl_loss_pulls_the_policy_back_to_the_reference(tiny_models):
+    policy_dir, _ = tiny_models
+    policy = PolicyLearner(policy_dir, model=MODEL, policy=PolicyConfig(lr=3e-3), learner=TORCH)
+    old_logps, mask = policy.token_logprobs(PROMPTS, RESPONSES)
+    # Zero advantages: only the KL term acts, towards a reference that likes these responses more.
+    ref_logps = old_logps + 0.5 * mask
+    ppo = PPOConfig(ppo_epochs=4, minibatch_size=2, kl_estimator="k3")
+    stats = policy.ppo_step(PROMPTS, RESPONSES, old_logps, torch.zeros_like(old_logps), mask, ppo=ppo, seed=0,
+                            ref_logps=ref_logps, kl_loss_coef=1.0)
+    new_logps, _ = policy.token_logprobs(PROMPTS, RESPONSES)
+    assert ((new_logps - old_logps) * mask).sum() > 0 and stats["policy/kl_loss"] > 0
+
+
+# ------------------------------------------------------------------------------ whole iterations on Ray
+
+
+def small_run(tmp_path: Path, *overrides: str):
+    """A few online iterations on a shrunken builtin task: prepared run, actors, game, and a teardown."""
+    from apo_ray.checkpoint import Checkpointer
+    from apo_ray.cluster import start_actors
+    from apo_ray.metrics import MetricsLogger
+    from apo_ray.train import prepare
+
+    cfg = load_config(None, [
+        # 3 learners at 0.5 CPU, the reference and one rollout worker fit the fixture's 4 logical CPUs.
+        f"run_dir={tmp_path / 'run'}", "samples_per_prompt=2", "learner.num_cpus=0.5",
+        "data.builtin.n_pairs=48", "data.builtin.n_gold=6", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=16",
+        "reward.initial_epochs=1", "reward.batch_size=16", "ppo.iterations=2", "ppo.prompts_per_iteration=6",
+        "ppo.minibatch_size=6", "ppo.ppo_epochs=1", "ppo.eval_every=2", "ppo.checkpoint_every=1", *overrides,
+    ])
+    prepared = prepare(cfg)
+    actors = start_actors(cfg, prepared.policy_path, prepared.reward_path)
+    logger = MetricsLogger(prepared.run_dir, tensorboard=False, ray_metrics=False)
+    game = OnlineAPOGame(cfg, prepared.data, actors, logger, Checkpointer(prepared.run_dir), prepared.oracle,
+                         log=lambda line: None)
+    return game, logger
+
+
+def teardown(game, logger) -> None:
+    from apo_ray.cluster import shutdown_actors
+
+    logger.close()
+    shutdown_actors(game.actors)
+
+
+def checksums(pool) -> list[float]:
+    return ray.get([worker.weights_checksum.remote() for worker in pool.workers])
+
+
+def rows(run_dir: Path) -> list[dict]:
+    from apo_ray.metrics import read_metrics_jsonl
+
+    return read_metrics_jsonl(run_dir / "metrics.jsonl")
+
+
+@pytest.mark.integration
+def test_apo_ppo_steps_the_rm_between_ppo_iterations_and_syncs_the_workers(ray_cluster, tmp_path):
+    game, logger = small_run(tmp_path, "method=ppo", "apo=true", "ppo.rm_update_every=1",
+                             "rollout.backend=vllm", "learner.backend=deepspeed")
+    try:
+        initial_checksums = checksums(game.actors.pool)
+        game.run()
+        assert game.actors.pool.versions() == [2]
+        assert all(a != b for a, b in zip(checksums(game.actors.pool), initial_checksums))
+    finally:
+        teardown(game, logger)
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    fitted = load_file(checkpoints / "base_reward" / "model.safetensors")
+    for r in (1, 2):
+        assert (checkpoints / f"round_{r:04d}" / "critic" / "model.safetensors").is_file()
+    final = load_file(checkpoints / "round_0002" / "reward" / "model.safetensors")
+    assert any(not torch.equal(fitted[name], final[name]) for name in fitted)
+
+    logged = rows(tmp_path / "run")
+    assert [row["step"] for row in logged] == [0, 1, 2] and [row["round"] for row in logged] == [0, 1, 2]
+    for row in logged[1:]:
+        for key in ("policy/kl", "policy/clipfrac", "policy/entropy", "policy/reward_mean", "policy/loss",
+                    "critic/loss", "critic/values", "rollout/policy_version_lag", "rm/loss_apo", "timing/policy_step"):
+            assert key in row, key
+        assert row["rollout/policy_version_lag"] == 0  # the loop is synchronous: every sample is on-policy
+    assert "eval/gold_score" in logged[2] and "eval/gold_score" not in logged[1]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["grpo", "reinforce_pp"])
+def test_critic_free_methods_run_without_a_critic_actor(ray_cluster, tmp_path, method):
+    game, logger = small_run(tmp_path, f"method={method}", "apo=false", "ppo.iterations=1", "ppo.eval_every=1",
+                             "rollout.backend=hf", "learner.backend=torch")
+    try:
+        assert game.actors.critic is None
+        initial_checksums = checksums(game.actors.pool)
+        game.run()
+        assert all(a != b for a, b in zip(checksums(game.actors.pool), initial_checksums))
+    finally:
+        teardown(game, logger)
+    last = rows(tmp_path / "run")[-1]
+    assert last["step"] == 1 and "policy/clipfrac" in last and "eval/gold_score" in last
+    assert "critic/loss" not in last and "rm/loss_apo" not in last
+    assert ("policy/kl_loss" in last) == (method == "grpo")
