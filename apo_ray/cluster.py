@@ -11,6 +11,7 @@ from actors.critic import CriticLearner
 from actors.policy import PolicyLearner
 from actors.reference import ReferenceModel
 from actors.reward import RewardLearner
+from apo_ray.actor_group import ActorGroup
 from apo_ray.config import Config
 from apo_ray.driver import Actors
 from apo_ray.rollout_pool import RolloutPool
@@ -49,9 +50,11 @@ def init_ray(cfg: Config) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def _named(cls, name: str, num_cpus: float, num_gpus: float):
-    return ray.remote(cls).options(
-        name=name, num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": actor_env()}
+def _learner(cls, name: str, num_cpus: float, num_gpus: float, **kwargs) -> ActorGroup:
+    """One learner in a placement-group bundle of its own, as the rollout workers are (ActorGroup of 1)."""
+    return ActorGroup(
+        cls, 1, name_prefix=name, make_kwargs=lambda index: kwargs,
+        num_cpus_per_actor=num_cpus, num_gpus_per_actor=num_gpus, env=actor_env(),
     )
 
 
@@ -59,37 +62,40 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
     # Names carry a run id so two runs on one cluster do not collide on the dashboard.
     run_id = uuid.uuid4().hex[:6]
     learner = cfg.learner
-    policy = _named(PolicyLearner, f"policy-learner-{run_id}", learner.num_cpus, learner.num_gpus).remote(
-        policy_path, model=cfg.model, policy=cfg.policy, learner=learner, seed=cfg.seed
-    )
-    reward = _named(RewardLearner, f"reward-learner-{run_id}", learner.num_cpus, learner.num_gpus).remote(
-        reward_path, reward=cfg.reward, learner=learner, dtype=cfg.model.dtype, seed=cfg.seed,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
-    reference = _named(ReferenceModel, f"reference-{run_id}", 0.5, learner.num_gpus / 2).remote(
-        policy_path, model=cfg.model
-    )
-    eval_reward = None
-    if cfg.model.eval_reward != "gold":
-        eval_reward = _named(RewardLearner, f"eval-reward-{run_id}", 0.5, learner.num_gpus / 2).remote(
-            cfg.model.eval_reward, reward=cfg.reward, learner=learner, dtype=cfg.model.dtype, trainable=False,
+    groups = {
+        "policy": _learner(
+            PolicyLearner, f"policy-learner-{run_id}", learner.num_cpus, learner.num_gpus,
+            model_path=policy_path, model=cfg.model, policy=cfg.policy, learner=learner, seed=cfg.seed,
+        ),
+        "reward": _learner(
+            RewardLearner, f"reward-learner-{run_id}", learner.num_cpus, learner.num_gpus,
+            model_path=reward_path, reward=cfg.reward, learner=learner, dtype=cfg.model.dtype, seed=cfg.seed,
             trust_remote_code=cfg.model.trust_remote_code,
+        ),
+        "reference": _learner(
+            ReferenceModel, f"reference-{run_id}", 0.5, learner.num_gpus / 2, model_path=policy_path, model=cfg.model
+        ),
+    }
+    if cfg.model.eval_reward != "gold":
+        groups["eval_reward"] = _learner(
+            RewardLearner, f"eval-reward-{run_id}", 0.5, learner.num_gpus / 2,
+            model_path=cfg.model.eval_reward, reward=cfg.reward, learner=learner, dtype=cfg.model.dtype,
+            trainable=False, trust_remote_code=cfg.model.trust_remote_code,
         )
-    critic = None
     if cfg.method == "ppo":
         # Built from reward_path so that a tokenizer or head mismatch shows when the actor starts; the online
         # game reloads it from the RM as fitted in iteration 0 when critic_init is "reward".
-        critic = _named(CriticLearner, f"critic-{run_id}", learner.num_cpus, learner.num_gpus).remote(
-            reward_path if cfg.ppo.critic_init == "reward" else policy_path, tokenizer_path=policy_path,
+        groups["critic"] = _learner(
+            CriticLearner, f"critic-{run_id}", learner.num_cpus, learner.num_gpus,
+            model_path=reward_path if cfg.ppo.critic_init == "reward" else policy_path, tokenizer_path=policy_path,
             model=cfg.model, ppo=cfg.ppo, learner=learner, seed=cfg.seed,
         )
     pool = RolloutPool.from_config(cfg, policy_path, name_prefix=f"rollout-{run_id}", env=actor_env())
-    return Actors(pool=pool, reward=reward, policy=policy, reference=reference, eval_reward=eval_reward,
-                  critic=critic)
+    handles = {role: group.actors[0] for role, group in groups.items()}
+    return Actors(pool=pool, groups=list(groups.values()), **handles)
 
 
 def shutdown_actors(actors: Actors) -> None:
     actors.pool.shutdown()
-    for handle in (actors.policy, actors.reward, actors.reference, actors.eval_reward, actors.critic):
-        if handle is not None:
-            ray.kill(handle)
+    for group in actors.groups:
+        group.kill()

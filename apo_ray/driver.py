@@ -12,7 +12,7 @@ With `apo=false` step 2 is skipped: the RM stays as trained on D_P, the paper's 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -42,8 +42,9 @@ class Actors:
     reward: ray.actor.ActorHandle
     policy: ray.actor.ActorHandle
     reference: ray.actor.ActorHandle
-    eval_reward: ray.actor.ActorHandle | None  # None: the task's gold oracle judges
+    eval_reward: ray.actor.ActorHandle | None = None  # None: the task's gold oracle judges
     critic: ray.actor.ActorHandle | None = None  # online PPO only
+    groups: list = field(default_factory=list)  # the learners' ActorGroups, for shutdown
 
 
 class APOGame:
