@@ -62,8 +62,19 @@ def _model_size(path: str) -> int:
     return sum(f.stat().st_size for f in p.glob("*.safetensors")) if p.is_dir() else 0
 
 
+def resolve_run_dir(template: str, cfg: Config) -> str:
+    """`runs/{method}-{time}` -> `runs/rjs-20261123-154501`, so repeated runs never collide."""
+    try:
+        return template.format(method=cfg.method, apo="apo" if cfg.apo else "fixed", seed=cfg.seed,
+                               time=time.strftime("%Y%m%d-%H%M%S"))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"run_dir: bad placeholder in {template!r} (use {{method}}, {{apo}}, {{seed}}, {{time}})") from exc
+
+
 def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
     """All validation and data loading, no Ray and no model loading (except building the builtin task)."""
+    if not resume:
+        cfg.run_dir = resolve_run_dir(cfg.run_dir, cfg)
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir, resume)
     resume_from = None
