@@ -6,8 +6,10 @@ which one runs. DeepSpeed on CPU needs `DS_ACCELERATOR=cpu` and a gloo process g
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import torch
@@ -36,6 +38,9 @@ class TrainEngine:
     ):
         self.backend = backend
         self.rank, self.world_size = rank, world_size
+        # Kept to re-apply after loading a checkpoint: a resumed run may lower a learning rate that diverged.
+        self.lr = lr
+        self.steps = 0
         if backend == "deepspeed":
             self.module, self.optimizer = self._init_deepspeed(
                 model, lr, zero_stage, grad_clip, weight_decay, micro_batch_size, master_port
@@ -59,7 +64,13 @@ class TrainEngine:
         import deepspeed
 
         if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            rendezvous = {}
+            if self.world_size == 1:
+                # A lone rank meets nobody: a file store needs no port. A port picked as free can be taken by
+                # another run on the node before the TCP store binds it (EADDRINUSE with two runs on one machine).
+                store = Path(tempfile.mkdtemp(prefix="apo-ray-dist-")) / "store"
+                rendezvous = {"init_method": f"file://{store}", "rank": 0, "world_size": 1}
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **rendezvous)
         config = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
             "gradient_accumulation_steps": 1,
@@ -82,15 +93,26 @@ class TrainEngine:
         return self._ds_engine.module if self._ds_engine is not None else self.module
 
     def step(self, loss: torch.Tensor) -> None:
+        """One optimizer step; FloatingPointError, with the weights untouched, if the loss or gradient is not finite."""
+        self.steps += 1
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()}: stopping the step before it touches the weights")
+            raise FloatingPointError(
+                f"loss is {loss.item()} at training step {self.steps} of this learner; "
+                "the step was stopped before it changed the weights"
+            )
         if self._ds_engine is not None:
             self._ds_engine.backward(loss)
             self._ds_engine.step()
             return
         loss.backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        # The norm is taken even without clipping: a finite loss can still have infinite gradients.
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"gradient norm is {norm.item()} at training step {self.steps} of this learner; "
+                "the step was stopped before it changed the weights"
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -117,9 +139,11 @@ class TrainEngine:
             torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}, directory / "engine.pt")
 
     def load_state(self, directory: Path) -> None:
+        """Weights and optimizer state from `save_state`; the learning rate stays the configured one."""
         if self._ds_engine is not None:
             self._ds_engine.load_checkpoint(str(directory), tag="engine")
-            return
-        state = torch.load(directory / "engine.pt", map_location="cpu", weights_only=True)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            state = torch.load(directory / "engine.pt", map_location="cpu", weights_only=True)
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.set_lr(self.lr)

@@ -8,6 +8,7 @@ after that, so a driver killed mid-checkpoint leaves the previous round as the o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -49,7 +50,10 @@ class Checkpointer:
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        (self.root / LATEST).write_text(str(r))
+        # Renamed into place: a kill mid-write must not leave an empty marker that no resume can read.
+        marker = self.root / f"{LATEST}.tmp"
+        marker.write_text(str(r))
+        os.replace(marker, self.root / LATEST)
         self._prune_engine_states(r)
         return final
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 
@@ -32,10 +33,20 @@ def actor_env() -> dict[str, str]:
     return env
 
 
+def required_resources(cfg: Config) -> dict[str, float]:
+    """Logical CPUs and GPUs of all the run's actors, as start_actors asks for them."""
+    learner, rollout = cfg.learner, cfg.rollout
+    # Policy, reward and (PPO) critic learners; the frozen reference model and evaluation RM take half a share.
+    learners = 3 if cfg.method == "ppo" else 2
+    frozen = 1 if cfg.model.eval_reward == "gold" else 2
+    return {
+        "CPU": learners * learner.num_cpus + frozen * 0.5 + rollout.num_workers * rollout.num_cpus_per_worker,
+        "GPU": (learners + frozen / 2) * learner.num_gpus + rollout.num_workers * rollout.num_gpus_per_worker,
+    }
+
+
 def required_cpus(cfg: Config) -> float:
-    # policy, reward and (PPO) critic; the reference model is light
-    learners = (3 if cfg.method == "ppo" else 2) * cfg.learner.num_cpus + 0.5
-    return learners + cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
+    return required_resources(cfg)["CPU"]
 
 
 def init_ray(cfg: Config) -> None:
@@ -46,8 +57,18 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     # Logical CPUs: a 2-core machine still runs policy, RM, reference and a rollout worker side by side.
-    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(required_cpus(cfg) + 0.999))
+    need = required_resources(cfg)
+    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(need["CPU"]))
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    have = ray.cluster_resources()
+    if any(amount > have.get(kind, 0.0) for kind, amount in need.items()):
+        # Otherwise the placement groups would wait ten minutes for resources this machine does not have.
+        ray.shutdown()
+        raise RuntimeError(
+            f"the run's actors need {need['CPU']:g} CPUs and {need['GPU']:g} GPUs; this machine's Ray has "
+            f"{have.get('CPU', 0.0):g} and {have.get('GPU', 0.0):g}: lower learner.num_cpus / learner.num_gpus, "
+            "rollout.num_workers / rollout.num_cpus_per_worker / rollout.num_gpus_per_worker, or raise ray.num_cpus"
+        )
 
 
 def _learner(cls, name: str, num_cpus: float, num_gpus: float, **kwargs) -> ActorGroup:

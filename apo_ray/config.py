@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from apo_ray.data import is_hub_name
+
 POLICY_METHODS = ("rjs", "rrhf", "dpo", "ppo", "grpo", "reinforce_pp")
 ONLINE_METHODS = ("ppo", "grpo", "reinforce_pp")
 
@@ -183,7 +185,7 @@ class Config:
     apo: bool = True
     rounds: int = field(default=3, metadata=_range(1))
     samples_per_prompt: int = field(default=4, metadata=_range(1))
-    seed: int = 0
+    seed: int = field(default=0, metadata=_range(0))
     run_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -326,6 +328,8 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("samples_per_prompt: rrhf ranks samples and needs at least 2 per prompt")
     if cfg.method == "grpo" and cfg.samples_per_prompt < 2:
         raise ConfigError("samples_per_prompt: grpo normalises within a group and needs at least 2")
+    if cfg.method in ONLINE_METHODS and cfg.apo and cfg.ppo.rm_update_every == 0:
+        raise ConfigError("ppo.rm_update_every: 0 never steps the RM, which is plain PPO; say so with apo=false")
     fractions = cfg.data.split_fractions
     unknown = sorted(set(fractions) - {"pairs", "gold", "prompts", "eval"})
     if unknown:
@@ -341,9 +345,32 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.data.task == "builtin" and "builtin" not in (cfg.model.policy_path, cfg.model.reward_path):
         raise ConfigError("model.policy_path: the builtin task needs its own tokenizer; use policy_path=builtin")
     for key in ("policy_path", "reward_path", "eval_reward"):
-        path = getattr(cfg.model, key)
-        if path not in ("builtin", "gold") and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
-            raise ConfigError(f"model.{key}: path does not exist: {path}")
+        _check_model_path(getattr(cfg.model, key), f"model.{key}")
+    # The rollout workers check these too, but only once Ray and the learners have started.
+    model, rollout = cfg.model, cfg.rollout
+    if model.max_prompt_tokens + model.max_response_tokens > rollout.max_model_len:
+        raise ConfigError(
+            f"rollout.max_model_len: {rollout.max_model_len} < model.max_prompt_tokens {model.max_prompt_tokens} "
+            f"+ model.max_response_tokens {model.max_response_tokens}"
+        )
+    if rollout.backend != "vllm" and rollout.engine_kwargs:
+        raise ConfigError("rollout.engine_kwargs: only the vllm backend takes engine arguments")
+    if rollout.backend != "vllm" and rollout.weight_sync == "nccl":
+        raise ConfigError("rollout.weight_sync: 'nccl' needs rollout.backend 'vllm'")
+
+
+def _check_model_path(path: str, key: str) -> None:
+    """A local model must be a Hugging Face model directory; anything else must look like a hub name."""
+    if path in ("builtin", "gold"):
+        return
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{key}: {path} is not a Hugging Face model directory (no config.json)")
+    elif path.startswith((".", "/", "~")):
+        raise ConfigError(f"{key}: path does not exist: {path}")
+    elif not is_hub_name(path):
+        raise ConfigError(f"{key}: {path!r} is neither an existing directory nor a hub model name (org/name)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

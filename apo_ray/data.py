@@ -410,13 +410,18 @@ def _check_source(src: DataSource, key: str) -> None:
         raise DataError(f"{key}.path: {src.path}: file is empty")
 
 
+def is_hub_name(name: str) -> bool:
+    """Whether `name` has the shape of a Hugging Face hub id ("name" or "org/name"); no network is used."""
+    return bool(_HUB_NAME.match(name))
+
+
 def _check_hf_path(path: str, key: str) -> None:
     if os.path.exists(path):
         return
     looks_local = path.startswith((".", "/", "~")) or os.path.splitext(path)[1].lower() in _HF_FILE_BUILDERS
     if looks_local:
         raise DataError(f"{key}.path: {path}: local dataset not found")
-    if not _HUB_NAME.match(path):
+    if not is_hub_name(path):
         raise DataError(f"{key}.path: {path!r} is neither a local path nor a hub dataset name")
 
 

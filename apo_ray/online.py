@@ -57,7 +57,9 @@ def iteration_prompt_indices(n_prompts: int, per_iteration: int, iteration: int,
     permutations, one per pass over the prompts. Every prompt is used once per pass, and a resumed run
     draws the same prompts as an uninterrupted one."""
     if n_prompts < 1 or per_iteration < 1 or iteration < 1:
-        raise ValueError(f"n_prompts, per_iteration, iteration: must be >= 1, got {n_prompts}, {per_iteration}, {iteration}")
+        raise ValueError(
+            f"n_prompts, per_iteration, iteration: must be >= 1, got {n_prompts}, {per_iteration}, {iteration}"
+        )
     passes: dict[int, np.ndarray] = {}
     indices = []
     for position in range((iteration - 1) * per_iteration, iteration * per_iteration):
@@ -141,7 +143,8 @@ class OnlineAPOGame(APOGame):
         if first_round > 0:
             saved = self.checkpointer.read_state(first_round - 1)
             self.kl_controller.value = saved.get("kl_coef", self.kl_controller.value)
-        return [self.initial_round() if i == 0 else self.iteration(i) for i in range(first_round, self.cfg.ppo.iterations + 1)]
+        iterations = range(first_round, self.cfg.ppo.iterations + 1)
+        return [self.initial_round() if i == 0 else self.iteration(i) for i in iterations]
 
     def iteration(self, i: int) -> dict[str, float]:
         started = time.perf_counter()
@@ -184,7 +187,9 @@ class OnlineAPOGame(APOGame):
             ref_logps=grids.ref_logps if kl_loss_coef > 0 else None, kl_loss_coef=kl_loss_coef,
         )]
         if returns is not None:
-            steps.append(self.actors.critic.value_step.remote(prompts, responses, grids.values, returns, grids.mask, seed=seed))
+            steps.append(self.actors.critic.value_step.remote(
+                prompts, responses, grids.values, returns, grids.mask, seed=seed,
+            ))
             stats["critic/values"] = masked_mean(grids.values, grids.mask).item()
             stats["critic/returns"] = masked_mean(returns, grids.mask).item()
         for step_stats in ray.get(steps):
@@ -225,7 +230,9 @@ class OnlineAPOGame(APOGame):
         methods = {"logps": self.actors.policy.token_logprobs, "ref_logps": self.actors.reference.token_logprobs}
         if self.actors.critic is not None and self.cfg.method == "ppo":
             methods["values"] = self.actors.critic.values
-        calls = {name: [method.remote(prompts[a:b], responses[a:b]) for a, b in spans] for name, method in methods.items()}
+        calls = {
+            name: [method.remote(prompts[a:b], responses[a:b]) for a, b in spans] for name, method in methods.items()
+        }
         results = {name: ray.get(refs) for name, refs in calls.items()}
         grids = {name: concat_right_padded([grid for grid, _ in parts]) for name, parts in results.items()}
         masks = [concat_right_padded([mask for _, mask in parts]) for parts in results.values()]
@@ -244,7 +251,9 @@ class OnlineAPOGame(APOGame):
         if i % self.cfg.ppo.checkpoint_every == 0 or i == self.cfg.ppo.iterations:
             self._phase("checkpoint", i)
             # The KL coefficient adapts; a resumed run continues from the saved one.
-            self.checkpointer.save_round(i, self.actors, version=self.version, extra={"kl_coef": self.kl_controller.value})
+            self.checkpointer.save_round(
+                i, self.actors, version=self.version, extra={"kl_coef": self.kl_controller.value}
+            )
         self.logger.log(stats, step=i)
         self.log(format_iteration(i, stats))
 

@@ -23,6 +23,7 @@ from actors.rollout import RolloutWorker, check_rollout_settings
 from apo_ray.actor_group import ActorGroup
 from apo_ray.config import Config
 from apo_ray.game import Rollout, assign_shards
+from apo_ray.progress import Progress
 from apo_ray.weight_sync import SyncStats, WeightSync, make_weight_sync
 
 
@@ -162,25 +163,28 @@ class RolloutPool:
 
         for worker, shard in enumerate(assign_shards(len(prompts), self.num_workers)):
             submit(worker, shard)
-        while in_flight:
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            worker, handle, indices = in_flight.pop(ref)
-            try:
-                rollouts = ray.get(ref)
-            except ray.exceptions.RayActorError as error:
-                failures += 1
-                if failures > self.max_worker_failures:
-                    raise RuntimeError(f"rollout pool: {failures} worker failures in one generate call") from error
-                if self.group.actors[worker] == handle:  # not restarted yet by an earlier failure
-                    self._restart(worker)
-                    restarted.add(worker)
-                # Restarted workers are still starting their engines; survivors take the shard if any.
-                survivors = [w for w in range(self.num_workers) if w not in restarted] or list(restarted)
-                for survivor, part in zip(survivors, assign_shards(len(indices), len(survivors))):
-                    submit(survivor, [indices[i] for i in part])
-                continue
-            for rollout in rollouts:
-                answered.setdefault(rollout.prompt_index, []).append(rollout)
+        # Samples, not prompts: a shard retried after a worker's death counts once, when it is answered.
+        with Progress("generate", total=n * len(prompts), unit="samples") as progress:
+            while in_flight:
+                [ref], _ = ray.wait(list(in_flight), num_returns=1)
+                worker, handle, indices = in_flight.pop(ref)
+                try:
+                    rollouts = ray.get(ref)
+                except ray.exceptions.RayActorError as error:
+                    failures += 1
+                    if failures > self.max_worker_failures:
+                        raise RuntimeError(f"rollout pool: {failures} worker failures in one generate call") from error
+                    if self.group.actors[worker] == handle:  # not restarted yet by an earlier failure
+                        self._restart(worker)
+                        restarted.add(worker)
+                    # Restarted workers are still starting their engines; survivors take the shard if any.
+                    survivors = [w for w in range(self.num_workers) if w not in restarted] or list(restarted)
+                    for survivor, part in zip(survivors, assign_shards(len(indices), len(survivors))):
+                        submit(survivor, [indices[i] for i in part])
+                    continue
+                for rollout in rollouts:
+                    answered.setdefault(rollout.prompt_index, []).append(rollout)
+                progress.update(len(rollouts))
 
         result = [rollout for index in range(len(prompts)) for rollout in answered.get(index, [])]
         if len(result) != n * len(prompts) or len(answered) != len(prompts):

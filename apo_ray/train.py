@@ -50,6 +50,8 @@ def check_run_dir(run_dir: Path, resume: bool, min_free_bytes: int = MIN_FREE_BY
             f"run_dir: {run_dir} already holds files; pass --resume {run_dir} to continue it, or choose another run_dir"
         )
     probe_parent = run_dir if run_dir.exists() else next(p for p in run_dir.parents if p.exists())
+    if not probe_parent.is_dir():
+        raise RunDirError(f"run_dir: {run_dir} cannot be created: {probe_parent} is not a directory")
     if not os.access(probe_parent, os.W_OK):
         raise RunDirError(f"run_dir: {run_dir} is not writable")
     free = shutil.disk_usage(probe_parent).free

@@ -16,6 +16,7 @@ pass over every pair and a changing machine load weighs on both arms alike.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ import torch
 from apo_ray.evaluation import expected_calibration_error, preference_accuracy
 from apo_ray.game import PreferencePair
 from apo_ray.modeling import encode_for_reward
-from benchmarks.common import BenchmarkRun, Trial, base_parser, interleave, ratio_summary
+from benchmarks.common import (BenchmarkRun, Trial, actor_process_info, add_niceness_argument, base_parser, interleave,
+                               ratio_summary, set_ray_worker_niceness, start_ray_with_retries)
 from benchmarks.tiny_models import minilm_dir
 
 DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_harmless"
@@ -39,16 +41,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="directory with train.jsonl and dev.jsonl")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=256, help="tokens per prompt+response (left-truncated)")
-    parser.add_argument("--batch-size", type=int, default=32, help="pairs per step")
+    # 16 pairs = 32 sequences of up to 256 tokens: about 4 GB of activations per arm; 32 pairs needed ~8 GB.
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per step")
     parser.add_argument("--lr", type=float, default=1e-4, help="TRL RewardConfig's default")
-    parser.add_argument("--chunks", type=int, default=4, help="interleaving chunks per epoch")
+    parser.add_argument("--chunks", type=int, default=6, help="interleaving chunks per epoch")
     parser.add_argument("--train-limit", type=int, help="use only the first N training pairs")
     parser.add_argument("--dev-limit", type=int, help="use only the first N dev pairs")
+    add_niceness_argument(parser)
     args = parser.parse_args()
     if args.quick:
         args.train_limit = args.train_limit or 96
         args.dev_limit = args.dev_limit or 48
-        args.max_length, args.batch_size, args.chunks = min(args.max_length, 128), 16, 2
+        args.max_length, args.batch_size, args.chunks = min(args.max_length, 128), 8, 2
     return args
 
 
@@ -103,15 +107,12 @@ class ApoRayArm:
         from apo_ray.cluster import actor_env
         from apo_ray.config import LearnerConfig, RewardConfig
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_ray_with_retries(lambda: ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False))
         remote = ray.remote(RewardLearner).options(num_cpus=2, runtime_env={"env_vars": actor_env()})
         reward_cfg = RewardConfig(lr=args.lr, batch_size=args.batch_size, max_length=args.max_length)
         self.actor = remote.remote(str(minilm_dir()), reward=reward_cfg, learner=LearnerConfig(backend="deepspeed"),
                                    seed=SEED)
         self._ray = ray
-
-    def torch_threads(self) -> int:
-        return self._ray.get(self.actor.__ray_call__.remote(lambda learner: torch.get_num_threads()))
 
     def train(self, pairs: list[PreferencePair], seed: int) -> dict[str, float]:
         return self._ray.get(self.actor.apo_step.remote([], pairs, apo_coef=0.0, pref_coef=1.0, epochs=1, seed=seed))
@@ -190,6 +191,7 @@ class TrlArm:
 
 def main() -> None:
     args = parse_args()
+    set_ray_worker_niceness(args.ray_worker_niceness)
     run = BenchmarkRun("hh_reward_model", "Reward model on HH-RLHF harmless pairs: apo-ray vs TRL RewardTrainer", args)
     from apo_ray.data import load_hh_pairs
     from apo_ray.modeling import load_tokenizer
@@ -203,7 +205,8 @@ def main() -> None:
 
     apo = ApoRayArm(args)
     trl_arm = TrlArm(args, tokenizer, run.scratch / "trl")
-    threads = {"apo-ray": apo.torch_threads(), "trl": torch.get_num_threads()}
+    processes = {**actor_process_info({"apo-ray": apo.actor}),
+                 "trl": {"torch_threads": torch.get_num_threads(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)}}
 
     print("scoring dev pairs with the untrained model ...", flush=True)
     initial = rm_scores(*apo.score_pairs(dev))
@@ -220,12 +223,12 @@ def main() -> None:
     truncation["apo_ray_learner_sequences_truncated"] = apo.sequences_truncated()
     apo.close()
 
-    results = summarize(args, run, trials, chunks, truncation, threads, initial, final, init_gap)
+    results = summarize(args, run, trials, chunks, truncation, processes, initial, final, init_gap)
     run.finish(results)
 
 
 def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], chunks: list[list[PreferencePair]],
-              truncation: dict, threads: dict, initial: dict, final: dict, init_gap: float) -> dict[str, Any]:
+              truncation: dict, processes: dict, initial: dict, final: dict, init_gap: float) -> dict[str, Any]:
     per_arm = {arm: [t for t in trials if t.arm == arm] for arm in ARMS}
     pairs_per_chunk = [len(c) for c in chunks]
     rate = {arm: [n / t.timing.seconds for n, t in zip(pairs_per_chunk, per_arm[arm])] for arm in ARMS}
@@ -242,7 +245,8 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], 
         f"{truncation['train']['pairs_truncated']} of {truncation['train']['pairs']} train pairs and "
         f"{truncation['dev']['pairs_truncated']} of {truncation['dev']['pairs']} dev pairs have a side over the limit "
         f"(median length {truncation['train']['median_tokens']} tokens, longest {truncation['train']['max_tokens']}). "
-        f"torch threads: apo-ray actor {threads['apo-ray']}, TRL (driver) {threads['trl']}."
+        f"Processes (torch threads, niceness): apo-ray actor {processes['apo-ray']}, TRL in the driver "
+        f"{processes['trl']} (Ray's default niceness for actors is 15; see benchmarks/README.md)."
     )
     rows = [["untrained (same initial model)", initial["rm/acc"], initial["rm/ece"], initial["rm/margin"], None, None]]
     for arm, label in (("apo-ray", "apo-ray RewardLearner (DeepSpeed ZeRO-2, Ray actor)"), ("trl", "TRL RewardTrainer")):
@@ -264,7 +268,7 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], 
     return {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "truncation": truncation,
-        "torch_threads": threads,
+        "processes": processes,
         "initial_score_gap_between_arms": init_gap,
         "dev_untrained": initial,
         "dev_trained": final,

@@ -14,7 +14,8 @@ import argparse
 import uuid
 from typing import Any
 
-from benchmarks.common import BenchmarkRun, Trial, base_parser, interleave, median, ratio_summary
+from benchmarks.common import (BenchmarkRun, Trial, actor_process_info, add_niceness_argument, base_parser, interleave,
+                               median, ratio_summary, set_ray_worker_niceness, start_ray_with_retries)
 from benchmarks.tiny_models import BUILTIN, MODELS, model_dir, parameter_bytes
 
 SEED = 0
@@ -28,6 +29,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
     parser.add_argument("--models", nargs="+", default=[BUILTIN, "llama-4L-h256", "llama-2L-h128-v30k"],
                         choices=[BUILTIN, *MODELS])
+    add_niceness_argument(parser)
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.prompts, args.models = 1, 16, [BUILTIN]
@@ -43,20 +45,14 @@ def start_pool(model_path: str, backend: str, workers: int) -> Any:
                        name_prefix=f"bench-{backend}{workers}-{uuid.uuid4().hex[:4]}")
 
 
-def worker_threads(pool: Any) -> list[int]:
-    import ray
-    import torch
-
-    return ray.get([w.__ray_call__.remote(lambda worker: torch.get_num_threads()) for w in pool.workers])
-
-
 def measure_model(name: str, prompts: list[str], args: argparse.Namespace, scratch) -> dict[str, Any]:
     path = str(model_dir(name, scratch))
     print(f"[{name}] starting pools ...", flush=True)
     pools = {"vllm x1": start_pool(path, "vllm", 1), "hf x1": start_pool(path, "hf", 1),
              "vllm x2": start_pool(path, "vllm", 2)}
     try:
-        threads = {arm: worker_threads(pool) for arm, pool in pools.items()}
+        processes = {arm: actor_process_info({f"worker {i}": w for i, w in enumerate(pool.workers)})
+                     for arm, pool in pools.items()}
         engine_start = {arm: pool.engine_start_seconds for arm, pool in pools.items()}
 
         def generate(arm: str):
@@ -74,12 +70,13 @@ def measure_model(name: str, prompts: list[str], args: argparse.Namespace, scrat
     finally:
         for pool in pools.values():
             pool.shutdown()
-    return {"model": name, "parameter_bytes": parameter_bytes(path), "torch_threads": threads,
+    return {"model": name, "parameter_bytes": parameter_bytes(path), "processes": processes,
             "engine_start_seconds": engine_start, "trials": trials}
 
 
 def main() -> None:
     args = parse_args()
+    set_ray_worker_niceness(args.ray_worker_niceness)
     run = BenchmarkRun("rollout_throughput", "Rollout throughput: vLLM vs HF generate, 1 vs 2 workers", args)
     import ray
 
@@ -87,7 +84,7 @@ def main() -> None:
 
     prompts = list(make_task(SEED).prompts)[: args.prompts]
     # Logical CPUs: the three pools (1 + 1 + 2 workers) stay up together; only one generates at a time.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_ray_with_retries(lambda: ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False))
     try:
         measured = [measure_model(name, prompts, args, run.scratch) for name in args.models]
     finally:
@@ -111,11 +108,12 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, measured: list[dict],
                      backend_ratio["median"], f"{backend_ratio['min']:.2f}-{backend_ratio['max']:.2f}",
                      f"{length['vllm x1']:.1f} / {length['hf x1']:.1f}",
                      f"{m['engine_start_seconds']['vllm x1'][0]:.0f} / {m['engine_start_seconds']['hf x1'][0]:.0f}",
-                     f"{m['torch_threads']['vllm x1'][0]} / {m['torch_threads']['hf x1'][0]}", load])
+                     f"{m['processes']['vllm x1']['worker 0']['torch_threads']} / "
+                     f"{m['processes']['hf x1']['worker 0']['torch_threads']}", load])
         scaling_rows.append([m["model"], median(tps["vllm x1"]), median(tps["vllm x2"]), scaling["median"],
                              f"{scaling['min']:.2f}-{scaling['max']:.2f}", load])
         results.append({
-            "model": m["model"], "parameter_bytes": m["parameter_bytes"], "torch_threads": m["torch_threads"],
+            "model": m["model"], "parameter_bytes": m["parameter_bytes"], "processes": m["processes"],
             "engine_start_seconds": m["engine_start_seconds"], "tokens_per_s": tps,
             "vllm_over_hf": backend_ratio, "two_workers_over_one": scaling, "mean_response_tokens": length,
             "trials": [{"arm": t.arm, "repeat": t.repeat, "timing": t.timing.to_dict(), "stats": t.result}
@@ -124,7 +122,7 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, measured: list[dict],
     run.add_text(
         f"Each call: {n_prompts} prompts of the builtin task x {args.samples} samples, temperature 1.0, top-p 1.0, "
         f"at most 32 new tokens (prompts cut to 64), seeded; {args.repeats} interleaved repeats after one warm-up "
-        "call per arm. Each rollout worker is a Ray actor with num_cpus=1. Models: the builtin SFT policy (Llama "
+        f"call per arm. Each rollout worker is a Ray actor with num_cpus=1, at niceness {args.ray_worker_niceness}. Models: the builtin SFT policy (Llama "
         "2 layers, hidden 128, word-level vocabulary of ~170), and random Llamas: 4 layers hidden 256 on the same "
         "vocabulary, 2 layers hidden 128 on the 30,522-token MiniLM vocabulary (random models seldom sample their "
         "end token, so their responses run to the limit: compare the response lengths)."

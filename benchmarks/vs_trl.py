@@ -31,11 +31,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pairs", type=int, default=400, help="training pairs (the builtin task's human pairs)")
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per step")
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="passes over the pairs per timed call (longer calls: less noise from a changing load)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads in every arm (1: what a Ray actor with num_cpus=1 gets)")
     args = parser.parse_args()
     if args.quick:
-        args.repeats, args.pairs = 1, 64
+        args.repeats, args.pairs, args.epochs = 1, 64, 1
     return args
 
 
@@ -53,7 +55,7 @@ def _start_process(threads: int) -> None:
 # Module-level functions: each runs in its own spawned process (common.run_isolated).
 
 
-def apo_ray_dpo(backend: str, policy_dir: str, pairs: list[PreferencePair], batch_size: int, lr: float,
+def apo_ray_dpo(backend: str, policy_dir: str, pairs: list[PreferencePair], batch_size: int, epochs: int, lr: float,
                 threads: int) -> dict[str, Any]:
     _start_process(threads)
     from actors.policy import PolicyLearner
@@ -70,12 +72,13 @@ def apo_ray_dpo(backend: str, policy_dir: str, pairs: list[PreferencePair], batc
         ref_chosen = reference.sequence_logprobs(prompts, [p.chosen for p in pairs])
         ref_rejected = reference.sequence_logprobs(prompts, [p.rejected for p in pairs])
     with timed() as train:
-        stats = learner.dpo_step(pairs, ref_chosen, ref_rejected, epochs=1, seed=SEED)
+        stats = learner.dpo_step(pairs, ref_chosen, ref_rejected, epochs=epochs, seed=SEED)
     return {"setup": setup.timing, "reference": reference_pass.timing, "train": train.timing,
             "loss": stats["policy/loss"], "steps": stats["policy/steps"]}
 
 
-def trl_dpo(policy_dir: str, pairs: list[PreferencePair], batch_size: int, lr: float, threads: int) -> dict[str, Any]:
+def trl_dpo(policy_dir: str, pairs: list[PreferencePair], batch_size: int, epochs: int, lr: float,
+            threads: int) -> dict[str, Any]:
     _start_process(threads)
     import torch
     from datasets import Dataset
@@ -88,7 +91,7 @@ def trl_dpo(policy_dir: str, pairs: list[PreferencePair], batch_size: int, lr: f
         model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
         tokenizer = load_tokenizer(policy_dir)
     config = DPOConfig(
-        output_dir="/tmp/apo_ray_vs_trl_dpo", per_device_train_batch_size=batch_size, num_train_epochs=1,
+        output_dir="/tmp/apo_ray_vs_trl_dpo", per_device_train_batch_size=batch_size, num_train_epochs=epochs,
         learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, beta=0.1,
         loss_type=["sigmoid"], precompute_ref_log_probs=True, precompute_ref_batch_size=64, max_length=None,
         bf16=False, fp16=False, gradient_checkpointing=False, report_to=[], save_strategy="no", seed=SEED,
@@ -104,7 +107,7 @@ def trl_dpo(policy_dir: str, pairs: list[PreferencePair], batch_size: int, lr: f
             "loss": output.training_loss, "steps": float(output.global_step)}
 
 
-def apo_ray_rm(backend: str, reward_dir: str, pairs: list[PreferencePair], batch_size: int, lr: float,
+def apo_ray_rm(backend: str, reward_dir: str, pairs: list[PreferencePair], batch_size: int, epochs: int, lr: float,
                threads: int) -> dict[str, Any]:
     _start_process(threads)
     from actors.reward import RewardLearner
@@ -114,12 +117,13 @@ def apo_ray_rm(backend: str, reward_dir: str, pairs: list[PreferencePair], batch
         learner = RewardLearner(reward_dir, reward=RewardConfig(lr=lr, batch_size=batch_size),
                                 learner=LearnerConfig(backend=backend), seed=SEED)
     with timed() as train:
-        stats = learner.apo_step([], pairs, apo_coef=0.0, pref_coef=1.0, epochs=1, seed=SEED)
+        stats = learner.apo_step([], pairs, apo_coef=0.0, pref_coef=1.0, epochs=epochs, seed=SEED)
     return {"setup": setup.timing, "reference": None, "train": train.timing, "loss": stats["rm/loss"],
             "steps": stats["rm/steps"]}
 
 
-def trl_rm(reward_dir: str, pairs: list[PreferencePair], batch_size: int, lr: float, threads: int) -> dict[str, Any]:
+def trl_rm(reward_dir: str, pairs: list[PreferencePair], batch_size: int, epochs: int, lr: float,
+           threads: int) -> dict[str, Any]:
     _start_process(threads)
     import torch
     from datasets import Dataset
@@ -141,7 +145,7 @@ def trl_rm(reward_dir: str, pairs: list[PreferencePair], batch_size: int, lr: fl
         "rejected_ids": token_ids(tokenizer, prompts, [p.rejected for p in pairs], max_length),
     })
     config = RewardConfig(
-        output_dir="/tmp/apo_ray_vs_trl_rm", per_device_train_batch_size=batch_size, num_train_epochs=1,
+        output_dir="/tmp/apo_ray_vs_trl_rm", per_device_train_batch_size=batch_size, num_train_epochs=epochs,
         learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,
         gradient_checkpointing=False, max_length=None, report_to=[], save_strategy="no", seed=SEED, use_cpu=True,
         dataloader_num_workers=0,
@@ -168,7 +172,7 @@ def main() -> None:
     pairs = list(make_task(SEED).pairs)[: args.pairs]
     # Each side's default learning rate in apo-ray's config, for both arms (speed does not depend on it).
     dpo_lr, rm_lr = PolicyConfig().lr, RewardConfig().lr
-    common = (pairs, args.batch_size)
+    common = (pairs, args.batch_size, args.epochs)
     arms = {
         ("dpo", "apo-ray torch"): lambda r: run_isolated(apo_ray_dpo, "torch", policy_dir, *common, dpo_lr, args.threads),
         ("dpo", "apo-ray deepspeed"): lambda r: run_isolated(apo_ray_dpo, "deepspeed", policy_dir, *common, dpo_lr,
@@ -180,15 +184,15 @@ def main() -> None:
         ("rm", "trl"): lambda r: run_isolated(trl_rm, reward_dir, *common, rm_lr, args.threads),
     }
     trials = interleave({f"{step}/{arm}": fn for (step, arm), fn in arms.items()}, args.repeats)
-    run.finish(summarize(args, run, trials, len(pairs)))
+    run.finish(summarize(args, run, trials, len(pairs) * args.epochs))
 
 
-def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], n_pairs: int) -> dict[str, Any]:
+def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], pairs_trained: int) -> dict[str, Any]:
     def of(step: str, arm: str) -> list[Trial]:
         return sorted((t for t in trials if t.arm == f"{step}/{arm}"), key=lambda t: t.repeat)
 
     def rate(t: Trial) -> float:
-        return n_pairs / t.result["train"].seconds
+        return pairs_trained / t.result["train"].seconds
 
     rows, results = [], {}
     for step in STEPS:
@@ -209,8 +213,9 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], 
                          median([t.result["loss"] for t in runs]),
                          median([t.result["train"].load_start for t in runs])])
     run.add_text(
-        f"Same data for every arm: the first {n_pairs} human preference pairs of the builtin task (prompts of at most "
-        f"10 tokens, responses of at most 23), {args.batch_size} pairs per step, 1 epoch, fp32 on CPU, TRL with "
+        f"Same data for every arm: the first {args.pairs} human preference pairs of the builtin task (prompts of at "
+        f"most 10 tokens, responses of at most 23), {args.batch_size} pairs per step, {args.epochs} epoch(s) per timed "
+        f"call, fp32 on CPU, TRL with "
         f"bf16=False and gradient_checkpointing=False, constant learning rate, grad clip 1.0, no weight decay. "
         f"Models: the builtin tiny policy (Llama, 2 layers, hidden 128) for DPO and the builtin tiny RM (same shape, "
         f"1-output head) for the RM step. Every arm runs in a fresh process with torch threads = {args.threads}; "
@@ -231,7 +236,7 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], 
               for s in STEPS for a in ARMS]
     run.add_bar_chart("vs_trl_throughput.png", labels, values, ylabel="training pairs/s", errors=ranges,
                       title="apo-ray vs TRL, tiny models on CPU (median, range)")
-    return {"settings": vars(args) | {"out": str(args.out) if args.out else None}, "pairs": n_pairs,
+    return {"settings": vars(args) | {"out": str(args.out) if args.out else None}, "pairs_trained": pairs_trained,
             "arms": results, "trial_order": [{"arm": t.arm, "repeat": t.repeat, "wall": t.timing.to_dict()}
                                              for t in trials]}
 

@@ -18,7 +18,8 @@ import itertools
 import math
 from typing import Any
 
-from benchmarks.common import BenchmarkRun, Trial, base_parser, interleave, median, ratio_summary
+from benchmarks.common import (BenchmarkRun, Trial, actor_process_info, add_niceness_argument, base_parser, interleave,
+                               median, ratio_summary, set_ray_worker_niceness, start_ray_with_retries)
 from benchmarks.rollout_throughput import start_pool
 from benchmarks.tiny_models import BUILTIN, MODELS, model_dir, parameter_bytes
 
@@ -32,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=[BUILTIN, "llama-4L-h512-v30k"], choices=[BUILTIN, *MODELS])
+    add_niceness_argument(parser)
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.models = 1, [BUILTIN]
@@ -99,6 +101,7 @@ def measure_model(name: str, args: argparse.Namespace, scratch) -> dict[str, Any
 
     arms = {f"{strategy} x{n}": sync(strategy, n) for strategy in STRATEGIES for n in WORKER_COUNTS}
     arms[CLONE_ARM] = clone
+    processes = actor_process_info({"learner": learner, **{f"worker {i}": w for i, w in enumerate(pools[2].workers)}})
     try:
         for arm in arms.values():  # warm-up: first reloads pay one-time allocations
             arm(-1)
@@ -116,16 +119,17 @@ def measure_model(name: str, args: argparse.Namespace, scratch) -> dict[str, Any
             pool.shutdown()
         ray.kill(learner)
     return {"model": name, "parameter_bytes": parameter_bytes(path), "state_dict_bytes": nbytes, "trials": trials,
-            "verified": verified}
+            "verified": verified, "processes": processes}
 
 
 def main() -> None:
     args = parse_args()
+    set_ray_worker_niceness(args.ray_worker_niceness)
     run = BenchmarkRun("weight_sync", "Weight sync: policy learner to N vLLM rollout workers", args)
     import ray
 
     # Logical CPUs: the learner and three workers (pools of 1 and 2) stay up together.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_ray_with_retries(lambda: ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False))
     try:
         measured = [measure_model(name, args, run.scratch) for name in args.models]
     finally:
@@ -158,14 +162,15 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, measured: list[dict])
                      None, 1.0, "-"])
         per_arm[CLONE_ARM] = {"seconds": clone_s, "bytes_per_s": [nbytes / x for x in clone_s]}
         results.append({"model": m["model"], "state_dict_bytes": nbytes, "safetensors_bytes": m["parameter_bytes"],
-                        "arms": per_arm, "verified": m["verified"],
+                        "arms": per_arm, "verified": m["verified"], "processes": m["processes"],
                         "trials": [{"arm": t.arm, "repeat": t.repeat, "timing": t.timing.to_dict(), "stats": t.result}
                                    for t in trials]})
     loads = [t.timing.load_start for m in measured for t in m["trials"]]
     run.add_text(
         f"Models: the builtin tiny policy and a random Llama (4 layers, hidden 512, 30,522-token vocabulary, tied "
         f"embeddings), fp32. Learner: a PolicyLearner actor (torch engine, num_cpus=1); workers: vLLM (CPU) "
-        f"rollout workers, num_cpus=1 each. {args.repeats} interleaved repeats after one warm-up per arm; "
+        f"rollout workers, num_cpus=1 each; actors at niceness {args.ray_worker_niceness}, like the driver that "
+        f"times the clone. {args.repeats} interleaved repeats after one warm-up per arm; "
         f"medians shown. Load average during the timings: {min(loads):.1f}-{max(loads):.1f} on 2 cores."
     )
     run.add_table(

@@ -3,6 +3,8 @@ models in-process, and whole PPO / GRPO / REINFORCE++ iterations on a local Ray 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from safetensors.torch import load_file
 from actors.critic import CriticLearner
 from actors.policy import PolicyLearner
 from apo_ray.builtin_task import format_prompt, make_policy_model, make_reward_model, make_tokenizer
-from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig, load_config
+from apo_ray.checkpoint import Checkpointer
+from apo_ray.config import ConfigError, LearnerConfig, ModelConfig, PolicyConfig, PPOConfig, load_config
 from apo_ray.modeling import encode_for_lm
 from apo_ray.online import OnlineAPOGame, TokenGrids, concat_right_padded, estimate_advantages, iteration_prompt_indices
 
@@ -96,7 +99,38 @@ def test_estimate_advantages_refuses_offline_methods_and_missing_inputs():
         estimate_advantages("grpo", torch.tensor([1.0]), g, ppo=PPOConfig(), kl_coef=0.1)
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_ppo_and_apo_ppo_configs_differ_only_in_the_rm_steps():
+    plain, apo = (load_config(CONFIGS / name).to_dict() for name in ("ppo.yaml", "apo_ppo.yaml"))
+    assert plain.pop("apo") is False and apo.pop("apo") is True
+    assert plain["ppo"].pop("rm_update_every") == 0 and apo["ppo"].pop("rm_update_every") > 0
+    assert plain == apo
+
+
+def test_gpu_recipe_loads_with_a_critic_that_can_start_from_the_rm():
+    cfg = load_config(CONFIGS / "hh_qwen2.5_0.5b_apo_ppo_gpu.yaml")
+    assert cfg.method == "ppo" and cfg.apo and cfg.data.task == "files"
+    assert cfg.ppo.critic_init == "reward" and cfg.model.reward_path == cfg.model.policy_path
+
+
+def test_apo_without_rm_steps_is_refused():
+    with pytest.raises(ConfigError, match="ppo.rm_update_every: 0 never steps the RM"):
+        load_config(None, ["method=ppo", "apo=true", "ppo.rm_update_every=0"])
+
+
 # ------------------------------------------------------------------------------ learners, in-process
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The in-process learners' tiny models gain nothing from threads; on a busy 2-core machine two
+    threads ran these tests about 15 times slower than one (measured: 18 s vs 1 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +151,8 @@ def test_critic_from_the_rm_values_each_prefix_with_the_rm_score(tiny_models):
     with torch.no_grad():
         # Column t is the state that emits token t+1: the RM's score of the first t+1 tokens.
         for t in (0, 5, int(mask[0].nonzero()[-1])):
-            assert values[0, t].item() == pytest.approx(critic.model(input_ids=ids[:, : t + 1]).logits[0, 0].item(), abs=1e-5)
+            rm_score = critic.model(input_ids=ids[:, : t + 1]).logits[0, 0].item()
+            assert values[0, t].item() == pytest.approx(rm_score, abs=1e-5)
 
 
 def test_critic_regresses_towards_the_returns(tiny_models):
@@ -168,66 +203,69 @@ def test_grpo_kl_loss_pulls_the_policy_back_to_the_reference(tiny_models):
 
 # ------------------------------------------------------------------------------ whole iterations on Ray
 
+SMALL_RUN = [
+    "samples_per_prompt=2", "rollout.backend=vllm", "learner.backend=deepspeed",
+    # 3 learners at 0.5 CPU, the reference and one rollout worker fit the fixture's 4 logical CPUs.
+    "learner.num_cpus=0.5",
+    "data.builtin.n_pairs=48", "data.builtin.n_gold=6", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=16",
+    "reward.initial_epochs=1", "reward.batch_size=16", "ppo.iterations=2", "ppo.prompts_per_iteration=6",
+    "ppo.minibatch_size=6", "ppo.ppo_epochs=1", "ppo.eval_every=2", "ppo.checkpoint_every=1",
+]
 
-def small_run(tmp_path: Path, *overrides: str):
-    """A few online iterations on a shrunken builtin task: prepared run, actors, game, and a teardown."""
-    from apo_ray.checkpoint import Checkpointer
-    from apo_ray.cluster import start_actors
-    from apo_ray.metrics import MetricsLogger
+
+@pytest.fixture(scope="module")
+def online_actors(ray_cluster, tmp_path_factory):
+    """One set of actors for every game below, since starting actors is most of their time: a vLLM
+    rollout worker, DeepSpeed learners and (method ppo) a critic, on a shrunken builtin task."""
+    from apo_ray.cluster import shutdown_actors, start_actors
     from apo_ray.train import prepare
 
-    cfg = load_config(None, [
-        # 3 learners at 0.5 CPU, the reference and one rollout worker fit the fixture's 4 logical CPUs.
-        f"run_dir={tmp_path / 'run'}", "samples_per_prompt=2", "learner.num_cpus=0.5",
-        "data.builtin.n_pairs=48", "data.builtin.n_gold=6", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=16",
-        "reward.initial_epochs=1", "reward.batch_size=16", "ppo.iterations=2", "ppo.prompts_per_iteration=6",
-        "ppo.minibatch_size=6", "ppo.ppo_epochs=1", "ppo.eval_every=2", "ppo.checkpoint_every=1", *overrides,
-    ])
+    cfg = load_config(None, [*SMALL_RUN, "method=ppo", f"run_dir={tmp_path_factory.mktemp('online') / 'run'}"])
     prepared = prepare(cfg)
     actors = start_actors(cfg, prepared.policy_path, prepared.reward_path)
-    logger = MetricsLogger(prepared.run_dir, tensorboard=False, ray_metrics=False)
-    game = OnlineAPOGame(cfg, prepared.data, actors, logger, Checkpointer(prepared.run_dir), prepared.oracle,
-                         log=lambda line: None)
-    return game, logger
+    yield prepared, actors
+    shutdown_actors(actors)
 
 
-def teardown(game, logger) -> None:
-    from apo_ray.cluster import shutdown_actors
+def play(
+    online_actors, run_dir: Path, *overrides: str, without_critic: bool = False, first_round: int = 0
+) -> list[dict]:
+    """Run an online game (from iteration `first_round`) on the shared actors; return its metrics rows."""
+    from apo_ray.metrics import MetricsLogger, read_metrics_jsonl
 
-    logger.close()
-    shutdown_actors(game.actors)
+    prepared, actors = online_actors
+    if without_critic:
+        actors = dataclasses.replace(actors, critic=None)
+    cfg = load_config(None, [*SMALL_RUN, f"run_dir={run_dir}", *overrides])
+    with MetricsLogger(run_dir, tensorboard=False, ray_metrics=False) as logger:
+        game = OnlineAPOGame(cfg, prepared.data, actors, logger, Checkpointer(run_dir), prepared.oracle,
+                             log=lambda line: None)
+        game.version = actors.pool.version  # the workers' weights version, as on a resumed run
+        game.run(first_round)
+    return read_metrics_jsonl(run_dir / "metrics.jsonl")
 
 
 def checksums(pool) -> list[float]:
     return ray.get([worker.weights_checksum.remote() for worker in pool.workers])
 
 
-def rows(run_dir: Path) -> list[dict]:
-    from apo_ray.metrics import read_metrics_jsonl
-
-    return read_metrics_jsonl(run_dir / "metrics.jsonl")
-
-
 @pytest.mark.integration
-def test_apo_ppo_steps_the_rm_between_ppo_iterations_and_syncs_the_workers(ray_cluster, tmp_path):
-    game, logger = small_run(tmp_path, "method=ppo", "apo=true", "ppo.rm_update_every=1",
-                             "rollout.backend=vllm", "learner.backend=deepspeed")
-    try:
-        initial_checksums = checksums(game.actors.pool)
-        game.run()
-        assert game.actors.pool.versions() == [2]
-        assert all(a != b for a, b in zip(checksums(game.actors.pool), initial_checksums))
-    finally:
-        teardown(game, logger)
+def test_apo_ppo_steps_the_rm_between_ppo_iterations_and_syncs_the_workers(online_actors, tmp_path):
+    pool = online_actors[1].pool
+    initial_checksums = checksums(pool)
+    settings = ("method=ppo", "apo=true", "ppo.rm_update_every=1", "ppo.adaptive_kl=true", "ppo.kl_horizon=10")
+    logged = play(online_actors, tmp_path, *settings)
+    assert pool.versions() == [2]
+    assert all(a != b for a, b in zip(checksums(pool), initial_checksums))
 
-    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints = tmp_path / "checkpoints"
     fitted = load_file(checkpoints / "base_reward" / "model.safetensors")
-    for r in (1, 2):
-        assert (checkpoints / f"round_{r:04d}" / "critic" / "model.safetensors").is_file()
     final = load_file(checkpoints / "round_0002" / "reward" / "model.safetensors")
     assert any(not torch.equal(fitted[name], final[name]) for name in fitted)
+    for r in (1, 2):
+        assert (checkpoints / f"round_{r:04d}" / "critic" / "model.safetensors").is_file()
+        assert "kl_coef" in json.loads((checkpoints / f"round_{r:04d}" / "state.json").read_text())
 
-    logged = rows(tmp_path / "run")
     assert [row["step"] for row in logged] == [0, 1, 2] and [row["round"] for row in logged] == [0, 1, 2]
     for row in logged[1:]:
         for key in ("policy/kl", "policy/clipfrac", "policy/entropy", "policy/reward_mean", "policy/loss",
@@ -236,20 +274,24 @@ def test_apo_ppo_steps_the_rm_between_ppo_iterations_and_syncs_the_workers(ray_c
         assert row["rollout/policy_version_lag"] == 0  # the loop is synchronous: every sample is on-policy
     assert "eval/gold_score" in logged[2] and "eval/gold_score" not in logged[1]
 
+    # Resumed after iteration 2 for a third: the learners' states and the adapted KL coefficient come back.
+    saved = Checkpointer(tmp_path).restore(2, online_actors[1])
+    assert saved["kl_coef"] != logged[2]["policy/kl_coef"]  # it moved after iteration 2
+    resumed = play(online_actors, tmp_path, *settings, "ppo.iterations=3", first_round=3)
+    assert [row["step"] for row in resumed] == [0, 1, 2, 3]
+    assert resumed[3]["policy/kl_coef"] == pytest.approx(saved["kl_coef"])
+
 
 @pytest.mark.integration
 @pytest.mark.parametrize("method", ["grpo", "reinforce_pp"])
-def test_critic_free_methods_run_without_a_critic_actor(ray_cluster, tmp_path, method):
-    game, logger = small_run(tmp_path, f"method={method}", "apo=false", "ppo.iterations=1", "ppo.eval_every=1",
-                             "rollout.backend=hf", "learner.backend=torch")
-    try:
-        assert game.actors.critic is None
-        initial_checksums = checksums(game.actors.pool)
-        game.run()
-        assert all(a != b for a, b in zip(checksums(game.actors.pool), initial_checksums))
-    finally:
-        teardown(game, logger)
-    last = rows(tmp_path / "run")[-1]
+def test_critic_free_methods_run_without_a_critic_actor(online_actors, tmp_path, method):
+    pool = online_actors[1].pool
+    before = checksums(pool)
+    logged = play(online_actors, tmp_path, f"method={method}", "apo=false", "ppo.iterations=1", "ppo.eval_every=1",
+                  without_critic=True)
+    assert all(a != b for a, b in zip(checksums(pool), before))
+    assert not (tmp_path / "checkpoints" / "round_0001" / "critic").exists()
+    last = logged[-1]
     assert last["step"] == 1 and "policy/clipfrac" in last and "eval/gold_score" in last
     assert "critic/loss" not in last and "rm/loss_apo" not in last
     assert ("policy/kl_loss" in last) == (method == "grpo")

@@ -1,0 +1,482 @@
+"""Quality on the builtin task, where a gold oracle judges: every policy method with a fixed reward model vs.
+the same method in the APO game (the paper's Tables 2 and 3), and the RM ablations of its Table 4.
+
+Every arm is a real run of the system (`apo_ray.train.prepare` + `run`), all on one local Ray cluster, for
+several seeds; a seed changes the task's data, the SFT policy and the RM's initialisation, and an arm and its
+baseline share them seed by seed, so their differences are paired. Per round the driver measures (see
+`apo_ray.driver.APOGame.evaluate`): the gold score of the policy's samples on held-out prompts, the game RM's
+score of the same samples, and the RM's accuracy and ECE on held-out simulated human pairs and on pairs of the
+current policy's samples labelled by the gold oracle.
+
+Finished runs are kept under results/quality/tmp/scratch/ and reused when their config is unchanged, so an
+interrupted sweep continues where it stopped.
+
+    .venv/bin/python -m benchmarks.quality [--quick] [--seeds 0 1 2] [--arms RJS APO-RJS ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from benchmarks.common import (REPO_ROOT, BenchmarkRun, add_niceness_argument, base_parser, fmt,
+                               set_ray_worker_niceness, start_ray_with_retries)
+
+CONFIGS = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIGS / "default.yaml"
+PPO_CONFIG = CONFIGS / "ppo.yaml"
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # metric name in the run's metrics.jsonl
+    label: str
+    higher_is_better: bool
+    # Online runs log the evaluation's KL as eval/kl (their own rollouts' KL is policy/kl).
+    online_key: str | None = None
+
+
+METRICS = (
+    Metric("eval/gold_score", "gold score", True),
+    Metric("eval/rm_score", "RM score", True),
+    Metric("rm/acc", "RM acc, human pairs", True),
+    Metric("rm/ece", "RM ECE, human pairs", False),
+    Metric("rm/acc_policy", "RM acc, policy pairs", True),
+    Metric("rm/ece_policy", "RM ECE, policy pairs", False),
+    Metric("policy/kl", "KL to reference", False, online_key="eval/kl"),
+)
+GOLD, ACC_POLICY = "eval/gold_score", "rm/acc_policy"
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str  # the row label
+    key: str  # directory-safe name
+    overrides: tuple[str, ...]
+    family: str  # the plot panel it belongs to
+    baseline: str | None = None  # the arm it is compared with, seed by seed
+    online: bool = False
+
+
+def _offline(method: str, family: str) -> tuple[Arm, Arm]:
+    upper = method.upper()
+    return (Arm(upper, method, (f"method={method}", "apo=false"), family),
+            Arm(f"APO-{upper}", f"apo-{method}", (f"method={method}", "apo=true"), family, baseline=upper))
+
+
+METHOD_ARMS: tuple[Arm, ...] = (
+    *_offline("rjs", "RJS"),
+    *_offline("rrhf", "RRHF"),
+    *_offline("dpo", "DPO"),
+    Arm("PPO", "ppo", ("method=ppo", "apo=false"), "PPO", online=True),
+    Arm("APO-PPO", "apo-ppo", ("method=ppo", "apo=true"), "PPO", baseline="PPO", online=True),
+)
+_APO_RJS = ("method=rjs", "apo=true")
+ABLATION_ARMS: tuple[Arm, ...] = (
+    Arm("APO-RJS, no human term (GAIL-like)", "apo-rjs-no-human", (*_APO_RJS, "reward.pref_coef=0"),
+        "ablations", baseline="APO-RJS"),
+    Arm("APO-RJS, raw difference (WGAN-like)", "apo-rjs-diff", (*_APO_RJS, "reward.loss=diff"),
+        "ablations", baseline="APO-RJS"),
+    Arm("APO-RJS, RM re-initialised each round", "apo-rjs-reinit", (*_APO_RJS, "reward.reinit_each_round=true"),
+        "ablations", baseline="APO-RJS"),
+    Arm("APO-RJS, no APO pairs (extra RM training only)", "apo-rjs-no-apo-pairs", (*_APO_RJS, "reward.apo_coef=0"),
+        "ablations", baseline="APO-RJS"),
+)
+ALL_ARMS = METHOD_ARMS + ABLATION_ARMS
+QUICK_ARMS = ("RJS", "APO-RJS")
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+def _flat_overrides(section: str, values: dict[str, Any]) -> list[str]:
+    return [f"{section}.{key}={value}" for key, value in values.items()]
+
+
+def iterations_per_round(cfg: Any) -> int:
+    """PPO iterations that draw as many policy samples as one offline round (every policy prompt once)."""
+    return math.ceil(cfg.data.builtin.n_prompts / cfg.ppo.prompts_per_iteration)
+
+
+def arm_config(arm: Arm, seed: int, run_dir: Path, args: argparse.Namespace) -> Any:
+    """The arm's validated Config. Online arms start from configs/ppo.yaml with the RM settings of
+    configs/default.yaml, so that every row's RM is fitted the same way in round 0."""
+    from apo_ray.config import load_config
+
+    common = [f"seed={seed}", f"run_dir={run_dir}", "logging.tensorboard=false", "logging.report=false",
+              "logging.ray_metrics=false"]
+    if args.rollout_backend:
+        common.append(f"rollout.backend={args.rollout_backend}")
+    if args.learner_backend:
+        common.append(f"learner.backend={args.learner_backend}")
+    if not arm.online:
+        rounds = [f"rounds={args.rounds}"] if args.rounds else []
+        return load_config(DEFAULT_CONFIG, [*arm.overrides, *rounds, *common])
+    default = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    base = load_config(PPO_CONFIG, _flat_overrides("reward", default["reward"]))
+    k = iterations_per_round(base)
+    rounds = args.rounds or load_config(DEFAULT_CONFIG).rounds
+    schedule = [f"ppo.iterations={rounds * k}", f"ppo.eval_every={k}", f"ppo.checkpoint_every={rounds * k}",
+                f"ppo.rm_update_every={k if 'apo=true' in arm.overrides else 0}"]
+    return load_config(PPO_CONFIG, [*_flat_overrides("reward", default["reward"]), *arm.overrides, *schedule, *common])
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class RunRecord:
+    arm: str
+    seed: int
+    rounds: list[dict[str, float]] = field(default_factory=list)  # one row per evaluated round
+    wall_s: float | None = None
+    reused: bool = False
+    error: str | None = None
+
+
+def evaluated_rounds(rows: list[dict[str, Any]], cfg: Any, online: bool) -> list[dict[str, float]]:
+    """The metrics of every evaluated round, as {"round": r, metric key: value}. An online run's evaluation
+    after iteration i is reported as round i / iterations_per_round."""
+    per_round = iterations_per_round(cfg) if online else 1
+    out = []
+    for row in rows:
+        if row.get(GOLD) is None:
+            continue
+        step = row.get("round", row["step"])
+        record = {"round": step / per_round, "iteration": step}
+        for metric in METRICS:
+            key = metric.online_key if online and metric.online_key else metric.key
+            record[metric.key] = row.get(key)
+        record["timing/round"] = row.get("timing/round")
+        out.append(record)
+    return out
+
+
+def _saved_config_matches(run_dir: Path, cfg: Any) -> bool:
+    saved = run_dir / "config.yaml"
+    return saved.is_file() and yaml.safe_load(saved.read_text()) == cfg.to_dict()
+
+
+def run_arm(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -> RunRecord:
+    from apo_ray.metrics import read_metrics_jsonl
+    from apo_ray.train import prepare, run
+
+    run_dir = scratch / f"{arm.key}-s{seed}"
+    cfg = arm_config(arm, seed, run_dir, args)
+    record = RunRecord(arm.name, seed)
+    if (run_dir / "summary.json").is_file() and _saved_config_matches(run_dir, cfg):
+        record.reused = True
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        started = time.perf_counter()
+        try:
+            run(prepare(cfg))
+        except Exception:  # one failed arm must not lose the rest of a long sweep; the error is reported
+            record.error = traceback.format_exc(limit=8)
+            print(f"[quality] {arm.name} seed {seed} failed:\n{record.error}", flush=True)
+            return record
+        record.wall_s = round(time.perf_counter() - started, 1)
+    record.rounds = evaluated_rounds(read_metrics_jsonl(run_dir / "metrics.jsonl"), cfg, arm.online)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation and standard error over seeds (NaN spread for one value)."""
+    from apo_ray.evaluation import mean_and_stderr
+
+    mean, stderr = mean_and_stderr(values)
+    return {"mean": mean, "std": stderr * math.sqrt(len(values)), "stderr": stderr, "n": len(values)}
+
+
+def aggregate(records: list[RunRecord]) -> dict[float, dict[str, dict[str, float]]]:
+    """{round: {metric key: spread over seeds}} over the runs that finished."""
+    by_round: dict[float, dict[str, list[float]]] = {}
+    for record in records:
+        for row in record.rounds:
+            cell = by_round.setdefault(row["round"], {})
+            for metric in METRICS:
+                if row.get(metric.key) is not None:
+                    cell.setdefault(metric.key, []).append(row[metric.key])
+    return {r: {key: spread(values) for key, values in cells.items()} for r, cells in sorted(by_round.items())}
+
+
+def _final(record: RunRecord, key: str) -> float | None:
+    values = [row[key] for row in record.rounds if row.get(key) is not None]
+    return values[-1] if values else None
+
+
+def _mean_over_game_rounds(record: RunRecord, key: str) -> float | None:
+    values = [row[key] for row in record.rounds if row["round"] > 0 and row.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def paired_difference(arm: list[RunRecord], baseline: list[RunRecord], key: str, reduce) -> dict[str, Any] | None:
+    """Arm minus baseline of `reduce(record, key)`, seed by seed, over the seeds both finished."""
+    base = {r.seed: reduce(r, key) for r in baseline if not r.error}
+    diffs = {r.seed: reduce(r, key) - base[r.seed] for r in arm
+             if not r.error and base.get(r.seed) is not None and reduce(r, key) is not None}
+    if not diffs:
+        return None
+    return {**spread(list(diffs.values())), "per_seed": diffs, "better_seeds": sum(d > 0 for d in diffs.values())}
+
+
+def verdict(diff: dict[str, Any] | None) -> str:
+    """'better' / 'worse' when the paired mean is more than two standard errors from 0, else 'no clear difference'."""
+    if diff is None:
+        return "not measured"
+    if diff["n"] < 2 or math.isnan(diff["stderr"]):
+        return "one seed only"
+    if diff["mean"] - 2 * diff["stderr"] > 0:
+        return "better"
+    if diff["mean"] + 2 * diff["stderr"] < 0:
+        return "worse"
+    return "no clear difference"
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def _cell(stats: dict[str, float] | None) -> str:
+    if stats is None:
+        return "-"
+    if stats["n"] < 2:
+        return fmt(stats["mean"])
+    return f"{fmt(stats['mean'])} ± {fmt(stats['std'])}"
+
+
+def _round_label(r: float) -> str:
+    return str(int(r)) if float(r).is_integer() else f"{r:.2f}"
+
+
+def _diff_cell(diff: dict[str, Any] | None) -> str:
+    if diff is None:
+        return "-"
+    return f"{diff['mean']:+.3f} ± {fmt(diff['stderr'])} ({diff['better_seeds']}/{diff['n']})"
+
+
+def comparisons(arms: Sequence[Arm], records: dict[str, list[RunRecord]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for arm in arms:
+        if arm.baseline is None or arm.baseline not in records or arm.name not in records:
+            continue
+        ours, theirs = records[arm.name], records[arm.baseline]
+        final_gold = paired_difference(ours, theirs, GOLD, _final)
+        out[arm.name] = {
+            "baseline": arm.baseline,
+            "final_gold": final_gold,
+            "mean_gold_rounds_1_plus": paired_difference(ours, theirs, GOLD, _mean_over_game_rounds),
+            "final_acc_policy": paired_difference(ours, theirs, ACC_POLICY, _final),
+            "mean_acc_policy_rounds_1_plus": paired_difference(ours, theirs, ACC_POLICY, _mean_over_game_rounds),
+            "final_acc_human": paired_difference(ours, theirs, "rm/acc", _final),
+            "verdict_final_gold": verdict(final_gold),
+            "verdict_mean_gold": verdict(paired_difference(ours, theirs, GOLD, _mean_over_game_rounds)),
+        }
+    return out
+
+
+def _plot_grid(path: Path, panels: dict[str, list[Arm]], metrics: Sequence[tuple[str, str]],
+               summaries: dict[str, dict], title: str) -> None:
+    """One subplot per (metric, panel): each arm's mean over seeds per round, with a ± std band.
+    Baselines (fixed RM) are dashed."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(4.2 * len(panels), 3.4 * len(metrics)), dpi=110, layout="constrained")
+    grid = figure.subplots(len(metrics), len(panels), squeeze=False)
+    for row, (key, ylabel) in enumerate(metrics):
+        for column, (panel, arms) in enumerate(panels.items()):
+            axes = grid[row][column]
+            for index, arm in enumerate(arms):
+                rounds = [r for r, cells in summaries[arm.name].items() if key in cells]
+                means = [summaries[arm.name][r][key]["mean"] for r in rounds]
+                stds = [summaries[arm.name][r][key]["std"] for r in rounds]
+                axes.plot(rounds, means, "-" if arm.name.startswith("APO") else "--", marker="o", color=f"C{index}",
+                          label=arm.name)
+                if rounds and not any(math.isnan(s) for s in stds):
+                    axes.fill_between(rounds, [m - s for m, s in zip(means, stds)],
+                                      [m + s for m, s in zip(means, stds)], color=f"C{index}", alpha=0.12)
+            if key == ACC_POLICY:
+                axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+            axes.set_title(panel)
+            axes.set_xlabel("round")
+            axes.set_ylabel(ylabel)
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axes.grid(alpha=0.3)
+            axes.legend(fontsize=7)
+    figure.suptitle(f"{title} (mean ± std over seeds)")
+    figure.savefig(path)
+
+
+def _plain_statement(compared: dict[str, dict[str, Any]]) -> str:
+    """Sentences naming where APO (or an ablation) is better, worse, or not distinguishable, by final gold score."""
+    lines = ["## In plain words", ""]
+    for name, c in compared.items():
+        diff = c["final_gold"]
+        if diff is None:
+            lines.append(f"- {name}: not measured.")
+            continue
+        lines.append(
+            f"- {name} vs. {c['baseline']}: final gold score {c['verdict_final_gold']} "
+            f"({diff['mean']:+.3f} ± {fmt(diff['stderr'])}, higher in {diff['better_seeds']} of {diff['n']} seeds); "
+            f"averaged over rounds ≥ 1: {c['verdict_mean_gold']}."
+        )
+    return "\n".join(lines)
+
+
+def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Arm], records: dict[str, list[RunRecord]],
+                  configs: dict[str, Any]) -> dict[str, Any]:
+    summaries = {name: aggregate([r for r in recs if not r.error]) for name, recs in records.items()}
+    compared = comparisons(arms, records)
+    by_name = {arm.name: arm for arm in arms}
+
+    sample = configs[arms[0].name]
+    backends = sorted({(c.rollout.backend, c.learner.backend) for c in configs.values()})
+    run.add_text(
+        f"Task: the builtin task (apo_ray.builtin_task), {sample.data.builtin.n_pairs} simulated human pairs, "
+        f"{sample.data.builtin.n_gold} gold answers, {sample.data.builtin.n_prompts} policy prompts, "
+        f"{sample.data.builtin.n_eval_pairs} held-out human pairs; evaluation samples: 2 per prompt on 64 held-out "
+        f"prompts. Offline arms: configs/default.yaml ({sample.rounds} rounds, S={sample.samples_per_prompt}, "
+        f"RM lr {sample.reward.lr:g}, {sample.reward.initial_epochs} initial RM epochs, "
+        f"{sample.reward.epochs_per_round} RM epoch(s) per round, APO coefficient {sample.apo_coef:g}) with each "
+        "row's overrides. PPO arms: configs/ppo.yaml with default.yaml's reward section, "
+        "ppo.iterations = rounds x (policy prompts / prompts per iteration), evaluated (and, for APO-PPO, the RM "
+        "stepped) once per such round. Backends (rollout, learner): "
+        + ", ".join(f"{r}/{l}" for r, l in backends)
+        + f". Seeds: {' '.join(map(str, args.seeds))}. Cells: mean ± sample std over seeds. Round 0 is the SFT "
+        "policy with the RM fitted on the human pairs (identical for an arm and its baseline)."
+    )
+    failed = [(name, r.seed, r.error.strip().splitlines()[-1]) for name, recs in records.items() for r in recs if r.error]
+    if failed:
+        run.add_table("Runs that failed (left out of every table)", ["arm", "seed", "error"], failed)
+
+    for title, group in (("APO vs. the same method with a fixed RM", METHOD_ARMS),
+                         ("RM ablations (paper Table 4) vs. full APO-RJS", ABLATION_ARMS)):
+        rows = []
+        for arm in group:
+            c = compared.get(arm.name)
+            if c is None:
+                continue
+            rows.append([arm.name, c["baseline"], _diff_cell(c["final_gold"]), c["verdict_final_gold"],
+                         _diff_cell(c["mean_gold_rounds_1_plus"]), c["verdict_mean_gold"],
+                         _diff_cell(c["final_acc_policy"]), _diff_cell(c["mean_acc_policy_rounds_1_plus"])])
+        if rows:
+            run.add_table(title, ["arm", "vs.", "final gold Δ", "verdict", "gold Δ, mean of rounds ≥ 1", "verdict",
+                                  "final RM acc (policy pairs) Δ", "RM acc (policy pairs) Δ, mean of rounds ≥ 1"], rows,
+                          note="Δ = arm minus baseline, paired by seed: mean ± standard error (seeds where the arm "
+                               "is higher / seeds). Verdict: better / worse when the mean is more than two standard "
+                               "errors from 0, otherwise no clear difference.")
+
+    run.add_text(_plain_statement(compared))
+
+    for title, group in (("Per round, methods", METHOD_ARMS), ("Per round, RM ablations", ABLATION_ARMS)):
+        rows = []
+        for arm in group:
+            if arm.name not in summaries:
+                continue
+            for r, cells in summaries[arm.name].items():
+                rows.append([arm.name, _round_label(r), *(_cell(cells.get(m.key)) for m in METRICS)])
+        if rows:
+            run.add_table(title, ["arm", "round", *(m.label for m in METRICS)], rows)
+
+    panels: dict[str, list[Arm]] = {}
+    for arm in arms:
+        if summaries.get(arm.name):
+            panels.setdefault(arm.family, []).append(arm)
+    ablations = panels.pop("ablations", None)
+    figures = []
+    if panels:
+        _plot_grid(run.out_dir / "gold_score.png", panels, [(GOLD, "gold score")], summaries,
+                   "Gold score of the policy's samples")
+        _plot_grid(run.out_dir / "rm_acc_policy.png", panels, [(ACC_POLICY, "RM accuracy")], summaries,
+                   "RM accuracy on pairs from the current policy")
+        figures += ["gold_score.png", "rm_acc_policy.png"]
+    if ablations:
+        references = [by_name[name] for name in ("RJS", "APO-RJS") if summaries.get(name)]
+        _plot_grid(run.out_dir / "ablations.png", {"RM ablations": references + ablations},
+                   [(GOLD, "gold score"), (ACC_POLICY, "RM acc, policy pairs")], summaries, "RM ablations of APO-RJS")
+        figures.append("ablations.png")
+    for name in figures:
+        run.plots.append(name)
+        run.sections.append(f"![{name}]({name})")
+
+    return {
+        "seeds": args.seeds,
+        "arms": {arm.name: {"overrides": list(arm.overrides), "baseline": arm.baseline, "online": arm.online,
+                            "config": configs[arm.name].to_dict()} for arm in arms if arm.name in configs},
+        "comparisons": compared,
+        "per_round": {name: {_round_label(r): cells for r, cells in s.items()} for name, s in summaries.items()},
+        "runs": {name: [record.__dict__ for record in recs] for name, recs in records.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=[arm.key for arm in ALL_ARMS],
+                        help="run only these arms (default: all); an arm's baseline is added when missing")
+    parser.add_argument("--rounds", type=int, help="rounds per run (default: configs/default.yaml's)")
+    parser.add_argument("--rollout-backend", choices=("vllm", "hf"), help="default: the config's")
+    parser.add_argument("--learner-backend", choices=("deepspeed", "torch"), help="default: the config's")
+    add_niceness_argument(parser)
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.rounds = args.seeds[:1], args.rounds or 1
+        args.arms = args.arms or [arm.key for arm in ALL_ARMS if arm.name in QUICK_ARMS]
+    return args
+
+
+def selected_arms(keys: Sequence[str] | None) -> list[Arm]:
+    if not keys:
+        return list(ALL_ARMS)
+    by_name = {arm.name: arm for arm in ALL_ARMS}
+    chosen = {arm.name for arm in ALL_ARMS if arm.key in keys}
+    chosen |= {by_name[name].baseline for name in chosen if by_name[name].baseline}
+    return [arm for arm in ALL_ARMS if arm.name in chosen]
+
+
+def main() -> None:
+    args = parse_args()
+    set_ray_worker_niceness(args.ray_worker_niceness)
+    run = BenchmarkRun("quality", "Quality: APO vs. fixed-RM baselines and RM ablations on the builtin task", args)
+    import ray
+
+    from apo_ray.cluster import init_ray, required_cpus
+
+    arms = selected_arms(args.arms)
+    # quick and full sweeps keep their runs apart: reuse is decided by config, and they differ in rounds
+    scratch = run.scratch / ("quick" if args.quick else "full")
+    configs = {arm.name: arm_config(arm, args.seeds[0], scratch / arm.key, args) for arm in arms}
+    largest = max(configs.values(), key=required_cpus)
+    start_ray_with_retries(lambda: init_ray(largest))
+    records: dict[str, list[RunRecord]] = {arm.name: [] for arm in arms}
+    try:
+        # seed by seed, so that an interrupted sweep still has every arm for the first seeds
+        for seed in args.seeds:
+            for arm in arms:
+                record = run_arm(arm, seed, scratch, args)
+                records[arm.name].append(record)
+                status = "reused" if record.reused else ("FAILED" if record.error else f"{record.wall_s:.0f} s")
+                final = record.rounds[-1] if record.rounds else {}
+                print(f"[quality] {arm.name} seed {seed}: {status}; final gold {fmt(final.get(GOLD))}, "
+                      f"RM acc policy {fmt(final.get(ACC_POLICY))}", flush=True)
+    finally:
+        ray.shutdown()
+    run.finish(write_outputs(run, args, arms, records, configs))
+
+
+if __name__ == "__main__":
+    main()
