@@ -17,13 +17,19 @@ RAY_TEST_ENV = {
 }
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
+def start_test_ray() -> None:
     """A local Ray cluster with 4 logical CPUs (more than the 2 cores, so several actors fit)."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": RAY_TEST_ENV})
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    start_test_ray()
     yield ray
     ray.shutdown()
 

@@ -188,7 +188,10 @@ def _scrape_gauges(port: int, wanted: set[str], timeout_s: float = 30.0) -> dict
 def ray_with_metrics_port():
     import ray
 
-    if ray.is_initialized():
+    from tests.conftest import start_test_ray
+
+    shared = ray.is_initialized()
+    if shared:
         ray.shutdown()  # the export port is fixed when the cluster starts
     port = _free_port()
     ray.init(
@@ -200,6 +203,9 @@ def ray_with_metrics_port():
     )
     yield port
     ray.shutdown()
+    if shared:
+        # Later tests hold session fixtures on the shared cluster: bring it back.
+        start_test_ray()
 
 
 @pytest.mark.integration
