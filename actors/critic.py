@@ -8,11 +8,10 @@ token t + 1, i.e. the hidden state at position t. That needs the policy's tokens
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
-from actors.engine import TrainEngine
+from actors.engine import LearnerCheckpoint, TrainEngine
 from actors.policy import GridRows, train_minibatches
 from apo_ray.config import LearnerConfig, ModelConfig, PPOConfig
 from apo_ray.modeling import EncodedBatch, encode_for_lm, load_reward_model, load_tokenizer
@@ -28,7 +27,7 @@ def check_same_vocabulary(policy_tokenizer, other_tokenizer, other_path: str) ->
         )
 
 
-class CriticLearner:
+class CriticLearner(LearnerCheckpoint):
     def __init__(
         self,
         model_path: str,
@@ -108,13 +107,3 @@ class CriticLearner:
             self.engine, len(prompts), minibatch_size=ppo.minibatch_size, epochs=ppo.ppo_epochs, seed=seed,
             loss_fn=loss_fn, role="critic",
         )
-
-    def save(self, directory: str) -> None:
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
-
-    def save_state(self, directory: str) -> None:
-        self.engine.save_state(Path(directory))
-
-    def load_state(self, directory: str) -> None:
-        self.engine.load_state(Path(directory))

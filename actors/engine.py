@@ -147,3 +147,28 @@ class TrainEngine:
             self.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.set_lr(self.lr)
+
+
+class LearnerCheckpoint:
+    """What the checkpointer calls on every learner: HF weights with the tokenizer (loadable by
+    `from_pretrained`) and the engine's optimizer state. Mixed into learners that hold `model`,
+    `tokenizer` and `engine`."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    engine: TrainEngine | None
+
+    def save(self, directory: str) -> None:
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def save_state(self, directory: str) -> None:
+        self._trainable_engine().save_state(Path(directory))
+
+    def load_state(self, directory: str) -> None:
+        self._trainable_engine().load_state(Path(directory))
+
+    def _trainable_engine(self) -> TrainEngine:
+        if self.engine is None:
+            raise RuntimeError(f"this {type(self).__name__} was created with trainable=False: it has no engine state")
+        return self.engine

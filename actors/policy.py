@@ -5,24 +5,24 @@ and apo_ray.ppo."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from actors.engine import TrainEngine
+from actors.engine import LearnerCheckpoint, TrainEngine
 from actors.reference import ReferenceModel
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.game import PreferencePair
 from apo_ray.losses import dpo_loss, masked_mean, rrhf_loss, sequence_logprob, sft_loss, token_logprobs
 from apo_ray.modeling import encode_for_lm, minibatches, response_token_logprobs
 from apo_ray.ppo import entropy_from_logits, kl_penalty, ppo_policy_loss
+from apo_ray.progress import Progress
 
 LossFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]
 
 
-class PolicyLearner(ReferenceModel):
+class PolicyLearner(ReferenceModel, LearnerCheckpoint):
     def __init__(
         self,
         model_path: str,
@@ -58,6 +58,7 @@ class PolicyLearner(ReferenceModel):
         rng = np.random.default_rng(seed)
         self.model.train()
         history = []
+        progress = Progress("policy_step", unit="steps")
         for _ in range(epochs):
             order = rng.permutation(len(groups))
             batch: list[int] = []
@@ -67,7 +68,9 @@ class PolicyLearner(ReferenceModel):
                     loss, stats = loss_fn(batch)
                     self.engine.step(loss)
                     history.append(stats)
+                    progress.update()
                     batch = []
+        progress.close()
         self.model.eval()
         keys = {k for h in history for k in h}
         out = {k: float(np.mean([h[k] for h in history if k in h])) for k in keys}
@@ -118,16 +121,6 @@ class PolicyLearner(ReferenceModel):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.full_state_dict()
-
-    def save(self, directory: str) -> None:
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
-
-    def save_state(self, directory: str) -> None:
-        self.engine.save_state(Path(directory))
-
-    def load_state(self, directory: str) -> None:
-        self.engine.load_state(Path(directory))
 
     # ------------------------------------------------------------------ online (apo_ray.online)
 

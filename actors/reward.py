@@ -6,19 +6,19 @@ The math lives in apo_ray.losses; this actor only batches text, runs the model a
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from actors.engine import TrainEngine
+from actors.engine import LearnerCheckpoint, TrainEngine
 from apo_ray.config import LearnerConfig, RewardConfig
 from apo_ray.game import PreferencePair
 from apo_ray.losses import apo_reward_loss
 from apo_ray.modeling import encode_for_reward, load_reward_model, load_tokenizer
+from apo_ray.progress import Progress
 
 
-class RewardLearner:
+class RewardLearner(LearnerCheckpoint):
     def __init__(
         self,
         model_path: str,
@@ -96,6 +96,7 @@ class RewardLearner:
         rng = np.random.default_rng(seed)
         self.model.train()
         history: list[dict[str, float]] = []
+        progress = Progress("rm_step", total=epochs * n_steps, unit="steps")
         for _ in range(epochs):
             apo_chunks = np.array_split(rng.permutation(len(apo_pairs)), n_steps)
             human_chunks = np.array_split(rng.permutation(len(human_pairs)), n_steps)
@@ -119,6 +120,8 @@ class RewardLearner:
                 )
                 self.engine.step(loss)
                 history.append(stats)
+                progress.update()
+        progress.close()
         keys = {k for h in history for k in h}
         out = {k: float(np.mean([h[k] for h in history if k in h])) for k in keys}
         out["rm/steps"] = float(len(history))
@@ -131,15 +134,3 @@ class RewardLearner:
 
     def truncation_count(self) -> int:
         return self.n_truncated
-
-    def save(self, directory: str) -> None:
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
-
-    def save_state(self, directory: str) -> None:
-        assert self.engine is not None
-        self.engine.save_state(Path(directory))
-
-    def load_state(self, directory: str) -> None:
-        assert self.engine is not None
-        self.engine.load_state(Path(directory))

@@ -11,12 +11,10 @@ as tensors through ``collective_rpc`` into ``VllmWeightLoader``, a worker extens
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch

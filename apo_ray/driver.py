@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from enum import IntEnum
+from typing import Any, Callable
 
 import numpy as np
 import ray
@@ -28,8 +29,14 @@ from apo_ray.rollout_pool import RolloutPool
 
 Oracle = Callable[[str, str], float]
 
-# Distinct seed streams per use, so that e.g. changing S does not change the evaluation samples.
-_SEED_GOLD, _SEED_POLICY, _SEED_EVAL, _SEED_RM, _SEED_POLICY_STEP = range(5)
+class SeedStream(IntEnum):
+    """Distinct seed streams per use, so that e.g. changing S does not change the evaluation samples."""
+
+    GOLD = 0  # samples for the gold prompts (the RM step's APO pairs)
+    POLICY = 1  # samples for the policy prompts (the policy step)
+    EVAL = 2  # evaluation samples: the same every round, so rounds compare like with like
+    RM = 3  # the RM step's minibatch order
+    POLICY_STEP = 4  # the policy step's minibatch order
 
 
 def round_seed(seed: int, round_index: int, stream: int) -> int:
@@ -48,6 +55,12 @@ class Actors:
 
 
 class APOGame:
+    # The step unit, and the metrics its one-line summary shows; online PPO steps by iteration.
+    step_name = "round"
+    summary_keys: tuple[str, ...] = (
+        "rm/acc", "rm/ece", "rm/acc_policy", "eval/gold_score", "eval/rm_score", "policy/kl", "timing/round",
+    )
+
     def __init__(
         self,
         cfg: Config,
@@ -87,18 +100,11 @@ class APOGame:
     def play_round(self, r: int) -> dict[str, float]:
         started = time.perf_counter()
         stats: dict[str, float] = {}
-        S = self.cfg.samples_per_prompt
-
         if self.cfg.apo:
-            self._phase("generate_gold", r)
-            gold_rollouts = self._generate([g.prompt for g in self.data.gold], S, round_seed(self.cfg.seed, r, _SEED_GOLD), stats)
-            self._phase("rm_step", r)
-            if self.cfg.reward.reinit_each_round:
-                ray.get(self.actors.reward.reinitialize.remote(str(self.checkpointer.base_reward_dir)))
-            stats.update(self._rm_update(build_apo_pairs(self.data.gold, gold_rollouts), self.cfg.reward.epochs_per_round, r))
+            stats.update(self.rm_step(r))
 
         self._phase("generate", r)
-        rollouts = self._generate(self.data.prompts, S, round_seed(self.cfg.seed, r, _SEED_POLICY), stats)
+        rollouts = self._generate(self.data.prompts, self.cfg.samples_per_prompt, round_seed(self.cfg.seed, r, SeedStream.POLICY), stats)
         self._phase("score", r)
         t = time.perf_counter()
         scores = ray.get(self.actors.reward.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]))
@@ -107,7 +113,7 @@ class APOGame:
         stats["policy/reward_std"] = float(np.std(scores))
 
         self._phase("policy_step", r)
-        stats.update(self.policy_step(rollouts, scores, round_seed(self.cfg.seed, r, _SEED_POLICY_STEP)))
+        stats.update(self.policy_step(rollouts, scores, round_seed(self.cfg.seed, r, SeedStream.POLICY_STEP)))
 
         self._phase("sync", r)
         self.version = r
@@ -116,6 +122,19 @@ class APOGame:
         stats.update(self.evaluate(r))
         self._finish_round(r, stats, started)
         return stats
+
+    def rm_step(self, r: int) -> dict[str, float]:
+        """The max player (Algorithm 1, step 2): S fresh policy samples per gold prompt, each paired against
+        its golden answer, plus the human pairs D_P."""
+        self._phase("generate_gold", r)
+        gold_stats: dict[str, float] = {}
+        gold_rollouts = self._generate([g.prompt for g in self.data.gold], self.cfg.samples_per_prompt,
+                                       round_seed(self.cfg.seed, r, SeedStream.GOLD), gold_stats)
+        self._phase("rm_step", r)
+        if self.cfg.reward.reinit_each_round:
+            ray.get(self.actors.reward.reinitialize.remote(str(self.checkpointer.base_reward_dir)))
+        stats = self._rm_update(build_apo_pairs(self.data.gold, gold_rollouts), self.cfg.reward.epochs_per_round, r)
+        return {**stats, "timing/generate_gold": gold_stats["timing/generate"]}
 
     def policy_step(self, rollouts: list[Rollout], scores: list[float], seed: int) -> dict[str, float]:
         method, policy, epochs = self.cfg.method, self.actors.policy, self.cfg.policy.epochs_per_round
@@ -147,7 +166,7 @@ class APOGame:
         return ray.get(self.actors.reward.apo_step.remote(
             apo_pairs, self.data.pairs,
             apo_coef=self.cfg.apo_coef, pref_coef=self.cfg.reward.pref_coef,
-            epochs=epochs, seed=round_seed(self.cfg.seed, round_index, _SEED_RM),
+            epochs=epochs, seed=round_seed(self.cfg.seed, round_index, SeedStream.RM),
         ))
 
     def _generate(self, prompts: list[str], n: int, seed: int, stats: dict[str, float]) -> list[Rollout]:
@@ -169,7 +188,7 @@ class APOGame:
 
         # Two samples per held-out prompt: scored by the judge (oracle or evaluation RM), the game's RM,
         # and turned into pairs labelled by the judge to test the RM on the policy's own distribution.
-        samples = self.actors.pool.generate(self.eval_prompts, 2, seed=round_seed(self.cfg.seed, 0, _SEED_EVAL))
+        samples = self.actors.pool.generate(self.eval_prompts, 2, seed=round_seed(self.cfg.seed, 0, SeedStream.EVAL))
         prompts, responses = [x.prompt for x in samples], [x.response for x in samples]
         judge = self._judge(prompts, responses)
         rm_scores, policy_logps, ref_logps = ray.get([
@@ -202,20 +221,33 @@ class APOGame:
             return [self.oracle(p, y) for p, y in zip(prompts, responses)]
         return ray.get(self.actors.eval_reward.score.remote(prompts, responses))
 
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.rounds
+
+    def should_checkpoint(self, r: int) -> bool:
+        return True
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """Driver state beyond the policy version that a resumed run needs."""
+        return {}
+
     def _phase(self, name: str, r: int) -> None:
         self.logger.set_phase(name)
-        self.log(f"[round {r}/{self.cfg.rounds}] {name}")
+        self.log(f"[{self.step_name} {r}/{self.total_steps}] {name}")
 
     def _finish_round(self, r: int, stats: dict[str, float], started: float) -> None:
         stats["timing/round"] = time.perf_counter() - started
         stats["round"] = r
-        self._phase("checkpoint", r)
-        self.checkpointer.save_round(r, self.actors, version=self.version)
+        # Logged before the checkpoint: a driver killed in between leaves a row that --resume truncates. The
+        # other order can leave a checkpointed round whose row is lost for good.
         self.logger.log(stats, step=r)
-        self.log(format_round(r, stats))
+        if self.should_checkpoint(r):
+            self._phase("checkpoint", r)
+            self.checkpointer.save_round(r, self.actors, version=self.version, extra=self.checkpoint_extra())
+        self.log(format_step(self.step_name, r, stats, self.summary_keys))
 
 
-def format_round(r: int, stats: dict[str, float]) -> str:
-    keys = ("rm/acc", "rm/ece", "rm/acc_policy", "eval/gold_score", "eval/rm_score", "policy/kl", "timing/round")
+def format_step(step_name: str, r: int, stats: dict[str, float], keys: tuple[str, ...]) -> str:
     shown = "  ".join(f"{k}={stats[k]:.3f}" for k in keys if k in stats)
-    return f"[round {r}] {shown}"
+    return f"[{step_name} {r}] {shown}"

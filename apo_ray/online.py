@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from apo_ray.config import ONLINE_METHODS, PPOConfig
-from apo_ray.driver import _SEED_GOLD, _SEED_POLICY, _SEED_POLICY_STEP, APOGame, round_seed
-from apo_ray.game import build_apo_pairs
+from apo_ray.driver import APOGame, SeedStream, round_seed
 from apo_ray.losses import masked_mean, sequence_logprob
 from apo_ray.ppo import (
     AdaptiveKLController,
@@ -120,6 +119,10 @@ class OnlineAPOGame(APOGame):
     """The APO game whose min player is online PPO / GRPO / REINFORCE++ and whose max player steps every
     K iterations. The metric step and "round" are the PPO iteration."""
 
+    step_name = "iteration"
+    summary_keys = ("eval/gold_score", "policy/reward_mean", "policy/kl", "policy/kl_coef", "policy/clipfrac",
+                    "policy/entropy", "critic/loss", "rm/acc", "rm/acc_policy", "timing/round")
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = self.cfg
@@ -157,7 +160,7 @@ class OnlineAPOGame(APOGame):
         self._phase("generate", i)
         indices = iteration_prompt_indices(len(self.data.prompts), ppo.prompts_per_iteration, i, cfg.seed)
         rollouts = self._generate([self.data.prompts[k] for k in indices], cfg.samples_per_prompt,
-                                  round_seed(cfg.seed, i, _SEED_POLICY), stats)
+                                  round_seed(cfg.seed, i, SeedStream.POLICY), stats)
         prompts, responses = [x.prompt for x in rollouts], [x.response for x in rollouts]
         stats["policy/response_length"] = float(np.mean([len(x.response_token_ids) for x in rollouts]))
 
@@ -180,7 +183,7 @@ class OnlineAPOGame(APOGame):
         )
 
         self._phase("policy_step", i)
-        seed = round_seed(cfg.seed, i, _SEED_POLICY_STEP)
+        seed = round_seed(cfg.seed, i, SeedStream.POLICY_STEP)
         kl_loss_coef = self.kl_controller.value if cfg.method == "grpo" else 0.0
         steps = [self.actors.policy.ppo_step.remote(
             prompts, responses, grids.logps, advantages, grids.mask, ppo=ppo, seed=seed,
@@ -206,20 +209,7 @@ class OnlineAPOGame(APOGame):
             t = time.perf_counter()
             stats.update({_EVAL_RENAMES.get(k, k): v for k, v in self.evaluate(i).items()})
             stats["timing/evaluate"] = time.perf_counter() - t
-        self._finish_iteration(i, stats, started)
-        return stats
-
-    def rm_step(self, r: int) -> dict[str, float]:
-        """The max player's APO step on fresh policy samples for the gold prompts (Algorithm 1, step 2)."""
-        self._phase("generate_gold", r)
-        gold_stats: dict[str, float] = {}
-        gold_rollouts = self._generate([g.prompt for g in self.data.gold], self.cfg.samples_per_prompt,
-                                       round_seed(self.cfg.seed, r, _SEED_GOLD), gold_stats)
-        self._phase("rm_step", r)
-        if self.cfg.reward.reinit_each_round:
-            ray.get(self.actors.reward.reinitialize.remote(str(self.checkpointer.base_reward_dir)))
-        stats = self._rm_update(build_apo_pairs(self.data.gold, gold_rollouts), self.cfg.reward.epochs_per_round, r)
-        stats["timing/generate_gold"] = gold_stats["timing/generate"]
+        self._finish_round(i, stats, started)
         return stats
 
     def _token_grids(self, prompts: list[str], responses: list[str]) -> TokenGrids:
@@ -241,25 +231,13 @@ class OnlineAPOGame(APOGame):
                                "the policy's tokenizer and model.max_prompt_tokens / max_response_tokens")
         return TokenGrids(logps=grids["logps"], ref_logps=grids["ref_logps"], mask=masks[0], values=grids.get("values"))
 
-    def _phase(self, name: str, r: int) -> None:
-        self.logger.set_phase(name)
-        self.log(f"[iteration {r}/{self.cfg.ppo.iterations}] {name}")
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.ppo.iterations
 
-    def _finish_iteration(self, i: int, stats: dict[str, float], started: float) -> None:
-        stats["timing/round"] = time.perf_counter() - started
-        stats["round"] = i
-        if i % self.cfg.ppo.checkpoint_every == 0 or i == self.cfg.ppo.iterations:
-            self._phase("checkpoint", i)
-            # The KL coefficient adapts; a resumed run continues from the saved one.
-            self.checkpointer.save_round(
-                i, self.actors, version=self.version, extra={"kl_coef": self.kl_controller.value}
-            )
-        self.logger.log(stats, step=i)
-        self.log(format_iteration(i, stats))
+    def should_checkpoint(self, i: int) -> bool:
+        return i % self.cfg.ppo.checkpoint_every == 0 or i == self.cfg.ppo.iterations
 
-
-def format_iteration(i: int, stats: dict[str, float]) -> str:
-    keys = ("eval/gold_score", "policy/reward_mean", "policy/kl", "policy/kl_coef", "policy/clipfrac",
-            "policy/entropy", "critic/loss", "rm/acc", "rm/acc_policy", "timing/round")
-    shown = "  ".join(f"{k}={stats[k]:.3f}" for k in keys if k in stats)
-    return f"[iteration {i}] {shown}"
+    def checkpoint_extra(self) -> dict[str, float]:
+        # The KL coefficient adapts; a resumed run continues from the saved one.
+        return {"kl_coef": self.kl_controller.value}

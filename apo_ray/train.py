@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import re
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,24 @@ MIN_FREE_BYTES = 200 * 2**20
 
 class RunDirError(RuntimeError):
     pass
+
+
+class TrainingDiverged(RuntimeError):
+    """A learner met a non-finite loss or gradient; the run stopped and its checkpoints are intact."""
+
+
+def divergence_message(run_dir: Path, last_round: int | None, error: FloatingPointError) -> str:
+    # Raised through ray.get, the error is a RayTaskError(FloatingPointError): its text names the actor's method
+    # ("ray::PolicyLearner.sft_step()"); `cause` is the learner's own error.
+    cause = getattr(error, "cause", None) or error
+    task = re.search(r"ray::(\S+?)\(\)", str(error))
+    where = f" in {task.group(1)}" if task else ""
+    if last_round is None:
+        return f"training diverged{where} before the first checkpoint: {cause}"
+    return (
+        f"training diverged{where} after round {last_round}: {cause}. The checkpoint of round {last_round} is "
+        f"intact: fix the config (e.g. a lower learning rate) and continue with `apo-ray train --resume {run_dir} ...`"
+    )
 
 
 @dataclass
@@ -52,8 +71,12 @@ def check_run_dir(run_dir: Path, resume: bool, min_free_bytes: int = MIN_FREE_BY
     probe_parent = run_dir if run_dir.exists() else next(p for p in run_dir.parents if p.exists())
     if not probe_parent.is_dir():
         raise RunDirError(f"run_dir: {run_dir} cannot be created: {probe_parent} is not a directory")
-    if not os.access(probe_parent, os.W_OK):
-        raise RunDirError(f"run_dir: {run_dir} is not writable")
+    try:
+        # A real write: os.access approves root on a read-only mount and knows nothing of quotas.
+        with tempfile.TemporaryFile(dir=probe_parent):
+            pass
+    except OSError as exc:
+        raise RunDirError(f"run_dir: {run_dir} is not writable ({exc.strerror})") from None
     free = shutil.disk_usage(probe_parent).free
     if free < min_free_bytes:
         raise RunDirError(f"run_dir: only {free / 2**20:.0f} MiB free on the disk of {run_dir}; need {min_free_bytes / 2**20:.0f} MiB")
@@ -131,12 +154,16 @@ def run(prepared: PreparedRun) -> dict:
             logger.truncate_after(prepared.resume_from)
             first_round = prepared.resume_from + 1
             print(f"resumed {run_dir} after round {prepared.resume_from} (policy version {version})", flush=True)
+        elif logger.jsonl_path.stat().st_size:
+            logger.truncate_after(-1)  # resumed before any checkpoint: forget what the killed run logged
         game_class = APOGame
         if cfg.method in ONLINE_METHODS:
             from apo_ray.online import OnlineAPOGame as game_class
         game = game_class(cfg, prepared.data, actors, logger, checkpointer, prepared.oracle)
         game.version = version
         game.run(first_round)
+    except FloatingPointError as error:
+        raise TrainingDiverged(divergence_message(run_dir, checkpointer.latest_round(), error)) from error
     finally:
         logger.close()
         shutdown_actors(actors)
@@ -152,12 +179,18 @@ def write_summary(run_dir: Path, cfg: Config, prepared: PreparedRun, wall_s: flo
     from apo_ray.metrics import read_metrics_jsonl
 
     rows = read_metrics_jsonl(run_dir / "metrics.jsonl")
-    first, last = rows[0], rows[-1]
-    keys = ("rm/acc", "rm/ece", "rm/acc_policy", "rm/ece_policy", "eval/gold_score", "eval/rm_score", "policy/kl")
+    online = cfg.method in ONLINE_METHODS
+    # Online runs evaluate every ppo.eval_every iterations and log the evaluation's KL as eval/kl.
+    evaluated = [row for row in rows if "eval/gold_score" in row]
+    first, last = evaluated[0], evaluated[-1]
+    keys = ("rm/acc", "rm/ece", "rm/acc_policy", "rm/ece_policy", "eval/gold_score", "eval/rm_score",
+            "eval/kl" if online else "policy/kl")
     summary = {
         "method": cfg.method,
         "apo": cfg.apo,
-        "rounds": cfg.rounds,
+        **({"ppo_iterations": cfg.ppo.iterations, "rm_update_every": cfg.ppo.rm_update_every} if online
+           else {"rounds": cfg.rounds}),
+        "evaluated_at": [row["round"] for row in evaluated],
         "seed": cfg.seed,
         "wall_s_this_invocation": round(wall_s, 1),
         "data": prepared.data.summary(),
@@ -198,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run(prepared)
+    try:
+        run(prepared)
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

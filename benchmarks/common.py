@@ -9,7 +9,6 @@ interleaved in one process (`interleave`), reported as ratios.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime as dt
 import importlib.metadata
 import json
@@ -239,13 +238,54 @@ def actor_process_info(handles: Mapping[str, Any]) -> dict[str, dict[str, int]]:
     return {name: ray.get(handle.__ray_call__.remote(info)) for name, handle in handles.items()}
 
 
+class IsolatedObject:
+    """An object built and kept in a fresh spawned process: no thread settings, allocator state or process
+    group is shared with another arm, and its start-up stays out of the timings. `call(name, ...)` runs its
+    method there and returns the (picklable) result. `factory` must be importable (module level)."""
 
-def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)` in a fresh spawned process: no thread settings, allocator state or process
-    group left over from another arm. `fn` must be importable (module level) and its result picklable."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(fn, *args, **kwargs).result()
+    def __init__(self, factory: Callable[..., Any], *args: Any, **kwargs: Any):
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, factory, args, kwargs), daemon=True)
+        self._process.start()
+        self._receive()
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        self._conn.send((name, args, kwargs))
+        return self._receive()
+
+    def _receive(self) -> Any:
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(f"isolated process {self._process.pid} died (exit code {self._process.exitcode})")
+        if status == "error":
+            raise RuntimeError(f"in isolated process {self._process.pid}:\n{value}")
+        return value
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._conn.send(None)
+            self._process.join(timeout=60)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def _serve(conn: Any, factory: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    import traceback
+
+    try:
+        obj = factory(*args, **kwargs)
+        conn.send(("ok", None))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    while (message := conn.recv()) is not None:
+        name, call_args, call_kwargs = message
+        try:
+            conn.send(("ok", getattr(obj, name)(*call_args, **call_kwargs)))
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
 
 
 # ---------------------------------------------------------------------------------------------- output

@@ -153,8 +153,9 @@ def evaluated_rounds(rows: list[dict[str, Any]], cfg: Any, online: bool) -> list
         step = row.get("round", row["step"])
         record = {"round": step / per_round, "iteration": step}
         for metric in METRICS:
-            key = metric.online_key if online and metric.online_key else metric.key
-            record[metric.key] = row.get(key)
+            # iteration 0 is the offline round 0, which logs the evaluation's KL under the offline name
+            online_value = row.get(metric.online_key) if online and metric.online_key else None
+            record[metric.key] = online_value if online_value is not None else row.get(metric.key)
         record["timing/round"] = row.get("timing/round")
         out.append(record)
     return out
@@ -266,54 +267,55 @@ def _diff_cell(diff: dict[str, Any] | None) -> str:
 
 
 def comparisons(arms: Sequence[Arm], records: dict[str, list[RunRecord]]) -> dict[str, dict[str, Any]]:
+    """Each arm with a baseline against it, paired by seed: gold score and RM accuracies, final and averaged
+    over the game's rounds (>= 1), with verdicts on the gold score."""
     out = {}
     for arm in arms:
         if arm.baseline is None or arm.baseline not in records or arm.name not in records:
             continue
         ours, theirs = records[arm.name], records[arm.baseline]
-        final_gold = paired_difference(ours, theirs, GOLD, _final)
-        out[arm.name] = {
-            "baseline": arm.baseline,
-            "final_gold": final_gold,
+        diffs = {
+            "final_gold": paired_difference(ours, theirs, GOLD, _final),
             "mean_gold_rounds_1_plus": paired_difference(ours, theirs, GOLD, _mean_over_game_rounds),
             "final_acc_policy": paired_difference(ours, theirs, ACC_POLICY, _final),
             "mean_acc_policy_rounds_1_plus": paired_difference(ours, theirs, ACC_POLICY, _mean_over_game_rounds),
             "final_acc_human": paired_difference(ours, theirs, "rm/acc", _final),
-            "verdict_final_gold": verdict(final_gold),
-            "verdict_mean_gold": verdict(paired_difference(ours, theirs, GOLD, _mean_over_game_rounds)),
         }
+        out[arm.name] = {"baseline": arm.baseline, **diffs,
+                         "verdict_final_gold": verdict(diffs["final_gold"]),
+                         "verdict_mean_gold": verdict(diffs["mean_gold_rounds_1_plus"])}
     return out
 
 
 def _plot_grid(path: Path, panels: dict[str, list[Arm]], metrics: Sequence[tuple[str, str]],
                summaries: dict[str, dict], title: str) -> None:
-    """One subplot per (metric, panel): each arm's mean over seeds per round, with a ± std band.
-    Baselines (fixed RM) are dashed."""
+    """One subplot per (metric, panel), metrics as rows and panels as columns (side by side for a single
+    panel): each arm's mean over seeds per round with a ± std band; arms without APO are dashed."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=(4.2 * len(panels), 3.4 * len(metrics)), dpi=110, layout="constrained")
-    grid = figure.subplots(len(metrics), len(panels), squeeze=False)
-    for row, (key, ylabel) in enumerate(metrics):
-        for column, (panel, arms) in enumerate(panels.items()):
-            axes = grid[row][column]
-            for index, arm in enumerate(arms):
-                rounds = [r for r, cells in summaries[arm.name].items() if key in cells]
-                means = [summaries[arm.name][r][key]["mean"] for r in rounds]
-                stds = [summaries[arm.name][r][key]["std"] for r in rounds]
-                axes.plot(rounds, means, "-" if arm.name.startswith("APO") else "--", marker="o", color=f"C{index}",
-                          label=arm.name)
-                if rounds and not any(math.isnan(s) for s in stds):
-                    axes.fill_between(rounds, [m - s for m, s in zip(means, stds)],
-                                      [m + s for m, s in zip(means, stds)], color=f"C{index}", alpha=0.12)
-            if key == ACC_POLICY:
-                axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-            axes.set_title(panel)
-            axes.set_xlabel("round")
-            axes.set_ylabel(ylabel)
-            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-            axes.grid(alpha=0.3)
-            axes.legend(fontsize=7)
+    cells = [(metric, panel) for metric in metrics for panel in panels]
+    columns = len(panels) if len(panels) > 1 else len(metrics)
+    rows = math.ceil(len(cells) / columns)
+    figure = Figure(figsize=(4.4 * columns, 3.5 * rows), dpi=110, layout="constrained")
+    for axes, ((key, ylabel), panel) in zip(figure.subplots(rows, columns, squeeze=False).flat, cells):
+        for index, arm in enumerate(panels[panel]):
+            rounds = [r for r, stats in summaries[arm.name].items() if key in stats]
+            means = [summaries[arm.name][r][key]["mean"] for r in rounds]
+            stds = [summaries[arm.name][r][key]["std"] for r in rounds]
+            axes.plot(rounds, means, "-" if arm.name.startswith("APO") else "--", marker="o", color=f"C{index}",
+                      label=arm.name)
+            if rounds and not any(math.isnan(s) for s in stds):
+                axes.fill_between(rounds, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                                  color=f"C{index}", alpha=0.12)
+        if key == ACC_POLICY:
+            axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+        axes.set_title(panel if len(panels) > 1 else ylabel)
+        axes.set_xlabel("round")
+        axes.set_ylabel(ylabel)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
     figure.suptitle(f"{title} (mean ± std over seeds)")
     figure.savefig(path)
 
@@ -403,7 +405,7 @@ def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Ar
         figures += ["gold_score.png", "rm_acc_policy.png"]
     if ablations:
         references = [by_name[name] for name in ("RJS", "APO-RJS") if summaries.get(name)]
-        _plot_grid(run.out_dir / "ablations.png", {"RM ablations": references + ablations},
+        _plot_grid(run.out_dir / "ablations.png", {"ablations": references + ablations},
                    [(GOLD, "gold score"), (ACC_POLICY, "RM acc, policy pairs")], summaries, "RM ablations of APO-RJS")
         figures.append("ablations.png")
     for name in figures:

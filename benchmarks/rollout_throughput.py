@@ -19,7 +19,10 @@ from benchmarks.common import (BenchmarkRun, Trial, actor_process_info, add_nice
 from benchmarks.tiny_models import BUILTIN, MODELS, model_dir, parameter_bytes
 
 SEED = 0
-ARMS = ("vllm x1", "hf x1", "vllm x2")
+# arm -> (pool, seeded). The driver seeds every call, so vLLM draws each prompt from its own generator;
+# the unseeded arm shows what that costs.
+ARMS = {"vllm x1": ("vllm x1", True), "hf x1": ("hf x1", True), "vllm x2": ("vllm x2", True),
+        "vllm x1 unseeded": ("vllm x1", False)}
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,9 +59,11 @@ def measure_model(name: str, prompts: list[str], args: argparse.Namespace, scrat
         engine_start = {arm: pool.engine_start_seconds for arm, pool in pools.items()}
 
         def generate(arm: str):
+            pool, seeded = pools[ARMS[arm][0]], ARMS[arm][1]
+
             def call(repeat: int) -> dict[str, float]:
-                rollouts = pools[arm].generate(prompts, args.samples, seed=SEED + repeat)
-                stats = pools[arm].last_stats()
+                rollouts = pool.generate(prompts, args.samples, seed=SEED + repeat if seeded else None)
+                stats = pool.last_stats()
                 stats["mean_response_tokens"] = stats["rollout/tokens"] / len(rollouts)
                 return stats
             return call
@@ -102,36 +107,43 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, measured: list[dict],
         tps = {arm: rates(trials, arm) for arm in ARMS}
         backend_ratio = ratio_summary(tps["vllm x1"], tps["hf x1"])
         scaling = ratio_summary(tps["vllm x2"], tps["vllm x1"])
+        seeding = ratio_summary(tps["vllm x1 unseeded"], tps["vllm x1"])
         length = {arm: median([t.result["mean_response_tokens"] for t in trials if t.arm == arm]) for arm in ARMS}
         load = median([t.timing.load_start for t in trials])
         rows.append([m["model"], m["parameter_bytes"] / 2**20, median(tps["vllm x1"]), median(tps["hf x1"]),
                      backend_ratio["median"], f"{backend_ratio['min']:.2f}-{backend_ratio['max']:.2f}",
                      f"{length['vllm x1']:.1f} / {length['hf x1']:.1f}",
-                     f"{m['engine_start_seconds']['vllm x1'][0]:.0f} / {m['engine_start_seconds']['hf x1'][0]:.0f}",
+                     f"{m['engine_start_seconds']['vllm x1'][0]:.1f} / {m['engine_start_seconds']['hf x1'][0]:.1f}",
                      f"{m['processes']['vllm x1']['worker 0']['torch_threads']} / "
-                     f"{m['processes']['hf x1']['worker 0']['torch_threads']}", load])
+                     f"{m['processes']['hf x1']['worker 0']['torch_threads']}", median(tps["vllm x1 unseeded"]),
+                     seeding["median"], load])
         scaling_rows.append([m["model"], median(tps["vllm x1"]), median(tps["vllm x2"]), scaling["median"],
                              f"{scaling['min']:.2f}-{scaling['max']:.2f}", load])
         results.append({
             "model": m["model"], "parameter_bytes": m["parameter_bytes"], "processes": m["processes"],
             "engine_start_seconds": m["engine_start_seconds"], "tokens_per_s": tps,
-            "vllm_over_hf": backend_ratio, "two_workers_over_one": scaling, "mean_response_tokens": length,
+            "vllm_over_hf": backend_ratio, "two_workers_over_one": scaling, "vllm_unseeded_over_seeded": seeding,
+            "mean_response_tokens": length,
             "trials": [{"arm": t.arm, "repeat": t.repeat, "timing": t.timing.to_dict(), "stats": t.result}
                        for t in trials],
         })
     run.add_text(
         f"Each call: {n_prompts} prompts of the builtin task x {args.samples} samples, temperature 1.0, top-p 1.0, "
         f"at most 32 new tokens (prompts cut to 64), seeded; {args.repeats} interleaved repeats after one warm-up "
-        f"call per arm. Each rollout worker is a Ray actor with num_cpus=1, at niceness {args.ray_worker_niceness}. Models: the builtin SFT policy (Llama "
-        "2 layers, hidden 128, word-level vocabulary of ~170), and random Llamas: 4 layers hidden 256 on the same "
+        f"call per arm. Each rollout worker is a Ray actor with num_cpus=1, at niceness {args.ray_worker_niceness}. "
+        "Models: the builtin SFT policy (Llama 2 layers, hidden 128, word-level vocabulary of ~170), and random Llamas: 4 layers hidden 256 on the same "
         "vocabulary, 2 layers hidden 128 on the 30,522-token MiniLM vocabulary (random models seldom sample their "
         "end token, so their responses run to the limit: compare the response lengths)."
     )
     run.add_table(
         "vLLM vs HF generate (one worker each)",
         ["model", "MiB", "vLLM tok/s", "HF tok/s", "vLLM/HF (median)", "range", "mean response tokens vLLM / HF",
-         "engine start s vLLM / HF", "torch threads vLLM / HF", "load (median)"],
+         "engine start s vLLM / HF", "torch threads vLLM / HF", "vLLM unseeded tok/s", "unseeded/seeded",
+         "load (median)"],
         rows,
+        note="Seeded: every call passes a seed, and vLLM then samples each prompt from its own generator (the "
+             "driver always seeds, so rollouts do not depend on how prompts are sharded). The unseeded column is "
+             "the same vLLM worker called without a seed, interleaved with the others.",
     )
     run.add_table(
         "1 vs 2 vLLM rollout workers (RolloutPool shards the prompts)",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 from typing import Any
 
 from benchmarks.common import (BenchmarkRun, Trial, actor_process_info, add_niceness_argument, base_parser, interleave,
@@ -50,6 +49,9 @@ def start_learner(path: str) -> Any:
     remote = ray.remote(PolicyLearner).options(num_cpus=1, runtime_env={"env_vars": actor_env()})
     return remote.remote(path, model=ModelConfig(), policy=PolicyConfig(), learner=LearnerConfig(backend="torch"),
                          seed=SEED)
+
+# Far below the 1% perturbation that a missed sync would leave.
+CHECKSUM_REL_TOL = 1e-4
 
 
 def learner_checksum(learner: Any) -> float:
@@ -112,8 +114,9 @@ def measure_model(name: str, args: argparse.Namespace, scratch) -> dict[str, Any
             pools[2].sync_from(learner, next(versions), weight_sync=strategies[strategy])
             expected = learner_checksum(learner)
             got = ray.get([w.weights_checksum.remote() for w in pools[2].workers])
-            verified[strategy] = {"learner": expected, "workers": got,
-                                  "match": all(math.isclose(g, expected, rel_tol=1e-5) for g in got)}
+            relative = max(abs(g - expected) / expected for g in got)
+            verified[strategy] = {"learner": expected, "workers": got, "max_relative_difference": relative,
+                                  "match": relative < CHECKSUM_REL_TOL}
     finally:
         for pool in pools.values():
             pool.shutdown()
@@ -157,7 +160,8 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, measured: list[dict])
                 per_arm[arm] = {"seconds": s, "bytes_per_s": [nbytes / x for x in s], "over_clone": slowdown}
                 rows.append([m["model"], nbytes / 2**20, strategy, n, median(s), nbytes / median(s) / 2**20,
                              n * nbytes / median(s) / 2**20, slowdown["median"],
-                             "yes" if m["verified"][strategy]["match"] else "NO"])
+                             f"{'yes' if m['verified'][strategy]['match'] else 'NO'} "
+                             f"({m['verified'][strategy]['max_relative_difference']:.1e})"])
         rows.append([m["model"], nbytes / 2**20, CLONE_ARM, "-", median(clone_s), nbytes / median(clone_s) / 2**20,
                      None, 1.0, "-"])
         per_arm[CLONE_ARM] = {"seconds": clone_s, "bytes_per_s": [nbytes / x for x in clone_s]}
@@ -181,8 +185,10 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, measured: list[dict])
         note="A sync's seconds cover the learner exporting its weights, the transfer, every worker's in-place vLLM "
              "reload (which re-packs weights for the CPU kernels) and the version bookkeeping. The in-memory clone "
              "is `tensor.clone()` of the same state dict in the driver: the machine's plain memory-copy speed. "
-             "'checksum verified': after perturbing the learner's weights and one more sync, both workers' "
-             "sum |w| equalled the learner's.",
+             "'checksum verified': after scaling the learner's weights by 1.01 and one more sync, both workers' "
+             f"sum |w| is within {CHECKSUM_REL_TOL:g} (relative) of the learner's (the largest relative difference "
+             "in brackets); a worker that missed the sync would be off by 1e-2. The workers' sum reads packed "
+             "weights back through vLLM's CPU GEMM kernel, so it is not bit-exact on the larger model.",
     )
     labels = [f"{r['model'].split('-')[0]} {arm}" for r in results for arm in r["arms"] if arm != CLONE_ARM]
     values = [median(r["arms"][arm]["seconds"]) for r in results for arm in r["arms"] if arm != CLONE_ARM]

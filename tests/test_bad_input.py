@@ -29,7 +29,8 @@ def _write_data_files(root: Path) -> None:
     (root / "good.jsonl").write_text("\n".join(good) + "\n")
     # The 6th line is cut off mid-object, as by a copy that ran out of disk.
     (root / "truncated.jsonl").write_text("\n".join(good[:5]) + "\n" + good[5][:25])
-    (root / "wrong_type.jsonl").write_text("\n".join(good[:3] + ['{"prompt": "p", "chosen": 5, "rejected": "b"}']) + "\n")
+    wrong_type = '{"prompt": "p", "chosen": 5, "rejected": "b"}'
+    (root / "wrong_type.jsonl").write_text("\n".join(good[:3] + [wrong_type]) + "\n")
     (root / "missing_field.jsonl").write_text("\n".join(good[:7] + ['{"prompt": "p", "chosen": "a"}']) + "\n")
     (root / "empty.jsonl").write_text("")
     (root / "blank.jsonl").write_text("\n  \n\n")
@@ -106,8 +107,9 @@ DATA_CASES = [
 ]
 CONFIG_CASES = [
     (["model.policy_path=/no/such/model"], r"model\.policy_path: path does not exist: /no/such/model"),
-    (["model.reward_path={root}/not_a_model"], r"model\.reward_path: .*not_a_model is not a Hugging Face model directory"),
-    (["model.eval_reward={root}/good.jsonl"], r"model\.eval_reward: .*good\.jsonl is not a Hugging Face model directory"),
+    (["model.reward_path={root}/not_a_model"],
+     r"model\.reward_path: .*not_a_model is not a Hugging Face model directory \(no config\.json\)"),
+    (["model.eval_reward={root}/good.jsonl"], r"model\.eval_reward: .*good\.jsonl is not a Hugging Face model"),
     (["model.policy_path=models/a/b"], r"model\.policy_path: 'models/a/b' is neither an existing directory nor a hub"),
     (["method=apo_zero"], r"method: must be one of rjs, rrhf, dpo, ppo, grpo, reinforce_pp; got 'apo_zero'"),
     (["method=ppo2"], r"method: must be one of .*; got 'ppo2'"),
@@ -146,7 +148,8 @@ def _case_id(case) -> str:
 def test_bad_input_of_a_new_run_exits_2_naming_it(case, inputs, tmp_path, capsys):
     overrides, pattern = case
     run_dir = tmp_path / "run"
-    code, err = run_main(["--config", str(inputs / "base.yaml"), *_fill(overrides, inputs), f"run_dir={run_dir}"], capsys)
+    argv = ["--config", str(inputs / "base.yaml"), *_fill(overrides, inputs), f"run_dir={run_dir}"]
+    code, err = run_main(argv, capsys)
     assert code == 2
     assert err.startswith("error: ")
     assert re.search(pattern, err), err
@@ -165,7 +168,8 @@ def test_bad_config_file_exits_2_naming_it(config_file, pattern, inputs, capsys)
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 @pytest.fixture
