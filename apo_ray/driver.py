@@ -181,6 +181,7 @@ class APOGame:
     def evaluate(self, r: int) -> dict[str, float]:
         """RM accuracy/ECE on held-out human pairs and on fresh policy pairs; gold and RM score; KL."""
         self._phase("evaluate", r)
+        started = time.perf_counter()
         reward, stats = self.actors.reward, {}
         chosen, rejected = ray.get(reward.score_pairs.remote(self.data.eval_pairs))
         stats["rm/acc"] = preference_accuracy(chosen, rejected)
@@ -214,6 +215,7 @@ class APOGame:
             stats["rm/ece_policy"] = expected_calibration_error(r_win, r_lose)
         gold_scores = ray.get(reward.score.remote([g.prompt for g in self.data.gold], [g.response for g in self.data.gold]))
         stats["rm/reward_gold"] = float(np.mean(gold_scores))
+        stats["timing/evaluate"] = time.perf_counter() - started
         return stats
 
     def _judge(self, prompts: list[str], responses: list[str]) -> list[float]:

@@ -187,7 +187,7 @@ class OnlineAPOGame(APOGame):
         kl_loss_coef = self.kl_controller.value if cfg.method == "grpo" else 0.0
         steps = [self.actors.policy.ppo_step.remote(
             prompts, responses, grids.logps, advantages, grids.mask, ppo=ppo, seed=seed,
-            ref_logps=grids.ref_logps if kl_loss_coef > 0 else None, kl_loss_coef=kl_loss_coef,
+            ref_logps=grids.ref_logps if kl_loss_coef > 0 or ppo.kl_early_stop else None, kl_loss_coef=kl_loss_coef,
         )]
         if returns is not None:
             steps.append(self.actors.critic.value_step.remote(
@@ -206,9 +206,7 @@ class OnlineAPOGame(APOGame):
         if self.rm_update_every and i % self.rm_update_every == 0:
             stats.update(self.rm_step(i))
         if i % ppo.eval_every == 0 or i == ppo.iterations:
-            t = time.perf_counter()
             stats.update({_EVAL_RENAMES.get(k, k): v for k, v in self.evaluate(i).items()})
-            stats["timing/evaluate"] = time.perf_counter() - t
         self._finish_round(i, stats, started)
         return stats
 

@@ -17,7 +17,8 @@ from apo_ray.metrics import METRICS_FILE, read_metrics_jsonl
 REPORT_DIR = "report"
 SUMMARY_FILE = "summary.json"
 
-TIMING_KEYS = ("timing/generate", "timing/score", "timing/rm_step", "timing/policy_step", "timing/sync")
+TIMING_KEYS = ("timing/generate_gold", "timing/rm_step", "timing/generate", "timing/score", "timing/logprobs",
+               "timing/policy_step", "timing/critic_step", "timing/sync", "timing/evaluate")
 TABLE_KEYS = (
     "rm/acc",
     "rm/acc_policy",
@@ -118,6 +119,10 @@ def _plot_timings(rounds: Rounds, path: Path) -> None:
             heights = [row.get(key) or 0.0 for row in rounds]
             axes.bar(numbers, heights, bottom=bottom, label=key.removeprefix("timing/"))
             bottom = [b + h for b, h in zip(bottom, heights)]
+    # The rest of the round (driver bookkeeping, data movement), so the bar's height is the round's wall time.
+    if _has_any(rounds, ("timing/round",)):
+        other = [max((row.get("timing/round") or 0.0) - b, 0.0) for row, b in zip(rounds, bottom)]
+        axes.bar(numbers, other, bottom=bottom, label="other", color="lightgrey")
     # outside the axes: a legend inside would hide the top of the bars
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.savefig(path)
