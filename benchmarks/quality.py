@@ -162,8 +162,12 @@ def evaluated_rounds(rows: list[dict[str, Any]], cfg: Any, online: bool) -> list
 
 
 def _saved_config_matches(run_dir: Path, cfg: Any) -> bool:
+    """The run was made with this config. Read back through config_from_dict, so that a key added to the
+    config since then counts as its default rather than as a difference."""
+    from apo_ray.config import config_from_dict
+
     saved = run_dir / "config.yaml"
-    return saved.is_file() and yaml.safe_load(saved.read_text()) == cfg.to_dict()
+    return saved.is_file() and config_from_dict(yaml.safe_load(saved.read_text())).to_dict() == cfg.to_dict()
 
 
 def run_arm(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -> RunRecord:
