@@ -16,7 +16,7 @@ from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.game import PreferencePair
 from apo_ray.losses import dpo_loss, masked_mean, rrhf_loss, sequence_logprob, sft_loss, token_logprobs
 from apo_ray.modeling import encode_for_lm, minibatches, response_token_logprobs
-from apo_ray.ppo import entropy_from_logits, kl_penalty, ppo_policy_loss
+from apo_ray.ppo import entropy_from_logits, kl_limited_loss, kl_penalty, ppo_policy_loss
 from apo_ray.progress import Progress
 
 LossFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]
@@ -143,8 +143,8 @@ class PolicyLearner(ReferenceModel, LearnerCheckpoint):
         With `ref_logps` and kl_loss_coef > 0 the KL to the reference is a loss term (GRPO's way) rather
         than a penalty inside the rewards. Entropy is measured, not optimised.
         """
-        if (kl_loss_coef > 0 or ppo.kl_early_stop) and ref_logps is None:
-            raise ValueError("ppo_step: kl_loss_coef > 0 and ppo.kl_early_stop need ref_logps")
+        if (kl_loss_coef > 0 or ppo.kl_hard_limit) and ref_logps is None:
+            raise ValueError("ppo_step: kl_loss_coef > 0 and ppo.kl_hard_limit need ref_logps")
         device = self.model.device
 
         def loss_fn(idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -164,20 +164,18 @@ class PolicyLearner(ReferenceModel, LearnerCheckpoint):
                 kl = masked_mean(kl_penalty(logps, rows.of(ref_logps), ppo.kl_estimator), m)
                 loss = loss + kl_loss_coef * kl
                 stats["policy/kl_loss"] = kl.item()
+            if ppo.kl_hard_limit:
+                # Measured on the policy as it is before this minibatch's step: the KL the update has reached.
+                loss, stats["policy/kl_during_update"], limited = kl_limited_loss(
+                    loss, logps, rows.of(ref_logps), m, ppo.kl_target)
+                stats["policy/kl_limited_fraction"] = float(limited)
             with torch.no_grad():
                 stats["policy/entropy"] = entropy_from_logits(logits[:, :-1], m).item()
-                if ref_logps is not None:
-                    # The policy as it is now, before this minibatch's step: the KL the update has reached.
-                    stats["policy/kl_during_update"] = sequence_logprob(
-                        logps - rows.of(ref_logps), m, average=False).mean().item()
             return loss, stats
-
-        def kl_budget_spent(stats: dict[str, float]) -> bool:
-            return ppo.kl_early_stop and stats["policy/kl_during_update"] >= ppo.kl_target
 
         return train_minibatches(
             self.engine, len(prompts), minibatch_size=ppo.minibatch_size, epochs=ppo.ppo_epochs, seed=seed,
-            loss_fn=loss_fn, role="policy", stop_before_step=kl_budget_spent,
+            loss_fn=loss_fn, role="policy",
         )
 
 
@@ -196,34 +194,24 @@ class GridRows:
 
 def train_minibatches(
     engine: TrainEngine, n_items: int, *, minibatch_size: int, epochs: int, seed: int, loss_fn: LossFn, role: str,
-    stop_before_step: Callable[[dict[str, float]], bool] | None = None,
 ) -> dict[str, float]:
     """`epochs` passes over range(n_items) in freshly shuffled minibatches, one engine step each.
 
-    `stop_before_step(stats)`, when given and true for a minibatch's stats, ends the update there, without
-    that step. Returns the mean of the stats `loss_fn` reports, `{role}/steps`, `{role}/early_stopped`
-    (0 or 1) and `timing/{role}_step`.
+    Returns the mean of the stats `loss_fn` reports, `{role}/steps` and `timing/{role}_step`.
     """
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     engine.model.train()
     history: list[dict[str, float]] = []
-    stopped = False
     try:
         for _ in range(epochs):
             for idx in minibatches(n_items, minibatch_size, generator):
                 loss, stats = loss_fn(idx)
-                history.append(stats)
-                if stop_before_step is not None and stop_before_step(stats):
-                    stopped = True
-                    break
                 engine.step(loss)
-            if stopped:
-                break
+                history.append(stats)
     finally:
         engine.model.eval()
     out = {k: float(np.mean([h[k] for h in history if k in h])) for k in {k for h in history for k in h}}
-    out[f"{role}/steps"] = float(len(history) - stopped)
-    out[f"{role}/early_stopped"] = float(stopped)
+    out[f"{role}/steps"] = float(len(history))
     out[f"timing/{role}_step"] = time.perf_counter() - started
     return out

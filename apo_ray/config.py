@@ -154,9 +154,9 @@ class PPOConfig:
     adaptive_kl: bool = False
     kl_target: float = field(default=6.0, metadata=_range(0.0, lo_open=True))
     kl_horizon: int = field(default=10000, metadata=_range(1))
-    # A hard budget: the PPO epochs stop before the minibatch step at which the policy's KL to the reference
-    # (sequence k1 on the batch's rollouts) has reached kl_target, whatever the coefficient.
-    kl_early_stop: bool = False
+    # A hard limit besides the penalty: a minibatch whose KL to the reference (sequence k1) has reached
+    # kl_target steps on that KL alone, pulling the policy back (apo_ray.ppo.kl_limited_loss).
+    kl_hard_limit: bool = False
     critic_init: Literal["reward", "policy"] = "reward"
     critic_lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
     whiten_advantages: bool = True

@@ -187,7 +187,7 @@ class OnlineAPOGame(APOGame):
         kl_loss_coef = self.kl_controller.value if cfg.method == "grpo" else 0.0
         steps = [self.actors.policy.ppo_step.remote(
             prompts, responses, grids.logps, advantages, grids.mask, ppo=ppo, seed=seed,
-            ref_logps=grids.ref_logps if kl_loss_coef > 0 or ppo.kl_early_stop else None, kl_loss_coef=kl_loss_coef,
+            ref_logps=grids.ref_logps if kl_loss_coef > 0 or ppo.kl_hard_limit else None, kl_loss_coef=kl_loss_coef,
         )]
         if returns is not None:
             steps.append(self.actors.critic.value_step.remote(

@@ -31,6 +31,22 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k1") ->
     raise ValueError(f"estimator: must be k1 or k3, got {estimator!r}")
 
 
+def kl_limited_loss(ppo_loss: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_limit: float
+                    ) -> tuple[Tensor, float, bool]:
+    """A hard limit on the policy's KL to the reference, for one minibatch: (loss, sequence KL, limited).
+
+    While the batch's KL (k1 summed over each response, averaged over rows) is under `kl_limit` the loss is
+    PPO's. At or above it the loss is the k3 KL itself averaged over tokens, whose gradient moves every
+    token's log-prob toward the reference's: the update pulls the policy back under the limit instead of
+    taking it further, whatever the (adaptive) penalty coefficient is at the time.
+    """
+    mask = mask.to(logp.dtype)
+    sequence_kl = ((logp - ref_logp).detach() * mask).sum(dim=1).mean().item()
+    if sequence_kl < kl_limit:
+        return ppo_loss, sequence_kl, False
+    return masked_mean(kl_penalty(logp, ref_logp, "k3"), mask), sequence_kl, True
+
+
 def _last_token_index(mask: Tensor) -> Tensor:
     lengths = mask.sum(dim=1)
     if bool((lengths == 0).any()):

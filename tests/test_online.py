@@ -14,8 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from actors.critic import CriticLearner
-from actors.engine import TrainEngine
-from actors.policy import PolicyLearner, train_minibatches
+from actors.policy import PolicyLearner
 from apo_ray.builtin_task import format_prompt, make_policy_model, make_reward_model, make_tokenizer
 from apo_ray.checkpoint import Checkpointer
 from apo_ray.config import ConfigError, LearnerConfig, ModelConfig, PolicyConfig, PPOConfig, load_config
@@ -296,26 +295,3 @@ def test_critic_free_methods_run_without_a_critic_actor(online_actors, tmp_path,
     assert last["step"] == 1 and "policy/clipfrac" in last and "eval/gold_score" in last
     assert "critic/loss" not in last and "rm/loss_apo" not in last
     assert ("policy/kl_loss" in last) == (method == "grpo")
-
-
-def test_an_update_stops_before_the_step_at_which_the_kl_budget_is_spent():
-    model = torch.nn.Linear(2, 1)
-    engine = TrainEngine(model, backend="torch", lr=0.1, zero_stage=0, grad_clip=1.0, weight_decay=0.0,
-                         micro_batch_size=2)
-    seen: list[torch.Tensor] = []
-
-    def loss_fn(idx):
-        weight = model.weight.detach().clone()
-        seen.append(weight)
-        # the "KL" grows with every step taken: the number of distinct weights seen so far
-        return model(torch.ones(len(idx), 2)).sum(), {"policy/kl_during_update": float(len(seen) - 1)}
-
-    out = train_minibatches(engine, 8, minibatch_size=2, epochs=3, seed=0, loss_fn=loss_fn, role="policy",
-                            stop_before_step=lambda stats: stats["policy/kl_during_update"] >= 3)
-    # 12 minibatches were planned; the 4th saw the budget spent and was not stepped
-    assert len(seen) == 4 and out["policy/steps"] == 3 and out["policy/early_stopped"] == 1.0
-    assert torch.equal(model.weight.detach(), seen[-1])  # no step after the check
-    assert not torch.equal(seen[2], seen[3])
-
-    unbounded = train_minibatches(engine, 8, minibatch_size=2, epochs=1, seed=0, loss_fn=loss_fn, role="policy")
-    assert unbounded["policy/steps"] == 4 and unbounded["policy/early_stopped"] == 0.0

@@ -10,6 +10,7 @@ from apo_ray.ppo import (
     entropy_from_logits,
     gae_advantages,
     grpo_advantages,
+    kl_limited_loss,
     kl_penalty,
     per_token_rewards,
     ppo_policy_loss,
@@ -162,3 +163,23 @@ def test_fixed_kl_stays_put():
     controller = FixedKLController(0.05)
     controller.update(current_kl=100.0, n_steps=1000)
     assert controller.value == 0.05
+
+
+def test_kl_limited_loss_is_ppos_under_the_limit_and_pulls_back_at_it():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    ref = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]))
+    # the policy puts twice the reference's probability on every sampled token: k1 = log 2 per token,
+    # sequence KL = (2 log 2 + 3 log 2) / 2 rows = 2.5 log 2 = 1.733
+    logp = (ref + math.log(2.0)).requires_grad_()
+    ppo_loss = torch.tensor(0.123)
+
+    loss, sequence_kl, limited = kl_limited_loss(ppo_loss, logp, ref, mask, kl_limit=2.0)
+    assert sequence_kl == pytest.approx(2.5 * math.log(2.0)) and not limited and loss is ppo_loss
+
+    loss, sequence_kl, limited = kl_limited_loss(ppo_loss, logp, ref, mask, kl_limit=1.5)
+    assert limited
+    # k3 per token with r = ref/pi = 1/2: (r - 1) - log r = -0.5 + log 2, the same on all 5 real tokens
+    assert loss.item() == pytest.approx(-0.5 + math.log(2.0))
+    loss.backward()
+    # d k3 / d logp = 1 - r = 0.5 per token, over 5 tokens: descent lowers logp toward the reference
+    assert torch.allclose(logp.grad, mask * 0.5 / 5)
