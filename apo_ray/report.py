@@ -27,6 +27,7 @@ TABLE_KEYS = (
     "eval/gold_score",
     "eval/rm_score",
     "policy/kl",
+    "eval/kl",
     "rollout/tokens_per_s",
     *TIMING_KEYS,
 )
@@ -146,8 +147,10 @@ PLOTS = (
         title="RM expected calibration error", ylabel="ECE (lower is better)",
     )),
     _Plot("Gold vs. RM score", "scores.png", ("eval/gold_score", "eval/rm_score"), _plot_scores),
-    _Plot("KL to reference", "kl.png", ("policy/kl",), partial(
-        _line_plot, lines={"policy": "policy/kl"}, title="KL(policy || reference)", ylabel="KL (nats)",
+    # Online runs measure KL on every iteration's own rollouts (policy/kl) and on held-out prompts (eval/kl).
+    _Plot("KL to reference", "kl.png", ("policy/kl", "eval/kl"), partial(
+        _line_plot, lines={"policy samples": "policy/kl", "held-out prompts": "eval/kl"},
+        title="KL(policy || reference)", ylabel="KL (nats)",
     )),
     _Plot("Timings", "timings.png", TIMING_KEYS, _plot_timings),
 )
@@ -211,8 +214,8 @@ def write_report(run_dir: Path) -> Path:
     lines += ["## Plots", ""]
     for plot in plots:
         lines += [f"### {plot.title}", "", f"![{plot.title}]({plot.file_name})", ""]
-    # Phases differ by method (logprobs and critic_step are online only): only missing measurements are news.
-    missing = [key for key in TABLE_KEYS if key not in columns and key not in TIMING_KEYS]
+    # Phases and eval/kl depend on the method (online only, some of them): only missing measurements are news.
+    missing = [key for key in TABLE_KEYS if key not in columns and key not in (*TIMING_KEYS, "eval/kl")]
     if missing:
         lines += ["Not recorded in this run: " + ", ".join(f"`{key}`" for key in missing) + ".", ""]
     report = out_dir / "report.md"
