@@ -31,17 +31,21 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k1") ->
     raise ValueError(f"estimator: must be k1 or k3, got {estimator!r}")
 
 
-def kl_limited_loss(ppo_loss: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_limit: float
-                    ) -> tuple[Tensor, float, bool]:
+def kl_limited_loss(ppo_loss: Tensor, logp: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor,
+                    kl_limit: float) -> tuple[Tensor, float, bool]:
     """A hard limit on the policy's KL to the reference, for one minibatch: (loss, sequence KL, limited).
 
-    While the batch's KL (k1 summed over each response, averaged over rows) is under `kl_limit` the loss is
-    PPO's. At or above it the loss is the k3 KL itself averaged over tokens, whose gradient moves every
-    token's log-prob toward the reference's: the update pulls the policy back under the limit instead of
-    taking it further, whatever the (adaptive) penalty coefficient is at the time.
+    The KL of the policy being updated is estimated on samples of the policy that drew them (`old_logp`),
+    weighting each token by its probability ratio: sum_t (pi/pi_old)_t (log pi - log pi_ref)_t per response,
+    averaged over rows. Unweighted, an update that pushes the sampled tokens down would look as if it moved
+    toward the reference while it moves away. While the estimate is under `kl_limit` the loss is PPO's; at
+    or above it the loss is the k3 KL itself averaged over tokens, whose gradient moves every token's
+    log-prob toward the reference's: the update pulls the policy back instead of taking it further.
     """
     mask = mask.to(logp.dtype)
-    sequence_kl = ((logp - ref_logp).detach() * mask).sum(dim=1).mean().item()
+    with torch.no_grad():
+        ratio = torch.exp(logp - old_logp)
+        sequence_kl = (ratio * (logp - ref_logp) * mask).sum(dim=1).mean().item()
     if sequence_kl < kl_limit:
         return ppo_loss, sequence_kl, False
     return masked_mean(kl_penalty(logp, ref_logp, "k3"), mask), sequence_kl, True

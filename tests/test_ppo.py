@@ -169,14 +169,18 @@ def test_kl_limited_loss_is_ppos_under_the_limit_and_pulls_back_at_it():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     ref = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]))
     # the policy puts twice the reference's probability on every sampled token: k1 = log 2 per token,
-    # sequence KL = (2 log 2 + 3 log 2) / 2 rows = 2.5 log 2 = 1.733
+    # sequence KL = (2 log 2 + 3 log 2) / 2 rows = 2.5 log 2 = 1.733 (samples of this very policy: ratio 1)
     logp = (ref + math.log(2.0)).requires_grad_()
+    old = logp.detach()
     ppo_loss = torch.tensor(0.123)
 
-    loss, sequence_kl, limited = kl_limited_loss(ppo_loss, logp, ref, mask, kl_limit=2.0)
+    loss, sequence_kl, limited = kl_limited_loss(ppo_loss, logp, old, ref, mask, kl_limit=2.0)
     assert sequence_kl == pytest.approx(2.5 * math.log(2.0)) and not limited and loss is ppo_loss
+    # drawn by a policy that gave these tokens half the current probability: every token weighs twice
+    _, reweighted, _ = kl_limited_loss(ppo_loss, logp, old - math.log(2.0), ref, mask, kl_limit=2.0)
+    assert reweighted == pytest.approx(2 * sequence_kl)
 
-    loss, sequence_kl, limited = kl_limited_loss(ppo_loss, logp, ref, mask, kl_limit=1.5)
+    loss, sequence_kl, limited = kl_limited_loss(ppo_loss, logp, old, ref, mask, kl_limit=1.5)
     assert limited
     # k3 per token with r = ref/pi = 1/2: (r - 1) - log r = -0.5 + log 2, the same on all 5 real tokens
     assert loss.item() == pytest.approx(-0.5 + math.log(2.0))
