@@ -167,7 +167,7 @@ class PolicyLearner(ReferenceModel, LearnerCheckpoint):
             if ppo.kl_hard_limit:
                 # Measured on the policy as it is before this minibatch's step: the KL the update has reached.
                 loss, stats["policy/kl_during_update"], limited = kl_limited_loss(
-                    loss, logps, rows.of(old_logps), rows.of(ref_logps), m, ppo.kl_target)
+                    loss, logps, rows.of(old_logps), rows.of(ref_logps), m, ppo.kl_hard_limit_at * ppo.kl_target)
                 stats["policy/kl_limited_fraction"] = float(limited)
             with torch.no_grad():
                 stats["policy/entropy"] = entropy_from_logits(logits[:, :-1], m).item()

@@ -154,9 +154,12 @@ class PPOConfig:
     adaptive_kl: bool = False
     kl_target: float = field(default=6.0, metadata=_range(0.0, lo_open=True))
     kl_horizon: int = field(default=10000, metadata=_range(1))
-    # A hard limit besides the penalty: a minibatch whose KL to the reference (sequence k1) has reached
-    # kl_target steps on that KL alone, pulling the policy back (apo_ray.ppo.kl_limited_loss).
+    # A hard limit besides the penalty: a minibatch whose estimated KL to the reference has reached
+    # kl_hard_limit_at * kl_target steps on that KL alone, pulling the policy back (apo_ray.ppo.kl_limited_loss).
+    # Engaging below the target leaves room for the last steps before it engages and for estimation noise:
+    # engaged at the target itself, KL peaked 8-10% above it over 25 iterations.
     kl_hard_limit: bool = False
+    kl_hard_limit_at: float = field(default=0.8, metadata=_range(0.0, 1.0, lo_open=True))
     critic_init: Literal["reward", "policy"] = "reward"
     critic_lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
     whiten_advantages: bool = True
