@@ -8,7 +8,6 @@ token t + 1, i.e. the hidden state at position t. That needs the policy's tokens
 
 from __future__ import annotations
 
-
 import torch
 
 from actors.engine import LearnerCheckpoint, TrainEngine

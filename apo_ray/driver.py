@@ -29,6 +29,7 @@ from apo_ray.rollout_pool import RolloutPool
 
 Oracle = Callable[[str, str], float]
 
+
 class SeedStream(IntEnum):
     """Distinct seed streams per use, so that e.g. changing S does not change the evaluation samples."""
 
@@ -104,7 +105,8 @@ class APOGame:
             stats.update(self.rm_step(r))
 
         self._phase("generate", r)
-        rollouts = self._generate(self.data.prompts, self.cfg.samples_per_prompt, round_seed(self.cfg.seed, r, SeedStream.POLICY), stats)
+        rollouts = self._generate(self.data.prompts, self.cfg.samples_per_prompt,
+                                  round_seed(self.cfg.seed, r, SeedStream.POLICY), stats)
         self._phase("score", r)
         t = time.perf_counter()
         scores = ray.get(self.actors.reward.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]))

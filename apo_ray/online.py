@@ -120,8 +120,8 @@ class OnlineAPOGame(APOGame):
     K iterations. The metric step and "round" are the PPO iteration."""
 
     step_name = "iteration"
-    summary_keys = ("eval/gold_score", "policy/reward_mean", "policy/kl", "policy/kl_coef", "policy/clipfrac",
-                    "policy/entropy", "critic/loss", "rm/acc", "rm/acc_policy", "timing/round")
+    summary_keys = ("eval/gold_score", "eval/kl", "policy/reward_mean", "policy/kl", "policy/kl_coef",
+                    "policy/clipfrac", "policy/entropy", "critic/loss", "rm/acc", "rm/acc_policy", "timing/round")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -206,9 +206,13 @@ class OnlineAPOGame(APOGame):
         if self.rm_update_every and i % self.rm_update_every == 0:
             stats.update(self.rm_step(i))
         if i % ppo.eval_every == 0 or i == ppo.iterations:
-            stats.update({_EVAL_RENAMES.get(k, k): v for k, v in self.evaluate(i).items()})
+            stats.update(self.evaluate(i))
         self._finish_round(i, stats, started)
         return stats
+
+    def evaluate(self, r: int) -> dict[str, float]:
+        # Iteration 0 (the offline round 0) included, so the held-out series never mixes with the rollouts'.
+        return {_EVAL_RENAMES.get(k, k): v for k, v in super().evaluate(r).items()}
 
     def _token_grids(self, prompts: list[str], responses: list[str]) -> TokenGrids:
         """Policy and reference log-probs and critic values, from all three learners at once, each in

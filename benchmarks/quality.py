@@ -153,7 +153,7 @@ def evaluated_rounds(rows: list[dict[str, Any]], cfg: Any, online: bool) -> list
         step = row.get("round", row["step"])
         record = {"round": step / per_round, "iteration": step}
         for metric in METRICS:
-            # iteration 0 is the offline round 0, which logs the evaluation's KL under the offline name
+            # runs recorded before OnlineAPOGame.evaluate renamed round 0's KL logged it as policy/kl
             online_value = row.get(metric.online_key) if online and metric.online_key else None
             record[metric.key] = online_value if online_value is not None else row.get(metric.key)
         record["timing/round"] = row.get("timing/round")
