@@ -13,7 +13,8 @@ import torch
 from actors.engine import LearnerCheckpoint, TrainEngine
 from actors.policy import GridRows, train_minibatches
 from apo_ray.config import LearnerConfig, ModelConfig, PPOConfig
-from apo_ray.modeling import EncodedBatch, encode_for_lm, load_reward_model, load_tokenizer
+from apo_ray.game import TokenSample
+from apo_ray.modeling import EncodedBatch, encode_samples, load_reward_model, load_tokenizer
 from apo_ray.ppo import ppo_value_loss
 
 
@@ -45,7 +46,8 @@ class CriticLearner(LearnerCheckpoint):
 
     def _load(self, path: str) -> None:
         check_same_vocabulary(self.tokenizer, load_tokenizer(path, self.model_cfg.trust_remote_code), path)
-        model = load_reward_model(path, self.model_cfg.dtype, self.model_cfg.trust_remote_code)
+        model = load_reward_model(path, self.model_cfg.dtype, self.model_cfg.trust_remote_code,
+                                  disable_dropout=self.model_cfg.disable_dropout)
         if not isinstance(getattr(model, "score", None), torch.nn.Linear):
             raise ValueError(
                 f"ppo.critic_init: {type(model).__name__} from {path} has no per-token `score` head; the critic "
@@ -66,25 +68,22 @@ class CriticLearner(LearnerCheckpoint):
         """Start afresh from `path` (weights and optimizer): the RM as fitted before the first iteration."""
         self._load(path)
 
-    def _encode(self, prompts: list[str], responses: list[str]) -> EncodedBatch:
-        return encode_for_lm(
-            self.tokenizer, prompts, responses, self.model_cfg.max_prompt_tokens, self.model_cfg.max_response_tokens
-        ).to(self.model.device)
+    def _encode(self, samples: list[TokenSample]) -> EncodedBatch:
+        return encode_samples(samples, self.tokenizer.pad_token_id).to(self.model.device)
 
     def _token_values(self, batch: EncodedBatch) -> torch.Tensor:
         hidden = self.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         return self.model.score(hidden).squeeze(-1).float()[:, :-1]
 
     @torch.no_grad()
-    def values(self, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def values(self, samples: list[TokenSample]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token values and the response mask, both [B, T-1] like `token_logprobs`."""
-        batch = self._encode(prompts, responses)
+        batch = self._encode(samples)
         return self._token_values(batch).cpu(), batch.response_mask[:, 1:].cpu()
 
     def value_step(
         self,
-        prompts: list[str],
-        responses: list[str],
+        samples: list[TokenSample],
         old_values: torch.Tensor,
         returns: torch.Tensor,
         mask: torch.Tensor,
@@ -95,7 +94,7 @@ class CriticLearner(LearnerCheckpoint):
         ppo = self.ppo_cfg
 
         def loss_fn(idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-            batch = self._encode([prompts[i] for i in idx], [responses[i] for i in idx])
+            batch = self._encode([samples[i] for i in idx])
             values = self._token_values(batch)
             m = batch.response_mask[:, 1:]
             rows = GridRows(idx, values.shape[1], values.device)
@@ -103,6 +102,6 @@ class CriticLearner(LearnerCheckpoint):
             return loss, {"critic/loss": loss.item(), "critic/clipfrac": clipfrac}
 
         return train_minibatches(
-            self.engine, len(prompts), minibatch_size=ppo.minibatch_size, epochs=ppo.ppo_epochs, seed=seed,
+            self.engine, len(samples), minibatch_size=ppo.minibatch_size, epochs=ppo.ppo_epochs, seed=seed,
             loss_fn=loss_fn, role="critic",
         )

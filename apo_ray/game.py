@@ -8,7 +8,7 @@ by several reward models (the game's RM, the evaluation RM).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, NamedTuple, Sequence
 
 
 @dataclass(frozen=True)
@@ -24,17 +24,48 @@ class GoldAnswer:
     response: str
 
 
+class TokenSample(NamedTuple):
+    """What a causal-LM learner trains on: the prompt ids the sampler read and the response ids it wrote,
+    special tokens included. A response that stopped on EOS ends with it; one cut at the length limit
+    does not (no EOS is ever added)."""
+
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+
+
+FinishReason = Literal["stop", "length"]
+
+
 @dataclass(frozen=True)
 class Rollout:
     """One policy sample. `prompt_index` indexes the prompt list it was drawn for; `policy_version`
-    is the weights version of the rollout worker that produced it."""
+    is the weights version of the rollout worker that produced it.
+
+    The token fields are the sample itself; `response` is its decoded text, for logs, the gold oracle and
+    reward models with another tokenizer. `sampler_logprobs[j]` is the sampling engine's log-prob of
+    `response_token_ids[j]` (raw logits, before temperature or top-p)."""
 
     prompt_index: int
     prompt: str
     response: str
     policy_version: int
     worker: int = -1
+    prompt_token_ids: tuple[int, ...] = ()
     response_token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason = "stop"
+    sampler_logprobs: tuple[float, ...] = ()
+
+    @property
+    def tokens(self) -> TokenSample:
+        return TokenSample(self.prompt_token_ids, self.response_token_ids)
+
+
+@dataclass(frozen=True)
+class RolloutPair:
+    """A DPO pair drawn from the policy's own samples: the RM's best and worst of one prompt."""
+
+    chosen: Rollout
+    rejected: Rollout
 
 
 def build_apo_pairs(gold: Sequence[GoldAnswer], rollouts: Sequence[Rollout]) -> list[PreferencePair]:
@@ -91,7 +122,7 @@ def best_of_n(rollouts: Sequence[Rollout], scores: Sequence[float]) -> list[Roll
 
 def best_and_worst(
     rollouts: Sequence[Rollout], scores: Sequence[float], min_margin: float = 0.0
-) -> list[PreferencePair]:
+) -> list[RolloutPair]:
     """DPO pairs: per prompt, the best rollout as chosen and the worst as rejected. Prompts with fewer
     than two samples, or whose best-worst score gap is <= min_margin, give no pair."""
     if min_margin < 0:
@@ -103,7 +134,7 @@ def best_and_worst(
         (best, best_score), (worst, worst_score) = group[_best(group)], group[_worst(group)]
         if best_score - worst_score <= min_margin:
             continue
-        pairs.append(PreferencePair(prompt=best.prompt, chosen=best.response, rejected=worst.response))
+        pairs.append(RolloutPair(chosen=best, rejected=worst))
     return pairs
 
 

@@ -1,7 +1,11 @@
-"""Model-side plumbing shared by the learners: dtypes, tokenizers, batch encoding with left truncation.
+"""Model-side plumbing shared by the learners: dtypes, tokenizers, dropout, batch encoding.
 
-Long dialogues (HH-RLHF) are truncated from the left so the end of the conversation and the whole response
-survive; encoders count how many rows they truncated so the driver can report it.
+Causal-LM learners (policy, reference, critic) read token ids, never text: a policy sample is encoded
+exactly as the rollout worker sampled it (`encode_samples`), so the learner trains on the tokens that were
+drawn, special tokens included, and a response cut at the length limit gets no EOS. Text is encoded only
+where text is the input: human-written responses (`text_samples`) and reward models, which may have
+another tokenizer. Long dialogues (HH-RLHF) are truncated from the left so the end of the conversation and
+the whole response survive; encoders count how many rows they truncated so the driver can report it.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from apo_ray.config import resolve_dtype
+from apo_ray.game import TokenSample
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    # Half precision is slow on CPU (DESIGN.md: 75 s vs 4.4 s per RM step), so "auto" means fp32 there.
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of a `model.dtype` / `rollout.dtype` name; "auto" by apo_ray.config.resolve_dtype's
+    rule, the one every role follows."""
+    return getattr(torch, resolve_dtype(name, on_gpu=device.type == "cuda"))
 
 
 def default_device() -> torch.device:
@@ -97,24 +103,39 @@ def encode_for_reward(
     return EncodedBatch(ids, attn, resp, n_truncated)
 
 
-def encode_for_lm(
+def text_samples(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     responses: list[str],
     max_prompt_tokens: int,
     max_response_tokens: int,
-) -> EncodedBatch:
-    """Prompt (left-truncated, as the sampler saw it) + response + EOS, with a mask on the response part."""
-    rows, masks, n_truncated = [], [], 0
+    eos_token_id: int | None = None,
+) -> list[TokenSample]:
+    """Written (not sampled) prompt-response texts as token samples: the prompt left-truncated as a rollout
+    worker would cut it, the response cut to max_response_tokens and ended with EOS (`eos_token_id`, by
+    default the tokenizer's), since a written response is complete."""
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    if eos is None:
+        raise ValueError("text_samples: the tokenizer has no eos_token; pass eos_token_id (the model's EOS)")
+    samples = []
     for prompt, response in zip(prompts, responses):
-        prompt_ids, truncated = encode_prompt(tokenizer, prompt, max_prompt_tokens)
-        n_truncated += truncated
+        prompt_ids, _ = encode_prompt(tokenizer, prompt, max_prompt_tokens)
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"][:max_response_tokens]
-        response_ids = response_ids + [tokenizer.eos_token_id]
-        rows.append(prompt_ids + response_ids)
-        masks.append([0] * len(prompt_ids) + [1] * len(response_ids))
-    ids, attn, resp = _pad(rows, masks, tokenizer.pad_token_id)
-    return EncodedBatch(ids, attn, resp, n_truncated)
+        samples.append(TokenSample(tuple(prompt_ids), (*response_ids, eos)))
+    return samples
+
+
+def encode_samples(samples: list[TokenSample], pad_token_id: int) -> EncodedBatch:
+    """Prompt + response ids as the sampler saw and wrote them, right-padded, with a mask on the response.
+
+    Padding is told apart by length, not by id: a policy may sample the pad token itself."""
+    for position, sample in enumerate(samples):
+        if not sample.response_ids:
+            raise ValueError(f"samples[{position}]: empty response; a sample has at least one token")
+    rows = [list(s.prompt_ids) + list(s.response_ids) for s in samples]
+    masks = [[0] * len(s.prompt_ids) + [1] * len(s.response_ids) for s in samples]
+    ids, attn, resp = _pad(rows, masks, pad_token_id)
+    return EncodedBatch(ids, attn, resp, n_truncated=0)
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator | None) -> list[list[int]]:
@@ -131,25 +152,51 @@ def response_token_logprobs(model: torch.nn.Module, batch: EncodedBatch) -> tupl
     return token_logprobs(logits, batch.input_ids), batch.response_mask[:, 1:]
 
 
-def load_causal_lm(path: str, dtype: str, trust_remote_code: bool = False) -> torch.nn.Module:
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off for good, in train mode too: a PPO ratio or a DPO margin compares log-probs taken in
+    train mode with ones taken in eval mode, and dropout makes them differ before any step. Attention
+    dropout is a float that HF attention layers read from their config at build time, so the config's
+    rates are zeroed before the model is built (`dropout_free_config`); this catches nn.Dropout layers."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def dropout_free_config(path: str, trust_remote_code: bool, **overrides):
+    """The model's config (with `overrides`) and every dropout rate (…dropout…, …pdrop… keys) set to 0."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides)
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    return config
+
+
+def _pretrained(cls, path: str, dtype: str, trust_remote_code: bool, disable_dropout: bool, **kwargs):
+    device = default_device()
+    if disable_dropout:
+        # Config overrides (num_labels) go into the config: from_pretrained refuses both.
+        kwargs = {"config": dropout_free_config(path, trust_remote_code, **kwargs)}
+    model = cls.from_pretrained(path, dtype=torch_dtype(dtype, device), trust_remote_code=trust_remote_code, **kwargs)
+    return (without_dropout(model) if disable_dropout else model).to(device)
+
+
+def load_causal_lm(path: str, dtype: str, trust_remote_code: bool = False, disable_dropout: bool = True) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    device = default_device()
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
-    )
-    return model.to(device)
+    return _pretrained(AutoModelForCausalLM, path, dtype, trust_remote_code, disable_dropout)
 
 
-def load_reward_model(path: str, dtype: str, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_reward_model(path: str, dtype: str, trust_remote_code: bool = False,
+                      disable_dropout: bool = False) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification
 
-    device = default_device()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
-    )
+    model = _pretrained(AutoModelForSequenceClassification, path, dtype, trust_remote_code, disable_dropout,
+                        num_labels=1)
     if model.config.pad_token_id is None:
         # Decoder RMs score the last non-pad token and need to know which id pads.
         tokenizer = load_tokenizer(path, trust_remote_code)
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device)
+    return model

@@ -6,7 +6,9 @@ offline game's round 0 (the RM fitted on human pairs, the SFT policy measured). 
   1. generate    S samples for the iteration's policy prompts; each rollout carries its policy version;
   2. score       them with the game's RM;
   3. logprobs    recompute per-token log-probs under the policy ("old") and the reference, and the critic's
-                 values, on the learners: nothing is taken from the sampler but the text;
+                 values, on the learners, on the sampled token ids; the sampler's own log-probs measure the
+                 gap (rollout/logprob_diff) and, with ppo.tis, weight each token's loss (truncated
+                 importance sampling);
   4. advantages  rewards = RM score on the last token - kl_coef * KL on every token, then GAE with the
                  critic (ppo) or batch-normalised returns (reinforce_pp); grpo normalises the scores within
                  each prompt's group and puts the KL into the policy's loss instead;
@@ -29,11 +31,11 @@ from typing import Sequence
 import numpy as np
 import ray
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from apo_ray.config import ONLINE_METHODS, PPOConfig
 from apo_ray.driver import APOGame, SeedStream, round_seed
+from apo_ray.game import TokenSample
 from apo_ray.losses import masked_mean, sequence_logprob
 from apo_ray.ppo import (
     AdaptiveKLController,
@@ -44,6 +46,7 @@ from apo_ray.ppo import (
     kl_penalty,
     per_token_rewards,
     reinforce_plus_plus_advantages,
+    truncated_importance_weights,
     whiten,
 )
 
@@ -67,12 +70,6 @@ def iteration_prompt_indices(n_prompts: int, per_iteration: int, iteration: int,
             passes[one_pass] = np.random.default_rng([seed, one_pass]).permutation(n_prompts)
         indices.append(int(passes[one_pass][offset]))
     return indices
-
-
-def concat_right_padded(parts: Sequence[Tensor]) -> Tensor:
-    """Stack [b_i, w_i] grids into [sum b_i, max w_i], padding each on the right with zeros."""
-    width = max(part.shape[1] for part in parts)
-    return torch.cat([F.pad(part, (0, width - part.shape[1])) for part in parts])
 
 
 @dataclass
@@ -162,7 +159,9 @@ class OnlineAPOGame(APOGame):
         rollouts = self._generate([self.data.prompts[k] for k in indices], cfg.samples_per_prompt,
                                   round_seed(cfg.seed, i, SeedStream.POLICY), stats)
         prompts, responses = [x.prompt for x in rollouts], [x.response for x in rollouts]
+        samples = [x.tokens for x in rollouts]
         stats["policy/response_length"] = float(np.mean([len(x.response_token_ids) for x in rollouts]))
+        stats["rollout/truncated_fraction"] = float(np.mean([x.finish_reason == "length" for x in rollouts]))
 
         self._phase("score", i)
         t = time.perf_counter()
@@ -173,7 +172,7 @@ class OnlineAPOGame(APOGame):
 
         self._phase("logprobs", i)
         t = time.perf_counter()
-        grids = self._token_grids(prompts, responses)
+        grids = self._token_grids(samples)
         stats["timing/logprobs"] = time.perf_counter() - t
         # Sequence-level k1, the same quantity evaluate() reports, whatever estimator the penalty uses.
         stats["policy/kl"] = sequence_logprob(grids.logps - grids.ref_logps, grids.mask, average=False).mean().item()
@@ -181,18 +180,22 @@ class OnlineAPOGame(APOGame):
             cfg.method, scores, grids, ppo=ppo, kl_coef=self.kl_controller.value,
             group_ids=torch.tensor([x.prompt_index for x in rollouts]),
         )
+        sampler_logps = self.sampler_grid(rollouts, grids.logps.shape[1])
+        stats.update(self.sampler_mismatch(rollouts, grids.logps, grids.mask))
+        if ppo.tis:
+            weights, tis_stats = truncated_importance_weights(grids.logps, sampler_logps, grids.mask, ppo.tis_cap)
+            advantages = advantages * weights
+            stats.update(tis_stats)
 
         self._phase("policy_step", i)
         seed = round_seed(cfg.seed, i, SeedStream.POLICY_STEP)
         kl_loss_coef = self.kl_controller.value if cfg.method == "grpo" else 0.0
         steps = [self.actors.policy.ppo_step.remote(
-            prompts, responses, grids.logps, advantages, grids.mask, ppo=ppo, seed=seed,
+            samples, grids.logps, advantages, grids.mask, ppo=ppo, seed=seed,
             ref_logps=grids.ref_logps if kl_loss_coef > 0 or ppo.kl_hard_limit else None, kl_loss_coef=kl_loss_coef,
         )]
         if returns is not None:
-            steps.append(self.actors.critic.value_step.remote(
-                prompts, responses, grids.values, returns, grids.mask, seed=seed,
-            ))
+            steps.append(self.actors.critic.value_step.remote(samples, grids.values, returns, grids.mask, seed=seed))
             stats["critic/values"] = masked_mean(grids.values, grids.mask).item()
             stats["critic/returns"] = masked_mean(returns, grids.mask).item()
         for step_stats in ray.get(steps):
@@ -214,23 +217,17 @@ class OnlineAPOGame(APOGame):
         # Iteration 0 (the offline round 0) included, so the held-out series never mixes with the rollouts'.
         return {_EVAL_RENAMES.get(k, k): v for k, v in super().evaluate(r).items()}
 
-    def _token_grids(self, prompts: list[str], responses: list[str]) -> TokenGrids:
-        """Policy and reference log-probs and critic values, from all three learners at once, each in
-        chunks of ppo.minibatch_size rollouts (a whole batch's logits may not fit), joined on one grid."""
-        chunk = self.cfg.ppo.minibatch_size
-        spans = [(a, a + chunk) for a in range(0, len(prompts), chunk)]
+    def _token_grids(self, samples: list[TokenSample]) -> TokenGrids:
+        """Policy and reference log-probs and critic values, from all three learners at once."""
         methods = {"logps": self.actors.policy.token_logprobs, "ref_logps": self.actors.reference.token_logprobs}
         if self.actors.critic is not None and self.cfg.method == "ppo":
             methods["values"] = self.actors.critic.values
-        calls = {
-            name: [method.remote(prompts[a:b], responses[a:b]) for a, b in spans] for name, method in methods.items()
-        }
-        results = {name: ray.get(refs) for name, refs in calls.items()}
-        grids = {name: concat_right_padded([grid for grid, _ in parts]) for name, parts in results.items()}
-        masks = [concat_right_padded([mask for _, mask in parts]) for parts in results.values()]
+        results = self.learner_grids(methods, samples)
+        masks = [mask for _, mask in results.values()]
         if any(not torch.equal(masks[0], mask) for mask in masks[1:]):
-            raise RuntimeError("policy, reference and critic tokenise the rollouts differently; they must share "
-                               "the policy's tokenizer and model.max_prompt_tokens / max_response_tokens")
+            raise RuntimeError("policy, reference and critic lay the samples out differently; they must share "
+                               "the policy's tokenizer")
+        grids = {name: grid for name, (grid, _) in results.items()}
         return TokenGrids(logps=grids["logps"], ref_logps=grids["ref_logps"], mask=masks[0], values=grids.get("values"))
 
     @property

@@ -7,14 +7,21 @@ Token-level losses average over all real tokens of the batch (as TRL and OpenRLH
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Literal, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from apo_ray.losses import masked_mean
 
 KLEstimator = Literal["k1", "k3"]
+
+
+def concat_right_padded(parts: Sequence[Tensor]) -> Tensor:
+    """Stack [b_i, w_i] grids into [sum b_i, max w_i], padding each on the right with zeros."""
+    width = max(part.shape[1] for part in parts)
+    return torch.cat([F.pad(part, (0, width - part.shape[1])) for part in parts])
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k1") -> Tensor:
@@ -209,3 +216,41 @@ class AdaptiveKLController:
     def update(self, current_kl: float, n_steps: int) -> None:
         proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+
+def sampler_logprob_grid(prompt_lengths: list[int], sampler_logprobs: list[list[float]], width: int) -> Tensor:
+    """The sampler's per-token log-probs laid out on the learners' [N, width] grid (`token_logprobs`):
+    response token j of a sample whose prompt has P tokens sits at sequence position P + j, so its log-prob
+    is in column P + j - 1. Padding is 0."""
+    grid = torch.zeros(len(prompt_lengths), width)
+    for row, (length, logprobs) in enumerate(zip(prompt_lengths, sampler_logprobs)):
+        if length < 1 or length - 1 + len(logprobs) > width:
+            raise ValueError(f"row {row}: a {length}-token prompt and {len(logprobs)} log-probs do not fit width {width}")
+        grid[row, length - 1 : length - 1 + len(logprobs)] = torch.tensor(logprobs, dtype=grid.dtype)
+    return grid
+
+
+def logprob_mismatch(sampler_logp: Tensor, learner_logp: Tensor, mask: Tensor) -> dict[str, float]:
+    """How far the sampling engine's log-probs of the sampled tokens are from the learner's on the same
+    weights: mean and max of |sampler - learner| over real tokens (different numerics, dtype, kernels)."""
+    diff = (sampler_logp - learner_logp).abs()
+    real = mask.bool()
+    return {"rollout/logprob_diff": masked_mean(diff, mask).item(),
+            "rollout/logprob_diff_max": diff[real].max().item() if bool(real.any()) else 0.0}
+
+
+def truncated_importance_weights(learner_logp: Tensor, sampler_logp: Tensor, mask: Tensor,
+                                 cap: float) -> tuple[Tensor, dict[str, float]]:
+    """Truncated importance sampling (TIS, as verl and TRL offer it): per-token weights
+    min(pi_learner / pi_sampler, cap) of the tokens the sampler drew, 0 on padding, and their stats.
+
+    The samples came from the sampler's distribution while PPO's ratio is taken against the learner's
+    log-probs of the same weights; the weight corrects the gradient for the gap. Truncation at `cap` bounds
+    the variance a token the sampler found unlikely would add. Weights are >= 0, so multiplying the
+    advantages by them equals multiplying PPO's clipped per-token loss."""
+    mask = mask.to(learner_logp.dtype)
+    ratio = torch.exp(learner_logp - sampler_logp)
+    weights = torch.clamp(ratio, max=cap) * mask
+    stats = {"policy/tis_weight_mean": masked_mean(weights, mask).item(),
+             "policy/tis_clipped_fraction": masked_mean((ratio > cap).to(mask.dtype), mask).item()}
+    return weights, stats

@@ -93,7 +93,7 @@ class RolloutPool:
         spec = RolloutWorkerSpec(
             model_path=policy_path, backend=rollout.backend, max_new_tokens=cfg.model.max_response_tokens,
             max_prompt_tokens=cfg.model.max_prompt_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
-            seed=cfg.seed, max_model_len=rollout.max_model_len, dtype=cfg.model.dtype,
+            seed=cfg.seed, max_model_len=rollout.max_model_len, dtype=cfg.rollout_dtype,
             engine_kwargs=dict(rollout.engine_kwargs),
         )
         options = {"root": Path(cfg.run_dir).resolve() / "rollout_weights"} if rollout.weight_sync == "disk" else {}

@@ -29,11 +29,6 @@ import torch
 
 NamedTensors = Union[Mapping[str, torch.Tensor], Sequence[tuple[str, torch.Tensor]]]
 
-# The learner actor method each strategy asks for the weights (see actors/policy.py).
-LEARNER_STATE_DICT_METHOD = "state_dict"
-LEARNER_SAVE_METHOD = "save"
-LEARNER_NCCL_METHOD = "send_weights_nccl"
-
 
 def as_named_tensors(weights: NamedTensors) -> list[tuple[str, torch.Tensor]]:
     """A state dict or a list of (name, tensor) pairs, as a list of pairs."""
@@ -99,6 +94,8 @@ class SyncStats:
 
 class WeightSync(ABC):
     name: ClassVar[str]
+    # The policy learner's method that `publish_from` / `apply` call (actors/policy.py PolicyLearner).
+    learner_method: ClassVar[str]
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Extra vLLM engine arguments the rollout workers need for this strategy."""
@@ -128,6 +125,7 @@ class WeightSync(ABC):
 
 class ObjectStoreSync(WeightSync):
     name = "object_store"
+    learner_method = "state_dict"
 
     def publish(self, weights: NamedTensors | ray.ObjectRef, version: int) -> ray.ObjectRef:
         if isinstance(weights, ray.ObjectRef):
@@ -136,7 +134,7 @@ class ObjectStoreSync(WeightSync):
 
     def publish_from(self, learner: ray.actor.ActorHandle, version: int) -> ray.ObjectRef:
         # The learner's return value lands in the object store; the driver only holds the ref.
-        return getattr(learner, LEARNER_STATE_DICT_METHOD).remote()
+        return getattr(learner, self.learner_method).remote()
 
     def apply(self, workers, payload: ray.ObjectRef, version: int) -> list[ray.ObjectRef]:
         # A top-level ref argument is resolved by Ray on each worker: all of them read the same object.
@@ -145,6 +143,7 @@ class ObjectStoreSync(WeightSync):
 
 class DiskSync(WeightSync):
     name = "disk"
+    learner_method = "save"
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="apo_ray_weights_"))
@@ -164,7 +163,7 @@ class DiskSync(WeightSync):
 
     def publish_from(self, learner: ray.actor.ActorHandle, version: int) -> str:
         path = str(self._version_dir(version))
-        ray.get(getattr(learner, LEARNER_SAVE_METHOD).remote(path))
+        ray.get(getattr(learner, self.learner_method).remote(path))
         self._written.add(path)
         return path
 
@@ -194,11 +193,13 @@ def require_gpu_cluster(strategy: str) -> None:
 class NcclSync(WeightSync):
     """vLLM's NCCL weight transfer: the learner (rank 0) broadcasts into every worker's engine.
 
-    The learner actor must offer ``send_weights_nccl(workers) -> bytes`` (NcclSendMixin gives it).
-    Weights never pass through the driver, so there is nothing to publish: the payload is the learner.
+    The learner actor offers ``send_weights_nccl(workers) -> bytes`` (PolicyLearner, through
+    NcclWeightSender). Weights never pass through the driver, so there is nothing to publish: the payload
+    is the learner.
     """
 
     name = "nccl"
+    learner_method = "send_weights_nccl"
 
     def __init__(self) -> None:
         require_gpu_cluster(self.name)
@@ -213,7 +214,7 @@ class NcclSync(WeightSync):
         return learner
 
     def apply(self, workers, payload: ray.actor.ActorHandle, version: int) -> list[ray.ObjectRef]:
-        sent = getattr(payload, LEARNER_NCCL_METHOD).remote(list(workers))
+        sent = getattr(payload, self.learner_method).remote(list(workers))
         # Passing `sent` as an argument makes each version bump wait until the broadcast has landed.
         return [worker.set_policy_version.remote(version, sent) for worker in workers]
 
@@ -299,15 +300,6 @@ class NcclWeightSender:
                 pass  # a dead worker has no group to leave
         self._engine.shutdown()
         self._engine, self._workers = None, []
-
-
-class NcclSendMixin:
-    """Gives a learner actor class that holds `self.model` the method the NCCL strategy calls."""
-
-    def send_weights_nccl(self, workers: list[ray.actor.ActorHandle]) -> int:
-        if getattr(self, "_nccl_sender", None) is None:
-            self._nccl_sender = NcclWeightSender(self.model)
-        return self._nccl_sender.send(workers)
 
 
 WEIGHT_SYNCS: dict[str, type[WeightSync]] = {s.name: s for s in (ObjectStoreSync, DiskSync, NcclSync)}

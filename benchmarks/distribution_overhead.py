@@ -125,10 +125,11 @@ def ray_game(prepared: Any) -> tuple[Any, Any]:
 
     from apo_ray.cluster import init_ray, start_actors
     from apo_ray.driver import APOGame
+    from apo_ray.game import TokenSample
 
     start_ray_with_retries(lambda: init_ray(prepared.cfg))
     actors = start_actors(prepared.cfg, prepared.policy_path, prepared.reward_path)
-    ray.get(actors.policy.sequence_logprobs.remote(["x"], ["y"]))  # wait until the learners are built
+    ray.get(actors.policy.sequence_logprobs.remote([TokenSample((1,), (1,))]))  # wait until the learners are built
     game = APOGame(prepared.cfg, prepared.data, actors, NoMetrics(), NoCheckpoints(), prepared.oracle,
                    log=lambda line: None)
     return game, actors

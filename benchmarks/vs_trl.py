@@ -63,22 +63,30 @@ class ApoRayDpo:
         from actors.policy import PolicyLearner
         from actors.reference import ReferenceModel
         from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
+        from apo_ray.modeling import text_samples
 
+        model = ModelConfig()
         with timed() as setup:
-            reference = ReferenceModel(policy_dir, model=ModelConfig())
-            self.learner = PolicyLearner(policy_dir, model=ModelConfig(),
+            reference = ReferenceModel(policy_dir, model=model)
+            self.learner = PolicyLearner(policy_dir, model=model,
                                          policy=PolicyConfig(lr=lr, batch_size=batch_size),
                                          learner=LearnerConfig(backend=backend), seed=SEED)
         prompts = [p.prompt for p in pairs]
+
+        def samples(responses: list[str]):
+            return text_samples(reference.tokenizer, prompts, responses, model.max_prompt_tokens,
+                                model.max_response_tokens)
+
+        self.chosen, self.rejected = samples([p.chosen for p in pairs]), samples([p.rejected for p in pairs])
         with timed() as reference_pass:
-            self.ref_chosen = reference.sequence_logprobs(prompts, [p.chosen for p in pairs])
-            self.ref_rejected = reference.sequence_logprobs(prompts, [p.rejected for p in pairs])
-        self.pairs = pairs
+            self.ref_chosen = reference.sequence_logprobs(self.chosen)
+            self.ref_rejected = reference.sequence_logprobs(self.rejected)
         self.setup = {"build": setup.timing, "reference": reference_pass.timing}
 
     def train(self, epochs: int) -> dict[str, Any]:
         with timed() as t:
-            stats = self.learner.dpo_step(self.pairs, self.ref_chosen, self.ref_rejected, epochs=epochs, seed=SEED)
+            stats = self.learner.dpo_step(self.chosen, self.rejected, self.ref_chosen, self.ref_rejected,
+                                          epochs=epochs, seed=SEED)
         return {"train": t.timing, "loss": stats["policy/loss"], "steps": stats["policy/steps"]}
 
     def setup_timings(self) -> dict[str, Any]:

@@ -17,6 +17,18 @@ RAY_TEST_ENV = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA; on a machine without it they are skipped, saying so."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def start_test_ray() -> None:
     """A local Ray cluster with 4 logical CPUs (more than the 2 cores, so several actors fit)."""
     import ray
@@ -60,6 +72,48 @@ def tiny_lm_dir(tmp_path_factory) -> str:
                                                eos_token_id=tokenizer.sep_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     out = tmp_path_factory.mktemp("tiny_lm")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+BPE_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+
+
+@pytest.fixture(scope="session")
+def bpe_lm_dir(tmp_path_factory) -> str:
+    """A random 2-layer Qwen2 causal LM over a byte-level BPE (384 tokens) trained here on the builtin task's
+    text, with attention dropout 0.1. Its special tokens' embeddings are scaled up so that it samples them
+    (and ends on </s> about half the time within 16 tokens): decoding such samples and re-encoding the text
+    gives other ids for most of them, which is what the learners must never do."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from apo_ray.builtin_task import make_sft_data
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([p + " " + r for p, r in make_sft_data(0, 512)],
+                            trainers.BpeTrainer(vocab_size=384, special_tokens=BPE_SPECIAL_TOKENS,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", mask_token="<mask>")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attention_dropout=0.1, dtype="float32",
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[: len(BPE_SPECIAL_TOKENS)] *= 8
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    out = tmp_path_factory.mktemp("bpe_lm")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)

@@ -4,6 +4,7 @@ from apo_ray.game import (
     GoldAnswer,
     PreferencePair,
     Rollout,
+    RolloutPair,
     assign_shards,
     best_and_worst,
     best_of_n,
@@ -66,10 +67,10 @@ def test_best_and_worst_margin_filter():
     ]
     scores = [1.0, 5.0, 2.0, 2.0, 2.5, 9.0, 3.0, 3.0]
     assert best_and_worst(rollouts, scores) == [
-        PreferencePair("p0", "a5", "a1"),
-        PreferencePair("p1", "b25", "b2"),
+        RolloutPair(rollouts[1], rollouts[0]),
+        RolloutPair(rollouts[4], rollouts[3]),
     ]
-    assert best_and_worst(rollouts, scores, min_margin=0.5) == [PreferencePair("p0", "a5", "a1")]
+    assert best_and_worst(rollouts, scores, min_margin=0.5) == [RolloutPair(rollouts[1], rollouts[0])]
     with pytest.raises(ValueError, match="min_margin"):
         best_and_worst(rollouts, scores, min_margin=-1.0)
 

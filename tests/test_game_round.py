@@ -42,6 +42,8 @@ def test_one_round_per_method_hf_torch(ray_cluster, tmp_path, method):
         assert key in rows[1], key
     # The APO step ran on gold-vs-sample pairs, and the samples came from the weights of version 0.
     assert "rm/loss_apo" in rows[1] and rows[1]["rollout/policy_version_lag"] == 0
+    # fp32 HF sampler and fp32 learner on the same weights and the same ids: the log-probs agree.
+    assert rows[1]["rollout/logprob_diff"] < 1e-4
     assert rows[0]["policy/kl"] == pytest.approx(0.0, abs=1e-4) and rows[1]["policy/kl"] != 0.0
     before = _weights(prepared.policy_path)
     after = _weights(prepared.run_dir / "checkpoints/round_0001/policy")
@@ -66,4 +68,5 @@ def test_default_stack_vllm_deepspeed_round(ray_cluster, tmp_path):
     prepared, _, rows = _play(tmp_path)
     assert [r["round"] for r in rows] == [0, 1]
     assert rows[1]["sync/workers"] == 1 and rows[1]["rollout/tokens"] > 0
+    assert rows[1]["rollout/logprob_diff"] < 1e-4 and rows[1]["rollout/logprob_diff_max"] < 1e-2
     assert (prepared.run_dir / "checkpoints/round_0001/engine_policy").is_dir()

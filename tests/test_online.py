@@ -18,8 +18,9 @@ from actors.policy import PolicyLearner
 from apo_ray.builtin_task import format_prompt, make_policy_model, make_reward_model, make_tokenizer
 from apo_ray.checkpoint import Checkpointer
 from apo_ray.config import ConfigError, LearnerConfig, ModelConfig, PolicyConfig, PPOConfig, load_config
-from apo_ray.modeling import encode_for_lm
-from apo_ray.online import OnlineAPOGame, TokenGrids, concat_right_padded, estimate_advantages, iteration_prompt_indices
+from apo_ray.modeling import encode_samples, load_tokenizer, text_samples
+from apo_ray.online import OnlineAPOGame, TokenGrids, estimate_advantages, iteration_prompt_indices
+from apo_ray.ppo import concat_right_padded
 
 PROMPTS = [format_prompt("river", "night"), format_prompt("castle", "rain")]
 RESPONSES = ["the river is calm and bright", "the castle looks grim"]
@@ -141,13 +142,19 @@ def tiny_models(tmp_path_factory) -> tuple[str, str]:
     return str(make_policy_model(root / "policy", tokenizer)), str(make_reward_model(root / "reward", tokenizer))
 
 
+def samples_of(model_dir: str, responses: list[str] = RESPONSES):
+    """PROMPTS with `responses` as token samples under the model's tokenizer."""
+    return text_samples(load_tokenizer(model_dir), PROMPTS, responses, MODEL.max_prompt_tokens,
+                        MODEL.max_response_tokens)
+
+
 def test_critic_from_the_rm_values_each_prefix_with_the_rm_score(tiny_models):
     policy_dir, reward_dir = tiny_models
     critic = CriticLearner(reward_dir, tokenizer_path=policy_dir, model=MODEL, ppo=PPOConfig(), learner=TORCH)
-    values, mask = critic.values(PROMPTS, RESPONSES)
+    samples = samples_of(policy_dir)
+    values, mask = critic.values(samples)
     assert values.shape == mask.shape
-    ids = encode_for_lm(critic.tokenizer, PROMPTS[:1], RESPONSES[:1], MODEL.max_prompt_tokens,
-                        MODEL.max_response_tokens).input_ids
+    ids = encode_samples(samples[:1], critic.tokenizer.pad_token_id).input_ids
     with torch.no_grad():
         # Column t is the state that emits token t+1: the RM's score of the first t+1 tokens.
         for t in (0, 5, int(mask[0].nonzero()[-1])):
@@ -159,12 +166,13 @@ def test_critic_regresses_towards_the_returns(tiny_models):
     policy_dir, _ = tiny_models
     ppo = PPOConfig(ppo_epochs=8, minibatch_size=1, critic_lr=1e-2, value_clip_eps=10.0)
     critic = CriticLearner(policy_dir, tokenizer_path=policy_dir, model=MODEL, ppo=ppo, learner=TORCH)
-    values, mask = critic.values(PROMPTS, RESPONSES)
+    samples = samples_of(policy_dir)
+    values, mask = critic.values(samples)
     returns = torch.full_like(values, 2.0) * mask
     error = lambda v: ((v - returns).abs() * mask).sum() / mask.sum()  # noqa: E731
-    stats = critic.value_step(PROMPTS, RESPONSES, values, returns, mask, seed=0)
+    stats = critic.value_step(samples, values, returns, mask, seed=0)
     assert stats["critic/steps"] == 16 and stats["critic/loss"] > 0
-    assert error(critic.values(PROMPTS, RESPONSES)[0]) < 0.5 * error(values)
+    assert error(critic.values(samples)[0]) < 0.5 * error(values)
 
 
 def test_critic_refuses_a_model_with_another_tokenizer(tiny_models, tiny_lm_dir):
@@ -176,28 +184,30 @@ def test_critic_refuses_a_model_with_another_tokenizer(tiny_models, tiny_lm_dir)
 def test_ppo_step_raises_the_advantaged_response_and_lowers_the_other(tiny_models):
     policy_dir, _ = tiny_models
     policy = PolicyLearner(policy_dir, model=MODEL, policy=PolicyConfig(lr=3e-3), learner=TORCH)
-    before = policy.sequence_logprobs(PROMPTS, RESPONSES)
-    old_logps, mask = policy.token_logprobs(PROMPTS, RESPONSES)
+    samples = samples_of(policy_dir)
+    before = policy.sequence_logprobs(samples)
+    old_logps, mask = policy.token_logprobs(samples)
     advantages = torch.tensor([[1.0], [-1.0]]) * mask
     ppo = PPOConfig(ppo_epochs=4, minibatch_size=1, clip_eps=0.2)
-    stats = policy.ppo_step(PROMPTS, RESPONSES, old_logps, advantages, mask, ppo=ppo, seed=0)
-    after = policy.sequence_logprobs(PROMPTS, RESPONSES)
+    stats = policy.ppo_step(samples, old_logps, advantages, mask, ppo=ppo, seed=0)
+    after = policy.sequence_logprobs(samples)
     assert after[0] > before[0] and after[1] < before[1]
     assert stats["policy/steps"] == 8 and 0 < stats["policy/clipfrac"] <= 1 and stats["policy/entropy"] > 0
-    with pytest.raises(RuntimeError, match="re-encode to other tokens"):
-        policy.ppo_step(PROMPTS, RESPONSES[::-1], old_logps, advantages, mask, ppo=ppo, seed=0)
+    with pytest.raises(RuntimeError, match="response positions differ"):
+        policy.ppo_step(samples[::-1], old_logps, advantages, mask, ppo=ppo, seed=0)
 
 
 def test_grpo_kl_loss_pulls_the_policy_back_to_the_reference(tiny_models):
     policy_dir, _ = tiny_models
     policy = PolicyLearner(policy_dir, model=MODEL, policy=PolicyConfig(lr=3e-3), learner=TORCH)
-    old_logps, mask = policy.token_logprobs(PROMPTS, RESPONSES)
+    samples = samples_of(policy_dir)
+    old_logps, mask = policy.token_logprobs(samples)
     # Zero advantages: only the KL term acts, towards a reference that likes these responses more.
     ref_logps = old_logps + 0.5 * mask
     ppo = PPOConfig(ppo_epochs=4, minibatch_size=2, kl_estimator="k3")
-    stats = policy.ppo_step(PROMPTS, RESPONSES, old_logps, torch.zeros_like(old_logps), mask, ppo=ppo, seed=0,
+    stats = policy.ppo_step(samples, old_logps, torch.zeros_like(old_logps), mask, ppo=ppo, seed=0,
                             ref_logps=ref_logps, kl_loss_coef=1.0)
-    new_logps, _ = policy.token_logprobs(PROMPTS, RESPONSES)
+    new_logps, _ = policy.token_logprobs(samples)
     assert ((new_logps - old_logps) * mask).sum() > 0 and stats["policy/kl_loss"] > 0
 
 
@@ -269,9 +279,12 @@ def test_apo_ppo_steps_the_rm_between_ppo_iterations_and_syncs_the_workers(onlin
     assert [row["step"] for row in logged] == [0, 1, 2] and [row["round"] for row in logged] == [0, 1, 2]
     for row in logged[1:]:
         for key in ("policy/kl", "policy/clipfrac", "policy/entropy", "policy/reward_mean", "policy/loss",
-                    "critic/loss", "critic/values", "rollout/policy_version_lag", "rm/loss_apo", "timing/policy_step"):
+                    "critic/loss", "critic/values", "rollout/policy_version_lag", "rm/loss_apo", "timing/policy_step",
+                    "rollout/logprob_diff", "policy/tis_weight_mean", "rollout/truncated_fraction"):
             assert key in row, key
         assert row["rollout/policy_version_lag"] == 0  # the loop is synchronous: every sample is on-policy
+        # fp32 vLLM against fp32 learners: the importance weights are 1 up to rounding.
+        assert row["rollout/logprob_diff"] < 1e-4 and row["policy/tis_weight_mean"] == pytest.approx(1.0, abs=1e-3)
     assert "eval/gold_score" in logged[2] and "eval/gold_score" not in logged[1]
 
     # Resumed after iteration 2 for a third: the learners' states and the adapted KL coefficient come back.

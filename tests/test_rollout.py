@@ -9,11 +9,15 @@ import pytest
 import ray
 import torch
 
+from actors.policy import PolicyLearner
 from actors.rollout import RolloutWorker, cut_at_eos
-from apo_ray.modeling import load_tokenizer
+from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
+from apo_ray.modeling import load_tokenizer, text_samples
 from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec
 from apo_ray.weight_sync import (
+    WEIGHT_SYNCS,
     DiskSync,
+    NcclSync,
     ObjectStoreSync,
     RolloutEnginesClient,
     as_named_tensors,
@@ -112,6 +116,17 @@ def test_checkpoint_dir_round_trip(tmp_path):
     assert torch.equal(loaded["a"], tied) and torch.equal(loaded["c"], torch.tensor([1.5]))
 
 
+@pytest.mark.parametrize("strategy", sorted(WEIGHT_SYNCS))
+def test_every_weight_sync_calls_a_method_of_the_real_policy_learner(strategy):
+    """The contract the NCCL sync broke: each strategy's learner method exists on PolicyLearner itself."""
+    import inspect
+
+    method = getattr(PolicyLearner, WEIGHT_SYNCS[strategy].learner_method, None)
+    assert callable(method), f"PolicyLearner has no {WEIGHT_SYNCS[strategy].learner_method}"
+    takes = {"object_store": [], "disk": ["directory"], "nccl": ["workers"]}[strategy]
+    assert list(inspect.signature(method).parameters)[1:] == takes
+
+
 def test_nccl_client_gives_each_engine_its_own_ranks_after_the_learner():
     # Learner is rank 0; engines with 1, 2 and 1 vLLM workers (tensor parallel 2 in the middle).
     assert RolloutEnginesClient(["a", "b", "c"], [1, 2, 1]).rank_offsets == [1, 2, 4]
@@ -198,23 +213,23 @@ def test_hf_pool_takes_new_weights_from_each_strategy(hf_pool, tiny_lm_dir, tmp_
     assert hf_pool.version == 2
 
 
+def trained_policy_learner(model_dir: str, num_gpus: float = 0):
+    """A real PolicyLearner actor whose weights one SFT step moved away from `model_dir`'s."""
+    learner = ray.remote(PolicyLearner).options(num_cpus=0, num_gpus=num_gpus).remote(
+        model_dir, model=ModelConfig(max_prompt_tokens=32, max_response_tokens=12),
+        policy=PolicyConfig(lr=0.05), learner=LearnerConfig(backend="torch"))
+    tokenizer = load_tokenizer(model_dir)
+    samples = text_samples(tokenizer, PROMPTS, ["a short answer"] * len(PROMPTS), 32, 12,
+                           eos_token_id=tokenizer.sep_token_id)
+    ray.get(learner.sft_step.remote(samples, epochs=1, seed=0))
+    weights = ray.get(learner.state_dict.remote())
+    return learner, sum(t.double().abs().sum().item() for name, t in weights.items() if name != "lm_head.weight")
+
+
 @pytest.mark.integration
 def test_pool_syncs_from_a_learner_actor(hf_pool, tiny_lm_dir, tmp_path):
-    @ray.remote(num_cpus=0)
-    class Learner:
-        """The two methods a policy learner offers the object-store and disk strategies."""
-
-        def __init__(self, model):
-            self.model = model
-
-        def state_dict(self):
-            return {name: tensor.clone() for name, tensor in self.model.state_dict().items()}
-
-        def save(self, directory):
-            self.model.save_pretrained(directory)
-
-    model = learner_copy(tiny_lm_dir, seed=4)
-    learner, expected = Learner.remote(model), checksum(model)
+    learner, expected = trained_policy_learner(tiny_lm_dir)
+    assert expected != pytest.approx(ray.get(hf_pool.workers[0].weights_checksum.remote()))
     disk = DiskSync(root=tmp_path)
     for strategy in (disk, ObjectStoreSync()):
         version = hf_pool.version + 1
@@ -244,6 +259,25 @@ def test_pool_survives_a_worker_killed_mid_generate(hf_pool):
     assert hf_pool.workers[0] != victim
     # The replacement took the current weights before answering anything.
     assert hf_pool.versions() == [hf_pool.version] * 2
+
+
+@pytest.mark.integration
+@pytest.mark.gpu
+def test_nccl_sync_from_the_real_policy_learner(ray_cluster, tiny_lm_dir):
+    """vLLM's NCCL weight transfer from a PolicyLearner on one GPU into a vLLM worker on another share."""
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the test Ray cluster has no GPU")
+    spec = RolloutWorkerSpec(tiny_lm_dir, "vllm", **GREEDY, engine_kwargs={"gpu_memory_utilization": 0.2})
+    pool = RolloutPool(spec, 1, num_cpus_per_worker=0, num_gpus_per_worker=0.5, weight_sync=NcclSync(),
+                       name_prefix="test-rollout-nccl")
+    learner, expected = trained_policy_learner(tiny_lm_dir, num_gpus=0.5)
+    try:
+        pool.sync_from(learner, 1)
+        assert pool.versions() == [1]
+        assert ray.get(pool.workers[0].weights_checksum.remote()) == pytest.approx(expected, rel=1e-3)
+    finally:
+        pool.shutdown()
+        ray.kill(learner)
 
 
 @pytest.mark.integration
