@@ -182,10 +182,11 @@ class OnlineAPOGame(APOGame):
         )
         sampler_logps = self.sampler_grid(rollouts, grids.logps.shape[1])
         stats.update(self.sampler_mismatch(rollouts, grids.logps, grids.mask))
+        # Measured with or without ppo.tis, so a run without it shows what the correction would do.
+        weights, tis_stats = truncated_importance_weights(grids.logps, sampler_logps, grids.mask, ppo.tis_cap)
+        stats.update(tis_stats)
         if ppo.tis:
-            weights, tis_stats = truncated_importance_weights(grids.logps, sampler_logps, grids.mask, ppo.tis_cap)
             advantages = advantages * weights
-            stats.update(tis_stats)
 
         self._phase("policy_step", i)
         seed = round_seed(cfg.seed, i, SeedStream.POLICY_STEP)

@@ -15,6 +15,17 @@ def test_default_config_loads_and_overrides_apply():
     assert isinstance(cfg.reward.lr, float)
 
 
+def test_dtype_resolves_once_for_learners_and_rollout_engines():
+    cpu = load_config(None, [])
+    assert (cpu.learner_dtype, cpu.rollout_dtype) == ("float32", "float32")
+    gpu = load_config(None, ["learner.num_gpus=1", "rollout.num_gpus_per_worker=1"])
+    assert (gpu.learner_dtype, gpu.rollout_dtype) == ("bfloat16", "bfloat16")
+    # Sampling in another precision than the learners train in is a choice the user states.
+    mixed = load_config(None, ["rollout.dtype=bfloat16"])
+    assert (mixed.learner_dtype, mixed.rollout_dtype) == ("float32", "bfloat16")
+    assert load_config(None, ["model.dtype=bfloat16"]).rollout_dtype == "bfloat16"
+
+
 def test_apo_coef_defaults_to_authors_value_and_can_be_set():
     assert load_config(None, ["samples_per_prompt=4"]).apo_coef == pytest.approx(0.025)
     assert load_config(None, ["reward.apo_coef=0.3"]).apo_coef == 0.3
