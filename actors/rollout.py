@@ -226,7 +226,9 @@ class HfEngine:
             out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                       generation_config=config)
             sampled = out.sequences[:, width:]
-            logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(2, sampled[..., None])[..., 0]
+            # Step by step: a [rows, steps, vocab] stack of logits would not fit for a real vocabulary.
+            logprobs = torch.stack([step.float().log_softmax(-1).gather(1, sampled[:, t, None])[:, 0]
+                                    for t, step in enumerate(out.logits)], dim=1)
             for row, row_logprobs in zip(sampled.tolist(), logprobs.tolist()):
                 ids = cut_at_eos(row, eos_ids)
                 samples.append((ids, row_logprobs[: len(ids)]))
