@@ -21,6 +21,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _refused(what: str, value: object, step: int) -> FloatingPointError:
+    return FloatingPointError(
+        f"{what} is {value} at training step {step} of this learner; the step was stopped before it changed the weights"
+    )
+
+
+def _gradient_norm(grads: list[torch.Tensor | None]) -> torch.Tensor:
+    norms = [torch.linalg.vector_norm(g.detach().float()) for g in grads if g is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
 class TrainEngine:
     def __init__(
         self,
@@ -96,25 +107,36 @@ class TrainEngine:
         """One optimizer step; FloatingPointError, with the weights untouched, if the loss or gradient is not finite."""
         self.steps += 1
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at training step {self.steps} of this learner; "
-                "the step was stopped before it changed the weights"
-            )
+            raise _refused("loss", loss.item(), self.steps)
         if self._ds_engine is not None:
-            self._ds_engine.backward(loss)
-            self._ds_engine.step()
+            self._deepspeed_step(loss)
             return
         loss.backward()
         # The norm is taken even without clipping: a finite loss can still have infinite gradients.
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf)
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(
-                f"gradient norm is {norm.item()} at training step {self.steps} of this learner; "
-                "the step was stopped before it changed the weights"
-            )
+            raise _refused("gradient norm", norm.item(), self.steps)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _deepspeed_step(self, loss: torch.Tensor) -> None:
+        engine = self._ds_engine
+        engine.backward(loss)
+        if engine.zero_optimization_stage() == 0:
+            # Without ZeRO, DeepSpeed hands any gradient, NaN included, to the optimizer: check it first.
+            from deepspeed.utils import safe_get_full_grad
+
+            norm = _gradient_norm([safe_get_full_grad(p) for p in engine.module.parameters()])
+            if not torch.isfinite(norm):
+                engine.zero_grad()
+                raise _refused("gradient norm", norm.item(), self.steps)
+        engine.step()
+        # ZeRO 1-3 check the gradient themselves: a non-finite one is dropped and the optimizer skipped, which
+        # would otherwise pass unnoticed as `engine.skipped_steps`.
+        if not engine.was_step_applied():
+            norm = engine.get_global_grad_norm()
+            raise _refused("gradient norm", "not finite" if norm is None else norm, self.steps)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
