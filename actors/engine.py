@@ -143,14 +143,15 @@ class TrainEngine:
             group["lr"] = lr
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """HF-named CPU tensors of the whole model (ZeRO-3 shards are gathered first)."""
+        """HF-named CPU copies of the whole model (ZeRO-3 shards are gathered first). Tied weights stay one
+        tensor under both names, so that `save_pretrained` stores them once, as it does for the bare model."""
         model = self.model
         if self._ds_engine is not None and self._ds_engine.zero_optimization_stage() == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-                return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                return _copy_state_dict(model.state_dict())
+        return _copy_state_dict(model.state_dict())
 
     def save_state(self, directory: Path) -> None:
         """Optimizer and weights, so a resumed run continues exactly (not only from the HF weights)."""
@@ -171,6 +172,18 @@ class TrainEngine:
         self.set_lr(self.lr)
 
 
+def _copy_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        # Empty tensors all sit at address 0 without sharing anything.
+        if key not in copies or tensor.numel() == 0:
+            copies[key] = tensor.detach().cpu().clone()
+        out[name] = copies[key]
+    return out
+
+
 class LearnerCheckpoint:
     """What the checkpointer calls on every learner: HF weights with the tokenizer (loadable by
     `from_pretrained`) and the engine's optimizer state. Mixed into learners that hold `model`,
@@ -181,8 +194,11 @@ class LearnerCheckpoint:
     engine: TrainEngine | None
 
     def save(self, directory: str) -> None:
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        # The bare model's own state dict would hold ZeRO-3's empty partitions: save the gathered weights.
+        state = self.engine.full_state_dict() if self.engine is not None else None
+        if self.engine is None or self.engine.rank == 0:
+            self.model.save_pretrained(directory, state_dict=state)
+            self.tokenizer.save_pretrained(directory)
 
     def save_state(self, directory: str) -> None:
         self._trainable_engine().save_state(Path(directory))

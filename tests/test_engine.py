@@ -1,14 +1,19 @@
 """TrainEngine under DeepSpeed at every ZeRO stage: a non-finite gradient is refused before it reaches the
-weights. The engines run in this process on a single-rank gloo group."""
+weights, and what the learners save or reload (round checkpoints, the base RM, engine state) holds the whole
+model even where ZeRO-3 partitions it. The engines run in this process on a single-rank gloo group."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from actors.engine import TrainEngine
+from apo_ray.config import LearnerConfig, RewardConfig
+from apo_ray.game import PreferencePair
+from tests.conftest import minilm_tokenizer_dir
 
 pytestmark = pytest.mark.integration
 
@@ -81,3 +86,55 @@ def test_a_nan_gradient_of_a_finite_loss_is_refused_and_the_weights_stay(stage):
     assert engine.steps == 2
     assert_same_tensors(engine.full_state_dict(), fresh.full_state_dict())
     assert not torch.equal(engine.full_state_dict()["0.weight"], before["0.weight"])
+
+
+HUMAN_PAIRS = [
+    PreferencePair("Is the river calm? ", "Yes, the river is calm and bright.", "No."),
+    PreferencePair("Tell me about the night. ", "The night is quiet and clear.", "Night bad bad bad."),
+]
+
+
+def reward_learner(path: str | Path, stage: int):
+    from actors.reward import RewardLearner
+
+    return RewardLearner(str(path), reward=RewardConfig(batch_size=4, lr=1e-3),
+                         learner=LearnerConfig(backend="deepspeed", zero_stage=stage))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_checkpoints_hold_the_trained_minilm_at_every_stage(stage, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    learner = reward_learner(minilm_tokenizer_dir(), stage)
+    assert_partitioned_at_stage_3(learner.model, stage)
+    learner.apo_step([], HUMAN_PAIRS, apo_coef=0.0, pref_coef=1.0, epochs=1, seed=0)
+    trained = learner.engine.full_state_dict()
+
+    # A round checkpoint, the base RM and `disk` weight sync are all written by `save`.
+    learner.save(str(tmp_path / "reward"))
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward", num_labels=1).state_dict()
+    assert_same_tensors(saved, trained)
+
+    # reward.reinit_each_round restarts from the saved base RM.
+    learner.save_state(str(tmp_path / "engine_reward"))
+    learner.apo_step([], HUMAN_PAIRS, apo_coef=0.0, pref_coef=1.0, epochs=1, seed=1)
+    learner.reinitialize(str(tmp_path / "reward"))
+    assert_same_tensors(learner.engine.full_state_dict(), trained)
+
+    # --resume loads the engine state into a learner started from the original model.
+    resumed = reward_learner(minilm_tokenizer_dir(), stage)
+    resumed.load_state(str(tmp_path / "engine_reward"))
+    assert_same_tensors(resumed.engine.full_state_dict(), trained)
+
+
+def test_the_critic_starts_from_the_rm_saved_at_zero_3(tiny_lm_dir, tmp_path):
+    from actors.critic import CriticLearner
+    from apo_ray.config import ModelConfig, PPOConfig
+
+    rm = reward_learner(tiny_lm_dir, 3)
+    assert_partitioned_at_stage_3(rm.model, 3)
+    rm.apo_step([], HUMAN_PAIRS, apo_coef=0.0, pref_coef=1.0, epochs=1, seed=0)
+    rm.save(str(tmp_path / "base_reward"))
+    critic = CriticLearner(str(tmp_path / "base_reward"), tokenizer_path=tiny_lm_dir, model=ModelConfig(),
+                           ppo=PPOConfig(), learner=LearnerConfig(backend="deepspeed", zero_stage=3))
+    assert_same_tensors(critic.engine.full_state_dict(), rm.engine.full_state_dict())
