@@ -2,6 +2,11 @@
 
 Both expose the same three verbs (`step(loss)`, `save_state`, `load_state`) so the learners do not care
 which one runs. DeepSpeed on CPU needs `DS_ACCELERATOR=cpu` and a gloo process group (DESIGN.md).
+
+DeepSpeed JIT-builds C++ ops under a lock file that a build killed mid-way leaves behind, and a later build
+of that op waits on it forever, silently (apo_ray.build_locks). The learners build none: the one op DeepSpeed
+builds on CPU, its shared-memory comm op, is switched off, and stale locks are removed, or named, before
+DeepSpeed starts.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from apo_ray import build_locks
 
 
 def free_port() -> int:
@@ -73,7 +80,15 @@ class TrainEngine:
             WORLD_SIZE=str(self.world_size),
         )
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
+        build_locks.clear_stale()
+        # DeepSpeed's TorchBackend JIT-builds the CPU shared-memory comm op on every process-group start, but
+        # only `inference_all_reduce` (tensor-parallel inference) uses it, and that falls back to
+        # torch.distributed when the op is absent: no learner needs it, whatever its world size.
+        shm_comm = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if shm_comm is not None:
+            deepspeed.ops.__compatible_ops__[shm_comm.NAME] = False
         if not torch.distributed.is_initialized():
             rendezvous = {}
             if self.world_size == 1:

@@ -106,6 +106,9 @@ class LearnerConfig:
     num_gpus: float = field(default=0.0, metadata=_range(0.0))
     grad_clip: float = field(default=1.0, metadata=_range(0.0))
     weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    # A learner whose constructor (model load, DeepSpeed start) has not returned by then stops the run, naming
+    # it and any torch extension build lock it may wait on, instead of waiting silently.
+    startup_timeout_s: float = field(default=600.0, metadata=_range(0.0, lo_open=True))
 
 
 @dataclass
