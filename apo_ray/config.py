@@ -123,6 +123,9 @@ class RewardConfig:
     apo_coef: Optional[float] = field(default=None, metadata=_range(0.0))
     pref_coef: float = field(default=1.0, metadata=_range(0.0))
     loss: Literal["bt", "diff"] = "bt"
+    # How the two terms are averaged (apo_ray.losses.apo_reward_loss): "per_term", each over its own pairs, or
+    # "pooled", both summed and divided by the pairs of both (the authors' code): apo_coef is then per pair.
+    apo_normalization: Literal["per_term", "pooled"] = "per_term"
     # False is the paper's "seq" setting: the RM continues from the last round.
     reinit_each_round: bool = False
     max_length: int = field(default=128, metadata=_range(8))
