@@ -1,6 +1,7 @@
 """TrainEngine under DeepSpeed at every ZeRO stage: a non-finite gradient is refused before it reaches the
-weights, and what the learners save or reload (round checkpoints, the base RM, engine state) holds the whole
-model even where ZeRO-3 partitions it. The engines run in this process on a single-rank gloo group."""
+weights (and a run meeting one exits 3), and what the learners save or reload (round checkpoints, the base
+RM, engine state) holds the whole model even where ZeRO-3 partitions it. The engines run in this process on
+a single-rank gloo group."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from actors.engine import TrainEngine
 from apo_ray.config import LearnerConfig, RewardConfig
 from apo_ray.game import PreferencePair
-from tests.conftest import minilm_tokenizer_dir
+from apo_ray.train import main
+from tests.conftest import REPO_ROOT, minilm_tokenizer_dir
 
 pytestmark = pytest.mark.integration
 
@@ -86,6 +88,28 @@ def test_a_nan_gradient_of_a_finite_loss_is_refused_and_the_weights_stay(stage):
     assert engine.steps == 2
     assert_same_tensors(engine.full_state_dict(), fresh.full_state_dict())
     assert not torch.equal(engine.full_state_dict()["0.weight"], before["0.weight"])
+
+
+def test_a_nan_gradient_under_deepspeed_stops_the_run_with_exit_3_and_keeps_the_checkpoint(ray_cluster, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    # policy.lr=1e30: the first policy step of round 1 sends the weights to ~1e30; on the second the loss is still
+    # finite (RMSNorm rescales the huge activations) but its gradient is not.
+    code = main(["--config", str(REPO_ROOT / "configs/default.yaml"), f"run_dir={run_dir}", "rounds=1",
+                 "policy.epochs_per_round=2", "policy.lr=1e30", "rollout.backend=hf", "learner.backend=deepspeed",
+                 "samples_per_prompt=2", "logging.tensorboard=false", "logging.report=false", "data.builtin.n_pairs=64",
+                 "data.builtin.n_gold=16", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=32",
+                 "reward.initial_epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert (f"error: training diverged in PolicyLearner.sft_step after round 0: gradient norm is inf at training step 2 "
+            f"of this learner; the step was stopped before it changed the weights. The checkpoint of round 0 is "
+            f"intact: fix the config (e.g. a lower learning rate) and continue with `apo-ray train --resume {run_dir} "
+            f"...`") in err, err
+    assert (run_dir / "checkpoints/LATEST").read_text() == "0"
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints/round_0000/policy")
+    assert all(torch.isfinite(p).all() and p.abs().max() < 1e3 for p in policy.parameters())
 
 
 HUMAN_PAIRS = [
