@@ -35,6 +35,8 @@ def lock_holders(lock: Path) -> list[int] | None:
         owner = lock.stat().st_uid
     except FileNotFoundError:
         return []
+    if not Path("/proc/self/fd").is_dir():  # no procfs (macOS): nothing to look at
+        return None
     holders, blind = [], False
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
