@@ -100,7 +100,8 @@ def test_the_reward_learner_steps_on_the_configured_normalization(tiny_rm_dir, n
                             learner=LearnerConfig(backend="torch"))
     gold, sample = (torch.tensor(s, dtype=torch.float64) for s in learner.score_pairs(apo))
     chosen, rejected = (torch.tensor(s, dtype=torch.float64) for s in learner.score_pairs(human))
-    apo_terms, human_terms = -torch.nn.functional.logsigmoid(gold - sample), -torch.nn.functional.logsigmoid(chosen - rejected)
+    apo_terms = -torch.nn.functional.logsigmoid(gold - sample)
+    human_terms = -torch.nn.functional.logsigmoid(chosen - rejected)
     want = {
         "per_term": 0.5 * apo_terms.mean() + 2.0 * human_terms.mean(),
         "pooled": (0.5 * apo_terms.sum() + 2.0 * human_terms.sum()) / 4,
