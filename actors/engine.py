@@ -2,6 +2,11 @@
 
 Both expose the same three verbs (`step(loss)`, `save_state`, `load_state`) so the learners do not care
 which one runs. DeepSpeed on CPU needs `DS_ACCELERATOR=cpu` and a gloo process group (DESIGN.md).
+
+DeepSpeed JIT-builds C++ ops under a lock file that a build killed mid-way leaves behind, and a later build
+of that op waits on it forever, silently (apo_ray.build_locks). The learners build none: the one op DeepSpeed
+builds on CPU, its shared-memory comm op, is switched off, and stale locks are removed, or named, before
+DeepSpeed starts.
 """
 
 from __future__ import annotations
@@ -14,11 +19,24 @@ from pathlib import Path
 
 import torch
 
+from apo_ray import build_locks
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _refused(what: str, value: object, step: int) -> FloatingPointError:
+    return FloatingPointError(
+        f"{what} is {value} at training step {step} of this learner; the step was stopped before it changed the weights"
+    )
+
+
+def _gradient_norm(grads: list[torch.Tensor | None]) -> torch.Tensor:
+    norms = [torch.linalg.vector_norm(g.detach().float()) for g in grads if g is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 class TrainEngine:
@@ -62,7 +80,15 @@ class TrainEngine:
             WORLD_SIZE=str(self.world_size),
         )
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
+        build_locks.clear_stale()
+        # DeepSpeed's TorchBackend JIT-builds the CPU shared-memory comm op on every process-group start, but
+        # only `inference_all_reduce` (tensor-parallel inference) uses it, and that falls back to
+        # torch.distributed when the op is absent: no learner needs it, whatever its world size.
+        shm_comm = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if shm_comm is not None:
+            deepspeed.ops.__compatible_ops__[shm_comm.NAME] = False
         if not torch.distributed.is_initialized():
             rendezvous = {}
             if self.world_size == 1:
@@ -96,39 +122,51 @@ class TrainEngine:
         """One optimizer step; FloatingPointError, with the weights untouched, if the loss or gradient is not finite."""
         self.steps += 1
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at training step {self.steps} of this learner; "
-                "the step was stopped before it changed the weights"
-            )
+            raise _refused("loss", loss.item(), self.steps)
         if self._ds_engine is not None:
-            self._ds_engine.backward(loss)
-            self._ds_engine.step()
+            self._deepspeed_step(loss)
             return
         loss.backward()
         # The norm is taken even without clipping: a finite loss can still have infinite gradients.
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf)
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(
-                f"gradient norm is {norm.item()} at training step {self.steps} of this learner; "
-                "the step was stopped before it changed the weights"
-            )
+            raise _refused("gradient norm", norm.item(), self.steps)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _deepspeed_step(self, loss: torch.Tensor) -> None:
+        engine = self._ds_engine
+        engine.backward(loss)
+        if engine.zero_optimization_stage() == 0:
+            # Without ZeRO, DeepSpeed hands any gradient, NaN included, to the optimizer: check it first.
+            from deepspeed.utils import safe_get_full_grad
+
+            norm = _gradient_norm([safe_get_full_grad(p) for p in engine.module.parameters()])
+            if not torch.isfinite(norm):
+                engine.zero_grad()
+                raise _refused("gradient norm", norm.item(), self.steps)
+        engine.step()
+        # ZeRO 1-3 check the gradient themselves: a non-finite one is dropped and the optimizer skipped, which
+        # would otherwise pass unnoticed as `engine.skipped_steps`.
+        if not engine.was_step_applied():
+            norm = engine.get_global_grad_norm()
+            raise _refused("gradient norm", "not finite" if norm is None else norm, self.steps)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """HF-named CPU tensors of the whole model (ZeRO-3 shards are gathered first)."""
+        """HF-named CPU copies of the whole model (ZeRO-3 shards are gathered first). Tied weights stay one
+        tensor under both names, so that `save_pretrained` stores them once, as it does for the bare model."""
         model = self.model
         if self._ds_engine is not None and self._ds_engine.zero_optimization_stage() == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-                return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                return _copy_state_dict(model.state_dict())
+        return _copy_state_dict(model.state_dict())
 
     def save_state(self, directory: Path) -> None:
         """Optimizer and weights, so a resumed run continues exactly (not only from the HF weights)."""
@@ -149,6 +187,18 @@ class TrainEngine:
         self.set_lr(self.lr)
 
 
+def _copy_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        # Empty tensors all sit at address 0 without sharing anything.
+        if key not in copies or tensor.numel() == 0:
+            copies[key] = tensor.detach().cpu().clone()
+        out[name] = copies[key]
+    return out
+
+
 class LearnerCheckpoint:
     """What the checkpointer calls on every learner: HF weights with the tokenizer (loadable by
     `from_pretrained`) and the engine's optimizer state. Mixed into learners that hold `model`,
@@ -159,8 +209,11 @@ class LearnerCheckpoint:
     engine: TrainEngine | None
 
     def save(self, directory: str) -> None:
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        # The bare model's own state dict would hold ZeRO-3's empty partitions: save the gathered weights.
+        state = self.engine.full_state_dict() if self.engine is not None else None
+        if self.engine is None or self.engine.rank == 0:
+            self.model.save_pretrained(directory, state_dict=state)
+            self.tokenizer.save_pretrained(directory)
 
     def save_state(self, directory: str) -> None:
         self._trainable_engine().save_state(Path(directory))

@@ -84,7 +84,8 @@ class RewardLearner(LearnerCheckpoint):
         epochs: int,
         seed: int,
     ) -> dict[str, float]:
-        """Minimise apo_coef * pair_loss(gold > sample) + pref_coef * BT(chosen > rejected).
+        """Minimise apo_coef * pair_loss(gold > sample) + pref_coef * BT(chosen > rejected), each term averaged
+        as reward.apo_normalization says (apo_reward_loss).
 
         Each minibatch mixes both sets in proportion, so both terms are seen at every step. With no APO
         pairs this is plain RM training on human pairs (the initial RM and the fixed-RM baseline).
@@ -117,6 +118,7 @@ class RewardLearner(LearnerCheckpoint):
                 loss, stats = apo_reward_loss(
                     r_gold, r_sample, r_chosen, r_rejected,
                     apo_coef=apo_coef, pref_coef=pref_coef, kind=self.reward_cfg.loss,
+                    normalization=self.reward_cfg.apo_normalization,
                 )
                 self.engine.step(loss)
                 history.append(stats)

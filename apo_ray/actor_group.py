@@ -3,12 +3,13 @@
 Like OpenRLHF's RayActorGroup, plus what an elastic rollout pool needs: restart one member in its own
 bundle, and grow or shrink the group. A placement group's size is fixed: shrinking frees bundles (and
 removes a placement group once none of its members is left), growing fills freed bundles first and puts
-the rest in a new placement group.
+the rest in a new placement group. `wait_until_ready` bounds how long members may take to come up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +20,17 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
+class ActorStartupTimeout(TimeoutError):
+    """Actors whose constructor had not returned when their start-up time was up."""
+
+
 @dataclass
 class _Member:
     handle: ray.actor.ActorHandle
     name: str
     group: PlacementGroup
     bundle_index: int
+    started: float  # time.monotonic() when it was asked to start
 
 
 class ActorGroup:
@@ -99,7 +105,7 @@ class ActorGroup:
         if self.env:
             options["runtime_env"] = {"env_vars": self.env}
         handle = self._remote_cls.options(**options).remote(**self.make_kwargs(index))
-        return _Member(handle, name, group, bundle_index)
+        return _Member(handle, name, group, bundle_index, time.monotonic())
 
     def _new_bundles(self, count: int) -> list[tuple[PlacementGroup, int]]:
         group = placement_group([self._bundle() for _ in range(count)], strategy=self.placement_strategy)
@@ -172,3 +178,31 @@ class ActorGroup:
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Blocking `async_call`."""
         return ray.get(self.async_call(method, *args, **kwargs))
+
+
+def wait_until_ready(
+    groups: Iterable[ActorGroup], timeout_s: float, *, diagnose: Callable[[], str] = lambda: "",
+) -> None:
+    """Wait until every member of `groups` has finished its constructor, at most `timeout_s` seconds after
+    it was started.
+
+    A constructor that raised raises here (Ray's actor error, with its cause). Members still constructing
+    past their time raise ActorStartupTimeout naming them, followed by `diagnose()`: what they may wait for.
+    """
+    pending = {m.handle.__ray_ready__.remote(): m for group in groups for m in group._members}
+    while pending:
+        first_deadline = min(m.started for m in pending.values()) + timeout_s
+        # One at a time, so that a constructor that failed is reported as soon as it fails.
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, first_deadline - time.monotonic()))
+        if ready:
+            pending.pop(ready[0])
+            ray.get(ready[0])
+            continue
+        late = [m.name for m in pending.values() if m.started + timeout_s <= time.monotonic()]
+        if not late:  # ray.wait returned a moment early
+            continue
+        hint = diagnose()
+        raise ActorStartupTimeout(
+            f"{', '.join(late)}: not up {timeout_s:g} s after starting (the constructor has not returned)"
+            + (f"; {hint}" if hint else "")
+        )

@@ -13,8 +13,9 @@ from actors.critic import CriticLearner
 from actors.policy import PolicyLearner
 from actors.reference import ReferenceModel
 from actors.reward import RewardLearner
-from apo_ray.actor_group import ActorGroup
-from apo_ray.config import Config
+from apo_ray import build_locks
+from apo_ray.actor_group import ActorGroup, wait_until_ready
+from apo_ray.config import Config, LearnerConfig
 from apo_ray.driver import Actors
 from apo_ray.rollout_pool import RolloutPool
 
@@ -115,9 +116,26 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
             model_path=reward_path if cfg.ppo.critic_init == "reward" else policy_path, tokenizer_path=policy_path,
             model=model, ppo=cfg.ppo, learner=learner, seed=cfg.seed,
         )
-    pool = RolloutPool.from_config(cfg, policy_path, name_prefix=f"rollout-{run_id}", env=actor_env())
+    pool = None
+    try:
+        pool = RolloutPool.from_config(cfg, policy_path, name_prefix=f"rollout-{run_id}", env=actor_env())
+        wait_until_ready(groups.values(), learner.startup_timeout_s, diagnose=lambda: learner_startup_hint(learner))
+    except BaseException:
+        for group in groups.values():
+            group.kill()
+        if pool is not None:
+            pool.shutdown()
+        raise
     handles = {role: group.actors[0] for role, group in groups.items()}
     return Actors(pool=pool, groups=list(groups.values()), **handles)
+
+
+def learner_startup_hint(learner: LearnerConfig) -> str:
+    """What a learner that is not up may wait for, for the start-up timeout's message."""
+    locks = build_locks.report()
+    return (f"{locks} on the driver's node. " if locks else "") + (
+        f"Raise learner.startup_timeout_s ({learner.startup_timeout_s:g}) if loading the models takes longer"
+    )
 
 
 def shutdown_actors(actors: Actors) -> None:

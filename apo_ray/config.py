@@ -122,6 +122,9 @@ class LearnerConfig:
     num_gpus: float = field(default=0.0, metadata=_range(0.0))
     grad_clip: float = field(default=1.0, metadata=_range(0.0))
     weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    # A learner whose constructor (model load, DeepSpeed start) has not returned by then stops the run, naming
+    # it and any torch extension build lock it may wait on, instead of waiting silently.
+    startup_timeout_s: float = field(default=600.0, metadata=_range(0.0, lo_open=True))
 
 
 @dataclass
@@ -136,6 +139,9 @@ class RewardConfig:
     apo_coef: Optional[float] = field(default=None, metadata=_range(0.0))
     pref_coef: float = field(default=1.0, metadata=_range(0.0))
     loss: Literal["bt", "diff"] = "bt"
+    # How the two terms are averaged (apo_ray.losses.apo_reward_loss): "per_term", each over its own pairs, or
+    # "pooled", both summed and divided by the pairs of both (the authors' code): apo_coef is then per pair.
+    apo_normalization: Literal["per_term", "pooled"] = "per_term"
     # False is the paper's "seq" setting: the RM continues from the last round.
     reinit_each_round: bool = False
     max_length: int = field(default=128, metadata=_range(8))

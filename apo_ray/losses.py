@@ -15,19 +15,30 @@ from torch import Tensor
 from apo_ray.evaluation import preference_accuracy
 
 PairLossKind = Literal["bt", "diff"]
+ApoNormalization = Literal["per_term", "pooled"]
+APO_NORMALIZATIONS = ("per_term", "pooled")
+
+
+def _bradley_terry_terms(r_win: Tensor, r_lose: Tensor) -> Tensor:
+    return -F.logsigmoid(r_win - r_lose)
+
+
+def _score_difference_terms(r_win: Tensor, r_lose: Tensor) -> Tensor:
+    return r_lose - r_win
 
 
 def bradley_terry_loss(r_win: Tensor, r_lose: Tensor) -> Tensor:
     """-E log sigmoid(r_win - r_lose)."""
-    return -F.logsigmoid(r_win - r_lose).mean()
+    return _bradley_terry_terms(r_win, r_lose).mean()
 
 
 def score_difference_loss(r_win: Tensor, r_lose: Tensor) -> Tensor:
     """E[r_lose - r_win]: the raw score gap, the paper's WGAN-like "diff" variant (unbounded below)."""
-    return (r_lose - r_win).mean()
+    return _score_difference_terms(r_win, r_lose).mean()
 
 
-_PAIR_LOSSES = {"bt": bradley_terry_loss, "diff": score_difference_loss}
+# Per-pair losses, averaged by the caller.
+_PAIR_TERMS = {"bt": _bradley_terry_terms, "diff": _score_difference_terms}
 
 
 def _present(scores: Optional[Tensor]) -> bool:
@@ -43,8 +54,15 @@ def apo_reward_loss(
     apo_coef: float,
     pref_coef: float,
     kind: PairLossKind = "bt",
+    normalization: ApoNormalization = "per_term",
 ) -> tuple[Tensor, dict[str, float]]:
     """The RM's APO step: apo_coef * pair_loss(gold, sample) + pref_coef * BT(chosen, rejected).
+
+    `normalization` says what each term is averaged over. "per_term": each over its own pairs,
+    apo_coef * mean(APO losses) + pref_coef * mean(human losses), so apo_coef weighs the whole APO term
+    whatever the number of pairs. "pooled" (the authors' code): both summed and divided by the pairs of both,
+    (apo_coef * sum(APO losses) + pref_coef * sum(human losses)) / (n_apo + n_human), so apo_coef weighs
+    each APO pair against a human pair's pref_coef.
 
     A term whose scores are None or empty contributes nothing: no human pairs is the paper's GAIL-like
     ablation, no APO pairs is plain RM training. `kind` selects the pair loss of the APO term only. The
@@ -52,33 +70,40 @@ def apo_reward_loss(
     comes from the KL constraint that keeps the RM faithful to human preferences (the RM objective,
     Eq. 17), and the WGAN-like ablation replaces only the BT surrogate on gold-vs-sample pairs.
 
-    Stats (python floats) are reported only for the terms present: "rm/loss", "rm/loss_apo",
-    "rm/margin_apo", "rm/loss_pref", "rm/margin", "rm/acc_train_pref".
+    Stats (python floats) are reported only for the terms present: "rm/loss" (the loss returned),
+    "rm/loss_apo" and "rm/loss_pref" (each term's mean over its own pairs, whatever the normalization),
+    "rm/margin_apo", "rm/margin", "rm/acc_train_pref".
     """
-    if kind not in _PAIR_LOSSES:
-        raise ValueError(f"kind: must be one of {', '.join(_PAIR_LOSSES)}, got {kind!r}")
+    if kind not in _PAIR_TERMS:
+        raise ValueError(f"kind: must be one of {', '.join(_PAIR_TERMS)}, got {kind!r}")
+    if normalization not in APO_NORMALIZATIONS:
+        raise ValueError(f"normalization: must be one of {', '.join(APO_NORMALIZATIONS)}, got {normalization!r}")
     has_apo = _present(r_gold) or _present(r_sample)
     has_pref = _present(r_chosen) or _present(r_rejected)
     if not (has_apo or has_pref):
         raise ValueError("apo_reward_loss: no APO pairs and no human pairs; nothing to train on")
-    terms: list[Tensor] = []
+    terms: list[tuple[float, Tensor]] = []  # (coefficient, per-pair losses)
     stats: dict[str, float] = {}
     if has_apo:
         if r_gold is None or r_sample is None or r_gold.shape != r_sample.shape:
             raise ValueError("r_gold and r_sample: must both be given with the same shape")
-        loss_apo = _PAIR_LOSSES[kind](r_gold, r_sample)
-        terms.append(apo_coef * loss_apo)
-        stats["rm/loss_apo"] = loss_apo.item()
+        apo_terms = _PAIR_TERMS[kind](r_gold, r_sample)
+        terms.append((apo_coef, apo_terms))
+        stats["rm/loss_apo"] = apo_terms.mean().item()
         stats["rm/margin_apo"] = (r_gold - r_sample).mean().item()
     if has_pref:
         if r_chosen is None or r_rejected is None or r_chosen.shape != r_rejected.shape:
             raise ValueError("r_chosen and r_rejected: must both be given with the same shape")
-        loss_pref = bradley_terry_loss(r_chosen, r_rejected)
-        terms.append(pref_coef * loss_pref)
-        stats["rm/loss_pref"] = loss_pref.item()
+        pref_terms = _bradley_terry_terms(r_chosen, r_rejected)
+        terms.append((pref_coef, pref_terms))
+        stats["rm/loss_pref"] = pref_terms.mean().item()
         stats["rm/margin"] = (r_chosen - r_rejected).mean().item()
         stats["rm/acc_train_pref"] = preference_accuracy(r_chosen, r_rejected)
-    loss = torch.stack(terms).sum()
+    if normalization == "per_term":
+        loss = torch.stack([coef * losses.mean() for coef, losses in terms]).sum()
+    else:
+        n_pairs = sum(losses.numel() for _, losses in terms)
+        loss = torch.stack([coef * losses.sum() for coef, losses in terms]).sum() / n_pairs
     stats["rm/loss"] = loss.item()
     return loss, stats
 
