@@ -231,11 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from apo_ray.actor_group import ActorStartupTimeout
+
     try:
         run(prepared)
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except ActorStartupTimeout as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
     return 0
 
 

@@ -150,3 +150,21 @@ def test_a_learner_that_fails_to_start_is_reported_at_once(ray_cluster, tmp_path
         assert time.monotonic() - started < 120
     finally:
         group.kill()
+
+
+@pytest.mark.integration
+def test_a_start_up_timeout_exits_4_naming_the_learners(ray_cluster, tmp_path, capsys):
+    """Through the CLI: learners cannot load their models in a tenth of a second; the run stops with an error
+    line and exit code 4, not a traceback, and leaves no actor behind."""
+    import ray
+
+    from apo_ray.train import main
+
+    code = main(["--config", str(REPO_ROOT / "configs/default.yaml"),
+                 f"run_dir={tmp_path / 'run'}", "learner.startup_timeout_s=0.1", "data.builtin.n_pairs=32"])
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert err.startswith("error: ") and "not up 0.1 s after starting" in err and "policy-learner-" in err
+    assert "Raise learner.startup_timeout_s (0.1)" in err
+    alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if "learner-" in str(a)]
+    assert not alive, alive
