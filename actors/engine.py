@@ -1,7 +1,7 @@
 """The training engine every learner holds: DeepSpeed ZeRO, or plain torch when the user picks it.
 
 Both expose the same three verbs (`step(loss)`, `save_state`, `load_state`) so the learners do not care
-which one runs. DeepSpeed on CPU needs `DS_ACCELERATOR=cpu` and a gloo process group (DESIGN.md).
+which one runs. DeepSpeed on CPU needs `DS_ACCELERATOR=cpu` and a gloo process group (docs/architecture.md).
 
 DeepSpeed JIT-builds C++ ops under a lock file that a build killed mid-way leaves behind, and a later build
 of that op waits on it forever, silently (apo_ray.build_locks). The learners build none: the one op DeepSpeed

@@ -8,7 +8,7 @@ sampled response ids (special tokens included), its finish reason and the engine
 sampled token; the learners train on the ids, the text is decoded for logs and reward models only.
 
 vLLM runs inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): new weights then reach the model
-as tensors through ``collective_rpc`` into ``VllmWeightLoader``, a worker extension (DESIGN.md).
+as tensors through ``collective_rpc`` into ``VllmWeightLoader``, a worker extension (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class VllmWeightLoader:
 
 class VllmEngine:
     def __init__(self, model_path: str, *, dtype: str, seed: int, max_model_len: int, engine_kwargs: dict):
-        # The engine must live in this process so that tensors reach it as tensors (DESIGN.md).
+        # The engine must live in this process so that tensors reach it as tensors (docs/architecture.md).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 

@@ -20,7 +20,7 @@ from apo_ray.driver import Actors
 from apo_ray.rollout_pool import RolloutPool
 
 # vLLM must keep its engine in the actor's own process: across its multiprocess boundary, weight tensors
-# turn into lists (DESIGN.md). DeepSpeed picks its CPU accelerator only when told to.
+# turn into lists (docs/architecture.md). DeepSpeed picks its CPU accelerator only when told to.
 ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 
 def resolve_dtype(name: str, on_gpu: bool) -> str:
-    """The one rule for "auto": float32 on CPU (half precision is slow there, DESIGN.md: 75 s vs 4.4 s per
+    """The one rule for "auto": float32 on CPU (half precision is slow there, docs/architecture.md: 75 s vs 4.4 s per
     RM step), bfloat16 on GPU. Every role resolves through this, so no engine picks a dtype of its own
     (vLLM's own "auto" would take the checkpoint's)."""
     if name == "auto":

@@ -155,7 +155,7 @@ class TrlArm:
         config = RewardConfig(
             output_dir=str(self.output_dir), per_device_train_batch_size=self.args.batch_size, num_train_epochs=1,
             learning_rate=self.args.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-            # fp32 without checkpointing: bf16 and recomputation are far slower on CPU (DESIGN.md).
+            # fp32 without checkpointing: bf16 and recomputation are far slower on CPU (docs/architecture.md).
             bf16=False, fp16=False, gradient_checkpointing=False,
             # apo-ray trains with the backbone's dropout on; TRL's default would switch it off.
             disable_dropout=False,

@@ -9,7 +9,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Ray's worker processes import `apo_ray` and `actors` from the checkout; vLLM keeps its engine in the
-# actor's process so that weights reach it as tensors (DESIGN.md).
+# actor's process so that weights reach it as tensors (docs/architecture.md).
 RAY_TEST_ENV = {
     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
