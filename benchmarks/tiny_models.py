@@ -30,7 +30,7 @@ class BenchModel:
 
 
 # The embedded default's policy, and two larger shapes: deeper/wider on the same vocabulary, and the
-# 30k-vocabulary shape of the first rollout measurement (vLLM 1,070 vs HF 680 tokens/s) (where the output layer dominates).
+# 30k-vocabulary shape of the first rollout measurement, where the output layer dominates.
 BUILTIN = "builtin-2L-h128"
 MODELS = {
     "llama-4L-h256": BenchModel("llama-4L-h256", "builtin", TinyModelSpec(hidden_size=256, num_attention_heads=4, num_hidden_layers=4, intermediate_size=512)),
