@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import uuid
 
@@ -15,6 +14,7 @@ from actors.reward import RewardLearner
 from apo_ray.actor_group import ActorGroup
 from apo_ray.config import Config
 from apo_ray.driver import Actors
+from apo_ray.placement import Role, actor_plan, cluster_from_ray_nodes, local_num_cpus, place, totals
 from apo_ray.rollout_pool import RolloutPool
 
 # vLLM must keep its engine in the actor's own process: across its multiprocess boundary, weight tensors
@@ -35,14 +35,7 @@ def actor_env() -> dict[str, str]:
 
 def required_resources(cfg: Config) -> dict[str, float]:
     """Logical CPUs and GPUs of all the run's actors, as start_actors asks for them."""
-    learner, rollout = cfg.learner, cfg.rollout
-    # Policy, reward and (PPO) critic learners; the frozen reference model and evaluation RM take half a share.
-    learners = 3 if cfg.method == "ppo" else 2
-    frozen = 1 if cfg.model.eval_reward == "gold" else 2
-    return {
-        "CPU": learners * learner.num_cpus + frozen * 0.5 + rollout.num_workers * rollout.num_cpus_per_worker,
-        "GPU": (learners + frozen / 2) * learner.num_gpus + rollout.num_workers * rollout.num_gpus_per_worker,
-    }
+    return totals(actor_plan(cfg))
 
 
 def required_cpus(cfg: Config) -> float:
@@ -56,26 +49,19 @@ def init_ray(cfg: Config) -> None:
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
-    # Logical CPUs: a 2-core machine still runs policy, RM, reference and a rollout worker side by side.
-    need = required_resources(cfg)
-    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(need["CPU"]))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    have = ray.cluster_resources()
-    if any(amount > have.get(kind, 0.0) for kind, amount in need.items()):
+    ray.init(num_cpus=local_num_cpus(cfg), include_dashboard=False, log_to_driver=True)
+    placement = place(actor_plan(cfg), cluster_from_ray_nodes(ray.nodes(), "this machine's Ray"))
+    if not placement.fits:
         # Otherwise the placement groups would wait ten minutes for resources this machine does not have.
         ray.shutdown()
-        raise RuntimeError(
-            f"the run's actors need {need['CPU']:g} CPUs and {need['GPU']:g} GPUs; this machine's Ray has "
-            f"{have.get('CPU', 0.0):g} and {have.get('GPU', 0.0):g}: lower learner.num_cpus / learner.num_gpus, "
-            "rollout.num_workers / rollout.num_cpus_per_worker / rollout.num_gpus_per_worker, or raise ray.num_cpus"
-        )
+        raise RuntimeError(f"the run's actors do not fit: {'; '.join(placement.shortfall)} (or raise ray.num_cpus)")
 
 
-def _learner(cls, name: str, num_cpus: float, num_gpus: float, **kwargs) -> ActorGroup:
+def _learner(cls, name: str, role: Role, **kwargs) -> ActorGroup:
     """One learner in a placement-group bundle of its own, as the rollout workers are (ActorGroup of 1)."""
     return ActorGroup(
         cls, 1, name_prefix=name, make_kwargs=lambda index: kwargs,
-        num_cpus_per_actor=num_cpus, num_gpus_per_actor=num_gpus, env=actor_env(),
+        num_cpus_per_actor=role.cpus, num_gpus_per_actor=role.gpus, env=actor_env(),
     )
 
 
@@ -83,31 +69,33 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
     # Names carry a run id so two runs on one cluster do not collide on the dashboard.
     run_id = uuid.uuid4().hex[:6]
     learner = cfg.learner
+    # The bundles the dry run prints (apo_ray.placement) are the ones asked for here.
+    roles = {role.name: role for role in actor_plan(cfg)}
     groups = {
         "policy": _learner(
-            PolicyLearner, f"policy-learner-{run_id}", learner.num_cpus, learner.num_gpus,
+            PolicyLearner, f"policy-learner-{run_id}", roles["policy"],
             model_path=policy_path, model=cfg.model, policy=cfg.policy, learner=learner, seed=cfg.seed,
         ),
         "reward": _learner(
-            RewardLearner, f"reward-learner-{run_id}", learner.num_cpus, learner.num_gpus,
+            RewardLearner, f"reward-learner-{run_id}", roles["reward"],
             model_path=reward_path, reward=cfg.reward, learner=learner, dtype=cfg.model.dtype, seed=cfg.seed,
             trust_remote_code=cfg.model.trust_remote_code,
         ),
         "reference": _learner(
-            ReferenceModel, f"reference-{run_id}", 0.5, learner.num_gpus / 2, model_path=policy_path, model=cfg.model
+            ReferenceModel, f"reference-{run_id}", roles["reference"], model_path=policy_path, model=cfg.model
         ),
     }
-    if cfg.model.eval_reward != "gold":
+    if "eval_reward" in roles:
         groups["eval_reward"] = _learner(
-            RewardLearner, f"eval-reward-{run_id}", 0.5, learner.num_gpus / 2,
+            RewardLearner, f"eval-reward-{run_id}", roles["eval_reward"],
             model_path=cfg.model.eval_reward, reward=cfg.reward, learner=learner, dtype=cfg.model.dtype,
             trainable=False, trust_remote_code=cfg.model.trust_remote_code,
         )
-    if cfg.method == "ppo":
+    if "critic" in roles:
         # Built from reward_path so that a tokenizer or head mismatch shows when the actor starts; the online
         # game reloads it from the RM as fitted in iteration 0 when critic_init is "reward".
         groups["critic"] = _learner(
-            CriticLearner, f"critic-{run_id}", learner.num_cpus, learner.num_gpus,
+            CriticLearner, f"critic-{run_id}", roles["critic"],
             model_path=reward_path if cfg.ppo.critic_init == "reward" else policy_path, tokenizer_path=policy_path,
             model=cfg.model, ppo=cfg.ppo, learner=learner, seed=cfg.seed,
         )
