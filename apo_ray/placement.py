@@ -174,7 +174,11 @@ def read_running_cluster(address: str) -> Cluster:
     """Join the cluster at `address` just long enough to read its nodes."""
     import ray
 
-    ray.init(address=address, log_to_driver=False)
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except Exception as exc:  # unreachable, refused, no auth token: Ray raises several types
+        raise ConfigError(f"ray.address / RAY_ADDRESS {address!r}: cannot join that Ray cluster to read its nodes "
+                          f"({type(exc).__name__}: {exc}); or describe it with --cluster") from exc
     try:
         return cluster_from_ray_nodes(ray.nodes(), f"the running Ray cluster at {address}")
     finally:
