@@ -54,7 +54,7 @@ def init_ray(cfg: Config) -> None:
     if not placement.fits:
         # Otherwise the placement groups would wait ten minutes for resources this machine does not have.
         ray.shutdown()
-        raise RuntimeError(f"the run's actors do not fit: {'; '.join(placement.shortfall)} (or raise ray.num_cpus)")
+        raise RuntimeError(f"the run's actors do not fit: {placement.summary} (`apo-ray train --dry-run` shows the plan)")
 
 
 def _learner(cls, name: str, role: Role, **kwargs) -> ActorGroup:

@@ -169,3 +169,10 @@ def test_the_dry_run_opens_no_model_file(tmp_path, capsys):
     assert "data: 10 pairs" in out
     assert str(data) in _opened  # the recorder works: the data was read
     assert not [path for path in _opened if path.startswith(str(model))]
+
+
+def test_the_apo_ray_command_passes_the_dry_run_through(capsys):
+    from apo_ray.cli import main as apo_ray
+
+    assert apo_ray(["train", "--dry-run", "--cluster", "4cpu"]) == 0
+    assert "fits: every bundle has a place" in capsys.readouterr().out
