@@ -202,11 +202,10 @@ class _NodeRoom:
             whole = [i for i, free in enumerate(self.gpus) if free >= 1 - EPS]
             if len(whole) < round(gpus):
                 return False
-            chosen = whole[: round(gpus)]
-            for i in chosen:
+            for i in whole[: round(gpus)]:
                 self.gpus[i] = 0.0
         elif gpus > EPS:
-            # Best fit: the fullest GPU that still has the share keeps whole GPUs free for whole-GPU bundles.
+            # Best fit: the fullest GPU with room for the share, so that shares do not spread over many GPUs.
             fitting = [i for i, free in enumerate(self.gpus) if free >= gpus - EPS]
             if not fitting:
                 return False
