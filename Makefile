@@ -1,12 +1,15 @@
 # The two commands of the README: `make run` (install + the embedded default APO run) and
-# `make test` (install + the test suite).
+# `make test` (install + the test suite), both on the CPU stack. `make install-gpu`: the GPU stack instead.
 PY := .venv/bin/python
 ARGS ?=
 
-.PHONY: install run test test-fast
+.PHONY: install install-gpu run test test-fast
 
 install:
-	bash scripts/install.sh
+	bash scripts/install.sh cpu
+
+install-gpu:
+	bash scripts/install.sh gpu
 
 run: install
 	$(PY) -m apo_ray.train --config configs/default.yaml $(ARGS)

@@ -23,6 +23,7 @@ import torch
 from apo_ray.config import resolve_dtype
 from apo_ray.game import FinishReason, Rollout
 from apo_ray.modeling import encode_prompt, load_tokenizer, torch_dtype
+from apo_ray.vllm_version import require_supported_vllm
 from apo_ray.weight_sync import NamedTensors, as_named_tensors, checkpoint_files, read_checkpoint_dir, tensor_bytes
 
 BACKENDS = ("vllm", "hf")
@@ -128,6 +129,8 @@ class VllmWeightLoader:
 
 class VllmEngine:
     def __init__(self, model_path: str, *, dtype: str, seed: int, max_model_len: int, engine_kwargs: dict):
+        # On a cluster the worker's node may hold another vLLM than the driver's: refuse it by name here.
+        require_supported_vllm()
         # The engine must live in this process so that tensors reach it as tensors (docs/architecture.md).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM

@@ -1,4 +1,5 @@
-"""`apo-ray` command: `train` (the game), `report` (plots of a run directory)."""
+"""`apo-ray` command: `train` (the game; `--dry-run` checks a config and prints its placement plan), `report`
+(plots of a run directory)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = ("train", "report")
     if not argv or argv[0] not in commands:
-        print(f"usage: apo-ray {{{','.join(commands)}}} ...   (apo-ray train --help)", file=sys.stderr)
+        print(f"usage: apo-ray {{{','.join(commands)}}} ...   (apo-ray train --help; apo-ray train --config X --dry-run)",
+              file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
     if command == "train":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import uuid
 
@@ -17,6 +16,7 @@ from apo_ray import build_locks
 from apo_ray.actor_group import ActorGroup, wait_until_ready
 from apo_ray.config import Config, LearnerConfig
 from apo_ray.driver import Actors
+from apo_ray.placement import Role, actor_plan, cluster_from_ray_nodes, local_num_cpus, place, totals
 from apo_ray.rollout_pool import RolloutPool
 
 # vLLM must keep its engine in the actor's own process: across its multiprocess boundary, weight tensors
@@ -37,14 +37,7 @@ def actor_env() -> dict[str, str]:
 
 def required_resources(cfg: Config) -> dict[str, float]:
     """Logical CPUs and GPUs of all the run's actors, as start_actors asks for them."""
-    learner, rollout = cfg.learner, cfg.rollout
-    # Policy, reward and (PPO) critic learners; the frozen reference model and evaluation RM take half a share.
-    learners = 3 if cfg.method == "ppo" else 2
-    frozen = 1 if cfg.model.eval_reward == "gold" else 2
-    return {
-        "CPU": learners * learner.num_cpus + frozen * 0.5 + rollout.num_workers * rollout.num_cpus_per_worker,
-        "GPU": (learners + frozen / 2) * learner.num_gpus + rollout.num_workers * rollout.num_gpus_per_worker,
-    }
+    return totals(actor_plan(cfg))
 
 
 def required_cpus(cfg: Config) -> float:
@@ -58,26 +51,19 @@ def init_ray(cfg: Config) -> None:
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
-    # Logical CPUs: a 2-core machine still runs policy, RM, reference and a rollout worker side by side.
-    need = required_resources(cfg)
-    num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(need["CPU"]))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    have = ray.cluster_resources()
-    if any(amount > have.get(kind, 0.0) for kind, amount in need.items()):
+    ray.init(num_cpus=local_num_cpus(cfg), include_dashboard=False, log_to_driver=True)
+    placement = place(actor_plan(cfg), cluster_from_ray_nodes(ray.nodes(), "this machine's Ray"))
+    if not placement.fits:
         # Otherwise the placement groups would wait ten minutes for resources this machine does not have.
         ray.shutdown()
-        raise RuntimeError(
-            f"the run's actors need {need['CPU']:g} CPUs and {need['GPU']:g} GPUs; this machine's Ray has "
-            f"{have.get('CPU', 0.0):g} and {have.get('GPU', 0.0):g}: lower learner.num_cpus / learner.num_gpus, "
-            "rollout.num_workers / rollout.num_cpus_per_worker / rollout.num_gpus_per_worker, or raise ray.num_cpus"
-        )
+        raise RuntimeError(f"the run's actors do not fit: {placement.summary} (`apo-ray train --dry-run` shows the plan)")
 
 
-def _learner(cls, name: str, num_cpus: float, num_gpus: float, **kwargs) -> ActorGroup:
+def _learner(cls, name: str, role: Role, **kwargs) -> ActorGroup:
     """One learner in a placement-group bundle of its own, as the rollout workers are (ActorGroup of 1)."""
     return ActorGroup(
         cls, 1, name_prefix=name, make_kwargs=lambda index: kwargs,
-        num_cpus_per_actor=num_cpus, num_gpus_per_actor=num_gpus, env=actor_env(),
+        num_cpus_per_actor=role.cpus, num_gpus_per_actor=role.gpus, env=actor_env(),
     )
 
 
@@ -88,31 +74,33 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
     # "auto" resolved once, here, for every learner (the rollout pool takes cfg.rollout_dtype).
     dtype = cfg.learner_dtype
     model = dataclasses.replace(cfg.model, dtype=dtype)
+    # The bundles the dry run prints (apo_ray.placement) are the ones asked for here.
+    roles = {role.name: role for role in actor_plan(cfg)}
     groups = {
         "policy": _learner(
-            PolicyLearner, f"policy-learner-{run_id}", learner.num_cpus, learner.num_gpus,
+            PolicyLearner, f"policy-learner-{run_id}", roles["policy"],
             model_path=policy_path, model=model, policy=cfg.policy, learner=learner, seed=cfg.seed,
         ),
         "reward": _learner(
-            RewardLearner, f"reward-learner-{run_id}", learner.num_cpus, learner.num_gpus,
+            RewardLearner, f"reward-learner-{run_id}", roles["reward"],
             model_path=reward_path, reward=cfg.reward, learner=learner, dtype=dtype, seed=cfg.seed,
             trust_remote_code=cfg.model.trust_remote_code,
         ),
         "reference": _learner(
-            ReferenceModel, f"reference-{run_id}", 0.5, learner.num_gpus / 2, model_path=policy_path, model=model
+            ReferenceModel, f"reference-{run_id}", roles["reference"], model_path=policy_path, model=model
         ),
     }
-    if cfg.model.eval_reward != "gold":
+    if "eval_reward" in roles:
         groups["eval_reward"] = _learner(
-            RewardLearner, f"eval-reward-{run_id}", 0.5, learner.num_gpus / 2,
+            RewardLearner, f"eval-reward-{run_id}", roles["eval_reward"],
             model_path=cfg.model.eval_reward, reward=cfg.reward, learner=learner, dtype=dtype,
             trainable=False, trust_remote_code=cfg.model.trust_remote_code,
         )
-    if cfg.method == "ppo":
+    if "critic" in roles:
         # Built from reward_path so that a tokenizer or head mismatch shows when the actor starts; the online
         # game reloads it from the RM as fitted in iteration 0 when critic_init is "reward".
         groups["critic"] = _learner(
-            CriticLearner, f"critic-{run_id}", learner.num_cpus, learner.num_gpus,
+            CriticLearner, f"critic-{run_id}", roles["critic"],
             model_path=reward_path if cfg.ppo.critic_init == "reward" else policy_path, tokenizer_path=policy_path,
             model=model, ppo=cfg.ppo, learner=learner, seed=cfg.seed,
         )

@@ -431,7 +431,13 @@ def _check_model_path(path: str, key: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read `path` (YAML), apply `overrides`, validate everything; raise ConfigError naming the key."""
+    """Read `path` (YAML), apply `overrides`, validate everything; raise ConfigError naming the key.
+
+    Relative input paths in the file are read from the file's directory, those in `overrides` from the
+    working directory (apo_ray.config_paths).
+    """
+    from apo_ray.config_paths import dotted_keys, resolve_paths
+
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -444,7 +450,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         tree = loaded or {}
-    tree = _merge(tree, parse_overrides(overrides or []))
+    extra = parse_overrides(overrides or [])
+    tree = _merge(tree, extra)
+    resolve_paths(tree, path.resolve().parent if path is not None else None, dotted_keys(extra))
     cfg = _build(Config, tree, "")
     _cross_checks(cfg)
     return cfg

