@@ -249,6 +249,8 @@ def dry_run(cfg: Config, resume: bool, cluster_spec: str | None) -> int:
           + (f" ({vllm})" if vllm else ""))
     print(f"run_dir: {run_dir.resolve()} ({'resumed after round ' + str(resume_from) if resume else 'new'}; "
           "relative run_dir is read from the working directory)")
+    print(f"dtype: learners {cfg.learner_dtype}, rollout engines {cfg.rollout_dtype} (model.dtype {cfg.model.dtype}"
+          + (f", rollout.dtype {cfg.rollout.dtype})" if cfg.rollout.dtype else ")"))
     print("inputs:")
     for key, value, what in input_paths(cfg):
         print(f"  {key}: {value} ({what})")

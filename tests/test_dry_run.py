@@ -154,6 +154,11 @@ def test_without_a_described_cluster_the_local_one_is_checked(capsys):
     assert "no place for rollout on 1 node x" in err
 
 
+def test_the_dry_run_shows_the_resolved_dtypes(capsys):
+    code, out, _ = dry_run(["rollout.dtype=bfloat16"], capsys)
+    assert code == 0 and "dtype: learners float32, rollout engines bfloat16 (model.dtype auto, rollout.dtype bfloat16)" in out
+
+
 def test_the_dry_run_opens_no_model_file(tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
