@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from actors.engine import LearnerCheckpoint, TrainEngine
-from actors.policy import GridRows, train_minibatches
+from actors.engine import LearnerCheckpoint, TrainEngine, build_engine, train_steps
+from apo_ray.batching import shuffled_minibatches
 from apo_ray.config import LearnerConfig, ModelConfig, PPOConfig
 from apo_ray.game import TokenSample
 from apo_ray.modeling import EncodedBatch, encode_samples, load_reward_model, load_tokenizer
-from apo_ray.ppo import ppo_value_loss
+from apo_ray.ppo import GridRows, ppo_value_loss
 
 
 def check_same_vocabulary(policy_tokenizer, other_tokenizer, other_path: str) -> None:
@@ -53,15 +53,8 @@ class CriticLearner(LearnerCheckpoint):
                 f"ppo.critic_init: {type(model).__name__} from {path} has no per-token `score` head; the critic "
                 "needs a decoder sequence classifier (e.g. LlamaForSequenceClassification)"
             )
-        self.engine = TrainEngine(
-            model,
-            backend=self.learner_cfg.backend,
-            lr=self.ppo_cfg.critic_lr,
-            zero_stage=self.learner_cfg.zero_stage,
-            grad_clip=self.learner_cfg.grad_clip,
-            weight_decay=self.learner_cfg.weight_decay,
-            micro_batch_size=self.ppo_cfg.minibatch_size,
-        )
+        self.engine = build_engine(model, self.learner_cfg, lr=self.ppo_cfg.critic_lr,
+                                   micro_batch_size=self.ppo_cfg.minibatch_size)
         self.model = self.engine.model.eval()
 
     def reinitialize(self, path: str) -> None:
@@ -101,7 +94,5 @@ class CriticLearner(LearnerCheckpoint):
             loss, clipfrac = ppo_value_loss(values, rows.of(old_values), rows.of(returns), m, ppo.value_clip_eps)
             return loss, {"critic/loss": loss.item(), "critic/clipfrac": clipfrac}
 
-        return train_minibatches(
-            self.engine, len(samples), minibatch_size=ppo.minibatch_size, epochs=ppo.ppo_epochs, seed=seed,
-            loss_fn=loss_fn, role="critic",
-        )
+        plan = shuffled_minibatches(len(samples), ppo.minibatch_size, ppo.ppo_epochs, seed)
+        return train_steps(self.engine, plan, loss_fn, role="critic")

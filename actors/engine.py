@@ -15,11 +15,19 @@ import math
 import os
 import socket
 import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
+import numpy as np
 import torch
 
 from apo_ray import build_locks
+from apo_ray.config import LearnerConfig
+from apo_ray.progress import Progress
+
+Batch = TypeVar("Batch")
 
 
 def free_port() -> int:
@@ -197,6 +205,40 @@ def _copy_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             copies[key] = tensor.detach().cpu().clone()
         out[name] = copies[key]
     return out
+
+
+def build_engine(model: torch.nn.Module, learner: LearnerConfig, *, lr: float, micro_batch_size: int) -> TrainEngine:
+    """The engine of a one-rank learner, as `learner.*` configures it: the one place learners build engines."""
+    return TrainEngine(model, backend=learner.backend, lr=lr, zero_stage=learner.zero_stage,
+                       grad_clip=learner.grad_clip, weight_decay=learner.weight_decay,
+                       micro_batch_size=micro_batch_size)
+
+
+def mean_stats(history: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Each stat averaged over the steps that reported it."""
+    keys = {k for h in history for k in h}
+    return {k: float(np.mean([h[k] for h in history if k in h])) for k in keys}
+
+
+def train_steps(engine: TrainEngine, plan: Sequence[Batch],
+                loss_fn: Callable[[Batch], tuple[torch.Tensor, dict[str, float]]], *, role: str) -> dict[str, float]:
+    """The one training loop of every learner: one engine step per minibatch of `plan` (apo_ray.batching),
+    the model in train mode meanwhile. Returns the mean of what `loss_fn` reports, `{role}/steps` and
+    `timing/{role}_step`."""
+    started = time.perf_counter()
+    history: list[dict[str, float]] = []
+    engine.model.train()
+    try:
+        with Progress(f"{role}_step", total=len(plan), unit="steps") as progress:
+            for batch in plan:
+                loss, stats = loss_fn(batch)
+                engine.step(loss)
+                history.append(stats)
+                progress.update()
+    finally:
+        engine.model.eval()
+    return {**mean_stats(history), f"{role}/steps": float(len(history)),
+            f"timing/{role}_step": time.perf_counter() - started}
 
 
 class LearnerCheckpoint:

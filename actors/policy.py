@@ -1,29 +1,23 @@
-"""PolicyLearner: the min player. The reference model's log-prob machinery plus an engine and the
-offline policy steps (RJS, RRHF, DPO) and the online PPO step; the losses themselves are in apo_ray.losses
-and apo_ray.ppo. Every step trains on token samples exactly as the rollout workers drew them."""
+"""PolicyLearner: the min player. It holds the policy, its engine and its log-probs of token samples, and
+takes the offline policy steps (RJS, RRHF, DPO) and the online PPO step; the losses are in apo_ray.losses
+and apo_ray.ppo, the minibatch plans in apo_ray.batching. Every step trains on token samples exactly as the
+rollout workers drew them."""
 
 from __future__ import annotations
 
-import time
-from typing import Callable
-
-import numpy as np
 import torch
 
-from actors.engine import LearnerCheckpoint, TrainEngine
-from actors.reference import ReferenceModel
+from actors.engine import LearnerCheckpoint, build_engine, train_steps
+from apo_ray.batching import grouped_minibatches, shuffled_minibatches
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.game import TokenSample
 from apo_ray.losses import dpo_loss, masked_mean, rrhf_loss, sequence_logprob, sft_loss, token_logprobs
-from apo_ray.modeling import encode_samples, minibatches
-from apo_ray.weight_sync import NcclWeightSender
-from apo_ray.ppo import entropy_from_logits, kl_limited_loss, kl_penalty, ppo_policy_loss
-from apo_ray.progress import Progress
-
-LossFn = Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]]
+from apo_ray.modeling import SampleLogprobs, encode_samples, load_causal_lm, load_tokenizer
+from apo_ray.ppo import GridRows, entropy_from_logits, kl_limited_loss, kl_penalty, ppo_policy_loss
+from actors.nccl import NcclWeightSender
 
 
-class PolicyLearner(ReferenceModel, LearnerCheckpoint):
+class PolicyLearner(LearnerCheckpoint):
     def __init__(
         self,
         model_path: str,
@@ -34,55 +28,33 @@ class PolicyLearner(ReferenceModel, LearnerCheckpoint):
         seed: int = 0,
     ):
         torch.manual_seed(seed)
-        super().__init__(model_path, model=model)
         self.policy_cfg = policy
-        self.engine = TrainEngine(
-            self.model,
-            backend=learner.backend,
-            lr=policy.lr,
-            zero_stage=learner.zero_stage,
-            grad_clip=learner.grad_clip,
-            weight_decay=learner.weight_decay,
-            micro_batch_size=policy.batch_size,
-        )
+        self.tokenizer = load_tokenizer(model_path, model.trust_remote_code)
+        lm = load_causal_lm(model_path, model.dtype, model.trust_remote_code, model.disable_dropout).eval()
+        self.engine = build_engine(lm, learner, lr=policy.lr, micro_batch_size=policy.batch_size)
         self.model = self.engine.model
+        self.logprobs = SampleLogprobs(self.model, self.tokenizer.pad_token_id)
         self._nccl_sender: NcclWeightSender | None = None
 
-    def _train(self, groups: list[list[int]], epochs: int, seed: int, loss_fn: LossFn) -> dict[str, float]:
-        """Shuffle `groups` (lists of item indices kept together) into minibatches and step on each."""
-        started = time.perf_counter()
-        rng = np.random.default_rng(seed)
-        self.model.train()
-        history = []
-        progress = Progress("policy_step", unit="steps")
-        for _ in range(epochs):
-            order = rng.permutation(len(groups))
-            batch: list[int] = []
-            for g in order:
-                batch.extend(groups[g])
-                if len(batch) >= self.policy_cfg.batch_size or g == order[-1]:
-                    loss, stats = loss_fn(batch)
-                    self.engine.step(loss)
-                    history.append(stats)
-                    progress.update()
-                    batch = []
-        progress.close()
-        self.model.eval()
-        keys = {k for h in history for k in h}
-        out = {k: float(np.mean([h[k] for h in history if k in h])) for k in keys}
-        out["policy/steps"] = float(len(history))
-        out["timing/policy_step"] = time.perf_counter() - started
-        return out
+    def token_logprobs(self, samples: list[TokenSample]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logprobs.tokens(samples)
+
+    def sequence_logprobs(self, samples: list[TokenSample]) -> list[float]:
+        return self.logprobs.sequences(samples)
+
+    def _offline_step(self, groups: list[list[int]], epochs: int, seed: int, loss_fn) -> dict[str, float]:
+        plan = grouped_minibatches(groups, self.policy_cfg.batch_size, epochs, seed)
+        return train_steps(self.engine, plan, loss_fn, role="policy")
 
     def sft_step(self, samples: list[TokenSample], *, epochs: int, seed: int) -> dict[str, float]:
         """RJS's policy step: supervised fine-tuning on the best-of-S samples."""
 
         def loss_fn(idx: list[int]):
-            logps, mask = self._logps([samples[i] for i in idx])
+            logps, mask = self.logprobs.with_grad([samples[i] for i in idx])
             loss = sft_loss(logps, mask)
             return loss, {"policy/loss": loss.item()}
 
-        return self._train([[i] for i in range(len(samples))], epochs, seed, loss_fn)
+        return self._offline_step([[i] for i in range(len(samples))], epochs, seed, loss_fn)
 
     def rrhf_step(
         self, samples: list[TokenSample], rewards: list[float], group_ids: list[int], *, epochs: int, seed: int
@@ -92,20 +64,20 @@ class PolicyLearner(ReferenceModel, LearnerCheckpoint):
             groups.setdefault(g, []).append(i)
 
         def loss_fn(idx: list[int]):
-            logps, mask = self._logps([samples[i] for i in idx])
+            logps, mask = self.logprobs.with_grad([samples[i] for i in idx])
             return rrhf_loss(
                 logps, mask, torch.tensor([rewards[i] for i in idx]), torch.tensor([group_ids[i] for i in idx]),
                 sft_coef=self.policy_cfg.rrhf_sft_coef,
             )
 
-        return self._train(list(groups.values()), epochs, seed, loss_fn)
+        return self._offline_step(list(groups.values()), epochs, seed, loss_fn)
 
     def dpo_step(
         self, chosen: list[TokenSample], rejected: list[TokenSample], ref_chosen: list[float],
         ref_rejected: list[float], *, epochs: int, seed: int
     ) -> dict[str, float]:
         def loss_fn(idx: list[int]):
-            logps, mask = self._logps([chosen[i] for i in idx] + [rejected[i] for i in idx])
+            logps, mask = self.logprobs.with_grad([chosen[i] for i in idx] + [rejected[i] for i in idx])
             seq = sequence_logprob(logps, mask, average=False)
             n = len(idx)
             return dpo_loss(
@@ -113,7 +85,7 @@ class PolicyLearner(ReferenceModel, LearnerCheckpoint):
                 beta=self.policy_cfg.dpo_beta,
             )
 
-        return self._train([[i] for i in range(len(chosen))], epochs, seed, loss_fn)
+        return self._offline_step([[i] for i in range(len(chosen))], epochs, seed, loss_fn)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.full_state_dict()
@@ -171,45 +143,5 @@ class PolicyLearner(ReferenceModel, LearnerCheckpoint):
                 stats["policy/entropy"] = entropy_from_logits(logits[:, :-1], m).item()
             return loss, stats
 
-        return train_minibatches(
-            self.engine, len(samples), minibatch_size=ppo.minibatch_size, epochs=ppo.ppo_epochs, seed=seed,
-            loss_fn=loss_fn, role="policy",
-        )
-
-
-class GridRows:
-    """Rows `idx` of batch-wide [N, W] token grids, cut to a minibatch's own width `width`.
-
-    Rows are right-padded, so a minibatch encoded on its own has the same tokens in its first columns.
-    """
-
-    def __init__(self, idx: list[int], width: int, device: torch.device):
-        self.idx, self.width, self.device = idx, width, device
-
-    def of(self, grid: torch.Tensor) -> torch.Tensor:
-        return grid[self.idx, : self.width].to(self.device)
-
-
-def train_minibatches(
-    engine: TrainEngine, n_items: int, *, minibatch_size: int, epochs: int, seed: int, loss_fn: LossFn, role: str,
-) -> dict[str, float]:
-    """`epochs` passes over range(n_items) in freshly shuffled minibatches, one engine step each.
-
-    Returns the mean of the stats `loss_fn` reports, `{role}/steps` and `timing/{role}_step`.
-    """
-    started = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
-    engine.model.train()
-    history: list[dict[str, float]] = []
-    try:
-        for _ in range(epochs):
-            for idx in minibatches(n_items, minibatch_size, generator):
-                loss, stats = loss_fn(idx)
-                engine.step(loss)
-                history.append(stats)
-    finally:
-        engine.model.eval()
-    out = {k: float(np.mean([h[k] for h in history if k in h])) for k in {k for h in history for k in h}}
-    out[f"{role}/steps"] = float(len(history))
-    out[f"timing/{role}_step"] = time.perf_counter() - started
-    return out
+        plan = shuffled_minibatches(len(samples), ppo.minibatch_size, ppo.ppo_epochs, seed)
+        return train_steps(self.engine, plan, loss_fn, role="policy")

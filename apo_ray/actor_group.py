@@ -165,19 +165,9 @@ class ActorGroup:
 
     # ------------------------------------------------------------------ calls
 
-    def async_call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
-        """`method(*args, **kwargs)` on every member; one ref per member, in member order."""
-        return [getattr(handle, method).remote(*args, **kwargs) for handle in self.actors]
-
-    def call_each(self, method: str, args_per_actor: Sequence[tuple]) -> list[ray.ObjectRef]:
-        """`method(*args_per_actor[i])` on member i."""
-        if len(args_per_actor) != len(self._members):
-            raise ValueError(f"args_per_actor: {len(args_per_actor)} argument tuples for {len(self)} actors")
-        return [getattr(handle, method).remote(*args) for handle, args in zip(self.actors, args_per_actor)]
-
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """Blocking `async_call`."""
-        return ray.get(self.async_call(method, *args, **kwargs))
+        """`method(*args, **kwargs)` on every member, waited for; results in member order."""
+        return ray.get([getattr(handle, method).remote(*args, **kwargs) for handle in self.actors])
 
 
 def wait_until_ready(

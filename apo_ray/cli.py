@@ -1,5 +1,5 @@
 """`apo-ray` command: `train` (the game; `--dry-run` checks a config and prints its placement plan), `report`
-(plots of a run directory)."""
+(plots of a run directory, or one plot comparing several runs)."""
 
 from __future__ import annotations
 
@@ -20,15 +20,23 @@ def main(argv: list[str] | None = None) -> int:
         from apo_ray.train import main as train_main
 
         return train_main(rest)
-    parser = argparse.ArgumentParser(prog="apo-ray report", description="plots and a summary of a run directory")
-    parser.add_argument("run_dir", type=Path)
+    parser = argparse.ArgumentParser(
+        prog="apo-ray report",
+        description="plots and a summary of a run directory; with several, one plot comparing them (e.g. APO vs a "
+                    "fixed RM) in --out")
+    parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    parser.add_argument("--out", type=Path, help="where the comparison goes (default: comparison/ in the working directory)")
     args = parser.parse_args(rest)
-    if not (args.run_dir / "metrics.jsonl").is_file():
-        print(f"error: {args.run_dir}: no metrics.jsonl (not a run directory?)", file=sys.stderr)
-        return 2
-    from apo_ray.report import write_report
+    for run_dir in args.run_dirs:
+        if not (run_dir / "metrics.jsonl").is_file():
+            print(f"error: {run_dir}: no metrics.jsonl (not a run directory?)", file=sys.stderr)
+            return 2
+    from apo_ray.report import compare_runs, write_report
 
-    print(write_report(args.run_dir))
+    if len(args.run_dirs) == 1:
+        print(write_report(args.run_dirs[0]))
+    else:
+        print(compare_runs(args.run_dirs, args.out or Path("comparison")))
     return 0
 
 

@@ -40,10 +40,6 @@ def required_resources(cfg: Config) -> dict[str, float]:
     return totals(actor_plan(cfg))
 
 
-def required_cpus(cfg: Config) -> float:
-    return required_resources(cfg)["CPU"]
-
-
 def init_ray(cfg: Config) -> None:
     """Join the cluster this driver was submitted to (RAY_ADDRESS, or ray.address), else start one."""
     if ray.is_initialized():

@@ -236,7 +236,6 @@ class APOGame:
         stats["eval/rm_score"] = float(np.mean(rm_scores))
         stats["policy/kl"] = float(np.mean(np.array(policy_logps) - np.array(ref_logps)))
         stats["policy/response_length"] = float(np.mean([len(x.response_token_ids) for x in samples]))
-        stats["rm/reward_sample"] = float(np.mean(rm_scores))
 
         r_win, r_lose = [], []
         for a, b in zip(range(0, len(samples), 2), range(1, len(samples), 2)):

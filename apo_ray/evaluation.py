@@ -44,12 +44,6 @@ def preference_accuracy(r_chosen: Scores, r_rejected: Scores) -> float:
     return float(_win_fraction(chosen, rejected).mean())
 
 
-def win_rate(scores_a: Scores, scores_b: Scores) -> float:
-    """Fraction of prompts where policy A's response outscores policy B's (paired by index); ties half."""
-    a, b = _paired(scores_a, scores_b, ("scores_a", "scores_b"))
-    return float(_win_fraction(a, b).mean())
-
-
 def mean_and_stderr(values: Scores) -> tuple[float, float]:
     """Mean and standard error of the mean (sample std / sqrt(n)); the error is NaN for a single value."""
     array = _as_array(values, "values")

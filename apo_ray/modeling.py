@@ -138,18 +138,39 @@ def encode_samples(samples: list[TokenSample], pad_token_id: int) -> EncodedBatc
     return EncodedBatch(ids, attn, resp, n_truncated=0)
 
 
-def minibatches(n: int, batch_size: int, generator: torch.Generator | None) -> list[list[int]]:
-    """Shuffled index batches; a seeded generator makes the order reproducible across a resume."""
-    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
 def response_token_logprobs(model: torch.nn.Module, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the response under a causal LM: ([B, T-1], mask [B, T-1])."""
     from apo_ray.losses import token_logprobs
 
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     return token_logprobs(logits, batch.input_ids), batch.response_mask[:, 1:]
+
+
+class SampleLogprobs:
+    """A causal LM's log-probs of token samples, as the policy (trainable) and the reference (frozen) both
+    read them: each holds one, so neither role inherits the other."""
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int):
+        self.model, self.pad_token_id = model, pad_token_id
+
+    def with_grad(self, samples: list[TokenSample]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = encode_samples(samples, self.pad_token_id).to(self.model.device)
+        return response_token_logprobs(self.model, batch)
+
+    @torch.no_grad()
+    def tokens(self, samples: list[TokenSample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of each response and the response mask, both [B, T-1] (float32, CPU)."""
+        logps, mask = self.with_grad(samples)
+        return logps.float().cpu(), mask.cpu()
+
+    def sequences(self, samples: list[TokenSample], batch_size: int = 64) -> list[float]:
+        from apo_ray.losses import sequence_logprob
+
+        out: list[float] = []
+        for i in range(0, len(samples), batch_size):
+            logps, mask = self.tokens(samples[i : i + batch_size])
+            out.extend(sequence_logprob(logps, mask, average=False).tolist())
+        return out
 
 
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:

@@ -254,3 +254,16 @@ def truncated_importance_weights(learner_logp: Tensor, sampler_logp: Tensor, mas
     stats = {"policy/tis_weight_mean": masked_mean(weights, mask).item(),
              "policy/tis_clipped_fraction": masked_mean((ratio > cap).to(mask.dtype), mask).item()}
     return weights, stats
+
+
+class GridRows:
+    """Rows `idx` of batch-wide [N, W] token grids, cut to a minibatch's own width `width`.
+
+    Rows are right-padded, so a minibatch encoded on its own has the same tokens in its first columns.
+    """
+
+    def __init__(self, idx: list[int], width: int, device: torch.device):
+        self.idx, self.width, self.device = idx, width, device
+
+    def of(self, grid: Tensor) -> Tensor:
+        return grid[self.idx, : self.width].to(self.device)

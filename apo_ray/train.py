@@ -35,6 +35,10 @@ class RunDirError(RuntimeError):
     pass
 
 
+class ClusterTooSmall(RuntimeError):
+    """The local Ray cluster a run would start cannot hold its actors (checked before Ray starts)."""
+
+
 class TrainingDiverged(RuntimeError):
     """A learner met a non-finite loss or gradient; the run stopped and its checkpoints are intact."""
 
@@ -121,10 +125,23 @@ def check_environment(cfg: Config) -> str | None:
     return require_supported_vllm() if cfg.rollout.backend == "vllm" else None
 
 
+def joins_a_running_cluster(cfg: Config) -> bool:
+    """Whether init_ray will join a cluster (ray.address, RAY_ADDRESS, or one this process already started)
+    rather than start a local one of its own."""
+    ray = sys.modules.get("ray")
+    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()))
+
+
 def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
     """All validation and data loading, no Ray and no model loading (except building the builtin task)."""
     run_dir, resume_from = checked_run_dir(cfg, resume)
     check_environment(cfg)
+    if not joins_a_running_cluster(cfg):
+        # Otherwise the placement groups would wait ten minutes for resources this machine does not have.
+        placement = place(actor_plan(cfg), local_cluster(cfg))
+        if not placement.fits:
+            raise ClusterTooSmall(f"the run's actors do not fit: {placement.summary} "
+                                  "(`apo-ray train --dry-run` shows the plan)")
     if cfg.data.task == "builtin":
         from apo_ray.builtin_task import gold_score, make_task, prepare_builtin_assets
 
@@ -302,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(cfg, bool(args.resume), args.cluster)
         prepared = prepare(cfg, resume=bool(args.resume))
-    except (ConfigError, DataError, RunDirError, VllmVersionError) as exc:
+    except (ConfigError, DataError, RunDirError, VllmVersionError, ClusterTooSmall) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from apo_ray.actor_group import ActorStartupTimeout

@@ -460,13 +460,13 @@ def main() -> None:
     run = BenchmarkRun("quality", "Quality: APO vs. fixed-RM baselines and RM ablations on the builtin task", args)
     import ray
 
-    from apo_ray.cluster import init_ray, required_cpus
+    from apo_ray.cluster import init_ray, required_resources
 
     arms = selected_arms(args.arms)
     # quick and full sweeps keep their runs apart: reuse is decided by config, and they differ in rounds
     scratch = run.scratch / ("quick" if args.quick else "full")
     configs = {arm.name: arm_config(arm, args.seeds[0], scratch / arm.key, args) for arm in arms}
-    largest = max(configs.values(), key=required_cpus)
+    largest = max(configs.values(), key=lambda cfg: required_resources(cfg)["CPU"])
     start_ray_with_retries(lambda: init_ray(largest))
     records: dict[str, list[RunRecord]] = {arm.name: [] for arm in arms}
     try:

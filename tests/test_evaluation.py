@@ -9,7 +9,6 @@ from apo_ray.evaluation import (
     expected_calibration_error,
     mean_and_stderr,
     preference_accuracy,
-    win_rate,
 )
 
 
@@ -23,13 +22,9 @@ def test_preference_accuracy_counts_ties_half(convert):
     assert accuracy == pytest.approx(0.625)
 
 
-def test_win_rate_pairs_by_index():
-    assert win_rate([3.0, 1.0, 2.0], [1.0, 1.0, 5.0]) == pytest.approx(0.5)
-
-
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="lengths differ"):
-        win_rate([1.0, 2.0], [1.0])
+        preference_accuracy([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="r_chosen: empty"):
         preference_accuracy([], [])
     with pytest.raises(ValueError, match="1-d"):

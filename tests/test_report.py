@@ -99,3 +99,14 @@ def test_compare_runs_overlays_runs_in_one_png(tmp_path):
     _assert_valid_png(path)
     with pytest.raises(ValueError, match="2 run directories but 1 labels"):
         compare_runs([tmp_path / "apo", tmp_path / "fixed_rm"], tmp_path / "compare", labels=["APO"])
+
+
+def test_apo_ray_report_compares_several_run_directories(tmp_path, capsys):
+    from apo_ray.cli import main
+
+    _synthetic_run(tmp_path / "apo", gold_gain=0.3)
+    _synthetic_run(tmp_path / "fixed_rm", gold_gain=0.1)
+    assert main(["report", str(tmp_path / "apo"), str(tmp_path / "fixed_rm"), "--out", str(tmp_path / "cmp")]) == 0
+    _assert_valid_png(tmp_path / "cmp" / "comparison.png")
+    assert main(["report", str(tmp_path / "apo"), str(tmp_path / "missing")]) == 2
+    assert "missing: no metrics.jsonl" in capsys.readouterr().err

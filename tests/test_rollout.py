@@ -9,6 +9,7 @@ import pytest
 import ray
 import torch
 
+from actors.nccl import RolloutEnginesClient
 from actors.policy import PolicyLearner
 from actors.rollout import RolloutWorker, cut_at_eos
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
@@ -19,7 +20,6 @@ from apo_ray.weight_sync import (
     DiskSync,
     NcclSync,
     ObjectStoreSync,
-    RolloutEnginesClient,
     as_named_tensors,
     drop_shared_tensors,
     make_weight_sync,
@@ -200,7 +200,7 @@ def test_actor_group_names_and_per_actor_calls(hf_pool):
     group = hf_pool.group
     assert group.names == ["test-rollout-hf-0", "test-rollout-hf-1"]
     assert ray.get_actor("test-rollout-hf-1") == group.actors[1]
-    first, second = ray.get(group.call_each("generate", [(["a"], [0], 1), (["b"], [1], 1)]))
+    first, second = ray.get([group.actors[0].generate.remote(["a"], [0], 1), group.actors[1].generate.remote(["b"], [1], 1)])
     assert (first[0].prompt, first[0].worker, second[0].prompt, second[0].worker) == ("a", 0, "b", 1)
 
 

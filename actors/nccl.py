@@ -1,0 +1,89 @@
+"""The learner side of the `nccl` weight sync (apo_ray/weight_sync.py NcclSync): vLLM's NCCL weight transfer
+from the policy learner (rank 0 of the group) into every rollout worker's engine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+import torch
+
+from actors.engine import free_port
+
+
+class RolloutEnginesClient:
+    """vLLM's VLLMWeightSyncClient protocol over several independent rollout engines.
+
+    vLLM's own Ray client gives every engine the same rank offset; here engine i joins the NCCL group
+    at ranks after engine i-1's, so N single-engine actors share one group with the learner.
+    """
+
+    def __init__(self, workers: Sequence[ray.actor.ActorHandle], ranks_per_worker: Sequence[int]):
+        self.workers = list(workers)
+        self.rank_offsets = [1 + sum(ranks_per_worker[:i]) for i in range(len(self.workers))]
+
+    def _all(self, method: str, kwargs_per_worker: Sequence[dict] | None = None) -> None:
+        kwargs_per_worker = kwargs_per_worker or [{}] * len(self.workers)
+        ray.get([w.weight_transfer_rpc.remote(method, kw) for w, kw in zip(self.workers, kwargs_per_worker)])
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self._all("init_weight_transfer_engine",
+                  [{"init_info": {**init_info, "rank_offset": offset}} for offset in self.rank_offsets])
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._all("shutdown_weight_transfer_engine")
+
+    def start_weight_update(self) -> None:
+        self._all("start_weight_update")
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self._all("update_weights", [{"update_info": update_info}] * len(self.workers))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all("finish_weight_update")
+
+
+class NcclWeightSender:
+    """Learner side of the NCCL strategy: broadcasts `module`'s parameters to the given rollout workers.
+
+    The NCCL group is built on the first send and rebuilt when the set of workers changes (a resize or a
+    restart), since an NCCL group's size is fixed.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self._engine = None
+        self._workers: list[ray.actor.ActorHandle] = []
+
+    def send(self, workers: Sequence[ray.actor.ActorHandle]) -> int:
+        from vllm.distributed.weight_transfer.base import ModuleSource
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
+
+        if list(workers) != self._workers:
+            self.close()
+            ranks = [info["engine_ranks"] for info in ray.get([w.ping.remote() for w in workers])]
+            init_info = NCCLTrainerInitInfo(
+                master_address=ray.util.get_node_ip_address(), master_port=free_port(),
+                world_size=1 + sum(ranks), rank=0,
+            )
+            self._engine = NCCLTrainerWeightTransferEngine.trainer_init(
+                init_info, client=RolloutEnginesClient(workers, ranks), source=ModuleSource(self.module)
+            )
+            self._workers = list(workers)
+        self._engine.send_weights()
+        return sum(p.numel() * p.element_size() for p in self.module.parameters())
+
+    def close(self) -> None:
+        if self._engine is None:
+            return
+        for worker in self._workers:
+            try:
+                ray.get(worker.weight_transfer_rpc.remote("shutdown_weight_transfer_engine", {}))
+            except ray.exceptions.RayActorError:
+                pass  # a dead worker has no group to leave
+        self._engine.shutdown()
+        self._engine, self._workers = None, []
