@@ -9,7 +9,7 @@ the rest in a new placement group. `wait_until_ready` bounds how long members ma
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 

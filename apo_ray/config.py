@@ -54,7 +54,7 @@ class DataSourceConfig:
 
 @dataclass
 class BuiltinTaskConfig:
-    """Sizes of the embedded synthetic task (see apo_ray.builtin_task)."""
+    """Sizes of the embedded synthetic task (see apo_ray.builtin)."""
 
     n_pairs: int = field(default=400, metadata=_range(1))
     n_gold: int = field(default=64, metadata=_range(1))

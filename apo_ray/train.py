@@ -143,7 +143,9 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
             raise ClusterTooSmall(f"the run's actors do not fit: {placement.summary} "
                                   "(`apo-ray train --dry-run` shows the plan)")
     if cfg.data.task == "builtin":
-        from apo_ray.builtin_task import gold_score, make_task, prepare_builtin_assets
+        from apo_ray.builtin.assets import prepare_builtin_assets
+        from apo_ray.builtin.oracle import gold_score
+        from apo_ray.builtin.task import make_task
 
         b = cfg.data.builtin
         task = make_task(cfg.seed, n_pairs=b.n_pairs, n_gold=b.n_gold, n_policy_prompts=b.n_prompts, n_eval_pairs=b.n_eval_pairs)

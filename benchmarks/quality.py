@@ -349,7 +349,7 @@ def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Ar
     sample = configs[arms[0].name]
     backends = sorted({(c.rollout.backend, c.learner.backend) for c in configs.values()})
     run.add_text(
-        f"Task: the builtin task (apo_ray.builtin_task), {sample.data.builtin.n_pairs} simulated human pairs, "
+        f"Task: the builtin task (apo_ray.builtin), {sample.data.builtin.n_pairs} simulated human pairs, "
         f"{sample.data.builtin.n_gold} gold answers, {sample.data.builtin.n_prompts} policy prompts, "
         f"{sample.data.builtin.n_eval_pairs} held-out human pairs; evaluation samples: 2 per prompt on 64 held-out "
         f"prompts. Offline arms: configs/default.yaml ({sample.rounds} rounds, S={sample.samples_per_prompt}, "

@@ -85,7 +85,7 @@ def main() -> None:
     run = BenchmarkRun("rollout_throughput", "Rollout throughput: vLLM vs HF generate, 1 vs 2 workers", args)
     import ray
 
-    from apo_ray.builtin_task import make_task
+    from apo_ray.builtin.task import make_task
 
     prompts = list(make_task(SEED).prompts)[: args.prompts]
     # Logical CPUs: the three pools (1 + 1 + 2 workers) stay up together; only one generates at a time.

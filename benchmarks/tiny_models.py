@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from apo_ray.builtin_task import TinyModelSpec, make_policy_model, make_tokenizer, prepare_builtin_assets
+from apo_ray.builtin.assets import prepare_builtin_assets
+from apo_ray.builtin.models import TinyModelSpec, make_policy_model, make_tokenizer
 
 BUILTIN_CACHE = ".cache/apo_ray_builtin"  # configs/default.yaml's data.builtin.cache_dir
 BUILTIN_SFT_STEPS = 150  # the default config's data.builtin.sft_steps, so the cached build is reused

@@ -200,7 +200,8 @@ def _trl_train(trainer: Any, epochs: int) -> dict[str, Any]:
 def main() -> None:
     args = parse_args()
     run = BenchmarkRun("vs_trl", "apo-ray learner steps vs TRL DPOTrainer / RewardTrainer", args)
-    from apo_ray.builtin_task import make_task, prepare_builtin_assets
+    from apo_ray.builtin.assets import prepare_builtin_assets
+    from apo_ray.builtin.task import make_task
     from apo_ray.config import PolicyConfig, RewardConfig
     from benchmarks.tiny_models import BUILTIN_CACHE, BUILTIN_SFT_STEPS
 

@@ -90,7 +90,7 @@ def bpe_lm_dir(tmp_path_factory) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from apo_ray.builtin_task import make_sft_data
+    from apo_ray.builtin.task import make_sft_data
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

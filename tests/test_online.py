@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from actors.critic import CriticLearner
 from actors.policy import PolicyLearner
-from apo_ray.builtin_task import format_prompt, make_policy_model, make_reward_model, make_tokenizer
+from apo_ray.builtin.models import make_policy_model, make_reward_model, make_tokenizer
+from apo_ray.builtin.oracle import format_prompt
 from apo_ray.checkpoint import Checkpointer
 from apo_ray.config import ConfigError, LearnerConfig, ModelConfig, PolicyConfig, PPOConfig, load_config
 from apo_ray.modeling import encode_samples, load_tokenizer, text_samples

@@ -10,7 +10,7 @@ import torch
 
 from actors.policy import PolicyLearner
 from actors.rollout import RolloutWorker, finish_reason
-from apo_ray.builtin_task import make_sft_data
+from apo_ray.builtin.task import make_sft_data
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.game import TokenSample
 from apo_ray.modeling import encode_samples, load_tokenizer

@@ -7,20 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from apo_ray.builtin_task import (
-    TinyModelSpec,
-    default_cache_dir,
-    gold_score,
-    make_policy_model,
-    make_reward_model,
-    make_sft_data,
-    make_task,
-    make_tokenizer,
-    prepare_builtin_assets,
-    publish_build,
-    random_response,
-    response_words,
-)
+from apo_ray.builtin.assets import default_cache_dir, prepare_builtin_assets, publish_build
+from apo_ray.builtin.models import TinyModelSpec, make_policy_model, make_reward_model, make_tokenizer
+from apo_ray.builtin.oracle import gold_score, response_words
+from apo_ray.builtin.task import make_sft_data, make_task, random_response
 
 RIVER = "topic : river ; about : night ; answer :"
 
