@@ -23,6 +23,15 @@ POLICY_METHODS = ("rjs", "rrhf", "dpo", "ppo", "grpo", "reinforce_pp")
 ONLINE_METHODS = ("ppo", "grpo", "reinforce_pp")
 
 
+# Keys that moved when offline rounds and PPO iterations became one loop with one step counter.
+RENAMED_KEYS = {
+    "ppo.iterations": "rounds (a round of an online method is one PPO iteration)",
+    "ppo.rm_update_every": "reward.update_every",
+    "ppo.eval_every": "eval_every",
+    "ppo.checkpoint_every": "checkpoint_every",
+}
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message starts with the dotted key at fault."""
 
@@ -134,6 +143,9 @@ class RewardConfig:
     lr: float = field(default=5e-4, metadata=_range(0.0, lo_open=True))
     batch_size: int = field(default=32, metadata=_range(1))
     epochs_per_round: int = field(default=1, metadata=_range(1))
+    # With apo=true the RM takes its APO step at the start of rounds 1, 1 + K, 1 + 2K, ... (K = update_every):
+    # every round offline, every few PPO iterations online.
+    update_every: int = field(default=1, metadata=_range(0))
     initial_epochs: int = field(default=3, metadata=_range(0))
     # None means the authors' code: 0.1 / samples_per_prompt.
     apo_coef: Optional[float] = field(default=None, metadata=_range(0.0))
@@ -161,9 +173,8 @@ class PolicyConfig:
 
 @dataclass
 class PPOConfig:
-    iterations: int = field(default=20, metadata=_range(1))
-    # Every K PPO iterations the RM takes an APO step; 0 disables it (fixed RM, plain PPO).
-    rm_update_every: int = field(default=5, metadata=_range(0))
+    """Online policy steps (ppo, grpo, reinforce_pp); each round is one PPO iteration."""
+
     prompts_per_iteration: int = field(default=32, metadata=_range(1))
     ppo_epochs: int = field(default=2, metadata=_range(1))
     minibatch_size: int = field(default=32, metadata=_range(1))
@@ -190,9 +201,6 @@ class PPOConfig:
     critic_init: Literal["reward", "policy"] = "reward"
     critic_lr: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
     whiten_advantages: bool = True
-    # Evaluation and checkpoints cost more than an iteration on small models; the last iteration always has both.
-    eval_every: int = field(default=5, metadata=_range(1))
-    checkpoint_every: int = field(default=5, metadata=_range(1))
 
 
 @dataclass
@@ -216,7 +224,11 @@ class Config:
     method: Literal["rjs", "rrhf", "dpo", "ppo", "grpo", "reinforce_pp"] = "rjs"
     # False is the paper's baseline: the RM is trained once on human pairs and then held fixed.
     apo: bool = True
+    # The one step counter: offline a round is Algorithm 1's round, online one PPO iteration.
     rounds: int = field(default=3, metadata=_range(1))
+    # Evaluation and checkpoints can cost more than a PPO iteration; the last round always has both.
+    eval_every: int = field(default=1, metadata=_range(1))
+    checkpoint_every: int = field(default=1, metadata=_range(1))
     samples_per_prompt: int = field(default=4, metadata=_range(1))
     seed: int = field(default=0, metadata=_range(0))
     run_dir: str = "runs/default"
@@ -316,6 +328,8 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        if name in RENAMED_KEYS:
+            raise ConfigError(f"{name}: renamed to {RENAMED_KEYS[name]}")
         close = [k for k in fields if k.startswith(unknown[0][:3])]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"{name}: unknown key{hint}")
@@ -371,8 +385,8 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("samples_per_prompt: rrhf ranks samples and needs at least 2 per prompt")
     if cfg.method == "grpo" and cfg.samples_per_prompt < 2:
         raise ConfigError("samples_per_prompt: grpo normalises within a group and needs at least 2")
-    if cfg.method in ONLINE_METHODS and cfg.apo and cfg.ppo.rm_update_every == 0:
-        raise ConfigError("ppo.rm_update_every: 0 never steps the RM, which is plain PPO; say so with apo=false")
+    if cfg.apo and cfg.reward.update_every == 0:
+        raise ConfigError("reward.update_every: 0 never steps the RM, which is the fixed-RM baseline; say so with apo=false")
     fractions = cfg.data.split_fractions
     unknown = sorted(set(fractions) - {"pairs", "gold", "prompts", "eval"})
     if unknown:

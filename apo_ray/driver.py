@@ -1,49 +1,40 @@
 """The driver: plays the APO game (paper, Algorithm 1) over the Ray actors. It holds no model.
 
-Each round:
-  1. sample S responses per gold prompt from the current policy;
-  2. RM step (max player) on D_APO = {(x, y_gold, y_sample)} plus the human pairs D_P;
-  3. sample S responses per policy prompt, score them with the RM;
-  4. policy step (min player): RJS, RRHF or DPO;
-  5. sync weights to every rollout worker, evaluate, checkpoint.
-With `apo=false` step 2 is skipped: the RM stays as trained on D_P, the paper's baseline.
+Round 0 fits the RM on the human pairs D_P and measures the SFT policy. Each round r >= 1:
+  1. RM step (the max player; apo=true, every reward.update_every rounds): S fresh samples per gold prompt
+     from the current policy, D_APO = {(x, y_gold, y_sample)}, plus the human pairs D_P;
+  2. sample S responses per policy prompt of the round, score them with the RM;
+  3. policy step (the min player), one strategy per method: RJS, RRHF or DPO on all of D_Q
+     (apo_ray/offline.py), or one PPO / GRPO / REINFORCE++ iteration on a slice of it (apo_ray/online.py);
+  4. sync the weights to every rollout worker; evaluate and checkpoint (every eval_every /
+     checkpoint_every rounds, and the last).
+With `apo=false` step 1 never runs: the RM stays as trained on D_P, the paper's baseline.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import ray
 from torch import Tensor
 
 from apo_ray.checkpoint import Checkpointer
-from apo_ray.config import Config
+from apo_ray.config import ONLINE_METHODS, Config
 from apo_ray.data import GameData
 from apo_ray.evaluation import expected_calibration_error, preference_accuracy
-from apo_ray.game import Rollout, TokenSample, best_and_worst, best_of_n, build_apo_pairs, policy_version_lag
+from apo_ray.game import Rollout, TokenSample, build_apo_pairs, policy_version_lag
 from apo_ray.metrics import MetricsLogger
+from apo_ray.offline import OfflinePolicyStep
+from apo_ray.online import OnlinePolicyStep
+from apo_ray.policy_step import PolicyStep
 from apo_ray.ppo import concat_right_padded, logprob_mismatch, sampler_logprob_grid
 from apo_ray.rollout_pool import RolloutPool
+from apo_ray.seeds import SeedStream, round_seed
 
 Oracle = Callable[[str, str], float]
-
-
-class SeedStream(IntEnum):
-    """Distinct seed streams per use, so that e.g. changing S does not change the evaluation samples."""
-
-    GOLD = 0  # samples for the gold prompts (the RM step's APO pairs)
-    POLICY = 1  # samples for the policy prompts (the policy step)
-    EVAL = 2  # evaluation samples: the same every round, so rounds compare like with like
-    RM = 3  # the RM step's minibatch order
-    POLICY_STEP = 4  # the policy step's minibatch order
-
-
-def round_seed(seed: int, round_index: int, stream: int) -> int:
-    return (seed * 1_000_003 + round_index * 7_919 + stream * 104_729) % (2**31 - 1)
 
 
 @dataclass
@@ -58,12 +49,6 @@ class Actors:
 
 
 class APOGame:
-    # The step unit, and the metrics its one-line summary shows; online PPO steps by iteration.
-    step_name = "round"
-    summary_keys: tuple[str, ...] = (
-        "rm/acc", "rm/ece", "rm/acc_policy", "eval/gold_score", "eval/rm_score", "policy/kl", "timing/round",
-    )
-
     def __init__(
         self,
         cfg: Config,
@@ -78,15 +63,15 @@ class APOGame:
         self.logger, self.checkpointer, self.oracle, self.log = logger, checkpointer, oracle, log
         self.version = 0
         self.eval_prompts = list(dict.fromkeys(p.prompt for p in data.eval_pairs))[:64]
+        self.policy_step: PolicyStep = policy_step_for(self)
 
     # ------------------------------------------------------------------ Algorithm 1
 
     def run(self, first_round: int = 0) -> list[dict[str, float]]:
         """Play rounds first_round..cfg.rounds; round 0 is the initial RM fit and the baseline measurement."""
-        history = []
-        for r in range(first_round, self.cfg.rounds + 1):
-            history.append(self.initial_round() if r == 0 else self.play_round(r))
-        return history
+        if first_round > 0:
+            self.policy_step.restore(self.checkpointer.read_state(first_round - 1))
+        return [self.initial_round() if r == 0 else self.play_round(r) for r in range(first_round, self.cfg.rounds + 1)]
 
     def initial_round(self) -> dict[str, float]:
         """Round 0: fit the RM on human pairs D_P, then measure the SFT policy and that RM."""
@@ -102,13 +87,14 @@ class APOGame:
 
     def play_round(self, r: int) -> dict[str, float]:
         started = time.perf_counter()
-        stats: dict[str, float] = {}
-        if self.cfg.apo:
+        cfg = self.cfg
+        stats = self.policy_step.start_round(r)
+        if self.rm_step_due(r):
             stats.update(self.rm_step(r))
 
         self._phase("generate", r)
-        rollouts = self._generate(self.data.prompts, self.cfg.samples_per_prompt,
-                                  round_seed(self.cfg.seed, r, SeedStream.POLICY), stats)
+        rollouts = self._generate(self.policy_step.prompts(r), cfg.samples_per_prompt,
+                                  round_seed(cfg.seed, r, SeedStream.POLICY), stats)
         self._phase("score", r)
         t = time.perf_counter()
         scores = ray.get(self.actors.reward.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]))
@@ -117,15 +103,22 @@ class APOGame:
         stats["policy/reward_std"] = float(np.std(scores))
 
         self._phase("policy_step", r)
-        stats.update(self.policy_step(rollouts, scores, round_seed(self.cfg.seed, r, SeedStream.POLICY_STEP)))
+        stats.update(self.policy_step.update(r, rollouts, scores, round_seed(cfg.seed, r, SeedStream.POLICY_STEP)))
 
         self._phase("sync", r)
         self.version = r
         stats.update(self.actors.pool.sync_from(self.actors.policy, self.version))
+        self.policy_step.after_sync(stats, len(rollouts))
 
-        stats.update(self.evaluate(r))
+        if r % cfg.eval_every == 0 or r == cfg.rounds:
+            stats.update(self.evaluate(r))
         self._finish_round(r, stats, started)
         return stats
+
+    def rm_step_due(self, r: int) -> bool:
+        """The APO RM step opens rounds 1, 1 + K, 1 + 2K, ... (K = reward.update_every), with apo=true."""
+        every = self.cfg.reward.update_every
+        return self.cfg.apo and every > 0 and (r - 1) % every == 0
 
     def rm_step(self, r: int) -> dict[str, float]:
         """The max player (Algorithm 1, step 2): S fresh policy samples per gold prompt, each paired against
@@ -139,34 +132,6 @@ class APOGame:
             ray.get(self.actors.reward.reinitialize.remote(str(self.checkpointer.base_reward_dir)))
         stats = self._rm_update(build_apo_pairs(self.data.gold, gold_rollouts), self.cfg.reward.epochs_per_round, r)
         return {**stats, "timing/generate_gold": gold_stats["timing/generate"]}
-
-    def policy_step(self, rollouts: list[Rollout], scores: list[float], seed: int) -> dict[str, float]:
-        """The offline min player on the policy's own token samples; `rollout/logprob_diff` is measured on
-        the samples it trains on, before the step."""
-        method, policy, epochs = self.cfg.method, self.actors.policy, self.cfg.policy.epochs_per_round
-        if method == "rjs":
-            best = best_of_n(rollouts, scores)
-            mismatch = self.sampler_mismatch(best)
-            return {**mismatch, **ray.get(policy.sft_step.remote([b.tokens for b in best], epochs=epochs, seed=seed))}
-        if method == "rrhf":
-            mismatch = self.sampler_mismatch(rollouts)
-            return {**mismatch, **ray.get(policy.rrhf_step.remote(
-                [x.tokens for x in rollouts], list(scores), [x.prompt_index for x in rollouts], epochs=epochs, seed=seed,
-            ))}
-        if method == "dpo":
-            pairs = best_and_worst(rollouts, scores, min_margin=self.cfg.policy.dpo_min_margin)
-            if not pairs:
-                self.log("  dpo: every prompt's samples tied under the RM; policy unchanged this round")
-                return {"policy/pairs": 0.0}
-            mismatch = self.sampler_mismatch([x for p in pairs for x in (p.chosen, p.rejected)])
-            chosen, rejected = [p.chosen.tokens for p in pairs], [p.rejected.tokens for p in pairs]
-            ref_chosen, ref_rejected = ray.get([
-                self.actors.reference.sequence_logprobs.remote(chosen),
-                self.actors.reference.sequence_logprobs.remote(rejected),
-            ])
-            stats = ray.get(policy.dpo_step.remote(chosen, rejected, ref_chosen, ref_rejected, epochs=epochs, seed=seed))
-            return {**mismatch, **stats, "policy/pairs": float(len(pairs))}
-        raise ValueError(f"method: {method!r} is an online method; run it with apo_ray.online.OnlineAPOGame")
 
     def learner_grids(self, methods: dict[str, Callable], samples: list[TokenSample]) -> dict[str, tuple[Tensor, Tensor]]:
         """{name: (grid, mask)} of learner actor methods (token_logprobs, values) on `samples`, each in chunks
@@ -250,27 +215,16 @@ class APOGame:
         gold_scores = ray.get(reward.score.remote([g.prompt for g in self.data.gold], [g.response for g in self.data.gold]))
         stats["rm/reward_gold"] = float(np.mean(gold_scores))
         stats["timing/evaluate"] = time.perf_counter() - started
-        return stats
+        return {self.policy_step.eval_renames.get(k, k): v for k, v in stats.items()}
 
     def _judge(self, prompts: list[str], responses: list[str]) -> list[float]:
         if self.oracle is not None:
             return [self.oracle(p, y) for p, y in zip(prompts, responses)]
         return ray.get(self.actors.eval_reward.score.remote(prompts, responses))
 
-    @property
-    def total_steps(self) -> int:
-        return self.cfg.rounds
-
-    def should_checkpoint(self, r: int) -> bool:
-        return True
-
-    def checkpoint_extra(self) -> dict[str, Any]:
-        """Driver state beyond the policy version that a resumed run needs."""
-        return {}
-
     def _phase(self, name: str, r: int) -> None:
         self.logger.set_phase(name)
-        self.log(f"[{self.step_name} {r}/{self.total_steps}] {name}")
+        self.log(f"[round {r}/{self.cfg.rounds}] {name}")
 
     def _finish_round(self, r: int, stats: dict[str, float], started: float) -> None:
         stats["timing/round"] = time.perf_counter() - started
@@ -278,12 +232,18 @@ class APOGame:
         # Logged before the checkpoint: a driver killed in between leaves a row that --resume truncates. The
         # other order can leave a checkpointed round whose row is lost for good.
         self.logger.log(stats, step=r)
-        if self.should_checkpoint(r):
+        if r % self.cfg.checkpoint_every == 0 or r == self.cfg.rounds:
             self._phase("checkpoint", r)
-            self.checkpointer.save_round(r, self.actors, version=self.version, extra=self.checkpoint_extra())
-        self.log(format_step(self.step_name, r, stats, self.summary_keys))
+            self.checkpointer.save_round(r, self.actors, version=self.version,
+                                         extra=self.policy_step.checkpoint_extra())
+        self.log(format_round(r, stats, self.policy_step.summary_keys))
 
 
-def format_step(step_name: str, r: int, stats: dict[str, float], keys: tuple[str, ...]) -> str:
+def policy_step_for(game: APOGame) -> PolicyStep:
+    """The min player's strategy for the configured method."""
+    return OnlinePolicyStep(game) if game.cfg.method in ONLINE_METHODS else OfflinePolicyStep(game)
+
+
+def format_round(r: int, stats: dict[str, float], keys: tuple[str, ...]) -> str:
     shown = "  ".join(f"{k}={stats[k]:.3f}" for k in keys if k in stats)
-    return f"[{step_name} {r}] {shown}"
+    return f"[round {r}] {shown}"

@@ -1,31 +1,28 @@
-"""Online APO: PPO (or the critic-free GRPO / REINFORCE++) with the reward model adapting inside the loop.
+"""Online APO: PPO (or the critic-free GRPO / REINFORCE++) as the game loop's policy step, with the reward
+model adapting inside the loop (apo_ray/driver.py runs the loop; a round is one PPO iteration).
 
-The paper plays APO with offline policy steps; here the min player is online PPO. Iteration 0 is the
-offline game's round 0 (the RM fitted on human pairs, the SFT policy measured). Each iteration i >= 1:
+The paper plays APO with offline policy steps; here the min player is online PPO. Round 0 fits the RM on the
+human pairs and measures the SFT policy. Each round r >= 1 the loop opens with the APO RM step every
+K = reward.update_every rounds (apo=true), samples S responses for the round's slice of the policy prompts
+and scores them with the game's RM; then this step:
 
-  1. generate    S samples for the iteration's policy prompts; each rollout carries its policy version;
-  2. score       them with the game's RM;
-  3. logprobs    recompute per-token log-probs under the policy ("old") and the reference, and the critic's
+  1. logprobs    recomputes per-token log-probs under the policy ("old") and the reference, and the critic's
                  values, on the learners, on the sampled token ids; the sampler's own log-probs measure the
                  gap (rollout/logprob_diff) and, with ppo.tis, weight each token's loss (truncated
                  importance sampling);
-  4. advantages  rewards = RM score on the last token - kl_coef * KL on every token, then GAE with the
+  2. advantages  rewards = RM score on the last token - kl_coef * KL on every token, then GAE with the
                  critic (ppo) or batch-normalised returns (reinforce_pp); grpo normalises the scores within
                  each prompt's group and puts the KL into the policy's loss instead;
-  5. update      ppo_epochs passes of minibatch updates of the policy and, at the same time, the critic;
-  6. sync        the new weights to every rollout worker;
-  7. rm_step     every K = ppo.rm_update_every iterations (apo=true): the APO RM step on fresh samples for
-                 the gold prompts against the golden answers, plus the human-pair term, so the following
-                 iterations optimise the adapted RM;
-  8. evaluate every ppo.eval_every iterations, log, checkpoint every ppo.checkpoint_every iterations.
-
-apo=false or K=0 is plain PPO with the RM fixed after iteration 0: the baseline of APO-PPO.
+  3. update      ppo_epochs passes of minibatch updates of the policy and, at the same time, the critic;
+and after the loop's sync the adaptive KL coefficient moves. apo=false is plain PPO with the RM fixed after
+round 0: the baseline of APO-PPO.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
@@ -33,9 +30,9 @@ import torch
 from torch import Tensor
 
 from apo_ray.config import ONLINE_METHODS, PPOConfig
-from apo_ray.driver import APOGame, SeedStream, round_seed
-from apo_ray.game import TokenSample
+from apo_ray.game import Rollout, TokenSample
 from apo_ray.losses import masked_mean, sequence_logprob
+from apo_ray.policy_step import PolicyStep
 from apo_ray.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -49,12 +46,15 @@ from apo_ray.ppo import (
     whiten,
 )
 
+if TYPE_CHECKING:
+    from apo_ray.driver import APOGame
+
 # evaluate() measures these on held-out prompts; every iteration measures them on its own rollouts.
 _EVAL_RENAMES = {"policy/kl": "eval/kl", "policy/response_length": "eval/response_length"}
 
 
 def iteration_prompt_indices(n_prompts: int, per_iteration: int, iteration: int, seed: int) -> list[int]:
-    """The prompts (indices) of PPO iteration `iteration` >= 1: consecutive slices of a stream of seeded
+    """The prompts (indices) of PPO iteration (round) `iteration` >= 1: consecutive slices of a stream of seeded
     permutations, one per pass over the prompts. Every prompt is used once per pass, and a resumed run
     draws the same prompts as an uninterrupted one."""
     if n_prompts < 1 or per_iteration < 1 or iteration < 1:
@@ -111,84 +111,63 @@ def estimate_advantages(
     raise ValueError(f"method: {method!r} is not an online method ({', '.join(ONLINE_METHODS)})")
 
 
-class OnlineAPOGame(APOGame):
-    """The APO game whose min player is online PPO / GRPO / REINFORCE++ and whose max player steps every
-    K iterations. The metric step and "round" are the PPO iteration."""
+class OnlinePolicyStep(PolicyStep):
+    """One PPO / GRPO / REINFORCE++ iteration per round on a slice of the policy prompts; the KL coefficient
+    it adapts is checkpointed with the round."""
 
-    step_name = "iteration"
     summary_keys = ("eval/gold_score", "eval/kl", "policy/reward_mean", "policy/kl", "policy/kl_coef",
                     "policy/clipfrac", "policy/entropy", "critic/loss", "rm/acc", "rm/acc_policy", "timing/round")
+    eval_renames = _EVAL_RENAMES
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        cfg = self.cfg
+    def __init__(self, game: APOGame):
+        cfg = game.cfg
         if cfg.method not in ONLINE_METHODS:
-            raise ValueError(f"method: {cfg.method!r} is an offline method; run it with apo_ray.driver.APOGame")
-        if cfg.method == "ppo" and self.actors.critic is None:
+            raise ValueError(f"method: {cfg.method!r} is not an online method ({', '.join(ONLINE_METHODS)})")
+        if cfg.method == "ppo" and game.actors.critic is None:
             raise ValueError("method: ppo needs a critic actor (apo_ray.cluster.start_actors starts one)")
+        self.game, self.cfg, self.actors = game, cfg, game.actors
         ppo = cfg.ppo
         self.kl_controller: KLController = (
             AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl
             else FixedKLController(ppo.kl_coef)
         )
 
-    @property
-    def rm_update_every(self) -> int:
-        """K, or 0 when the RM stays as fitted in iteration 0 (apo=false or ppo.rm_update_every=0)."""
-        return self.cfg.ppo.rm_update_every if self.cfg.apo else 0
+    def prompts(self, r: int) -> list[str]:
+        prompts = self.game.data.prompts
+        return [prompts[k] for k in iteration_prompt_indices(len(prompts), self.cfg.ppo.prompts_per_iteration, r,
+                                                             self.cfg.seed)]
 
-    def run(self, first_round: int = 0) -> list[dict[str, float]]:
-        """Play iterations first_round..ppo.iterations; iteration 0 is the offline game's round 0."""
-        if first_round > 0:
-            saved = self.checkpointer.read_state(first_round - 1)
-            self.kl_controller.value = saved.get("kl_coef", self.kl_controller.value)
-        iterations = range(first_round, self.cfg.ppo.iterations + 1)
-        return [self.initial_round() if i == 0 else self.iteration(i) for i in iterations]
+    def start_round(self, r: int) -> dict[str, float]:
+        if r == 1 and self.actors.critic is not None and self.cfg.ppo.critic_init == "reward":
+            # The critic starts as the RM fitted in round 0 (a run resumed after round 0 comes here too).
+            ray.get(self.actors.critic.reinitialize.remote(str(self.game.checkpointer.base_reward_dir)))
+        return {"policy/kl_coef": self.kl_controller.value}
 
-    def iteration(self, i: int) -> dict[str, float]:
-        started = time.perf_counter()
-        cfg, ppo = self.cfg, self.cfg.ppo
-        stats: dict[str, float] = {"policy/kl_coef": self.kl_controller.value}
-        if i == 1 and self.actors.critic is not None and ppo.critic_init == "reward":
-            # The critic starts as the RM fitted in iteration 0; iteration 1 runs on resume from 0 too.
-            ray.get(self.actors.critic.reinitialize.remote(str(self.checkpointer.base_reward_dir)))
-
-        self._phase("generate", i)
-        indices = iteration_prompt_indices(len(self.data.prompts), ppo.prompts_per_iteration, i, cfg.seed)
-        rollouts = self._generate([self.data.prompts[k] for k in indices], cfg.samples_per_prompt,
-                                  round_seed(cfg.seed, i, SeedStream.POLICY), stats)
-        prompts, responses = [x.prompt for x in rollouts], [x.response for x in rollouts]
+    def update(self, r: int, rollouts: list[Rollout], scores: list[float], seed: int) -> dict[str, float]:
+        cfg, ppo, game = self.cfg, self.cfg.ppo, self.game
         samples = [x.tokens for x in rollouts]
-        stats["policy/response_length"] = float(np.mean([len(x.response_token_ids) for x in rollouts]))
-        stats["rollout/truncated_fraction"] = float(np.mean([x.finish_reason == "length" for x in rollouts]))
-
-        self._phase("score", i)
-        t = time.perf_counter()
-        scores = torch.tensor(ray.get(self.actors.reward.score.remote(prompts, responses)))
-        stats["timing/score"] = time.perf_counter() - t
-        stats["policy/reward_mean"] = scores.mean().item()
-        stats["policy/reward_std"] = scores.std(unbiased=False).item()
-
-        self._phase("logprobs", i)
+        stats = {
+            "policy/response_length": float(np.mean([len(x.response_token_ids) for x in rollouts])),
+            "rollout/truncated_fraction": float(np.mean([x.finish_reason == "length" for x in rollouts])),
+        }
+        game._phase("logprobs", r)
         t = time.perf_counter()
         grids = self._token_grids(samples)
         stats["timing/logprobs"] = time.perf_counter() - t
         # Sequence-level k1, the same quantity evaluate() reports, whatever estimator the penalty uses.
         stats["policy/kl"] = sequence_logprob(grids.logps - grids.ref_logps, grids.mask, average=False).mean().item()
         advantages, returns = estimate_advantages(
-            cfg.method, scores, grids, ppo=ppo, kl_coef=self.kl_controller.value,
+            cfg.method, torch.tensor(scores), grids, ppo=ppo, kl_coef=self.kl_controller.value,
             group_ids=torch.tensor([x.prompt_index for x in rollouts]),
         )
-        sampler_logps = self.sampler_grid(rollouts, grids.logps.shape[1])
-        stats.update(self.sampler_mismatch(rollouts, grids.logps, grids.mask))
+        sampler_logps = game.sampler_grid(rollouts, grids.logps.shape[1])
+        stats.update(game.sampler_mismatch(rollouts, grids.logps, grids.mask))
         # Measured with or without ppo.tis, so a run without it shows what the correction would do.
         weights, tis_stats = truncated_importance_weights(grids.logps, sampler_logps, grids.mask, ppo.tis_cap)
         stats.update(tis_stats)
         if ppo.tis:
             advantages = advantages * weights
 
-        self._phase("policy_step", i)
-        seed = round_seed(cfg.seed, i, SeedStream.POLICY_STEP)
         kl_loss_coef = self.kl_controller.value if cfg.method == "grpo" else 0.0
         steps = [self.actors.policy.ppo_step.remote(
             samples, grids.logps, advantages, grids.mask, ppo=ppo, seed=seed,
@@ -200,29 +179,17 @@ class OnlineAPOGame(APOGame):
             stats["critic/returns"] = masked_mean(returns, grids.mask).item()
         for step_stats in ray.get(steps):
             stats.update(step_stats)
-
-        self._phase("sync", i)
-        self.version = i
-        stats.update(self.actors.pool.sync_from(self.actors.policy, self.version))
-        self.kl_controller.update(stats["policy/kl"], len(rollouts))
-
-        if self.rm_update_every and i % self.rm_update_every == 0:
-            stats.update(self.rm_step(i))
-        if i % ppo.eval_every == 0 or i == ppo.iterations:
-            stats.update(self.evaluate(i))
-        self._finish_round(i, stats, started)
         return stats
 
-    def evaluate(self, r: int) -> dict[str, float]:
-        # Iteration 0 (the offline round 0) included, so the held-out series never mixes with the rollouts'.
-        return {_EVAL_RENAMES.get(k, k): v for k, v in super().evaluate(r).items()}
+    def after_sync(self, stats: dict[str, float], n_samples: int) -> None:
+        self.kl_controller.update(stats["policy/kl"], n_samples)
 
     def _token_grids(self, samples: list[TokenSample]) -> TokenGrids:
         """Policy and reference log-probs and critic values, from all three learners at once."""
         methods = {"logps": self.actors.policy.token_logprobs, "ref_logps": self.actors.reference.token_logprobs}
         if self.actors.critic is not None and self.cfg.method == "ppo":
             methods["values"] = self.actors.critic.values
-        results = self.learner_grids(methods, samples)
+        results = self.game.learner_grids(methods, samples)
         masks = [mask for _, mask in results.values()]
         if any(not torch.equal(masks[0], mask) for mask in masks[1:]):
             raise RuntimeError("policy, reference and critic lay the samples out differently; they must share "
@@ -230,13 +197,9 @@ class OnlineAPOGame(APOGame):
         grids = {name: grid for name, (grid, _) in results.items()}
         return TokenGrids(logps=grids["logps"], ref_logps=grids["ref_logps"], mask=masks[0], values=grids.get("values"))
 
-    @property
-    def total_steps(self) -> int:
-        return self.cfg.ppo.iterations
-
-    def should_checkpoint(self, i: int) -> bool:
-        return i % self.cfg.ppo.checkpoint_every == 0 or i == self.cfg.ppo.iterations
-
     def checkpoint_extra(self) -> dict[str, float]:
         # The KL coefficient adapts; a resumed run continues from the saved one.
         return {"kl_coef": self.kl_controller.value}
+
+    def restore(self, saved: dict) -> None:
+        self.kl_controller.value = saved.get("kl_coef", self.kl_controller.value)

@@ -193,10 +193,7 @@ def run(prepared: PreparedRun) -> dict:
             print(f"resumed {run_dir} after round {prepared.resume_from} (policy version {version})", flush=True)
         elif logger.jsonl_path.stat().st_size:
             logger.truncate_after(-1)  # resumed before any checkpoint: forget what the killed run logged
-        game_class = APOGame
-        if cfg.method in ONLINE_METHODS:
-            from apo_ray.online import OnlineAPOGame as game_class
-        game = game_class(cfg, prepared.data, actors, logger, checkpointer, prepared.oracle)
+        game = APOGame(cfg, prepared.data, actors, logger, checkpointer, prepared.oracle)
         game.version = version
         game.run(first_round)
     except FloatingPointError as error:
@@ -217,7 +214,7 @@ def write_summary(run_dir: Path, cfg: Config, prepared: PreparedRun, wall_s: flo
 
     rows = read_metrics_jsonl(run_dir / "metrics.jsonl")
     online = cfg.method in ONLINE_METHODS
-    # Online runs evaluate every ppo.eval_every iterations and log the evaluation's KL as eval/kl.
+    # Runs may evaluate every few rounds (eval_every); online runs log the evaluation's KL as eval/kl.
     evaluated = [row for row in rows if "eval/gold_score" in row]
     first, last = evaluated[0], evaluated[-1]
     keys = ("rm/acc", "rm/ece", "rm/acc_policy", "rm/ece_policy", "eval/gold_score", "eval/rm_score",
@@ -225,8 +222,8 @@ def write_summary(run_dir: Path, cfg: Config, prepared: PreparedRun, wall_s: flo
     summary = {
         "method": cfg.method,
         "apo": cfg.apo,
-        **({"ppo_iterations": cfg.ppo.iterations, "rm_update_every": cfg.ppo.rm_update_every} if online
-           else {"rounds": cfg.rounds}),
+        "rounds": cfg.rounds,
+        "rm_update_every": cfg.reward.update_every,
         "evaluated_at": [row["round"] for row in evaluated],
         "seed": cfg.seed,
         "wall_s_this_invocation": round(wall_s, 1),

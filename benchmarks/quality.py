@@ -124,8 +124,8 @@ def arm_config(arm: Arm, seed: int, run_dir: Path, args: argparse.Namespace) -> 
     base = load_config(PPO_CONFIG, _flat_overrides("reward", default["reward"]))
     k = iterations_per_round(base)
     rounds = args.rounds or load_config(DEFAULT_CONFIG).rounds
-    schedule = [f"ppo.iterations={rounds * k}", f"ppo.eval_every={k}", f"ppo.checkpoint_every={rounds * k}",
-                f"ppo.rm_update_every={k if 'apo=true' in arm.overrides else 0}"]
+    schedule = [f"rounds={rounds * k}", f"eval_every={k}", f"checkpoint_every={rounds * k}",
+                f"reward.update_every={k}"]
     return load_config(PPO_CONFIG, [*_flat_overrides("reward", default["reward"]), *arm.overrides, *schedule, *common])
 
 
@@ -153,7 +153,7 @@ def evaluated_rounds(rows: list[dict[str, Any]], cfg: Any, online: bool) -> list
         step = row.get("round", row["step"])
         record = {"round": step / per_round, "iteration": step}
         for metric in METRICS:
-            # runs recorded before OnlineAPOGame.evaluate renamed round 0's KL logged it as policy/kl
+            # runs recorded before online evaluation renamed round 0's KL logged it as policy/kl
             online_value = row.get(metric.online_key) if online and metric.online_key else None
             record[metric.key] = online_value if online_value is not None else row.get(metric.key)
         record["timing/round"] = row.get("timing/round")
@@ -356,7 +356,7 @@ def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Ar
         f"RM lr {sample.reward.lr:g}, {sample.reward.initial_epochs} initial RM epochs, "
         f"{sample.reward.epochs_per_round} RM epoch(s) per round, APO coefficient {sample.apo_coef:g}) with each "
         "row's overrides. PPO arms: configs/ppo.yaml with default.yaml's reward section, "
-        "ppo.iterations = rounds x (policy prompts / prompts per iteration), evaluated (and, for APO-PPO, the RM "
+        "PPO iterations (rounds of the online game) = rounds x (policy prompts / prompts per iteration), evaluated (and, for APO-PPO, the RM "
         "stepped) once per such round. Backends (rollout, learner): "
         + ", ".join(f"{r}/{l}" for r, l in backends)
         + f". Seeds: {' '.join(map(str, args.seeds))}. Cells: mean ± sample std over seeds. Round 0 is the SFT "

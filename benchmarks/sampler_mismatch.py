@@ -49,8 +49,8 @@ def play(arm: str, seed: int, iterations: int, run: BenchmarkRun) -> dict[str, A
     from apo_ray.train import run as train
 
     run_dir = run.scratch / f"{arm.replace(' ', '_').replace(',', '').replace('+', 'and')}-s{seed}"
-    overrides = [f"seed={seed}", f"ppo.iterations={iterations}", f"ppo.eval_every={iterations}",
-                 f"ppo.checkpoint_every={iterations}", f"run_dir={run_dir}", "logging.report=false",
+    overrides = [f"seed={seed}", f"rounds={iterations}", f"eval_every={iterations}",
+                 f"checkpoint_every={iterations}", f"run_dir={run_dir}", "logging.report=false",
                  "logging.ray_metrics=false", "logging.tensorboard=false", *ARMS[arm]]
     if run_dir.exists():
         import shutil

@@ -20,7 +20,8 @@ from apo_ray.builtin.oracle import format_prompt
 from apo_ray.checkpoint import Checkpointer
 from apo_ray.config import ConfigError, LearnerConfig, ModelConfig, PolicyConfig, PPOConfig, load_config
 from apo_ray.modeling import encode_samples, load_tokenizer, text_samples
-from apo_ray.online import OnlineAPOGame, TokenGrids, estimate_advantages, iteration_prompt_indices
+from apo_ray.driver import APOGame
+from apo_ray.online import TokenGrids, estimate_advantages, iteration_prompt_indices
 from apo_ray.ppo import concat_right_padded
 
 PROMPTS = [format_prompt("river", "night"), format_prompt("castle", "rain")]
@@ -107,7 +108,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_ppo_and_apo_ppo_configs_differ_only_in_the_rm_steps():
     plain, apo = (load_config(CONFIGS / name).to_dict() for name in ("ppo.yaml", "apo_ppo.yaml"))
     assert plain.pop("apo") is False and apo.pop("apo") is True
-    assert plain["ppo"].pop("rm_update_every") == 0 and apo["ppo"].pop("rm_update_every") > 0
+    # update_every is read only with apo=true: the baseline keeps the default.
+    assert plain["reward"].pop("update_every") == 1 and apo["reward"].pop("update_every") == 5
     assert plain == apo
 
 
@@ -118,8 +120,15 @@ def test_gpu_recipe_loads_with_a_critic_that_can_start_from_the_rm():
 
 
 def test_apo_without_rm_steps_is_refused():
-    with pytest.raises(ConfigError, match="ppo.rm_update_every: 0 never steps the RM"):
-        load_config(None, ["method=ppo", "apo=true", "ppo.rm_update_every=0"])
+    with pytest.raises(ConfigError, match="reward.update_every: 0 never steps the RM"):
+        load_config(None, ["method=ppo", "apo=true", "reward.update_every=0"])
+
+
+@pytest.mark.parametrize("old, new", [("ppo.iterations=5", "rounds"), ("ppo.rm_update_every=2", "reward.update_every"),
+                                      ("ppo.eval_every=2", "eval_every"), ("ppo.checkpoint_every=2", "checkpoint_every")])
+def test_keys_of_the_separate_online_loop_name_their_new_place(old, new):
+    with pytest.raises(ConfigError, match=f"{old.split('=')[0]}: renamed to {new}"):
+        load_config(None, ["method=ppo", old])
 
 
 # ------------------------------------------------------------------------------ learners, in-process
@@ -219,8 +228,8 @@ SMALL_RUN = [
     # 3 learners at 0.5 CPU, the reference and one rollout worker fit the fixture's 4 logical CPUs.
     "learner.num_cpus=0.5",
     "data.builtin.n_pairs=48", "data.builtin.n_gold=6", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=16",
-    "reward.initial_epochs=1", "reward.batch_size=16", "ppo.iterations=2", "ppo.prompts_per_iteration=6",
-    "ppo.minibatch_size=6", "ppo.ppo_epochs=1", "ppo.eval_every=2", "ppo.checkpoint_every=1",
+    "reward.initial_epochs=1", "reward.batch_size=16", "rounds=2", "ppo.prompts_per_iteration=6",
+    "ppo.minibatch_size=6", "ppo.ppo_epochs=1", "eval_every=2", "checkpoint_every=1",
 ]
 
 
@@ -249,7 +258,7 @@ def play(
         actors = dataclasses.replace(actors, critic=None)
     cfg = load_config(None, [*SMALL_RUN, f"run_dir={run_dir}", *overrides])
     with MetricsLogger(run_dir, tensorboard=False, ray_metrics=False) as logger:
-        game = OnlineAPOGame(cfg, prepared.data, actors, logger, Checkpointer(run_dir), prepared.oracle,
+        game = APOGame(cfg, prepared.data, actors, logger, Checkpointer(run_dir), prepared.oracle,
                              log=lambda line: None)
         game.version = actors.pool.version  # the workers' weights version, as on a resumed run
         game.run(first_round)
@@ -264,7 +273,7 @@ def checksums(pool) -> list[float]:
 def test_apo_ppo_steps_the_rm_between_ppo_iterations_and_syncs_the_workers(online_actors, tmp_path):
     pool = online_actors[1].pool
     initial_checksums = checksums(pool)
-    settings = ("method=ppo", "apo=true", "ppo.rm_update_every=1", "ppo.adaptive_kl=true", "ppo.kl_horizon=10")
+    settings = ("method=ppo", "apo=true", "reward.update_every=1", "ppo.adaptive_kl=true", "ppo.kl_horizon=10")
     logged = play(online_actors, tmp_path, *settings)
     assert pool.versions() == [2]
     assert all(a != b for a, b in zip(checksums(pool), initial_checksums))
@@ -291,7 +300,7 @@ def test_apo_ppo_steps_the_rm_between_ppo_iterations_and_syncs_the_workers(onlin
     # Resumed after iteration 2 for a third: the learners' states and the adapted KL coefficient come back.
     saved = Checkpointer(tmp_path).restore(2, online_actors[1])
     assert saved["kl_coef"] != logged[2]["policy/kl_coef"]  # it moved after iteration 2
-    resumed = play(online_actors, tmp_path, *settings, "ppo.iterations=3", first_round=3)
+    resumed = play(online_actors, tmp_path, *settings, "rounds=3", first_round=3)
     assert [row["step"] for row in resumed] == [0, 1, 2, 3]
     assert resumed[3]["policy/kl_coef"] == pytest.approx(saved["kl_coef"])
 
@@ -301,7 +310,7 @@ def test_apo_ppo_steps_the_rm_between_ppo_iterations_and_syncs_the_workers(onlin
 def test_critic_free_methods_run_without_a_critic_actor(online_actors, tmp_path, method):
     pool = online_actors[1].pool
     before = checksums(pool)
-    logged = play(online_actors, tmp_path, f"method={method}", "apo=false", "ppo.iterations=1", "ppo.eval_every=1",
+    logged = play(online_actors, tmp_path, f"method={method}", "apo=false", "rounds=1", "eval_every=1",
                   without_critic=True)
     assert all(a != b for a, b in zip(checksums(pool), before))
     assert not (tmp_path / "checkpoints" / "round_0001" / "critic").exists()

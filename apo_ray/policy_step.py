@@ -1,0 +1,39 @@
+"""What the game loop asks of a policy step (the min player): the round's prompts, the update on their
+scored samples, and the state it keeps across rounds. One strategy per family: apo_ray/offline.py (RJS,
+RRHF, DPO), apo_ray/online.py (PPO, GRPO, REINFORCE++)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from apo_ray.game import Rollout
+
+
+class PolicyStep(ABC):
+    # The metrics of the one-line summary of each round.
+    summary_keys: tuple[str, ...] = ()
+    # Evaluation metrics logged under another name (online rounds log their own rollouts' KL as policy/kl).
+    eval_renames: dict[str, str] = {}
+
+    @abstractmethod
+    def prompts(self, r: int) -> list[str]:
+        """The policy prompts of round r."""
+
+    def start_round(self, r: int) -> dict[str, float]:
+        """Work before round r samples; the stats it returns are logged with the round's."""
+        return {}
+
+    @abstractmethod
+    def update(self, r: int, rollouts: list[Rollout], scores: list[float], seed: int) -> dict[str, float]:
+        """The policy step on round r's samples and their RM scores; returns its stats."""
+
+    def after_sync(self, stats: dict[str, float], n_samples: int) -> None:
+        """Work once the round's weights are on the rollout workers."""
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """State beyond the learners' that a resumed run needs (saved in the round's state.json)."""
+        return {}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Take back what `checkpoint_extra` saved, before a resumed run's first round."""

@@ -1,0 +1,18 @@
+"""The game's seed streams: one per use, so that e.g. changing S does not change the evaluation samples,
+and a resumed run draws what an uninterrupted one would."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class SeedStream(IntEnum):
+    GOLD = 0  # samples for the gold prompts (the RM step's APO pairs)
+    POLICY = 1  # samples for the policy prompts (the policy step)
+    EVAL = 2  # evaluation samples: the same every round, so rounds compare like with like
+    RM = 3  # the RM step's minibatch order
+    POLICY_STEP = 4  # the policy step's minibatch order
+
+
+def round_seed(seed: int, round_index: int, stream: int) -> int:
+    return (seed * 1_000_003 + round_index * 7_919 + stream * 104_729) % (2**31 - 1)
