@@ -1,0 +1,121 @@
+"""Logging: by default apo-ray's own INFO lines and no third-party chatter, in the driver and in the actors;
+`--verbose` shows everything."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+import warnings
+
+import pytest
+
+from apo_ray import logs
+
+THIRD_PARTY = ("vllm.engine", "ray._private.worker", "DeepSpeed")
+
+
+@pytest.fixture
+def fresh_logging(monkeypatch):
+    """The logging state of a process that has not configured it yet (other tests run `main` in this one), and
+    what configure_logging changes process-wide put back afterwards: environment, loggers, warning filters."""
+    for key in (logs.VERBOSE_ENV, *logs.QUIET_ENV):
+        monkeypatch.delenv(key, raising=False)
+    root = logging.getLogger()
+    named = [logging.getLogger(name) for name in (*logs.OWN_LOGGERS, *logs.QUIET_LOGGERS)]
+    saved_root = (list(root.handlers), root.level)
+    saved = [(logger, logger.level, list(logger.filters)) for logger in named]
+    for logger in named:
+        logger.setLevel(logging.NOTSET)
+        logger.filters.clear()
+    with warnings.catch_warnings():
+        yield
+    root.handlers[:] = saved_root[0]
+    root.setLevel(saved_root[1])
+    for logger, level, filters in saved:
+        logger.setLevel(level)
+        logger.filters[:] = filters
+
+
+def emit_one_of_each() -> None:
+    logging.getLogger("apo_ray.driver").info("[round 1/3] generate")
+    logging.getLogger("actors.rollout").debug("engine detail")
+    logging.getLogger("apo_ray.build_locks").warning("a lock to delete")
+    for name in THIRD_PARTY:
+        logging.getLogger(name).warning(f"{name} note")
+    logging.getLogger("some_library").warning("some_library note")
+
+
+def test_by_default_apo_ray_info_shows_as_progress_and_vllm_ray_deepspeed_only_errors(fresh_logging, capsys):
+    logs.configure_logging(verbose=False)
+    emit_one_of_each()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines
+    assert re.fullmatch(r"\d\d-\d\d \d\d:\d\d:\d\d \[round 1/3\] generate", lines[0]), lines
+    assert lines[1].endswith(" WARNING apo_ray.build_locks: a lock to delete"), lines
+    assert lines[2].endswith(" WARNING some_library: some_library note"), lines
+    assert all(logging.getLogger(name).isEnabledFor(logging.ERROR) for name in THIRD_PARTY)
+
+
+def test_by_default_the_libraries_read_quiet_settings_at_import_and_actors_get_them(fresh_logging):
+    logs.configure_logging(verbose=False)
+    assert {key: os.environ[key] for key in logs.QUIET_ENV} == logs.QUIET_ENV
+    assert logs.worker_env() == logs.QUIET_ENV
+    assert not logs.is_verbose()
+    assert logs.ray_init_options()["logging_level"] == logging.ERROR
+
+
+def test_a_setting_the_user_made_is_kept_and_passed_on(fresh_logging, monkeypatch):
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    logs.configure_logging(verbose=False)
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
+    assert logs.worker_env()["VLLM_LOGGING_LEVEL"] == "DEBUG"
+
+
+def test_deepspeed_stays_quiet_when_its_import_resets_its_level(fresh_logging, capsys):
+    logs.configure_logging(verbose=False)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # what `import deepspeed` does
+    logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU.")
+    assert capsys.readouterr().err == ""
+
+
+def test_by_default_future_warnings_from_libraries_are_hidden_and_apo_rays_shown(fresh_logging):
+    logs.configure_logging(verbose=False)
+    with warnings.catch_warnings(record=True) as shown:
+        for module in ("vllm.triton_utils.dispatcher", "apo_ray.modeling", "actors.rollout"):
+            warnings.warn_explicit(f"deprecated in {module}", FutureWarning, "file.py", 1, module=module)
+    assert [str(w.message) for w in shown] == ["deprecated in apo_ray.modeling", "deprecated in actors.rollout"]
+
+
+def test_verbose_shows_apo_ray_debug_and_leaves_the_libraries_alone(fresh_logging, capsys):
+    logs.configure_logging(verbose=True)
+    emit_one_of_each()
+    err = capsys.readouterr().err
+    assert "DEBUG actors.rollout: engine detail" in err and "WARNING some_library: some_library note" in err, err
+    # Left to configure themselves (once imported, Ray and DeepSpeed print through handlers of their own).
+    assert all(logging.getLogger(name).level == logging.NOTSET for name in logs.QUIET_LOGGERS)
+    assert not any(logging.getLogger(name).filters for name in logs.QUIET_LOGGERS)
+    assert not any(key in os.environ for key in logs.QUIET_ENV)
+    assert logs.worker_env() == {logs.VERBOSE_ENV: "1"}
+    assert logs.ray_init_options()["logging_level"] == logging.INFO
+
+
+def test_configured_twice_each_line_appears_once(fresh_logging, capsys):
+    logs.configure_logging(verbose=False)
+    logs.configure_logging(verbose=False)
+    logging.getLogger("apo_ray.train").info("summary: {}")
+    assert capsys.readouterr().err.count("summary: {}") == 1
+
+
+def test_the_worker_hook_configures_a_worker_as_its_driver_chose(fresh_logging, monkeypatch):
+    hook = logs.ray_init_options()["runtime_env"]["worker_process_setup_hook"]
+    module, _, name = hook.rpartition(".")
+    monkeypatch.setenv(logs.VERBOSE_ENV, "1")  # as actor_env passes it from a verbose driver
+    getattr(importlib.import_module(module), name)()
+    assert logging.getLogger("apo_ray").level == logging.DEBUG
+    monkeypatch.delenv(logs.VERBOSE_ENV)
+    getattr(importlib.import_module(module), name)()
+    assert logging.getLogger("apo_ray").level == logging.INFO
+    assert logging.getLogger("vllm").level == logging.ERROR
+
