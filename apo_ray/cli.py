@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from apo_ray.logs import configure_logging
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -22,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(rest)
     parser = argparse.ArgumentParser(prog="apo-ray report", description="plots and a summary of a run directory")
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show apo-ray's debug lines and every library's own log lines")
     args = parser.parse_args(rest)
+    configure_logging(args.verbose)
     if not (args.run_dir / "metrics.jsonl").is_file():
         print(f"error: {args.run_dir}: no metrics.jsonl (not a run directory?)", file=sys.stderr)
         return 2
