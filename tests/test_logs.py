@@ -7,11 +7,14 @@ import importlib
 import logging
 import os
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
 
 from apo_ray import logs
+from tests.conftest import REPO_ROOT
 
 THIRD_PARTY = ("vllm.engine", "ray._private.worker", "DeepSpeed")
 
@@ -119,3 +122,45 @@ def test_the_worker_hook_configures_a_worker_as_its_driver_chose(fresh_logging, 
     assert logging.getLogger("apo_ray").level == logging.INFO
     assert logging.getLogger("vllm").level == logging.ERROR
 
+
+# One round of the builtin task, small, with vLLM (whose chatter is the most) and plain torch learners.
+SMALL_VLLM_RUN = [
+    "rounds=1", "rollout.backend=vllm", "learner.backend=torch", "samples_per_prompt=2",
+    "data.builtin.n_pairs=48", "data.builtin.n_gold=16", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=32",
+    "reward.initial_epochs=1", "policy.epochs_per_round=1", "logging.tensorboard=false", "logging.report=false",
+]
+# vLLM's own line format: "INFO 12-01 22:08:36 [inplace.py:91] Reloading weights inplace..."
+VLLM_LINE = re.compile(r"\b(DEBUG|INFO|WARNING) \d\d-\d\d \d\d:\d\d:\d\d \[\w+\.py:\d+\]")
+THIRD_PARTY_BARS = ("Writing model shards", "Loading weights", "Loading safetensors checkpoint shards")
+
+
+def train_output(tmp_path, *flags: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "apo_ray.train", "--config", "configs/default.yaml", f"run_dir={tmp_path / 'run'}",
+         *SMALL_VLLM_RUN, *flags],
+        cwd=REPO_ROOT, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, capture_output=True,
+        text=True, timeout=600,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.mark.integration
+def test_a_default_run_shows_apo_rays_lines_and_hides_the_libraries(tmp_path):
+    output = train_output(tmp_path)
+    assert "[round 1/1] sync" in output and re.search(r"\[round 1\] rm/acc=\d", output), output[-3000:]
+    # Logged in the actors, configured by the job's worker set-up hook, passed on by Ray to the driver.
+    assert re.search(r"\(RewardLearner pid=\d+\).* \[rm_step\] done: ", output), output[-3000:]
+    assert not VLLM_LINE.search(output), VLLM_LINE.search(output)
+    for noise in (*THIRD_PARTY_BARS, "Chat template warmup failed", "Traceback", "Started a local Ray instance",
+                  "Setting accelerator to CPU"):
+        assert noise not in output, noise
+
+
+@pytest.mark.integration
+def test_a_verbose_run_shows_the_libraries_lines(tmp_path):
+    output = train_output(tmp_path, "--verbose")
+    assert "Reloading weights inplace" in output and VLLM_LINE.search(output), output[-3000:]
+    assert "Writing model shards" in output and "Started a local Ray instance" in output, output[-3000:]
+    assert re.search(r"\[round 1\] rm/acc=\d", output), output[-3000:]
