@@ -51,15 +51,23 @@ def is_verbose() -> bool:
 
 
 def configure_logging(verbose: bool) -> None:
-    """Install apo-ray's handler on the root logger and set the levels described in this module's docstring.
+    """Install apo-ray's handlers on the root logger and set the levels described in this module's docstring.
 
-    Once per process, at its start. Calling it again replaces the handler it installed, so a process that runs
+    Progress (DEBUG, INFO) goes to stdout, as the entry points printed it, and warnings and errors to stderr,
+    which then holds only what went wrong, like the `error: ...` line a failed run ends with.
+
+    Once per process, at its start. Calling it again replaces the handlers it installed, so a process that runs
     several commands (tests) logs each line once; it does not undo an earlier call's quieting.
     """
     root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+    for handler in [h for h in root.handlers if isinstance(h, _ConsoleHandler)]:
         root.removeHandler(handler)
-    root.addHandler(_StderrHandler())
+    progress = _ConsoleHandler("stdout")
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = _ConsoleHandler("stderr")
+    problems.setLevel(logging.WARNING)
+    root.addHandler(progress)
+    root.addHandler(problems)
     root.setLevel(logging.WARNING)
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -126,16 +134,18 @@ class _Formatter(logging.Formatter):
         return super().format(record)
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to sys.stderr as it is when a record comes, not as it was when configured: pytest swaps it."""
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to sys.stdout or sys.stderr as it is when a record comes, not as it was when configured: pytest
+    swaps them."""
 
-    def __init__(self):
+    def __init__(self, stream_name: str):
+        self._stream_name = stream_name
         super().__init__()
         self.setFormatter(_Formatter())
 
     @property
     def stream(self):
-        return sys.stderr
+        return getattr(sys, self._stream_name)
 
     @stream.setter
     def stream(self, value) -> None:

@@ -53,11 +53,12 @@ def emit_one_of_each() -> None:
 def test_by_default_apo_ray_info_shows_as_progress_and_vllm_ray_deepspeed_only_errors(fresh_logging, capsys):
     logs.configure_logging(verbose=False)
     emit_one_of_each()
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 3, lines
-    assert re.fullmatch(r"\d\d-\d\d \d\d:\d\d:\d\d \[round 1/3\] generate", lines[0]), lines
-    assert lines[1].endswith(" WARNING apo_ray.build_locks: a lock to delete"), lines
-    assert lines[2].endswith(" WARNING some_library: some_library note"), lines
+    printed = capsys.readouterr()
+    assert re.fullmatch(r"\d\d-\d\d \d\d:\d\d:\d\d \[round 1/3\] generate\n", printed.out), printed.out
+    problems = printed.err.splitlines()
+    assert len(problems) == 2, problems
+    assert problems[0].endswith(" WARNING apo_ray.build_locks: a lock to delete"), problems
+    assert problems[1].endswith(" WARNING some_library: some_library note"), problems
     assert all(logging.getLogger(name).isEnabledFor(logging.ERROR) for name in THIRD_PARTY)
 
 
@@ -94,8 +95,9 @@ def test_by_default_future_warnings_from_libraries_are_hidden_and_apo_rays_shown
 def test_verbose_shows_apo_ray_debug_and_leaves_the_libraries_alone(fresh_logging, capsys):
     logs.configure_logging(verbose=True)
     emit_one_of_each()
-    err = capsys.readouterr().err
-    assert "DEBUG actors.rollout: engine detail" in err and "WARNING some_library: some_library note" in err, err
+    printed = capsys.readouterr()
+    assert "DEBUG actors.rollout: engine detail" in printed.out, printed
+    assert "WARNING some_library: some_library note" in printed.err, printed
     # Left to configure themselves (once imported, Ray and DeepSpeed print through handlers of their own).
     assert all(logging.getLogger(name).level == logging.NOTSET for name in logs.QUIET_LOGGERS)
     assert not any(logging.getLogger(name).filters for name in logs.QUIET_LOGGERS)
@@ -108,7 +110,7 @@ def test_configured_twice_each_line_appears_once(fresh_logging, capsys):
     logs.configure_logging(verbose=False)
     logs.configure_logging(verbose=False)
     logging.getLogger("apo_ray.train").info("summary: {}")
-    assert capsys.readouterr().err.count("summary: {}") == 1
+    assert capsys.readouterr().out.count("summary: {}") == 1
 
 
 def test_the_worker_hook_configures_a_worker_as_its_driver_chose(fresh_logging, monkeypatch):
