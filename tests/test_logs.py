@@ -24,7 +24,8 @@ def fresh_logging(monkeypatch):
     """The logging state of a process that has not configured it yet (other tests run `main` in this one), and
     what configure_logging changes process-wide put back afterwards: environment, loggers, warning filters."""
     for key in (logs.VERBOSE_ENV, *logs.QUIET_ENV):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that what configure_logging sets is undone too
+        monkeypatch.delenv(key)
     root = logging.getLogger()
     named = [logging.getLogger(name) for name in (*logs.OWN_LOGGERS, *logs.QUIET_LOGGERS)]
     saved_root = (list(root.handlers), root.level)
@@ -137,10 +138,12 @@ THIRD_PARTY_BARS = ("Writing model shards", "Loading weights", "Loading safetens
 
 
 def train_output(tmp_path, *flags: str) -> str:
+    # Without the settings an in-process `main` of another test left in this process's environment.
+    inherited = ("RAY_ADDRESS", logs.VERBOSE_ENV, *logs.QUIET_ENV)
     done = subprocess.run(
         [sys.executable, "-m", "apo_ray.train", "--config", "configs/default.yaml", f"run_dir={tmp_path / 'run'}",
          *SMALL_VLLM_RUN, *flags],
-        cwd=REPO_ROOT, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, capture_output=True,
+        cwd=REPO_ROOT, env={k: v for k, v in os.environ.items() if k not in inherited}, capture_output=True,
         text=True, timeout=600,
     )
     output = done.stdout + done.stderr
