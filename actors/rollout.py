@@ -22,6 +22,7 @@ import torch
 
 from apo_ray.config import resolve_dtype
 from apo_ray.game import FinishReason, Rollout
+from apo_ray.logs import is_verbose
 from apo_ray.modeling import encode_prompt, load_tokenizer, torch_dtype
 from apo_ray.vllm_version import require_supported_vllm
 from apo_ray.weight_sync import NamedTensors, as_named_tensors, checkpoint_files, read_checkpoint_dir, tensor_bytes
@@ -142,6 +143,8 @@ class VllmEngine:
             "max_model_len": max_model_len,
             "skip_tokenizer_init": True,
             "worker_extension_cls": f"{__name__}.{VllmWeightLoader.__qualname__}",
+            # Its weight-loading bar, like every third-party bar, only in a verbose run (apo_ray/logs.py).
+            "use_tqdm_on_load": is_verbose(),
         }
         if not torch.cuda.is_available():
             # torch.compile added 30-50 s to the engine start on 2 cores and did not speed up small models.
@@ -282,7 +285,7 @@ class RolloutWorker:
         engine_kwargs: dict | None = None,
     ):
         check_rollout_settings(backend, max_prompt_tokens, max_new_tokens, max_model_len, engine_kwargs)
-        # Resolved here rather than by vLLM, whose "auto" means the checkpoint's dtype.
+        # Resolved here rather than by vLLM, whose "auto" turns a float32 checkpoint into bfloat16.
         dtype = resolve_dtype(dtype, on_gpu=torch.cuda.is_available())
         self.backend, self.worker_index, self.seed = backend, worker_index, seed
         self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens

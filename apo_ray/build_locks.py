@@ -8,9 +8,11 @@ A lock that no process has open is such a leftover; one that a process has open 
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def build_locks() -> list[Path]:
@@ -77,16 +79,16 @@ def report() -> str:
 
 
 def clear_stale() -> list[Path]:
-    """Delete the build locks that no process holds and name the others on stderr; returns those deleted."""
+    """Delete the build locks that no process holds and name the others (warnings); returns those deleted."""
     removed = []
     for lock in build_locks():
         holders = lock_holders(lock)
         if holders == []:
             lock.unlink(missing_ok=True)
             removed.append(lock)
-            print(f"removed the stale torch extension build lock {lock}: no process holds it (a build was killed "
-                  "mid-way)", file=sys.stderr, flush=True)
+            log.warning("removed the stale torch extension build lock %s: no process holds it (a build was killed "
+                        "mid-way)", lock)
         else:
-            print(f"torch extension build lock {describe(lock, holders)}: a build of that op waits until it is "
-                  "gone", file=sys.stderr, flush=True)
+            log.warning("torch extension build lock %s: a build of that op waits until it is gone",
+                        describe(lock, holders))
     return removed

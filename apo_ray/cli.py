@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from apo_ray.logs import configure_logging
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -26,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
                     "fixed RM) in --out")
     parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     parser.add_argument("--out", type=Path, help="where the comparison goes (default: comparison/ in the working directory)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show apo-ray's debug lines and every library's own log lines")
     args = parser.parse_args(rest)
+    configure_logging(args.verbose)
     for run_dir in args.run_dirs:
         if not (run_dir / "metrics.jsonl").is_file():
             print(f"error: {run_dir}: no metrics.jsonl (not a run directory?)", file=sys.stderr)

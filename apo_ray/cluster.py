@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import uuid
 
@@ -12,12 +13,14 @@ from actors.critic import CriticLearner
 from actors.policy import PolicyLearner
 from actors.reference import ReferenceModel
 from actors.reward import RewardLearner
-from apo_ray import build_locks
+from apo_ray import build_locks, logs
 from apo_ray.actor_group import ActorGroup, wait_until_ready
 from apo_ray.config import Config, LearnerConfig
 from apo_ray.driver import Actors
 from apo_ray.placement import Role, actor_plan, cluster_from_ray_nodes, local_num_cpus, place, totals
 from apo_ray.rollout_pool import RolloutPool
+
+log = logging.getLogger(__name__)
 
 # vLLM must keep its engine in the actor's own process: across its multiprocess boundary, weight tensors
 # turn into lists (docs/architecture.md). DeepSpeed picks its CPU accelerator only when told to.
@@ -29,7 +32,8 @@ def cpu_only() -> bool:
 
 
 def actor_env() -> dict[str, str]:
-    env = dict(ACTOR_ENV)
+    # The driver's logging choice, for actors on nodes whose processes do not inherit its environment.
+    env = {**ACTOR_ENV, **logs.worker_env()}
     if cpu_only():
         env["DS_ACCELERATOR"] = "cpu"
     return env
@@ -44,10 +48,16 @@ def init_ray(cfg: Config) -> None:
     """Join the cluster this driver was submitted to (RAY_ADDRESS, or ray.address), else start one."""
     if ray.is_initialized():
         return
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    options = logs.ray_init_options()
+    log.debug("ray.init options: %s", options)
+    if address:
+        ray.init(address=address, log_to_driver=True, **options)
+        log.info("joined the Ray cluster at %s", address)
         return
-    ray.init(num_cpus=local_num_cpus(cfg), include_dashboard=False, log_to_driver=True)
+    num_cpus = local_num_cpus(cfg)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **options)
+    log.info("started a local Ray cluster with %d logical CPUs", num_cpus)
     placement = place(actor_plan(cfg), cluster_from_ray_nodes(ray.nodes(), "this machine's Ray"))
     if not placement.fits:
         # Otherwise the placement groups would wait ten minutes for resources this machine does not have.

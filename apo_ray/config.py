@@ -39,7 +39,7 @@ class ConfigError(ValueError):
 def resolve_dtype(name: str, on_gpu: bool) -> str:
     """The one rule for "auto": float32 on CPU (half precision is slow there, docs/architecture.md: 75 s vs 4.4 s per
     RM step), bfloat16 on GPU. Every role resolves through this, so no engine picks a dtype of its own
-    (vLLM's own "auto" would take the checkpoint's)."""
+    (vLLM's own "auto" turns a float32 checkpoint into bfloat16)."""
     if name == "auto":
         return "bfloat16" if on_gpu else "float32"
     return name

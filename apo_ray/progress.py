@@ -1,18 +1,24 @@
-"""Progress of a generation or training phase: a tqdm bar on a terminal, a few plain lines otherwise.
+"""Progress of a generation or training phase: a tqdm bar on a terminal, a few log lines otherwise.
 
 Logs of cluster jobs are files, where a redrawn bar turns into thousands of lines; there the phase
-prints at most one line per `min_interval_s` and one line when it ends.
+logs (INFO) at most one line per `min_interval_s` and one line when it ends.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import Callable, TextIO
 
+log = logging.getLogger(__name__)
+
 
 class Progress:
-    """Counts work done in one phase; use as a context manager and call update(n) as items finish."""
+    """Counts work done in one phase; use as a context manager and call update(n) as items finish.
+
+    The bar is drawn on `stream` (default: stderr) when it is a terminal; otherwise the lines are logged.
+    """
 
     def __init__(
         self,
@@ -47,21 +53,21 @@ class Progress:
             return
         now = self._clock()
         if now - self._last_line >= self._min_interval_s:
-            self._write_line(now, state="running")
+            self._log_line(now, state="running")
 
     def close(self, failed: bool = False) -> None:
         if self._bar is not None:
             self._bar.close()
         else:
-            self._write_line(self._clock(), state="failed" if failed else "done")
+            self._log_line(self._clock(), state="failed" if failed else "done")
 
-    def _write_line(self, now: float, state: str) -> None:
+    def _log_line(self, now: float, state: str) -> None:
         self._last_line = now
         elapsed = now - self._started
         counted = f"{self.count}/{self.total}" if self.total is not None else str(self.count)
         rate = f"{self.count / elapsed:.1f} {self.unit}/s" if elapsed > 0 else "-"
-        line = f"[{self.phase}] {state}: {counted} {self.unit} in {elapsed:.1f} s ({rate})"
-        print(line, file=self._stream, flush=True)
+        level = logging.WARNING if state == "failed" else logging.INFO
+        log.log(level, "[%s] %s: %s %s in %.1f s (%s)", self.phase, state, counted, self.unit, elapsed, rate)
 
     def __enter__(self) -> Progress:
         return self

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import yaml
 from apo_ray.config import ONLINE_METHODS, Config, ConfigError, config_from_dict, load_config
 from apo_ray.config_paths import all_sources_local, input_paths
 from apo_ray.data import DataError, GameData, build_game_data, validate_sources
+from apo_ray.logs import configure_logging
 from apo_ray.placement import (CLUSTER_SYNTAX, actor_plan, check_plan, local_cluster, parse_cluster, place,
                                placement_lines, plan_table, read_running_cluster)
 from apo_ray.vllm_version import VllmVersionError, require_supported_vllm
@@ -29,6 +31,9 @@ from apo_ray.vllm_version import VllmVersionError, require_supported_vllm
 CONFIG_FILE = "config.yaml"
 # Tiny runs need little; a real run's checkpoints are checked against the model size instead.
 MIN_FREE_BYTES = 200 * 2**20
+
+# Not __name__: `python -m apo_ray.train` runs this module as __main__, outside apo-ray's loggers.
+log = logging.getLogger("apo_ray.train")
 
 
 class RunDirError(RuntimeError):
@@ -150,7 +155,7 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
         b = cfg.data.builtin
         task = make_task(cfg.seed, n_pairs=b.n_pairs, n_gold=b.n_gold, n_policy_prompts=b.n_prompts, n_eval_pairs=b.n_eval_pairs)
         data = GameData(list(task.pairs), list(task.gold), list(task.prompts), list(task.eval_pairs))
-        print(f"building/loading the builtin task's tiny models in {b.cache_dir} ...", flush=True)
+        log.info("building/loading the builtin task's tiny models in %s ...", b.cache_dir)
         assets = prepare_builtin_assets(b.cache_dir, seed=cfg.seed, sft_steps=b.sft_steps)
         policy_path, reward_path, oracle = str(assets.policy_dir), str(assets.reward_dir), gold_score
     else:
@@ -175,6 +180,8 @@ def run(prepared: PreparedRun) -> dict:
 
     cfg, run_dir = prepared.cfg, prepared.run_dir
     write_config(run_dir, cfg)
+    log.debug("policy %s, reward model %s; config saved as %s", prepared.policy_path, prepared.reward_path,
+              run_dir / CONFIG_FILE)
     init_ray(cfg)
     started = time.perf_counter()
     actors = start_actors(cfg, prepared.policy_path, prepared.reward_path)
@@ -190,10 +197,10 @@ def run(prepared: PreparedRun) -> dict:
             actors.pool.sync_from(actors.policy, version)
             logger.truncate_after(prepared.resume_from)
             first_round = prepared.resume_from + 1
-            print(f"resumed {run_dir} after round {prepared.resume_from} (policy version {version})", flush=True)
+            log.info("resumed %s after round %d (policy version %d)", run_dir, prepared.resume_from, version)
         elif logger.jsonl_path.stat().st_size:
             logger.truncate_after(-1)  # resumed before any checkpoint: forget what the killed run logged
-        game = APOGame(cfg, prepared.data, actors, logger, checkpointer, prepared.oracle)
+        game = APOGame(cfg, prepared.data, actors, logger, checkpointer, prepared.oracle, log=log.info)
         game.version = version
         game.run(first_round)
     except FloatingPointError as error:
@@ -205,7 +212,7 @@ def run(prepared: PreparedRun) -> dict:
     if cfg.logging.report:
         from apo_ray.report import write_report
 
-        print(f"report: {write_report(run_dir)}", flush=True)
+        log.info("report: %s", write_report(run_dir))
     return summary
 
 
@@ -232,7 +239,7 @@ def write_summary(run_dir: Path, cfg: Config, prepared: PreparedRun, wall_s: flo
         "final": {k: last.get(k) for k in keys},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("summary: " + json.dumps(summary["final"]), flush=True)
+    log.info("summary: %s", json.dumps(summary["final"]))
     return summary
 
 
@@ -291,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cluster", metavar="SPEC",
                         help=f"with --dry-run: place the plan on a described cluster instead of the running or local "
                              f"one: {CLUSTER_SYNTAX}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show apo-ray's debug lines and every library's own log lines and progress bars "
+                             "(by default: apo-ray's progress, and only errors of vLLM, Ray and DeepSpeed)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. method=dpo reward.lr=1e-4")
     return parser
 
@@ -310,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cluster and not args.dry_run:
         parser.error("--cluster describes a cluster for --dry-run; a run uses the cluster it starts on")
+    configure_logging(args.verbose)
     try:
         if args.resume:
             cfg = load_for_resume(args.resume, args.overrides)

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from apo_ray.logs import configure_logging
 from benchmarks.common import (REPO_ROOT, BenchmarkRun, add_niceness_argument, base_parser, fmt,
                                set_ray_worker_niceness, start_ray_with_retries)
 
@@ -456,6 +457,7 @@ def selected_arms(keys: Sequence[str] | None) -> list[Arm]:
 
 def main() -> None:
     args = parse_args()
+    configure_logging(False)
     set_ray_worker_niceness(args.ray_worker_niceness)
     run = BenchmarkRun("quality", "Quality: APO vs. fixed-RM baselines and RM ablations on the builtin task", args)
     import ray

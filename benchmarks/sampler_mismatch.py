@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from apo_ray.logs import configure_logging
 from benchmarks.common import REPO_ROOT, BenchmarkRun, base_parser, start_ray_with_retries
 
 ARMS = {
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iterations", type=int, default=10)
     args = parser.parse_args()
+    configure_logging(False)
     if args.quick:
         args.seeds, args.iterations = args.seeds[:1], 2
     run = BenchmarkRun("sampler_mismatch", "Sampler vs learner log-probs, and truncated importance sampling", args)

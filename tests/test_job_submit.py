@@ -161,6 +161,10 @@ def test_ray_job_submit_runs_the_game_on_an_existing_cluster(ray_head, tmp_path)
     assert status == "SUCCEEDED", logs.stdout[-3000:]
     # The job's log is a file: generation reports one plain line per call, no redrawn progress bar.
     assert re.search(r"\[generate\] done: 32/32 samples in [\d.]+ s", logs.stdout), logs.stdout[-3000:]
+    # The actors log as the driver does on a cluster it joined (the job's worker set-up hook): their progress
+    # lines, and no transformers bar from their checkpoint saves.
+    assert re.search(r"\(RewardLearner pid=\d+(, ip=[\d.]+)?\).* \[rm_step\] done: ", logs.stdout), logs.stdout[-3000:]
+    assert "Writing model shards" not in logs.stdout, logs.stdout[-3000:]
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == [0, 1]

@@ -1,4 +1,5 @@
 import io
+import logging
 
 import pytest
 
@@ -13,28 +14,35 @@ class FakeClock:
         return self.now
 
 
-def test_without_a_terminal_prints_at_most_one_line_per_interval_and_one_at_the_end():
+def progress_records(caplog) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "apo_ray.progress"]
+
+
+def test_without_a_terminal_logs_at_most_one_line_per_interval_and_one_at_the_end(caplog):
     stream, clock = io.StringIO(), FakeClock()
-    with Progress("generate", total=100, unit="samples", stream=stream, min_interval_s=30, clock=clock) as progress:
-        for _ in range(100):
-            clock.now += 1.0
-            progress.update()
-    assert stream.getvalue().splitlines() == [
-        "[generate] running: 30/100 samples in 30.0 s (1.0 samples/s)",
-        "[generate] running: 60/100 samples in 60.0 s (1.0 samples/s)",
-        "[generate] running: 90/100 samples in 90.0 s (1.0 samples/s)",
-        "[generate] done: 100/100 samples in 100.0 s (1.0 samples/s)",
+    with caplog.at_level(logging.INFO, logger="apo_ray"):
+        with Progress("generate", total=100, unit="samples", stream=stream, min_interval_s=30,
+                      clock=clock) as progress:
+            for _ in range(100):
+                clock.now += 1.0
+                progress.update()
+    assert progress_records(caplog) == [
+        (logging.INFO, "[generate] running: 30/100 samples in 30.0 s (1.0 samples/s)"),
+        (logging.INFO, "[generate] running: 60/100 samples in 60.0 s (1.0 samples/s)"),
+        (logging.INFO, "[generate] running: 90/100 samples in 90.0 s (1.0 samples/s)"),
+        (logging.INFO, "[generate] done: 100/100 samples in 100.0 s (1.0 samples/s)"),
     ]
+    assert stream.getvalue() == ""
 
 
-def test_a_failing_phase_says_so():
-    stream, clock = io.StringIO(), FakeClock()
+def test_a_failing_phase_says_so_as_a_warning(caplog):
+    clock = FakeClock()
     with pytest.raises(RuntimeError):
-        with Progress("rm_step", stream=stream, clock=clock) as progress:
+        with Progress("rm_step", stream=io.StringIO(), clock=clock) as progress:
             progress.update(3)
             clock.now = 2.0
             raise RuntimeError("boom")
-    assert stream.getvalue() == "[rm_step] failed: 3 it in 2.0 s (1.5 it/s)\n"
+    assert progress_records(caplog) == [(logging.WARNING, "[rm_step] failed: 3 it in 2.0 s (1.5 it/s)")]
 
 
 class Terminal(io.StringIO):
@@ -42,10 +50,12 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_on_a_terminal_draws_a_tqdm_bar():
+def test_on_a_terminal_draws_a_tqdm_bar_instead_of_logging(caplog):
     stream = Terminal()
-    with Progress("policy_step", total=4, unit="batch", stream=stream) as progress:
-        progress.update(4)
+    with caplog.at_level(logging.INFO, logger="apo_ray"):
+        with Progress("policy_step", total=4, unit="batch", stream=stream) as progress:
+            progress.update(4)
     assert "\r" in stream.getvalue()
     assert "policy_step" in stream.getvalue()
     assert "4/4" in stream.getvalue()
+    assert progress_records(caplog) == []
