@@ -1,4 +1,5 @@
-"""`apo-ray` command: `train` (the game), `report` (plots of a run directory)."""
+"""`apo-ray` command: `train` (the game), `report` (plots of a run directory), `sft` and `rm` (the stages
+before the game, apo_ray.stages), `serve` (the trained policy and RM over HTTP, apo_ray.serve)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("train", "report")
+    commands = ("train", "report", "sft", "rm", "serve")
     if not argv or argv[0] not in commands:
         print(f"usage: apo-ray {{{','.join(commands)}}} ...   (apo-ray train --help)", file=sys.stderr)
         return 2
@@ -18,6 +19,14 @@ def main(argv: list[str] | None = None) -> int:
         from apo_ray.train import main as train_main
 
         return train_main(rest)
+    if command in ("sft", "rm"):
+        from apo_ray.stages.cli import main as stage_main
+
+        return stage_main(command, rest)
+    if command == "serve":
+        from apo_ray.serve.cli import main as serve_main
+
+        return serve_main(rest)
     parser = argparse.ArgumentParser(prog="apo-ray report", description="plots and a summary of a run directory")
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(rest)
