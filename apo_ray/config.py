@@ -622,8 +622,9 @@ class ServeConfig:
     # (the run's reward.max_length or the rm stage's max_length), else 256.
     reward_max_length: Optional[int] = field(default=None, metadata=_range(8))
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # The policy's vLLM engine (ray.serve.llm): context length, and on CPU its KV cache in bytes.
-    max_model_len: int = field(default=512, metadata=_range(8))
+    # The policy's vLLM engine (ray.serve.llm): context length (None: the policy's max_position_embeddings),
+    # and on CPU its KV cache in bytes.
+    max_model_len: Optional[int] = field(default=None, metadata=_range(8))
     kv_cache_bytes: int = field(default=1 << 30, metadata=_range(1 << 20))
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     limits: ServeLimitsConfig = field(default_factory=ServeLimitsConfig)
@@ -631,7 +632,7 @@ class ServeConfig:
 
 def check_serve_config(cfg: ServeConfig, key: str = "serve") -> None:
     limits = cfg.limits
-    if limits.max_prompt_tokens + limits.max_tokens > cfg.max_model_len:
+    if cfg.max_model_len is not None and limits.max_prompt_tokens + limits.max_tokens > cfg.max_model_len:
         raise ConfigError(f"{key}.max_model_len: {cfg.max_model_len} < {key}.limits.max_prompt_tokens "
                           f"{limits.max_prompt_tokens} + {key}.limits.max_tokens {limits.max_tokens}")
     if not cfg.token_env:

@@ -27,7 +27,7 @@ def served(ray_cluster, tmp_path_factory):
     from ray import serve
 
     from apo_ray.builtin_task import make_policy_model, make_reward_model, make_tokenizer
-    from apo_ray.serve.app import deploy, load_serve_config
+    from apo_ray.serve.app import check_targets, deploy, load_serve_config
     from apo_ray.serve.targets import resolve_targets
 
     checkpoint = tmp_path_factory.mktemp("serve") / "round"
@@ -35,11 +35,11 @@ def served(ray_cluster, tmp_path_factory):
     make_policy_model(checkpoint / "policy", tokenizer, seed=1)
     make_reward_model(checkpoint / "reward", tokenizer, seed=2)
     targets = resolve_targets([str(checkpoint)])
-    cfg = load_serve_config(None, {}, [
+    cfg = check_targets(targets, load_serve_config(None, {}, [
         f"serve.port={free_port()}", "serve.policy.num_cpus=1", "serve.reward.num_cpus=0.5",
         "serve.ingress.num_cpus=0.25", "serve.max_model_len=64", "serve.kv_cache_bytes=67108864",
         "serve.limits.max_prompt_tokens=24", "serve.limits.max_tokens=16", "serve.limits.max_score_items=8",
-        "serve.limits.max_body_bytes=4096", "serve.score_max_batch_size=8", "serve.score_batch_wait_s=0.05"])
+        "serve.limits.max_body_bytes=4096", "serve.score_max_batch_size=8", "serve.score_batch_wait_s=0.05"]))
     url = deploy(targets, cfg, TOKEN)
     yield url, targets
     serve.shutdown()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from apo_ray.config import ConfigError, ServeLimitsConfig, load_config
-from apo_ray.serve.app import is_loopback, load_serve_config, serve_token
+from apo_ray.serve.app import check_targets, is_loopback, load_serve_config, serve_token
 from apo_ray.serve.batching import chunks, flatten, split
 from apo_ray.serve.requests import (RequestError, ScoreItem, check_prompt_tokens, parse_generate_request, parse_json,
                                     parse_score_request)
@@ -126,10 +126,23 @@ def test_serve_config_from_a_run_a_file_and_overrides(tmp_path):
         load_serve_config(None, {}, ["port=1"])
 
 
-def write_model(directory, architecture: str):
+def write_model(directory, architecture: str, **config):
     directory.mkdir(parents=True)
-    (directory / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+    (directory / "config.json").write_text(json.dumps({"architectures": [architecture], **config}))
     return directory
+
+
+def test_the_policy_context_bounds_the_limits(tmp_path):
+    targets = resolve_targets([str(write_model(tmp_path / "policy", "LlamaForCausalLM", max_position_embeddings=128))])
+    assert check_targets(targets, load_serve_config(None, {}, ["serve.limits.max_prompt_tokens=96",
+                                                                "serve.limits.max_tokens=32"])).max_model_len == 128
+    with pytest.raises(ConfigError, match="serve.max_model_len: 512 is more than the policy's max_position_embeddings"):
+        check_targets(targets, load_serve_config(None, {}, ["serve.max_model_len=512"]))
+    with pytest.raises(ConfigError, match="serve.limits.max_prompt_tokens: 256 .* context of 128 tokens"):
+        check_targets(targets, load_serve_config(None, {}, []))
+    long_context = resolve_targets([str(write_model(tmp_path / "long", "Qwen2ForCausalLM",
+                                                    max_position_embeddings=32768))])
+    assert check_targets(long_context, load_serve_config(None, {}, [])).max_model_len == 2048
 
 
 def test_targets_from_game_runs_stage_runs_and_model_dirs(tmp_path):

@@ -3,7 +3,9 @@ serve config, the bind address and its token, the port."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import json
 import os
 import socket
 from typing import Mapping, Optional
@@ -13,6 +15,9 @@ from apo_ray.serve.targets import ServeTargets
 
 APP_NAME = "apo-ray"
 MIN_TOKEN_CHARS = 16
+# The policy's context unless serve.max_model_len says otherwise: its max_position_embeddings up to this (a
+# 32k context would need a KV cache for 32k tokens before the engine starts).
+DEFAULT_MAX_MODEL_LEN = 2048
 
 
 def load_serve_config(path: Optional[str], run_section: dict, overrides: list[str]) -> ServeConfig:
@@ -49,6 +54,8 @@ def serve_token(cfg: ServeConfig, environ: Mapping[str, str] = os.environ) -> Op
 
 def check_port_free(cfg: ServeConfig) -> None:
     with socket.socket() as probe:
+        # As Serve's HTTP server binds: connections of an earlier server in TIME_WAIT do not count as taken.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((cfg.host, cfg.port))
         except OSError as exc:
@@ -56,14 +63,55 @@ def check_port_free(cfg: ServeConfig) -> None:
                               "with serve.port=...") from None
 
 
-def check_targets(targets: ServeTargets) -> None:
+def check_targets(targets: ServeTargets, cfg: ServeConfig) -> ServeConfig:
+    """Refuse what the models cannot do; returns cfg with the policy's context length filled in."""
     if targets.policy is None and targets.reward is None:
         raise ConfigError("nothing to serve: no policy or reward model found in the targets")
+    if targets.policy is None:
+        return cfg
+    config = json.loads((targets.policy / "config.json").read_text())
+    longest = config.get("max_position_embeddings")
+    if longest is not None and cfg.max_model_len is not None and cfg.max_model_len > longest:
+        raise ConfigError(f"serve.max_model_len: {cfg.max_model_len} is more than the policy's "
+                          f"max_position_embeddings {longest} ({targets.policy})")
+    cfg = dataclasses.replace(cfg, max_model_len=cfg.max_model_len or min(longest or DEFAULT_MAX_MODEL_LEN,
+                                                                            DEFAULT_MAX_MODEL_LEN))
+    limits = cfg.limits
+    if limits.max_prompt_tokens + limits.max_tokens > cfg.max_model_len:
+        raise ConfigError(f"serve.limits.max_prompt_tokens: {limits.max_prompt_tokens} + serve.limits.max_tokens "
+                          f"{limits.max_tokens} do not fit the policy's context of {cfg.max_model_len} tokens")
+    return cfg
+
+
+def required_resources(targets: ServeTargets, cfg: ServeConfig) -> dict[str, float]:
+    """Logical CPUs and GPUs of every replica the application starts."""
+    parts = [cfg.ingress] + ([cfg.reward] if targets.reward else []) + ([cfg.policy] if targets.policy else [])
+    return {"CPU": sum(p.replicas * p.num_cpus for p in parts), "GPU": sum(p.replicas * p.num_gpus for p in parts)}
+
+
+def init_ray_for(targets: ServeTargets, cfg: ServeConfig) -> None:
+    """Join RAY_ADDRESS's cluster, else start a local one that holds every replica; either way refuse to deploy
+    what the cluster cannot hold (Serve would wait for it without end)."""
+    import math
+
+    import ray
+
+    need = required_resources(targets, cfg)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need["CPU"])), include_dashboard=False)
+    have = ray.cluster_resources()
+    if any(amount > have.get(kind, 0.0) for kind, amount in need.items()):
+        raise ConfigError(f"serve: the replicas need {need['CPU']:g} CPUs and {need['GPU']:g} GPUs "
+                          f"(serve.ingress, serve.reward, serve.policy: replicas x num_cpus / num_gpus); the cluster "
+                          f"has {have.get('CPU', 0.0):g} and {have.get('GPU', 0.0):g}")
 
 
 def deploy(targets: ServeTargets, cfg: ServeConfig, token: Optional[str]) -> str:
     """Start Serve's HTTP proxy on cfg.host:cfg.port (Ray must be initialised), deploy the application and wait
-    until every replica is up; returns the base URL."""
+    until every replica is up; returns the base URL. cfg has passed check_targets."""
     from ray import serve
 
     from apo_ray.serve.deployments import build_app

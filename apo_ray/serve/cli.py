@@ -7,7 +7,6 @@ Runs until interrupted (Ctrl-C or SIGTERM), then deletes the application. Exit c
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
@@ -26,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from apo_ray.serve.app import check_port_free, check_targets, deploy, load_serve_config, serve_token, undeploy
+    from apo_ray.serve.app import (check_port_free, check_targets, deploy, init_ray_for, load_serve_config,
+                                   serve_token, undeploy)
     from apo_ray.serve.targets import resolve_targets
 
     args = build_parser().parse_args(argv)
@@ -34,18 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [item for item in args.items if "=" in item]
     try:
         targets = resolve_targets(paths)
-        check_targets(targets)
-        cfg = load_serve_config(args.config, targets.serve_section, overrides)
+        cfg = check_targets(targets, load_serve_config(args.config, targets.serve_section, overrides))
         token = serve_token(cfg)
         check_port_free(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    import ray
-
-    address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address) if address else ray.init(include_dashboard=False)
+    try:
+        init_ray_for(targets, cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"[serve] deploying policy={targets.policy} reward={targets.reward} ...", flush=True)
     url = deploy(targets, cfg, token)
     auth = f' -H "Authorization: Bearer ${cfg.token_env}"' if token else ""
