@@ -557,7 +557,12 @@ def read_config_tree(path: str | Path | None, overrides: list[str] | None) -> di
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         tree = loaded or {}
-    return _merge(tree, parse_overrides(overrides or []))
+    return with_overrides(tree, overrides or [])
+
+
+def with_overrides(tree: dict, overrides: list[str]) -> dict:
+    """`tree` with `key.sub=value` overrides merged in (a new mapping)."""
+    return _merge(tree, parse_overrides(overrides))
 
 
 StageT = typing.TypeVar("StageT", bound=StageConfig)

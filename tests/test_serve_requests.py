@@ -33,6 +33,12 @@ def test_bodies_that_are_not_json_or_too_large(body, status, field, words):
     assert (error.status, error.field) == (status, field) and words in error.message
 
 
+def test_deeply_nested_json_is_a_400_not_a_crash():
+    with pytest.raises(RequestError, match="nested too deeply") as info:
+        parse_json(b"[" * 100_000, ServeLimitsConfig())
+    assert info.value.status == 400
+
+
 @pytest.mark.parametrize("payload, status, field", [
     ({"prompt": "a", "response": "b"}, 400, "body"),  # an object, not an array
     ([], 422, "body"),
@@ -42,6 +48,7 @@ def test_bodies_that_are_not_json_or_too_large(body, status, field, words):
     ([{"prompt": 3, "response": "b"}], 422, "[0].prompt"),
     ([{"prompt": "a", "response": "b" * 11}], 413, "[0].response"),
     ([{"prompt": "a", "response": "b", "reward": 1}], 400, "[0].reward"),
+    ([{"prompt": " ", "response": "\n"}], 422, "[0]"),
 ])
 def test_score_requests_are_refused_naming_the_field(payload, status, field):
     error = refused(parse_score_request, payload)
@@ -50,8 +57,8 @@ def test_score_requests_are_refused_naming_the_field(payload, status, field):
 
 
 def test_a_good_score_request():
-    items = parse_score_request([{"prompt": "Q", "response": " A"}, {"response": "", "prompt": ""}], LIMITS)
-    assert items == [ScoreItem("Q", " A"), ScoreItem("", "")]
+    items = parse_score_request([{"prompt": "Q", "response": " A"}, {"response": "B", "prompt": ""}], LIMITS)
+    assert items == [ScoreItem("Q", " A"), ScoreItem("", "B")]
 
 
 @pytest.mark.parametrize("payload, status, field", [
@@ -70,6 +77,7 @@ def test_a_good_score_request():
     ({"prompt": "hi", "n": 3}, 422, "n"),
     ({"prompt": "hi", "seed": -1}, 422, "seed"),
     ({"prompt": "hi", "stream": True}, 400, "stream"),
+    ({"prompt": "hi", "temperature": 0, "n": 2}, 422, "n"),
 ])
 def test_generate_requests_are_refused_naming_the_field(payload, status, field):
     error = refused(parse_generate_request, payload)
@@ -79,9 +87,10 @@ def test_generate_requests_are_refused_naming_the_field(payload, status, field):
 def test_generate_defaults_and_bounds():
     params = parse_generate_request({"prompt": "hi"}, LIMITS)
     assert (params.max_tokens, params.temperature, params.top_p, params.n, params.seed) == (16, 1.0, 1.0, 1, None)
-    params = parse_generate_request({"prompt": "hi", "max_tokens": 32, "temperature": 0, "top_p": 0.5, "n": 2,
+    params = parse_generate_request({"prompt": "hi", "max_tokens": 32, "temperature": 1.5, "top_p": 0.5, "n": 2,
                                      "seed": 7}, LIMITS)
-    assert (params.max_tokens, params.temperature, params.top_p, params.n, params.seed) == (32, 0.0, 0.5, 2, 7)
+    assert (params.max_tokens, params.temperature, params.top_p, params.n, params.seed) == (32, 1.5, 0.5, 2, 7)
+    assert parse_generate_request({"prompt": "hi", "temperature": 0}, LIMITS).temperature == 0.0
     # A default never exceeds the configured cap.
     assert parse_generate_request({"prompt": "hi"}, ServeLimitsConfig(max_tokens=4)).max_tokens == 4
     check_prompt_tokens(8, LIMITS)

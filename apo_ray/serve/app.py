@@ -10,7 +10,7 @@ import os
 import socket
 from typing import Mapping, Optional
 
-from apo_ray.config import ConfigError, ServeConfig, _merge, parse_overrides, read_config_tree, serve_config_from_dict
+from apo_ray.config import ConfigError, ServeConfig, read_config_tree, serve_config_from_dict, with_overrides
 from apo_ray.serve.targets import ServeTargets
 
 APP_NAME = "apo-ray"
@@ -23,12 +23,12 @@ DEFAULT_MAX_MODEL_LEN = 2048
 def load_serve_config(path: Optional[str], run_section: dict, overrides: list[str]) -> ServeConfig:
     """The `serve` section of `path` (a YAML file with a `serve:` key) or else of the run being served, with
     `serve.key=value` overrides on top."""
-    tree = read_config_tree(path, []).get("serve", {}) if path else dict(run_section)
-    extra = parse_overrides(overrides)
-    unknown = sorted(set(extra) - {"serve"})
+    section = read_config_tree(path, []).get("serve", {}) if path else run_section
+    tree = with_overrides({"serve": section}, overrides)
+    unknown = sorted(set(tree) - {"serve"})
     if unknown:
         raise ConfigError(f"{unknown[0]}: not a serve setting; overrides look like serve.port=8001")
-    return serve_config_from_dict(_merge(tree, extra.get("serve", {})))
+    return serve_config_from_dict(tree["serve"])
 
 
 def is_loopback(host: str) -> bool:

@@ -58,6 +58,8 @@ def parse_json(body: bytes, limits: ServeLimitsConfig) -> Any:
         raise RequestError(400, "body", f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise RequestError(400, "body", f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise RequestError(400, "body", "JSON nested too deeply") from None
 
 
 def _text(record: dict, key: str, where: str, limits: ServeLimitsConfig) -> str:
@@ -93,7 +95,11 @@ def parse_score_request(payload: Any, limits: ServeLimitsConfig) -> list[ScoreIt
         if not isinstance(record, dict):
             raise RequestError(422, where, f"must be an object, got {_type_name(record)}")
         _no_unknown_keys(record, ("prompt", "response"), where)
-        items.append(ScoreItem(_text(record, "prompt", where, limits), _text(record, "response", where, limits)))
+        item = ScoreItem(_text(record, "prompt", where, limits), _text(record, "response", where, limits))
+        if not (item.prompt + item.response).strip():
+            # Some tokenizers give whitespace no tokens at all, and an RM cannot score an empty sequence.
+            raise RequestError(422, where, "prompt and response are both empty")
+        items.append(item)
     return items
 
 
@@ -128,7 +134,7 @@ def parse_generate_request(payload: Any, limits: ServeLimitsConfig) -> GenerateP
     values = {**GENERATE_DEFAULTS, "max_tokens": min(GENERATE_DEFAULTS["max_tokens"], limits.max_tokens), **payload}
     payload = {key: values[key] for key in GENERATE_DEFAULTS}
     seed = None if payload["seed"] is None else _integer(payload, "seed", 0, MAX_SEED)
-    return GenerateParams(
+    params = GenerateParams(
         prompt=prompt,
         max_tokens=_integer(payload, "max_tokens", 1, limits.max_tokens),
         temperature=_number(payload, "temperature", 0.0, limits.max_temperature),
@@ -136,6 +142,9 @@ def parse_generate_request(payload: Any, limits: ServeLimitsConfig) -> GenerateP
         n=_integer(payload, "n", 1, limits.max_n),
         seed=seed,
     )
+    if params.temperature == 0 and params.n > 1:
+        raise RequestError(422, "n", f"greedy decoding (temperature 0) has one answer; got n={params.n}")
+    return params
 
 
 def check_prompt_tokens(n_tokens: int, limits: ServeLimitsConfig) -> None:

@@ -26,7 +26,7 @@ import yaml
 from apo_ray.config import ConfigError, StageConfig, read_config_tree, stage_config_from_dict
 from apo_ray.data import DataError, _check_source
 from apo_ray.stages.cursor import steps_per_epoch
-from apo_ray.stages.task import StageData, load_stage_data
+from apo_ray.stages.task import StageData, load_stage_data, task_class
 from apo_ray.stages.worker import ATTEMPTS_FILE, MODEL_DIR, WorkerSpec, train_worker
 from apo_ray.train import CONFIG_FILE, MIN_FREE_BYTES, RunDirError, _model_size, check_run_dir
 
@@ -64,14 +64,14 @@ def load_for_resume(cls: type[StageConfig], run_dir: str, overrides: list[str]) 
     saved_file = Path(run_dir) / CONFIG_FILE
     if not saved_file.is_file():
         raise RunDirError(f"--resume {run_dir}: not a run directory (no {CONFIG_FILE})")
-    before = yaml.safe_load(saved_file.read_text())
-    if before.get("stage") != cls.STAGE:
-        raise RunDirError(f"--resume {run_dir}: a {before.get('stage')!r} run, not {cls.STAGE!r}")
+    saved = yaml.safe_load(saved_file.read_text())
+    if saved.get("stage") != cls.STAGE:
+        raise RunDirError(f"--resume {run_dir}: a {saved.get('stage')!r} run, not {cls.STAGE!r}")
     tree = read_config_tree(saved_file, overrides)
     del tree["stage"]
     tree["run_dir"] = run_dir
     cfg = stage_config_from_dict(cls, tree)
-    before = before["workers"]["num_workers"]
+    before = saved["workers"]["num_workers"]
     if cfg.workers.num_workers != before:
         raise ConfigError(f"workers.num_workers: {run_dir} was trained by {before} workers, whose optimizer shards "
                           f"its checkpoints hold; resume it with {before}")
@@ -150,7 +150,7 @@ def run_stage(prepared: PreparedStage, *, fail_at_step: int | None = None) -> di
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
     print(f"[{cfg.STAGE}] Ray Train: {workers.num_workers} worker(s), DeepSpeed ZeRO-{cfg.zero_stage}, "
-          f"{len(prepared.data.train)} training {unit_of(cfg)}; run directory {run_dir}", flush=True)
+          f"{len(prepared.data.train)} training {task_class(cfg).unit}; run directory {run_dir}", flush=True)
     try:
         result = trainer.fit()
     except Exception as error:
@@ -160,10 +160,6 @@ def run_stage(prepared: PreparedStage, *, fail_at_step: int | None = None) -> di
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     print(f"[{cfg.STAGE}] done: {json.dumps(summary['eval'])}; model in {model_dir}", flush=True)
     return summary
-
-
-def unit_of(cfg: StageConfig) -> str:
-    return "pairs" if cfg.STAGE == "rm" else "examples"
 
 
 def _stage_failure(cfg: StageConfig, error: Exception) -> StageFailed:

@@ -37,15 +37,19 @@ def load_eval_source(cfg: StageConfig, loader: Callable[[Any], list[Any]]) -> li
     return loader(cfg.eval) if cfg.eval is not None else []
 
 
-def make_task(cfg: StageConfig) -> StageTask:
-    """The task of cfg's stage; imported here so that a worker loads only the one it runs."""
+def task_class(cfg: StageConfig) -> type:
+    """The task class of cfg's stage, imported here so that a worker loads only the one it runs."""
     if cfg.STAGE == "rm":
         from apo_ray.stages.reward_model import RewardModelTask
 
-        return RewardModelTask(cfg)
+        return RewardModelTask
     from apo_ray.stages.sft import SFTTask
 
-    return SFTTask(cfg)
+    return SFTTask
+
+
+def make_task(cfg: StageConfig) -> StageTask:
+    return task_class(cfg)(cfg)
 
 
 def load_stage_data(cfg: StageConfig) -> StageData:

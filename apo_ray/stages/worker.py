@@ -11,6 +11,7 @@ Ray Train restarts after a failure resumes from the latest one and replays the s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -79,12 +80,14 @@ def train_worker(config: dict) -> None:
 
     if cursor.finished(cfg.epochs):
         # Resumed after its last step: the run's final checkpoint already holds the final metrics.
+        if logger is not None:
+            logger.close()
         return
     per_epoch = steps_per_epoch(len(train_items), cfg.batch_size)
     progress = Progress(f"{cfg.STAGE} train", total=per_epoch * cfg.epochs - cursor.global_step,
-                        unit="steps") if rank == 0 else None
+                        unit="steps") if rank == 0 else contextlib.nullcontext()
     step_seconds, items_trained, order_epoch, order = 0.0, 0, None, []
-    try:
+    with progress:
         while not cursor.finished(cfg.epochs):
             if order_epoch != cursor.epoch:
                 order, order_epoch = epoch_order(len(train_items), cfg.seed, cursor.epoch), cursor.epoch
@@ -104,9 +107,6 @@ def train_worker(config: dict) -> None:
             # The last step's checkpoint is the final one, written after the evaluation with its metrics.
             if cursor.global_step % cfg.checkpoint_every == 0 and not cursor.finished(cfg.epochs):
                 _save_and_report(task, engine, cursor, cfg, rank, {**stats, "global_step": cursor.global_step})
-    finally:
-        if progress is not None:
-            progress.close()
     final = {"global_step": cursor.global_step, "world_size": world, "torch_threads": torch.get_num_threads(),
              f"train/{task.unit}": items_trained, "train/step_seconds": step_seconds,
              f"train/{task.unit}_per_s": items_trained / step_seconds}
