@@ -188,8 +188,8 @@ def policy_llm_config(policy_dir: Path, cfg: ServeConfig):
         # LLMServer adds its replica actor's CPUs to the engine's bundle; the actor mostly awaits the engine, so
         # serve.policy.num_cpus is the replica's whole share.
         deployment_config={"num_replicas": cfg.policy.replicas, "ray_actor_options": {"num_cpus": 0}},
-        # The game's actors keep vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0); LLMServer's async engine
-        # runs its engine core in a process of its own.
+        # The game's actors keep vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set for a whole cluster by the
+        # tests' runtime env); LLMServer runs vLLM's async engine in its default mode, engine core in a process.
         runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}},
     )
 

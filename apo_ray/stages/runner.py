@@ -88,7 +88,10 @@ def prepare_stage(cfg: StageConfig, resume: bool = False) -> PreparedStage:
     if cfg.eval is not None:
         _check_source(cfg.eval, "eval")
     print(f"[{cfg.STAGE}] loading data from {cfg.train.path} ...", flush=True)
-    data = load_stage_data(cfg)
+    try:
+        data = load_stage_data(cfg)
+    except OSError as exc:  # transformers' way of saying the model (or the hub) cannot be reached
+        raise ConfigError(f"base_model: cannot load the tokenizer of {cfg.base_model} ({exc})") from None
     if steps_per_epoch(len(data.train), cfg.batch_size) == 0:
         raise DataError(f"train.path: {cfg.train.path} has {len(data.train)} items, fewer than one batch "
                         f"(batch_size={cfg.batch_size})")
