@@ -1,5 +1,6 @@
 """`apo-ray` command: `train` (the game; `--dry-run` checks a config and prints its placement plan), `report`
-(plots of a run directory, or one plot comparing several runs)."""
+(plots of a run directory, or one plot comparing several runs), `sft` and `rm` (the stages before the game,
+apo_ray.stages), `serve` (the trained policy and RM over HTTP, apo_ray.serve)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from apo_ray.logs import configure_logging
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("train", "report")
+    commands = ("train", "report", "sft", "rm", "serve")
     if not argv or argv[0] not in commands:
         print(f"usage: apo-ray {{{','.join(commands)}}} ...   (apo-ray train --help; apo-ray train --config X --dry-run)",
               file=sys.stderr)
@@ -22,6 +23,14 @@ def main(argv: list[str] | None = None) -> int:
         from apo_ray.train import main as train_main
 
         return train_main(rest)
+    if command in ("sft", "rm"):
+        from apo_ray.stages.cli import main as stage_main
+
+        return stage_main(command, rest)
+    if command == "serve":
+        from apo_ray.serve.cli import main as serve_main
+
+        return serve_main(rest)
     parser = argparse.ArgumentParser(
         prog="apo-ray report",
         description="plots and a summary of a run directory; with several, one plot comparing them (e.g. APO vs a "

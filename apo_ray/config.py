@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
@@ -241,6 +241,8 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # How `apo-ray serve <run dir>` deploys this run's policy and RM (ServeConfig, end of this module).
+    serve: ServeConfig = field(default_factory=lambda: ServeConfig())
 
     @property
     def learner_dtype(self) -> str:
@@ -452,21 +454,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     from apo_ray.config_paths import dotted_keys, resolve_paths
 
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config: no such file: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        tree = loaded or {}
     extra = parse_overrides(overrides or [])
-    tree = _merge(tree, extra)
-    resolve_paths(tree, path.resolve().parent if path is not None else None, dotted_keys(extra))
+    tree = _merge(_read_yaml(path), extra)
+    resolve_paths(tree, Path(path).resolve().parent if path is not None else None, dotted_keys(extra))
     cfg = _build(Config, tree, "")
     _cross_checks(cfg)
     return cfg
@@ -475,4 +465,216 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_from_dict(tree: dict) -> Config:
     cfg = _build(Config, tree, "")
     _cross_checks(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------- offline stages
+# `apo-ray sft` and `apo-ray rm` (apo_ray.stages): Ray Train jobs with a config file of their own.
+
+
+@dataclass
+class StageWorkersConfig:
+    """Ray Train's ScalingConfig for a stage: one DeepSpeed rank per worker."""
+
+    num_workers: int = field(default=1, metadata=_range(1))
+    num_cpus_per_worker: float = field(default=1.0, metadata=_range(0.0))
+    num_gpus_per_worker: float = field(default=0.0, metadata=_range(0.0))
+
+
+@dataclass
+class StageConfig:
+    """What both stages share: a base model, a training set and an optional held-out set, the optimizer,
+    Ray Train's workers, checkpoints and failure handling."""
+
+    STAGE: ClassVar[str] = ""
+    # A Hugging Face model directory or hub name; the stage writes its result to <run_dir>/model.
+    base_model: str = ""
+    # May use {stage}, {seed}, {time}; an existing run directory is never overwritten (resume it instead).
+    run_dir: str = "runs/{stage}-{time}"
+    seed: int = field(default=0, metadata=_range(0))
+    train: DataSourceConfig = field(default_factory=DataSourceConfig)
+    eval: Optional[DataSourceConfig] = None
+    epochs: int = field(default=1, metadata=_range(1))
+    # Examples (sft) or pairs (rm) per optimizer step over all workers together: each worker takes
+    # batch_size / num_workers of them, so the step is the same with 1 worker or 4.
+    batch_size: int = field(default=16, metadata=_range(1))
+    eval_batch_size: int = field(default=32, metadata=_range(1))
+    lr: float = field(default=1e-4, metadata=_range(0.0, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    grad_clip: float = field(default=1.0, metadata=_range(0.0))
+    zero_stage: int = field(default=2, metadata=_range(0, 3))
+    # float32 on CPU, bfloat16 (DeepSpeed bf16, fp32 master weights) on GPU; see resolve_dtype.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    disable_dropout: bool = False
+    trust_remote_code: bool = False
+    # Optimizer steps between checkpoints (the last step always has one); each holds the HF model, the
+    # DeepSpeed state, every rank's RNG and the data cursor, so a restarted run continues exactly.
+    checkpoint_every: int = field(default=50, metadata=_range(1))
+    keep_checkpoints: int = field(default=2, metadata=_range(1))
+    # Ray Train's FailureConfig: how many times a failed worker group is restarted from the last checkpoint.
+    max_failures: int = field(default=1, metadata=_range(0))
+    workers: StageWorkersConfig = field(default_factory=StageWorkersConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def resolved_dtype(self) -> str:
+        return resolve_dtype(self.dtype, on_gpu=self.workers.num_gpus_per_worker > 0)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SFTStageConfig(StageConfig):
+    """`apo-ray sft`: supervised fine-tuning of a causal LM on (prompt, response) texts (jsonl with
+    prompt_key/response_key, or hh: each pair's chosen response)."""
+
+    STAGE: ClassVar[str] = "sft"
+    max_prompt_tokens: int = field(default=192, metadata=_range(1))
+    max_response_tokens: int = field(default=64, metadata=_range(1))
+    # As model.disable_dropout: the game's learners run the policy without dropout.
+    disable_dropout: bool = True
+
+
+@dataclass
+class RMStageConfig(StageConfig):
+    """`apo-ray rm`: a Bradley-Terry reward model on human preference pairs (jsonl, hh or hf)."""
+
+    STAGE: ClassVar[str] = "rm"
+    # Tokens per prompt + response; longer ones are cut from the left (the end of the dialogue survives).
+    max_length: int = field(default=256, metadata=_range(8))
+
+
+def _stage_checks(cfg: StageConfig) -> None:
+    if not cfg.base_model:
+        raise ConfigError("base_model: required (a Hugging Face model directory or hub name)")
+    _check_model_path(cfg.base_model, "base_model")
+    if not cfg.train.path:
+        raise ConfigError("train.path: required (the training data file or dataset)")
+    workers = cfg.workers.num_workers
+    if cfg.batch_size % workers:
+        raise ConfigError(f"batch_size: {cfg.batch_size} does not split evenly over workers.num_workers={workers}; "
+                          f"use a multiple of {workers}")
+    if cfg.workers.num_gpus_per_worker == 0 and cfg.dtype == "bfloat16":
+        raise ConfigError("dtype: bfloat16 on CPU workers is slow and untested here; use float32 (or auto)")
+
+
+def _read_yaml(path: str | Path | None) -> dict:
+    """The YAML mapping at `path`; empty without one."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: no such file: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return loaded or {}
+
+
+def read_config_tree(path: str | Path | None, overrides: list[str] | None) -> dict:
+    """The YAML mapping at `path` (empty without one) with `key.sub=value` overrides merged in. A stage's
+    relative input paths resolve as the game's do (apo_ray.config_paths): from the file's directory if written
+    there, from the working directory if given on the command line."""
+    from apo_ray.config_paths import dotted_keys, resolve_stage_paths
+
+    extra = parse_overrides(overrides or [])
+    tree = _merge(_read_yaml(path), extra)
+    resolve_stage_paths(tree, Path(path).resolve().parent if path is not None else None, dotted_keys(extra))
+    return tree
+
+
+def with_overrides(tree: dict, overrides: list[str]) -> dict:
+    """`tree` with `key.sub=value` overrides merged in (a new mapping)."""
+    return _merge(tree, parse_overrides(overrides))
+
+
+StageT = typing.TypeVar("StageT", bound=StageConfig)
+
+
+def load_stage_config(cls: type[StageT], path: str | Path | None = None, overrides: list[str] | None = None) -> StageT:
+    """A stage's config from YAML and overrides, validated like the game's (errors name the key)."""
+    return stage_config_from_dict(cls, read_config_tree(path, overrides))
+
+
+def stage_config_from_dict(cls: type[StageT], tree: dict) -> StageT:
+    cfg = _build(cls, tree, "")
+    _stage_checks(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------- serving
+# `apo-ray serve` (apo_ray.serve): the `serve` section of a run's config, or of a YAML file of its own.
+
+
+@dataclass
+class ServeDeploymentConfig:
+    """One Ray Serve deployment: how many replicas, and each replica's resources."""
+
+    replicas: int = field(default=1, metadata=_range(1))
+    num_cpus: float = field(default=1.0, metadata=_range(0.0))
+    num_gpus: float = field(default=0.0, metadata=_range(0.0))
+
+
+@dataclass
+class ServeLimitsConfig:
+    """The most one request may ask for; a request beyond any of these gets a 4xx naming the field."""
+
+    max_body_bytes: int = field(default=1 << 20, metadata=_range(1))
+    # {prompt, response} items of one /score request.
+    max_score_items: int = field(default=64, metadata=_range(1))
+    # Characters of any one prompt or response string.
+    max_text_chars: int = field(default=20_000, metadata=_range(1))
+    # /generate: prompt tokens (longer prompts are refused, not cut), new tokens, samples, temperature.
+    max_prompt_tokens: int = field(default=256, metadata=_range(1))
+    max_tokens: int = field(default=128, metadata=_range(1))
+    max_n: int = field(default=4, metadata=_range(1))
+    max_temperature: float = field(default=2.0, metadata=_range(0.0))
+
+
+@dataclass
+class ServeConfig:
+    # Loopback unless told otherwise; any other host needs a token.
+    host: str = "127.0.0.1"
+    port: int = field(default=8000, metadata=_range(1, 65535))
+    # Clients send `Authorization: Bearer <token>`. The token is read from this environment variable when
+    # the app starts, so it never lands in a config file or a run directory; required off loopback.
+    token_env: str = "APO_RAY_SERVE_TOKEN"
+    ingress: ServeDeploymentConfig = field(default_factory=lambda: ServeDeploymentConfig(num_cpus=0.5))
+    reward: ServeDeploymentConfig = field(default_factory=ServeDeploymentConfig)
+    policy: ServeDeploymentConfig = field(default_factory=ServeDeploymentConfig)
+    # /score requests are scored together (@serve.batch): up to this many requests per forward pass,
+    # waiting at most score_batch_wait_s for a batch to fill.
+    score_max_batch_size: int = field(default=16, metadata=_range(1))
+    score_batch_wait_s: float = field(default=0.01, metadata=_range(0.0))
+    # Tokens per prompt + response for the RM, cut from the left; None: what the RM was trained with
+    # (the run's reward.max_length or the rm stage's max_length), else 256.
+    reward_max_length: Optional[int] = field(default=None, metadata=_range(8))
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # The policy's vLLM engine (ray.serve.llm): context length (None: the policy's max_position_embeddings),
+    # and on CPU its KV cache in bytes.
+    max_model_len: Optional[int] = field(default=None, metadata=_range(8))
+    kv_cache_bytes: int = field(default=1 << 30, metadata=_range(1 << 20))
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    limits: ServeLimitsConfig = field(default_factory=ServeLimitsConfig)
+
+
+def check_serve_config(cfg: ServeConfig, key: str = "serve") -> None:
+    limits = cfg.limits
+    if cfg.max_model_len is not None and limits.max_prompt_tokens + limits.max_tokens > cfg.max_model_len:
+        raise ConfigError(f"{key}.max_model_len: {cfg.max_model_len} < {key}.limits.max_prompt_tokens "
+                          f"{limits.max_prompt_tokens} + {key}.limits.max_tokens {limits.max_tokens}")
+    if not cfg.token_env:
+        raise ConfigError(f"{key}.token_env: empty; name the environment variable that holds the token")
+
+
+def serve_config_from_dict(tree: dict) -> ServeConfig:
+    """A ServeConfig from the mapping under a config's `serve` key (errors name `serve.<key>`)."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"serve: must be a mapping, got {type(tree).__name__}")
+    cfg = _build(ServeConfig, tree, "serve")
+    check_serve_config(cfg)
     return cfg

@@ -88,6 +88,23 @@ def resolve_paths(tree: dict, file_base: Path | None, overridden: set[str]) -> N
             model[name] = model_path(model[name], base, key, base_name)
 
 
+# The inputs of a stage config (apo-ray sft / rm): data sections and the model it starts from.
+STAGE_DATA_SECTIONS = ("train", "eval")
+
+
+def resolve_stage_paths(tree: dict, file_base: Path | None, overridden: set[str]) -> None:
+    """resolve_paths for a stage config's `train.path`, `eval.path` and `base_model`, by the same rule."""
+    for section in STAGE_DATA_SECTIONS:
+        source = tree.get(section)
+        if isinstance(source, dict) and isinstance(source.get("path"), str) and source["path"]:
+            base = Path.cwd() if f"{section}.path" in overridden or file_base is None else file_base
+            source["path"] = data_path(source["path"], base, source.get("format", "jsonl"))
+    if isinstance(tree.get("base_model"), str) and tree["base_model"]:
+        from_file = "base_model" not in overridden and file_base is not None
+        base, base_name = (file_base, "the config file's directory") if from_file else (Path.cwd(), "the working directory")
+        tree["base_model"] = model_path(tree["base_model"], base, "base_model", base_name)
+
+
 def _sources(data_cfg) -> list[tuple[str, object]]:
     return [(name, getattr(data_cfg, name)) for name in DATA_SOURCES if getattr(data_cfg, name) is not None]
 

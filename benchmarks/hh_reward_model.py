@@ -27,6 +27,7 @@ import torch
 from apo_ray.evaluation import expected_calibration_error, preference_accuracy
 from apo_ray.game import PreferencePair
 from apo_ray.modeling import encode_for_reward
+from apo_ray.stages.reward_model import truncation_stats
 from benchmarks.common import (BenchmarkRun, Trial, actor_process_info, add_niceness_argument, base_parser, interleave,
                                ratio_summary, set_ray_worker_niceness, start_ray_with_retries)
 from benchmarks.tiny_models import minilm_dir
@@ -63,19 +64,6 @@ def token_ids(tokenizer: Any, prompts: list[str], responses: list[str], max_leng
     """The exact ids apo-ray's RM sees (left truncation, special tokens kept), without padding."""
     batch = encode_for_reward(tokenizer, prompts, responses, max_length)
     return [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids, batch.attention_mask)]
-
-
-def truncation_stats(tokenizer: Any, pairs: list[PreferencePair], max_length: int) -> dict[str, int]:
-    lengths = {side: [len(ids) for ids in tokenizer([p.prompt + getattr(p, side) for p in pairs])["input_ids"]]
-               for side in ("chosen", "rejected")}
-    over = {side: [n > max_length for n in values] for side, values in lengths.items()}
-    return {
-        "pairs": len(pairs),
-        "pairs_truncated": sum(c or r for c, r in zip(over["chosen"], over["rejected"])),
-        "sequences_truncated": sum(over["chosen"]) + sum(over["rejected"]),
-        "median_tokens": int(np.median(lengths["chosen"] + lengths["rejected"])),
-        "max_tokens": max(lengths["chosen"] + lengths["rejected"]),
-    }
 
 
 def chunks_of(pairs: list[PreferencePair], n_chunks: int, epochs: int) -> list[list[PreferencePair]]:
@@ -119,9 +107,6 @@ class ApoRayArm:
 
     def score_pairs(self, pairs: list[PreferencePair]) -> tuple[list[float], list[float]]:
         return self._ray.get(self.actor.score_pairs.remote(pairs))
-
-    def sequences_truncated(self) -> int:
-        return self._ray.get(self.actor.truncation_count.remote())
 
     def close(self) -> None:
         self._ray.shutdown()
@@ -220,7 +205,6 @@ def main() -> None:
 
     print("scoring dev pairs with the trained models ...", flush=True)
     final = {"apo-ray": rm_scores(*apo.score_pairs(dev)), "trl": rm_scores(*trl_arm.score_pairs(dev))}
-    truncation["apo_ray_learner_sequences_truncated"] = apo.sequences_truncated()
     apo.close()
 
     results = summarize(args, run, trials, chunks, truncation, processes, initial, final, init_gap)

@@ -116,3 +116,27 @@ def _with(project: Path, changes: dict) -> Path:
     path = project / "configs" / "changed.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def test_a_stage_configs_inputs_resolve_by_the_same_rule(project, monkeypatch, tmp_path):
+    from apo_ray.config import RMStageConfig, load_stage_config
+
+    stage = {"base_model": "../models/policy", "run_dir": "runs/rm", "train": {"path": "../data/train.jsonl"},
+             "eval": {"path": "../data/train.jsonl"}}
+    (project / "configs" / "rm.yaml").write_text(yaml.safe_dump(stage))
+    monkeypatch.chdir(tmp_path)  # anywhere but the project
+    cfg = load_stage_config(RMStageConfig, project / "configs" / "rm.yaml", [f"eval.path={project / 'data' / 'train.jsonl'}"])
+    assert cfg.train.path == str(project / "data" / "train.jsonl")
+    assert cfg.base_model == str(project / "models" / "policy")
+    assert cfg.run_dir == "runs/rm"
+
+
+def test_the_shipped_stage_configs_point_at_the_shared_data():
+    from apo_ray.config import RMStageConfig, SFTStageConfig, load_stage_config
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root.parent / "shared" / "data" / "hh_harmless").is_dir():
+        pytest.skip("../shared/data is not beside this checkout")
+    for cls, name in ((RMStageConfig, "rm_hh_minilm.yaml"), (SFTStageConfig, "sft_hh_qwen2.5_0.5b.yaml")):
+        cfg = load_stage_config(cls, root / "configs" / "stages" / name)
+        assert Path(cfg.train.path) == (root.parent / "shared" / "data" / "hh_harmless" / "train.jsonl").resolve()
