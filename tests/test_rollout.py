@@ -124,7 +124,9 @@ def test_every_weight_sync_calls_a_method_of_the_real_policy_learner(strategy):
     method = getattr(PolicyLearner, WEIGHT_SYNCS[strategy].learner_method, None)
     assert callable(method), f"PolicyLearner has no {WEIGHT_SYNCS[strategy].learner_method}"
     takes = {"object_store": [], "disk": ["directory"], "nccl": ["workers"]}[strategy]
-    assert list(inspect.signature(method).parameters)[1:] == takes
+    # Ray's tracing adds a _ray_trace_ctx keyword to the methods of a class once it has been made an actor.
+    params = [name for name in inspect.signature(method).parameters if not name.startswith("_ray")]
+    assert params[1:] == takes
 
 
 def test_nccl_client_gives_each_engine_its_own_ranks_after_the_learner():
