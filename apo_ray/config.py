@@ -457,9 +457,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     extra = parse_overrides(overrides or [])
     tree = _merge(_read_yaml(path), extra)
     resolve_paths(tree, Path(path).resolve().parent if path is not None else None, dotted_keys(extra))
-    cfg = _build(Config, tree, "")
-    _cross_checks(cfg)
-    return cfg
+    return config_from_dict(tree)
 
 
 def config_from_dict(tree: dict) -> Config:

@@ -15,7 +15,7 @@ from apo_ray.evaluation import expected_calibration_error, preference_accuracy
 from apo_ray.game import PreferencePair
 from apo_ray.losses import bradley_terry_loss
 from apo_ray.modeling import encode_for_reward, load_reward_model, load_tokenizer
-from apo_ray.stages.task import StageData, load_eval_source
+from apo_ray.stages.task import StageData, items_with_truncation
 
 
 def truncation_stats(tokenizer, pairs: list[PreferencePair], max_length: int) -> dict[str, int]:
@@ -35,12 +35,7 @@ def truncation_stats(tokenizer, pairs: list[PreferencePair], max_length: int) ->
 
 def load_rm_data(cfg: RMStageConfig) -> StageData:
     tokenizer = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
-    train = load_pairs(cfg.train)
-    evaluation = load_eval_source(cfg, load_pairs)
-    summary = {"train": truncation_stats(tokenizer, train, cfg.max_length)}
-    if evaluation:
-        summary["eval"] = truncation_stats(tokenizer, evaluation, cfg.max_length)
-    return StageData(train, evaluation, summary)
+    return items_with_truncation(cfg, load_pairs, lambda pairs: truncation_stats(tokenizer, pairs, cfg.max_length))
 
 
 class RewardModelTask:

@@ -18,7 +18,7 @@ from apo_ray.game import GoldAnswer
 from apo_ray.losses import sft_loss
 from apo_ray.modeling import encode_prompt, encode_samples, load_causal_lm, load_tokenizer, response_token_logprobs, \
     text_samples
-from apo_ray.stages.task import StageData, load_eval_source
+from apo_ray.stages.task import StageData, items_with_truncation
 
 
 def eos_id(model_path: str, tokenizer) -> int:
@@ -44,12 +44,8 @@ def load_sft_data(cfg: SFTStageConfig) -> StageData:
     tokenizer = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
     eos_id(cfg.base_model, tokenizer)
     # One response per prompt (the first), as for golden answers; from hh files, each pair's chosen side.
-    train = load_gold(cfg.train)
-    evaluation = load_eval_source(cfg, load_gold)
-    summary = {"train": truncation_stats(tokenizer, train, cfg.max_prompt_tokens, cfg.max_response_tokens)}
-    if evaluation:
-        summary["eval"] = truncation_stats(tokenizer, evaluation, cfg.max_prompt_tokens, cfg.max_response_tokens)
-    return StageData(train, evaluation, summary)
+    return items_with_truncation(cfg, load_gold, lambda examples: truncation_stats(
+        tokenizer, examples, cfg.max_prompt_tokens, cfg.max_response_tokens))
 
 
 class SFTTask:

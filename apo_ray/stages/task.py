@@ -33,8 +33,15 @@ class StageTask(Protocol):
     def eval_metrics(self, records: Sequence[tuple[float, ...]]) -> dict[str, float]: ...
 
 
-def load_eval_source(cfg: StageConfig, loader: Callable[[Any], list[Any]]) -> list[Any]:
-    return loader(cfg.eval) if cfg.eval is not None else []
+def items_with_truncation(cfg: StageConfig, loader: Callable[[Any], list[Any]],
+                    truncation: Callable[[list[Any]], dict[str, int]]) -> StageData:
+    """The stage's training items and, with cfg.eval, its held-out ones, with what `truncation` counts of each."""
+    train = loader(cfg.train)
+    evaluation = loader(cfg.eval) if cfg.eval is not None else []
+    summary = {"train": truncation(train)}
+    if evaluation:
+        summary["eval"] = truncation(evaluation)
+    return StageData(train, evaluation, summary)
 
 
 def task_class(cfg: StageConfig) -> type:
