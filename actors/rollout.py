@@ -23,9 +23,9 @@ import torch
 from apo_ray.config import resolve_dtype
 from apo_ray.game import FinishReason, Rollout
 from apo_ray.logs import is_verbose
-from apo_ray.modeling import encode_prompt, load_tokenizer, torch_dtype
+from apo_ray.modeling import encode_prompt, eos_token_ids, load_tokenizer, torch_dtype
 from apo_ray.vllm_version import require_supported_vllm
-from apo_ray.weight_sync import NamedTensors, as_named_tensors, checkpoint_files, read_checkpoint_dir, tensor_bytes
+from apo_ray.named_tensors import NamedTensors, as_named_tensors, checkpoint_files, read_checkpoint_dir, tensor_bytes
 
 BACKENDS = ("vllm", "hf")
 # KV cache of a CPU vLLM engine unless engine_kwargs say otherwise: by default vLLM claims most of the
@@ -67,20 +67,6 @@ def cut_at_eos(token_ids: Sequence[int], eos_ids: frozenset[int]) -> list[int]:
 def finish_reason(response_ids: Sequence[int], eos_ids: frozenset[int]) -> FinishReason:
     """"stop" for a response that ended on an EOS token, "length" for one cut at the token limit."""
     return "stop" if response_ids and response_ids[-1] in eos_ids else "length"
-
-
-def eos_token_ids(model_path: str, tokenizer: Any) -> frozenset[int]:
-    """End-of-sequence ids from the model's generation config and the tokenizer."""
-    from transformers import GenerationConfig
-
-    try:
-        configured = GenerationConfig.from_pretrained(model_path).eos_token_id
-    except OSError:
-        configured = None
-    ids = set([configured] if isinstance(configured, int) else (configured or []))
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
 
 
 class VllmWeightLoader:

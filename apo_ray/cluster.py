@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import uuid
 
 import ray
 
-from actors.critic import CriticLearner
-from actors.policy import PolicyLearner
-from actors.reference import ReferenceModel
-from actors.reward import RewardLearner
+from apo_ray.actors.critic import CriticLearner
+from apo_ray.actors.policy import PolicyLearner
+from apo_ray.actors.reference import ReferenceModel
+from apo_ray.actors.reward import RewardLearner
 from apo_ray import build_locks, logs
 from apo_ray.actor_group import ActorGroup, wait_until_ready
 from apo_ray.config import Config, LearnerConfig
@@ -79,13 +78,14 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
     learner = cfg.learner
     # "auto" resolved once, here, for every learner (the rollout pool takes cfg.rollout_dtype).
     dtype = cfg.learner_dtype
-    model = dataclasses.replace(cfg.model, dtype=dtype)
+    model = cfg.model.model_copy(update={"dtype": dtype})
     # The bundles the dry run prints (apo_ray.placement) are the ones asked for here.
     roles = {role.name: role for role in actor_plan(cfg)}
     groups = {
         "policy": _learner(
             PolicyLearner, f"policy-learner-{run_id}", roles["policy"],
             model_path=policy_path, model=model, policy=cfg.policy, learner=learner, seed=cfg.seed,
+            micro_batch_size=cfg.ppo.minibatch_size if cfg.online else cfg.policy.batch_size,
         ),
         "reward": _learner(
             RewardLearner, f"reward-learner-{run_id}", roles["reward"],

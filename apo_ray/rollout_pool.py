@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from actors.rollout import RolloutWorker, check_rollout_settings
+from apo_ray.actors.rollout import RolloutWorker, check_rollout_settings
 from apo_ray.actor_group import ActorGroup
 from apo_ray.config import Config
 from apo_ray.game import Rollout, assign_shards

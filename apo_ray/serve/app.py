@@ -3,7 +3,6 @@ serve config, the bind address and its token, the port."""
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import os
@@ -74,8 +73,8 @@ def check_targets(targets: ServeTargets, cfg: ServeConfig) -> ServeConfig:
     if longest is not None and cfg.max_model_len is not None and cfg.max_model_len > longest:
         raise ConfigError(f"serve.max_model_len: {cfg.max_model_len} is more than the policy's "
                           f"max_position_embeddings {longest} ({targets.policy})")
-    cfg = dataclasses.replace(cfg, max_model_len=cfg.max_model_len or min(longest or DEFAULT_MAX_MODEL_LEN,
-                                                                            DEFAULT_MAX_MODEL_LEN))
+    cfg = cfg.model_copy(update={"max_model_len": cfg.max_model_len or min(longest or DEFAULT_MAX_MODEL_LEN,
+                                                                           DEFAULT_MAX_MODEL_LEN)})
     limits = cfg.limits
     if limits.max_prompt_tokens + limits.max_tokens > cfg.max_model_len:
         raise ConfigError(f"serve.limits.max_prompt_tokens: {limits.max_prompt_tokens} + serve.limits.max_tokens "
