@@ -436,15 +436,10 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("model.policy_path: the builtin task needs its own tokenizer; use policy_path=builtin")
     for key in ("policy_path", "reward_path", "eval_reward"):
         _check_model_path(getattr(cfg.model, key), f"model.{key}")
-    # The rollout workers check these too, but only once Ray and the learners have started.
+    # The check RolloutWorkerSpec runs too, here before Ray or any worker starts.
     model, rollout = cfg.model, cfg.rollout
-    if model.max_prompt_tokens + model.max_response_tokens > rollout.max_model_len:
-        raise ConfigError(
-            f"rollout.max_model_len: {rollout.max_model_len} < model.max_prompt_tokens {model.max_prompt_tokens} "
-            f"+ model.max_response_tokens {model.max_response_tokens}"
-        )
-    if rollout.backend != "vllm" and rollout.engine_kwargs:
-        raise ConfigError("rollout.engine_kwargs: only the vllm backend takes engine arguments")
+    check_rollout_settings(rollout.backend, model.max_prompt_tokens, model.max_response_tokens, rollout.max_model_len,
+                           rollout.engine_kwargs)
     if rollout.backend != "vllm" and rollout.weight_sync == "nccl":
         raise ConfigError("rollout.weight_sync: 'nccl' needs rollout.backend 'vllm'")
     if rollout.weight_sync == "nccl" and cfg.learner.backend == "deepspeed" and cfg.learner.zero_stage == 3:
@@ -461,6 +456,24 @@ def _cross_checks(cfg: Config) -> None:
             "model.dtype: bfloat16 with learner.backend=torch would step bfloat16 weights without fp32 master "
             "weights; use learner.backend=deepspeed (bf16 compute, fp32 master weights) or model.dtype=float32"
         )
+
+
+ROLLOUT_BACKENDS = ("vllm", "hf")
+
+
+def check_rollout_settings(backend: str, max_prompt_tokens: int, max_new_tokens: int, max_model_len: int,
+                           engine_kwargs: dict | None) -> None:
+    """The rollout settings' one check: the config runs it before Ray starts, and a RolloutWorkerSpec built
+    without a config (tests, benchmarks) runs it too."""
+    if backend not in ROLLOUT_BACKENDS:
+        raise ConfigError(f"rollout.backend: must be one of {', '.join(ROLLOUT_BACKENDS)}; got {backend!r}")
+    if max_prompt_tokens + max_new_tokens > max_model_len:
+        raise ConfigError(
+            f"rollout.max_model_len: {max_model_len} < model.max_prompt_tokens {max_prompt_tokens} + "
+            f"model.max_response_tokens {max_new_tokens}"
+        )
+    if engine_kwargs and backend != "vllm":
+        raise ConfigError("rollout.engine_kwargs: only the vllm backend takes engine arguments")
 
 
 def _check_model_path(path: str, key: str) -> None:
