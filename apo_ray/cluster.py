@@ -17,6 +17,7 @@ from apo_ray.actor_group import ActorGroup, wait_until_ready
 from apo_ray.config import Config, LearnerConfig
 from apo_ray.driver import Actors
 from apo_ray.placement import Role, actor_plan, cluster_from_ray_nodes, local_num_cpus, place, totals
+from apo_ray.ray_env import driver_source_env
 from apo_ray.rollout_pool import RolloutPool
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def init_ray(cfg: Config) -> None:
         log.info("joined the Ray cluster at %s", address)
         return
     num_cpus = local_num_cpus(cfg)
+    options["runtime_env"]["env_vars"] = driver_source_env()
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **options)
     log.info("started a local Ray cluster with %d logical CPUs", num_cpus)
     placement = place(actor_plan(cfg), cluster_from_ray_nodes(ray.nodes(), "this machine's Ray"))

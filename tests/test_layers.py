@@ -4,6 +4,7 @@ pure core, and the repository's actors/ folder installs as apo_ray.actors, never
 from __future__ import annotations
 
 import ast
+import os
 import importlib.util
 import subprocess
 import sys
@@ -96,3 +97,10 @@ def test_the_wheel_installs_actors_as_apo_ray_actors(tmp_path):
     assert "apo_ray/actors/policy.py" in names and "apo_ray/actors/rollout.py" in names
     assert not [n for n in names if n.startswith("actors/")]
     assert "apo_ray/builtin/oracle.py" in names and "apo_ray/stages/runner.py" in names
+
+
+def test_local_ray_workers_get_the_drivers_apo_ray_first(monkeypatch):
+    from apo_ray.ray_env import driver_source_env
+
+    monkeypatch.setenv("PYTHONPATH", f"/elsewhere{os.pathsep}{ROOT}")
+    assert driver_source_env()["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/elsewhere"]

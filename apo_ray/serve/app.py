@@ -10,6 +10,7 @@ import socket
 from typing import Mapping, Optional
 
 from apo_ray.config import ConfigError, ServeConfig, read_config_tree, serve_config_from_dict, with_overrides
+from apo_ray.ray_env import driver_source_env
 from apo_ray.serve.targets import ServeTargets
 
 APP_NAME = "apo-ray"
@@ -100,7 +101,8 @@ def init_ray_for(targets: ServeTargets, cfg: ServeConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need["CPU"])), include_dashboard=False)
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need["CPU"])), include_dashboard=False,
+                 runtime_env={"env_vars": driver_source_env()})
     have = ray.cluster_resources()
     if any(amount > have.get(kind, 0.0) for kind, amount in need.items()):
         raise ConfigError(f"serve: the replicas need {need['CPU']:g} CPUs and {need['GPU']:g} GPUs "

@@ -24,6 +24,7 @@ import yaml
 
 from apo_ray.config import ConfigError, StageConfig, read_config_tree, validate_section
 from apo_ray.data import DataError, _check_source
+from apo_ray.ray_env import driver_source_env
 from apo_ray.stages.cursor import steps_per_epoch
 from apo_ray.stages.task import StageData, load_stage_data, task_class
 from apo_ray.stages.worker import ATTEMPTS_FILE, MODEL_DIR, WorkerSpec, train_worker
@@ -114,7 +115,8 @@ def init_ray_for(cfg: StageConfig) -> None:
         ray.init(address=address)
     else:
         need = workers.num_workers * workers.num_cpus_per_worker
-        ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False)
+        ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
+                 runtime_env={"env_vars": driver_source_env()})
     have = ray.cluster_resources()
     need = {"CPU": workers.num_workers * workers.num_cpus_per_worker,
             "GPU": workers.num_workers * workers.num_gpus_per_worker}
