@@ -529,7 +529,9 @@ def _error_message(root: type[BaseModel], error: dict, prefix: str) -> str:
               "less_than": ("<", "lt")}
     if kind in bounds:
         sign, name = bounds[kind]
-        return f"{key}: must be {sign} {ctx[name]}, got {value}"
+        # A float field reads an integer as a float; say so in the value shown.
+        shown = float(value) if isinstance(ctx[name], float) and type(value) is int else value
+        return f"{key}: must be {sign} {ctx[name]}, got {shown}"
     words = {"int_type": "an integer", "int_from_float": "an integer", "bool_type": "true or false",
              "float_type": "a number", "string_type": "a string", "finite_number": "finite"}
     if kind in words:
