@@ -3,9 +3,10 @@
 Every metric the two runs share is compared at every step, except wall-clock ones (timing/*, */tokens_per_s,
 *_s, rollout throughput), which no refactor can hold equal. Prints the largest difference per metric and exits
 1 when any exceeds --tol, or when a step or metric is in one run only (after --rename OLD=NEW, for a metric
-that changed its name between the two code versions).
+that changed its name between the two code versions, and --dropped KEY, for one the newer version no longer
+logs).
 
-    python scripts/same_metrics.py RUN_BEFORE RUN_AFTER [--rename policy/kl=eval/kl] [--tol 1e-6]
+    python scripts/same_metrics.py RUN_BEFORE RUN_AFTER [--rename policy/kl=eval/kl] [--dropped KEY] [--tol 1e-6]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 WALL_CLOCK = re.compile(r"^timing/|tokens_per_s|_per_s$|_s$|^rollout/(generate|sync)_|^sync/|/seconds")
 
 
-def read_rows(run_dir: Path, renames: dict[str, str]) -> dict[int, dict[str, float]]:
+def read_rows(run_dir: Path, renames: dict[str, str], dropped: set[str]) -> dict[int, dict[str, float]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         sys.exit(f"{run_dir}: no metrics.jsonl")
@@ -28,7 +29,8 @@ def read_rows(run_dir: Path, renames: dict[str, str]) -> dict[int, dict[str, flo
     for line in path.read_text().splitlines():
         row = json.loads(line)
         step = row.pop("step")
-        rows.setdefault(step, {}).update({renames.get(k, k): v for k, v in row.items() if not WALL_CLOCK.search(k)})
+        kept = {k: v for k, v in row.items() if not WALL_CLOCK.search(k) and k not in dropped}
+        rows.setdefault(step, {}).update({renames.get(k, k): v for k, v in kept.items()})
     return rows
 
 
@@ -55,10 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("after", type=Path)
     parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
                         help="a metric the older run logged under another name")
+    parser.add_argument("--dropped", action="append", default=[], metavar="KEY",
+                        help="a metric the older run logged and the newer one no longer does")
     parser.add_argument("--tol", type=float, default=1e-6, help="largest absolute difference that counts as equal")
     args = parser.parse_args(argv)
     renames = dict(item.split("=", 1) for item in args.rename)
-    before, after = read_rows(args.before, renames), read_rows(args.after, renames)
+    dropped = set(args.dropped)
+    before, after = read_rows(args.before, renames, dropped), read_rows(args.after, renames, dropped)
     largest, unmatched = differences(before, after)
     worst = sorted(largest.items(), key=lambda kv: -kv[1])
     print(f"{len(set(before) & set(after))} steps, {len(largest)} metrics compared (wall-clock ones left out)")

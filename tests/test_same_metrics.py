@@ -37,3 +37,10 @@ def test_a_renamed_metric_is_compared_under_its_new_name(tmp_path):
     new = write_run(tmp_path / "new", [{"step": 0, "eval/kl": 0.25}])
     assert main([str(old), str(new)]) == 1
     assert main([str(old), str(new), "--rename", "policy/kl=eval/kl"]) == 0
+
+
+def test_a_dropped_metric_is_left_out_of_the_comparison(tmp_path):
+    old = write_run(tmp_path / "old", [{"step": 0, "rm/acc": 0.5, "rm/reward_sample": 1.0}])
+    new = write_run(tmp_path / "new", [{"step": 0, "rm/acc": 0.5}])
+    assert main([str(old), str(new)]) == 1
+    assert main([str(old), str(new), "--dropped", "rm/reward_sample"]) == 0
