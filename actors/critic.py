@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.engine import LearnerCheckpoint, TrainEngine, build_engine, train_steps
+from apo_ray.actors.engine import LearnerCheckpoint, TrainEngine, build_engine, train_steps
 from apo_ray.batching import shuffled_minibatches
 from apo_ray.config import LearnerConfig, ModelConfig, PPOConfig
 from apo_ray.game import TokenSample

@@ -9,7 +9,7 @@ from typing import Any
 import ray
 import torch
 
-from actors.engine import free_port
+from apo_ray.actors.engine import free_port
 
 
 class RolloutEnginesClient:

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from actors.engine import LearnerCheckpoint, build_engine, train_steps
+from apo_ray.actors.engine import LearnerCheckpoint, build_engine, train_steps
 from apo_ray.batching import grouped_minibatches, shuffled_minibatches
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.game import TokenSample
 from apo_ray.losses import dpo_loss, masked_mean, rrhf_loss, sequence_logprob, sft_loss, token_logprobs
 from apo_ray.modeling import SampleLogprobs, encode_samples, load_causal_lm, load_tokenizer
 from apo_ray.ppo import GridRows, entropy_from_logits, kl_limited_loss, kl_penalty, ppo_policy_loss
-from actors.nccl import NcclWeightSender
+from apo_ray.actors.nccl import NcclWeightSender
 
 
 class PolicyLearner(LearnerCheckpoint):
@@ -26,12 +26,15 @@ class PolicyLearner(LearnerCheckpoint):
         policy: PolicyConfig,
         learner: LearnerConfig,
         seed: int = 0,
+        micro_batch_size: int | None = None,
     ):
+        """micro_batch_size: DeepSpeed's rows per step; policy.batch_size unless given (online runs pass
+        ppo.minibatch_size, their minibatch)."""
         torch.manual_seed(seed)
         self.policy_cfg = policy
         self.tokenizer = load_tokenizer(model_path, model.trust_remote_code)
         lm = load_causal_lm(model_path, model.dtype, model.trust_remote_code, model.disable_dropout).eval()
-        self.engine = build_engine(lm, learner, lr=policy.lr, micro_batch_size=policy.batch_size)
+        self.engine = build_engine(lm, learner, lr=policy.lr, micro_batch_size=micro_batch_size or policy.batch_size)
         self.model = self.engine.model
         self.logprobs = SampleLogprobs(self.model, self.tokenizer.pad_token_id)
         self._nccl_sender: NcclWeightSender | None = None

@@ -20,14 +20,13 @@ from typing import Any
 
 import torch
 
-from apo_ray.config import resolve_dtype
+from apo_ray.config import check_rollout_settings, resolve_dtype
 from apo_ray.game import FinishReason, Rollout
 from apo_ray.logs import is_verbose
-from apo_ray.modeling import encode_prompt, load_tokenizer, torch_dtype
+from apo_ray.modeling import encode_prompt, eos_token_ids, load_tokenizer, torch_dtype
 from apo_ray.vllm_version import require_supported_vllm
-from apo_ray.weight_sync import NamedTensors, as_named_tensors, checkpoint_files, read_checkpoint_dir, tensor_bytes
+from apo_ray.named_tensors import NamedTensors, as_named_tensors, checkpoint_files, read_checkpoint_dir, tensor_bytes
 
-BACKENDS = ("vllm", "hf")
 # KV cache of a CPU vLLM engine unless engine_kwargs say otherwise: by default vLLM claims most of the
 # NUMA node's memory and refuses to start next to other processes.
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
@@ -36,19 +35,6 @@ HF_BATCH_ROWS = 64
 
 # One prompt's samples: (response ids, the engine's log-prob of each) per sample.
 Samples = list[tuple[list[int], list[float]]]
-
-
-def check_rollout_settings(backend: str, max_prompt_tokens: int, max_new_tokens: int, max_model_len: int,
-                           engine_kwargs: dict | None) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"rollout.backend: must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if max_prompt_tokens + max_new_tokens > max_model_len:
-        raise ValueError(
-            f"rollout.max_model_len: {max_model_len} < model.max_prompt_tokens {max_prompt_tokens} + "
-            f"model.max_response_tokens {max_new_tokens}"
-        )
-    if engine_kwargs and backend != "vllm":
-        raise ValueError("rollout.engine_kwargs: only the vllm backend takes engine arguments")
 
 
 def mix_seed(seed: int, prompt_index: int) -> int:
@@ -67,20 +53,6 @@ def cut_at_eos(token_ids: Sequence[int], eos_ids: frozenset[int]) -> list[int]:
 def finish_reason(response_ids: Sequence[int], eos_ids: frozenset[int]) -> FinishReason:
     """"stop" for a response that ended on an EOS token, "length" for one cut at the token limit."""
     return "stop" if response_ids and response_ids[-1] in eos_ids else "length"
-
-
-def eos_token_ids(model_path: str, tokenizer: Any) -> frozenset[int]:
-    """End-of-sequence ids from the model's generation config and the tokenizer."""
-    from transformers import GenerationConfig
-
-    try:
-        configured = GenerationConfig.from_pretrained(model_path).eos_token_id
-    except OSError:
-        configured = None
-    ids = set([configured] if isinstance(configured, int) else (configured or []))
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
 
 
 class VllmWeightLoader:

@@ -52,3 +52,21 @@ def proportional_minibatches(n_first: int, n_second: int, batch_size: int, epoch
         second = np.array_split(rng.permutation(n_second), n_steps)
         plan += [(a.tolist(), b.tolist()) for a, b in zip(first, second) if len(a) or len(b)]
     return plan
+
+
+def iteration_prompt_indices(n_prompts: int, per_iteration: int, iteration: int, seed: int) -> list[int]:
+    """The prompts (indices) of PPO iteration (round) `iteration` >= 1: consecutive slices of a stream of seeded
+    permutations, one per pass over the prompts. Every prompt is used once per pass, and a resumed run
+    draws the same prompts as an uninterrupted one."""
+    if n_prompts < 1 or per_iteration < 1 or iteration < 1:
+        raise ValueError(
+            f"n_prompts, per_iteration, iteration: must be >= 1, got {n_prompts}, {per_iteration}, {iteration}"
+        )
+    passes: dict[int, np.ndarray] = {}
+    indices = []
+    for position in range((iteration - 1) * per_iteration, iteration * per_iteration):
+        one_pass, offset = divmod(position, n_prompts)
+        if one_pass not in passes:
+            passes[one_pass] = np.random.default_rng([seed, one_pass]).permutation(n_prompts)
+        indices.append(int(passes[one_pass][offset]))
+    return indices

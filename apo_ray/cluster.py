@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import uuid
 
 import ray
 
-from actors.critic import CriticLearner
-from actors.policy import PolicyLearner
-from actors.reference import ReferenceModel
-from actors.reward import RewardLearner
+from apo_ray.actors.critic import CriticLearner
+from apo_ray.actors.policy import PolicyLearner
+from apo_ray.actors.reference import ReferenceModel
+from apo_ray.actors.reward import RewardLearner
 from apo_ray import build_locks, logs
 from apo_ray.actor_group import ActorGroup, wait_until_ready
 from apo_ray.config import Config, LearnerConfig
 from apo_ray.driver import Actors
 from apo_ray.placement import Role, actor_plan, cluster_from_ray_nodes, local_num_cpus, place, totals
+from apo_ray.ray_env import driver_source_env
 from apo_ray.rollout_pool import RolloutPool
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def init_ray(cfg: Config) -> None:
         log.info("joined the Ray cluster at %s", address)
         return
     num_cpus = local_num_cpus(cfg)
+    options["runtime_env"]["env_vars"] = driver_source_env()
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **options)
     log.info("started a local Ray cluster with %d logical CPUs", num_cpus)
     placement = place(actor_plan(cfg), cluster_from_ray_nodes(ray.nodes(), "this machine's Ray"))
@@ -79,13 +80,14 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
     learner = cfg.learner
     # "auto" resolved once, here, for every learner (the rollout pool takes cfg.rollout_dtype).
     dtype = cfg.learner_dtype
-    model = dataclasses.replace(cfg.model, dtype=dtype)
+    model = cfg.model.model_copy(update={"dtype": dtype})
     # The bundles the dry run prints (apo_ray.placement) are the ones asked for here.
     roles = {role.name: role for role in actor_plan(cfg)}
     groups = {
         "policy": _learner(
             PolicyLearner, f"policy-learner-{run_id}", roles["policy"],
             model_path=policy_path, model=model, policy=cfg.policy, learner=learner, seed=cfg.seed,
+            micro_batch_size=cfg.ppo.minibatch_size if cfg.online else cfg.policy.batch_size,
         ),
         "reward": _learner(
             RewardLearner, f"reward-learner-{run_id}", roles["reward"],

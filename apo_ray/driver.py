@@ -22,7 +22,7 @@ import ray
 from torch import Tensor
 
 from apo_ray.checkpoint import Checkpointer
-from apo_ray.config import ONLINE_METHODS, Config
+from apo_ray.config import Config
 from apo_ray.data import GameData
 from apo_ray.evaluation import expected_calibration_error, preference_accuracy
 from apo_ray.game import Rollout, TokenSample, build_apo_pairs, policy_version_lag
@@ -199,8 +199,8 @@ class APOGame:
         ])
         stats["eval/gold_score"] = float(np.mean(judge))
         stats["eval/rm_score"] = float(np.mean(rm_scores))
-        stats["policy/kl"] = float(np.mean(np.array(policy_logps) - np.array(ref_logps)))
-        stats["policy/response_length"] = float(np.mean([len(x.response_token_ids) for x in samples]))
+        stats["eval/kl"] = float(np.mean(np.array(policy_logps) - np.array(ref_logps)))
+        stats["eval/response_length"] = float(np.mean([len(x.response_token_ids) for x in samples]))
 
         r_win, r_lose = [], []
         for a, b in zip(range(0, len(samples), 2), range(1, len(samples), 2)):
@@ -215,7 +215,7 @@ class APOGame:
         gold_scores = ray.get(reward.score.remote([g.prompt for g in self.data.gold], [g.response for g in self.data.gold]))
         stats["rm/reward_gold"] = float(np.mean(gold_scores))
         stats["timing/evaluate"] = time.perf_counter() - started
-        return {self.policy_step.eval_renames.get(k, k): v for k, v in stats.items()}
+        return stats
 
     def _judge(self, prompts: list[str], responses: list[str]) -> list[float]:
         if self.oracle is not None:
@@ -241,7 +241,7 @@ class APOGame:
 
 def policy_step_for(game: APOGame) -> PolicyStep:
     """The min player's strategy for the configured method."""
-    return OnlinePolicyStep(game) if game.cfg.method in ONLINE_METHODS else OfflinePolicyStep(game)
+    return OnlinePolicyStep(game) if game.cfg.online else OfflinePolicyStep(game)
 
 
 def format_round(r: int, stats: dict[str, float], keys: tuple[str, ...]) -> str:

@@ -29,7 +29,7 @@ import sys
 import warnings
 
 # apo-ray's own loggers: the library and the actor classes.
-OWN_LOGGERS = ("apo_ray", "actors")
+OWN_LOGGERS = ("apo_ray",)
 # Set in a verbose driver's environment and so in its actors'.
 VERBOSE_ENV = "APO_RAY_VERBOSE"
 QUIET_LEVEL = logging.ERROR

@@ -28,6 +28,7 @@ DASHBOARD_METRICS: tuple[str, ...] = (
     "rm/ece",
     "eval/gold_score",
     "eval/rm_score",
+    "eval/kl",
     "policy/kl",
     "rollout/tokens_per_s",
     "timing/sync",

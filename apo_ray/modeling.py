@@ -221,3 +221,17 @@ def load_reward_model(path: str, dtype: str, trust_remote_code: bool = False,
         tokenizer = load_tokenizer(path, trust_remote_code)
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def eos_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """End-of-sequence ids from the model's generation config and the tokenizer."""
+    from transformers import GenerationConfig
+
+    try:
+        configured = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        configured = None
+    ids = set([configured] if isinstance(configured, int) else (configured or []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

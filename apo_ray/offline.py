@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 class OfflinePolicyStep(PolicyStep):
-    summary_keys = ("rm/acc", "rm/ece", "rm/acc_policy", "eval/gold_score", "eval/rm_score", "policy/kl",
+    summary_keys = ("rm/acc", "rm/ece", "rm/acc_policy", "eval/gold_score", "eval/rm_score", "eval/kl",
                     "timing/round")
 
     def __init__(self, game: APOGame):

@@ -21,94 +21,23 @@ round 0: the baseline of APO-PPO.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 import torch
-from torch import Tensor
 
-from apo_ray.config import ONLINE_METHODS, PPOConfig
+from apo_ray.batching import iteration_prompt_indices
+from apo_ray.config import ONLINE_METHODS
 from apo_ray.game import Rollout, TokenSample
 from apo_ray.losses import masked_mean, sequence_logprob
 from apo_ray.policy_step import PolicyStep
-from apo_ray.ppo import (
-    AdaptiveKLController,
-    FixedKLController,
-    KLController,
-    gae_advantages,
-    grpo_advantages,
-    kl_penalty,
-    per_token_rewards,
-    reinforce_plus_plus_advantages,
-    truncated_importance_weights,
-    whiten,
-)
+from apo_ray.ppo import (AdaptiveKLController, FixedKLController, KLController, TokenGrids, estimate_advantages,
+                         truncated_importance_weights)
 
 if TYPE_CHECKING:
     from apo_ray.driver import APOGame
 
-# evaluate() measures these on held-out prompts; every iteration measures them on its own rollouts.
-_EVAL_RENAMES = {"policy/kl": "eval/kl", "policy/response_length": "eval/response_length"}
-
-
-def iteration_prompt_indices(n_prompts: int, per_iteration: int, iteration: int, seed: int) -> list[int]:
-    """The prompts (indices) of PPO iteration (round) `iteration` >= 1: consecutive slices of a stream of seeded
-    permutations, one per pass over the prompts. Every prompt is used once per pass, and a resumed run
-    draws the same prompts as an uninterrupted one."""
-    if n_prompts < 1 or per_iteration < 1 or iteration < 1:
-        raise ValueError(
-            f"n_prompts, per_iteration, iteration: must be >= 1, got {n_prompts}, {per_iteration}, {iteration}"
-        )
-    passes: dict[int, np.ndarray] = {}
-    indices = []
-    for position in range((iteration - 1) * per_iteration, iteration * per_iteration):
-        one_pass, offset = divmod(position, n_prompts)
-        if one_pass not in passes:
-            passes[one_pass] = np.random.default_rng([seed, one_pass]).permutation(n_prompts)
-        indices.append(int(passes[one_pass][offset]))
-    return indices
-
-
-@dataclass
-class TokenGrids:
-    """Per-token quantities of a batch of rollouts on the policy's token grid, all [N, W]."""
-
-    logps: Tensor  # under the policy that sampled them, recomputed by the learner
-    ref_logps: Tensor
-    mask: Tensor
-    values: Tensor | None  # the critic's, ppo only
-
-
-def estimate_advantages(
-    method: str,
-    scores: Tensor,
-    grids: TokenGrids,
-    *,
-    ppo: PPOConfig,
-    kl_coef: float,
-    group_ids: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Per-token advantages [N, W], and the critic's regression targets (ppo) or None.
-
-    ppo and reinforce_pp penalise KL inside the rewards (score on the last token, -kl_coef * KL on every
-    token); grpo gives every token its sample's group-normalised score, and its KL is a loss term.
-    """
-    mask = grids.mask.to(grids.logps.dtype)
-    if method == "grpo":
-        if group_ids is None:
-            raise ValueError("estimate_advantages: grpo needs group_ids (the prompt of each sample)")
-        return grpo_advantages(scores, group_ids)[:, None] * mask, None
-    rewards = per_token_rewards(scores, kl_penalty(grids.logps, grids.ref_logps, ppo.kl_estimator), mask, kl_coef)
-    if method == "reinforce_pp":
-        return reinforce_plus_plus_advantages(rewards, mask, ppo.gamma), None
-    if method == "ppo":
-        if grids.values is None:
-            raise ValueError("estimate_advantages: ppo needs the critic's values")
-        advantages, returns = gae_advantages(rewards, grids.values, mask, ppo.gamma, ppo.lam)
-        return (whiten(advantages, mask) if ppo.whiten_advantages else advantages), returns
-    raise ValueError(f"method: {method!r} is not an online method ({', '.join(ONLINE_METHODS)})")
 
 
 class OnlinePolicyStep(PolicyStep):
@@ -117,7 +46,6 @@ class OnlinePolicyStep(PolicyStep):
 
     summary_keys = ("eval/gold_score", "eval/kl", "policy/reward_mean", "policy/kl", "policy/kl_coef",
                     "policy/clipfrac", "policy/entropy", "critic/loss", "rm/acc", "rm/acc_policy", "timing/round")
-    eval_renames = _EVAL_RENAMES
 
     def __init__(self, game: APOGame):
         cfg = game.cfg

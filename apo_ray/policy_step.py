@@ -13,8 +13,6 @@ from apo_ray.game import Rollout
 class PolicyStep(ABC):
     # The metrics of the one-line summary of each round.
     summary_keys: tuple[str, ...] = ()
-    # Evaluation metrics logged under another name (online rounds log their own rollouts' KL as policy/kl).
-    eval_renames: dict[str, str] = {}
 
     @abstractmethod
     def prompts(self, r: int) -> list[str]:

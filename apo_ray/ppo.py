@@ -7,12 +7,14 @@ Token-level losses average over all real tokens of the batch (as TRL and OpenRLH
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from apo_ray.config import ONLINE_METHODS, PPOConfig
 from apo_ray.losses import masked_mean
 
 KLEstimator = Literal["k1", "k3"]
@@ -267,3 +269,43 @@ class GridRows:
 
     def of(self, grid: Tensor) -> Tensor:
         return grid[self.idx, : self.width].to(self.device)
+
+
+@dataclass
+class TokenGrids:
+    """Per-token quantities of a batch of rollouts on the policy's token grid, all [N, W]."""
+
+    logps: Tensor  # under the policy that sampled them, recomputed by the learner
+    ref_logps: Tensor
+    mask: Tensor
+    values: Tensor | None  # the critic's, ppo only
+
+
+def estimate_advantages(
+    method: str,
+    scores: Tensor,
+    grids: TokenGrids,
+    *,
+    ppo: PPOConfig,
+    kl_coef: float,
+    group_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token advantages [N, W], and the critic's regression targets (ppo) or None.
+
+    ppo and reinforce_pp penalise KL inside the rewards (score on the last token, -kl_coef * KL on every
+    token); grpo gives every token its sample's group-normalised score, and its KL is a loss term.
+    """
+    mask = grids.mask.to(grids.logps.dtype)
+    if method == "grpo":
+        if group_ids is None:
+            raise ValueError("estimate_advantages: grpo needs group_ids (the prompt of each sample)")
+        return grpo_advantages(scores, group_ids)[:, None] * mask, None
+    rewards = per_token_rewards(scores, kl_penalty(grids.logps, grids.ref_logps, ppo.kl_estimator), mask, kl_coef)
+    if method == "reinforce_pp":
+        return reinforce_plus_plus_advantages(rewards, mask, ppo.gamma), None
+    if method == "ppo":
+        if grids.values is None:
+            raise ValueError("estimate_advantages: ppo needs the critic's values")
+        advantages, returns = gae_advantages(rewards, grids.values, mask, ppo.gamma, ppo.lam)
+        return (whiten(advantages, mask) if ppo.whiten_advantages else advantages), returns
+    raise ValueError(f"method: {method!r} is not an online method ({', '.join(ONLINE_METHODS)})")

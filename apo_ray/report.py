@@ -214,8 +214,9 @@ def write_report(run_dir: Path) -> Path:
     lines += ["## Plots", ""]
     for plot in plots:
         lines += [f"### {plot.title}", "", f"![{plot.title}]({plot.file_name})", ""]
-    # Phases and eval/kl depend on the method (online only, some of them): only missing measurements are news.
-    missing = [key for key in TABLE_KEYS if key not in columns and key not in (*TIMING_KEYS, "eval/kl")]
+    # Phases and the iterations' own KL depend on the method (online only, some of them): only missing
+    # measurements are news.
+    missing = [key for key in TABLE_KEYS if key not in columns and key not in (*TIMING_KEYS, "policy/kl")]
     if missing:
         lines += ["Not recorded in this run: " + ", ".join(f"`{key}`" for key in missing) + ".", ""]
     report = out_dir / "report.md"

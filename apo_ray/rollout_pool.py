@@ -19,9 +19,9 @@ from typing import Any
 
 import ray
 
-from actors.rollout import RolloutWorker, check_rollout_settings
+from apo_ray.actors.rollout import RolloutWorker
 from apo_ray.actor_group import ActorGroup
-from apo_ray.config import Config
+from apo_ray.config import Config, check_rollout_settings
 from apo_ray.game import Rollout, assign_shards
 from apo_ray.progress import Progress
 from apo_ray.weight_sync import SyncStats, WeightSync, make_weight_sync

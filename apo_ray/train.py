@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from apo_ray.config import ONLINE_METHODS, Config, ConfigError, config_from_dict, load_config
+from apo_ray.config import Config, ConfigError, config_from_dict, load_config
 from apo_ray.config_paths import all_sources_local, input_paths
 from apo_ray.data import DataError, GameData, build_game_data, validate_sources
 from apo_ray.logs import configure_logging
@@ -220,12 +220,10 @@ def write_summary(run_dir: Path, cfg: Config, prepared: PreparedRun, wall_s: flo
     from apo_ray.metrics import read_metrics_jsonl
 
     rows = read_metrics_jsonl(run_dir / "metrics.jsonl")
-    online = cfg.method in ONLINE_METHODS
-    # Runs may evaluate every few rounds (eval_every); online runs log the evaluation's KL as eval/kl.
+    # Runs may evaluate every few rounds (eval_every).
     evaluated = [row for row in rows if "eval/gold_score" in row]
     first, last = evaluated[0], evaluated[-1]
-    keys = ("rm/acc", "rm/ece", "rm/acc_policy", "rm/ece_policy", "eval/gold_score", "eval/rm_score",
-            "eval/kl" if online else "policy/kl")
+    keys = ("rm/acc", "rm/ece", "rm/acc_policy", "rm/ece_policy", "eval/gold_score", "eval/rm_score", "eval/kl")
     summary = {
         "method": cfg.method,
         "apo": cfg.apo,

@@ -33,7 +33,7 @@ from benchmarks.common import (BenchmarkRun, Trial, actor_process_info, add_nice
                                median, ratio_summary, set_ray_worker_niceness, start_ray_with_retries, timed)
 
 PHASES = ("timing/generate", "timing/rm_step", "timing/score", "timing/policy_step", "timing/sync", "timing/round")
-COMPARED_METRICS = ("rm/acc", "rm/ece", "eval/gold_score", "eval/rm_score", "policy/kl")
+COMPARED_METRICS = ("rm/acc", "rm/ece", "eval/gold_score", "eval/rm_score", "eval/kl")
 
 
 def parse_args() -> argparse.Namespace:
@@ -149,10 +149,10 @@ def worker_spec(cfg: Any, policy_path: str) -> Any:
 
 
 def local_game(prepared: Any) -> Any:
-    from actors.policy import PolicyLearner
-    from actors.reference import ReferenceModel
-    from actors.reward import RewardLearner
-    from actors.rollout import RolloutWorker
+    from apo_ray.actors.policy import PolicyLearner
+    from apo_ray.actors.reference import ReferenceModel
+    from apo_ray.actors.reward import RewardLearner
+    from apo_ray.actors.rollout import RolloutWorker
     from apo_ray.driver import Actors, APOGame
 
     cfg = prepared.cfg

@@ -91,7 +91,7 @@ class ApoRayArm:
     def __init__(self, args: argparse.Namespace):
         import ray
 
-        from actors.reward import RewardLearner
+        from apo_ray.actors.reward import RewardLearner
         from apo_ray.cluster import actor_env
         from apo_ray.config import LearnerConfig, RewardConfig
 

@@ -41,8 +41,8 @@ class Metric:
     key: str  # metric name in the run's metrics.jsonl
     label: str
     higher_is_better: bool
-    # Online runs log the evaluation's KL as eval/kl (their own rollouts' KL is policy/kl).
-    online_key: str | None = None
+    # Runs recorded before every method logged the evaluation's KL as eval/kl named it so.
+    old_key: str | None = None
 
 
 METRICS = (
@@ -52,7 +52,7 @@ METRICS = (
     Metric("rm/ece", "RM ECE, human pairs", False),
     Metric("rm/acc_policy", "RM acc, policy pairs", True),
     Metric("rm/ece_policy", "RM ECE, policy pairs", False),
-    Metric("policy/kl", "KL to reference", False, online_key="eval/kl"),
+    Metric("eval/kl", "KL to reference", False, old_key="policy/kl"),
 )
 GOLD, ACC_POLICY = "eval/gold_score", "rm/acc_policy"
 
@@ -154,9 +154,8 @@ def evaluated_rounds(rows: list[dict[str, Any]], cfg: Any, online: bool) -> list
         step = row.get("round", row["step"])
         record = {"round": step / per_round, "iteration": step}
         for metric in METRICS:
-            # runs recorded before online evaluation renamed round 0's KL logged it as policy/kl
-            online_value = row.get(metric.online_key) if online and metric.online_key else None
-            record[metric.key] = online_value if online_value is not None else row.get(metric.key)
+            value = row.get(metric.key)
+            record[metric.key] = row.get(metric.old_key) if value is None and metric.old_key and not online else value
         record["timing/round"] = row.get("timing/round")
         out.append(record)
     return out

@@ -208,7 +208,7 @@ def main() -> int:
     url = None
     for repeat in range(args.repeats):
         for arm in score_arms if repeat % 2 == 0 else score_arms[::-1]:
-            cfg = dataclasses.replace(base, score_max_batch_size=arms[arm])
+            cfg = base.model_copy(update={"score_max_batch_size": arms[arm]})
             url = deploy(targets, cfg, token=None)
             warm_up(url, "/score", score_payloads, args.clients)
             before = serve.get_deployment_handle("reward", APP_NAME).batch_stats.remote().result()

@@ -60,8 +60,8 @@ class ApoRayDpo:
     def __init__(self, backend: str, policy_dir: str, pairs: list[PreferencePair], batch_size: int, lr: float,
                  threads: int):
         _start_process(threads)
-        from actors.policy import PolicyLearner
-        from actors.reference import ReferenceModel
+        from apo_ray.actors.policy import PolicyLearner
+        from apo_ray.actors.reference import ReferenceModel
         from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
         from apo_ray.modeling import text_samples
 
@@ -130,7 +130,7 @@ class ApoRayRm:
     def __init__(self, backend: str, reward_dir: str, pairs: list[PreferencePair], batch_size: int, lr: float,
                  threads: int):
         _start_process(threads)
-        from actors.reward import RewardLearner
+        from apo_ray.actors.reward import RewardLearner
         from apo_ray.config import LearnerConfig, RewardConfig
 
         with timed() as setup:

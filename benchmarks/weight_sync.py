@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
 def start_learner(path: str) -> Any:
     import ray
 
-    from actors.policy import PolicyLearner
+    from apo_ray.actors.policy import PolicyLearner
     from apo_ray.cluster import actor_env
     from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
 

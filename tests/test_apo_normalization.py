@@ -91,7 +91,7 @@ def tiny_rm_dir(tmp_path_factory) -> str:
 @pytest.mark.integration
 @pytest.mark.parametrize("normalization", ["per_term", "pooled"])
 def test_the_reward_learner_steps_on_the_configured_normalization(tiny_rm_dir, normalization):
-    from actors.reward import RewardLearner
+    from apo_ray.actors.reward import RewardLearner
     from apo_ray.config import LearnerConfig
 
     apo = [PreferencePair("topic : river ", "the river is calm", "river river")]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from apo_ray.config import ConfigError, load_config, parse_overrides
+from apo_ray.config import ConfigError, config_from_dict, keys_the_run_ignores, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +77,55 @@ def test_override_parsing():
     assert parse_overrides(["a.b=1", "a.c=x", "d=true", "e=1e-3"]) == {"a": {"b": 1, "c": "x"}, "d": True, "e": 1e-3}
     with pytest.raises(ConfigError, match="override must look like key.sub=value"):
         parse_overrides(["method"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=rjs", "ppo.kl_coef=0.1"], "ppo.kl_coef: read only by the online methods"),
+        (["method=dpo", "ppo.clip_eps=0.1"], "ppo.clip_eps: read only by the online methods"),
+        (["method=ppo", "policy.dpo_beta=0.2"], "policy.dpo_beta: read only by method dpo"),
+        (["method=ppo", "policy.epochs_per_round=3"], "policy.epochs_per_round: read only by the offline methods"),
+        (["method=rjs", "policy.rrhf_sft_coef=0.5"], "policy.rrhf_sft_coef: read only by method rrhf"),
+        (["method=grpo", "ppo.lam=0.9"], "ppo.lam: read only by method ppo"),
+        (["method=grpo", "ppo.gamma=0.9"], "ppo.gamma: read only by methods ppo and reinforce_pp"),
+    ],
+)
+def test_a_key_the_run_ignores_is_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_a_key_a_switch_turns_off_is_named_in_a_warning_and_not_saved(caplog):
+    # One file serves an arm and its baseline: apo=false on an APO config is the fixed-RM run.
+    with caplog.at_level("WARNING", logger="apo_ray.config"):
+        cfg = load_config(None, ["apo=false", "reward.update_every=2", "method=ppo", "ppo.kl_horizon=5"])
+    assert "does not read reward.update_every, ppo.kl_horizon" in caplog.text or \
+        "does not read ppo.kl_horizon, reward.update_every" in caplog.text, caplog.text
+    assert "update_every" not in cfg.to_dict()["reward"] and "kl_horizon" not in cfg.to_dict()["ppo"]
+
+
+def test_keys_the_run_reads_are_accepted_and_the_saved_config_loads_back():
+    for overrides in (["method=dpo", "policy.dpo_beta=0.2"], ["method=ppo", "ppo.adaptive_kl=true", "ppo.kl_horizon=5"],
+                      ["method=grpo", "ppo.kl_coef=0.01"], ["apo=false", "reward.pref_coef=2.0"]):
+        cfg = load_config(None, overrides)
+        # config.yaml holds just what the run reads, so resuming from it passes the same check.
+        saved = cfg.to_dict()
+        for key in keys_the_run_ignores(cfg):
+            section, leaf = key.split(".")
+            assert leaf not in saved[section], key
+        assert config_from_dict(saved) == cfg
+    ppo_ignores = keys_the_run_ignores(load_config(None, ["method=ppo"]))
+    assert {"policy.dpo_beta", "policy.batch_size", "ppo.kl_horizon"} <= set(ppo_ignores)
+    assert not {"ppo.clip_eps", "ppo.lam", "policy.lr", "reward.update_every"} & set(ppo_ignores)
+
+
+def test_errors_list_allowed_values_and_suggest_close_keys():
+    with pytest.raises(ConfigError, match=r"^method: must be one of rjs, rrhf, dpo, ppo, grpo, reinforce_pp; got 'sft'$"):
+        load_config(None, ["method=sft"])
+    with pytest.raises(ConfigError, match=r"^reward\.epochs: unknown key \(did you mean epochs_per_round\?\)$"):
+        load_config(None, ["reward.epochs=2"])
+    with pytest.raises(ConfigError, match=r"^ppo\.iterations: renamed to rounds"):
+        load_config(None, ["method=ppo", "ppo.iterations=5"])
+    with pytest.raises(ConfigError, match=r"^rollout\.num_workers: must be an integer, got '2'$"):
+        load_config(None, ["rollout.num_workers='2'"])

@@ -1,7 +1,6 @@
 import json
 import os
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -330,7 +329,7 @@ def test_build_game_data_splits_the_source_and_explicit_sources_win(tmp_path):
     # reported by the summary.
     seen = data.pairs[0].prompt
     held_out = write(tmp_path, pair_line(seen, "x", "y") + pair_line("new", "x", "y"), "eval.jsonl")
-    with_eval = build_game_data(replace(cfg, eval_pairs=source(held_out)), seed=3)
+    with_eval = build_game_data(cfg.model_copy(update={"eval_pairs": source(held_out)}), seed=3)
     assert with_eval.eval_pairs == [PreferencePair(seen, "x", "y"), PreferencePair("new", "x", "y")]
     assert with_eval.pairs == data.pairs
     assert with_eval.summary()["eval_pairs_with_training_prompt"] == 1

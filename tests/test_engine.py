@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.engine import TrainEngine
+from apo_ray.actors.engine import TrainEngine
 from apo_ray.config import LearnerConfig, RewardConfig
 from apo_ray.game import PreferencePair
 from apo_ray.train import main
@@ -119,7 +119,7 @@ HUMAN_PAIRS = [
 
 
 def reward_learner(path: str | Path, stage: int):
-    from actors.reward import RewardLearner
+    from apo_ray.actors.reward import RewardLearner
 
     return RewardLearner(str(path), reward=RewardConfig(batch_size=4, lr=1e-3),
                          learner=LearnerConfig(backend="deepspeed", zero_stage=stage))
@@ -152,7 +152,7 @@ def test_checkpoints_hold_the_trained_minilm_at_every_stage(stage, tmp_path):
 
 
 def test_the_critic_starts_from_the_rm_saved_at_zero_3(tiny_lm_dir, tmp_path):
-    from actors.critic import CriticLearner
+    from apo_ray.actors.critic import CriticLearner
     from apo_ray.config import ModelConfig, PPOConfig
 
     rm = reward_learner(tiny_lm_dir, 3)

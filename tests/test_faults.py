@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import apo_ray.train
-from actors.engine import TrainEngine
+from apo_ray.actors.engine import TrainEngine
 from apo_ray.train import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def test_deepspeed_learner_starts_while_another_process_holds_its_port():
     # rank now needs no port at all: this learner starts even though its master_port is taken.
     script = """
 import socket, sys, torch
-from actors.engine import TrainEngine
+from apo_ray.actors.engine import TrainEngine
 held = socket.socket(); held.bind(("127.0.0.1", 0)); held.listen()
 model = torch.nn.Linear(4, 1)
 before = model.weight.detach().clone()

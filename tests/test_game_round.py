@@ -38,13 +38,13 @@ def _weights(path):
 def test_one_round_per_method_hf_torch(ray_cluster, tmp_path, method):
     prepared, summary, rows = _play(tmp_path, f"method={method}", "rollout.backend=hf", "learner.backend=torch")
     assert [r["round"] for r in rows] == [0, 1]
-    for key in ("rm/acc", "rm/ece", "rm/acc_policy", "eval/gold_score", "eval/rm_score", "policy/kl"):
+    for key in ("rm/acc", "rm/ece", "rm/acc_policy", "eval/gold_score", "eval/rm_score", "eval/kl"):
         assert key in rows[1], key
     # The APO step ran on gold-vs-sample pairs, and the samples came from the weights of version 0.
     assert "rm/loss_apo" in rows[1] and rows[1]["rollout/policy_version_lag"] == 0
     # fp32 HF sampler and fp32 learner on the same weights and the same ids: the log-probs agree.
     assert rows[1]["rollout/logprob_diff"] < 1e-4
-    assert rows[0]["policy/kl"] == pytest.approx(0.0, abs=1e-4) and rows[1]["policy/kl"] != 0.0
+    assert rows[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4) and rows[1]["eval/kl"] != 0.0
     before = _weights(prepared.policy_path)
     after = _weights(prepared.run_dir / "checkpoints/round_0001/policy")
     assert any(not torch.equal(before[k], after[k]) for k in before), "the policy step changed no weight"

@@ -44,7 +44,7 @@ def fresh_logging(monkeypatch):
 
 def emit_one_of_each() -> None:
     logging.getLogger("apo_ray.driver").info("[round 1/3] generate")
-    logging.getLogger("actors.rollout").debug("engine detail")
+    logging.getLogger("apo_ray.actors.rollout").debug("engine detail")
     logging.getLogger("apo_ray.build_locks").warning("a lock to delete")
     for name in THIRD_PARTY:
         logging.getLogger(name).warning(f"{name} note")
@@ -88,16 +88,16 @@ def test_deepspeed_stays_quiet_when_its_import_resets_its_level(fresh_logging, c
 def test_by_default_future_warnings_from_libraries_are_hidden_and_apo_rays_shown(fresh_logging):
     logs.configure_logging(verbose=False)
     with warnings.catch_warnings(record=True) as shown:
-        for module in ("vllm.triton_utils.dispatcher", "apo_ray.modeling", "actors.rollout"):
+        for module in ("vllm.triton_utils.dispatcher", "apo_ray.modeling", "apo_ray.actors.rollout"):
             warnings.warn_explicit(f"deprecated in {module}", FutureWarning, "file.py", 1, module=module)
-    assert [str(w.message) for w in shown] == ["deprecated in apo_ray.modeling", "deprecated in actors.rollout"]
+    assert [str(w.message) for w in shown] == ["deprecated in apo_ray.modeling", "deprecated in apo_ray.actors.rollout"]
 
 
 def test_verbose_shows_apo_ray_debug_and_leaves_the_libraries_alone(fresh_logging, capsys):
     logs.configure_logging(verbose=True)
     emit_one_of_each()
     printed = capsys.readouterr()
-    assert "DEBUG actors.rollout: engine detail" in printed.out, printed
+    assert "DEBUG apo_ray.actors.rollout: engine detail" in printed.out, printed
     assert "WARNING some_library: some_library note" in printed.err, printed
     # Left to configure themselves (once imported, Ray and DeepSpeed print through handlers of their own).
     assert all(logging.getLogger(name).level == logging.NOTSET for name in logs.QUIET_LOGGERS)

@@ -13,15 +13,16 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from actors.critic import CriticLearner
-from actors.policy import PolicyLearner
+from apo_ray.actors.critic import CriticLearner
+from apo_ray.actors.policy import PolicyLearner
 from apo_ray.builtin.models import make_policy_model, make_reward_model, make_tokenizer
 from apo_ray.builtin.oracle import format_prompt
 from apo_ray.checkpoint import Checkpointer
 from apo_ray.config import ConfigError, LearnerConfig, ModelConfig, PolicyConfig, PPOConfig, load_config
 from apo_ray.modeling import encode_samples, load_tokenizer, text_samples
 from apo_ray.driver import APOGame
-from apo_ray.online import TokenGrids, estimate_advantages, iteration_prompt_indices
+from apo_ray.batching import iteration_prompt_indices
+from apo_ray.ppo import TokenGrids, estimate_advantages
 from apo_ray.ppo import concat_right_padded
 
 PROMPTS = [format_prompt("river", "night"), format_prompt("castle", "rain")]
@@ -108,8 +109,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_ppo_and_apo_ppo_configs_differ_only_in_the_rm_steps():
     plain, apo = (load_config(CONFIGS / name).to_dict() for name in ("ppo.yaml", "apo_ppo.yaml"))
     assert plain.pop("apo") is False and apo.pop("apo") is True
-    # update_every is read only with apo=true: the baseline keeps the default.
-    assert plain["reward"].pop("update_every") == 1 and apo["reward"].pop("update_every") == 5
+    # The APO RM step's keys are read, and saved, only with apo=true.
+    assert apo["reward"].pop("update_every") == 5
+    for key in ("apo_coef", "apo_normalization", "epochs_per_round", "reinit_each_round"):
+        apo["reward"].pop(key)
     assert plain == apo
 
 

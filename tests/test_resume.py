@@ -78,4 +78,4 @@ def test_driver_killed_after_a_round_resumes_to_the_same_metrics(ray_cluster, tm
     # Round 2 was played by a new driver, new actors and new rollout workers, from round 1's checkpoint.
     assert resumed[2] == reference[2]
     assert resumed[1] == reference[1] and resumed[0] == reference[0]
-    assert {"rm/acc", "rm/loss", "policy/loss", "policy/kl", "eval/gold_score", "rollout/tokens"} <= set(resumed[2])
+    assert {"rm/acc", "rm/loss", "policy/loss", "eval/kl", "eval/gold_score", "rollout/tokens"} <= set(resumed[2])

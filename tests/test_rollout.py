@@ -9,23 +9,14 @@ import pytest
 import ray
 import torch
 
-from actors.nccl import RolloutEnginesClient
-from actors.policy import PolicyLearner
-from actors.rollout import RolloutWorker, cut_at_eos
+from apo_ray.actors.nccl import RolloutEnginesClient
+from apo_ray.actors.policy import PolicyLearner
+from apo_ray.actors.rollout import RolloutWorker, cut_at_eos
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
 from apo_ray.modeling import load_tokenizer, text_samples
 from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec
-from apo_ray.weight_sync import (
-    WEIGHT_SYNCS,
-    DiskSync,
-    NcclSync,
-    ObjectStoreSync,
-    as_named_tensors,
-    drop_shared_tensors,
-    make_weight_sync,
-    read_checkpoint_dir,
-    write_checkpoint_dir,
-)
+from apo_ray.named_tensors import as_named_tensors, drop_shared_tensors, read_checkpoint_dir, write_checkpoint_dir
+from apo_ray.weight_sync import WEIGHT_SYNCS, DiskSync, NcclSync, ObjectStoreSync, make_weight_sync
 
 PROMPTS = ["the cat sat on the mat", "how do i bake bread", "tell me about the sea", "why is the sky blue"]
 GREEDY = {"max_new_tokens": 12, "max_prompt_tokens": 32, "temperature": 0.0, "max_model_len": 64, "dtype": "float32"}

@@ -97,7 +97,7 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_ends_as_an_uninterrup
 
 @pytest.mark.integration
 def test_rm_output_is_what_the_game_loads_and_scores_as_reported(uninterrupted_rm, tiny):
-    from actors.reward import RewardLearner
+    from apo_ray.actors.reward import RewardLearner
     from apo_ray.config import LearnerConfig, RewardConfig
     from apo_ray.data import load_pairs
     from apo_ray.evaluation import preference_accuracy
@@ -135,7 +135,7 @@ def test_resume_adds_an_epoch_from_the_last_checkpoint(uninterrupted_rm, tiny, t
 
 @pytest.mark.integration
 def test_sft_lowers_held_out_loss_and_its_output_samples_with_vllm(ray_cluster, tiny, tmp_path):
-    from actors.rollout import RolloutWorker
+    from apo_ray.actors.rollout import RolloutWorker
     from apo_ray.stages.sft import SFTTask
     from apo_ray.stages.task import load_stage_data
 

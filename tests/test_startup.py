@@ -81,7 +81,7 @@ def test_a_deepspeed_learner_starts_after_a_build_was_killed_holding_the_lock(ex
     killed_mid_build(lock)
     script = """
 import torch
-from actors.engine import TrainEngine
+from apo_ray.actors.engine import TrainEngine
 engine = TrainEngine(torch.nn.Linear(4, 1), backend="deepspeed", lr=0.1, zero_stage=2, grad_clip=1.0,
                      weight_decay=0.0, micro_batch_size=2)
 engine.step(engine.module(torch.ones(2, 4)).sum())
@@ -135,7 +135,7 @@ def test_a_learner_that_does_not_come_up_stops_the_start_naming_it_and_the_lock(
 def test_a_learner_that_fails_to_start_is_reported_at_once(ray_cluster, tmp_path):
     import ray
 
-    from actors.reward import RewardLearner
+    from apo_ray.actors.reward import RewardLearner
     from apo_ray.actor_group import ActorGroup, wait_until_ready
     from apo_ray.config import LearnerConfig, RewardConfig
 

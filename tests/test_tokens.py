@@ -8,8 +8,8 @@ import pytest
 import ray
 import torch
 
-from actors.policy import PolicyLearner
-from actors.rollout import RolloutWorker, finish_reason
+from apo_ray.actors.policy import PolicyLearner
+from apo_ray.actors.rollout import RolloutWorker, finish_reason
 from apo_ray.builtin.task import make_sft_data
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.game import TokenSample
@@ -148,10 +148,9 @@ def test_a_bfloat16_engine_shows_in_logprob_diff(sampled, learner):
 @pytest.mark.parametrize("disable_dropout", [True, False])
 def test_ppo_ratio_is_exactly_one_before_the_first_step(sampled, bpe_lm_dir, disable_dropout):
     """The model was saved with attention dropout 0.1; by default the learners turn it off."""
-    import dataclasses
 
     rollouts = sampled["vllm"][:16]
-    model = dataclasses.replace(MODEL, disable_dropout=disable_dropout)
+    model = MODEL.model_copy(update={"disable_dropout": disable_dropout})
     policy = PolicyLearner(bpe_lm_dir, model=model, policy=PolicyConfig(lr=1e-3), learner=TORCH)
     samples = [r.tokens for r in rollouts]
     old_logps, mask = policy.token_logprobs(samples)

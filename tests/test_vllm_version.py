@@ -80,7 +80,7 @@ def test_the_dry_run_refuses_an_unsupported_vllm(monkeypatch, capsys):
 
 
 def test_the_rollout_engine_refuses_an_unsupported_vllm_before_loading_anything(monkeypatch):
-    from actors.rollout import VllmEngine
+    from apo_ray.actors.rollout import VllmEngine
 
     fake_installed(monkeypatch, {"vllm": "0.20.0"})
     with pytest.raises(VllmVersionError, match="vllm 0.20.0 is installed"):

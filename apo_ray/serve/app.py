@@ -3,7 +3,6 @@ serve config, the bind address and its token, the port."""
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import os
@@ -11,6 +10,7 @@ import socket
 from typing import Mapping, Optional
 
 from apo_ray.config import ConfigError, ServeConfig, read_config_tree, serve_config_from_dict, with_overrides
+from apo_ray.ray_env import driver_source_env
 from apo_ray.serve.targets import ServeTargets
 
 APP_NAME = "apo-ray"
@@ -74,8 +74,8 @@ def check_targets(targets: ServeTargets, cfg: ServeConfig) -> ServeConfig:
     if longest is not None and cfg.max_model_len is not None and cfg.max_model_len > longest:
         raise ConfigError(f"serve.max_model_len: {cfg.max_model_len} is more than the policy's "
                           f"max_position_embeddings {longest} ({targets.policy})")
-    cfg = dataclasses.replace(cfg, max_model_len=cfg.max_model_len or min(longest or DEFAULT_MAX_MODEL_LEN,
-                                                                            DEFAULT_MAX_MODEL_LEN))
+    cfg = cfg.model_copy(update={"max_model_len": cfg.max_model_len or min(longest or DEFAULT_MAX_MODEL_LEN,
+                                                                           DEFAULT_MAX_MODEL_LEN)})
     limits = cfg.limits
     if limits.max_prompt_tokens + limits.max_tokens > cfg.max_model_len:
         raise ConfigError(f"serve.limits.max_prompt_tokens: {limits.max_prompt_tokens} + serve.limits.max_tokens "
@@ -101,7 +101,8 @@ def init_ray_for(targets: ServeTargets, cfg: ServeConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need["CPU"])), include_dashboard=False)
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need["CPU"])), include_dashboard=False,
+                 runtime_env={"env_vars": driver_source_env()})
     have = ray.cluster_resources()
     if any(amount > have.get(kind, 0.0) for kind, amount in need.items()):
         raise ConfigError(f"serve: the replicas need {need['CPU']:g} CPUs and {need['GPU']:g} GPUs "

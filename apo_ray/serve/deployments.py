@@ -105,7 +105,7 @@ class Ingress:
         self.scorer, self.policy = scorer, policy
         self.limits, self.token_sha256 = limits, token_sha256
         if policy_dir is not None:
-            from actors.rollout import eos_token_ids
+            from apo_ray.modeling import eos_token_ids
             from apo_ray.modeling import load_tokenizer
 
             self.tokenizer = load_tokenizer(policy_dir)

@@ -12,7 +12,6 @@ checked before Ray starts. The run directory then holds:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -23,8 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from apo_ray.config import ConfigError, StageConfig, read_config_tree, stage_config_from_dict
+from apo_ray.config import ConfigError, StageConfig, read_config_tree, validate_section
 from apo_ray.data import DataError, _check_source
+from apo_ray.ray_env import driver_source_env
 from apo_ray.stages.cursor import steps_per_epoch
 from apo_ray.stages.task import StageData, load_stage_data, task_class
 from apo_ray.stages.worker import ATTEMPTS_FILE, MODEL_DIR, WorkerSpec, train_worker
@@ -70,7 +70,7 @@ def load_for_resume(cls: type[StageConfig], run_dir: str, overrides: list[str]) 
     tree = read_config_tree(saved_file, overrides)
     del tree["stage"]
     tree["run_dir"] = run_dir
-    cfg = stage_config_from_dict(cls, tree)
+    cfg = validate_section(cls, tree)
     before = saved["workers"]["num_workers"]
     if cfg.workers.num_workers != before:
         raise ConfigError(f"workers.num_workers: {run_dir} was trained by {before} workers, whose optimizer shards "
@@ -115,7 +115,8 @@ def init_ray_for(cfg: StageConfig) -> None:
         ray.init(address=address)
     else:
         need = workers.num_workers * workers.num_cpus_per_worker
-        ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False)
+        ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
+                 runtime_env={"env_vars": driver_source_env()})
     have = ray.cluster_resources()
     need = {"CPU": workers.num_workers * workers.num_cpus_per_worker,
             "GPU": workers.num_workers * workers.num_gpus_per_worker}
@@ -133,7 +134,7 @@ def run_stage(prepared: PreparedStage, *, fail_at_step: int | None = None) -> di
 
     cfg, run_dir = prepared.cfg, prepared.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump({"stage": cfg.STAGE, **cfg.to_dict()}, sort_keys=False))
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump({"stage": cfg.STAGE, **cfg.model_dump()}, sort_keys=False))
     started = time.perf_counter()
     init_ray_for(cfg)
     workers = cfg.workers
@@ -196,7 +197,7 @@ def _summary(prepared: PreparedStage, metrics: dict, model_dir: Path, wall_s: fl
         "stage": cfg.STAGE,
         "base_model": cfg.base_model,
         "model": str(model_dir),
-        "workers": dataclasses.asdict(cfg.workers),
+        "workers": cfg.workers.model_dump(),
         "zero_stage": cfg.zero_stage,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from actors.rollout import eos_token_ids
+from apo_ray.modeling import eos_token_ids
 from apo_ray.config import ConfigError, SFTStageConfig
 from apo_ray.data import load_gold
 from apo_ray.game import GoldAnswer

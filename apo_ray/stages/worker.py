@@ -51,7 +51,7 @@ def train_worker(config: dict) -> None:
     import ray
     import ray.train
 
-    from actors.engine import TrainEngine
+    from apo_ray.actors.engine import TrainEngine
     from apo_ray.metrics import MetricsLogger
     from apo_ray.progress import Progress
     from apo_ray.stages.task import make_task

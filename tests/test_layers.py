@@ -1,0 +1,106 @@
+"""The package's shape (docs/architecture.md, "Where each piece lives"): imports run one way, driver -> actors ->
+pure core, and the repository's actors/ folder installs as apo_ray.actors, never as a top-level `actors`."""
+
+from __future__ import annotations
+
+import ast
+import os
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The pure core: math, data, config, bookkeeping and the gold oracle. Importable without Ray or any actor.
+CORE = {
+    "batching", "build_locks", "builtin", "builtin.assets", "builtin.models", "builtin.oracle", "builtin.task",
+    "config", "config_paths", "data", "evaluation", "game", "logs", "losses", "modeling", "named_tensors", "ppo",
+    "progress", "seeds", "vllm_version",
+}
+
+
+def module_name(path: Path) -> str:
+    """apo_ray's name for a source file (actors/x.py is apo_ray.actors.x)."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] == "actors":
+        parts = ["apo_ray", *parts]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, at the top or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+SOURCES = {module_name(p): p for p in [*ROOT.glob("apo_ray/**/*.py"), *ROOT.glob("actors/*.py")]}
+ACTORS = {name for name in SOURCES if name.startswith("apo_ray.actors.")}
+
+
+def is_core(name: str) -> bool:
+    return name.removeprefix("apo_ray.") in CORE
+
+
+def test_the_core_list_names_real_modules():
+    assert {f"apo_ray.{m}" for m in CORE} <= set(SOURCES)
+    assert len(ACTORS) >= 7
+
+
+@pytest.mark.parametrize("module", sorted(f"apo_ray.{m}" for m in CORE))
+def test_core_imports_neither_ray_nor_actors_nor_the_driver(module):
+    bad = sorted(
+        name for name in imported_modules(SOURCES[module])
+        if name == "ray" or name.startswith("ray.") or (name.startswith("apo_ray.") and not is_core(name))
+    )
+    assert not bad, f"{module} is pure core but imports {bad}"
+
+
+@pytest.mark.parametrize("module", sorted(ACTORS))
+def test_actors_import_only_the_core_and_each_other(module):
+    bad = sorted(
+        name for name in imported_modules(SOURCES[module])
+        if name.startswith("apo_ray.") and not (is_core(name) or name in ACTORS)
+    )
+    assert not bad, f"{module} is an actor module but imports driver modules {bad}"
+
+
+def test_nothing_imports_a_top_level_actors_package():
+    offenders = sorted(
+        str(path.relative_to(ROOT)) for path in [*SOURCES.values(), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")]
+        if any(name == "actors" or name.startswith("actors.") for name in imported_modules(path))
+    )
+    assert not offenders
+
+
+def test_the_wheel_installs_actors_as_apo_ray_actors(tmp_path):
+    """Build the wheel as pip would and look inside: actors/ lands at apo_ray/actors/, no top-level actors/."""
+    # Without setuptools in this environment pip builds in isolation (fetching it from PyPI, as CI can).
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("apo_ray-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "apo_ray/actors/policy.py" in names and "apo_ray/actors/rollout.py" in names
+    assert not [n for n in names if n.startswith("actors/")]
+    assert "apo_ray/builtin/oracle.py" in names and "apo_ray/stages/runner.py" in names
+
+
+def test_local_ray_workers_get_the_drivers_apo_ray_first(monkeypatch):
+    from apo_ray.ray_env import driver_source_env
+
+    monkeypatch.setenv("PYTHONPATH", f"/elsewhere{os.pathsep}{ROOT}")
+    assert driver_source_env()["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/elsewhere"]
