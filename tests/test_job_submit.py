@@ -36,7 +36,7 @@ SMALL_RUN = [
     # The job runs in an unpacked copy of the working dir, where a relative cache dir would be empty.
     f"data.builtin.cache_dir={BUILTIN_CACHE}",
 ]
-DASHBOARD_GAUGES = {"ray_apo_round", "ray_apo_rm_acc", "ray_apo_eval_gold_score", "ray_apo_policy_kl",
+DASHBOARD_GAUGES = {"ray_apo_round", "ray_apo_rm_acc", "ray_apo_eval_gold_score", "ray_apo_eval_kl",
                     "ray_apo_rollout_tokens_per_s", "ray_apo_timing_sync", "ray_apo_phase"}
 
 
