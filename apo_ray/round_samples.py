@@ -106,18 +106,17 @@ class RoundSampler:
         try:
             requested = take_resize_request(Path(self.cfg.run_dir))
         except ResizeRequestError as error:
-            self.game.log(f"[round {r}/{self.cfg.rounds}] rollout pool: {error}; request dropped")
+            self.game.log(f"  rollout pool: {error}; request dropped")
             requested = None
         if requested is not None:
             problem = self._cannot_hold(requested)
             if problem:
-                self.game.log(f"[round {r}/{self.cfg.rounds}] rollout pool: request for {requested} workers "
-                              f"dropped: {problem}")
+                self.game.log(f"  rollout pool: request for {requested} workers dropped: {problem}")
             else:
                 target, why = requested, "apo-ray resize request"
         if target is not None and target != self.pool.num_workers:
-            self.game.log(f"[round {r}/{self.cfg.rounds}] rollout pool: {self.pool.num_workers} -> {target} "
-                          f"workers ({why})")
+            self.game.log(f"  rollout pool: {self.pool.num_workers} -> {target} workers for round {r}'s samples "
+                          f"({why})")
             self.pool.resize(target)
 
     def _cannot_hold(self, num_workers: int) -> str:

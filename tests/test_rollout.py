@@ -276,6 +276,20 @@ def test_nccl_sync_from_the_real_policy_learner(ray_cluster, tiny_lm_dir):
 
 
 @pytest.mark.integration
+def test_a_submitted_call_holds_the_pool_until_it_is_collected(hf_pool):
+    """The asynchronous game's contract: while a call samples, the pool takes no sync, resize or other call,
+    so the rollouts carry the weights the workers held when it was submitted."""
+    call = hf_pool.submit(PROMPTS, n=1)
+    for command in (lambda: hf_pool.resize(1), hf_pool.versions, lambda: hf_pool.submit(PROMPTS, n=1),
+                    lambda: hf_pool.sync({}, hf_pool.version + 1)):
+        with pytest.raises(RuntimeError, match="while a generate call is open"):
+            command()
+    rollouts = call.result()
+    assert [r.prompt_index for r in rollouts] == [0, 1, 2, 3] and call.stats["rollout/num_workers"] == 2
+    assert {r.policy_version for r in rollouts} == {hf_pool.version} and hf_pool.versions() == [hf_pool.version] * 2
+
+
+@pytest.mark.integration
 def test_pool_resize_keeps_the_weights_version(hf_pool, tiny_lm_dir):
     learner = learner_copy(tiny_lm_dir, seed=3)
     version = hf_pool.version + 1
