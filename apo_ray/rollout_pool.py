@@ -61,7 +61,7 @@ class GenerateCall:
     placement-group bundle with the current weights: every prompt is answered exactly once. `stats` holds
     the call's throughput once it is collected."""
 
-    def __init__(self, pool: "RolloutPool", prompts: Sequence[str], n: int, seed: int | None):
+    def __init__(self, pool: RolloutPool, prompts: Sequence[str], n: int, seed: int | None):
         self.pool, self.prompts, self.n, self.seed = pool, list(prompts), n, seed
         self.num_workers = pool.num_workers
         self.stats: dict[str, float] = {}
@@ -226,7 +226,7 @@ class RolloutPool:
         """`n` rollouts per prompt, in prompt order (prompt_index = position in `prompts`)."""
         return self.submit(prompts, n, seed).result()
 
-    def submit(self, prompts: Sequence[str], n: int, seed: int | None = None) -> "GenerateCall":
+    def submit(self, prompts: Sequence[str], n: int, seed: int | None = None) -> GenerateCall:
         """Start a `generate` call: the workers sample while the caller does other work (the asynchronous
         game trains meanwhile); `result()` collects it. One call is open at a time, and the pool takes no
         other command (sync, resize) until it is collected: its workers' weights and number stay as they were."""

@@ -328,7 +328,6 @@ def test_critic_free_methods_run_without_a_critic_actor(online_actors, tmp_path,
 def sampler_logprob_gap(rollouts, policy_dir: str) -> float:
     """Mean per-token |sampler - policy| log-prob of the rollouts' tokens under the policy saved at `policy_dir`
     (the real PolicyLearner, in-process)."""
-    from apo_ray.driver import APOGame
     from apo_ray.ppo import logprob_mismatch
 
     learner = PolicyLearner(policy_dir, model=MODEL, policy=PolicyConfig(), learner=TORCH)
