@@ -155,6 +155,9 @@ def unpack_bucket(bucket: WeightBucket) -> list[tuple[str, torch.Tensor]]:
         dtype = getattr(torch, packed.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"weight bucket: {packed.names[0]!r} has unknown dtype {packed.dtype!r}")
-        tensor = flat[packed.offset : packed.offset + packed.nbytes].view(dtype).view(packed.shape)
+        if packed.nbytes == 0:  # an empty slice cannot be viewed as another dtype
+            tensor = torch.empty(packed.shape, dtype=dtype)
+        else:
+            tensor = flat[packed.offset : packed.offset + packed.nbytes].view(dtype).view(packed.shape)
         named += [(name, tensor) for name in packed.names]
     return named
