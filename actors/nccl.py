@@ -48,11 +48,13 @@ class NcclWeightSender:
     """Learner side of the NCCL strategy: broadcasts `module`'s parameters to the given rollout workers.
 
     The NCCL group is built on the first send and rebuilt when the set of workers changes (a resize or a
-    restart), since an NCCL group's size is fixed.
+    restart), since an NCCL group's size is fixed. Tensors go through vLLM's packed broadcast: flat buffers of
+    `bucket_bytes` (two in flight), one broadcast per buffer rather than one per tensor.
     """
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, bucket_bytes: int):
         self.module = module
+        self.bucket_bytes = bucket_bytes
         self._engine = None
         self._workers: list[ray.actor.ActorHandle] = []
 
@@ -68,7 +70,7 @@ class NcclWeightSender:
             ranks = [info["engine_ranks"] for info in ray.get([w.ping.remote() for w in workers])]
             init_info = NCCLTrainerInitInfo(
                 master_address=ray.util.get_node_ip_address(), master_port=free_port(),
-                world_size=1 + sum(ranks), rank=0,
+                world_size=1 + sum(ranks), rank=0, packed=True, packed_buffer_size_bytes=self.bucket_bytes,
             )
             self._engine = NCCLTrainerWeightTransferEngine.trainer_init(
                 init_info, client=RolloutEnginesClient(workers, ranks), source=ModuleSource(self.module)

@@ -5,6 +5,8 @@ rollout workers drew them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from apo_ray.actors.engine import LearnerCheckpoint, build_engine, train_steps
@@ -13,6 +15,7 @@ from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.game import TokenSample
 from apo_ray.losses import dpo_loss, masked_mean, rrhf_loss, sequence_logprob, sft_loss, token_logprobs
 from apo_ray.modeling import SampleLogprobs, encode_samples, load_causal_lm, load_tokenizer
+from apo_ray.named_tensors import WeightBucket, pack_buckets
 from apo_ray.ppo import GridRows, entropy_from_logits, kl_limited_loss, kl_penalty, ppo_policy_loss
 from apo_ray.actors.nccl import NcclWeightSender
 
@@ -93,10 +96,16 @@ class PolicyLearner(LearnerCheckpoint):
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.full_state_dict()
 
-    def send_weights_nccl(self, workers: list) -> int:
-        """The `nccl` weight sync's learner side: broadcast the weights into the workers' vLLM engines."""
+    def weight_buckets(self, bucket_bytes: int) -> Iterator[WeightBucket]:
+        """The `object_store` weight sync's learner side: the weights in flat buckets of at most `bucket_bytes`.
+        A generator, so that as a Ray actor method each bucket becomes an object of its own."""
+        yield from pack_buckets(self.engine.full_state_dict(), bucket_bytes)
+
+    def send_weights_nccl(self, workers: list, bucket_bytes: int) -> int:
+        """The `nccl` weight sync's learner side: broadcast the weights into the workers' vLLM engines, packed
+        into buffers of `bucket_bytes`."""
         if self._nccl_sender is None:
-            self._nccl_sender = NcclWeightSender(self.model)
+            self._nccl_sender = NcclWeightSender(self.model, bucket_bytes)
         return self._nccl_sender.send(workers)
 
     # ------------------------------------------------------------------ online (apo_ray.online)

@@ -25,7 +25,7 @@ from apo_ray.game import FinishReason, Rollout
 from apo_ray.logs import is_verbose
 from apo_ray.modeling import encode_prompt, eos_token_ids, load_tokenizer, torch_dtype
 from apo_ray.vllm_version import require_supported_vllm
-from apo_ray.named_tensors import NamedTensors, as_named_tensors, checkpoint_files, read_checkpoint_dir, tensor_bytes
+from apo_ray.named_tensors import WeightBucket, checkpoint_files, read_checkpoint_dir, unpack_bucket
 
 # KV cache of a CPU vLLM engine unless engine_kwargs say otherwise: by default vLLM claims most of the
 # NUMA node's memory and refuses to start next to other processes.
@@ -313,12 +313,14 @@ class RolloutWorker:
             for ids, logprobs in per_prompt
         ]
 
-    def load_weights(self, weights: NamedTensors, version: int) -> int:
-        """Reload the engine in place from HF-named tensors; returns the bytes loaded."""
-        named = as_named_tensors(weights)
-        self.engine.load(named)
+    def load_weight_buckets(self, version: int, *buckets: WeightBucket) -> int:
+        """Reload the engine in place from the object-store sync's buckets; returns their bytes.
+
+        Ray resolves each bucket's object ref to a read-only view of the object store's shared memory: the
+        engine copies the tensors straight out of it."""
+        self.engine.load([pair for bucket in buckets for pair in unpack_bucket(bucket)])
         self._version = version
-        return tensor_bytes(named)
+        return sum(bucket.nbytes for bucket in buckets)
 
     def load_weights_from_dir(self, path: str, version: int) -> int:
         """Reload the engine in place from an HF checkpoint directory; returns the bytes read."""

@@ -1,6 +1,7 @@
 """`apo-ray` command: `train` (the game; `--dry-run` checks a config and prints its placement plan), `report`
-(plots of a run directory, or one plot comparing several runs), `sft` and `rm` (the stages before the game,
-apo_ray.stages), `serve` (the trained policy and RM over HTTP, apo_ray.serve)."""
+(plots of a run directory, or one plot comparing several runs), `resize` (ask a running game for another
+number of rollout workers), `sft` and `rm` (the stages before the game, apo_ray.stages), `serve` (the trained
+policy and RM over HTTP, apo_ray.serve)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from apo_ray.logs import configure_logging
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("train", "report", "sft", "rm", "serve")
+    commands = ("train", "report", "resize", "sft", "rm", "serve")
     if not argv or argv[0] not in commands:
         print(f"usage: apo-ray {{{','.join(commands)}}} ...   (apo-ray train --help; apo-ray train --config X --dry-run)",
               file=sys.stderr)
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         from apo_ray.serve.cli import main as serve_main
 
         return serve_main(rest)
+    if command == "resize":
+        return resize_main(rest)
     parser = argparse.ArgumentParser(
         prog="apo-ray report",
         description="plots and a summary of a run directory; with several, one plot comparing them (e.g. APO vs a "
@@ -51,6 +54,30 @@ def main(argv: list[str] | None = None) -> int:
         print(write_report(args.run_dirs[0]))
     else:
         print(compare_runs(args.run_dirs, args.out or Path("comparison")))
+    return 0
+
+
+def resize_main(argv: list[str]) -> int:
+    from apo_ray.pool_size import ResizeRequestError, write_resize_request
+    from apo_ray.train import CONFIG_FILE
+
+    parser = argparse.ArgumentParser(
+        prog="apo-ray resize",
+        description="ask the game running in RUN_DIR for N rollout workers: it takes the request before its next "
+                    "sampling call, checks that the cluster holds N, logs the new size (rollout/num_workers) and "
+                    "keeps it until rollout.schedule's next entry")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    parser.add_argument("num_workers", type=int, metavar="N")
+    args = parser.parse_args(argv)
+    if not (args.run_dir / CONFIG_FILE).is_file():
+        print(f"error: {args.run_dir}: not a run directory (no {CONFIG_FILE})", file=sys.stderr)
+        return 2
+    try:
+        path = write_resize_request(args.run_dir, args.num_workers)
+    except ResizeRequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"asked for {args.num_workers} rollout workers ({path}); the run takes it before its next sampling call")
     return 0
 
 

@@ -15,7 +15,7 @@ import logging
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -112,16 +112,29 @@ class ModelConfig(Section):
 class RolloutConfig(Section):
     backend: Literal["vllm", "hf"] = "vllm"
     num_workers: int = Field(1, ge=1)
+    # {round: workers}: from that round on, that many workers sample (apo_ray/pool_size.py); a request made while
+    # the run goes (`apo-ray resize RUN_DIR N`) holds until the schedule's next entry. The placement plan
+    # reserves room for the most workers it names.
+    schedule: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
     num_cpus_per_worker: float = Field(1.0, ge=0.0)
     num_gpus_per_worker: float = Field(0.0, ge=0.0)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     weight_sync: Literal["object_store", "disk", "nccl"] = "object_store"
+    # The object_store and nccl syncs move weights in flat buffers of this many MiB rather than one transfer per
+    # tensor (apo_ray/named_tensors.py pack_buckets; vLLM's packed NCCL broadcast): larger buckets mean fewer
+    # transfers, smaller ones less memory beside the learner's weights while it packs (or two in flight on GPU).
+    sync_bucket_mb: int = Field(256, ge=1)
     max_model_len: int = Field(128, ge=8)
     # None: the learners' dtype. Set it to sample in another precision than the learners train in; the
     # difference shows in rollout/logprob_diff and PPO's ppo.tis corrects for it.
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def peak_workers(self) -> int:
+        """The most workers num_workers and the schedule ask for at once."""
+        return max([self.num_workers, *self.schedule.values()])
 
 
 class LearnerConfig(Section):
@@ -198,6 +211,10 @@ class PPOConfig(Section):
     # fp32 learners); on identical numerics the weight is 1 up to rounding.
     tis: bool = True
     tis_cap: float = Field(2.0, ge=1.0)
+    # One-step off-policy rollouts (as in NeMo-RL, verl): the pool samples iteration k+1 with weights k-1 while
+    # the learners train on iteration k, so sampling and training overlap; rollout/policy_version_lag is 1 from
+    # the second iteration on, and ppo.tis corrects with the sampler's log-probs (it must stay on).
+    async_rollouts: bool = False
     critic_init: Literal["reward", "policy"] = "reward"
     critic_lr: float = Field(1e-3, gt=0.0)
     whiten_advantages: bool = True
@@ -374,6 +391,8 @@ _CONDITIONAL_KEYS = [
                     by_method=False),
     ConditionalKeys(("ppo.kl_target",), "ppo.adaptive_kl=true or ppo.kl_hard_limit=true",
                     lambda c: c.ppo.adaptive_kl or c.ppo.kl_hard_limit, by_method=False),
+    ConditionalKeys(("rollout.sync_bucket_mb",), "rollout.weight_sync object_store or nccl (disk writes a checkpoint)",
+                    lambda c: c.rollout.weight_sync in ("object_store", "nccl"), by_method=False),
     ConditionalKeys(("reward.update_every", "reward.apo_coef", "reward.apo_normalization", "reward.epochs_per_round",
                      "reward.reinit_each_round"), "the APO RM step (apo=true; with apo=false the RM is fitted once)",
                     lambda c: c.apo, by_method=False),
@@ -418,6 +437,12 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError("samples_per_prompt: rrhf ranks samples and needs at least 2 per prompt")
     if cfg.method == "grpo" and cfg.samples_per_prompt < 2:
         raise ConfigError("samples_per_prompt: grpo normalises within a group and needs at least 2")
+    late = sorted(r for r in cfg.rollout.schedule if r > cfg.rounds)
+    if late:
+        raise ConfigError(f"rollout.schedule.{late[0]}: round {late[0]} is past the last round (rounds={cfg.rounds})")
+    if cfg.online and cfg.ppo.async_rollouts and not cfg.ppo.tis:
+        raise ConfigError("ppo.async_rollouts: samples come from weights one version behind the learner; they need "
+                          "ppo.tis=true (truncated importance sampling against the sampler's log-probs)")
     if cfg.apo and cfg.reward.update_every == 0:
         raise ConfigError("reward.update_every: 0 never steps the RM, which is the fixed-RM baseline; say so with apo=false")
     fractions = cfg.data.split_fractions
@@ -513,6 +538,8 @@ def _error_message(root: type[BaseModel], error: dict, prefix: str) -> str:
     """One pydantic error as `dotted.key: what is wrong` in apo-ray's words."""
     loc = tuple(str(p) for p in error["loc"])
     key = ".".join((prefix,) * bool(prefix) + loc) if loc else prefix
+    if loc[-1:] == ("[key]",):  # a mapping's key is at fault, not its value
+        key = f"{'.'.join((prefix,) * bool(prefix) + loc[:-2])} (key {loc[-2]})"
     kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
     if kind == "value_error" and isinstance(ctx.get("error"), ConfigError):
         return str(ctx["error"])

@@ -1,9 +1,10 @@
 """The driver: plays the APO game (paper, Algorithm 1) over the Ray actors. It holds no model.
 
 Round 0 fits the RM on the human pairs D_P and measures the SFT policy. Each round r >= 1:
-  1. RM step (the max player; apo=true, every reward.update_every rounds): S fresh samples per gold prompt
-     from the current policy, D_APO = {(x, y_gold, y_sample)}, plus the human pairs D_P;
-  2. sample S responses per policy prompt of the round, score them with the RM;
+  1. sample S responses per policy prompt of the round and, when the RM step is due, per gold prompt, in one
+     pool call (apo_ray/round_samples.py; with ppo.async_rollouts the call was made during round r-1);
+  2. RM step (the max player; apo=true, every reward.update_every rounds) on D_APO = {(x, y_gold, y_sample)}
+     plus the human pairs D_P; then score the policy samples with the RM;
   3. policy step (the min player), one strategy per method: RJS, RRHF or DPO on all of D_Q
      (apo_ray/offline.py), or one PPO / GRPO / REINFORCE++ iteration on a slice of it (apo_ray/online.py);
   4. sync the weights to every rollout worker; evaluate and checkpoint (every eval_every /
@@ -25,13 +26,14 @@ from apo_ray.checkpoint import Checkpointer
 from apo_ray.config import Config
 from apo_ray.data import GameData
 from apo_ray.evaluation import expected_calibration_error, preference_accuracy
-from apo_ray.game import Rollout, TokenSample, build_apo_pairs, policy_version_lag
+from apo_ray.game import Rollout, TokenSample, build_apo_pairs
 from apo_ray.metrics import MetricsLogger
 from apo_ray.offline import OfflinePolicyStep
 from apo_ray.online import OnlinePolicyStep
 from apo_ray.policy_step import PolicyStep
 from apo_ray.ppo import concat_right_padded, logprob_mismatch, sampler_logprob_grid
 from apo_ray.rollout_pool import RolloutPool
+from apo_ray.round_samples import RoundSampler
 from apo_ray.seeds import SeedStream, round_seed
 
 Oracle = Callable[[str, str], float]
@@ -64,6 +66,7 @@ class APOGame:
         self.version = 0
         self.eval_prompts = list(dict.fromkeys(p.prompt for p in data.eval_pairs))[:64]
         self.policy_step: PolicyStep = policy_step_for(self)
+        self.sampler = RoundSampler(self)
 
     # ------------------------------------------------------------------ Algorithm 1
 
@@ -89,12 +92,14 @@ class APOGame:
         started = time.perf_counter()
         cfg = self.cfg
         stats = self.policy_step.start_round(r)
-        if self.rm_step_due(r):
-            stats.update(self.rm_step(r))
-
         self._phase("generate", r)
-        rollouts = self._generate(self.policy_step.prompts(r), cfg.samples_per_prompt,
-                                  round_seed(cfg.seed, r, SeedStream.POLICY), stats)
+        samples = self.sampler.take(r, stats)
+        # Asynchronous mode: the pool samples round r + 1 while this round's RM step, scoring and training run.
+        self.sampler.prefetch(r + 1)
+        if self.rm_step_due(r):
+            stats.update(self.rm_step(r, samples.gold))
+
+        rollouts = samples.policy
         self._phase("score", r)
         t = time.perf_counter()
         scores = ray.get(self.actors.reward.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]))
@@ -104,6 +109,7 @@ class APOGame:
 
         self._phase("policy_step", r)
         stats.update(self.policy_step.update(r, rollouts, scores, round_seed(cfg.seed, r, SeedStream.POLICY_STEP)))
+        self.sampler.finish_prefetch(r, stats)
 
         self._phase("sync", r)
         self.version = r
@@ -120,18 +126,13 @@ class APOGame:
         every = self.cfg.reward.update_every
         return self.cfg.apo and every > 0 and (r - 1) % every == 0
 
-    def rm_step(self, r: int) -> dict[str, float]:
-        """The max player (Algorithm 1, step 2): S fresh policy samples per gold prompt, each paired against
-        its golden answer, plus the human pairs D_P."""
-        self._phase("generate_gold", r)
-        gold_stats: dict[str, float] = {}
-        gold_rollouts = self._generate([g.prompt for g in self.data.gold], self.cfg.samples_per_prompt,
-                                       round_seed(self.cfg.seed, r, SeedStream.GOLD), gold_stats)
+    def rm_step(self, r: int, gold_rollouts: list[Rollout]) -> dict[str, float]:
+        """The max player (Algorithm 1, step 2): S policy samples per gold prompt (from the round's call), each
+        paired against its golden answer, plus the human pairs D_P."""
         self._phase("rm_step", r)
         if self.cfg.reward.reinit_each_round:
             ray.get(self.actors.reward.reinitialize.remote(str(self.checkpointer.base_reward_dir)))
-        stats = self._rm_update(build_apo_pairs(self.data.gold, gold_rollouts), self.cfg.reward.epochs_per_round, r)
-        return {**stats, "timing/generate_gold": gold_stats["timing/generate"]}
+        return self._rm_update(build_apo_pairs(self.data.gold, gold_rollouts), self.cfg.reward.epochs_per_round, r)
 
     def learner_grids(self, methods: dict[str, Callable], samples: list[TokenSample]) -> dict[str, tuple[Tensor, Tensor]]:
         """{name: (grid, mask)} of learner actor methods (token_logprobs, values) on `samples`, each in chunks
@@ -167,15 +168,6 @@ class APOGame:
             apo_coef=self.cfg.apo_coef, pref_coef=self.cfg.reward.pref_coef,
             epochs=epochs, seed=round_seed(self.cfg.seed, round_index, SeedStream.RM),
         ))
-
-    def _generate(self, prompts: list[str], n: int, seed: int, stats: dict[str, float]) -> list[Rollout]:
-        t = time.perf_counter()
-        rollouts = self.actors.pool.generate(prompts, n, seed=seed)
-        elapsed = time.perf_counter() - t
-        stats["timing/generate"] = stats.get("timing/generate", 0.0) + elapsed
-        stats.update(self.actors.pool.last_stats())
-        stats.update(policy_version_lag(rollouts, self.version))
-        return rollouts
 
     def evaluate(self, r: int) -> dict[str, float]:
         """RM accuracy/ECE on held-out human pairs and on fresh policy pairs; gold and RM score; KL."""
@@ -228,6 +220,8 @@ class APOGame:
 
     def _finish_round(self, r: int, stats: dict[str, float], started: float) -> None:
         stats["timing/round"] = time.perf_counter() - started
+        # Round 0 samples only for its evaluation, from the pool as it started.
+        stats.setdefault("rollout/num_workers", float(self.actors.pool.num_workers))
         stats["round"] = r
         # Logged before the checkpoint: a driver killed in between leaves a row that --resume truncates. The
         # other order can leave a checkpointed round whose row is lost for good.

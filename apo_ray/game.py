@@ -7,6 +7,7 @@ by several reward models (the game's RM, the evaluation RM).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Sequence
 
@@ -164,3 +165,13 @@ def policy_version_lag(rollouts: Sequence[Rollout], current_version: int) -> dic
         "rollout/policy_version_lag": sum(lags) / len(lags),
         "rollout/policy_version_lag_max": float(max(lags)),
     }
+
+
+def split_rollouts(rollouts: Sequence[Rollout], n_first: int) -> tuple[list[Rollout], list[Rollout]]:
+    """Rollouts of one call over two prompt lists joined (the first `n_first` prompts, then the rest) as two
+    lists, each indexing its own prompt list: the second's prompt indices are shifted down by `n_first`."""
+    if n_first < 0:
+        raise ValueError(f"n_first: must be >= 0, got {n_first}")
+    first = [r for r in rollouts if r.prompt_index < n_first]
+    second = [dataclasses.replace(r, prompt_index=r.prompt_index - n_first) for r in rollouts if r.prompt_index >= n_first]
+    return first, second

@@ -31,6 +31,7 @@ DASHBOARD_METRICS: tuple[str, ...] = (
     "eval/kl",
     "policy/kl",
     "rollout/tokens_per_s",
+    "rollout/num_workers",
     "timing/sync",
     "rollout/policy_version_lag",
 )

@@ -49,9 +49,10 @@ def actor_plan(cfg: Config) -> list[Role]:
         roles.append(Role("eval_reward", 1, *frozen))
     if cfg.method == "ppo":
         roles.append(Role("critic", 1, *trained))
-    roles.append(Role("rollout", rollout.num_workers, "worker", rollout.num_cpus_per_worker,
+    # The most workers the run will hold at once (rollout.schedule may grow the pool).
+    roles.append(Role("rollout", rollout.peak_workers, "worker", rollout.num_cpus_per_worker,
                       rollout.num_gpus_per_worker,
-                      "rollout.num_workers, rollout.num_cpus_per_worker, rollout.num_gpus_per_worker",
+                      "rollout.num_workers, rollout.schedule, rollout.num_cpus_per_worker, rollout.num_gpus_per_worker",
                       "rollout.num_gpus_per_worker"))
     return roles
 

@@ -3,7 +3,8 @@
 - `generate` splits the prompts into contiguous, balanced shards (one per worker) and returns the
   rollouts in prompt order. If a worker dies mid-call, its shard is split over the surviving workers and
   the dead worker is restarted in its placement-group bundle with the current weights: every prompt is
-  answered exactly once.
+  answered exactly once. `submit` starts the same call and returns at once (`GenerateCall.result()`
+  collects it), so that the workers sample while the driver waits on learners.
 - `sync` / `sync_from` move new weights to every worker through a WeightSync strategy; the pool keeps the
   last payload so that workers that join (resize) or restart get the current weights and version.
 """
@@ -53,6 +54,77 @@ class RolloutWorkerSpec:
         return {**kwargs, "worker_index": worker_index}
 
 
+class GenerateCall:
+    """One `RolloutPool.submit`: the prompts' shards are with the workers; `result()` waits for them.
+
+    If a worker dies, its shard is split over the surviving workers and the dead worker is restarted in its
+    placement-group bundle with the current weights: every prompt is answered exactly once. `stats` holds
+    the call's throughput once it is collected."""
+
+    def __init__(self, pool: RolloutPool, prompts: Sequence[str], n: int, seed: int | None):
+        self.pool, self.prompts, self.n, self.seed = pool, list(prompts), n, seed
+        self.num_workers = pool.num_workers
+        self.stats: dict[str, float] = {}
+        self._started = time.perf_counter()
+        self._in_flight: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, list[int]]] = {}
+        for worker, shard in enumerate(assign_shards(len(self.prompts), self.num_workers)):
+            self._submit(worker, shard)
+
+    def _submit(self, worker: int, indices: list[int]) -> None:
+        if indices:
+            handle = self.pool.group.actors[worker]
+            ref = handle.generate.remote([self.prompts[i] for i in indices], indices, self.n, self.seed)
+            self._in_flight[ref] = (worker, handle, indices)
+
+    def result(self) -> list[Rollout]:
+        pool, prompts, n = self.pool, self.prompts, self.n
+        answered: dict[int, list[Rollout]] = {}
+        restarted: set[int] = set()
+        failures = 0
+        try:
+            # Samples, not prompts: a shard retried after a worker's death counts once, when it is answered.
+            with Progress("generate", total=n * len(prompts), unit="samples") as progress:
+                while self._in_flight:
+                    [ref], _ = ray.wait(list(self._in_flight), num_returns=1)
+                    worker, handle, indices = self._in_flight.pop(ref)
+                    try:
+                        rollouts = ray.get(ref)
+                    except ray.exceptions.RayActorError as error:
+                        failures += 1
+                        if failures > pool.max_worker_failures:
+                            raise RuntimeError(f"rollout pool: {failures} worker failures in one generate call") from error
+                        if pool.group.actors[worker] == handle:  # not restarted yet by an earlier failure
+                            pool._restart(worker)
+                            restarted.add(worker)
+                        # Restarted workers are still starting their engines; survivors take the shard if any.
+                        survivors = [w for w in range(pool.num_workers) if w not in restarted] or list(restarted)
+                        for survivor, part in zip(survivors, assign_shards(len(indices), len(survivors))):
+                            self._submit(survivor, [indices[i] for i in part])
+                        continue
+                    for rollout in rollouts:
+                        answered.setdefault(rollout.prompt_index, []).append(rollout)
+                    progress.update(len(rollouts))
+        finally:
+            pool._open_call = None
+
+        result = [rollout for index in range(len(prompts)) for rollout in answered.get(index, [])]
+        if len(result) != n * len(prompts) or len(answered) != len(prompts):
+            raise RuntimeError(f"rollout pool: expected {n} rollouts for each of {len(prompts)} prompts, "
+                               f"got {len(result)} for {len(answered)} prompts")
+        # From submission to collection: for a call collected after other work, a lower bound on the rate.
+        elapsed = time.perf_counter() - self._started
+        tokens = sum(len(r.response_token_ids) for r in result)
+        self.stats = {
+            "rollout/tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "rollout/tokens": float(tokens),
+            "rollout/samples": float(len(result)),
+            "rollout/num_workers": float(self.num_workers),
+            "rollout/worker_failures": float(failures),
+        }
+        pool._last_stats = self.stats
+        return result
+
+
 class RolloutPool:
     def __init__(
         self,
@@ -85,6 +157,7 @@ class RolloutPool:
         self._published: tuple[WeightSync, Any] | None = None
         self._pending_loads: list[ray.ObjectRef] = []
         self._last_stats: dict[str, float] = {}
+        self._open_call: GenerateCall | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, policy_path: str, *, name_prefix: str = "rollout",
@@ -96,7 +169,8 @@ class RolloutPool:
             seed=cfg.seed, max_model_len=rollout.max_model_len, dtype=cfg.rollout_dtype,
             engine_kwargs=dict(rollout.engine_kwargs),
         )
-        options = {"root": Path(cfg.run_dir).resolve() / "rollout_weights"} if rollout.weight_sync == "disk" else {}
+        options = ({"root": Path(cfg.run_dir).resolve() / "rollout_weights"} if rollout.weight_sync == "disk"
+                   else {"bucket_bytes": rollout.sync_bucket_mb * 2**20})
         return cls(
             spec, rollout.num_workers, num_cpus_per_worker=rollout.num_cpus_per_worker,
             num_gpus_per_worker=rollout.num_gpus_per_worker,
@@ -126,11 +200,13 @@ class RolloutPool:
         ray.get(pending)
 
     def versions(self) -> list[int]:
+        self._refuse_while_open("versions")
         self._settle_pending_loads()
         return self.group.call("policy_version")
 
     def resize(self, num_workers: int) -> None:
         """Grow or shrink the pool between rounds; new workers get the current weights and version."""
+        self._refuse_while_open("resize")
         self._settle_pending_loads()
         added = self.group.resize(num_workers)
         if added and self._published is not None:
@@ -148,58 +224,20 @@ class RolloutPool:
 
     def generate(self, prompts: Sequence[str], n: int, seed: int | None = None) -> list[Rollout]:
         """`n` rollouts per prompt, in prompt order (prompt_index = position in `prompts`)."""
+        return self.submit(prompts, n, seed).result()
+
+    def submit(self, prompts: Sequence[str], n: int, seed: int | None = None) -> GenerateCall:
+        """Start a `generate` call: the workers sample while the caller does other work (the asynchronous
+        game trains meanwhile); `result()` collects it. One call is open at a time, and the pool takes no
+        other command (sync, resize) until it is collected: its workers' weights and number stay as they were."""
+        self._refuse_while_open("submit")
         self._settle_pending_loads()
-        started = time.perf_counter()
-        answered: dict[int, list[Rollout]] = {}
-        in_flight: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, list[int]]] = {}
-        restarted: set[int] = set()
-        failures = 0
+        self._open_call = GenerateCall(self, prompts, n, seed)
+        return self._open_call
 
-        def submit(worker: int, indices: list[int]) -> None:
-            if indices:
-                handle = self.group.actors[worker]
-                ref = handle.generate.remote([prompts[i] for i in indices], indices, n, seed)
-                in_flight[ref] = (worker, handle, indices)
-
-        for worker, shard in enumerate(assign_shards(len(prompts), self.num_workers)):
-            submit(worker, shard)
-        # Samples, not prompts: a shard retried after a worker's death counts once, when it is answered.
-        with Progress("generate", total=n * len(prompts), unit="samples") as progress:
-            while in_flight:
-                [ref], _ = ray.wait(list(in_flight), num_returns=1)
-                worker, handle, indices = in_flight.pop(ref)
-                try:
-                    rollouts = ray.get(ref)
-                except ray.exceptions.RayActorError as error:
-                    failures += 1
-                    if failures > self.max_worker_failures:
-                        raise RuntimeError(f"rollout pool: {failures} worker failures in one generate call") from error
-                    if self.group.actors[worker] == handle:  # not restarted yet by an earlier failure
-                        self._restart(worker)
-                        restarted.add(worker)
-                    # Restarted workers are still starting their engines; survivors take the shard if any.
-                    survivors = [w for w in range(self.num_workers) if w not in restarted] or list(restarted)
-                    for survivor, part in zip(survivors, assign_shards(len(indices), len(survivors))):
-                        submit(survivor, [indices[i] for i in part])
-                    continue
-                for rollout in rollouts:
-                    answered.setdefault(rollout.prompt_index, []).append(rollout)
-                progress.update(len(rollouts))
-
-        result = [rollout for index in range(len(prompts)) for rollout in answered.get(index, [])]
-        if len(result) != n * len(prompts) or len(answered) != len(prompts):
-            raise RuntimeError(f"rollout pool: expected {n} rollouts for each of {len(prompts)} prompts, "
-                               f"got {len(result)} for {len(answered)} prompts")
-        elapsed = time.perf_counter() - started
-        tokens = sum(len(r.response_token_ids) for r in result)
-        self._last_stats = {
-            "rollout/tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-            "rollout/tokens": float(tokens),
-            "rollout/samples": float(len(result)),
-            "rollout/workers": float(self.num_workers),
-            "rollout/worker_failures": float(failures),
-        }
-        return result
+    def _refuse_while_open(self, command: str) -> None:
+        if self._open_call is not None:
+            raise RuntimeError(f"rollout pool: {command} while a generate call is open; collect its result() first")
 
     def last_stats(self) -> dict[str, float]:
         """Throughput of the last `generate` call (rollout/tokens_per_s, ...)."""
@@ -220,6 +258,7 @@ class RolloutPool:
         return self._sync(strategy, lambda: strategy.publish_from(learner, version), version)
 
     def _sync(self, strategy: WeightSync, publish: Callable[[], Any], version: int) -> dict[str, float]:
+        self._refuse_while_open("sync")
         self._settle_pending_loads()
         started = time.perf_counter()
         payload = publish()

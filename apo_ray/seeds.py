@@ -7,8 +7,8 @@ from enum import IntEnum
 
 
 class SeedStream(IntEnum):
-    GOLD = 0  # samples for the gold prompts (the RM step's APO pairs)
-    POLICY = 1  # samples for the policy prompts (the policy step)
+    # 0 was the gold prompts' samples, which now come from the round's one call (apo_ray/round_samples.py).
+    POLICY = 1  # the round's samples: its policy prompts, then the gold prompts when its RM step is due
     EVAL = 2  # evaluation samples: the same every round, so rounds compare like with like
     RM = 3  # the RM step's minibatch order
     POLICY_STEP = 4  # the policy step's minibatch order

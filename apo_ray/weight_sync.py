@@ -1,12 +1,14 @@
 """Moving the policy learner's weights to the rollout workers: one interface, three strategies.
 
-- ``object_store``: the learner's state dict goes into Ray's object store once; every worker pulls that
-  one object (no per-worker copy is sent) and reloads its engine in place. Works on any device.
+- ``object_store``: the learner packs its weights into flat buckets of ``rollout.sync_bucket_mb``
+  (apo_ray/named_tensors.py) and each bucket goes into Ray's object store once; every worker reads those
+  objects (no per-worker copy is sent; on the learner's node a worker reads shared memory) and reloads its
+  engine in place from views of them. Works on any device.
 - ``disk``: the learner saves an HF checkpoint directory; every worker reloads from it in place. The
   directory must be visible to all workers (one node, or a shared filesystem).
 - ``nccl``: vLLM's weight-transfer API (``WeightTransferConfig(backend="nccl")``): the learner broadcasts
-  its GPU tensors straight into the vLLM engines. GPU only; selecting it on a CPU-only cluster fails at
-  once, before any actor starts.
+  its GPU tensors straight into the vLLM engines, packed into buffers of ``rollout.sync_bucket_mb`` (vLLM's
+  packed broadcast). GPU only; selecting it on a CPU-only cluster fails at once, before any actor starts.
 
 A strategy splits a sync in two so that the pool can replay it: ``publish`` (once per version, whatever
 the number of workers) and ``apply`` (per worker; also used for workers that join or restart later).
@@ -26,7 +28,11 @@ from typing import Any, ClassVar
 import ray
 import torch
 
-from apo_ray.named_tensors import NamedTensors, as_named_tensors, checkpoint_files, write_checkpoint_dir
+from apo_ray.named_tensors import NamedTensors, as_named_tensors, checkpoint_files, pack_buckets, write_checkpoint_dir
+
+# rollout.sync_bucket_mb's default: a 0.5B-parameter bf16 policy moves in 4 buckets; the learner holds one
+# bucket beside its weights while it packs.
+DEFAULT_BUCKET_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class SyncStats:
@@ -72,21 +78,26 @@ class WeightSync(ABC):
 
 
 class ObjectStoreSync(WeightSync):
+    """The payload is the list of the buckets' object refs; the driver holds only the refs."""
+
     name = "object_store"
-    learner_method = "state_dict"
+    learner_method = "weight_buckets"
 
-    def publish(self, weights: NamedTensors | ray.ObjectRef, version: int) -> ray.ObjectRef:
+    def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+        self.bucket_bytes = bucket_bytes
+
+    def publish(self, weights: NamedTensors | ray.ObjectRef, version: int) -> list[ray.ObjectRef]:
         if isinstance(weights, ray.ObjectRef):
-            return weights
-        return ray.put(as_named_tensors(weights))
+            weights = ray.get(weights)
+        return [ray.put(bucket) for bucket in pack_buckets(weights, self.bucket_bytes)]
 
-    def publish_from(self, learner: ray.actor.ActorHandle, version: int) -> ray.ObjectRef:
-        # The learner's return value lands in the object store; the driver only holds the ref.
-        return getattr(learner, self.learner_method).remote()
+    def publish_from(self, learner: ray.actor.ActorHandle, version: int) -> list[ray.ObjectRef]:
+        # A generator method: each bucket the learner yields is an object of its own, owned by this driver.
+        return list(getattr(learner, self.learner_method).remote(self.bucket_bytes))
 
-    def apply(self, workers, payload: ray.ObjectRef, version: int) -> list[ray.ObjectRef]:
-        # A top-level ref argument is resolved by Ray on each worker: all of them read the same object.
-        return [worker.load_weights.remote(payload, version) for worker in workers]
+    def apply(self, workers, payload: list[ray.ObjectRef], version: int) -> list[ray.ObjectRef]:
+        # Top-level ref arguments are resolved by Ray on each worker: all of them read the same objects.
+        return [worker.load_weight_buckets.remote(version, *payload) for worker in workers]
 
 
 class DiskSync(WeightSync):
@@ -141,7 +152,7 @@ def require_gpu_cluster(strategy: str) -> None:
 class NcclSync(WeightSync):
     """vLLM's NCCL weight transfer: the learner (rank 0) broadcasts into every worker's engine.
 
-    The learner actor offers ``send_weights_nccl(workers) -> bytes`` (PolicyLearner, through
+    The learner actor offers ``send_weights_nccl(workers, bucket_bytes) -> bytes`` (PolicyLearner, through
     actors/nccl.py). Weights never pass through the driver, so there is nothing to publish: the payload
     is the learner.
     """
@@ -149,8 +160,9 @@ class NcclSync(WeightSync):
     name = "nccl"
     learner_method = "send_weights_nccl"
 
-    def __init__(self) -> None:
+    def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         require_gpu_cluster(self.name)
+        self.bucket_bytes = bucket_bytes
 
     def engine_kwargs(self) -> dict[str, Any]:
         return {"weight_transfer_config": {"backend": "nccl"}}
@@ -162,7 +174,7 @@ class NcclSync(WeightSync):
         return learner
 
     def apply(self, workers, payload: ray.actor.ActorHandle, version: int) -> list[ray.ObjectRef]:
-        sent = getattr(payload, self.learner_method).remote(list(workers))
+        sent = getattr(payload, self.learner_method).remote(list(workers), self.bucket_bytes)
         # Passing `sent` as an argument makes each version bump wait until the broadcast has landed.
         return [worker.set_policy_version.remote(version, sent) for worker in workers]
 

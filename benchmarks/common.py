@@ -181,6 +181,20 @@ def ratio_summary(numerators: Sequence[float], denominators: Sequence[float]) ->
             "per_repeat": [round(r, 4) for r in ratios]}
 
 
+def mean_ci(values: list[float]) -> dict[str, float]:
+    """Mean, standard error and a 95% t-interval over seeds."""
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return {"mean": mean, "stderr": math.nan, "lo": math.nan, "hi": math.nan, "n": len(x)}
+    stderr = float(x.std(ddof=1) / math.sqrt(len(x)))
+    half = float(stats.t.ppf(0.975, len(x) - 1)) * stderr
+    return {"mean": mean, "stderr": stderr, "lo": mean - half, "hi": mean + half, "n": len(x)}
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

@@ -59,28 +59,42 @@ class LocalHandle:
         return types.SimpleNamespace(remote=getattr(self._obj, name))
 
 
+class LocalCall:
+    """A GenerateCall over one in-process RolloutWorker: it samples when collected."""
+
+    def __init__(self, worker: Any, prompts: list[str], n: int, seed: int | None):
+        self.worker, self.prompts, self.n, self.seed = worker, list(prompts), n, seed
+        self.stats: dict[str, float] = {}
+
+    def result(self) -> list[Any]:
+        started = time.perf_counter()
+        rollouts = self.worker.generate(self.prompts, list(range(len(self.prompts))), self.n, self.seed)
+        elapsed = time.perf_counter() - started
+        tokens = sum(len(r.response_token_ids) for r in rollouts)
+        self.stats = {"rollout/tokens_per_s": tokens / elapsed, "rollout/tokens": float(tokens),
+                      "rollout/samples": float(len(rollouts)), "rollout/num_workers": 1.0}
+        return rollouts
+
+
 class LocalPool:
     """The part of RolloutPool the driver uses, over one RolloutWorker object."""
 
+    num_workers = 1
+
     def __init__(self, worker: Any):
         self.worker = worker
-        self._last_stats: dict[str, float] = {}
+
+    def submit(self, prompts: list[str], n: int, seed: int | None = None) -> LocalCall:
+        return LocalCall(self.worker, prompts, n, seed)
 
     def generate(self, prompts: list[str], n: int, seed: int | None = None) -> list[Any]:
-        started = time.perf_counter()
-        rollouts = self.worker.generate(list(prompts), list(range(len(prompts))), n, seed)
-        elapsed = time.perf_counter() - started
-        tokens = sum(len(r.response_token_ids) for r in rollouts)
-        self._last_stats = {"rollout/tokens_per_s": tokens / elapsed, "rollout/tokens": float(tokens),
-                            "rollout/samples": float(len(rollouts)), "rollout/workers": 1.0}
-        return rollouts
-
-    def last_stats(self) -> dict[str, float]:
-        return dict(self._last_stats)
+        return self.submit(prompts, n, seed).result()
 
     def sync_from(self, learner: LocalHandle, version: int) -> dict[str, float]:
+        from apo_ray.weight_sync import DEFAULT_BUCKET_BYTES
+
         started = time.perf_counter()
-        loaded = self.worker.load_weights(learner.state_dict.remote(), version)
+        loaded = self.worker.load_weight_buckets(version, *learner.weight_buckets.remote(DEFAULT_BUCKET_BYTES))
         return {"timing/sync": time.perf_counter() - started, "sync/bytes": float(loaded), "sync/workers": 1.0}
 
 

@@ -34,6 +34,8 @@ CHECKS = (
     ("vllm/distributed/weight_transfer/nccl_engine.py", r"def trainer_init\(\s*cls,\s*init_info[^)]*client[^)]*source",
      "trainer_init(init_info, client=, source=)"),
     ("vllm/distributed/weight_transfer/nccl_engine.py", r"class NCCLTrainerInitInfo", "NCCLTrainerInitInfo"),
+    ("vllm/distributed/weight_transfer/nccl_engine.py", r"packed_buffer_size_bytes: int",
+     "NCCLTrainerInitInfo(packed=, packed_buffer_size_bytes=): the bucketed NCCL sync (rollout.sync_bucket_mb)"),
 )
 OUT = Path(__file__).resolve().parent / "results" / "install" / "vllm_api_range.md"
 

@@ -251,9 +251,11 @@ def online_actors(ray_cluster, tmp_path_factory):
 
 
 def play(
-    online_actors, run_dir: Path, *overrides: str, without_critic: bool = False, first_round: int = 0
+    online_actors, run_dir: Path, *overrides: str, without_critic: bool = False, first_round: int = 0,
+    log=lambda line: None, watch=lambda game: None,
 ) -> list[dict]:
-    """Run an online game (from iteration `first_round`) on the shared actors; return its metrics rows."""
+    """Run an online game (from iteration `first_round`) on the shared actors; return its metrics rows.
+    `log` gets the game's log lines; `watch(game)` runs before the game starts."""
     from apo_ray.metrics import MetricsLogger, read_metrics_jsonl
 
     prepared, actors = online_actors
@@ -261,9 +263,9 @@ def play(
         actors = dataclasses.replace(actors, critic=None)
     cfg = load_config(None, [*SMALL_RUN, f"run_dir={run_dir}", *overrides])
     with MetricsLogger(run_dir, tensorboard=False, ray_metrics=False) as logger:
-        game = APOGame(cfg, prepared.data, actors, logger, Checkpointer(run_dir), prepared.oracle,
-                             log=lambda line: None)
+        game = APOGame(cfg, prepared.data, actors, logger, Checkpointer(run_dir), prepared.oracle, log=log)
         game.version = actors.pool.version  # the workers' weights version, as on a resumed run
+        watch(game)
         game.run(first_round)
     return read_metrics_jsonl(run_dir / "metrics.jsonl")
 
@@ -321,3 +323,67 @@ def test_critic_free_methods_run_without_a_critic_actor(online_actors, tmp_path,
     assert last["step"] == 1 and "policy/clipfrac" in last and "eval/gold_score" in last
     assert "critic/loss" not in last and "rm/loss_apo" not in last
     assert ("policy/kl_loss" in last) == (method == "grpo")
+
+
+def sampler_logprob_gap(rollouts, policy_dir: str) -> float:
+    """Mean per-token |sampler - policy| log-prob of the rollouts' tokens under the policy saved at `policy_dir`
+    (the real PolicyLearner, in-process)."""
+    from apo_ray.ppo import logprob_mismatch
+
+    learner = PolicyLearner(policy_dir, model=MODEL, policy=PolicyConfig(), learner=TORCH)
+    logps, mask = learner.token_logprobs([x.tokens for x in rollouts])
+    return logprob_mismatch(APOGame.sampler_grid(rollouts, logps.shape[1]), logps, mask)["rollout/logprob_diff"]
+
+
+@pytest.mark.integration
+def test_async_grpo_samples_one_version_behind_while_the_pool_grows_and_shrinks(online_actors, tmp_path):
+    """ppo.async_rollouts: round r trains on samples made with the weights of round r-2 (lag 1 from round 2);
+    every rollout carries the version whose checkpoint reproduces its sampler log-probs. Meanwhile
+    rollout.schedule grows the pool to 2 workers for round 2, and an `apo-ray resize` request made as round 2
+    starts shrinks it back for round 3; every prompt is answered once throughout."""
+    from apo_ray.pool_size import REQUEST_FILE, write_resize_request
+
+    pool = online_actors[1].pool
+    pool.sync_from(online_actors[1].policy, 0)  # the game starts from version 0
+    lines, taken = [], {}
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if line == "[round 2/3] generate":
+            write_resize_request(tmp_path, 1)
+
+    def watch(game) -> None:
+        take = game.sampler.take
+
+        def recording_take(r, stats):
+            taken[r] = (take(r, stats), game.policy_step.prompts(r))
+            return taken[r][0]
+
+        game.sampler.take = recording_take
+
+    rows = play(online_actors, tmp_path, "method=grpo", "apo=true", "rounds=3", "ppo.async_rollouts=true",
+                "rollout.schedule={2: 2}", without_critic=True, log=log, watch=watch)
+    assert [row.get("rollout/policy_version_lag") for row in rows] == [None, 0, 1, 1]
+    assert [row["rollout/num_workers"] for row in rows] == [1, 1, 2, 1]
+    # Asynchronous: round r's samples are asked for during round r-1, and the pool is sized for them then.
+    assert lines.index("  rollout pool: 1 -> 2 workers for round 2's samples (rollout.schedule)") < \
+        lines.index("[round 1/3] rm_step")
+    assert lines.index("  rollout pool: 2 -> 1 workers for round 3's samples (apo-ray resize request)") < \
+        lines.index("[round 2/3] rm_step")
+    assert not (tmp_path / REQUEST_FILE).exists() and pool.num_workers == 1
+
+    prepared, samples_per_prompt = online_actors[0], 2
+    gold_prompts = [g.prompt for g in prepared.data.gold]
+    checkpoints = tmp_path / "checkpoints"
+    for r, sampled_by in [(1, 0), (2, 0), (3, 1)]:
+        samples, policy_prompts = taken[r]
+        assert [x.prompt for x in samples.policy] == [p for p in policy_prompts for _ in range(samples_per_prompt)]
+        assert [x.prompt for x in samples.gold] == [p for p in gold_prompts for _ in range(samples_per_prompt)]
+        everything = samples.policy + samples.gold
+        assert {x.policy_version for x in everything} == {sampled_by}
+        assert {x.worker for x in everything} == ({0, 1} if r == 2 else {0})
+        # The version a rollout names is the one that sampled it: that round's policy checkpoint gives its
+        # sampler log-probs back (fp32 both sides), the next round's does not.
+        own = sampler_logprob_gap(everything, str(checkpoints / f"round_{sampled_by:04d}" / "policy"))
+        later = sampler_logprob_gap(everything, str(checkpoints / f"round_{sampled_by + 1:04d}" / "policy"))
+        assert own < 1e-4 < later, (r, own, later)

@@ -62,7 +62,8 @@ def check_sync_round_trip(workers, sync, model_dir: str, tmp_path) -> None:
     assert {r.policy_version for rollouts in before for r in rollouts} == {0}
 
     first = learner_copy(model_dir, seed=1)
-    stats = sync(ObjectStoreSync(), first.state_dict(), 1)
+    # 1 MiB buckets: the tied 15 MiB embedding alone in one, the other tensors packed into a few more.
+    stats = sync(ObjectStoreSync(bucket_bytes=1 << 20), first.state_dict(), 1)
     assert stats["sync/bytes"] >= sum(p.numel() * 4 for p in first.parameters()) and stats["timing/sync"] > 0
     assert ray.get([w.weights_checksum.remote() for w in workers]) == pytest.approx(
         [checksum(first)] * len(workers), rel=1e-9)
@@ -114,7 +115,7 @@ def test_every_weight_sync_calls_a_method_of_the_real_policy_learner(strategy):
 
     method = getattr(PolicyLearner, WEIGHT_SYNCS[strategy].learner_method, None)
     assert callable(method), f"PolicyLearner has no {WEIGHT_SYNCS[strategy].learner_method}"
-    takes = {"object_store": [], "disk": ["directory"], "nccl": ["workers"]}[strategy]
+    takes = {"object_store": ["bucket_bytes"], "disk": ["directory"], "nccl": ["workers", "bucket_bytes"]}[strategy]
     # Ray's tracing adds a _ray_trace_ctx keyword to the methods of a class once it has been made an actor.
     params = [name for name in inspect.signature(method).parameters if not name.startswith("_ray")]
     assert params[1:] == takes
@@ -224,7 +225,7 @@ def test_pool_syncs_from_a_learner_actor(hf_pool, tiny_lm_dir, tmp_path):
     learner, expected = trained_policy_learner(tiny_lm_dir)
     assert expected != pytest.approx(ray.get(hf_pool.workers[0].weights_checksum.remote()))
     disk = DiskSync(root=tmp_path)
-    for strategy in (disk, ObjectStoreSync()):
+    for strategy in (disk, ObjectStoreSync(bucket_bytes=1 << 20)):
         version = hf_pool.version + 1
         hf_pool.sync_from(learner, version, weight_sync=strategy)
         assert hf_pool.versions() == [version, version]
@@ -272,6 +273,20 @@ def test_nccl_sync_from_the_real_policy_learner(ray_cluster, tiny_lm_dir):
     finally:
         pool.shutdown()
         ray.kill(learner)
+
+
+@pytest.mark.integration
+def test_a_submitted_call_holds_the_pool_until_it_is_collected(hf_pool):
+    """The asynchronous game's contract: while a call samples, the pool takes no sync, resize or other call,
+    so the rollouts carry the weights the workers held when it was submitted."""
+    call = hf_pool.submit(PROMPTS, n=1)
+    for command in (lambda: hf_pool.resize(1), hf_pool.versions, lambda: hf_pool.submit(PROMPTS, n=1),
+                    lambda: hf_pool.sync({}, hf_pool.version + 1)):
+        with pytest.raises(RuntimeError, match="while a generate call is open"):
+            command()
+    rollouts = call.result()
+    assert [r.prompt_index for r in rollouts] == [0, 1, 2, 3] and call.stats["rollout/num_workers"] == 2
+    assert {r.policy_version for r in rollouts} == {hf_pool.version} and hf_pool.versions() == [hf_pool.version] * 2
 
 
 @pytest.mark.integration

@@ -1,0 +1,84 @@
+"""Bucketed weight sync (apo_ray/named_tensors.py): the layout of the flat buckets, and a round trip of the
+real PolicyLearner's exported weights, dtypes and tied weights included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apo_ray.actors.policy import PolicyLearner
+from apo_ray.builtin.models import make_policy_model, make_tokenizer
+from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
+from apo_ray.named_tensors import BUCKET_ALIGNMENT, pack_buckets, unpack_bucket
+
+
+def layout(buckets) -> list[list[tuple[tuple[str, ...], int, int]]]:
+    return [[(t.names, t.offset, t.nbytes) for t in bucket.tensors] for bucket in buckets]
+
+
+def test_buckets_fill_greedily_at_aligned_offsets_and_an_oversized_tensor_gets_its_own():
+    assert BUCKET_ALIGNMENT == 64
+    embedding = torch.zeros(10, 3)  # 120 bytes
+    weights = [("embed", embedding), ("norm", torch.zeros(4)), ("bias", torch.zeros(2, dtype=torch.float64)),
+               ("head", embedding), ("big", torch.zeros(100)), ("last", torch.zeros(1, dtype=torch.int8))]
+    buckets = list(pack_buckets(weights, bucket_bytes=192))
+    # embed (and its alias head) at 0..120; norm at 128..144 fits; bias would take 192..208, past 192: a new
+    # bucket; big would end at 64 + 400 behind bias and exceeds a bucket anyway: one of its own; last would
+    # start at 448: a fourth.
+    assert layout(buckets) == [
+        [(("embed", "head"), 0, 120), (("norm",), 128, 16)],
+        [(("bias",), 0, 16)],
+        [(("big",), 0, 400)],
+        [(("last",), 0, 1)],
+    ]
+    assert [b.nbytes for b in buckets] == [144, 16, 400, 1]
+
+
+def test_unpacked_tensors_equal_the_packed_ones_whatever_their_dtype_shape_or_layout():
+    generator = torch.Generator().manual_seed(0)
+    tied = torch.randn(5, 3, generator=generator)
+    weights = {
+        "embed.weight": tied,
+        "lm_head.weight": tied,
+        "ids": torch.arange(7, dtype=torch.int64),
+        "half": torch.randn(4, 6, generator=generator).bfloat16(),
+        "transposed": torch.randn(3, 4, generator=generator).t(),  # not contiguous
+        "flag": torch.tensor(True),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.empty(0, 4),
+    }
+    for bucket_bytes in (1, 100, 1 << 20):
+        unpacked = dict(pair for bucket in pack_buckets(weights, bucket_bytes) for pair in unpack_bucket(bucket))
+        assert list(unpacked) == list(weights)
+        for name, tensor in weights.items():
+            assert unpacked[name].dtype == tensor.dtype and unpacked[name].shape == tensor.shape, name
+            assert torch.equal(unpacked[name], tensor), name
+        # Tied names stay one tensor, as the learner exports them.
+        assert unpacked["lm_head.weight"].data_ptr() == unpacked["embed.weight"].data_ptr()
+
+
+def test_bad_bucket_sizes_and_dtypes_are_refused():
+    with pytest.raises(ValueError, match="bucket_bytes: must be >= 1"):
+        list(pack_buckets({"w": torch.zeros(1)}, 0))
+    (bucket,) = pack_buckets({"w": torch.zeros(1)}, 64)
+    broken = type(bucket)((type(bucket.tensors[0])(("w",), (1,), "float99", 0, 4),), bucket.buffer)
+    with pytest.raises(ValueError, match="'w' has unknown dtype 'float99'"):
+        unpack_bucket(broken)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_policy_learners_buckets_hold_its_exact_weights(tmp_path, dtype):
+    """What the object-store sync moves is what the real learner exports (its full_state_dict), bit for bit."""
+    policy_dir = str(make_policy_model(tmp_path / "policy", make_tokenizer()))
+    learner = PolicyLearner(policy_dir, model=ModelConfig(dtype=dtype), policy=PolicyConfig(),
+                            learner=LearnerConfig(backend="torch"))
+    exported = learner.state_dict()
+    assert exported["lm_head.weight"] is exported["model.embed_tokens.weight"]  # the builtin policy is tied
+    buckets = list(learner.weight_buckets(bucket_bytes=4096))
+    assert len(buckets) > 1
+    unpacked = dict(pair for bucket in buckets for pair in unpack_bucket(bucket))
+    assert sorted(unpacked) == sorted(exported)
+    for name, tensor in exported.items():
+        assert unpacked[name].dtype == getattr(torch, dtype) == tensor.dtype, name
+        assert torch.equal(unpacked[name], tensor), name
+    assert unpacked["lm_head.weight"].data_ptr() == unpacked["model.embed_tokens.weight"].data_ptr()
