@@ -291,6 +291,18 @@ def _serve(conn: Any, factory: Callable[..., Any], args: tuple, kwargs: dict) ->
 # ---------------------------------------------------------------------------------------------- output
 
 
+def mean_ci(values: Sequence[float]) -> dict[str, float]:
+    """Mean, standard error and a 95% t-interval over seeds (NaN spread for one value)."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "stderr": math.nan, "lo": math.nan, "hi": math.nan, "n": len(values)}
+    stderr = statistics.stdev(values) / math.sqrt(len(values))
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * stderr
+    return {"mean": mean, "stderr": stderr, "lo": mean - half, "hi": mean + half, "n": len(values)}
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"

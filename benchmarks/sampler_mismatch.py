@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from apo_ray.logs import configure_logging
-from benchmarks.common import REPO_ROOT, BenchmarkRun, base_parser, start_ray_with_retries
+from benchmarks.common import REPO_ROOT, BenchmarkRun, base_parser, mean_ci, start_ray_with_retries
 
 ARMS = {
     "fp32 sampler": [],
@@ -28,19 +28,6 @@ ARMS = {
 }
 PER_ITERATION = ("rollout/logprob_diff", "rollout/logprob_diff_max", "policy/tis_weight_mean",
                  "policy/tis_clipped_fraction")
-
-
-def mean_ci(values: list[float]) -> dict[str, float]:
-    """Mean, standard error and a 95% t-interval over seeds."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=float)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return {"mean": mean, "stderr": math.nan, "lo": math.nan, "hi": math.nan, "n": len(x)}
-    stderr = float(x.std(ddof=1) / math.sqrt(len(x)))
-    half = float(stats.t.ppf(0.975, len(x) - 1)) * stderr
-    return {"mean": mean, "stderr": stderr, "lo": mean - half, "hi": mean + half, "n": len(x)}
 
 
 def play(arm: str, seed: int, iterations: int, run: BenchmarkRun) -> dict[str, Any]:
