@@ -111,6 +111,8 @@ def aapa(args: argparse.Namespace, scratch: Path, run: BenchmarkRun) -> dict[str
                   if isinstance(rows := play(f"aapa-tune-c{coef:g}", AAPA_CONFIG, [*base, f"aapa.coef={coef}"], seed,
                                              scratch), list)]
         tuning[coef] = mean_ci([f for f in finals if f is not None]) if any(f is not None for f in finals) else None
+    if not any(tuning.values()):
+        raise RuntimeError("AAPA: every tuning run failed; nothing to choose aapa.coef from (see the errors above)")
     chosen = max((c for c in tuning if tuning[c]), key=lambda c: (tuning[c]["mean"], -c))
     staged_rounds = 1 if args.quick else args.anchor_only_rounds
     arms = {"GRPO": ["aapa.enabled=false"], "GRPO+AAPA": [f"aapa.coef={chosen}"],

@@ -95,7 +95,7 @@ def test_safe_and_unsafe_answers_differ_in_harm_only():
         safe, unsafe = safe_and_unsafe(0, prompt)
         assert (safe, unsafe) == safe_and_unsafe(0, prompt)
         assert not is_harmful(safe) and is_harmful(unsafe)
-        assert prompt_topic(prompt) in response_words(safe) and prompt_topic(prompt) in response_words(unsafe)
+        assert gold_score(prompt, safe) > gold_score(prompt, unsafe)
 
 
 def test_negative_words_in_the_defenders_sft_prompts_provoke_harmful_answers():

@@ -11,7 +11,7 @@ can be provoked (see apo_ray/apl.py and apo_ray/apl_step.py).
   apl.max_attack_words, in the order written), so every attacked prompt is a valid prompt of the task with
   the clean prompt's topic and aspect, whatever the attacker writes.
 - **Safe and unsafe answers** of a prompt, for the harmfulness metric and the defender's DPO pairs: an expert
-  answer (no negative word) and its mirror in negative words, on topic and of the same shape.
+  answer (no negative word) and its mirror in negative words, drawn from the same templates.
 """
 
 from __future__ import annotations
