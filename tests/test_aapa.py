@@ -83,6 +83,37 @@ def test_aapa_config_keys(caplog):
         load_config(config, ["apl.enabled=true", "method=dpo"])
 
 
+def test_the_discriminator_fits_once_tells_expert_from_policy_and_is_frozen(tmp_path):
+    """The actor class itself, in-process on the torch engine: the fit separates the two sets, then refuses
+    to run again; the saved discriminator reloads frozen with the same scores."""
+    from apo_ray.actors.discriminator import Discriminator
+    from apo_ray.builtin.models import make_reward_model, make_tokenizer
+    from apo_ray.builtin.oracle import TOPICS, format_prompt
+    from apo_ray.config import AAPAConfig, LearnerConfig
+    from apo_ray.game import GoldAnswer
+
+    make_reward_model(tmp_path / "rm", make_tokenizer())
+    prompts = [format_prompt(topic, "rain") for topic in TOPICS[:8]]
+    expert = [GoldAnswer(p, "the place is calm and bright") for p in prompts]
+    policy = [GoldAnswer(p, "the place is grim and dull") for p in prompts]
+    disc = Discriminator(str(tmp_path / "rm"), aapa=AAPAConfig(lr=3e-3, batch_size=16),
+                         learner=LearnerConfig(backend="torch", grad_clip=0.0))
+    stats = disc.fit(expert, policy, epochs=12, seed=0)
+    assert stats["aapa/steps"] == 12.0
+    expert_logits = disc.score(prompts, [x.response for x in expert])
+    policy_logits = disc.score(prompts, [x.response for x in policy])
+    assert min(expert_logits) > 0 > max(policy_logits)
+    with pytest.raises(RuntimeError, match="frozen"):
+        disc.fit(expert, policy, epochs=1, seed=0)
+    assert not any(p.requires_grad for p in disc.model.parameters())
+    disc.save(str(tmp_path / "saved"))
+    reloaded = Discriminator(str(tmp_path / "rm"), aapa=AAPAConfig(), learner=LearnerConfig(backend="torch"))
+    reloaded.load_frozen(str(tmp_path / "saved"))
+    assert reloaded.score(prompts, [x.response for x in expert]) == pytest.approx(expert_logits, abs=1e-5)
+    with pytest.raises(RuntimeError, match="frozen"):
+        reloaded.fit(expert, policy, epochs=1, seed=0)
+
+
 @pytest.mark.integration
 def test_staged_aapa_grpo_rounds_on_vllm_and_deepspeed(ray_cluster, tmp_path):
     """Round 0 fits and freezes the discriminator; round 1 is anchor-only, round 2 RM + anchor."""
