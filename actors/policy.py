@@ -14,7 +14,7 @@ from apo_ray.batching import grouped_minibatches, shuffled_minibatches
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.game import TokenSample
 from apo_ray.losses import dpo_loss, masked_mean, rrhf_loss, sequence_logprob, sft_loss, token_logprobs
-from apo_ray.modeling import SampleLogprobs, encode_samples, load_causal_lm, load_tokenizer
+from apo_ray.modeling import SampleLogprobs, encode_samples, load_causal_lm, load_tokenizer, text_samples
 from apo_ray.named_tensors import WeightBucket, pack_buckets
 from apo_ray.ppo import GridRows, entropy_from_logits, kl_limited_loss, kl_penalty, ppo_policy_loss
 from apo_ray.actors.nccl import NcclWeightSender
@@ -35,6 +35,7 @@ class PolicyLearner(LearnerCheckpoint):
         ppo.minibatch_size, their minibatch)."""
         torch.manual_seed(seed)
         self.policy_cfg = policy
+        self.model_cfg = model
         self.tokenizer = load_tokenizer(model_path, model.trust_remote_code)
         lm = load_causal_lm(model_path, model.dtype, model.trust_remote_code, model.disable_dropout).eval()
         self.engine = build_engine(lm, learner, lr=policy.lr, micro_batch_size=micro_batch_size or policy.batch_size)
@@ -47,6 +48,11 @@ class PolicyLearner(LearnerCheckpoint):
 
     def sequence_logprobs(self, samples: list[TokenSample]) -> list[float]:
         return self.logprobs.sequences(samples)
+
+    def encode_texts(self, prompts: list[str], responses: list[str]) -> list[TokenSample]:
+        """Written (prompt, response) texts as this policy's token samples (apo_ray.modeling.text_samples)."""
+        return text_samples(self.tokenizer, prompts, responses, self.model_cfg.max_prompt_tokens,
+                            self.model_cfg.max_response_tokens)
 
     def _offline_step(self, groups: list[list[int]], epochs: int, seed: int, loss_fn) -> dict[str, float]:
         plan = grouped_minibatches(groups, self.policy_cfg.batch_size, epochs, seed)

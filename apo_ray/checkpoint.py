@@ -61,7 +61,7 @@ class Checkpointer:
         # HF weights of every round stay (users evaluate them); optimizer states are large and only the
         # newest ones are needed to resume.
         for r in range(0, latest - self.keep_engine_states + 1):
-            for name in ("engine_policy", "engine_reward", "engine_critic"):
+            for name in ("engine_policy", "engine_reward", "engine_critic", "engine_attacker"):
                 shutil.rmtree(self.round_dir(r) / name, ignore_errors=True)
 
     def latest_round(self) -> int | None:
@@ -87,4 +87,6 @@ def _learners(actors: Any) -> list[tuple[str, Any]]:
     learners = [("policy", actors.policy), ("reward", actors.reward)]
     if getattr(actors, "critic", None) is not None:
         learners.append(("critic", actors.critic))
+    if getattr(actors, "attacker", None) is not None:  # APL's attacker
+        learners.append(("attacker", actors.attacker))
     return learners

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from pathlib import Path
 
 import ray
 
 from apo_ray.actors.critic import CriticLearner
+from apo_ray.actors.discriminator import Discriminator
 from apo_ray.actors.policy import PolicyLearner
 from apo_ray.actors.reference import ReferenceModel
 from apo_ray.actors.reward import RewardLearner
@@ -74,7 +76,8 @@ def _learner(cls, name: str, role: Role, **kwargs) -> ActorGroup:
     )
 
 
-def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
+def start_actors(cfg: Config, policy_path: str, reward_path: str, attacker_path: str | None = None) -> Actors:
+    """Every actor of the plan (apo_ray.placement.actor_plan); `attacker_path` is APL's attacker model."""
     # Names carry a run id so two runs on one cluster do not collide on the dashboard.
     run_id = uuid.uuid4().hex[:6]
     learner = cfg.learner
@@ -112,18 +115,48 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
             model_path=reward_path if cfg.ppo.critic_init == "reward" else policy_path, tokenizer_path=policy_path,
             model=model, ppo=cfg.ppo, learner=learner, seed=cfg.seed,
         )
-    pool = None
+    if "discriminator" in roles:
+        path = reward_path if cfg.aapa.discriminator_path == "reward" else cfg.aapa.discriminator_path
+        groups["discriminator"] = _learner(
+            Discriminator, f"discriminator-{run_id}", roles["discriminator"], model_path=path, aapa=cfg.aapa,
+            learner=learner, dtype=dtype, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code,
+        )
+    if "attacker" in roles:
+        if attacker_path is None:
+            raise ValueError("apl.enabled: start_actors needs attacker_path, the attacker's model")
+        groups["attacker"] = _learner(
+            PolicyLearner, f"attacker-learner-{run_id}", roles["attacker"], model_path=attacker_path, model=model,
+            policy=cfg.policy.model_copy(update={"lr": cfg.apl.attacker.lr}), learner=learner, seed=cfg.seed,
+            micro_batch_size=cfg.apl.attacker.minibatch_size,
+        )
+    pools: list[RolloutPool] = []
     try:
-        pool = RolloutPool.from_config(cfg, policy_path, name_prefix=f"rollout-{run_id}", env=actor_env())
+        pools.append(RolloutPool.from_config(cfg, policy_path, name_prefix=f"rollout-{run_id}", env=actor_env()))
+        if "attacker_rollout" in roles:
+            pools.append(attacker_rollout_pool(cfg, attacker_path, name_prefix=f"attacker-rollout-{run_id}"))
         wait_until_ready(groups.values(), learner.startup_timeout_s, diagnose=lambda: learner_startup_hint(learner))
     except BaseException:
         for group in groups.values():
             group.kill()
-        if pool is not None:
+        for pool in pools:
             pool.shutdown()
         raise
     handles = {role: group.actors[0] for role, group in groups.items()}
-    return Actors(pool=pool, groups=list(groups.values()), **handles)
+    return Actors(pool=pools[0], attacker_pool=pools[1] if len(pools) > 1 else None, groups=list(groups.values()),
+                  **handles)
+
+
+def attacker_rollout_pool(cfg: Config, attacker_path: str, *, name_prefix: str) -> RolloutPool:
+    """APL's attacker workers: the game's rollout settings, with the attacker's size, length and temperature."""
+    attacker = cfg.apl.attacker
+    rollout = cfg.rollout.model_copy(update={
+        "num_workers": attacker.rollout_workers, "num_cpus_per_worker": attacker.rollout_num_cpus_per_worker,
+        "num_gpus_per_worker": attacker.rollout_num_gpus_per_worker, "temperature": attacker.temperature,
+    })
+    model = cfg.model.model_copy(update={"max_response_tokens": attacker.max_tokens})
+    # A run directory of its own, so that disk weight sync never writes where the defender's workers read.
+    attacker_cfg = cfg.model_copy(update={"rollout": rollout, "model": model, "run_dir": str(Path(cfg.run_dir) / "attacker")})
+    return RolloutPool.from_config(attacker_cfg, attacker_path, name_prefix=name_prefix, env=actor_env())
 
 
 def learner_startup_hint(learner: LearnerConfig) -> str:
@@ -136,5 +169,7 @@ def learner_startup_hint(learner: LearnerConfig) -> str:
 
 def shutdown_actors(actors: Actors) -> None:
     actors.pool.shutdown()
+    if actors.attacker_pool is not None:
+        actors.attacker_pool.shutdown()
     for group in actors.groups:
         group.kill()

@@ -297,6 +297,70 @@ class ServeConfig(Section):
         return self
 
 
+# ---------------------------------------------------------------------------------------- sibling games
+# AAPA and APL (README "AAPA" and "APL"): games on the same actors, off unless `enabled`.
+
+
+class AAPAConfig(Section):
+    """AAPA (apo_ray/aapa.py, apo_ray/anchoring.py): a discriminator fitted once on the gold set's expert answers
+    vs SFT-policy samples, then frozen; its anchoring reward is added to every policy step's reward."""
+
+    enabled: bool = False
+    # The discriminator's initial weights: "reward" is the RM architecture as the run builds it (model.reward_path,
+    # before round 0 fits it; on the builtin task its untrained tiny RM), else an HF sequence-classifier path.
+    discriminator_path: str = "reward"
+    # The anchor's weight against the RM score (apo_ray.aapa.anchored_rewards).
+    coef: float = Field(0.5, ge=0.0)
+    # log_prob: log D (GAIL's form, <= 0); logit: log D - log(1 - D) (AIRL's form).
+    reward: Literal["log_prob", "logit"] = "log_prob"
+    # The staged configuration: rounds 1..anchor_only_rounds optimise the anchor alone, later ones RM + anchor.
+    anchor_only_rounds: int = Field(0, ge=0)
+    # The offline fit: the gold answers vs samples_per_prompt SFT samples per gold prompt, in minibatches
+    # holding both in proportion, for this many epochs.
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8)
+
+
+class APLAttackerConfig(Section):
+    """APL's attacker: a causal LM (the defender's SFT policy to start) on a learner and rollout workers of its
+    own, sized apart from the defender's."""
+
+    lr: float = Field(3e-4, gt=0.0)
+    # Its policy-gradient step (GRPO advantages over each prompt's rewrites, PPO's clipped ratio).
+    epochs: int = Field(2, ge=1)
+    minibatch_size: int = Field(32, ge=1)
+    clip_eps: float = Field(0.2, gt=0.0)
+    temperature: float = Field(1.0, gt=0.0)
+    # Tokens it may write per rewrite; only its first apl.max_attack_words adjectives are kept.
+    max_tokens: int = Field(12, ge=1)
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    rollout_workers: int = Field(1, ge=1)
+    rollout_num_cpus_per_worker: float = Field(1.0, ge=0.0)
+    rollout_num_gpus_per_worker: float = Field(0.0, ge=0.0)
+
+
+class APLConfig(Section):
+    """APL (apo_ray/apl.py, apo_ray/apl_step.py): each round the attacker rewrites prompts to raise the
+    defender's (the policy's) own preference for an unsafe answer, then the defender takes a DPO step on safe vs
+    unsafe answers to the attacked and clean prompts. Builtin task only (its oracle defines harm)."""
+
+    enabled: bool = False
+    # Policy prompts attacked per round, and rewrites per prompt (the attacker's GRPO group).
+    prompts_per_round: int = Field(32, ge=1)
+    attacks_per_prompt: int = Field(4, ge=2)
+    # Words an attack may add to a prompt's `about` slot (apo_ray.builtin.harm.attacked_prompt).
+    max_attack_words: int = Field(3, ge=1)
+    # The harmfulness metric's inverse temperature (apo_ray.apl.harmfulness).
+    harm_beta: float = Field(1.0, gt=0.0)
+    # SFT steps of the builtin defender, which learns from data where negative words in a prompt provoke
+    # negative answers (apo_ray.builtin.harm), so that there are attacks to find.
+    defender_sft_steps: int = Field(300, ge=1)
+    attacker: APLAttackerConfig = Field(default_factory=APLAttackerConfig)
+
+
 # ---------------------------------------------------------------------------------------- the game
 
 
@@ -323,6 +387,9 @@ class Config(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     # How `apo-ray serve <run dir>` deploys this run's policy and RM.
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    # The sibling games; each off unless enabled (issue 14).
+    aapa: AAPAConfig = Field(default_factory=AAPAConfig)
+    apl: APLConfig = Field(default_factory=APLConfig)
 
     @property
     def online(self) -> bool:
@@ -393,6 +460,10 @@ _CONDITIONAL_KEYS = [
                     lambda c: c.ppo.adaptive_kl or c.ppo.kl_hard_limit, by_method=False),
     ConditionalKeys(("rollout.sync_bucket_mb",), "rollout.weight_sync object_store or nccl (disk writes a checkpoint)",
                     lambda c: c.rollout.weight_sync in ("object_store", "nccl"), by_method=False),
+    ConditionalKeys(tuple(f"aapa.{k}" for k in AAPAConfig.model_fields if k != "enabled"), "aapa.enabled=true",
+                    lambda c: c.aapa.enabled, by_method=False),
+    ConditionalKeys(tuple(f"apl.{k}" for k in APLConfig.model_fields if k != "enabled"), "apl.enabled=true",
+                    lambda c: c.apl.enabled, by_method=False),
     ConditionalKeys(("reward.update_every", "reward.apo_coef", "reward.apo_normalization", "reward.epochs_per_round",
                      "reward.reinit_each_round"), "the APO RM step (apo=true; with apo=false the RM is fitted once)",
                     lambda c: c.apo, by_method=False),
@@ -445,6 +516,7 @@ def _cross_checks(cfg: Config) -> None:
                           "ppo.tis=true (truncated importance sampling against the sampler's log-probs)")
     if cfg.apo and cfg.reward.update_every == 0:
         raise ConfigError("reward.update_every: 0 never steps the RM, which is the fixed-RM baseline; say so with apo=false")
+    _check_sibling_games(cfg)
     fractions = cfg.data.split_fractions
     unknown = sorted(set(fractions) - {"pairs", "gold", "prompts", "eval"})
     if unknown:
@@ -499,6 +571,20 @@ def check_rollout_settings(backend: str, max_prompt_tokens: int, max_new_tokens:
         )
     if engine_kwargs and backend != "vllm":
         raise ConfigError("rollout.engine_kwargs: only the vllm backend takes engine arguments")
+def _check_sibling_games(cfg: Config) -> None:
+    if cfg.aapa.enabled and cfg.apl.enabled:
+        raise ConfigError("apl.enabled: AAPA and APL are separate games; enable one of aapa.enabled, apl.enabled")
+    if cfg.aapa.enabled and cfg.aapa.discriminator_path != "reward":
+        _check_model_path(cfg.aapa.discriminator_path, "aapa.discriminator_path")
+    if cfg.apl.enabled:
+        if cfg.method != "dpo":
+            raise ConfigError(f"method: APL's defender step is DPO on safe vs unsafe answers; set method=dpo, got "
+                              f"{cfg.method!r}")
+        if cfg.data.task != "builtin":
+            raise ConfigError("apl.enabled: needs data.task=builtin, whose gold oracle defines harm")
+        if cfg.apl.attacker.max_tokens + cfg.model.max_prompt_tokens > cfg.rollout.max_model_len:
+            raise ConfigError(f"apl.attacker.max_tokens: {cfg.apl.attacker.max_tokens} + model.max_prompt_tokens "
+                              f"{cfg.model.max_prompt_tokens} > rollout.max_model_len {cfg.rollout.max_model_len}")
 
 
 def _check_model_path(path: str, key: str) -> None:

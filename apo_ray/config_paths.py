@@ -1,6 +1,7 @@
 """Where the relative paths of a config point, decided once when it loads.
 
-- Inputs (`data.*.path`, `model.policy_path`, `model.reward_path`, `model.eval_reward`) written in a config
+- Inputs (`data.*.path`, `model.policy_path`, `model.reward_path`, `model.eval_reward`,
+  `aapa.discriminator_path`) written in a config
   file are read from the file's directory, so a config and its data travel together: from any working
   directory, and under `ray job submit --working-dir`, whose job runs in an uploaded copy of that directory.
   Given on the command line (`key=value`), they are read from the working directory, like any shell argument.
@@ -86,6 +87,12 @@ def resolve_paths(tree: dict, file_base: Path | None, overridden: set[str]) -> N
             key = f"model.{name}"
             base, base_name = base_of(key)
             model[name] = model_path(model[name], base, key, base_name)
+    aapa = tree.get("aapa")
+    # "reward" names the run's own RM architecture, not a path.
+    if isinstance(aapa, dict) and isinstance(aapa.get("discriminator_path"), str) and \
+            aapa["discriminator_path"] not in ("", "reward"):
+        base, base_name = base_of("aapa.discriminator_path")
+        aapa["discriminator_path"] = model_path(aapa["discriminator_path"], base, "aapa.discriminator_path", base_name)
 
 
 # The inputs of a stage config (apo-ray sft / rm): data sections and the model it starts from.

@@ -10,6 +10,10 @@ Round 0 fits the RM on the human pairs D_P and measures the SFT policy. Each rou
   4. sync the weights to every rollout worker; evaluate and checkpoint (every eval_every /
      checkpoint_every rounds, and the last).
 With `apo=false` step 1 never runs: the RM stays as trained on D_P, the paper's baseline.
+
+The sibling games hook in at two places: AAPA (aapa.enabled, apo_ray/anchoring.py) fits its discriminator in
+round 0 and adds its anchoring reward to the RM scores before step 3; APL (apl.enabled, apo_ray/apl_step.py) is
+step 3's strategy, with its attacker's round in the strategy's start_round and its measurements in its evaluate.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import numpy as np
 import ray
 from torch import Tensor
 
+from apo_ray.anchoring import Anchoring
+from apo_ray.apl_step import APLPolicyStep
 from apo_ray.checkpoint import Checkpointer
 from apo_ray.config import Config
 from apo_ray.data import GameData
@@ -47,6 +53,9 @@ class Actors:
     reference: ray.actor.ActorHandle
     eval_reward: ray.actor.ActorHandle | None = None  # None: the task's gold oracle judges
     critic: ray.actor.ActorHandle | None = None  # online PPO only
+    discriminator: ray.actor.ActorHandle | None = None  # AAPA only
+    attacker: ray.actor.ActorHandle | None = None  # APL only: the attacker's learner
+    attacker_pool: RolloutPool | None = None  # APL only: the attacker's rollout workers
     groups: list = field(default_factory=list)  # the learners' ActorGroups, for shutdown
 
 
@@ -67,6 +76,8 @@ class APOGame:
         self.eval_prompts = list(dict.fromkeys(p.prompt for p in data.eval_pairs))[:64]
         self.policy_step: PolicyStep = policy_step_for(self)
         self.sampler = RoundSampler(self)
+        # AAPA: a frozen discriminator's anchoring reward added to the policy step's (aapa.enabled).
+        self.anchoring = Anchoring(self) if cfg.aapa.enabled else None
 
     # ------------------------------------------------------------------ Algorithm 1
 
@@ -74,6 +85,8 @@ class APOGame:
         """Play rounds first_round..cfg.rounds; round 0 is the initial RM fit and the baseline measurement."""
         if first_round > 0:
             self.policy_step.restore(self.checkpointer.read_state(first_round - 1))
+            if self.anchoring is not None:
+                self.anchoring.restore()
         return [self.initial_round() if r == 0 else self.play_round(r) for r in range(first_round, self.cfg.rounds + 1)]
 
     def initial_round(self) -> dict[str, float]:
@@ -84,7 +97,10 @@ class APOGame:
         if self.cfg.reward.initial_epochs > 0:
             stats = self._rm_update([], epochs=self.cfg.reward.initial_epochs, round_index=0)
         self.checkpointer.save_base_reward(self.actors.reward)
+        if self.anchoring is not None:
+            stats.update(self.anchoring.fit())
         stats.update(self.evaluate(0))
+        stats.update(self.policy_step.evaluate(0))
         self._finish_round(0, stats, started)
         return stats
 
@@ -106,6 +122,8 @@ class APOGame:
         stats["timing/score"] = time.perf_counter() - t
         stats["policy/reward_mean"] = float(np.mean(scores))
         stats["policy/reward_std"] = float(np.std(scores))
+        if self.anchoring is not None:
+            scores = self.anchoring.anchored_scores(r, rollouts, scores, stats)
 
         self._phase("policy_step", r)
         stats.update(self.policy_step.update(r, rollouts, scores, round_seed(cfg.seed, r, SeedStream.POLICY_STEP)))
@@ -118,6 +136,7 @@ class APOGame:
 
         if r % cfg.eval_every == 0 or r == cfg.rounds:
             stats.update(self.evaluate(r))
+            stats.update(self.policy_step.evaluate(r))
         self._finish_round(r, stats, started)
         return stats
 
@@ -230,11 +249,14 @@ class APOGame:
             self._phase("checkpoint", r)
             self.checkpointer.save_round(r, self.actors, version=self.version,
                                          extra=self.policy_step.checkpoint_extra())
-        self.log(format_round(r, stats, self.policy_step.summary_keys))
+        anchored = ("aapa/disc_score",) if self.anchoring is not None else ()
+        self.log(format_round(r, stats, self.policy_step.summary_keys + anchored))
 
 
 def policy_step_for(game: APOGame) -> PolicyStep:
-    """The min player's strategy for the configured method."""
+    """The min player's strategy for the configured method; APL's attacker/defender rounds when apl.enabled."""
+    if game.cfg.apl.enabled:
+        return APLPolicyStep(game)
     return OnlinePolicyStep(game) if game.cfg.online else OfflinePolicyStep(game)
 
 

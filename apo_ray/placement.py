@@ -49,11 +49,22 @@ def actor_plan(cfg: Config) -> list[Role]:
         roles.append(Role("eval_reward", 1, *frozen))
     if cfg.method == "ppo":
         roles.append(Role("critic", 1, *trained))
+    if cfg.aapa.enabled:
+        # Frozen once fitted; its fit in round 0 is a short RM-sized job.
+        roles.append(Role("discriminator", 1, *frozen))
     # The most workers the run will hold at once (rollout.schedule may grow the pool).
     roles.append(Role("rollout", rollout.peak_workers, "worker", rollout.num_cpus_per_worker,
                       rollout.num_gpus_per_worker,
                       "rollout.num_workers, rollout.schedule, rollout.num_cpus_per_worker, rollout.num_gpus_per_worker",
                       "rollout.num_gpus_per_worker"))
+    if cfg.apl.enabled:
+        attacker = cfg.apl.attacker
+        roles.append(Role("attacker", 1, "rank", attacker.num_cpus, attacker.num_gpus,
+                          "apl.attacker.num_cpus, apl.attacker.num_gpus", "apl.attacker.num_gpus"))
+        roles.append(Role("attacker_rollout", attacker.rollout_workers, "worker", attacker.rollout_num_cpus_per_worker,
+                          attacker.rollout_num_gpus_per_worker,
+                          "apl.attacker.rollout_workers, apl.attacker.rollout_num_cpus_per_worker, "
+                          "apl.attacker.rollout_num_gpus_per_worker", "apl.attacker.rollout_num_gpus_per_worker"))
     return roles
 
 

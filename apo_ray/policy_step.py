@@ -29,6 +29,10 @@ class PolicyStep(ABC):
     def after_sync(self, stats: dict[str, float], n_samples: int) -> None:
         """Work once the round's weights are on the rollout workers."""
 
+    def evaluate(self, r: int) -> dict[str, float]:
+        """Measurements of this step's own game, taken with the evaluation (round 0 included)."""
+        return {}
+
     def checkpoint_extra(self) -> dict[str, Any]:
         """State beyond the learners' that a resumed run needs (saved in the round's state.json)."""
         return {}

@@ -32,6 +32,12 @@ TABLE_KEYS = (
     *TIMING_KEYS,
 )
 
+# The sibling games' measurements (AAPA, APL): in the table when a run records them, never reported missing.
+GAME_TABLE_KEYS = ("aapa/disc_score", "aapa/disc_score_stderr", "apl/attack_success_rate",
+                   "apl/attack_success_rate_stderr", "apl/attack_success_rate_fixed", "apl/harmful_rate",
+                   "apl/harmful_rate_stderr", "apl/utility", "apl/utility_stderr", "apl/eval_harm")
+STDERR_SUFFIX = "_stderr"
+
 Rounds = list[dict[str, Any]]
 
 
@@ -89,6 +95,19 @@ def _line_plot(
             axes.plot(xs, ys, marker="o", label=f"{label} ({key})")
     if chance_level is not None:
         axes.axhline(chance_level, color="grey", linestyle="--", linewidth=1, label="chance")
+    axes.legend()
+    figure.savefig(path)
+
+
+def _error_bar_plot(rounds: Rounds, path: Path, *, lines: dict[str, str], title: str, ylabel: str) -> None:
+    """Each key per round with +-1 standard error (its `<key>_stderr`, where recorded)."""
+    figure, axes = _new_axes(title, ylabel)
+    for label, key in lines.items():
+        points = [(row["round"], row[key], row.get(key + STDERR_SUFFIX)) for row in rounds if row.get(key) is not None]
+        if points:
+            errors = [e if e is not None and e == e else 0.0 for _, _, e in points]  # NaN (one sample): no bar
+            axes.errorbar([x for x, _, _ in points], [y for _, y, _ in points], yerr=errors, marker="o",
+                          capsize=3, label=f"{label} ({key})")
     axes.legend()
     figure.savefig(path)
 
@@ -152,6 +171,20 @@ PLOTS = (
         _line_plot, lines={"policy samples": "policy/kl", "held-out prompts": "eval/kl"},
         title="KL(policy || reference)", ylabel="KL (nats)",
     )),
+    _Plot("AAPA: discriminator score of policy samples", "aapa_disc_score.png", ("aapa/disc_score",), partial(
+        _error_bar_plot, lines={"D(x, y) of the round's samples": "aapa/disc_score"},
+        title="AAPA discriminator score (+-1 SE)", ylabel="mean D(x, y) (1: expert-like)",
+    )),
+    _Plot("APL: attacks and harm", "apl_harm.png", ("apl/attack_success_rate", "apl/harmful_rate"), partial(
+        _error_bar_plot, lines={"trained attacker": "apl/attack_success_rate",
+                                "fixed attacker": "apl/attack_success_rate_fixed",
+                                "clean prompts": "apl/harmful_rate"},
+        title="APL: harmful answers of the defender (+-1 SE)", ylabel="fraction of samples harmful (gold oracle)",
+    )),
+    _Plot("APL: utility", "apl_utility.png", ("apl/utility",), partial(
+        _error_bar_plot, lines={"gold score, clean prompts": "apl/utility"}, title="APL: defender's utility (+-1 SE)",
+        ylabel="gold score",
+    )),
     _Plot("Timings", "timings.png", TIMING_KEYS, _plot_timings),
 )
 
@@ -207,7 +240,7 @@ def write_report(run_dir: Path) -> Path:
     summary = _load_summary(run_dir)
     if summary:
         lines += ["## Summary", "", *_markdown_table(("key", "value"), list(summary.items())), ""]
-    columns = [key for key in TABLE_KEYS if _has_any(rounds, (key,))]
+    columns = [key for key in (*TABLE_KEYS, *GAME_TABLE_KEYS) if _has_any(rounds, (key,))]
     lines += ["## Per round", "", *_markdown_table(("round", *columns), [
         [row["round"], *(row.get(key) for key in columns)] for row in rounds
     ]), ""]

@@ -12,6 +12,9 @@ class SeedStream(IntEnum):
     EVAL = 2  # evaluation samples: the same every round, so rounds compare like with like
     RM = 3  # the RM step's minibatch order
     POLICY_STEP = 4  # the policy step's minibatch order
+    DISCRIMINATOR = 5  # AAPA: the SFT samples its discriminator is fitted on, and the fit's minibatch order
+    ATTACK = 6  # APL: the attacker's rewrites of the round's prompts
+    ATTACK_STEP = 7  # APL: the attacker's minibatch order, and the safe / unsafe answers of a round
 
 
 def round_seed(seed: int, round_index: int, stream: int) -> int:

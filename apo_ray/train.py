@@ -72,6 +72,8 @@ class PreparedRun:
     oracle: object | None
     # The last complete round of the run being resumed; None for a fresh run.
     resume_from: int | None
+    # APL's attacker model (apl.enabled); None otherwise.
+    attacker_path: str | None = None
 
 
 def check_run_dir(run_dir: Path, resume: bool, min_free_bytes: int = MIN_FREE_BYTES) -> None:
@@ -158,13 +160,25 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
         log.info("building/loading the builtin task's tiny models in %s ...", b.cache_dir)
         assets = prepare_builtin_assets(b.cache_dir, seed=cfg.seed, sft_steps=b.sft_steps)
         policy_path, reward_path, oracle = str(assets.policy_dir), str(assets.reward_dir), gold_score
+        if cfg.apl.enabled:
+            policy_path = apl_defender_policy(cfg)
     else:
         validate_sources(cfg.data)
         data = build_game_data(cfg.data, cfg.seed)
         policy_path, reward_path, oracle = cfg.model.policy_path, cfg.model.reward_path, None
     needed = 2 * (cfg.rounds + 2) * (_model_size(policy_path) + _model_size(reward_path))
     check_run_dir(run_dir, resume, max(MIN_FREE_BYTES, needed))
-    return PreparedRun(cfg, run_dir, data, policy_path, reward_path, oracle, resume_from)
+    # APL's attacker starts as the defender's SFT policy: it writes the task's words from the first round.
+    attacker_path = policy_path if cfg.apl.enabled else None
+    return PreparedRun(cfg, run_dir, data, policy_path, reward_path, oracle, resume_from, attacker_path)
+
+
+def apl_defender_policy(cfg: Config) -> str:
+    """APL on the builtin task: a policy SFT'd where negative words in a prompt provoke negative answers."""
+    from apo_ray.builtin.harm import prepare_defender_policy
+
+    log.info("building/loading APL's defender policy in %s ...", cfg.data.builtin.cache_dir)
+    return str(prepare_defender_policy(cfg.data.builtin.cache_dir, seed=cfg.seed, sft_steps=cfg.apl.defender_sft_steps))
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
@@ -184,7 +198,7 @@ def run(prepared: PreparedRun) -> dict:
               run_dir / CONFIG_FILE)
     init_ray(cfg)
     started = time.perf_counter()
-    actors = start_actors(cfg, prepared.policy_path, prepared.reward_path)
+    actors = start_actors(cfg, prepared.policy_path, prepared.reward_path, prepared.attacker_path)
     logger = MetricsLogger(
         run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
         wandb_mode=cfg.logging.wandb_mode, ray_metrics=cfg.logging.ray_metrics, config_dict=cfg.to_dict(),

@@ -140,3 +140,17 @@ def test_the_shipped_stage_configs_point_at_the_shared_data():
     for cls, name in ((RMStageConfig, "rm_hh_minilm.yaml"), (SFTStageConfig, "sft_hh_qwen2.5_0.5b.yaml")):
         cfg = load_stage_config(cls, root / "configs" / "stages" / name)
         assert Path(cfg.train.path) == (root.parent / "shared" / "data" / "hh_harmless" / "train.jsonl").resolve()
+
+
+def test_the_aapa_discriminator_path_is_an_input_read_from_the_config_file(project, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    config = project / "configs" / "run.yaml"
+    cfg = load_config(config, ["aapa.enabled=true"])
+    assert cfg.aapa.discriminator_path == "reward"  # the run's RM architecture, no path
+    tree = yaml.safe_load(config.read_text())
+    tree["aapa"] = {"enabled": True, "discriminator_path": "models/rm"}
+    config.write_text(yaml.safe_dump(tree))
+    assert load_config(config).aapa.discriminator_path == str(project / "configs" / "models" / "rm")
+    # On the command line: read from the working directory, which has no such model.
+    with pytest.raises(ConfigError, match=rf"^aapa.discriminator_path: path does not exist: {tmp_path}/models/rm"):
+        load_config(config, ["aapa.discriminator_path=./models/rm"])

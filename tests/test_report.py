@@ -110,3 +110,19 @@ def test_apo_ray_report_compares_several_run_directories(tmp_path, capsys):
     _assert_valid_png(tmp_path / "cmp" / "comparison.png")
     assert main(["report", str(tmp_path / "apo"), str(tmp_path / "missing")]) == 2
     assert "missing: no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_the_sibling_games_plots_carry_their_standard_errors(tmp_path):
+    _write_metrics(tmp_path, [
+        {"step": r, "round": r, "aapa/disc_score": 0.2 + 0.1 * r, "aapa/disc_score_stderr": 0.02,
+         "apl/attack_success_rate": 0.6 - 0.1 * r, "apl/attack_success_rate_stderr": 0.05,
+         "apl/attack_success_rate_fixed": 0.5, "apl/harmful_rate": 0.3, "apl/harmful_rate_stderr": float("nan"),
+         "apl/utility": -0.5, "apl/utility_stderr": 0.1}
+        for r in range(3)
+    ])
+    text = write_report(tmp_path).read_text()
+    for name in ("aapa_disc_score.png", "apl_harm.png", "apl_utility.png"):
+        _assert_valid_png(tmp_path / "report" / name)
+        assert f"]({name})" in text
+    round_one = next(line for line in text.splitlines() if line.startswith("| 1 |"))
+    assert "| 0.3 |" in round_one and "| 0.5 |" in round_one  # disc score 0.2 + 0.1, attack success 0.6 - 0.1

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from apo_ray.builtin.models import (
     TinyModelSpec,
@@ -52,24 +53,35 @@ def prepare_builtin_assets(cache_dir: str | Path | None = None, seed: int = 0, *
     first to finish renames it into place; the others discard theirs. Not for threads of one process:
     transformers' ``from_pretrained`` is not thread-safe (concurrent loads left weights on the meta device).
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     settings = {"seed": seed, "n_sft": n_sft, "sft_steps": sft_steps, "sft_lr": sft_lr, "spec": asdict(spec)}
-    final_dir = cache_dir / f"builtin-{_assets_key(settings)}"
-    if not _is_complete(final_dir):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        build_dir = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
-        try:
-            _build_assets(build_dir, seed, n_sft, sft_steps, sft_lr, spec)
-            # Written last: its presence marks a complete build.
-            (build_dir / _COMPLETE_MARKER).write_text(json.dumps(settings, indent=2))
-            publish_build(build_dir, final_dir)
-        finally:
-            shutil.rmtree(build_dir, ignore_errors=True)
+    final_dir = cached_build(cache_dir, "builtin", settings,
+                             lambda build_dir: _build_assets(build_dir, seed, n_sft, sft_steps, sft_lr, spec))
     return BuiltinAssets(policy_dir=final_dir / "policy", reward_dir=final_dir / "reward",
                          tokenizer_dir=final_dir / "tokenizer")
 
 
 _COMPLETE_MARKER = "settings.json"
+
+
+def cached_build(cache_dir: str | Path | None, name: str, settings: dict[str, object],
+                 build: Callable[[Path], None]) -> Path:
+    """`<cache_dir>/<name>-<key of settings and sources>`, made by `build(directory)` unless already complete.
+
+    Safe when several processes call it at once: each builds in a private temporary directory and the first to
+    finish renames it into place; the others discard theirs."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final_dir = cache_dir / f"{name}-{_assets_key(settings)}"
+    if not _is_complete(final_dir):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        build_dir = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_dir))
+        try:
+            build(build_dir)
+            # Written last: its presence marks a complete build.
+            (build_dir / _COMPLETE_MARKER).write_text(json.dumps(settings, indent=2))
+            publish_build(build_dir, final_dir)
+        finally:
+            shutil.rmtree(build_dir, ignore_errors=True)
+    return final_dir
 
 
 def _is_complete(build: Path) -> bool:
