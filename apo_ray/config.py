@@ -158,6 +158,9 @@ class RewardConfig(Section):
     # False is the paper's "seq" setting: the RM continues from the last round.
     reinit_each_round: bool = False
     max_length: int = Field(128, ge=8)
+    # The run warns that the APO term is inert when its share of the RM loss stays below this at every RM step
+    # (apo_ray.apo_activity): measured on main, 1.6-2.4% at the default apo_coef, where it did not play.
+    apo_inert_share: float = Field(0.05, ge=0.0, le=1.0)
 
 
 class PolicyConfig(Section):
@@ -201,6 +204,18 @@ class PPOConfig(Section):
     critic_init: Literal["reward", "policy"] = "reward"
     critic_lr: float = Field(1e-3, gt=0.0)
     whiten_advantages: bool = True
+
+
+class EvalConfig(Section):
+    """The held-out evaluation (APOGame.evaluate): the policy's samples on held-out prompts, judged by the gold
+    oracle or the evaluation RM. Its standard errors shrink as 1/sqrt(prompts * samples_per_prompt): 64 x 2
+    samples gave about 0.1 on the gold score, too wide to see a round's effect; the default judges 2,048."""
+
+    # The first this many distinct prompts of the held-out pairs (all of them, with a warning, when fewer).
+    prompts: int = Field(64, ge=1)
+    # At least 2: the standard errors are taken within prompts, and RM accuracy on the policy's own
+    # distribution is taken over the within-prompt pairs.
+    samples_per_prompt: int = Field(32, ge=2)
 
 
 class LoggingConfig(Section):
@@ -302,6 +317,7 @@ class Config(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     # How `apo-ray serve <run dir>` deploys this run's policy and RM.
@@ -375,7 +391,8 @@ _CONDITIONAL_KEYS = [
     ConditionalKeys(("ppo.kl_target",), "ppo.adaptive_kl=true or ppo.kl_hard_limit=true",
                     lambda c: c.ppo.adaptive_kl or c.ppo.kl_hard_limit, by_method=False),
     ConditionalKeys(("reward.update_every", "reward.apo_coef", "reward.apo_normalization", "reward.epochs_per_round",
-                     "reward.reinit_each_round"), "the APO RM step (apo=true; with apo=false the RM is fitted once)",
+                     "reward.reinit_each_round", "reward.apo_inert_share"),
+                    "the APO RM step (apo=true; with apo=false the RM is fitted once)",
                     lambda c: c.apo, by_method=False),
 ]
 

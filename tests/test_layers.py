@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The pure core: math, data, config, bookkeeping and the gold oracle. Importable without Ray or any actor.
 CORE = {
-    "batching", "build_locks", "builtin", "builtin.assets", "builtin.models", "builtin.oracle", "builtin.task",
-    "config", "config_paths", "data", "evaluation", "game", "logs", "losses", "modeling", "named_tensors", "ppo",
+    "apo_activity", "batching", "build_locks", "builtin", "builtin.assets", "builtin.models", "builtin.oracle",
+    "builtin.task", "config", "config_paths", "data", "evaluation", "game", "logs", "losses", "modeling", "named_tensors", "ppo",
     "progress", "seeds", "vllm_version",
 }
 
