@@ -10,7 +10,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 FULL_ROUND_KEYS = {
     "rm/acc": 0.62, "rm/acc_policy": 0.55, "rm/ece": 0.08, "rm/ece_policy": 0.12,
-    "eval/gold_score": -0.4, "eval/rm_score": 1.3, "policy/kl": 0.02,
+    "eval/gold_score": -0.4, "eval/rm_score": 1.3, "policy/kl": 0.02, "eval/kl": 0.03,
     "timing/generate": 12.0, "timing/score": 1.5, "timing/rm_step": 8.0, "timing/policy_step": 20.0,
     "timing/sync": 0.4, "rollout/tokens_per_s": 1070.0,
 }
@@ -61,7 +61,7 @@ def test_missing_metrics_leave_out_their_plots(tmp_path):
     written = sorted(path.name for path in (tmp_path / "report").glob("*.png"))
     assert written == ["rm_accuracy.png", "timings.png"]
     assert "](kl.png)" not in text
-    assert "`policy/kl`" in text.split("Not recorded")[1]
+    assert "`eval/kl`" in text.split("Not recorded")[1]
     assert "## Summary" not in text
 
 
