@@ -75,7 +75,10 @@ class BuiltinTaskConfig(Section):
     n_gold: int = Field(64, ge=1)
     n_prompts: int = Field(128, ge=1)
     n_eval_pairs: int = Field(200, ge=1)
-    sft_steps: int = Field(150, ge=0)
+    # The initial policy's SFT (apo_ray.builtin.models.sft_initial_policy): it learns to name its prompt's topic
+    # after 200-300 steps, so 500; 4,096 behaviour examples, so that it learns the copy rather than the examples.
+    n_sft: int = Field(4096, ge=1)
+    sft_steps: int = Field(500, ge=0)
     cache_dir: str = ".cache/apo_ray_builtin"
 
 

@@ -162,7 +162,7 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
         task = make_task(cfg.seed, n_pairs=b.n_pairs, n_gold=b.n_gold, n_policy_prompts=b.n_prompts, n_eval_pairs=b.n_eval_pairs)
         data = GameData(list(task.pairs), list(task.gold), list(task.prompts), list(task.eval_pairs))
         log.info("building/loading the builtin task's tiny models in %s ...", b.cache_dir)
-        assets = prepare_builtin_assets(b.cache_dir, seed=cfg.seed, sft_steps=b.sft_steps)
+        assets = prepare_builtin_assets(b.cache_dir, seed=cfg.seed, n_sft=b.n_sft, sft_steps=b.sft_steps)
         policy_path, reward_path = str(assets.policy_dir), str(assets.reward_dir)
         oracle, oracle_terms = gold_score, gold_terms
     else:

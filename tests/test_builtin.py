@@ -76,7 +76,7 @@ def test_make_task_is_deterministic_by_seed() -> None:
 
 def test_sft_data_does_not_depend_on_other_sizes() -> None:
     small = make_task(0, n_pairs=5, n_gold=10, n_policy_prompts=10, n_eval_pairs=5)
-    assert small.sft_data == make_task(0).sft_data == make_sft_data(0, 1024)
+    assert small.sft_data == make_task(0).sft_data == make_sft_data(0, 4096)
 
 
 def test_prompt_pools_are_disjoint_and_sized() -> None:
@@ -122,7 +122,9 @@ def test_golden_answers_beat_the_initial_distribution_and_random_words() -> None
     behaviour = statistics.mean(gold_score(prompt, response) for prompt, response in task.sft_data)
     rng = random.Random(0)
     random_words = statistics.mean(gold_score(prompt, random_response(rng)) for prompt in task.prompts)
-    assert golden > behaviour + 1.5
+    # The behaviour data stays on topic (issue 11), so the gap is narrower than before (1.5), still most of
+    # the room between the behaviour and the top of the scale.
+    assert golden > behaviour + 1.2
     assert behaviour > random_words + 0.5
 
 
@@ -236,7 +238,7 @@ def test_sft_policy_speaks_the_language_and_is_clearly_improvable(sft_samples) -
     golden_mean = statistics.mean(gold_score(a.prompt, a.response) for a in task.gold)
     rng = random.Random(0)
     random_mean = statistics.mean(gold_score(p, random_response(rng)) for p in prompts)
-    assert sft_mean < golden_mean - 1.5
+    assert sft_mean < golden_mean - 1.2
     assert sft_mean > random_mean
 
 
