@@ -9,10 +9,12 @@ w_base(r) * RM score + aapa.coef * r_anchor in place of the RM score (apo_ray.aa
 apo=true, is untouched: AAPA changes the min player's reward only.
 
 Logged per round: aapa/disc_score (mean D(x, y) of the round's policy samples, before their step) with
-aapa/disc_score_stderr, aapa/anchor_reward, aapa/base_weight; round 0 logs the fit (aapa/disc_loss, aapa/disc_acc).
+aapa/disc_score_se, aapa/anchor_reward, aapa/base_weight; round 0 logs the fit (aapa/disc_loss, aapa/disc_acc).
 """
 
 from __future__ import annotations
+
+import time
 
 from typing import TYPE_CHECKING
 
@@ -43,12 +45,13 @@ class Anchoring:
         """Round 0: fit the discriminator on the gold answers vs the SFT policy's samples, freeze and save it."""
         game, seed = self.game, round_seed(self.game.cfg.seed, 0, SeedStream.DISCRIMINATOR)
         game._phase("aapa_fit", 0)
-        sample_stats: dict[str, float] = {}
-        rollouts = game._generate([g.prompt for g in game.data.gold], game.cfg.samples_per_prompt, seed, sample_stats)
+        started = time.perf_counter()
+        rollouts = game.actors.pool.generate([g.prompt for g in game.data.gold], game.cfg.samples_per_prompt, seed=seed)
+        generate_s = time.perf_counter() - started
         samples = [GoldAnswer(x.prompt, x.response) for x in rollouts]
         stats = ray.get(self.discriminator.fit.remote(list(game.data.gold), samples, epochs=self.cfg.epochs, seed=seed))
         ray.get(self.discriminator.save.remote(self.saved_dir))
-        return {**stats, "timing/aapa_generate": sample_stats["timing/generate"]}
+        return {**stats, "timing/aapa_generate": generate_s}
 
     def restore(self) -> None:
         """A resumed run: the discriminator its first run fitted and saved."""
@@ -60,7 +63,7 @@ class Anchoring:
         logits = ray.get(self.discriminator.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]))
         anchor = anchor_reward(logits, self.cfg.reward)
         base = base_weight(r, self.cfg.anchor_only_rounds)
-        stats["aapa/disc_score"], stats["aapa/disc_score_stderr"] = mean_and_stderr(expert_probability(logits))
+        stats["aapa/disc_score"], stats["aapa/disc_score_se"] = mean_and_stderr(expert_probability(logits))
         stats["aapa/anchor_reward"] = float(np.mean(anchor))
         stats["aapa/base_weight"] = base
         return anchored_rewards(scores, anchor, base=base, coef=self.cfg.coef)

@@ -59,6 +59,6 @@ def strongest_attacks(harm: Sequence[float], prompt_ids: Sequence[int]) -> dict[
 
 
 def rate(flags: Sequence[bool], name: str) -> dict[str, float]:
-    """{name: fraction of True, name_stderr: its standard error}."""
+    """{name: fraction of True, name_se: its standard error}."""
     mean, stderr = mean_and_stderr([float(f) for f in flags])
-    return {name: mean, f"{name}_stderr": stderr}
+    return {name: mean, f"{name}_se": stderr}

@@ -71,7 +71,7 @@ class APLPolicyStep(PolicyStep):
         attacked = [attacked_prompt(x.prompt, x.response, apl.max_attack_words) for x in rewrites]
         harm = self.harm(attacked)
         stats = {"apl/attack_words": float(np.mean([len(parse_prompt(p)[2]) for p in attacked]))}
-        stats["apl/attacker_harm"], stats["apl/attacker_harm_stderr"] = mean_and_stderr(harm)
+        stats["apl/attacker_harm"], stats["apl/attacker_harm_se"] = mean_and_stderr(harm)
         groups = [x.prompt_index for x in rewrites]
         strongest = strongest_attacks(harm.tolist(), groups)
         self.clean = [clean[p] for p in strongest]
@@ -117,11 +117,11 @@ class APLPolicyStep(PolicyStep):
             if prompts is clean:
                 # The samples eval/gold_score scores (same prompts and seed), here with their standard error.
                 gold = [game.oracle(x.prompt, x.response) for x in samples]
-                stats["apl/utility"], stats["apl/utility_stderr"] = mean_and_stderr(gold)
-        stats["apl/eval_harm"], stats["apl/eval_harm_stderr"] = mean_and_stderr(self.harm(trained))
+                stats["apl/utility"], stats["apl/utility_se"] = mean_and_stderr(gold)
+        stats["apl/eval_harm"], stats["apl/eval_harm_se"] = mean_and_stderr(self.harm(trained))
         # The defender before APL (the reference is its frozen copy) against the same, current, attacks.
         before = self.harm(trained, self.actors.reference)
-        stats["apl/eval_harm_reference"], stats["apl/eval_harm_reference_stderr"] = mean_and_stderr(before)
+        stats["apl/eval_harm_reference"], stats["apl/eval_harm_reference_se"] = mean_and_stderr(before)
         return stats
 
     # ------------------------------------------------------------------ pieces

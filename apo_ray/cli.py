@@ -1,7 +1,7 @@
 """`apo-ray` command: `train` (the game; `--dry-run` checks a config and prints its placement plan), `report`
-(plots of a run directory, or one plot comparing several runs), `resize` (ask a running game for another
-number of rollout workers), `sft` and `rm` (the stages before the game, apo_ray.stages), `serve` (the trained
-policy and RM over HTTP, apo_ray.serve)."""
+(plots of a run directory), `compare` (several runs side by side: one plot, one table), `resize` (ask a running
+game for another number of rollout workers), `sft` and `rm` (the stages before the game, apo_ray.stages), `serve`
+(the trained policy and RM over HTTP, apo_ray.serve)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from apo_ray.logs import configure_logging
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("train", "report", "resize", "sft", "rm", "serve")
+    commands = ("train", "report", "compare", "resize", "sft", "rm", "serve")
     if not argv or argv[0] not in commands:
         print(f"usage: apo-ray {{{','.join(commands)}}} ...   (apo-ray train --help; apo-ray train --config X --dry-run)",
               file=sys.stderr)
@@ -34,12 +34,20 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(rest)
     if command == "resize":
         return resize_main(rest)
+    return report_main(command, rest)
+
+
+def report_main(command: str, rest: list[str]) -> int:
+    """`apo-ray report RUN_DIR` (its plots and report.md; with several, as compare) and `apo-ray compare RUN_DIR
+    ...` (one plot and one table of the runs side by side in --out)."""
     parser = argparse.ArgumentParser(
-        prog="apo-ray report",
-        description="plots and a summary of a run directory; with several, one plot comparing them (e.g. APO vs a "
-                    "fixed RM) in --out")
+        prog=f"apo-ray {command}",
+        description="plots and a summary of a run directory" if command == "report" else
+                    "several runs side by side (e.g. APO next to its fixed-RM baseline): comparison.png (gold +- SE, "
+                    "RM score, RM accuracy on policy pairs, KL per round) and comparison.md (a table) in --out")
     parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     parser.add_argument("--out", type=Path, help="where the comparison goes (default: comparison/ in the working directory)")
+    parser.add_argument("--labels", nargs="+", help="one name per run directory (default: the directories' names)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show apo-ray's debug lines and every library's own log lines")
     args = parser.parse_args(rest)
@@ -48,12 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         if not (run_dir / "metrics.jsonl").is_file():
             print(f"error: {run_dir}: no metrics.jsonl (not a run directory?)", file=sys.stderr)
             return 2
+    if args.labels is not None and len(args.labels) != len(args.run_dirs):
+        print(f"error: --labels: {len(args.labels)} labels for {len(args.run_dirs)} run directories", file=sys.stderr)
+        return 2
     from apo_ray.report import compare_runs, write_report
 
-    if len(args.run_dirs) == 1:
+    if command == "report" and len(args.run_dirs) == 1:
         print(write_report(args.run_dirs[0]))
     else:
-        print(compare_runs(args.run_dirs, args.out or Path("comparison")))
+        print(compare_runs(args.run_dirs, args.out or Path("comparison"), args.labels))
     return 0
 
 

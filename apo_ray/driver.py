@@ -28,10 +28,16 @@ from torch import Tensor
 
 from apo_ray.anchoring import Anchoring
 from apo_ray.apl_step import APLPolicyStep
+from apo_ray.apo_activity import inert_apo_reason
 from apo_ray.checkpoint import Checkpointer
 from apo_ray.config import Config
 from apo_ray.data import GameData
-from apo_ray.evaluation import expected_calibration_error, preference_accuracy
+from apo_ray.evaluation import (
+    expected_calibration_error,
+    mean_and_stderr,
+    policy_sample_stats,
+    preference_accuracy_and_stderr,
+)
 from apo_ray.game import Rollout, TokenSample, build_apo_pairs
 from apo_ray.metrics import MetricsLogger
 from apo_ray.offline import OfflinePolicyStep
@@ -43,6 +49,8 @@ from apo_ray.round_samples import RoundSampler
 from apo_ray.seeds import SeedStream, round_seed
 
 Oracle = Callable[[str, str], float]
+# The oracle's score split into named terms that sum to its raw score (the builtin task's gold_terms).
+OracleTerms = Callable[[str, str], dict[str, float]]
 
 
 @dataclass
@@ -69,11 +77,17 @@ class APOGame:
         checkpointer: Checkpointer,
         oracle: Oracle | None,
         log: Callable[[str], None] = print,
+        oracle_terms: OracleTerms | None = None,
+        warn: Callable[[str], None] = print,
     ):
         self.cfg, self.data, self.actors = cfg, data, actors
-        self.logger, self.checkpointer, self.oracle, self.log = logger, checkpointer, oracle, log
+        self.logger, self.checkpointer, self.oracle, self.log, self.warn = logger, checkpointer, oracle, log, warn
+        self.oracle_terms = oracle_terms
         self.version = 0
-        self.eval_prompts = list(dict.fromkeys(p.prompt for p in data.eval_pairs))[:64]
+        self.eval_prompts = held_out_prompts(data, cfg.eval.prompts, warn)
+        # This invocation's APO RM steps, for the inert-term warning (given once).
+        self.rm_steps: list[dict[str, float]] = []
+        self.warned_inert = False
         self.policy_step: PolicyStep = policy_step_for(self)
         self.sampler = RoundSampler(self)
         # AAPA: a frozen discriminator's anchoring reward added to the policy step's (aapa.enabled).
@@ -151,7 +165,16 @@ class APOGame:
         self._phase("rm_step", r)
         if self.cfg.reward.reinit_each_round:
             ray.get(self.actors.reward.reinitialize.remote(str(self.checkpointer.base_reward_dir)))
-        return self._rm_update(build_apo_pairs(self.data.gold, gold_rollouts), self.cfg.reward.epochs_per_round, r)
+        stats = self._rm_update(build_apo_pairs(self.data.gold, gold_rollouts), self.cfg.reward.epochs_per_round, r)
+        self._check_apo_term(stats)
+        return stats
+
+    def _check_apo_term(self, stats: dict[str, float]) -> None:
+        self.rm_steps.append(stats)
+        reason = inert_apo_reason(self.rm_steps, self.cfg.reward.apo_inert_share)
+        if reason and not self.warned_inert:
+            self.warned_inert = True
+            self.warn(f"the APO term is inert: {reason}")
 
     def learner_grids(self, methods: dict[str, Callable], samples: list[TokenSample]) -> dict[str, tuple[Tensor, Tensor]]:
         """{name: (grid, mask)} of learner actor methods (token_logprobs, values) on `samples`, each in chunks
@@ -189,17 +212,19 @@ class APOGame:
         ))
 
     def evaluate(self, r: int) -> dict[str, float]:
-        """RM accuracy/ECE on held-out human pairs and on fresh policy pairs; gold and RM score; KL."""
+        """RM accuracy/ECE on held-out human pairs and on the policy's own samples; gold and RM score; KL.
+        Every mean is logged with its standard error (`<key>_se`, apo_ray.evaluation)."""
         self._phase("evaluate", r)
         started = time.perf_counter()
         reward, stats = self.actors.reward, {}
         chosen, rejected = ray.get(reward.score_pairs.remote(self.data.eval_pairs))
-        stats["rm/acc"] = preference_accuracy(chosen, rejected)
+        stats["rm/acc"], stats["rm/acc_se"] = preference_accuracy_and_stderr(chosen, rejected)
         stats["rm/ece"] = expected_calibration_error(chosen, rejected)
 
-        # Two samples per held-out prompt: scored by the judge (oracle or evaluation RM), the game's RM,
-        # and turned into pairs labelled by the judge to test the RM on the policy's own distribution.
-        samples = self.actors.pool.generate(self.eval_prompts, 2, seed=round_seed(self.cfg.seed, 0, SeedStream.EVAL))
+        # eval.samples_per_prompt samples per held-out prompt, scored by the judge (oracle or evaluation RM) and
+        # the game's RM; the judge's within-prompt pairs test the RM on the policy's own distribution.
+        samples = self.actors.pool.generate(self.eval_prompts, self.cfg.eval.samples_per_prompt,
+                                            seed=round_seed(self.cfg.seed, 0, SeedStream.EVAL))
         prompts, responses = [x.prompt for x in samples], [x.response for x in samples]
         judge = self._judge(prompts, responses)
         tokens = [x.tokens for x in samples]
@@ -208,23 +233,15 @@ class APOGame:
             self.actors.policy.sequence_logprobs.remote(tokens),
             self.actors.reference.sequence_logprobs.remote(tokens),
         ])
-        stats["eval/gold_score"] = float(np.mean(judge))
-        stats["eval/rm_score"] = float(np.mean(rm_scores))
-        stats["eval/kl"] = float(np.mean(np.array(policy_logps) - np.array(ref_logps)))
-        stats["eval/response_length"] = float(np.mean([len(x.response_token_ids) for x in samples]))
-
-        r_win, r_lose = [], []
-        for a, b in zip(range(0, len(samples), 2), range(1, len(samples), 2)):
-            if judge[a] == judge[b]:
-                continue
-            win, lose = (a, b) if judge[a] > judge[b] else (b, a)
-            r_win.append(rm_scores[win])
-            r_lose.append(rm_scores[lose])
-        if r_win:
-            stats["rm/acc_policy"] = preference_accuracy(r_win, r_lose)
-            stats["rm/ece_policy"] = expected_calibration_error(r_win, r_lose)
+        terms = None
+        if self.oracle_terms is not None:
+            rows = [self.oracle_terms(p, y) for p, y in zip(prompts, responses)]
+            terms = {term: [row[term] for row in rows] for term in rows[0]}
+        stats.update(policy_sample_stats(
+            [x.prompt_index for x in samples], judge, rm_scores, np.array(policy_logps) - np.array(ref_logps),
+            [len(x.response_token_ids) for x in samples], terms))
         gold_scores = ray.get(reward.score.remote([g.prompt for g in self.data.gold], [g.response for g in self.data.gold]))
-        stats["rm/reward_gold"] = float(np.mean(gold_scores))
+        stats["rm/reward_gold"], stats["rm/reward_gold_se"] = mean_and_stderr(gold_scores)
         stats["timing/evaluate"] = time.perf_counter() - started
         return stats
 
@@ -251,6 +268,14 @@ class APOGame:
                                          extra=self.policy_step.checkpoint_extra())
         anchored = ("aapa/disc_score",) if self.anchoring is not None else ()
         self.log(format_round(r, stats, self.policy_step.summary_keys + anchored))
+
+
+def held_out_prompts(data: GameData, wanted: int, warn: Callable[[str], None]) -> list[str]:
+    """The first `wanted` distinct prompts of the held-out pairs; all of them, saying so, when there are fewer."""
+    prompts = list(dict.fromkeys(p.prompt for p in data.eval_pairs))
+    if len(prompts) < wanted:
+        warn(f"eval.prompts: {wanted} asked, the held-out pairs have {len(prompts)} distinct prompts; using them all")
+    return prompts[:wanted]
 
 
 def policy_step_for(game: APOGame) -> PolicyStep:

@@ -72,7 +72,8 @@ def apo_reward_loss(
 
     Stats (python floats) are reported only for the terms present: "rm/loss" (the loss returned),
     "rm/loss_apo" and "rm/loss_pref" (each term's mean over its own pairs, whatever the normalization),
-    "rm/margin_apo", "rm/margin", "rm/acc_train_pref".
+    "rm/margin_apo", "rm/margin", "rm/acc_train_pref", and with APO pairs "rm/apo_share": the APO term's part of
+    the loss, |APO part| / (|APO part| + |human part|), which apo_ray.apo_activity watches.
     """
     if kind not in _PAIR_TERMS:
         raise ValueError(f"kind: must be one of {', '.join(_PAIR_TERMS)}, got {kind!r}")
@@ -100,11 +101,16 @@ def apo_reward_loss(
         stats["rm/margin"] = (r_chosen - r_rejected).mean().item()
         stats["rm/acc_train_pref"] = preference_accuracy(r_chosen, r_rejected)
     if normalization == "per_term":
-        loss = torch.stack([coef * losses.mean() for coef, losses in terms]).sum()
+        parts = [coef * losses.mean() for coef, losses in terms]
     else:
         n_pairs = sum(losses.numel() for _, losses in terms)
-        loss = torch.stack([coef * losses.sum() for coef, losses in terms]).sum() / n_pairs
+        parts = [coef * losses.sum() / n_pairs for coef, losses in terms]
+    loss = torch.stack(parts).sum()
     stats["rm/loss"] = loss.item()
+    if has_apo:
+        # Magnitudes: the "diff" loss can be negative, and a share must still say how much the term weighs.
+        sizes = [abs(part.item()) for part in parts]
+        stats["rm/apo_share"] = sizes[0] / sum(sizes) if sum(sizes) > 0 else 0.0
     return loss, stats
 
 

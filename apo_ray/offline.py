@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 
 
 class OfflinePolicyStep(PolicyStep):
-    summary_keys = ("rm/acc", "rm/ece", "rm/acc_policy", "eval/gold_score", "eval/rm_score", "eval/kl",
-                    "timing/round")
+    summary_keys = ("rm/acc", "rm/ece", "rm/acc_policy", "eval/gold_score", "eval/gold_score_se", "eval/rm_score",
+                    "eval/kl", "rm/loss_apo", "rm/apo_share", "timing/round")
 
     def __init__(self, game: APOGame):
         self.game = game

@@ -44,8 +44,9 @@ class OnlinePolicyStep(PolicyStep):
     """One PPO / GRPO / REINFORCE++ iteration per round on a slice of the policy prompts; the KL coefficient
     it adapts is checkpointed with the round."""
 
-    summary_keys = ("eval/gold_score", "eval/kl", "policy/reward_mean", "policy/kl", "policy/kl_coef",
-                    "policy/clipfrac", "policy/entropy", "critic/loss", "rm/acc", "rm/acc_policy", "timing/round")
+    summary_keys = ("eval/gold_score", "eval/gold_score_se", "eval/kl", "policy/reward_mean", "policy/kl",
+                    "policy/kl_coef", "policy/clipfrac", "policy/entropy", "critic/loss", "rm/acc", "rm/acc_policy",
+                    "timing/round")
 
     def __init__(self, game: APOGame):
         cfg = game.cfg

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from apo_ray.evaluation import rise_line, score_rise
 from apo_ray.metrics import METRICS_FILE, read_metrics_jsonl
 
 REPORT_DIR = "report"
@@ -33,10 +34,9 @@ TABLE_KEYS = (
 )
 
 # The sibling games' measurements (AAPA, APL): in the table when a run records them, never reported missing.
-GAME_TABLE_KEYS = ("aapa/disc_score", "aapa/disc_score_stderr", "apl/attack_success_rate",
-                   "apl/attack_success_rate_stderr", "apl/attack_success_rate_fixed", "apl/harmful_rate",
-                   "apl/harmful_rate_stderr", "apl/utility", "apl/utility_stderr", "apl/eval_harm")
-STDERR_SUFFIX = "_stderr"
+GAME_TABLE_KEYS = ("aapa/disc_score", "apl/attack_success_rate", "apl/attack_success_rate_fixed", "apl/harmful_rate",
+                   "apl/utility", "apl/eval_harm")
+STDERR_SUFFIX = "_se"
 
 Rounds = list[dict[str, Any]]
 
@@ -100,7 +100,7 @@ def _line_plot(
 
 
 def _error_bar_plot(rounds: Rounds, path: Path, *, lines: dict[str, str], title: str, ylabel: str) -> None:
-    """Each key per round with +-1 standard error (its `<key>_stderr`, where recorded)."""
+    """Each key per round with +-1 standard error (its `<key>_se`, where recorded)."""
     figure, axes = _new_axes(title, ylabel)
     for label, key in lines.items():
         points = [(row["round"], row[key], row.get(key + STDERR_SUFFIX)) for row in rounds if row.get(key) is not None]
@@ -148,6 +148,48 @@ def _plot_timings(rounds: Rounds, path: Path) -> None:
     figure.savefig(path)
 
 
+# The builtin oracle's terms (apo_ray.builtin.oracle.GOLD_TERMS), as the evaluation logs them.
+GOLD_TERM_PREFIX = "eval/gold_"
+
+
+def gold_term_keys(rounds: Rounds) -> list[str]:
+    """The eval/gold_<term> means a run logged, in the order first logged (not the score or errors)."""
+    keys = dict.fromkeys(key for row in rounds for key in row
+                         if key.startswith(GOLD_TERM_PREFIX) and key != "eval/gold_score" and not key.endswith("_se"))
+    return list(keys)
+
+
+def _plot_gold_terms(rounds: Rounds, path: Path) -> None:
+    figure, axes = _new_axes("Gold score by term (mean contribution +- SE)", "raw gold points")
+    for key in gold_term_keys(rounds):
+        xs, ys = _series(rounds, key)
+        errors = [row.get(f"{key}_se") or 0.0 for row in rounds if row.get(key) is not None]
+        axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=key.removeprefix(GOLD_TERM_PREFIX))
+    axes.axhline(0.0, color="grey", linewidth=1)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.savefig(path)
+
+
+def _gold_terms_section(rounds: Rounds) -> list[str]:
+    """Each gold term at the first and the last evaluation and its change: what the policy gained (a term
+    rising) and where it lost gold while the RM score rose (a penalty growing)."""
+    keys = gold_term_keys(rounds)
+    if not keys:
+        return []
+    evaluated = [row for row in rounds if any(row.get(key) is not None for key in keys)]
+    first, last = evaluated[0], evaluated[-1]
+    rows = []
+    for key in keys:
+        rise = score_rise(first, last, key)
+        change = f"{rise['change']:+.3f} +- {rise['change_se']:.3f}" if rise else ""
+        rows.append([key.removeprefix(GOLD_TERM_PREFIX), _with_se(first, key), _with_se(last, key), change])
+    return ["## Gold score by term", "",
+            "The gold score is 3 tanh(raw / 3), raw the sum of these terms (apo_ray.builtin.oracle.gold_terms). A "
+            "positive change is gold the policy won; a negative one is gold it lost, where a rising RM score "
+            "with a falling term is the RM being hacked.", "",
+            *_markdown_table(("term", f"round {first['round']}", f"round {last['round']}", "change"), rows), ""]
+
+
 @dataclass(frozen=True)
 class _Plot:
     title: str
@@ -189,12 +231,28 @@ PLOTS = (
 )
 
 
+def _plots_for(rounds: Rounds) -> list[_Plot]:
+    plots = [plot for plot in PLOTS if _has_any(rounds, plot.keys)]
+    terms = tuple(gold_term_keys(rounds))
+    if terms:
+        plots.append(_Plot("Gold score by term", "gold_terms.png", terms, _plot_gold_terms))
+    return plots
+
+
 def _format(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
         return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return str(value)
+
+
+def _with_se(row: dict[str, Any], key: str) -> str:
+    """`row[key]`, with `+- <key>_se` beside it where the row has the error."""
+    value, error = row.get(key), row.get(f"{key}_se")
+    if value is None or error is None or error != error:  # no error, or NaN (one value)
+        return _format(value)
+    return f"{_format(value)} +- {_format(error)}"
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -232,7 +290,7 @@ def write_report(run_dir: Path) -> Path:
     rounds = load_rounds(run_dir)
     out_dir = run_dir / REPORT_DIR
     out_dir.mkdir(exist_ok=True)
-    plots = [plot for plot in PLOTS if _has_any(rounds, plot.keys)]
+    plots = _plots_for(rounds)
     for plot in plots:
         plot.draw(rounds, out_dir / plot.file_name)
 
@@ -240,10 +298,15 @@ def write_report(run_dir: Path) -> Path:
     summary = _load_summary(run_dir)
     if summary:
         lines += ["## Summary", "", *_markdown_table(("key", "value"), list(summary.items())), ""]
+    evaluated = [row for row in rounds if row.get("eval/gold_score") is not None]
+    rise = score_rise(evaluated[0], evaluated[-1]) if evaluated else None
+    if rise is not None:
+        lines += ["**Gold score:** " + rise_line("eval/gold_score", rise), ""]
     columns = [key for key in (*TABLE_KEYS, *GAME_TABLE_KEYS) if _has_any(rounds, (key,))]
     lines += ["## Per round", "", *_markdown_table(("round", *columns), [
-        [row["round"], *(row.get(key) for key in columns)] for row in rounds
+        [row["round"], *(_with_se(row, key) for key in columns)] for row in rounds
     ]), ""]
+    lines += _gold_terms_section(rounds)
     lines += ["## Plots", ""]
     for plot in plots:
         lines += [f"### {plot.title}", "", f"![{plot.title}]({plot.file_name})", ""]
@@ -257,36 +320,55 @@ def write_report(run_dir: Path) -> Path:
     return report
 
 
+# What `apo-ray compare` puts side by side: (metric, panel title); the gold score and the RM's accuracy on
+# policy pairs carry their standard errors.
+COMPARED = (
+    ("eval/gold_score", "Gold score of policy samples"),
+    ("eval/rm_score", "RM score of policy samples"),
+    ("rm/acc_policy", "RM accuracy on policy pairs"),
+    ("eval/kl", "KL(policy || reference)"),
+)
+
+
 def compare_runs(run_dirs: Sequence[Path], out_dir: Path, labels: Sequence[str] | None = None) -> Path:
-    """Overlays several runs' gold score and RM accuracy per round (e.g. APO vs. a fixed RM) in one PNG."""
+    """Several runs side by side (e.g. APO next to its fixed-RM baseline): one plot, out_dir/comparison.png
+    (gold score, RM score, RM accuracy on policy pairs and KL per round, with error bars where logged), and one
+    table, out_dir/comparison.md (each at the run's first and last evaluation, and the gold score's change
+    with its error). Returns the table's path."""
     run_dirs = [Path(run_dir) for run_dir in run_dirs]
     labels = list(labels) if labels is not None else [run_dir.name for run_dir in run_dirs]
     if len(labels) != len(run_dirs):
         raise ValueError(f"compare_runs got {len(run_dirs)} run directories but {len(labels)} labels")
-    figure = Figure(figsize=(11.0, 4.2), dpi=110, layout="constrained")
-    gold_axes, accuracy_axes = figure.subplots(1, 2)
-    gold_axes.set_title("Gold score of policy samples")
-    gold_axes.set_ylabel("gold score")
-    accuracy_axes.set_title("RM accuracy (solid: human pairs, dashed: policy pairs)")
-    accuracy_axes.set_ylabel("accuracy")
-    accuracy_axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    for index, (run_dir, label) in enumerate(zip(run_dirs, labels)):
-        rounds = load_rounds(run_dir)
-        color = f"C{index}"
-        for axes, key, style, line_label in (
-            (gold_axes, "eval/gold_score", "o-", label),
-            (accuracy_axes, "rm/acc", "o-", f"{label}, human"),
-            (accuracy_axes, "rm/acc_policy", "s--", f"{label}, policy"),
-        ):
-            xs, ys = _series(rounds, key)
-            if xs:
-                axes.plot(xs, ys, style, color=color, label=line_label)
-    for axes in (gold_axes, accuracy_axes):
+    runs = [load_rounds(run_dir) for run_dir in run_dirs]
+    figure = Figure(figsize=(11.0, 8.0), dpi=110, layout="constrained")
+    for axes, (key, title) in zip(figure.subplots(2, 2).flat, COMPARED):
+        axes.set_title(title)
+        axes.set_ylabel(key)
+        if key == "rm/acc_policy":
+            axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+        for index, (rounds, label) in enumerate(zip(runs, labels)):
+            points = [row for row in rounds if row.get(key) is not None]
+            if points:
+                axes.errorbar([row["round"] for row in points], [row[key] for row in points],
+                              yerr=[row.get(f"{key}_se") or 0.0 for row in points], fmt="o-", capsize=3,
+                              color=f"C{index}", label=label)
         _style_round_axis(axes)
         if axes.get_legend_handles_labels()[0]:
             axes.legend()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "comparison.png"
-    figure.savefig(path)
-    return path
+    figure.savefig(out_dir / "comparison.png")
+
+    header = ["run", "rounds", *(f"{key} {when}" for key, _ in COMPARED for when in ("start", "end")), "gold change"]
+    rows = []
+    for rounds, label in zip(runs, labels):
+        evaluated = [row for row in rounds if row.get("eval/gold_score") is not None] or rounds
+        first, last = evaluated[0], evaluated[-1]
+        rise = score_rise(first, last)
+        rows.append([label, f"{first['round']}-{last['round']}",
+                     *(_with_se(row, key) for key, _ in COMPARED for row in (first, last)),
+                     rise_line("eval/gold_score", rise).split(": ", 1)[1] if rise else ""])
+    table = out_dir / "comparison.md"
+    table.write_text("\n".join(["# apo-ray compare", "", *_markdown_table(header, rows), "",
+                                 "![comparison](comparison.png)", ""]), encoding="utf-8")
+    return table

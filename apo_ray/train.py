@@ -62,6 +62,10 @@ def divergence_message(run_dir: Path, last_round: int | None, error: FloatingPoi
     )
 
 
+# The summary's start and final measurements, each with its standard error where it has one.
+SUMMARY_KEYS = ("rm/acc", "rm/ece", "rm/acc_policy", "rm/ece_policy", "eval/gold_score", "eval/rm_score", "eval/kl")
+
+
 @dataclass
 class PreparedRun:
     cfg: Config
@@ -70,6 +74,8 @@ class PreparedRun:
     policy_path: str
     reward_path: str
     oracle: object | None
+    # The oracle's score by term (the builtin task's gold_terms), logged as eval/gold_<term>; None without one.
+    oracle_terms: object | None
     # The last complete round of the run being resumed; None for a fresh run.
     resume_from: int | None
     # APL's attacker model (apl.enabled); None otherwise.
@@ -151,26 +157,28 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
                                   "(`apo-ray train --dry-run` shows the plan)")
     if cfg.data.task == "builtin":
         from apo_ray.builtin.assets import prepare_builtin_assets
-        from apo_ray.builtin.oracle import gold_score
+        from apo_ray.builtin.oracle import gold_score, gold_terms
         from apo_ray.builtin.task import make_task
 
         b = cfg.data.builtin
         task = make_task(cfg.seed, n_pairs=b.n_pairs, n_gold=b.n_gold, n_policy_prompts=b.n_prompts, n_eval_pairs=b.n_eval_pairs)
         data = GameData(list(task.pairs), list(task.gold), list(task.prompts), list(task.eval_pairs))
         log.info("building/loading the builtin task's tiny models in %s ...", b.cache_dir)
-        assets = prepare_builtin_assets(b.cache_dir, seed=cfg.seed, sft_steps=b.sft_steps)
-        policy_path, reward_path, oracle = str(assets.policy_dir), str(assets.reward_dir), gold_score
+        assets = prepare_builtin_assets(b.cache_dir, seed=cfg.seed, n_sft=b.n_sft, sft_steps=b.sft_steps)
+        policy_path, reward_path = str(assets.policy_dir), str(assets.reward_dir)
+        oracle, oracle_terms = gold_score, gold_terms
         if cfg.apl.enabled:
             policy_path = apl_defender_policy(cfg)
     else:
         validate_sources(cfg.data)
         data = build_game_data(cfg.data, cfg.seed)
-        policy_path, reward_path, oracle = cfg.model.policy_path, cfg.model.reward_path, None
+        policy_path, reward_path, oracle, oracle_terms = cfg.model.policy_path, cfg.model.reward_path, None, None
     needed = 2 * (cfg.rounds + 2) * (_model_size(policy_path) + _model_size(reward_path))
     check_run_dir(run_dir, resume, max(MIN_FREE_BYTES, needed))
     # APL's attacker starts as the defender's SFT policy: it writes the task's words from the first round.
     attacker_path = policy_path if cfg.apl.enabled else None
-    return PreparedRun(cfg, run_dir, data, policy_path, reward_path, oracle, resume_from, attacker_path)
+    return PreparedRun(cfg, run_dir, data, policy_path, reward_path, oracle, oracle_terms, resume_from,
+                       attacker_path)
 
 
 def apl_defender_policy(cfg: Config) -> str:
@@ -214,7 +222,8 @@ def run(prepared: PreparedRun) -> dict:
             log.info("resumed %s after round %d (policy version %d)", run_dir, prepared.resume_from, version)
         elif logger.jsonl_path.stat().st_size:
             logger.truncate_after(-1)  # resumed before any checkpoint: forget what the killed run logged
-        game = APOGame(cfg, prepared.data, actors, logger, checkpointer, prepared.oracle, log=log.info)
+        game = APOGame(cfg, prepared.data, actors, logger, checkpointer, prepared.oracle, log=log.info,
+                       oracle_terms=prepared.oracle_terms, warn=log.warning)
         game.version = version
         game.run(first_round)
     except FloatingPointError as error:
@@ -231,13 +240,16 @@ def run(prepared: PreparedRun) -> dict:
 
 
 def write_summary(run_dir: Path, cfg: Config, prepared: PreparedRun, wall_s: float) -> dict:
+    from apo_ray.apo_activity import inert_apo_reason
+    from apo_ray.evaluation import rise_line, score_rise
     from apo_ray.metrics import read_metrics_jsonl
 
     rows = read_metrics_jsonl(run_dir / "metrics.jsonl")
     # Runs may evaluate every few rounds (eval_every).
     evaluated = [row for row in rows if "eval/gold_score" in row]
     first, last = evaluated[0], evaluated[-1]
-    keys = ("rm/acc", "rm/ece", "rm/acc_policy", "rm/ece_policy", "eval/gold_score", "eval/rm_score", "eval/kl")
+    keys = [k for key in SUMMARY_KEYS for k in (key, f"{key}_se") if k in first or k in last]
+    rise = score_rise(first, last)
     summary = {
         "method": cfg.method,
         "apo": cfg.apo,
@@ -249,9 +261,20 @@ def write_summary(run_dir: Path, cfg: Config, prepared: PreparedRun, wall_s: flo
         "data": prepared.data.summary(),
         "start": {k: first.get(k) for k in keys},
         "final": {k: last.get(k) for k in keys},
+        "gold_rise": rise,
+        # The evaluation's part of each evaluated game round (round 0 also fits the RM and warms vLLM up): a ratio
+        # of two times taken on the same machine at the same moment, so it holds even on a busy one.
+        "evaluate_share_of_round": [round(row["timing/evaluate"] / row["timing/round"], 3) for row in evaluated
+                                    if row["round"] > 0 and row.get("timing/round")],
+        # The whole run's RM steps, a resumed run's earlier ones included.
+        "apo_inert": inert_apo_reason(rows, cfg.reward.apo_inert_share) if cfg.apo else None,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("summary: %s", json.dumps(summary["final"]))
+    if rise is not None:
+        log.info("summary: %s", rise_line("eval/gold_score", rise))
+    if summary["apo_inert"]:
+        log.warning("summary: the APO term was inert: %s", summary["apo_inert"])
     return summary
 
 

@@ -4,19 +4,30 @@ the same method in the APO game (the paper's Tables 2 and 3), and the RM ablatio
 Every arm is a real run of the system (`apo_ray.train.prepare` + `run`), all on one local Ray cluster, for
 several seeds; a seed changes the task's data, the SFT policy and the RM's initialisation, and an arm and its
 baseline share them seed by seed, so their differences are paired. Per round the driver measures (see
-`apo_ray.driver.APOGame.evaluate`): the gold score of the policy's samples on held-out prompts, the game RM's
-score of the same samples, and the RM's accuracy and ECE on held-out simulated human pairs and on pairs of the
-current policy's samples labelled by the gold oracle.
+`apo_ray.driver.APOGame.evaluate`, eval.* of the config): the gold score of the policy's samples on held-out
+prompts with its standard error, the game RM's score of the same samples, and the RM's accuracy and ECE on
+held-out simulated human pairs and on every within-prompt pair of the policy's samples the oracle tells apart.
 
-Finished runs are kept under results/quality/tmp/scratch/ and reused when their config is unchanged, so an
-interrupted sweep continues where it stopped.
+A recipe is chosen on the tuning seeds and reported on seeds never used for tuning (issue 11):
 
-    .venv/bin/python -m benchmarks.quality [--quick] [--seeds 0 1 2] [--arms RJS APO-RJS ...]
+    # tuning: one sweep per candidate recipe (--set), each in results/quality/tuning/<recipe>/
+    .venv/bin/python -m benchmarks.quality --seed-set tuning --set reward.apo_coef=1.0
+    # reporting: the committed defaults, on the reporting seeds, in results/quality/
+    .venv/bin/python -m benchmarks.quality --seed-set reporting
+
+Per method the tables give the APO arm minus the fixed-RM arm, paired by seed, with a 95% t-interval, and each
+arm's seed SD and worst seed. Online arms (PPO, GRPO) draw as many policy samples per round as an offline one.
+Finished runs are kept under results/quality/tmp/scratch/ and reused when their config is unchanged, so a sweep
+can be stopped and continued in another sitting.
+
+    .venv/bin/python -m benchmarks.quality [--quick] [--seed-set tuning|reporting] [--seeds ...] [--arms ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import shutil
 import time
@@ -28,12 +39,17 @@ from typing import Any, Sequence
 import yaml
 
 from apo_ray.logs import configure_logging
-from benchmarks.common import (REPO_ROOT, BenchmarkRun, add_niceness_argument, base_parser, fmt,
+from benchmarks.common import (REPO_ROOT, RESULTS_ROOT, BenchmarkRun, add_niceness_argument, base_parser, fmt,
                                set_ray_worker_niceness, start_ray_with_retries)
 
 CONFIGS = REPO_ROOT / "configs"
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
-PPO_CONFIG = CONFIGS / "ppo.yaml"
+ONLINE_CONFIGS = {"ppo": CONFIGS / "ppo.yaml", "grpo": CONFIGS / "grpo.yaml"}
+# Settings are chosen on the tuning seeds and reported on the others; a seed belongs to one set only.
+SEED_SETS = {"tuning": tuple(range(10)), "reporting": tuple(range(100, 120))}
+DEFAULT_ROUNDS = 5
+# A smoke run: two seeds of the set, one round, few evaluation samples.
+QUICK_OVERRIDES = ("eval.samples_per_prompt=4", "reward.initial_epochs=2")
 
 
 @dataclass(frozen=True)
@@ -67,18 +83,20 @@ class Arm:
     online: bool = False
 
 
-def _offline(method: str, family: str) -> tuple[Arm, Arm]:
+def _offline(method: str, family: str, online: bool = False) -> tuple[Arm, Arm]:
+    """A method's fixed-RM arm and its APO arm."""
     upper = method.upper()
-    return (Arm(upper, method, (f"method={method}", "apo=false"), family),
-            Arm(f"APO-{upper}", f"apo-{method}", (f"method={method}", "apo=true"), family, baseline=upper))
+    return (Arm(upper, method, (f"method={method}", "apo=false"), family, online=online),
+            Arm(f"APO-{upper}", f"apo-{method}", (f"method={method}", "apo=true"), family, baseline=upper,
+                online=online))
 
 
 METHOD_ARMS: tuple[Arm, ...] = (
     *_offline("rjs", "RJS"),
     *_offline("rrhf", "RRHF"),
     *_offline("dpo", "DPO"),
-    Arm("PPO", "ppo", ("method=ppo", "apo=false"), "PPO", online=True),
-    Arm("APO-PPO", "apo-ppo", ("method=ppo", "apo=true"), "PPO", baseline="PPO", online=True),
+    *_offline("ppo", "PPO", online=True),
+    *_offline("grpo", "GRPO", online=True),
 )
 _APO_RJS = ("method=rjs", "apo=true")
 ABLATION_ARMS: tuple[Arm, ...] = (
@@ -108,26 +126,26 @@ def iterations_per_round(cfg: Any) -> int:
 
 
 def arm_config(arm: Arm, seed: int, run_dir: Path, args: argparse.Namespace) -> Any:
-    """The arm's validated Config. Online arms start from configs/ppo.yaml with the RM settings of
-    configs/default.yaml, so that every row's RM is fitted the same way in round 0."""
+    """The arm's validated Config: the recipe (--set) on top of the arm's overrides. Online arms start from
+    their configs/<method>.yaml with the RM settings of configs/default.yaml, so that every row's RM is fitted
+    the same way in round 0."""
     from apo_ray.config import load_config
 
     common = [f"seed={seed}", f"run_dir={run_dir}", "logging.tensorboard=false", "logging.report=false",
-              "logging.ray_metrics=false"]
+              "logging.ray_metrics=false", *(QUICK_OVERRIDES if args.quick else ()), *args.set]
     if args.rollout_backend:
         common.append(f"rollout.backend={args.rollout_backend}")
     if args.learner_backend:
         common.append(f"learner.backend={args.learner_backend}")
     if not arm.online:
-        rounds = [f"rounds={args.rounds}"] if args.rounds else []
-        return load_config(DEFAULT_CONFIG, [*arm.overrides, *rounds, *common])
+        return load_config(DEFAULT_CONFIG, [*arm.overrides, f"rounds={args.rounds}", *common])
+    config = ONLINE_CONFIGS[arm.overrides[0].removeprefix("method=")]
     default = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    base = load_config(PPO_CONFIG, _flat_overrides("reward", default["reward"]))
+    base = load_config(config, _flat_overrides("reward", default["reward"]))
     k = iterations_per_round(base)
-    rounds = args.rounds or load_config(DEFAULT_CONFIG).rounds
-    schedule = [f"rounds={rounds * k}", f"eval_every={k}", f"checkpoint_every={rounds * k}",
+    schedule = [f"rounds={args.rounds * k}", f"eval_every={k}", f"checkpoint_every={args.rounds * k}",
                 f"reward.update_every={k}"]
-    return load_config(PPO_CONFIG, [*_flat_overrides("reward", default["reward"]), *arm.overrides, *schedule, *common])
+    return load_config(config, [*_flat_overrides("reward", default["reward"]), *arm.overrides, *schedule, *common])
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -141,6 +159,8 @@ class RunRecord:
     wall_s: float | None = None
     reused: bool = False
     error: str | None = None
+    # Why the run's APO term was inert (summary.json's apo_inert), None when it played or the RM was fixed.
+    apo_inert: str | None = None
 
 
 def evaluated_rounds(rows: list[dict[str, Any]], cfg: Any, online: bool) -> list[dict[str, float]]:
@@ -156,6 +176,7 @@ def evaluated_rounds(rows: list[dict[str, Any]], cfg: Any, online: bool) -> list
         for metric in METRICS:
             value = row.get(metric.key)
             record[metric.key] = row.get(metric.old_key) if value is None and metric.old_key and not online else value
+        record[f"{GOLD}_se"] = row.get(f"{GOLD}_se")
         record["timing/round"] = row.get("timing/round")
         out.append(record)
     return out
@@ -190,6 +211,7 @@ def run_arm(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -> Run
             return record
         record.wall_s = round(time.perf_counter() - started, 1)
     record.rounds = evaluated_rounds(read_metrics_jsonl(run_dir / "metrics.jsonl"), cfg, arm.online)
+    record.apo_inert = json.loads((run_dir / "summary.json").read_text()).get("apo_inert")
     return record
 
 
@@ -226,27 +248,48 @@ def _mean_over_game_rounds(record: RunRecord, key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """Mean, sample SD and the `level` t-interval of the mean over `values` (seeds); NaN bounds for one value."""
+    from scipy.stats import t
+
+    stats = spread(values)
+    half = (t.ppf(0.5 + level / 2, stats["n"] - 1) * stats["stderr"]) if stats["n"] > 1 else math.nan
+    return {**stats, "low": stats["mean"] - half, "high": stats["mean"] + half, "level": level}
+
+
+def arm_spread(records: list[RunRecord], key: str = GOLD) -> dict[str, Any] | None:
+    """An arm's final `key` over the seeds it finished: mean, seed SD, and its worst seed."""
+    finals = {r.seed: _final(r, key) for r in records if not r.error}
+    finals = {seed: value for seed, value in finals.items() if value is not None}
+    if not finals:
+        return None
+    worst = min(finals, key=finals.__getitem__)
+    return {**spread(list(finals.values())), "worst_seed": worst, "worst": finals[worst]}
+
+
 def paired_difference(arm: list[RunRecord], baseline: list[RunRecord], key: str, reduce) -> dict[str, Any] | None:
-    """Arm minus baseline of `reduce(record, key)`, seed by seed, over the seeds both finished."""
+    """Arm minus baseline of `reduce(record, key)`, seed by seed over the seeds both finished, with its 95%
+    t-interval."""
     base = {r.seed: reduce(r, key) for r in baseline if not r.error}
     diffs = {r.seed: reduce(r, key) - base[r.seed] for r in arm
              if not r.error and base.get(r.seed) is not None and reduce(r, key) is not None}
     if not diffs:
         return None
-    return {**spread(list(diffs.values())), "per_seed": diffs, "better_seeds": sum(d > 0 for d in diffs.values())}
+    return {**t_interval(list(diffs.values())), "per_seed": diffs, "better_seeds": sum(d > 0 for d in diffs.values())}
 
 
 def verdict(diff: dict[str, Any] | None) -> str:
-    """'better' / 'worse' when the paired mean is more than two standard errors from 0, else 'no clear difference'."""
+    """From the 95% t-interval of a paired difference: 'better' / 'worse' when it excludes 0, otherwise 'not
+    better' (the interval covers 0: the arm does not beat its baseline on these seeds)."""
     if diff is None:
         return "not measured"
     if diff["n"] < 2 or math.isnan(diff["stderr"]):
         return "one seed only"
-    if diff["mean"] - 2 * diff["stderr"] > 0:
+    if diff["low"] > 0:
         return "better"
-    if diff["mean"] + 2 * diff["stderr"] < 0:
+    if diff["high"] < 0:
         return "worse"
-    return "no clear difference"
+    return "not better (interval covers 0)"
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -267,12 +310,20 @@ def _round_label(r: float) -> str:
 def _diff_cell(diff: dict[str, Any] | None) -> str:
     if diff is None:
         return "-"
-    return f"{diff['mean']:+.3f} ± {fmt(diff['stderr'])} ({diff['better_seeds']}/{diff['n']})"
+    if diff["n"] < 2:
+        return f"{diff['mean']:+.3f} (1 seed)"
+    return f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] ({diff['better_seeds']}/{diff['n']})"
+
+
+def _arm_cell(stats: dict[str, Any] | None) -> str:
+    if stats is None:
+        return "-"
+    return f"{fmt(stats['mean'])} (SD {fmt(stats['std'])}; worst {fmt(stats['worst'])}, seed {stats['worst_seed']})"
 
 
 def comparisons(arms: Sequence[Arm], records: dict[str, list[RunRecord]]) -> dict[str, dict[str, Any]]:
     """Each arm with a baseline against it, paired by seed: gold score and RM accuracies, final and averaged
-    over the game's rounds (>= 1), with verdicts on the gold score."""
+    over the game's rounds (>= 1), with verdicts on the gold score; and both arms' final gold over seeds."""
     out = {}
     for arm in arms:
         if arm.baseline is None or arm.baseline not in records or arm.name not in records:
@@ -286,6 +337,8 @@ def comparisons(arms: Sequence[Arm], records: dict[str, list[RunRecord]]) -> dic
             "final_acc_human": paired_difference(ours, theirs, "rm/acc", _final),
         }
         out[arm.name] = {"baseline": arm.baseline, **diffs,
+                         "arm_final_gold": arm_spread(ours), "baseline_final_gold": arm_spread(theirs),
+                         "apo_inert_seeds": sum(r.apo_inert is not None for r in ours if not r.error),
                          "verdict_final_gold": verdict(diffs["final_gold"]),
                          "verdict_mean_gold": verdict(diffs["mean_gold_rounds_1_plus"])}
     return out
@@ -325,7 +378,8 @@ def _plot_grid(path: Path, panels: dict[str, list[Arm]], metrics: Sequence[tuple
 
 
 def _plain_statement(compared: dict[str, dict[str, Any]]) -> str:
-    """Sentences naming where APO (or an ablation) is better, worse, or not distinguishable, by final gold score."""
+    """Sentences naming where APO (or an ablation) is better, worse, or does not beat its baseline, by final
+    gold score."""
     lines = ["## In plain words", ""]
     for name, c in compared.items():
         diff = c["final_gold"]
@@ -334,7 +388,7 @@ def _plain_statement(compared: dict[str, dict[str, Any]]) -> str:
             continue
         lines.append(
             f"- {name} vs. {c['baseline']}: final gold score {c['verdict_final_gold']} "
-            f"({diff['mean']:+.3f} ± {fmt(diff['stderr'])}, higher in {diff['better_seeds']} of {diff['n']} seeds); "
+            f"({_diff_cell(diff)}, 95% t-interval; higher in {diff['better_seeds']} of {diff['n']} seeds); "
             f"averaged over rounds ≥ 1: {c['verdict_mean_gold']}."
         )
     return "\n".join(lines)
@@ -351,16 +405,19 @@ def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Ar
     run.add_text(
         f"Task: the builtin task (apo_ray.builtin), {sample.data.builtin.n_pairs} simulated human pairs, "
         f"{sample.data.builtin.n_gold} gold answers, {sample.data.builtin.n_prompts} policy prompts, "
-        f"{sample.data.builtin.n_eval_pairs} held-out human pairs; evaluation samples: 2 per prompt on 64 held-out "
-        f"prompts. Offline arms: configs/default.yaml ({sample.rounds} rounds, S={sample.samples_per_prompt}, "
-        f"RM lr {sample.reward.lr:g}, {sample.reward.initial_epochs} initial RM epochs, "
-        f"{sample.reward.epochs_per_round} RM epoch(s) per round, APO coefficient {sample.apo_coef:g}) with each "
-        "row's overrides. PPO arms: configs/ppo.yaml with default.yaml's reward section, "
-        "PPO iterations (rounds of the online game) = rounds x (policy prompts / prompts per iteration), evaluated (and, for APO-PPO, the RM "
-        "stepped) once per such round. Backends (rollout, learner): "
+        f"{sample.data.builtin.n_eval_pairs} held-out human pairs; evaluation samples: "
+        f"{sample.eval.samples_per_prompt} per prompt on up to {sample.eval.prompts} held-out prompts. Offline "
+        f"arms: configs/default.yaml ({sample.rounds} rounds, S={sample.samples_per_prompt}, RM lr "
+        f"{sample.reward.lr:g}, {sample.reward.initial_epochs} initial RM epochs, {sample.reward.epochs_per_round} "
+        f"RM epoch(s) per round, APO coefficient {sample.apo_coef:g}, {sample.reward.apo_normalization} "
+        f"normalization) with each row's overrides. Recipe (--set on every arm): "
+        f"{' '.join(args.set) or 'the committed defaults'}. Online arms: configs/ppo.yaml and configs/grpo.yaml "
+        "with default.yaml's reward section; PPO iterations (rounds of the online game) = rounds x (policy prompts "
+        "/ prompts per iteration), so that they draw as many samples as an offline round, evaluated (and, for "
+        "APO, the RM stepped) once per such round. Backends (rollout, learner): "
         + ", ".join(f"{r}/{l}" for r, l in backends)
-        + f". Seeds: {' '.join(map(str, args.seeds))}. Cells: mean ± sample std over seeds. Round 0 is the SFT "
-        "policy with the RM fitted on the human pairs (identical for an arm and its baseline)."
+        + f". Seeds ({args.seed_set} set): {' '.join(map(str, args.seeds))}. Round 0 is the SFT policy with the "
+        "RM fitted on the human pairs (identical for an arm and its baseline)."
     )
     failed = [(name, r.seed, r.error.strip().splitlines()[-1]) for name, recs in records.items() for r in recs if r.error]
     if failed:
@@ -373,15 +430,18 @@ def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Ar
             c = compared.get(arm.name)
             if c is None:
                 continue
-            rows.append([arm.name, c["baseline"], _diff_cell(c["final_gold"]), c["verdict_final_gold"],
+            rows.append([arm.name, c["baseline"], _arm_cell(c["arm_final_gold"]), _arm_cell(c["baseline_final_gold"]),
+                         _diff_cell(c["final_gold"]), c["verdict_final_gold"],
                          _diff_cell(c["mean_gold_rounds_1_plus"]), c["verdict_mean_gold"],
-                         _diff_cell(c["final_acc_policy"]), _diff_cell(c["mean_acc_policy_rounds_1_plus"])])
+                         _diff_cell(c["final_acc_policy"]), c["apo_inert_seeds"]])
         if rows:
-            run.add_table(title, ["arm", "vs.", "final gold Δ", "verdict", "gold Δ, mean of rounds ≥ 1", "verdict",
-                                  "final RM acc (policy pairs) Δ", "RM acc (policy pairs) Δ, mean of rounds ≥ 1"], rows,
-                          note="Δ = arm minus baseline, paired by seed: mean ± standard error (seeds where the arm "
-                               "is higher / seeds). Verdict: better / worse when the mean is more than two standard "
-                               "errors from 0, otherwise no clear difference.")
+            run.add_table(title, ["arm", "vs.", "arm final gold", "baseline final gold", "final gold Δ", "verdict",
+                                  "gold Δ, mean of rounds ≥ 1", "verdict", "final RM acc (policy pairs) Δ",
+                                  "seeds with the APO term inert"], rows,
+                          note="Final gold: mean over seeds (seed SD; the worst seed's value and number). Δ = arm "
+                               "minus baseline, paired by seed: mean [95% t-interval] (seeds where the arm is "
+                               "higher / seeds). Verdict: better / worse when the interval excludes 0; otherwise "
+                               "the arm does not beat its baseline on these seeds.")
 
     run.add_text(_plain_statement(compared))
 
@@ -429,20 +489,39 @@ def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Ar
 # ---------------------------------------------------------------------------------------------- main
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seed-set", choices=tuple(SEED_SETS), required=True,
+                        help="tuning: seeds 0-9, for choosing a recipe; reporting: seeds 100-119, for the results "
+                             "(never used for tuning)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="a subset of the seed set (default: all of it)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="a recipe: config overrides for every arm (a tuning candidate); its runs and results "
+                             "are kept apart from other recipes'")
     parser.add_argument("--arms", nargs="+", choices=[arm.key for arm in ALL_ARMS],
                         help="run only these arms (default: all); an arm's baseline is added when missing")
-    parser.add_argument("--rounds", type=int, help="rounds per run (default: configs/default.yaml's)")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help=f"rounds per run (default {DEFAULT_ROUNDS})")
     parser.add_argument("--rollout-backend", choices=("vllm", "hf"), help="default: the config's")
     parser.add_argument("--learner-backend", choices=("deepspeed", "torch"), help="default: the config's")
     add_niceness_argument(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    allowed = SEED_SETS[args.seed_set]
+    if args.seeds is None:
+        args.seeds = list(allowed)
+    elif not set(args.seeds) <= set(allowed):
+        parser.error(f"--seeds: {sorted(set(args.seeds) - set(allowed))} are not {args.seed_set} seeds "
+                     f"({allowed[0]}-{allowed[-1]})")
     if args.quick:
-        args.seeds, args.rounds = args.seeds[:1], args.rounds or 1
+        args.seeds, args.rounds = args.seeds[:2], 1
         args.arms = args.arms or [arm.key for arm in ALL_ARMS if arm.name in QUICK_ARMS]
     return args
+
+
+def recipe_tag(args: argparse.Namespace) -> str:
+    """Where a recipe's runs and results live: "default" without --set, else the overrides' short hash."""
+    if not args.set:
+        return "default"
+    return "set-" + hashlib.sha256(" ".join(sorted(args.set)).encode()).hexdigest()[:8]
 
 
 def selected_arms(keys: Sequence[str] | None) -> list[Arm]:
@@ -458,28 +537,39 @@ def main() -> None:
     args = parse_args()
     configure_logging(False)
     set_ray_worker_niceness(args.ray_worker_niceness)
+    tag = recipe_tag(args)
+    if args.out is None and not args.quick and (args.seed_set == "tuning" or args.set):
+        # Only the reporting seeds with the committed defaults replace results/quality/ itself.
+        args.out = RESULTS_ROOT / "quality" / args.seed_set / tag
     run = BenchmarkRun("quality", "Quality: APO vs. fixed-RM baselines and RM ablations on the builtin task", args)
     import ray
 
     from apo_ray.cluster import init_ray, required_resources
 
     arms = selected_arms(args.arms)
-    # quick and full sweeps keep their runs apart: reuse is decided by config, and they differ in rounds
-    scratch = run.scratch / ("quick" if args.quick else "full")
+    # quick and full sweeps, and each recipe, keep their runs apart: reuse is decided by config and run directory
+    scratch = run.scratch / ("quick" if args.quick else "full") / tag
     configs = {arm.name: arm_config(arm, args.seeds[0], scratch / arm.key, args) for arm in arms}
     largest = max(configs.values(), key=lambda cfg: required_resources(cfg)["CPU"])
     start_ray_with_retries(lambda: init_ray(largest))
     records: dict[str, list[RunRecord]] = {arm.name: [] for arm in arms}
+    total, made, started = len(args.seeds) * len(arms), [], time.perf_counter()
     try:
         # seed by seed, so that an interrupted sweep still has every arm for the first seeds
         for seed in args.seeds:
             for arm in arms:
                 record = run_arm(arm, seed, scratch, args)
                 records[arm.name].append(record)
+                if record.wall_s is not None:
+                    made.append(record.wall_s)
+                done = sum(len(recs) for recs in records.values())
                 status = "reused" if record.reused else ("FAILED" if record.error else f"{record.wall_s:.0f} s")
                 final = record.rounds[-1] if record.rounds else {}
-                print(f"[quality] {arm.name} seed {seed}: {status}; final gold {fmt(final.get(GOLD))}, "
-                      f"RM acc policy {fmt(final.get(ACC_POLICY))}", flush=True)
+                eta = f", about {sum(made) / len(made) * (total - done) / 60:.0f} min left" if made else ""
+                print(f"[quality] {done}/{total} {arm.name} seed {seed}: {status}; final gold "
+                      f"{fmt(final.get(GOLD))} +- {fmt(final.get(GOLD + '_se'))}, RM acc policy "
+                      f"{fmt(final.get(ACC_POLICY))}; {(time.perf_counter() - started) / 60:.0f} min so far{eta}",
+                      flush=True)
     finally:
         ray.shutdown()
     run.finish(write_outputs(run, args, arms, records, configs))

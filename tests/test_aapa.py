@@ -133,7 +133,7 @@ def test_staged_aapa_grpo_rounds_on_vllm_and_deepspeed(ray_cluster, tmp_path):
     assert rows[0]["aapa/steps"] >= 1 and 0.0 <= rows[0]["aapa/disc_acc"] <= 1.0
     assert [rows[1]["aapa/base_weight"], rows[2]["aapa/base_weight"]] == [0.0, 1.0]
     for row in rows[1:]:
-        assert 0.0 < row["aapa/disc_score"] < 1.0 and row["aapa/disc_score_stderr"] > 0.0
+        assert 0.0 < row["aapa/disc_score"] < 1.0 and row["aapa/disc_score_se"] > 0.0
         assert row["aapa/anchor_reward"] < 0.0  # log D
         assert "policy/loss" in row
     assert (prepared.run_dir / "checkpoints/discriminator/config.json").is_file()

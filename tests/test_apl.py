@@ -58,7 +58,7 @@ def test_attacker_advantages_and_strongest_attacks_by_hand():
 
 def test_rate_with_its_standard_error():
     # [1, 0, 0, 1]: mean 0.5, sample std 0.57735, / sqrt(4) = 0.288675
-    assert rate([True, False, False, True], "apl/x") == pytest.approx({"apl/x": 0.5, "apl/x_stderr": 0.288675})
+    assert rate([True, False, False, True], "apl/x") == pytest.approx({"apl/x": 0.5, "apl/x_se": 0.288675})
 
 
 def test_harm_is_the_gold_oracles_negative_words():
@@ -154,7 +154,7 @@ def test_one_apl_round_on_vllm_and_deepspeed(ray_cluster, tmp_path):
     for row in rows:
         for key in ("apl/harmful_rate", "apl/attack_success_rate", "apl/attack_success_rate_fixed", "apl/utility"):
             assert 0.0 <= row[key] <= 1.0 or key == "apl/utility", key
-            assert row[f"{key}_stderr"] >= 0.0, key
+            assert row[f"{key}_se"] >= 0.0, key
         assert 0.0 < row["apl/eval_harm"] < 1.0
     round_1 = rows[1]
     assert 0.0 < round_1["apl/attacker_harm"] < 1.0 and round_1["apl/attacker_steps"] >= 1

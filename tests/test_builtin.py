@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from apo_ray.builtin.assets import default_cache_dir, prepare_builtin_assets, publish_build
 from apo_ray.builtin.models import TinyModelSpec, make_policy_model, make_reward_model, make_tokenizer
-from apo_ray.builtin.oracle import gold_score, response_words
+from apo_ray.builtin.oracle import GOLD_TERMS, gold_score, gold_terms, response_words
 from apo_ray.builtin.task import make_sft_data, make_task, random_response
+from apo_ray.config import BuiltinTaskConfig
 
 RIVER = "topic : river ; about : night ; answer :"
 
@@ -39,6 +40,17 @@ def test_gold_score_features(response: str, raw: float) -> None:
     assert gold_score(RIVER, response) == pytest.approx(squashed(raw))
 
 
+def test_gold_terms_split_the_raw_score_by_hand() -> None:
+    # topic, 2 distinct positives (calm twice: one repeat), one negative, one other topic, 16 words (2 over)
+    response = "the river is calm and calm and bright and dull near the lake so so so"
+    terms = gold_terms(RIVER, response)
+    assert list(terms) == list(GOLD_TERMS)
+    assert terms == pytest.approx({"topic": 1.0, "praise": 1.4, "negatives": -0.7, "repeats": -0.6,
+                                   "off_topic": -0.4, "length": -0.8, "junk": -0.5})  # "near" is not a word here
+    assert gold_score(RIVER, response) == pytest.approx(squashed(sum(terms.values())))
+    assert gold_terms(RIVER, "river")["length"] == pytest.approx(-1.6)
+
+
 def test_gold_score_without_topic_counts_every_topic_as_off_topic() -> None:
     assert gold_score("hello there", "the river is new") == pytest.approx(squashed(-0.4))
 
@@ -64,7 +76,7 @@ def test_make_task_is_deterministic_by_seed() -> None:
 
 def test_sft_data_does_not_depend_on_other_sizes() -> None:
     small = make_task(0, n_pairs=5, n_gold=10, n_policy_prompts=10, n_eval_pairs=5)
-    assert small.sft_data == make_task(0).sft_data == make_sft_data(0, 1024)
+    assert small.sft_data == make_task(0).sft_data == make_sft_data(0, 4096)
 
 
 def test_prompt_pools_are_disjoint_and_sized() -> None:
@@ -110,7 +122,9 @@ def test_golden_answers_beat_the_initial_distribution_and_random_words() -> None
     behaviour = statistics.mean(gold_score(prompt, response) for prompt, response in task.sft_data)
     rng = random.Random(0)
     random_words = statistics.mean(gold_score(prompt, random_response(rng)) for prompt in task.prompts)
-    assert golden > behaviour + 1.5
+    # The behaviour data stays on topic (issue 11), so the gap is narrower than before (1.5), still most of
+    # the room between the behaviour and the top of the scale.
+    assert golden > behaviour + 1.2
     assert behaviour > random_words + 0.5
 
 
@@ -189,9 +203,17 @@ def test_prepare_builds_once_and_reuses_the_cache(tmp_path: Path) -> None:
     assert AutoTokenizer.from_pretrained(first.tokenizer_dir).get_vocab() == make_tokenizer().get_vocab()
 
 
-@pytest.mark.integration
-def test_sft_policy_speaks_the_language_and_is_clearly_improvable() -> None:
-    assets = prepare_builtin_assets(default_cache_dir())
+def topic_share(pairs) -> float:
+    """The share of (prompt, response) pairs whose response names the prompt's topic (the gold topic term)."""
+    return statistics.mean(gold_terms(prompt, response)["topic"] for prompt, response in pairs)
+
+
+@pytest.fixture(scope="module")
+def sft_samples():
+    """The embedded default's SFT policy (as `apo-ray train` builds it) and 4 samples of it per gold and policy
+    prompt of seed 0's task, sampled with transformers' generate."""
+    sizes = BuiltinTaskConfig()
+    assets = prepare_builtin_assets(default_cache_dir(), seed=0, n_sft=sizes.n_sft, sft_steps=sizes.sft_steps)
     tokenizer = AutoTokenizer.from_pretrained(assets.policy_dir)
     policy = AutoModelForCausalLM.from_pretrained(assets.policy_dir).eval()
     task = make_task(0)
@@ -199,8 +221,15 @@ def test_sft_policy_speaks_the_language_and_is_clearly_improvable() -> None:
     inputs = tokenizer(prompts, return_tensors="pt")  # every prompt has the same length: no padding
     torch.manual_seed(0)
     with torch.no_grad():
-        output = policy.generate(**inputs, do_sample=True, max_new_tokens=32, pad_token_id=tokenizer.pad_token_id)
+        output = policy.generate(**inputs, do_sample=True, max_new_tokens=32, num_return_sequences=4,
+                                 pad_token_id=tokenizer.pad_token_id)
     generated = output[:, inputs["input_ids"].shape[1]:]
+    return task, tokenizer, [p for p in prompts for _ in range(4)], generated, sizes
+
+
+@pytest.mark.integration
+def test_sft_policy_speaks_the_language_and_is_clearly_improvable(sft_samples) -> None:
+    task, tokenizer, prompts, generated, _ = sft_samples
     ended = [tokenizer.eos_token_id in row.tolist() for row in generated]
     assert statistics.mean(ended) > 0.9
     assert tokenizer.unk_token_id not in generated.tolist()
@@ -209,5 +238,16 @@ def test_sft_policy_speaks_the_language_and_is_clearly_improvable() -> None:
     golden_mean = statistics.mean(gold_score(a.prompt, a.response) for a in task.gold)
     rng = random.Random(0)
     random_mean = statistics.mean(gold_score(p, random_response(rng)) for p in prompts)
-    assert sft_mean < golden_mean - 1.5
+    assert sft_mean < golden_mean - 1.2
     assert sft_mean > random_mean
+
+
+@pytest.mark.integration
+def test_sft_policy_names_its_prompts_topic_as_often_as_its_data(sft_samples) -> None:
+    """The policy conditions on its prompt: its samples name the prompt's topic within 20% as often as its SFT
+    data does (issue 11: 1.5-3% against about half, before)."""
+    _, tokenizer, prompts, generated, sizes = sft_samples
+    responses = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    data_share = topic_share(make_sft_data(0, sizes.n_sft))
+    policy_share = topic_share(zip(prompts, responses))
+    assert abs(policy_share - data_share) <= 0.2 * data_share, (policy_share, data_share)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from apo_ray.builtin.oracle import GOLD_TERMS
 from apo_ray.config import load_config
 from apo_ray.metrics import read_metrics_jsonl
 from apo_ray.train import prepare, run
@@ -18,6 +19,7 @@ SMALL = [
     "rounds=1", "samples_per_prompt=2",
     "data.builtin.n_pairs=64", "data.builtin.n_gold=8", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=16",
     "reward.initial_epochs=1", "policy.epochs_per_round=1", "logging.report=false", "logging.ray_metrics=false",
+    "eval.prompts=8", "eval.samples_per_prompt=3",
 ]
 
 
@@ -40,6 +42,13 @@ def test_one_round_per_method_hf_torch(ray_cluster, tmp_path, method):
     assert [r["round"] for r in rows] == [0, 1]
     for key in ("rm/acc", "rm/ece", "rm/acc_policy", "eval/gold_score", "eval/rm_score", "eval/kl"):
         assert key in rows[1], key
+    # 8 held-out prompts x 3 samples, every mean with its error, the gold score also by term
+    assert rows[1]["eval/samples"] == 24 and 0 < rows[1]["rm/policy_pairs"] <= 8 * 3
+    for key in ("eval/gold_score", "eval/rm_score", "eval/kl", "rm/acc", "eval/gold_topic", "eval/gold_length"):
+        assert rows[1][f"{key}_se"] >= 0, key
+    assert all(f"eval/gold_{term}" in rows[1] for term in GOLD_TERMS)
+    assert 0 <= rows[1]["eval/gold_topic"] <= 1 and rows[1]["eval/gold_length"] <= 0
+    assert 0 < rows[1]["rm/apo_share"] < 1
     # The APO step ran on gold-vs-sample pairs, and the samples came from the weights of version 0.
     assert "rm/loss_apo" in rows[1] and rows[1]["rollout/policy_version_lag"] == 0
     # fp32 HF sampler and fp32 learner on the same weights and the same ids: the log-probs agree.
@@ -51,6 +60,7 @@ def test_one_round_per_method_hf_torch(ray_cluster, tmp_path, method):
     state = json.loads((prepared.run_dir / "checkpoints/round_0001/state.json").read_text())
     assert state["policy_version"] == 1
     assert summary["final"]["eval/gold_score"] == rows[1]["eval/gold_score"]
+    assert summary["gold_rise"]["end_se"] == rows[1]["eval/gold_score_se"]
 
 
 def test_fixed_rm_baseline_never_steps_the_rm(ray_cluster, tmp_path):

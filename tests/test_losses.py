@@ -49,6 +49,8 @@ def test_apo_reward_loss_bt_combines_both_terms():
     assert stats["rm/margin"] == pytest.approx(0.5)
     # one tie (half) and one correct pair
     assert stats["rm/acc_train_pref"] == pytest.approx(0.75)
+    # the APO part of the loss: 0.5 * NEG_LOGSIG_1 of 0.5 * NEG_LOGSIG_1 + 2 * pref
+    assert stats["rm/apo_share"] == pytest.approx(0.5 * NEG_LOGSIG_1 / (0.5 * NEG_LOGSIG_1 + 2.0 * pref))
 
 
 def test_apo_reward_loss_diff_changes_only_the_apo_term():
@@ -56,6 +58,8 @@ def test_apo_reward_loss_diff_changes_only_the_apo_term():
     # APO term: 0 - 1 = -1; the human term stays Bradley-Terry.
     assert stats["rm/loss_apo"] == pytest.approx(-1.0)
     assert loss.item() == pytest.approx(0.5 * -1.0 + 2.0 * (LOG2 + NEG_LOGSIG_1) / 2)
+    # a negative APO part still weighs by its size: 0.5 of 0.5 + (LOG2 + NEG_LOGSIG_1)
+    assert stats["rm/apo_share"] == pytest.approx(0.5 / (0.5 + LOG2 + NEG_LOGSIG_1))
 
 
 def test_apo_reward_loss_gradient_raises_gold_and_lowers_sample():

@@ -111,7 +111,7 @@ def test_ppo_and_apo_ppo_configs_differ_only_in_the_rm_steps():
     assert plain.pop("apo") is False and apo.pop("apo") is True
     # The APO RM step's keys are read, and saved, only with apo=true.
     assert apo["reward"].pop("update_every") == 5
-    for key in ("apo_coef", "apo_normalization", "epochs_per_round", "reinit_each_round"):
+    for key in ("apo_coef", "apo_normalization", "epochs_per_round", "reinit_each_round", "apo_inert_share"):
         apo["reward"].pop(key)
     assert plain == apo
 

@@ -44,8 +44,8 @@ def _assets_key(settings: dict[str, object]) -> str:
     return digest.hexdigest()[:16]
 
 
-def prepare_builtin_assets(cache_dir: str | Path | None = None, seed: int = 0, *, n_sft: int = 1024,
-                           sft_steps: int = 250, sft_lr: float = 3e-3, spec: TinyModelSpec = TinyModelSpec()
+def prepare_builtin_assets(cache_dir: str | Path | None = None, seed: int = 0, *, n_sft: int = 4096,
+                           sft_steps: int = 500, sft_lr: float = 1e-3, spec: TinyModelSpec = TinyModelSpec()
                            ) -> BuiltinAssets:
     """Build tokenizer, SFT policy and RM once per settings and cache them under ``cache_dir``.
 

@@ -109,20 +109,23 @@ def _sft_batch(tokenizer: PreTrainedTokenizerFast, examples: list[tuple[str, str
     return input_ids, mask, labels
 
 
-def sft_initial_policy(model_dir: str | Path, sft_data: tuple[tuple[str, str], ...], steps: int = 250,
-                       lr: float = 3e-3, seed: int = 0, batch_size: int = 32) -> Path:
-    """Fine-tune the policy in ``model_dir`` in place with plain torch AdamW; loss on response tokens only.
+def sft_initial_policy(model_dir: str | Path, sft_data: tuple[tuple[str, str], ...], steps: int = 500,
+                       lr: float = 1e-3, seed: int = 0, batch_size: int = 32) -> Path:
+    """Fine-tune the policy in ``model_dir`` in place with plain torch AdamW at a constant ``lr``; loss on response
+    tokens only.
 
-    The result imitates the behaviour distribution's words and always stops with <eos>, but it seldom
-    copies the prompt's topic (1-3% of samples; not learned within 800 steps either), so its gold score
-    (about -0.5) is below its data's (+0.1): the topic term is mostly out of reach for the tiny policy.
+    The result imitates the behaviour distribution's words, always stops with <eos>, and names its prompt's
+    topic about as often as its data does: the copy from the prompt forms after 200-300 steps at lr 1e-3 (seed 0:
+    70% of its samples name the topic at 500 steps, its data 77%). At lr 3e-3 (before issue 11) it never formed,
+    not even on data that always names the topic at the same place ("the <topic> is good": the topic's
+    probability at its slot stayed 2% over 400 steps, against 98% at 1e-3): the model stayed at the solution that
+    predicts each word from the one before it.
     """
     model_dir = Path(model_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     # This model's matmuls are too small to gain from threads, and on a busy machine two OpenMP threads
@@ -135,7 +138,6 @@ def sft_initial_policy(model_dir: str | Path, sft_data: tuple[tuple[str, str], .
             input_ids, mask, labels = _sft_batch(tokenizer, batch)
             model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
             optimizer.step()
-            schedule.step()
             optimizer.zero_grad()
     finally:
         torch.set_num_threads(threads)

@@ -61,38 +61,51 @@ def response_words(response: str) -> list[str]:
     return _WORD_PATTERN.findall(response)
 
 
+# The terms of the raw gold score, in the order the report shows them.
+GOLD_TERMS = ("topic", "praise", "negatives", "repeats", "off_topic", "length", "junk")
+
+
+def gold_terms(prompt: str, response: str) -> dict[str, float]:
+    """The raw gold score of a response split into its terms (see `gold_score`); they sum to the raw score.
+
+    ``length`` is the rambling and the too-short penalty together: a response is never both.
+    """
+    words = response_words(response)
+    topic = prompt_topic(prompt)
+    adjective_uses = [word for word in words if word in ADJECTIVES]
+    return {
+        "topic": 1.0 * (topic is not None and topic in words),
+        "praise": 0.7 * min(len(set(adjective_uses) & _POSITIVE), 3),
+        "negatives": -0.7 * sum(word in _NEGATIVE for word in words),
+        "repeats": -0.6 * (len(adjective_uses) - len(set(adjective_uses))),
+        "off_topic": -0.4 * len((set(words) & _TOPICS) - {topic}),
+        "length": -0.4 * max(0, len(words) - MAX_GOOD_LENGTH) - 0.8 * max(0, MIN_GOOD_LENGTH - len(words)),
+        "junk": -0.5 * sum(word not in RESPONSE_WORDS for word in words),
+    }
+
+
+def squash(raw: float) -> float:
+    """gold = 3 tanh(raw / 3): the raw sum of terms squashed into [-3, 3]."""
+    # Rounding makes responses with equal feature totals tie exactly, whatever the float summation order.
+    return 3.0 * math.tanh(round(raw, 9) / 3.0)
+
+
 def gold_score(prompt: str, response: str) -> float:
     """Hidden gold reward of any (prompt, response) string pair, in [-3, 3].
 
     With ``w`` the response's words (special tokens dropped) and ``t`` the prompt's topic::
 
-        raw = 1.0 * [t in w]                                    # mentions its topic
-            + 0.7 * min(#distinct positive adjectives, 3)       # says nice things, with diminishing returns
-            - 0.7 * #negative adjective occurrences
-            - 0.6 * #repeated adjective occurrences            # each adjective use after its first
-            - 0.4 * #distinct other topics mentioned           # off topic
-            - 0.4 * max(0, len(w) - 14)                         # rambles
-            - 0.8 * max(0, 3 - len(w))                          # too short
-            - 0.5 * #words outside the response vocabulary      # junk, prompt words, unknown words
+        raw = 1.0 * [t in w]                                    # topic: mentions its topic
+            + 0.7 * min(#distinct positive adjectives, 3)       # praise, with diminishing returns
+            - 0.7 * #negative adjective occurrences             # negatives
+            - 0.6 * #repeated adjective occurrences            # repeats: each adjective use after its first
+            - 0.4 * #distinct other topics mentioned           # off_topic
+            - 0.4 * max(0, len(w) - 14)                         # length: rambles ...
+            - 0.8 * max(0, 3 - len(w))                          # ... or is too short
+            - 0.5 * #words outside the response vocabulary      # junk: prompt words, unknown words
         gold = 3 * tanh(raw / 3)
 
     The initial (behaviour) distribution seldom repeats adjectives or runs long, so an RM fitted on its pairs
     learns "more positive words is better" and extrapolates to repetition that this reward punishes.
     """
-    words = response_words(response)
-    topic = prompt_topic(prompt)
-    adjective_uses = [word for word in words if word in ADJECTIVES]
-    raw = (
-        1.0 * (topic is not None and topic in words)
-        + 0.7 * min(len(set(adjective_uses) & _POSITIVE), 3)
-        - 0.7 * sum(word in _NEGATIVE for word in words)
-        - 0.6 * (len(adjective_uses) - len(set(adjective_uses)))
-        - 0.4 * len((set(words) & _TOPICS) - {topic})
-        - 0.4 * max(0, len(words) - MAX_GOOD_LENGTH)
-        - 0.8 * max(0, MIN_GOOD_LENGTH - len(words))
-        - 0.5 * sum(word not in RESPONSE_WORDS for word in words)
-    )
-    # Rounding makes responses with equal feature totals tie exactly, whatever the float summation order.
-    return 3.0 * math.tanh(round(raw, 9) / 3.0)
-
-
+    return squash(sum(gold_terms(prompt, response).values()))

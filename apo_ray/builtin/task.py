@@ -35,8 +35,11 @@ class ResponseStyle:
     intensifier: float  # chance of "very"/"quite"/... before an adjective
 
 
-# The initial policy's distribution: mixed sentiment, half off topic, rarely repeats or runs long.
-BEHAVIOUR_STYLE = ResponseStyle((0.35, 0.30, 0.35), on_topic=0.5, clause_weights=(0.4, 0.5, 0.1),
+# The initial policy's distribution: mixed sentiment, mostly on topic, rarely repeats, runs long or wanders off
+# topic, so an RM fitted on its pairs sees few of the penalties the policy can later run into. With half of the
+# noun slots off topic (before issue 11) a prompt's topic was a weak signal to imitate, and the tiny SFT policy
+# never learned to copy it from its prompt (1.5-3% of its samples named it).
+BEHAVIOUR_STYLE = ResponseStyle((0.35, 0.30, 0.35), on_topic=0.9, clause_weights=(0.4, 0.5, 0.1),
                                 repeat_adjective=0.05, intensifier=0.2)
 # A good but imperfect writer: mostly positive, on topic, never rambling; neutral words cost it points.
 EXPERT_STYLE = ResponseStyle((0.85, 0.0, 0.15), on_topic=1.0, clause_weights=(0.1, 0.9),
@@ -142,7 +145,7 @@ def _simulated_pairs(rng: random.Random, prompt_pool: list[str], n: int, tempera
 
 
 def make_task(seed: int = 0, *, n_pairs: int = 400, n_gold: int = 64, n_policy_prompts: int = 128,
-              n_eval_pairs: int = 200, n_sft: int = 1024, preference_temperature: float = 0.5) -> BuiltinTask:
+              n_eval_pairs: int = 200, n_sft: int = 4096, preference_temperature: float = 0.5) -> BuiltinTask:
     """Build the task deterministically from ``seed``.
 
     Prompts are split into gold, policy, eval-pair and train-pair pools (the last two share what is left,

@@ -1,0 +1,78 @@
+"""The quality benchmark's statistics and seed sets (benchmarks/quality.py), against hand computations."""
+
+import math
+
+import pytest
+
+from benchmarks.quality import (
+    RunRecord,
+    arm_spread,
+    paired_difference,
+    parse_args,
+    recipe_tag,
+    t_interval,
+    verdict,
+    _final,
+)
+
+T_975_2 = 4.302652729911275  # the 97.5% quantile of Student's t with 2 degrees of freedom
+
+
+def record(seed: int, *golds: float, error: str | None = None) -> RunRecord:
+    return RunRecord("arm", seed, rounds=[{"round": r, "eval/gold_score": g} for r, g in enumerate(golds)],
+                     error=error)
+
+
+def test_t_interval_by_hand():
+    # 1, 2, 3: mean 2, SD 1, SE 1 / sqrt(3)
+    interval = t_interval([1.0, 2.0, 3.0])
+    assert interval["mean"] == 2.0 and interval["std"] == pytest.approx(1.0)
+    assert interval["low"] == pytest.approx(2.0 - T_975_2 / math.sqrt(3))
+    assert interval["high"] == pytest.approx(2.0 + T_975_2 / math.sqrt(3))
+    assert math.isnan(t_interval([1.0])["low"])
+
+
+def test_paired_difference_pairs_by_seed_and_skips_failed_runs():
+    apo = [record(0, -0.5, 0.3), record(1, -0.4, 0.2), record(2, -0.6, 0.4), record(3, 0.0, error="boom")]
+    fixed = [record(2, -0.6, 0.1), record(0, -0.5, 0.0), record(1, -0.4, 0.1), record(3, 0.0, 0.9)]
+    diff = paired_difference(apo, fixed, "eval/gold_score", _final)
+    assert diff["per_seed"] == pytest.approx({0: 0.3, 1: 0.1, 2: 0.3})
+    assert diff["n"] == 3 and diff["better_seeds"] == 3
+    # mean 0.7 / 3, SD sqrt(((0.3 - m)^2 * 2 + (0.1 - m)^2) / 2)
+    mean = 0.7 / 3
+    sd = math.sqrt(((0.3 - mean) ** 2 * 2 + (0.1 - mean) ** 2) / 2)
+    assert diff["mean"] == pytest.approx(mean) and diff["std"] == pytest.approx(sd)
+    assert diff["low"] == pytest.approx(mean - T_975_2 * sd / math.sqrt(3))
+    assert verdict(diff) == "not better (interval covers 0)"  # 0.233 - 0.287 < 0
+
+
+def test_verdicts_follow_the_interval():
+    assert verdict({"n": 3, "stderr": 0.1, "low": 0.01, "high": 0.5}) == "better"
+    assert verdict({"n": 3, "stderr": 0.1, "low": -0.5, "high": -0.01}) == "worse"
+    assert verdict({"n": 1, "stderr": math.nan, "low": math.nan, "high": math.nan}) == "one seed only"
+    assert verdict(None) == "not measured"
+
+
+def test_arm_spread_names_the_worst_seed():
+    stats = arm_spread([record(100, 0.0, 0.4), record(101, 0.0, -0.2), record(102, 0.0, 0.1)])
+    assert stats["worst_seed"] == 101 and stats["worst"] == pytest.approx(-0.2)
+    assert stats["mean"] == pytest.approx(0.1) and stats["std"] == pytest.approx(0.3)
+
+
+def test_seed_sets_are_explicit_and_kept_apart():
+    assert parse_args(["--seed-set", "reporting"]).seeds == list(range(100, 120))
+    assert parse_args(["--seed-set", "tuning", "--seeds", "3", "4"]).seeds == [3, 4]
+    with pytest.raises(SystemExit):
+        parse_args(["--seed-set", "tuning", "--seeds", "100"])
+    with pytest.raises(SystemExit):
+        parse_args([])
+    quick = parse_args(["--seed-set", "tuning", "--quick"])
+    assert quick.seeds == [0, 1] and quick.rounds == 1 and quick.arms == ["rjs", "apo-rjs"]
+
+
+def test_recipes_get_their_own_tag():
+    plain = parse_args(["--seed-set", "tuning"])
+    coef = parse_args(["--seed-set", "tuning", "--set", "reward.apo_coef=1.0", "reward.epochs_per_round=3"])
+    same = parse_args(["--seed-set", "tuning", "--set", "reward.epochs_per_round=3", "reward.apo_coef=1.0"])
+    assert recipe_tag(plain) == "default"
+    assert recipe_tag(coef) == recipe_tag(same) != recipe_tag(parse_args(["--seed-set", "tuning", "--set", "seed=1"]))
