@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -128,6 +129,12 @@ class TensorBoardSink:
     def truncate_after(self, step: int) -> None:
         # purge_step makes TensorBoard hide the earlier events at steps >= it, the ones the crashed run wrote
         self._writer.close()
+        # Readers take event files in name order, and a name starts with the second it was opened in and ends
+        # in a per-process counter: opened in the same second as the last file, the purging file could sort
+        # before it ("...10" before "...9") and purge nothing. A second later it sorts after every file.
+        newest = max((int(f.name.split(".")[3]) for f in self._log_dir.glob("events.out.tfevents.*")), default=0)
+        while int(time.time()) <= newest:
+            time.sleep(0.05)
         self._writer = self._open(purge_step=step + 1)
 
     def close(self) -> None:
