@@ -181,18 +181,15 @@ def ratio_summary(numerators: Sequence[float], denominators: Sequence[float]) ->
             "per_repeat": [round(r, 4) for r in ratios]}
 
 
-def mean_ci(values: list[float]) -> dict[str, float]:
-    """Mean, standard error and a 95% t-interval over seeds."""
-    import numpy as np
+def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """Mean, standard error (apo_ray.evaluation's) and the `level` t-interval over seeds; NaN for one value."""
     from scipy import stats
 
-    x = np.asarray(values, dtype=float)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return {"mean": mean, "stderr": math.nan, "lo": math.nan, "hi": math.nan, "n": len(x)}
-    stderr = float(x.std(ddof=1) / math.sqrt(len(x)))
-    half = float(stats.t.ppf(0.975, len(x) - 1)) * stderr
-    return {"mean": mean, "stderr": stderr, "lo": mean - half, "hi": mean + half, "n": len(x)}
+    from apo_ray.evaluation import mean_and_stderr
+
+    mean, stderr = mean_and_stderr(values)
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * stderr if len(values) > 1 else math.nan
+    return {"mean": mean, "stderr": stderr, "lo": mean - half, "hi": mean + half, "n": len(values)}
 
 
 def median(values: Sequence[float]) -> float:

@@ -40,7 +40,7 @@ import yaml
 
 from apo_ray.logs import configure_logging
 from benchmarks.common import (REPO_ROOT, RESULTS_ROOT, BenchmarkRun, add_niceness_argument, base_parser, fmt,
-                               set_ray_worker_niceness, start_ray_with_retries)
+                               mean_ci, set_ray_worker_niceness, start_ray_with_retries)
 
 CONFIGS = REPO_ROOT / "configs"
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
@@ -250,11 +250,8 @@ def _mean_over_game_rounds(record: RunRecord, key: str) -> float | None:
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
     """Mean, sample SD and the `level` t-interval of the mean over `values` (seeds); NaN bounds for one value."""
-    from scipy.stats import t
-
-    stats = spread(values)
-    half = (t.ppf(0.5 + level / 2, stats["n"] - 1) * stats["stderr"]) if stats["n"] > 1 else math.nan
-    return {**stats, "low": stats["mean"] - half, "high": stats["mean"] + half, "level": level}
+    interval = mean_ci(values, level)
+    return {**spread(values), "low": interval["lo"], "high": interval["hi"], "level": level}
 
 
 def arm_spread(records: list[RunRecord], key: str = GOLD) -> dict[str, Any] | None:
