@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from apo_ray.ray_env import driver_source_env
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Ray's worker processes import `apo_ray` and `actors` from the checkout; vLLM keeps its engine in the
-# actor's process so that weights reach it as tensors (docs/architecture.md).
+# Ray's worker processes import the apo_ray these tests import (the driver's rule, apo_ray.ray_env); vLLM
+# keeps its engine in the actor's process so that weights reach it as tensors (docs/architecture.md).
 RAY_TEST_ENV = {
-    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    **driver_source_env(),
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
