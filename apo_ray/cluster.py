@@ -13,9 +13,10 @@ from apo_ray.actors.policy import PolicyLearner
 from apo_ray.actors.reference import ReferenceModel
 from apo_ray.actors.reward import RewardLearner
 from apo_ray import build_locks, logs
-from apo_ray.actor_group import ActorGroup, wait_until_ready
+from apo_ray.actor_group import wait_until_ready
 from apo_ray.config import Config, LearnerConfig
 from apo_ray.driver import Actors
+from apo_ray.learner_group import LearnerGroup
 from apo_ray.placement import Role, actor_plan, cluster_from_ray_nodes, local_num_cpus, place, totals
 from apo_ray.rollout_pool import RolloutPool
 
@@ -64,11 +65,12 @@ def init_ray(cfg: Config) -> None:
         raise RuntimeError(f"the run's actors do not fit: {placement.summary} (`apo-ray train --dry-run` shows the plan)")
 
 
-def _learner(cls, name: str, role: Role, **kwargs) -> ActorGroup:
-    """One learner in a placement-group bundle of its own, as the rollout workers are (ActorGroup of 1)."""
-    return ActorGroup(
-        cls, 1, name_prefix=name, make_kwargs=lambda index: kwargs,
-        num_cpus_per_actor=role.cpus, num_gpus_per_actor=role.gpus, env=actor_env(),
+def _learner(cls, name: str, role: Role, *, distributed: bool = True, rank_zero_methods: tuple[str, ...] = (),
+             **kwargs) -> LearnerGroup:
+    """A learner's ranks (role.count), each in a bundle of its own, in one placement group per role."""
+    return LearnerGroup(
+        cls, role.count, role=role.name, name_prefix=name, kwargs=kwargs, num_cpus_per_rank=role.cpus,
+        num_gpus_per_rank=role.gpus, env=actor_env(), distributed=distributed, rank_zero_methods=rank_zero_methods,
     )
 
 
@@ -86,6 +88,8 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
             PolicyLearner, f"policy-learner-{run_id}", roles["policy"],
             model_path=policy_path, model=model, policy=cfg.policy, learner=learner, seed=cfg.seed,
             micro_batch_size=cfg.ppo.minibatch_size if cfg.online else cfg.policy.batch_size,
+            # Below ZeRO-3 (which nccl refuses) rank 0 holds every weight and broadcasts them alone.
+            rank_zero_methods=("send_weights_nccl",),
         ),
         "reward": _learner(
             RewardLearner, f"reward-learner-{run_id}", roles["reward"],
@@ -93,14 +97,15 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
             trust_remote_code=cfg.model.trust_remote_code,
         ),
         "reference": _learner(
-            ReferenceModel, f"reference-{run_id}", roles["reference"], model_path=policy_path, model=model
+            ReferenceModel, f"reference-{run_id}", roles["reference"], distributed=False, model_path=policy_path,
+            model=model,
         ),
     }
     if "eval_reward" in roles:
         groups["eval_reward"] = _learner(
             RewardLearner, f"eval-reward-{run_id}", roles["eval_reward"],
             model_path=cfg.model.eval_reward, reward=cfg.reward, learner=learner, dtype=dtype,
-            trainable=False, trust_remote_code=cfg.model.trust_remote_code,
+            trainable=False, trust_remote_code=cfg.model.trust_remote_code, distributed=False,
         )
     if "critic" in roles:
         # Built from reward_path so that a tokenizer or head mismatch shows when the actor starts; the online
@@ -113,15 +118,15 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str) -> Actors:
     pool = None
     try:
         pool = RolloutPool.from_config(cfg, policy_path, name_prefix=f"rollout-{run_id}", env=actor_env())
-        wait_until_ready(groups.values(), learner.startup_timeout_s, diagnose=lambda: learner_startup_hint(learner))
+        wait_until_ready([group.group for group in groups.values()], learner.startup_timeout_s,
+                         diagnose=lambda: learner_startup_hint(learner))
     except BaseException:
         for group in groups.values():
             group.kill()
         if pool is not None:
             pool.shutdown()
         raise
-    handles = {role: group.actors[0] for role, group in groups.items()}
-    return Actors(pool=pool, groups=list(groups.values()), **handles)
+    return Actors(pool=pool, **groups)
 
 
 def learner_startup_hint(learner: LearnerConfig) -> str:
@@ -134,5 +139,5 @@ def learner_startup_hint(learner: LearnerConfig) -> str:
 
 def shutdown_actors(actors: Actors) -> None:
     actors.pool.shutdown()
-    for group in actors.groups:
+    for group in actors.learners:
         group.kill()

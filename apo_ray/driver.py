@@ -14,11 +14,10 @@ With `apo=false` step 1 never runs: the RM stays as trained on D_P, the paper's 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import ray
 from torch import Tensor
 
 from apo_ray.checkpoint import Checkpointer
@@ -26,6 +25,7 @@ from apo_ray.config import Config
 from apo_ray.data import GameData
 from apo_ray.evaluation import expected_calibration_error, preference_accuracy
 from apo_ray.game import Rollout, TokenSample, build_apo_pairs, policy_version_lag
+from apo_ray.learner_group import LearnerGroup, gather
 from apo_ray.metrics import MetricsLogger
 from apo_ray.offline import OfflinePolicyStep
 from apo_ray.online import OnlinePolicyStep
@@ -39,13 +39,19 @@ Oracle = Callable[[str, str], float]
 
 @dataclass
 class Actors:
+    """The game's actors. Each learner is a LearnerGroup of its ranks, called like one actor handle
+    (`x.method.remote(...)`, waited for with `gather`)."""
+
     pool: RolloutPool
-    reward: ray.actor.ActorHandle
-    policy: ray.actor.ActorHandle
-    reference: ray.actor.ActorHandle
-    eval_reward: ray.actor.ActorHandle | None = None  # None: the task's gold oracle judges
-    critic: ray.actor.ActorHandle | None = None  # online PPO only
-    groups: list = field(default_factory=list)  # the learners' ActorGroups, for shutdown
+    reward: LearnerGroup
+    policy: LearnerGroup
+    reference: LearnerGroup
+    eval_reward: LearnerGroup | None = None  # None: the task's gold oracle judges
+    critic: LearnerGroup | None = None  # online PPO only
+
+    @property
+    def learners(self) -> list[LearnerGroup]:
+        return [g for g in (self.policy, self.reward, self.reference, self.eval_reward, self.critic) if g is not None]
 
 
 class APOGame:
@@ -97,7 +103,7 @@ class APOGame:
                                   round_seed(cfg.seed, r, SeedStream.POLICY), stats)
         self._phase("score", r)
         t = time.perf_counter()
-        scores = ray.get(self.actors.reward.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]))
+        scores = gather(self.actors.reward.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]))
         stats["timing/score"] = time.perf_counter() - t
         stats["policy/reward_mean"] = float(np.mean(scores))
         stats["policy/reward_std"] = float(np.std(scores))
@@ -129,7 +135,7 @@ class APOGame:
                                        round_seed(self.cfg.seed, r, SeedStream.GOLD), gold_stats)
         self._phase("rm_step", r)
         if self.cfg.reward.reinit_each_round:
-            ray.get(self.actors.reward.reinitialize.remote(str(self.checkpointer.base_reward_dir)))
+            gather(self.actors.reward.reinitialize.remote(str(self.checkpointer.base_reward_dir)))
         stats = self._rm_update(build_apo_pairs(self.data.gold, gold_rollouts), self.cfg.reward.epochs_per_round, r)
         return {**stats, "timing/generate_gold": gold_stats["timing/generate"]}
 
@@ -140,7 +146,7 @@ class APOGame:
         chunk = self.cfg.ppo.minibatch_size
         spans = range(0, len(samples), chunk)
         calls = {name: [method.remote(samples[a : a + chunk]) for a in spans] for name, method in methods.items()}
-        results = {name: ray.get(refs) for name, refs in calls.items()}
+        results = {name: gather(refs) for name, refs in calls.items()}
         return {name: (concat_right_padded([grid for grid, _ in parts]), concat_right_padded([mask for _, mask in parts]))
                 for name, parts in results.items()}
 
@@ -162,7 +168,7 @@ class APOGame:
     # ------------------------------------------------------------------ pieces
 
     def _rm_update(self, apo_pairs, epochs: int, round_index: int) -> dict[str, float]:
-        return ray.get(self.actors.reward.apo_step.remote(
+        return gather(self.actors.reward.apo_step.remote(
             apo_pairs, self.data.pairs,
             apo_coef=self.cfg.apo_coef, pref_coef=self.cfg.reward.pref_coef,
             epochs=epochs, seed=round_seed(self.cfg.seed, round_index, SeedStream.RM),
@@ -182,7 +188,7 @@ class APOGame:
         self._phase("evaluate", r)
         started = time.perf_counter()
         reward, stats = self.actors.reward, {}
-        chosen, rejected = ray.get(reward.score_pairs.remote(self.data.eval_pairs))
+        chosen, rejected = gather(reward.score_pairs.remote(self.data.eval_pairs))
         stats["rm/acc"] = preference_accuracy(chosen, rejected)
         stats["rm/ece"] = expected_calibration_error(chosen, rejected)
 
@@ -192,7 +198,7 @@ class APOGame:
         prompts, responses = [x.prompt for x in samples], [x.response for x in samples]
         judge = self._judge(prompts, responses)
         tokens = [x.tokens for x in samples]
-        rm_scores, policy_logps, ref_logps = ray.get([
+        rm_scores, policy_logps, ref_logps = gather([
             reward.score.remote(prompts, responses),
             self.actors.policy.sequence_logprobs.remote(tokens),
             self.actors.reference.sequence_logprobs.remote(tokens),
@@ -212,7 +218,7 @@ class APOGame:
         if r_win:
             stats["rm/acc_policy"] = preference_accuracy(r_win, r_lose)
             stats["rm/ece_policy"] = expected_calibration_error(r_win, r_lose)
-        gold_scores = ray.get(reward.score.remote([g.prompt for g in self.data.gold], [g.response for g in self.data.gold]))
+        gold_scores = gather(reward.score.remote([g.prompt for g in self.data.gold], [g.response for g in self.data.gold]))
         stats["rm/reward_gold"] = float(np.mean(gold_scores))
         stats["timing/evaluate"] = time.perf_counter() - started
         return stats
@@ -220,7 +226,7 @@ class APOGame:
     def _judge(self, prompts: list[str], responses: list[str]) -> list[float]:
         if self.oracle is not None:
             return [self.oracle(p, y) for p, y in zip(prompts, responses)]
-        return ray.get(self.actors.eval_reward.score.remote(prompts, responses))
+        return gather(self.actors.eval_reward.score.remote(prompts, responses))
 
     def _phase(self, name: str, r: int) -> None:
         self.logger.set_phase(name)

@@ -55,6 +55,7 @@ def apo_reward_loss(
     pref_coef: float,
     kind: PairLossKind = "bt",
     normalization: ApoNormalization = "per_term",
+    minibatch_pairs: Optional[tuple[int, int]] = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The RM's APO step: apo_coef * pair_loss(gold, sample) + pref_coef * BT(chosen, rejected).
 
@@ -70,7 +71,12 @@ def apo_reward_loss(
     comes from the KL constraint that keeps the RM faithful to human preferences (the RM objective,
     Eq. 17), and the WGAN-like ablation replaces only the BT surrogate on gold-vs-sample pairs.
 
-    Stats (python floats) are reported only for the terms present: "rm/loss" (the loss returned),
+    `minibatch_pairs` = (APO pairs, human pairs) of the whole minibatch when these scores are one rank's share of
+    it: the terms are then summed over the share and divided by the minibatch's counts, so that the losses of
+    all shares add up to the minibatch's loss (None: the pairs given are the whole minibatch).
+
+    Stats (python floats) are reported only for the terms present, on the pairs given: "rm/loss" (the loss
+    returned when minibatch_pairs is None),
     "rm/loss_apo" and "rm/loss_pref" (each term's mean over its own pairs, whatever the normalization),
     "rm/margin_apo", "rm/margin", "rm/acc_train_pref".
     """
@@ -82,30 +88,38 @@ def apo_reward_loss(
     has_pref = _present(r_chosen) or _present(r_rejected)
     if not (has_apo or has_pref):
         raise ValueError("apo_reward_loss: no APO pairs and no human pairs; nothing to train on")
-    terms: list[tuple[float, Tensor]] = []  # (coefficient, per-pair losses)
+    # (coefficient, per-pair losses, the pairs of the whole minibatch it is averaged over)
+    terms: list[tuple[float, Tensor, int]] = []
+    n_apo, n_pref = minibatch_pairs if minibatch_pairs is not None else (None, None)
     stats: dict[str, float] = {}
     if has_apo:
         if r_gold is None or r_sample is None or r_gold.shape != r_sample.shape:
             raise ValueError("r_gold and r_sample: must both be given with the same shape")
         apo_terms = _PAIR_TERMS[kind](r_gold, r_sample)
-        terms.append((apo_coef, apo_terms))
+        terms.append((apo_coef, apo_terms, apo_terms.numel() if n_apo is None else n_apo))
         stats["rm/loss_apo"] = apo_terms.mean().item()
         stats["rm/margin_apo"] = (r_gold - r_sample).mean().item()
     if has_pref:
         if r_chosen is None or r_rejected is None or r_chosen.shape != r_rejected.shape:
             raise ValueError("r_chosen and r_rejected: must both be given with the same shape")
         pref_terms = _bradley_terry_terms(r_chosen, r_rejected)
-        terms.append((pref_coef, pref_terms))
+        terms.append((pref_coef, pref_terms, pref_terms.numel() if n_pref is None else n_pref))
         stats["rm/loss_pref"] = pref_terms.mean().item()
         stats["rm/margin"] = (r_chosen - r_rejected).mean().item()
         stats["rm/acc_train_pref"] = preference_accuracy(r_chosen, r_rejected)
+    given = [(coef, losses, losses.numel()) for coef, losses, _ in terms]
+    loss_given = _combine(given, normalization)
+    stats["rm/loss"] = loss_given.item()
+    return (loss_given if minibatch_pairs is None else _combine(terms, normalization)), stats
+
+
+def _combine(terms: list[tuple[float, Tensor, int]], normalization: ApoNormalization) -> Tensor:
+    """(coefficient, per-pair losses, pairs averaged over) terms, each averaged over its own pairs (per_term)
+    or all together over all of them (pooled)."""
     if normalization == "per_term":
-        loss = torch.stack([coef * losses.mean() for coef, losses in terms]).sum()
-    else:
-        n_pairs = sum(losses.numel() for _, losses in terms)
-        loss = torch.stack([coef * losses.sum() for coef, losses in terms]).sum() / n_pairs
-    stats["rm/loss"] = loss.item()
-    return loss, stats
+        return torch.stack([coef * (losses.mean() if n == losses.numel() else losses.sum() / n)
+                            for coef, losses, n in terms]).sum()
+    return torch.stack([coef * losses.sum() for coef, losses, _ in terms]).sum() / sum(n for _, _, n in terms)
 
 
 def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:

@@ -44,11 +44,14 @@ def actor_plan(cfg: Config) -> list[Role]:
     trained = ("rank", learner.num_cpus, learner.num_gpus, "learner.num_cpus, learner.num_gpus", "learner.num_gpus")
     # Frozen models (no optimizer state, no gradients) take half a learner's GPU share.
     frozen = ("rank", 0.5, learner.num_gpus / 2, "half of learner.num_gpus", "learner.num_gpus")
-    roles = [Role("policy", 1, *trained), Role("reward", 1, *trained), Role("reference", 1, *frozen)]
+    # A trained learner is learner.num_ranks (or its per-role override) ranks; the frozen ones are one process.
+    ranks = cfg.trained_ranks
+    roles = [Role("policy", ranks["policy"], *trained), Role("reward", ranks["reward"], *trained),
+             Role("reference", 1, *frozen)]
     if cfg.model.eval_reward != "gold":
         roles.append(Role("eval_reward", 1, *frozen))
-    if cfg.method == "ppo":
-        roles.append(Role("critic", 1, *trained))
+    if "critic" in ranks:
+        roles.append(Role("critic", ranks["critic"], *trained))
     roles.append(Role("rollout", rollout.num_workers, "worker", rollout.num_cpus_per_worker,
                       rollout.num_gpus_per_worker,
                       "rollout.num_workers, rollout.num_cpus_per_worker, rollout.num_gpus_per_worker",
