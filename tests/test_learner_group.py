@@ -65,7 +65,7 @@ def test_two_ranks_take_the_step_one_rank_takes_on_the_whole_batch(stage, ray_cl
     assert any(p.data.numel() == 0 for p in one.model.parameters()) == (stage == 3)
     want_stats = one.sft_step(SAMPLES, epochs=EPOCHS, seed=0)
     want = one.engine.full_state_dict()
-    assert max((want[n] - initial[n]).abs().max().item() for n in want) > 1e-3  # the steps moved the weights
+    assert max((want[n] - initial[n]).abs().max().item() for n in want) > 5e-4  # the steps moved the weights
 
     group = two_ranks(tiny_lm_dir, stage)
     try:
