@@ -224,6 +224,14 @@ class TrainEngine:
                 return _copy_state_dict(model.state_dict())
         return _copy_state_dict(model.state_dict())
 
+    def rank0_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """`full_state_dict` on rank 0, which hands the weights on (checkpoints, weight sync); the other ranks
+        join ZeRO-3's gather, a collective, and return None rather than another copy of the whole model."""
+        if self.rank == 0 or self.zero_stage == 3:
+            state = self.full_state_dict()
+            return state if self.rank == 0 else None
+        return None
+
     def save_state(self, directory: Path) -> None:
         """Optimizer and weights, so a resumed run continues exactly (not only from the HF weights)."""
         directory.mkdir(parents=True, exist_ok=True)
@@ -327,11 +335,8 @@ class LearnerCheckpoint:
 
     def save(self, directory: str) -> None:
         # The bare model's own state dict would hold ZeRO-3's empty partitions: save the gathered weights.
-        # Gathering them is a collective at ZeRO-3; below it, rank 0 holds them all and writes alone.
-        engine = self.engine
-        gathers = engine is not None and (engine.rank == 0 or engine.zero_stage == 3)
-        state = engine.full_state_dict() if gathers else None
-        if engine is None or engine.rank == 0:
+        state = self.engine.rank0_state_dict() if self.engine is not None else None
+        if self.engine is None or self.engine.rank == 0:
             self.model.save_pretrained(directory, state_dict=state)
             self.tokenizer.save_pretrained(directory)
 

@@ -106,8 +106,9 @@ class PolicyLearner(LearnerCheckpoint):
 
         return self._offline_step([[i] for i in range(len(chosen))], epochs, seed, loss_fn)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.engine.full_state_dict()
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights from rank 0 (the object-store sync); None from the other ranks."""
+        return self.engine.rank0_state_dict()
 
     def send_weights_nccl(self, workers: list) -> int:
         """The `nccl` weight sync's learner side: broadcast the weights into the workers' vLLM engines
