@@ -108,18 +108,21 @@ def apo_reward_loss(
         stats["rm/margin"] = (r_chosen - r_rejected).mean().item()
         stats["rm/acc_train_pref"] = preference_accuracy(r_chosen, r_rejected)
     given = [(coef, losses, losses.numel()) for coef, losses, _ in terms]
-    loss_given = _combine(given, normalization)
+    loss_given = _combine(given, normalization, sum(n for _, _, n in given))
     stats["rm/loss"] = loss_given.item()
-    return (loss_given if minibatch_pairs is None else _combine(terms, normalization)), stats
+    if minibatch_pairs is None:
+        return loss_given, stats
+    # Pooled over every pair of the minibatch, of both terms, whether or not this share holds pairs of each.
+    return _combine(terms, normalization, sum(minibatch_pairs)), stats
 
 
-def _combine(terms: list[tuple[float, Tensor, int]], normalization: ApoNormalization) -> Tensor:
+def _combine(terms: list[tuple[float, Tensor, int]], normalization: ApoNormalization, all_pairs: int) -> Tensor:
     """(coefficient, per-pair losses, pairs averaged over) terms, each averaged over its own pairs (per_term)
-    or all together over all of them (pooled)."""
+    or all together over `all_pairs` (pooled)."""
     if normalization == "per_term":
         return torch.stack([coef * (losses.mean() if n == losses.numel() else losses.sum() / n)
                             for coef, losses, n in terms]).sum()
-    return torch.stack([coef * losses.sum() for coef, losses, _ in terms]).sum() / sum(n for _, _, n in terms)
+    return torch.stack([coef * losses.sum() for coef, losses, _ in terms]).sum() / all_pairs
 
 
 def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:

@@ -47,10 +47,15 @@ def two_ranks(path: str, stage: int):
     return group
 
 
-def assert_close_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+def assert_same_step(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
+                     initial: dict[str, torch.Tensor]) -> None:
+    """`got` took the steps that took `initial` to `want`, to 1% of the distance the weights moved. Not closer: Adam
+    turns gradients at rounding level (the key bias's is zero in exact arithmetic, softmax ignores a shift of every
+    key) into steps of up to lr, whose sign the order of the ranks' float sums decides."""
     assert sorted(got) == sorted(want)
+    moved = max((want[name] - initial[name]).abs().max().item() for name in want)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert (got[name] - want[name]).abs().max().item() <= 0.01 * moved, name
 
 
 @pytest.mark.integration
@@ -66,7 +71,7 @@ def test_two_ranks_take_the_step_one_rank_takes_on_the_whole_batch(stage, ray_cl
     assert any(p.data.numel() == 0 for p in one.model.parameters()) == (stage == 3)
     want_stats = one.sft_step(SAMPLES, epochs=EPOCHS, seed=0)
     want = one.engine.full_state_dict()
-    assert max((want[n] - initial[n]).abs().max().item() for n in want) > 5e-4  # the steps moved the weights
+    assert max((want[n] - initial[n]).abs().max().item() for n in want) > 1e-3  # 4 Adam steps of lr 1e-3
 
     group = two_ranks(tiny_lm_dir, stage)
     try:
@@ -78,10 +83,10 @@ def test_two_ranks_take_the_step_one_rank_takes_on_the_whole_batch(stage, ray_cl
         # Rank 0 hands the weights on; the other ranks take part in ZeRO-3's gather and return nothing.
         rank0, rank1 = group.call_all("state_dict")
         assert rank1 is None
-        assert_close_weights(rank0, want)
-        # The gradient norm is the whole batch's: it would be off by the ranks' weighting or by a factor of two
-        # (which Adam's normalised steps would hide from the weights).
-        assert stats["policy/grad_norm"] == pytest.approx(want_stats["policy/grad_norm"], rel=1e-5)
+        assert_same_step(rank0, want, initial)
+        # The gradient norm is the whole batch's: it would be off by a wrong weighting of the ranks' shares, or by a
+        # factor of two, which Adam's normalised steps hide from the weights.
+        assert stats["policy/grad_norm"] == pytest.approx(want_stats["policy/grad_norm"], rel=1e-6)
         assert stats["policy/steps"] == want_stats["policy/steps"] == 2 * EPOCHS
 
         # What a round checkpoint holds of the learner: HF weights (rank 0 writes, after ZeRO-3's gather) and
@@ -89,7 +94,7 @@ def test_two_ranks_take_the_step_one_rank_takes_on_the_whole_batch(stage, ray_cl
         group.call("save", str(tmp_path / "policy"))
         group.call("save_state", str(tmp_path / "engine_policy"))
         saved = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").state_dict()
-        assert_close_weights({n: saved[n] for n in rank0}, rank0)
+        assert sorted(saved) == sorted(rank0) and all(torch.equal(saved[n], rank0[n]) for n in rank0)
         shards = sorted(p.name for p in (tmp_path / "engine_policy" / "engine").glob("*optim_states.pt"))
         assert len(shards) == 2, shards
 

@@ -4,6 +4,8 @@ minibatch's loss. Pure functions, checked against values worked out by hand."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -70,10 +72,14 @@ def test_token_parts_add_up_to_the_minibatch_token_mean():
         pytest.approx(23 / 7)
 
 
+# The APO term's "diff" losses are r_sample - r_gold: gaps 1, 2, 3 give -1, -2, -3; the human term stays
+# Bradley-Terry: -log sigmoid(4) for the one human pair's gap of 4.
+HUMAN_BT = math.log1p(math.exp(-4.0))
+
+
 @pytest.mark.parametrize("normalization, whole", [
-    # "diff" terms are r_lose - r_win: APO gaps 1, 2, 3 (mean 2), the human gap 4.
-    ("per_term", 0.5 * -2.0 + 2.0 * -4.0),
-    ("pooled", (0.5 * -6.0 + 2.0 * -4.0) / 4),
+    ("per_term", 0.5 * -2.0 + 2.0 * HUMAN_BT),
+    ("pooled", (0.5 * -6.0 + 2.0 * HUMAN_BT) / 4),
 ])
 def test_rm_shares_add_up_to_the_minibatch_loss(normalization, whole):
     gold, sample = torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3)
