@@ -8,7 +8,7 @@ weights (no hub; throughput and memory depend on the shape, not on what the weig
 
 DeepSpeed runs in bfloat16 (fp32 master weights), the torch engine in float32: apo-ray refuses bfloat16 without
 master weights (README, "Tokens and dtypes"). Each arm runs in a fresh process (its own DeepSpeed process group
-and a clean peak-memory count) and prints one line: tokens/s of the timed steps (prompt and response tokens
+and a clean peak-memory count; the CPU check runs them in one) and prints one line: tokens/s of the timed steps (prompt and response tokens
 through forward and backward), the save's seconds, peak GPU memory, and whether anything imported Ray or vLLM
 (the arm fails if so). Results go to results/gpu_learners/ (--cpu-check: its git-ignored tmp/).
 """
@@ -110,11 +110,14 @@ def run_arm(arm: str, model_dir: Path, shape: str, save_dir: Path) -> dict:
     }
 
 
-def arm_main(argv: list[str]) -> int:
-    arm, model_dir, shape, save_dir, out = argv
-    result = run_arm(arm, Path(model_dir), shape, Path(save_dir))
-    Path(out).write_text(json.dumps(result))
-    return 0 if not (result["imported_ray"] or result["imported_vllm"]) and result["saved_equals_trained"] else 1
+def arms_main(argv: list[str]) -> int:
+    """`--arms-in-process ARMS MODEL_DIR SHAPE SCRATCH OUT`: the comma-separated arms one after the other in
+    this process, their results as a JSON list in OUT."""
+    arms, model_dir, shape, scratch, out = argv
+    results = [run_arm(arm, Path(model_dir), shape, Path(scratch) / f"saved_{arm}") for arm in arms.split(",")]
+    Path(out).write_text(json.dumps(results))
+    ok = all(r["saved_equals_trained"] and not (r["imported_ray"] or r["imported_vllm"]) for r in results)
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,18 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_learners-", dir=run.scratch) as scratch:
         scratch = Path(scratch)
         model_dir = build_model(shape, scratch / "model")
-        for arm in arms:
-            out = scratch / f"{arm}.json"
-            # The CPU check keeps off a GPU the machine may have.
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if args.cpu_check else None
-            code = subprocess.run([sys.executable, "-m", "benchmarks.gpu_learners", "--arm", arm, str(model_dir), shape,
-                                   str(scratch / f"saved_{arm}"), str(out)], env=env).returncode
-            result = json.loads(out.read_text()) if out.is_file() else {"arm": arm}
-            result["exit_code"] = code
-            results.append(result)
+        # On a GPU one process per arm, for a clean peak-memory count; the CPU check keeps off any GPU the machine
+        # has and runs the arms in one process (each process spends most of its time importing).
+        batches = [",".join(arms)] if args.cpu_check else arms
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if args.cpu_check else None
+        for index, batch in enumerate(batches):
+            out = scratch / f"arms_{index}.json"
+            code = subprocess.run([sys.executable, "-m", "benchmarks.gpu_learners", "--arms-in-process", batch,
+                                   str(model_dir), shape, str(scratch), str(out)], env=env).returncode
+            done = json.loads(out.read_text()) if out.is_file() else [{"arm": arm} for arm in batch.split(",")]
+            for result in done:
+                result["exit_code"] = code
+                print(f"[gpu_learners] {result['arm']}: " + ", ".join(f"{k} {v}" for k, v in result.items() if k != "arm"),
+                      flush=True)
+            results += done
             if code:
-                failed.append(arm)
-            print(f"[gpu_learners] {arm}: " + ", ".join(f"{k} {v}" for k, v in result.items() if k != "arm"), flush=True)
+                failed += batch.split(",")
     batch, prompt_len, response_len, steps = WORKLOADS[shape]
     run.add_table(
         f"{shape}: {steps} steps of {batch} samples x ({prompt_len} prompt + {response_len} response) tokens",
@@ -171,4 +178,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(arm_main(sys.argv[2:]) if sys.argv[1:2] == ["--arm"] else main())
+    sys.exit(arms_main(sys.argv[2:]) if sys.argv[1:2] == ["--arms-in-process"] else main())
