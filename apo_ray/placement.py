@@ -41,17 +41,21 @@ class Role:
 def actor_plan(cfg: Config) -> list[Role]:
     """Every actor start_actors makes for `cfg`, in start order."""
     learner, rollout = cfg.learner, cfg.rollout
-    trained = ("rank", learner.num_cpus, learner.num_gpus, "learner.num_cpus, learner.num_gpus", "learner.num_gpus")
+
+    def trained(role: str) -> tuple:
+        return ("rank", learner.num_cpus, learner.num_gpus,
+                f"learner.num_ranks or learner.{role}_ranks, learner.num_cpus, learner.num_gpus", "learner.num_gpus")
+
     # Frozen models (no optimizer state, no gradients) take half a learner's GPU share.
     frozen = ("rank", 0.5, learner.num_gpus / 2, "half of learner.num_gpus", "learner.num_gpus")
     # A trained learner is learner.num_ranks (or its per-role override) ranks; the frozen ones are one process.
     ranks = cfg.trained_ranks
-    roles = [Role("policy", ranks["policy"], *trained), Role("reward", ranks["reward"], *trained),
+    roles = [Role("policy", ranks["policy"], *trained("policy")), Role("reward", ranks["reward"], *trained("reward")),
              Role("reference", 1, *frozen)]
     if cfg.model.eval_reward != "gold":
         roles.append(Role("eval_reward", 1, *frozen))
     if "critic" in ranks:
-        roles.append(Role("critic", ranks["critic"], *trained))
+        roles.append(Role("critic", ranks["critic"], *trained("critic")))
     roles.append(Role("rollout", rollout.num_workers, "worker", rollout.num_cpus_per_worker,
                       rollout.num_gpus_per_worker,
                       "rollout.num_workers, rollout.num_cpus_per_worker, rollout.num_gpus_per_worker",
