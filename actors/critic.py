@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from apo_ray.actors.engine import LearnerCheckpoint, TrainEngine, build_engine, train_steps
-from apo_ray.batching import shuffled_minibatches
+from apo_ray.actors.engine import LearnerCheckpoint, Rendezvous, TrainEngine, build_engine, train_steps
+from apo_ray.batching import fraction, shuffled_minibatches
 from apo_ray.config import LearnerConfig, ModelConfig, PPOConfig
 from apo_ray.game import TokenSample
 from apo_ray.modeling import EncodedBatch, encode_samples, load_reward_model, load_tokenizer
@@ -37,9 +37,10 @@ class CriticLearner(LearnerCheckpoint):
         ppo: PPOConfig,
         learner: LearnerConfig,
         seed: int = 0,
+        rendezvous: Rendezvous | None = None,
     ):
         torch.manual_seed(seed)
-        self.model_cfg, self.ppo_cfg, self.learner_cfg = model, ppo, learner
+        self.model_cfg, self.ppo_cfg, self.learner_cfg, self.rendezvous = model, ppo, learner, rendezvous
         self.tokenizer = load_tokenizer(tokenizer_path, model.trust_remote_code)
         self.engine: TrainEngine
         self._load(model_path)
@@ -54,7 +55,7 @@ class CriticLearner(LearnerCheckpoint):
                 "needs a decoder sequence classifier (e.g. LlamaForSequenceClassification)"
             )
         self.engine = build_engine(model, self.learner_cfg, lr=self.ppo_cfg.critic_lr,
-                                   micro_batch_size=self.ppo_cfg.minibatch_size)
+                                   micro_batch_size=self.ppo_cfg.minibatch_size, rendezvous=self.rendezvous)
         self.model = self.engine.model.eval()
 
     def reinitialize(self, path: str) -> None:
@@ -86,13 +87,15 @@ class CriticLearner(LearnerCheckpoint):
         """Clipped value regression towards `returns`, same epochs and minibatches as the policy's step."""
         ppo = self.ppo_cfg
 
-        def loss_fn(idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        def loss_fn(idx: list[int], minibatch: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
             batch = self._encode([samples[i] for i in idx])
             values = self._token_values(batch)
             m = batch.response_mask[:, 1:]
             rows = GridRows(idx, values.shape[1], values.device)
             loss, clipfrac = ppo_value_loss(values, rows.of(old_values), rows.of(returns), m, ppo.value_clip_eps)
-            return loss, {"critic/loss": loss.item(), "critic/clipfrac": clipfrac}
+            # A mean over the minibatch's response tokens.
+            part = fraction(mask[idx].sum().item(), mask[minibatch].sum().item())
+            return loss * part, {"critic/loss": loss.item(), "critic/clipfrac": clipfrac}
 
         plan = shuffled_minibatches(len(samples), ppo.minibatch_size, ppo.ppo_epochs, seed)
         return train_steps(self.engine, plan, loss_fn, role="critic")

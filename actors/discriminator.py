@@ -28,8 +28,9 @@ class Discriminator(RewardLearner):
         if self.frozen:
             raise RuntimeError("Discriminator.fit: the discriminator is frozen; AAPA fits it once, before the game")
 
-        def loss_fn(batch: tuple[list[int], list[int]]):
-            e, p = [expert[i] for i in batch[0]], [policy[i] for i in batch[1]]
+        # One rank (its LearnerGroup is not distributed): a minibatch's share is all of it.
+        def loss_fn(share: tuple[list[int], list[int]], minibatch: tuple[list[int], list[int]]):
+            e, p = [expert[i] for i in share[0]], [policy[i] for i in share[1]]
             logits = self._forward([x.prompt for x in e + p], [x.response for x in e + p])
             return discriminator_loss(logits[: len(e)], logits[len(e):])
 

@@ -3,6 +3,10 @@
 Both expose the same three verbs (`step(loss)`, `save_state`, `load_state`) so the learners do not care
 which one runs. DeepSpeed on CPU needs `DS_ACCELERATOR=cpu` and a gloo process group (docs/architecture.md).
 
+A learner of several ranks is one such engine per process, all meeting at one `Rendezvous` (torch.distributed's
+env:// rendezvous: rank 0's address and port). Nothing here imports Ray: the driver's LearnerGroup
+(apo_ray/learner_group.py) starts the ranks as actors, and a script can start them as plain processes.
+
 DeepSpeed JIT-builds C++ ops under a lock file that a build killed mid-way leaves behind, and a later build
 of that op waits on it forever, silently (apo_ray.build_locks). The learners build none: the one op DeepSpeed
 builds on CPU, its shared-memory comm op, is switched off, and stale locks are removed, or named, before
@@ -17,6 +21,8 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 
 from apo_ray import build_locks
+from apo_ray.batching import is_empty_share, rank_share
 from apo_ray.config import LearnerConfig
 from apo_ray.progress import Progress
 
@@ -34,6 +41,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where one rank of a learner meets the others: its rank, their number, and rank 0's address and port
+    (None: a lone rank, which needs neither)."""
+
+    rank: int = 0
+    world_size: int = 1
+    master_addr: str | None = None
+    master_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank: must be in [0, {self.world_size}), got {self.rank}")
+        if self.world_size > 1 and (self.master_addr is None or self.master_port is None):
+            raise ValueError(f"rank {self.rank} of {self.world_size}: several ranks need rank 0's address and port")
 
 
 def _refused(what: str, value: object, step: int) -> FloatingPointError:
@@ -61,15 +85,19 @@ class TrainEngine:
         rank: int = 0,
         world_size: int = 1,
         master_port: int | None = None,
+        master_addr: str | None = None,
     ):
+        if world_size > 1 and backend != "deepspeed":
+            raise ValueError(f"backend: {backend!r} trains one rank; {world_size} ranks need 'deepspeed'")
         self.backend = backend
         self.rank, self.world_size = rank, world_size
+        self.zero_stage = zero_stage if backend == "deepspeed" else 0
         # Kept to re-apply after loading a checkpoint: a resumed run may lower a learning rate that diverged.
         self.lr = lr
         self.steps = 0
         if backend == "deepspeed":
             self.module, self.optimizer = self._init_deepspeed(
-                model, lr, zero_stage, grad_clip, weight_decay, micro_batch_size, master_port
+                model, lr, zero_stage, grad_clip, weight_decay, micro_batch_size, master_addr, master_port
             )
         else:
             self.module = model
@@ -77,11 +105,12 @@ class TrainEngine:
             self.grad_clip = grad_clip
         self._ds_engine = self.module if backend == "deepspeed" else None
 
-    def _init_deepspeed(self, model, lr, zero_stage, grad_clip, weight_decay, micro_batch_size, master_port):
+    def _init_deepspeed(self, model, lr, zero_stage, grad_clip, weight_decay, micro_batch_size, master_addr,
+                        master_port):
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.update(
-            MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            MASTER_ADDR=master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1"),
             MASTER_PORT=str(master_port or free_port()),
             RANK=str(self.rank),
             LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
@@ -126,14 +155,21 @@ class TrainEngine:
         """The bare HF model (unwrapped), for saving and exporting weights."""
         return self._ds_engine.module if self._ds_engine is not None else self.module
 
-    def step(self, loss: torch.Tensor) -> None:
-        """One optimizer step; FloatingPointError, with the weights untouched, if the loss or gradient is not finite."""
+    def step(self, loss: torch.Tensor) -> float | None:
+        """One optimizer step; returns the gradient's norm before clipping (None where DeepSpeed keeps none).
+        FloatingPointError, with the weights untouched, if the loss or gradient is not finite.
+
+        With several ranks, DeepSpeed averages their gradients, and every rank refuses the step if any rank's
+        loss is not finite (one rank refusing alone would leave the others waiting in the gradient reduction).
+        """
         self.steps += 1
         if not torch.isfinite(loss):
+            self._all_ranks_finite(False)
             raise _refused("loss", loss.item(), self.steps)
+        if not self._all_ranks_finite(True):
+            raise _refused("loss of another rank", "not finite", self.steps)
         if self._ds_engine is not None:
-            self._deepspeed_step(loss)
-            return
+            return self._deepspeed_step(loss)
         loss.backward()
         # The norm is taken even without clipping: a finite loss can still have infinite gradients.
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf)
@@ -142,10 +178,12 @@ class TrainEngine:
             raise _refused("gradient norm", norm.item(), self.steps)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm.item()
 
-    def _deepspeed_step(self, loss: torch.Tensor) -> None:
+    def _deepspeed_step(self, loss: torch.Tensor) -> float | None:
         engine = self._ds_engine
         engine.backward(loss)
+        norm = None
         if engine.zero_optimization_stage() == 0:
             # Without ZeRO, DeepSpeed hands any gradient, NaN included, to the optimizer: check it first.
             from deepspeed.utils import safe_get_full_grad
@@ -160,6 +198,16 @@ class TrainEngine:
         if not engine.was_step_applied():
             norm = engine.get_global_grad_norm()
             raise _refused("gradient norm", "not finite" if norm is None else norm, self.steps)
+        if norm is None:
+            norm = engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def _all_ranks_finite(self, finite: bool) -> bool:
+        if self.world_size == 1:
+            return finite
+        flag = torch.tensor([float(finite)], device=self._ds_engine.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -175,6 +223,14 @@ class TrainEngine:
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
                 return _copy_state_dict(model.state_dict())
         return _copy_state_dict(model.state_dict())
+
+    def rank0_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """`full_state_dict` on rank 0, which hands the weights on (checkpoints, weight sync); the other ranks
+        join ZeRO-3's gather, a collective, and return None rather than another copy of the whole model."""
+        if self.rank == 0 or self.zero_stage == 3:
+            state = self.full_state_dict()
+            return state if self.rank == 0 else None
+        return None
 
     def save_state(self, directory: Path) -> None:
         """Optimizer and weights, so a resumed run continues exactly (not only from the HF weights)."""
@@ -207,11 +263,16 @@ def _copy_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_engine(model: torch.nn.Module, learner: LearnerConfig, *, lr: float, micro_batch_size: int) -> TrainEngine:
-    """The engine of a one-rank learner, as `learner.*` configures it: the one place learners build engines."""
+def build_engine(model: torch.nn.Module, learner: LearnerConfig, *, lr: float, micro_batch_size: int,
+                 rendezvous: Rendezvous | None = None) -> TrainEngine:
+    """The engine of one rank of a learner, as `learner.*` configures it: the one place learners build engines.
+    `micro_batch_size` is the whole minibatch's; DeepSpeed is told each rank's part of it."""
+    rendezvous = rendezvous or Rendezvous()
     return TrainEngine(model, backend=learner.backend, lr=lr, zero_stage=learner.zero_stage,
                        grad_clip=learner.grad_clip, weight_decay=learner.weight_decay,
-                       micro_batch_size=micro_batch_size)
+                       micro_batch_size=-(-micro_batch_size // rendezvous.world_size), rank=rendezvous.rank,
+                       world_size=rendezvous.world_size, master_port=rendezvous.master_port,
+                       master_addr=rendezvous.master_addr)
 
 
 def mean_stats(history: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -221,23 +282,46 @@ def mean_stats(history: Sequence[dict[str, float]]) -> dict[str, float]:
 
 
 def train_steps(engine: TrainEngine, plan: Sequence[Batch],
-                loss_fn: Callable[[Batch], tuple[torch.Tensor, dict[str, float]]], *, role: str) -> dict[str, float]:
+                loss_fn: Callable[[Batch, Batch], tuple[torch.Tensor, dict[str, float]]], *, role: str,
+                step_stats: Callable[[dict[str, float]], dict[str, float]] = lambda stats: stats) -> dict[str, float]:
     """The one training loop of every learner: one engine step per minibatch of `plan` (apo_ray.batching),
-    the model in train mode meanwhile. Returns the mean of what `loss_fn` reports, `{role}/steps` and
-    `timing/{role}_step`."""
+    the model in train mode meanwhile. Returns the mean of what `loss_fn` reports (over steps and ranks),
+    `{role}/steps` and `timing/{role}_step`.
+
+    Every rank walks the whole plan; `loss_fn(share, minibatch)` gets this rank's share of each minibatch
+    (`rank_share`; all of it on one rank) and returns the share's part of the minibatch's loss: its loss
+    scaled by its fraction of what that loss averages over, so that the parts add up to the loss one rank
+    would take on the whole minibatch. A rank whose share is empty still runs a forward and backward (on
+    rank 0's share, weighted 0): ZeRO's collectives need every rank in every step. `step_stats` turns a step's
+    stats, averaged over its ranks, into the step's before the mean over steps.
+    """
     started = time.perf_counter()
-    history: list[dict[str, float]] = []
+    # This rank's stats of each step; None where its share was empty.
+    history: list[dict[str, float] | None] = []
     engine.model.train()
+    progress = Progress(f"{role}_step", total=len(plan), unit="steps") if engine.rank == 0 else nullcontext()
     try:
-        with Progress(f"{role}_step", total=len(plan), unit="steps") as progress:
+        with progress:
             for batch in plan:
-                loss, stats = loss_fn(batch)
-                engine.step(loss)
-                history.append(stats)
-                progress.update()
+                share = rank_share(batch, engine.rank, engine.world_size)
+                empty = is_empty_share(share)
+                loss, stats = loss_fn(rank_share(batch, 0, engine.world_size) if empty else share, batch)
+                # DeepSpeed averages the ranks' gradients; the parts are to be added.
+                grad_norm = engine.step(loss * (0.0 if empty else engine.world_size))
+                if grad_norm is not None:
+                    stats = {**stats, f"{role}/grad_norm": grad_norm}
+                history.append(None if empty else stats)
+                if engine.rank == 0:
+                    progress.update()
     finally:
         engine.model.eval()
-    return {**mean_stats(history), f"{role}/steps": float(len(history)),
+    ranks = [history]
+    if engine.world_size > 1:
+        ranks = [None] * engine.world_size
+        torch.distributed.all_gather_object(ranks, history)
+    # Each step's stats averaged over the ranks that had a share of it, then over the steps.
+    steps = [step_stats(mean_stats([h[i] for h in ranks if h[i] is not None])) for i in range(len(plan))]
+    return {**mean_stats(steps), f"{role}/steps": float(len(plan)),
             f"timing/{role}_step": time.perf_counter() - started}
 
 
@@ -252,7 +336,7 @@ class LearnerCheckpoint:
 
     def save(self, directory: str) -> None:
         # The bare model's own state dict would hold ZeRO-3's empty partitions: save the gathered weights.
-        state = self.engine.full_state_dict() if self.engine is not None else None
+        state = self.engine.rank0_state_dict() if self.engine is not None else None
         if self.engine is None or self.engine.rank == 0:
             self.model.save_pretrained(directory, state_dict=state)
             self.tokenizer.save_pretrained(directory)

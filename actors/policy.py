@@ -1,7 +1,12 @@
 """PolicyLearner: the min player. It holds the policy, its engine and its log-probs of token samples, and
 takes the offline policy steps (RJS, RRHF, DPO) and the online PPO step; the losses are in apo_ray.losses
 and apo_ray.ppo, the minibatch plans in apo_ray.batching. Every step trains on token samples exactly as the
-rollout workers drew them."""
+rollout workers drew them.
+
+With several ranks (a LearnerGroup) every rank gets the same call and trains on its share of each minibatch
+(actors/engine.py train_steps); each loss is scaled by the share's fraction of what it averages over
+(response tokens, RRHF's groups, DPO's pairs), so the step is the one a single rank takes on the whole batch.
+It is a plain class: usable in-process, without Ray (the `nccl` sync alone needs it)."""
 
 from __future__ import annotations
 
@@ -9,15 +14,15 @@ from collections.abc import Iterator
 
 import torch
 
-from apo_ray.actors.engine import LearnerCheckpoint, build_engine, train_steps
-from apo_ray.batching import grouped_minibatches, shuffled_minibatches
+from apo_ray.actors.engine import LearnerCheckpoint, Rendezvous, build_engine, train_steps
+from apo_ray.batching import fraction, grouped_minibatch_groups, shuffled_minibatches
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.game import TokenSample
 from apo_ray.losses import dpo_loss, masked_mean, rrhf_loss, sequence_logprob, sft_loss, token_logprobs
-from apo_ray.modeling import SampleLogprobs, encode_samples, load_causal_lm, load_tokenizer, text_samples
+from apo_ray.modeling import (SampleLogprobs, encode_samples, load_causal_lm, load_tokenizer, predicted_response_tokens,
+                              text_samples)
 from apo_ray.named_tensors import WeightBucket, pack_buckets
 from apo_ray.ppo import GridRows, entropy_from_logits, kl_limited_loss, kl_penalty, ppo_policy_loss
-from apo_ray.actors.nccl import NcclWeightSender
 
 
 class PolicyLearner(LearnerCheckpoint):
@@ -30,18 +35,20 @@ class PolicyLearner(LearnerCheckpoint):
         learner: LearnerConfig,
         seed: int = 0,
         micro_batch_size: int | None = None,
+        rendezvous: Rendezvous | None = None,
     ):
-        """micro_batch_size: DeepSpeed's rows per step; policy.batch_size unless given (online runs pass
-        ppo.minibatch_size, their minibatch)."""
+        """micro_batch_size: rows per step; policy.batch_size unless given (online runs pass
+        ppo.minibatch_size, their minibatch). rendezvous: this rank of a multi-rank learner (None: one rank)."""
         torch.manual_seed(seed)
         self.policy_cfg = policy
         self.model_cfg = model
         self.tokenizer = load_tokenizer(model_path, model.trust_remote_code)
         lm = load_causal_lm(model_path, model.dtype, model.trust_remote_code, model.disable_dropout).eval()
-        self.engine = build_engine(lm, learner, lr=policy.lr, micro_batch_size=micro_batch_size or policy.batch_size)
+        self.engine = build_engine(lm, learner, lr=policy.lr, micro_batch_size=micro_batch_size or policy.batch_size,
+                                   rendezvous=rendezvous)
         self.model = self.engine.model
         self.logprobs = SampleLogprobs(self.model, self.tokenizer.pad_token_id)
-        self._nccl_sender: NcclWeightSender | None = None
+        self._nccl_sender = None
 
     def token_logprobs(self, samples: list[TokenSample]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.logprobs.tokens(samples)
@@ -55,16 +62,23 @@ class PolicyLearner(LearnerCheckpoint):
                             self.model_cfg.max_response_tokens)
 
     def _offline_step(self, groups: list[list[int]], epochs: int, seed: int, loss_fn) -> dict[str, float]:
-        plan = grouped_minibatches(groups, self.policy_cfg.batch_size, epochs, seed)
-        return train_steps(self.engine, plan, loss_fn, role="policy")
+        """`loss_fn(items, groups_of_share, groups_of_minibatch)`: ranks share minibatches in whole groups."""
+        plan = grouped_minibatch_groups(groups, self.policy_cfg.batch_size, epochs, seed)
+
+        def share_loss(share: list[list[int]], minibatch: list[list[int]]):
+            return loss_fn([i for group in share for i in group], share, minibatch)
+
+        return train_steps(self.engine, plan, share_loss, role="policy")
 
     def sft_step(self, samples: list[TokenSample], *, epochs: int, seed: int) -> dict[str, float]:
         """RJS's policy step: supervised fine-tuning on the best-of-S samples."""
+        tokens = [predicted_response_tokens(sample) for sample in samples]
 
-        def loss_fn(idx: list[int]):
+        def loss_fn(idx: list[int], share: list[list[int]], minibatch: list[list[int]]):
             logps, mask = self.logprobs.with_grad([samples[i] for i in idx])
             loss = sft_loss(logps, mask)
-            return loss, {"policy/loss": loss.item()}
+            part = fraction(sum(tokens[i] for i in idx), sum(tokens[i] for group in minibatch for i in group))
+            return loss * part, {"policy/loss": loss.item()}
 
         return self._offline_step([[i] for i in range(len(samples))], epochs, seed, loss_fn)
 
@@ -75,12 +89,14 @@ class PolicyLearner(LearnerCheckpoint):
         for i, g in enumerate(group_ids):
             groups.setdefault(g, []).append(i)
 
-        def loss_fn(idx: list[int]):
+        def loss_fn(idx: list[int], share: list[list[int]], minibatch: list[list[int]]):
             logps, mask = self.logprobs.with_grad([samples[i] for i in idx])
-            return rrhf_loss(
+            loss, stats = rrhf_loss(
                 logps, mask, torch.tensor([rewards[i] for i in idx]), torch.tensor([group_ids[i] for i in idx]),
                 sft_coef=self.policy_cfg.rrhf_sft_coef,
             )
+            # RRHF averages over the prompts' groups.
+            return loss * fraction(len(share), len(minibatch)), stats
 
         return self._offline_step(list(groups.values()), epochs, seed, loss_fn)
 
@@ -88,29 +104,37 @@ class PolicyLearner(LearnerCheckpoint):
         self, chosen: list[TokenSample], rejected: list[TokenSample], ref_chosen: list[float],
         ref_rejected: list[float], *, epochs: int, seed: int
     ) -> dict[str, float]:
-        def loss_fn(idx: list[int]):
+        def loss_fn(idx: list[int], share: list[list[int]], minibatch: list[list[int]]):
             logps, mask = self.logprobs.with_grad([chosen[i] for i in idx] + [rejected[i] for i in idx])
             seq = sequence_logprob(logps, mask, average=False)
             n = len(idx)
-            return dpo_loss(
+            loss, stats = dpo_loss(
                 seq[:n], seq[n:], torch.tensor([ref_chosen[i] for i in idx]), torch.tensor([ref_rejected[i] for i in idx]),
                 beta=self.policy_cfg.dpo_beta,
             )
+            return loss * fraction(len(share), len(minibatch)), stats
 
         return self._offline_step([[i] for i in range(len(chosen))], epochs, seed, loss_fn)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.engine.full_state_dict()
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights from rank 0 (the object-store sync); None from the other ranks."""
+        return self.engine.rank0_state_dict()
 
     def weight_buckets(self, bucket_bytes: int) -> Iterator[WeightBucket]:
         """The `object_store` weight sync's learner side: the weights in flat buckets of at most `bucket_bytes`.
-        A generator, so that as a Ray actor method each bucket becomes an object of its own."""
-        yield from pack_buckets(self.engine.full_state_dict(), bucket_bytes)
+        A generator, so that as a Ray actor method each bucket becomes an object of its own. Rank 0 alone
+        yields them; under ZeRO-3 the other ranks join the gather and yield nothing."""
+        state = self.engine.rank0_state_dict()
+        if state is not None:
+            yield from pack_buckets(state, bucket_bytes)
 
     def send_weights_nccl(self, workers: list, bucket_bytes: int) -> int:
         """The `nccl` weight sync's learner side: broadcast the weights into the workers' vLLM engines, packed
-        into buffers of `bucket_bytes`."""
+        into buffers of `bucket_bytes` (rank 0 of a group only: below ZeRO-3 it holds them all)."""
         if self._nccl_sender is None:
+            # Imported here: the sender talks to the rollout actors through Ray, which nothing else here needs.
+            from apo_ray.actors.nccl import NcclWeightSender
+
             self._nccl_sender = NcclWeightSender(self.model, bucket_bytes)
         return self._nccl_sender.send(workers)
 
@@ -138,7 +162,7 @@ class PolicyLearner(LearnerCheckpoint):
             raise ValueError("ppo_step: kl_loss_coef > 0 and ppo.kl_hard_limit need ref_logps")
         device = self.model.device
 
-        def loss_fn(idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        def loss_fn(idx: list[int], minibatch: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
             batch = encode_samples([samples[i] for i in idx], self.tokenizer.pad_token_id).to(device)
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             logps = token_logprobs(logits, batch.input_ids)
@@ -159,7 +183,8 @@ class PolicyLearner(LearnerCheckpoint):
                 stats["policy/kl_limited_fraction"] = float(limited)
             with torch.no_grad():
                 stats["policy/entropy"] = entropy_from_logits(logits[:, :-1], m).item()
-            return loss, stats
+            # Every term is a mean over the minibatch's response tokens.
+            return loss * fraction(mask[idx].sum().item(), mask[minibatch].sum().item()), stats
 
         plan = shuffled_minibatches(len(samples), ppo.minibatch_size, ppo.ppo_epochs, seed)
         return train_steps(self.engine, plan, loss_fn, role="policy")

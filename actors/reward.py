@@ -1,17 +1,19 @@
 """RewardLearner: the max player. Holds the RM, scores text, takes the APO step.
 
-The math lives in apo_ray.losses; this actor only batches text, runs the model and steps the engine.
+The math lives in apo_ray.losses; this actor only batches text, runs the model and steps the engine. With
+several ranks each trains on its share of every minibatch's APO and human pairs, each term averaged over the
+whole minibatch's pairs (actors/engine.py train_steps).
 """
 
 from __future__ import annotations
 
 import torch
 
-from apo_ray.actors.engine import LearnerCheckpoint, TrainEngine, build_engine, train_steps
+from apo_ray.actors.engine import LearnerCheckpoint, Rendezvous, TrainEngine, build_engine, train_steps
 from apo_ray.batching import proportional_minibatches
 from apo_ray.config import LearnerConfig, RewardConfig
 from apo_ray.game import PreferencePair
-from apo_ray.losses import apo_reward_loss
+from apo_ray.losses import apo_reward_loss, minibatch_apo_share
 from apo_ray.modeling import encode_for_reward, load_reward_model, load_tokenizer
 
 
@@ -26,9 +28,11 @@ class RewardLearner(LearnerCheckpoint):
         seed: int = 0,
         trainable: bool = True,
         trust_remote_code: bool = False,
+        rendezvous: Rendezvous | None = None,
     ):
+        # The same seed on every rank: a freshly initialised score head is the same everywhere.
         torch.manual_seed(seed)
-        self.reward_cfg, self.learner_cfg = reward, learner
+        self.reward_cfg, self.learner_cfg, self.rendezvous = reward, learner, rendezvous
         self.dtype, self.trust_remote_code = dtype, trust_remote_code
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.engine: TrainEngine | None = None
@@ -40,7 +44,7 @@ class RewardLearner(LearnerCheckpoint):
             self.model = model.eval()
             return
         self.engine = build_engine(model, self.learner_cfg, lr=self.reward_cfg.lr,
-                                   micro_batch_size=self.reward_cfg.batch_size)
+                                   micro_batch_size=self.reward_cfg.batch_size, rendezvous=self.rendezvous)
         self.model = self.engine.model
 
     def _forward(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -79,23 +83,25 @@ class RewardLearner(LearnerCheckpoint):
         """
         assert self.engine is not None, "this RewardLearner was created with trainable=False"
 
-        def loss_fn(batch: tuple[list[int], list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
-            apo = [apo_pairs[i] for i in batch[0]]
-            human = [human_pairs[i] for i in batch[1]]
+        def loss_fn(share: tuple[list[int], list[int]],
+                    minibatch: tuple[list[int], list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
+            apo = [apo_pairs[i] for i in share[0]]
+            human = [human_pairs[i] for i in share[1]]
             n_apo, n_human = len(apo), len(human)
             # One forward over gold, sample, chosen and rejected texts, in that order.
             r = self._forward(
                 [p.prompt for p in apo] * 2 + [p.prompt for p in human] * 2,
                 [p.chosen for p in apo] + [p.rejected for p in apo] + [p.chosen for p in human] + [p.rejected for p in human],
             )
+            # Averaged over the whole minibatch's pairs, so that the ranks' shares add up to its loss.
             return apo_reward_loss(
                 r[:n_apo], r[n_apo : 2 * n_apo], r[2 * n_apo : 2 * n_apo + n_human], r[2 * n_apo + n_human :],
                 apo_coef=apo_coef, pref_coef=pref_coef, kind=self.reward_cfg.loss,
-                normalization=self.reward_cfg.apo_normalization,
+                normalization=self.reward_cfg.apo_normalization, minibatch_pairs=(len(minibatch[0]), len(minibatch[1])),
             )
 
         plan = proportional_minibatches(len(apo_pairs), len(human_pairs), self.reward_cfg.batch_size, epochs, seed)
-        return train_steps(self.engine, plan, loss_fn, role="rm")
+        return train_steps(self.engine, plan, loss_fn, role="rm", step_stats=minibatch_apo_share)
 
     def reinitialize(self, path: str) -> None:
         """The paper's non-`seq` setting: start this round's RM afresh from `path` (weights and optimizer)."""

@@ -34,7 +34,9 @@ class _Member:
 
 
 class ActorGroup:
-    """`make_kwargs(index)` gives the constructor keyword arguments of member `index` (also on restart)."""
+    """`make_kwargs(index)` gives the constructor keyword arguments of member `index` (also on restart).
+    `on_placement_group(group)` runs on each new placement group once it is ready, before any member starts
+    in it (a learner group finds its rank 0's address there)."""
 
     def __init__(
         self,
@@ -48,6 +50,7 @@ class ActorGroup:
         placement_strategy: str = "PACK",
         env: dict[str, str] | None = None,
         ready_timeout_s: float = 600.0,
+        on_placement_group: Callable[[PlacementGroup], None] = lambda group: None,
     ):
         if num_actors < 1:
             raise ValueError(f"num_actors: must be >= 1, got {num_actors}")
@@ -61,6 +64,7 @@ class ActorGroup:
         self.placement_strategy = placement_strategy
         self.env = dict(env or {})
         self.ready_timeout_s = ready_timeout_s
+        self.on_placement_group = on_placement_group
         self.restarts = 0
         self._members: list[_Member] = []
         self._free_bundles: list[tuple[PlacementGroup, int]] = []
@@ -117,6 +121,7 @@ class ActorGroup:
                 f"{self.name_prefix}: the cluster cannot place {count} more actors with {self._bundle()} each "
                 f"(available: {ray.available_resources()})"
             ) from error
+        self.on_placement_group(group)
         return [(group, bundle_index) for bundle_index in range(count)]
 
     def _grow(self, count: int) -> None:

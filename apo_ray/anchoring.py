@@ -19,11 +19,11 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-import ray
 
 from apo_ray.aapa import anchor_reward, anchored_rewards, base_weight, expert_probability
 from apo_ray.evaluation import mean_and_stderr
 from apo_ray.game import GoldAnswer, Rollout
+from apo_ray.learner_group import gather
 from apo_ray.seeds import SeedStream, round_seed
 
 if TYPE_CHECKING:
@@ -49,18 +49,18 @@ class Anchoring:
         rollouts = game.actors.pool.generate([g.prompt for g in game.data.gold], game.cfg.samples_per_prompt, seed=seed)
         generate_s = time.perf_counter() - started
         samples = [GoldAnswer(x.prompt, x.response) for x in rollouts]
-        stats = ray.get(self.discriminator.fit.remote(list(game.data.gold), samples, epochs=self.cfg.epochs, seed=seed))
-        ray.get(self.discriminator.save.remote(self.saved_dir))
+        stats = gather(self.discriminator.fit.remote(list(game.data.gold), samples, epochs=self.cfg.epochs, seed=seed))
+        gather(self.discriminator.save.remote(self.saved_dir))
         return {**stats, "timing/aapa_generate": generate_s}
 
     def restore(self) -> None:
         """A resumed run: the discriminator its first run fitted and saved."""
-        ray.get(self.discriminator.load_frozen.remote(self.saved_dir))
+        gather(self.discriminator.load_frozen.remote(self.saved_dir))
 
     def anchored_scores(self, r: int, rollouts: list[Rollout], scores: list[float],
                         stats: dict[str, float]) -> list[float]:
         """Round r's policy-step rewards: the RM scores with the anchoring reward added; its stats into `stats`."""
-        logits = ray.get(self.discriminator.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]))
+        logits = gather(self.discriminator.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]))
         anchor = anchor_reward(logits, self.cfg.reward)
         base = base_weight(r, self.cfg.anchor_only_rounds)
         stats["aapa/disc_score"], stats["aapa/disc_score_se"] = mean_and_stderr(expert_probability(logits))

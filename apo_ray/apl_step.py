@@ -26,7 +26,6 @@ import random
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import ray
 
 from apo_ray.apl import attacker_advantages, harmfulness, mean_token_logprobs, rate, strongest_attacks
 from apo_ray.batching import iteration_prompt_indices
@@ -34,6 +33,7 @@ from apo_ray.builtin.harm import ATTACK_WORDS, attacked_prompt, is_harmful, pars
 from apo_ray.config import PPOConfig
 from apo_ray.evaluation import mean_and_stderr
 from apo_ray.game import Rollout
+from apo_ray.learner_group import LearnerGroup, gather
 from apo_ray.policy_step import PolicyStep
 from apo_ray.seeds import SeedStream, round_seed
 
@@ -93,12 +93,12 @@ class APLPolicyStep(PolicyStep):
         stats = rate([is_harmful(x.response) for x in rollouts], "apl/train_attack_success_rate")
         prompts = self.attacked + self.clean
         answers = [safe_and_unsafe(self.cfg.seed, p) for p in prompts]
-        chosen, rejected = ray.get([actors.policy.encode_texts.remote(prompts, [safe for safe, _ in answers]),
-                                    actors.policy.encode_texts.remote(prompts, [unsafe for _, unsafe in answers])])
-        ref_chosen, ref_rejected = ray.get([actors.reference.sequence_logprobs.remote(chosen),
-                                            actors.reference.sequence_logprobs.remote(rejected)])
-        stats.update(ray.get(actors.policy.dpo_step.remote(chosen, rejected, ref_chosen, ref_rejected,
-                                                           epochs=self.cfg.policy.epochs_per_round, seed=seed)))
+        chosen, rejected = gather([actors.policy.encode_texts.remote(prompts, [safe for safe, _ in answers]),
+                                   actors.policy.encode_texts.remote(prompts, [unsafe for _, unsafe in answers])])
+        ref_chosen, ref_rejected = gather([actors.reference.sequence_logprobs.remote(chosen),
+                                           actors.reference.sequence_logprobs.remote(rejected)])
+        stats.update(gather(actors.policy.dpo_step.remote(chosen, rejected, ref_chosen, ref_rejected,
+                                                          epochs=self.cfg.policy.epochs_per_round, seed=seed)))
         stats["policy/pairs"] = float(len(prompts))
         return stats
 
@@ -126,13 +126,13 @@ class APLPolicyStep(PolicyStep):
 
     # ------------------------------------------------------------------ pieces
 
-    def harm(self, prompts: list[str], model: ray.actor.ActorHandle | None = None) -> np.ndarray:
+    def harm(self, prompts: list[str], model: LearnerGroup | None = None) -> np.ndarray:
         """Harmfulness h of each prompt (apo_ray.apl.harmfulness) under `model`'s log-probs: by default the
         defender's (the policy learner), or the reference's (the defender before APL; same tokenizer)."""
         policy = self.actors.policy
         answers = [safe_and_unsafe(self.cfg.seed, p) for p in prompts]
         texts = [safe for safe, _ in answers] + [unsafe for _, unsafe in answers]
-        samples = ray.get(policy.encode_texts.remote(prompts * 2, texts))
+        samples = gather(policy.encode_texts.remote(prompts * 2, texts))
         grid, mask = self.game.learner_grids({"logps": (model or policy).token_logprobs}, samples)["logps"]
         lbar = mean_token_logprobs(grid, mask)
         return harmfulness(lbar[len(prompts):], lbar[: len(prompts)], self.apl.harm_beta)
@@ -142,8 +142,8 @@ class APLPolicyStep(PolicyStep):
         samples = [x.tokens for x in rewrites]
         logps, mask = self.game.learner_grids({"logps": attacker.token_logprobs}, samples)["logps"]
         advantages = attacker_advantages(harm, groups, mask)
-        stats = ray.get(attacker.ppo_step.remote(samples, logps, advantages, mask, ppo=self.attacker_ppo,
-                                                 seed=round_seed(self.cfg.seed, r, SeedStream.ATTACK_STEP)))
+        stats = gather(attacker.ppo_step.remote(samples, logps, advantages, mask, ppo=self.attacker_ppo,
+                                                seed=round_seed(self.cfg.seed, r, SeedStream.ATTACK_STEP)))
         # The learner names its stats as the policy's; these are the attacker's.
         return {key.replace("policy/", "apl/attacker_").replace("timing/policy_step", "timing/attacker_step"): value
                 for key, value in stats.items()}

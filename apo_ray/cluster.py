@@ -15,9 +15,10 @@ from apo_ray.actors.policy import PolicyLearner
 from apo_ray.actors.reference import ReferenceModel
 from apo_ray.actors.reward import RewardLearner
 from apo_ray import build_locks, logs
-from apo_ray.actor_group import ActorGroup, wait_until_ready
+from apo_ray.actor_group import wait_until_ready
 from apo_ray.config import Config, LearnerConfig
 from apo_ray.driver import Actors
+from apo_ray.learner_group import LearnerGroup
 from apo_ray.placement import Role, actor_plan, cluster_from_ray_nodes, local_num_cpus, place, totals
 from apo_ray.ray_env import driver_source_env
 from apo_ray.rollout_pool import RolloutPool
@@ -68,11 +69,17 @@ def init_ray(cfg: Config) -> None:
         raise RuntimeError(f"the run's actors do not fit: {placement.summary} (`apo-ray train --dry-run` shows the plan)")
 
 
-def _learner(cls, name: str, role: Role, **kwargs) -> ActorGroup:
-    """One learner in a placement-group bundle of its own, as the rollout workers are (ActorGroup of 1)."""
-    return ActorGroup(
-        cls, 1, name_prefix=name, make_kwargs=lambda index: kwargs,
-        num_cpus_per_actor=role.cpus, num_gpus_per_actor=role.gpus, env=actor_env(),
+# A policy learner's nccl weight sync: below ZeRO-3 (which nccl refuses) rank 0 holds every weight and broadcasts
+# them alone.
+POLICY_RANK_ZERO_METHODS = ("send_weights_nccl",)
+
+
+def _learner(cls, name: str, role: Role, *, distributed: bool = True, rank_zero_methods: tuple[str, ...] = (),
+             **kwargs) -> LearnerGroup:
+    """A learner's ranks (role.count), each in a bundle of its own, in one placement group per role."""
+    return LearnerGroup(
+        cls, role.count, role=role.name, name_prefix=name, kwargs=kwargs, num_cpus_per_rank=role.cpus,
+        num_gpus_per_rank=role.gpus, env=actor_env(), distributed=distributed, rank_zero_methods=rank_zero_methods,
     )
 
 
@@ -91,6 +98,7 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str, attacker_path:
             PolicyLearner, f"policy-learner-{run_id}", roles["policy"],
             model_path=policy_path, model=model, policy=cfg.policy, learner=learner, seed=cfg.seed,
             micro_batch_size=cfg.ppo.minibatch_size if cfg.online else cfg.policy.batch_size,
+            rank_zero_methods=POLICY_RANK_ZERO_METHODS,
         ),
         "reward": _learner(
             RewardLearner, f"reward-learner-{run_id}", roles["reward"],
@@ -98,14 +106,15 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str, attacker_path:
             trust_remote_code=cfg.model.trust_remote_code,
         ),
         "reference": _learner(
-            ReferenceModel, f"reference-{run_id}", roles["reference"], model_path=policy_path, model=model
+            ReferenceModel, f"reference-{run_id}", roles["reference"], distributed=False, model_path=policy_path,
+            model=model,
         ),
     }
     if "eval_reward" in roles:
         groups["eval_reward"] = _learner(
             RewardLearner, f"eval-reward-{run_id}", roles["eval_reward"],
             model_path=cfg.model.eval_reward, reward=cfg.reward, learner=learner, dtype=dtype,
-            trainable=False, trust_remote_code=cfg.model.trust_remote_code,
+            trainable=False, trust_remote_code=cfg.model.trust_remote_code, distributed=False,
         )
     if "critic" in roles:
         # Built from reward_path so that a tokenizer or head mismatch shows when the actor starts; the online
@@ -117,9 +126,10 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str, attacker_path:
         )
     if "discriminator" in roles:
         path = reward_path if cfg.aapa.discriminator_path == "reward" else cfg.aapa.discriminator_path
+        # One rank (apo_ray.placement): it trains alone, on no rendezvous.
         groups["discriminator"] = _learner(
-            Discriminator, f"discriminator-{run_id}", roles["discriminator"], model_path=path, aapa=cfg.aapa,
-            learner=learner, dtype=dtype, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code,
+            Discriminator, f"discriminator-{run_id}", roles["discriminator"], distributed=False, model_path=path,
+            aapa=cfg.aapa, learner=learner, dtype=dtype, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code,
         )
     if "attacker" in roles:
         if attacker_path is None:
@@ -127,23 +137,22 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str, attacker_path:
         groups["attacker"] = _learner(
             PolicyLearner, f"attacker-learner-{run_id}", roles["attacker"], model_path=attacker_path, model=model,
             policy=cfg.policy.model_copy(update={"lr": cfg.apl.attacker.lr}), learner=learner, seed=cfg.seed,
-            micro_batch_size=cfg.apl.attacker.minibatch_size,
+            micro_batch_size=cfg.apl.attacker.minibatch_size, rank_zero_methods=POLICY_RANK_ZERO_METHODS,
         )
     pools: list[RolloutPool] = []
     try:
         pools.append(RolloutPool.from_config(cfg, policy_path, name_prefix=f"rollout-{run_id}", env=actor_env()))
         if "attacker_rollout" in roles:
             pools.append(attacker_rollout_pool(cfg, attacker_path, name_prefix=f"attacker-rollout-{run_id}"))
-        wait_until_ready(groups.values(), learner.startup_timeout_s, diagnose=lambda: learner_startup_hint(learner))
+        wait_until_ready([group.group for group in groups.values()], learner.startup_timeout_s,
+                         diagnose=lambda: learner_startup_hint(learner))
     except BaseException:
         for group in groups.values():
             group.kill()
         for pool in pools:
             pool.shutdown()
         raise
-    handles = {role: group.actors[0] for role, group in groups.items()}
-    return Actors(pool=pools[0], attacker_pool=pools[1] if len(pools) > 1 else None, groups=list(groups.values()),
-                  **handles)
+    return Actors(pool=pools[0], attacker_pool=pools[1] if len(pools) > 1 else None, **groups)
 
 
 def attacker_rollout_pool(cfg: Config, attacker_path: str, *, name_prefix: str) -> RolloutPool:
@@ -171,5 +180,5 @@ def shutdown_actors(actors: Actors) -> None:
     actors.pool.shutdown()
     if actors.attacker_pool is not None:
         actors.attacker_pool.shutdown()
-    for group in actors.groups:
+    for group in actors.learners:
         group.kill()

@@ -152,6 +152,20 @@ class LearnerConfig(Section):
     # A learner whose constructor (model load, DeepSpeed start) has not returned by then stops the run, naming
     # it and any torch extension build lock it may wait on, instead of waiting silently.
     startup_timeout_s: float = Field(600.0, gt=0.0)
+    # DeepSpeed data-parallel ranks of each trained learner (policy, reward, critic), each rank in a bundle of
+    # learner.num_cpus / learner.num_gpus, one placement group per role: ZeRO shards over them, and each rank
+    # trains on its slice of every minibatch, so a step is the step one rank takes on the whole minibatch.
+    # The frozen reference and evaluation RM, AAPA's discriminator and APL's attacker stay one process each.
+    num_ranks: int = Field(1, ge=1)
+    # Per-role overrides of num_ranks (None: num_ranks): an RM or critic smaller than the policy needs fewer.
+    policy_ranks: Optional[int] = Field(None, ge=1)
+    reward_ranks: Optional[int] = Field(None, ge=1)
+    critic_ranks: Optional[int] = Field(None, ge=1)
+
+    def ranks(self, role: str) -> int:
+        """Ranks of the trained learner `role` (policy, reward, critic)."""
+        override = getattr(self, f"{role}_ranks")
+        return self.num_ranks if override is None else override
 
 
 class RewardConfig(Section):
@@ -425,6 +439,12 @@ class Config(Section):
         return self.rollout.dtype or self.learner_dtype
 
     @property
+    def trained_ranks(self) -> dict[str, int]:
+        """{learner: ranks} of every learner this run trains (the critic only for ppo)."""
+        roles = ("policy", "reward", "critic") if self.method == "ppo" else ("policy", "reward")
+        return {role: self.learner.ranks(role) for role in roles}
+
+    @property
     def apo_coef(self) -> float:
         if self.reward.apo_coef is not None:
             return self.reward.apo_coef
@@ -470,6 +490,7 @@ _CONDITIONAL_KEYS = [
     ConditionalKeys(("policy.rrhf_sft_coef",), "method rrhf", lambda c: c.method == "rrhf", by_method=True),
     ConditionalKeys(("ppo.lam", "ppo.whiten_advantages", "ppo.critic_init", "ppo.critic_lr", "ppo.value_clip_eps"),
                     "method ppo (its critic and GAE)", lambda c: c.method == "ppo", by_method=True),
+    ConditionalKeys(("learner.critic_ranks",), "method ppo (its critic)", lambda c: c.method == "ppo", by_method=True),
     ConditionalKeys(("ppo.gamma",), "methods ppo and reinforce_pp", lambda c: c.method in ("ppo", "reinforce_pp"),
                     by_method=True),
     ConditionalKeys(("ppo.kl_horizon",), "ppo.adaptive_kl=true", lambda c: c.ppo.adaptive_kl, by_method=False),
@@ -568,6 +589,15 @@ def _cross_checks(cfg: Config) -> None:
             "model.dtype: float16 training needs loss scaling, which apo-ray's learners do not do; use bfloat16 "
             "or float32 (rollout.dtype=float16 samples in float16 with learners in another dtype)"
         )
+    sharded = [role for role, ranks in cfg.trained_ranks.items() if ranks > 1]
+    if sharded and cfg.learner.backend != "deepspeed":
+        key = "learner.num_ranks" if cfg.learner.num_ranks > 1 else f"learner.{sharded[0]}_ranks"
+        raise ConfigError(f"{key}: several ranks need learner.backend deepspeed (it averages their gradients); "
+                          "the torch backend trains one rank")
+    if cfg.online and cfg.ppo.kl_hard_limit and cfg.learner.ranks("policy") > 1:
+        # The limit switches a minibatch's loss on its estimated KL; each rank would estimate it on its slice.
+        raise ConfigError("ppo.kl_hard_limit: decided per minibatch, so it needs the whole minibatch on one rank; "
+                          "use learner.policy_ranks=1 with it")
     if cfg.learner.backend == "torch" and cfg.learner_dtype == "bfloat16":
         raise ConfigError(
             "model.dtype: bfloat16 with learner.backend=torch would step bfloat16 weights without fp32 master "

@@ -19,11 +19,10 @@ step 3's strategy, with its attacker's round in the strategy's start_round and i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import ray
 from torch import Tensor
 
 from apo_ray.anchoring import Anchoring
@@ -39,6 +38,7 @@ from apo_ray.evaluation import (
     preference_accuracy_and_stderr,
 )
 from apo_ray.game import Rollout, TokenSample, build_apo_pairs
+from apo_ray.learner_group import LearnerGroup, gather
 from apo_ray.metrics import MetricsLogger
 from apo_ray.offline import OfflinePolicyStep
 from apo_ray.online import OnlinePolicyStep
@@ -55,16 +55,23 @@ OracleTerms = Callable[[str, str], dict[str, float]]
 
 @dataclass
 class Actors:
+    """The game's actors. Each learner is a LearnerGroup of its ranks, called like one actor handle
+    (`x.method.remote(...)`, waited for with `gather`)."""
+
     pool: RolloutPool
-    reward: ray.actor.ActorHandle
-    policy: ray.actor.ActorHandle
-    reference: ray.actor.ActorHandle
-    eval_reward: ray.actor.ActorHandle | None = None  # None: the task's gold oracle judges
-    critic: ray.actor.ActorHandle | None = None  # online PPO only
-    discriminator: ray.actor.ActorHandle | None = None  # AAPA only
-    attacker: ray.actor.ActorHandle | None = None  # APL only: the attacker's learner
+    reward: LearnerGroup
+    policy: LearnerGroup
+    reference: LearnerGroup
+    eval_reward: LearnerGroup | None = None  # None: the task's gold oracle judges
+    critic: LearnerGroup | None = None  # online PPO only
+    discriminator: LearnerGroup | None = None  # AAPA only
+    attacker: LearnerGroup | None = None  # APL only: the attacker's learner
     attacker_pool: RolloutPool | None = None  # APL only: the attacker's rollout workers
-    groups: list = field(default_factory=list)  # the learners' ActorGroups, for shutdown
+
+    @property
+    def learners(self) -> list[LearnerGroup]:
+        return [g for g in (self.policy, self.reward, self.reference, self.eval_reward, self.critic,
+                            self.discriminator, self.attacker) if g is not None]
 
 
 class APOGame:
@@ -132,7 +139,7 @@ class APOGame:
         rollouts = samples.policy
         self._phase("score", r)
         t = time.perf_counter()
-        scores = ray.get(self.actors.reward.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]))
+        scores = gather(self.actors.reward.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]))
         stats["timing/score"] = time.perf_counter() - t
         stats["policy/reward_mean"] = float(np.mean(scores))
         stats["policy/reward_std"] = float(np.std(scores))
@@ -164,7 +171,7 @@ class APOGame:
         paired against its golden answer, plus the human pairs D_P."""
         self._phase("rm_step", r)
         if self.cfg.reward.reinit_each_round:
-            ray.get(self.actors.reward.reinitialize.remote(str(self.checkpointer.base_reward_dir)))
+            gather(self.actors.reward.reinitialize.remote(str(self.checkpointer.base_reward_dir)))
         stats = self._rm_update(build_apo_pairs(self.data.gold, gold_rollouts), self.cfg.reward.epochs_per_round, r)
         self._check_apo_term(stats)
         return stats
@@ -183,7 +190,7 @@ class APOGame:
         chunk = self.cfg.ppo.minibatch_size
         spans = range(0, len(samples), chunk)
         calls = {name: [method.remote(samples[a : a + chunk]) for a in spans] for name, method in methods.items()}
-        results = {name: ray.get(refs) for name, refs in calls.items()}
+        results = {name: gather(refs) for name, refs in calls.items()}
         return {name: (concat_right_padded([grid for grid, _ in parts]), concat_right_padded([mask for _, mask in parts]))
                 for name, parts in results.items()}
 
@@ -205,7 +212,7 @@ class APOGame:
     # ------------------------------------------------------------------ pieces
 
     def _rm_update(self, apo_pairs, epochs: int, round_index: int) -> dict[str, float]:
-        return ray.get(self.actors.reward.apo_step.remote(
+        return gather(self.actors.reward.apo_step.remote(
             apo_pairs, self.data.pairs,
             apo_coef=self.cfg.apo_coef, pref_coef=self.cfg.reward.pref_coef,
             epochs=epochs, seed=round_seed(self.cfg.seed, round_index, SeedStream.RM),
@@ -217,7 +224,7 @@ class APOGame:
         self._phase("evaluate", r)
         started = time.perf_counter()
         reward, stats = self.actors.reward, {}
-        chosen, rejected = ray.get(reward.score_pairs.remote(self.data.eval_pairs))
+        chosen, rejected = gather(reward.score_pairs.remote(self.data.eval_pairs))
         stats["rm/acc"], stats["rm/acc_se"] = preference_accuracy_and_stderr(chosen, rejected)
         stats["rm/ece"] = expected_calibration_error(chosen, rejected)
 
@@ -228,7 +235,7 @@ class APOGame:
         prompts, responses = [x.prompt for x in samples], [x.response for x in samples]
         judge = self._judge(prompts, responses)
         tokens = [x.tokens for x in samples]
-        rm_scores, policy_logps, ref_logps = ray.get([
+        rm_scores, policy_logps, ref_logps = gather([
             reward.score.remote(prompts, responses),
             self.actors.policy.sequence_logprobs.remote(tokens),
             self.actors.reference.sequence_logprobs.remote(tokens),
@@ -240,7 +247,7 @@ class APOGame:
         stats.update(policy_sample_stats(
             [x.prompt_index for x in samples], judge, rm_scores, np.array(policy_logps) - np.array(ref_logps),
             [len(x.response_token_ids) for x in samples], terms))
-        gold_scores = ray.get(reward.score.remote([g.prompt for g in self.data.gold], [g.response for g in self.data.gold]))
+        gold_scores = gather(reward.score.remote([g.prompt for g in self.data.gold], [g.response for g in self.data.gold]))
         stats["rm/reward_gold"], stats["rm/reward_gold_se"] = mean_and_stderr(gold_scores)
         stats["timing/evaluate"] = time.perf_counter() - started
         return stats
@@ -248,7 +255,7 @@ class APOGame:
     def _judge(self, prompts: list[str], responses: list[str]) -> list[float]:
         if self.oracle is not None:
             return [self.oracle(p, y) for p, y in zip(prompts, responses)]
-        return ray.get(self.actors.eval_reward.score.remote(prompts, responses))
+        return gather(self.actors.eval_reward.score.remote(prompts, responses))
 
     def _phase(self, name: str, r: int) -> None:
         self.logger.set_phase(name)

@@ -55,6 +55,7 @@ def apo_reward_loss(
     pref_coef: float,
     kind: PairLossKind = "bt",
     normalization: ApoNormalization = "per_term",
+    minibatch_pairs: Optional[tuple[int, int]] = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The RM's APO step: apo_coef * pair_loss(gold, sample) + pref_coef * BT(chosen, rejected).
 
@@ -70,7 +71,13 @@ def apo_reward_loss(
     comes from the KL constraint that keeps the RM faithful to human preferences (the RM objective,
     Eq. 17), and the WGAN-like ablation replaces only the BT surrogate on gold-vs-sample pairs.
 
-    Stats (python floats) are reported only for the terms present: "rm/loss" (the loss returned),
+    `minibatch_pairs` = (APO pairs, human pairs) of the whole minibatch when these scores are one rank's share of
+    it: the terms are then summed over the share and divided by the minibatch's counts, so that the losses of
+    all shares add up to the minibatch's loss (None: the pairs given are the whole minibatch). "rm/apo_share" is
+    then the minibatch's, from every share's parts of the two terms (`minibatch_apo_share`).
+
+    Stats (python floats) are reported only for the terms present, on the pairs given (a multi-rank step
+    reports the mean of its ranks'): "rm/loss" (the loss returned when minibatch_pairs is None),
     "rm/loss_apo" and "rm/loss_pref" (each term's mean over its own pairs, whatever the normalization),
     "rm/margin_apo", "rm/margin", "rm/acc_train_pref", and with APO pairs "rm/apo_share": the APO term's part of
     the loss, |APO part| / (|APO part| + |human part|), which apo_ray.apo_activity watches.
@@ -83,35 +90,69 @@ def apo_reward_loss(
     has_pref = _present(r_chosen) or _present(r_rejected)
     if not (has_apo or has_pref):
         raise ValueError("apo_reward_loss: no APO pairs and no human pairs; nothing to train on")
-    terms: list[tuple[float, Tensor]] = []  # (coefficient, per-pair losses)
+    # (coefficient, per-pair losses, the pairs of the whole minibatch it is averaged over)
+    terms: list[tuple[float, Tensor, int]] = []
+    n_apo, n_pref = minibatch_pairs if minibatch_pairs is not None else (None, None)
     stats: dict[str, float] = {}
     if has_apo:
         if r_gold is None or r_sample is None or r_gold.shape != r_sample.shape:
             raise ValueError("r_gold and r_sample: must both be given with the same shape")
         apo_terms = _PAIR_TERMS[kind](r_gold, r_sample)
-        terms.append((apo_coef, apo_terms))
+        terms.append((apo_coef, apo_terms, apo_terms.numel() if n_apo is None else n_apo))
         stats["rm/loss_apo"] = apo_terms.mean().item()
         stats["rm/margin_apo"] = (r_gold - r_sample).mean().item()
     if has_pref:
         if r_chosen is None or r_rejected is None or r_chosen.shape != r_rejected.shape:
             raise ValueError("r_chosen and r_rejected: must both be given with the same shape")
         pref_terms = _bradley_terry_terms(r_chosen, r_rejected)
-        terms.append((pref_coef, pref_terms))
+        terms.append((pref_coef, pref_terms, pref_terms.numel() if n_pref is None else n_pref))
         stats["rm/loss_pref"] = pref_terms.mean().item()
         stats["rm/margin"] = (r_chosen - r_rejected).mean().item()
         stats["rm/acc_train_pref"] = preference_accuracy(r_chosen, r_rejected)
+    given = [(coef, losses, losses.numel()) for coef, losses, _ in terms]
+    parts = _term_parts(given, normalization, sum(n for _, _, n in given))
+    loss_given = torch.stack(parts).sum()
+    stats["rm/loss"] = loss_given.item()
+    if minibatch_pairs is None:
+        if has_apo:
+            stats[_APO_SHARE] = _apo_share(parts[0].item(), parts[-1].item() if has_pref else 0.0)
+        return loss_given, stats
+    # Pooled over every pair of the minibatch, of both terms, whether or not this share holds pairs of each.
+    parts = _term_parts(terms, normalization, sum(minibatch_pairs))
+    if n_apo:
+        # A share's ratio is not the minibatch's (a share may hold APO pairs alone): its parts are, added up.
+        stats[_APO_PART] = parts[0].item() if has_apo else 0.0
+        stats[_PREF_PART] = parts[-1].item() if has_pref else 0.0
+    return torch.stack(parts).sum(), stats
+
+
+_APO_SHARE, _APO_PART, _PREF_PART = "rm/apo_share", "rm/apo_part", "rm/pref_part"
+
+
+def _apo_share(apo_part: float, pref_part: float) -> float:
+    # Magnitudes: the "diff" loss can be negative, and a share must still say how much the term weighs.
+    total = abs(apo_part) + abs(pref_part)
+    return abs(apo_part) / total if total > 0 else 0.0
+
+
+def minibatch_apo_share(step: dict[str, float]) -> dict[str, float]:
+    """One RM step's stats, averaged over its ranks' shares (actors/engine.py train_steps), with "rm/apo_share"
+    of the whole minibatch in place of the shares' parts of its two terms: the same the minibatch gives on one
+    rank (the mean of the parts over the ranks is their sum over the ranks, scaled alike)."""
+    if _APO_PART not in step:
+        return step
+    step = dict(step)
+    step[_APO_SHARE] = _apo_share(step.pop(_APO_PART), step.pop(_PREF_PART))
+    return step
+
+
+def _term_parts(terms: list[tuple[float, Tensor, int]], normalization: ApoNormalization,
+                all_pairs: int) -> list[Tensor]:
+    """Each (coefficient, per-pair losses, pairs averaged over) term's part of the loss: averaged over its own
+    pairs (per_term) or, with the other term, over `all_pairs` (pooled)."""
     if normalization == "per_term":
-        parts = [coef * losses.mean() for coef, losses in terms]
-    else:
-        n_pairs = sum(losses.numel() for _, losses in terms)
-        parts = [coef * losses.sum() / n_pairs for coef, losses in terms]
-    loss = torch.stack(parts).sum()
-    stats["rm/loss"] = loss.item()
-    if has_apo:
-        # Magnitudes: the "diff" loss can be negative, and a share must still say how much the term weighs.
-        sizes = [abs(part.item()) for part in parts]
-        stats["rm/apo_share"] = sizes[0] / sum(sizes) if sum(sizes) > 0 else 0.0
-    return loss, stats
+        return [coef * (losses.mean() if n == losses.numel() else losses.sum() / n) for coef, losses, n in terms]
+    return [coef * losses.sum() / all_pairs for coef, losses, _ in terms]
 
 
 def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:

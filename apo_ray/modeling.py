@@ -138,6 +138,12 @@ def encode_samples(samples: list[TokenSample], pad_token_id: int) -> EncodedBatc
     return EncodedBatch(ids, attn, resp, n_truncated=0)
 
 
+def predicted_response_tokens(sample: TokenSample) -> int:
+    """Response tokens a causal LM predicts in `encode_samples`'s layout (the mask `response_token_logprobs`
+    returns): all of them after a prompt; a first token with nothing before it is not predicted."""
+    return len(sample.response_ids) - (0 if sample.prompt_ids else 1)
+
+
 def response_token_logprobs(model: torch.nn.Module, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the response under a causal LM: ([B, T-1], mask [B, T-1])."""
     from apo_ray.losses import token_logprobs

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import ray
-
 from apo_ray.game import Rollout, best_and_worst, best_of_n
+from apo_ray.learner_group import gather
 from apo_ray.policy_step import PolicyStep
 
 if TYPE_CHECKING:
@@ -32,10 +31,10 @@ class OfflinePolicyStep(PolicyStep):
         if method == "rjs":
             best = best_of_n(rollouts, scores)
             mismatch = game.sampler_mismatch(best)
-            return {**mismatch, **ray.get(policy.sft_step.remote([b.tokens for b in best], epochs=epochs, seed=seed))}
+            return {**mismatch, **gather(policy.sft_step.remote([b.tokens for b in best], epochs=epochs, seed=seed))}
         if method == "rrhf":
             mismatch = game.sampler_mismatch(rollouts)
-            return {**mismatch, **ray.get(policy.rrhf_step.remote(
+            return {**mismatch, **gather(policy.rrhf_step.remote(
                 [x.tokens for x in rollouts], list(scores), [x.prompt_index for x in rollouts], epochs=epochs, seed=seed,
             ))}
         if method == "dpo":
@@ -45,10 +44,10 @@ class OfflinePolicyStep(PolicyStep):
                 return {"policy/pairs": 0.0}
             mismatch = game.sampler_mismatch([x for p in pairs for x in (p.chosen, p.rejected)])
             chosen, rejected = [p.chosen.tokens for p in pairs], [p.rejected.tokens for p in pairs]
-            ref_chosen, ref_rejected = ray.get([
+            ref_chosen, ref_rejected = gather([
                 game.actors.reference.sequence_logprobs.remote(chosen),
                 game.actors.reference.sequence_logprobs.remote(rejected),
             ])
-            stats = ray.get(policy.dpo_step.remote(chosen, rejected, ref_chosen, ref_rejected, epochs=epochs, seed=seed))
+            stats = gather(policy.dpo_step.remote(chosen, rejected, ref_chosen, ref_rejected, epochs=epochs, seed=seed))
             return {**mismatch, **stats, "policy/pairs": float(len(pairs))}
         raise ValueError(f"method: {method!r} is not an offline method (rjs, rrhf, dpo)")

@@ -24,12 +24,12 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-import ray
 import torch
 
 from apo_ray.batching import iteration_prompt_indices
 from apo_ray.config import ONLINE_METHODS
 from apo_ray.game import Rollout, TokenSample
+from apo_ray.learner_group import gather
 from apo_ray.losses import masked_mean, sequence_logprob
 from apo_ray.policy_step import PolicyStep
 from apo_ray.ppo import (AdaptiveKLController, FixedKLController, KLController, TokenGrids, estimate_advantages,
@@ -69,7 +69,7 @@ class OnlinePolicyStep(PolicyStep):
     def start_round(self, r: int) -> dict[str, float]:
         if r == 1 and self.actors.critic is not None and self.cfg.ppo.critic_init == "reward":
             # The critic starts as the RM fitted in round 0 (a run resumed after round 0 comes here too).
-            ray.get(self.actors.critic.reinitialize.remote(str(self.game.checkpointer.base_reward_dir)))
+            gather(self.actors.critic.reinitialize.remote(str(self.game.checkpointer.base_reward_dir)))
         return {"policy/kl_coef": self.kl_controller.value}
 
     def update(self, r: int, rollouts: list[Rollout], scores: list[float], seed: int) -> dict[str, float]:
@@ -106,7 +106,7 @@ class OnlinePolicyStep(PolicyStep):
             steps.append(self.actors.critic.value_step.remote(samples, grids.values, returns, grids.mask, seed=seed))
             stats["critic/values"] = masked_mean(grids.values, grids.mask).item()
             stats["critic/returns"] = masked_mean(returns, grids.mask).item()
-        for step_stats in ray.get(steps):
+        for step_stats in gather(steps):
             stats.update(step_stats)
         return stats
 

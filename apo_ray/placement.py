@@ -41,14 +41,22 @@ class Role:
 def actor_plan(cfg: Config) -> list[Role]:
     """Every actor start_actors makes for `cfg`, in start order."""
     learner, rollout = cfg.learner, cfg.rollout
-    trained = ("rank", learner.num_cpus, learner.num_gpus, "learner.num_cpus, learner.num_gpus", "learner.num_gpus")
+
+    def trained(role: str) -> tuple:
+        return ("rank", learner.num_cpus, learner.num_gpus,
+                f"learner.num_ranks or learner.{role}_ranks, learner.num_cpus, learner.num_gpus", "learner.num_gpus")
+
     # Frozen models (no optimizer state, no gradients) take half a learner's GPU share.
     frozen = ("rank", 0.5, learner.num_gpus / 2, "half of learner.num_gpus", "learner.num_gpus")
-    roles = [Role("policy", 1, *trained), Role("reward", 1, *trained), Role("reference", 1, *frozen)]
+    # The game's trained learners are learner.num_ranks (or its per-role override) ranks; the frozen ones, AAPA's
+    # discriminator and APL's attacker are one process each.
+    ranks = cfg.trained_ranks
+    roles = [Role("policy", ranks["policy"], *trained("policy")), Role("reward", ranks["reward"], *trained("reward")),
+             Role("reference", 1, *frozen)]
     if cfg.model.eval_reward != "gold":
         roles.append(Role("eval_reward", 1, *frozen))
-    if cfg.method == "ppo":
-        roles.append(Role("critic", 1, *trained))
+    if "critic" in ranks:
+        roles.append(Role("critic", ranks["critic"], *trained("critic")))
     if cfg.aapa.enabled:
         # Frozen once fitted; its fit in round 0 is a short RM-sized job.
         roles.append(Role("discriminator", 1, *frozen))

@@ -48,6 +48,17 @@ class TrainingDiverged(RuntimeError):
     """A learner met a non-finite loss or gradient; the run stopped and its checkpoints are intact."""
 
 
+class LearnerRankLost(RuntimeError):
+    """A rank of a learner died; the run stopped and its checkpoints are intact."""
+
+
+def rank_lost_message(run_dir: Path, last_round: int | None, error: Exception) -> str:
+    if last_round is None:
+        return f"{error}. No round was checkpointed yet: start the run again"
+    return (f"{error}. The checkpoint of round {last_round} is intact: continue with "
+            f"`apo-ray train --resume {run_dir}`")
+
+
 def divergence_message(run_dir: Path, last_round: int | None, error: FloatingPointError) -> str:
     # Raised through ray.get, the error is a RayTaskError(FloatingPointError): its text names the actor's method
     # ("ray::PolicyLearner.sft_step()"); `cause` is the learner's own error.
@@ -126,9 +137,13 @@ def checked_run_dir(cfg: Config, resume: bool) -> tuple[Path, int | None]:
     check_run_dir(run_dir, resume)
     if not resume:
         return run_dir, None
-    from apo_ray.checkpoint import Checkpointer
+    from apo_ray.checkpoint import Checkpointer, check_same_ranks
 
-    return run_dir, Checkpointer(run_dir).latest_round()
+    checkpointer = Checkpointer(run_dir)
+    last = checkpointer.latest_round()
+    if last is not None:
+        check_same_ranks(checkpointer.read_state(last), cfg.trained_ranks, last)
+    return run_dir, last
 
 
 def check_environment(cfg: Config) -> str | None:
@@ -198,6 +213,7 @@ def run(prepared: PreparedRun) -> dict:
     from apo_ray.cluster import start_actors, init_ray, shutdown_actors
     from apo_ray.checkpoint import Checkpointer
     from apo_ray.driver import APOGame
+    from apo_ray.learner_group import RankDied, find_dead_rank
     from apo_ray.metrics import MetricsLogger
 
     cfg, run_dir = prepared.cfg, prepared.run_dir
@@ -228,6 +244,14 @@ def run(prepared: PreparedRun) -> dict:
         game.run(first_round)
     except FloatingPointError as error:
         raise TrainingDiverged(divergence_message(run_dir, checkpointer.latest_round(), error)) from error
+    except RankDied as error:
+        raise LearnerRankLost(rank_lost_message(run_dir, checkpointer.latest_round(), error)) from error
+    except Exception as error:
+        # A rank's death seen first by a peer (its collective broke) or by a weight sync's ray.get.
+        dead = find_dead_rank(actors.learners)
+        if dead is None:
+            raise
+        raise LearnerRankLost(rank_lost_message(run_dir, checkpointer.latest_round(), dead)) from error
     finally:
         logger.close()
         shutdown_actors(actors)
@@ -377,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     except ActorStartupTimeout as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 4
+    except LearnerRankLost as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 5
     return 0
 
 

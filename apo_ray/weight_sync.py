@@ -12,6 +12,7 @@
 
 A strategy splits a sync in two so that the pool can replay it: ``publish`` (once per version, whatever
 the number of workers) and ``apply`` (per worker; also used for workers that join or restart later).
+The learner may be a multi-rank LearnerGroup (apo_ray/learner_group.py): its weights come from rank 0.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, ClassVar
 import ray
 import torch
 
+from apo_ray.learner_group import gather
 from apo_ray.named_tensors import NamedTensors, as_named_tensors, checkpoint_files, pack_buckets, write_checkpoint_dir
 
 # rollout.sync_bucket_mb's default: a 0.5B-parameter bf16 policy moves in 4 buckets; the learner holds one
@@ -92,8 +94,9 @@ class ObjectStoreSync(WeightSync):
         return [ray.put(bucket) for bucket in pack_buckets(weights, self.bucket_bytes)]
 
     def publish_from(self, learner: ray.actor.ActorHandle, version: int) -> list[ray.ObjectRef]:
-        # A generator method: each bucket the learner yields is an object of its own, owned by this driver.
-        return list(getattr(learner, self.learner_method).remote(self.bucket_bytes))
+        # A generator method: each bucket the learner yields is an object of its own, owned by this driver. A
+        # group's buckets are rank 0's, gathered once every rank has left ZeRO-3's gather of the weights.
+        return gather(getattr(learner, self.learner_method).remote(self.bucket_bytes))
 
     def apply(self, workers, payload: list[ray.ObjectRef], version: int) -> list[ray.ObjectRef]:
         # Top-level ref arguments are resolved by Ray on each worker: all of them read the same objects.
@@ -122,7 +125,7 @@ class DiskSync(WeightSync):
 
     def publish_from(self, learner: ray.actor.ActorHandle, version: int) -> str:
         path = str(self._version_dir(version))
-        ray.get(getattr(learner, self.learner_method).remote(path))
+        gather(getattr(learner, self.learner_method).remote(path))
         self._written.add(path)
         return path
 

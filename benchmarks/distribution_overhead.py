@@ -4,7 +4,7 @@ process without Ray.
 Both arms run the same driver code, `apo_ray.driver.APOGame` (the embedded default: APO-RJS on the builtin
 task, DeepSpeed ZeRO-2 learners, HF rollouts): the Ray arm on the actors `apo_ray.cluster.start_actors`
 starts; the local arm on the same classes instantiated as plain objects in this process, reached through
-`LocalHandle` (calls run at once) with the driver's `ray.get` swapped for the identity while it plays.
+`LocalHandle` (calls run at once) with the game loop's `gather` swapped for the identity while it plays.
 So the arms differ only in transport and placement, and equal seeds give equal round metrics (checked).
 Checkpoints and metric sinks are left out of both: they are file I/O, the same with or without Ray.
 
@@ -100,15 +100,20 @@ class LocalPool:
 
 @contextlib.contextmanager
 def local_transport() -> Iterator[None]:
-    """While active, the driver's `ray.get` returns what LocalHandle calls already computed."""
-    import apo_ray.driver as driver
+    """While active, the game loop's `gather` (its ray.get) returns what LocalHandle calls already computed."""
+    import apo_ray.driver
+    import apo_ray.offline
+    import apo_ray.online
 
-    real = driver.ray
-    driver.ray = types.SimpleNamespace(get=lambda value: value)
+    modules = (apo_ray.driver, apo_ray.offline, apo_ray.online)
+    real = [module.gather for module in modules]
+    for module in modules:
+        module.gather = lambda value: value
     try:
         yield
     finally:
-        driver.ray = real
+        for module, gather in zip(modules, real):
+            module.gather = gather
 
 
 class NoCheckpoints:
@@ -135,15 +140,14 @@ class NoMetrics:
 
 
 def ray_game(prepared: Any) -> tuple[Any, Any]:
-    import ray
-
     from apo_ray.cluster import init_ray, start_actors
     from apo_ray.driver import APOGame
     from apo_ray.game import TokenSample
+    from apo_ray.learner_group import gather
 
     start_ray_with_retries(lambda: init_ray(prepared.cfg))
     actors = start_actors(prepared.cfg, prepared.policy_path, prepared.reward_path)
-    ray.get(actors.policy.sequence_logprobs.remote([TokenSample((1,), (1,))]))  # wait until the learners are built
+    gather(actors.policy.sequence_logprobs.remote([TokenSample((1,), (1,))]))  # wait until the learners are built
     game = APOGame(prepared.cfg, prepared.data, actors, NoMetrics(), NoCheckpoints(), prepared.oracle,
                    log=lambda line: None)
     return game, actors
@@ -181,8 +185,9 @@ def local_game(prepared: Any) -> Any:
 
 
 def actor_processes(actors: Any) -> dict[str, dict[str, int]]:
-    return actor_process_info({"policy": actors.policy, "reward": actors.reward, "reference": actors.reference,
-                               "rollout worker": actors.pool.workers[0]})
+    # Rank 0 of each learner group.
+    return actor_process_info({"policy": actors.policy.ranks[0], "reward": actors.reward.ranks[0],
+                               "reference": actors.reference.ranks[0], "rollout worker": actors.pool.workers[0]})
 
 
 # ---------------------------------------------------------------------------------------------- run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,16 @@ def ray_cluster():
     start_test_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def restored_environment():
+    """The environment as it was before the module: an in-process DeepSpeed engine sets the rendezvous variables
+    (RANK, MASTER_PORT, ...) in this process."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def minilm_tokenizer_dir() -> Path:

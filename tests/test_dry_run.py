@@ -106,7 +106,8 @@ def test_a_bundle_larger_than_any_node_does_not_fit_though_the_totals_do(capsys)
     code, out, err = dry_run(["learner.num_gpus=4", "--cluster", "4x3gpu"], capsys)
     assert code == 2
     assert "no place for policy, reward on 4 nodes x 3 GPU" in err
-    assert "policy: its rank (1 CPU + 4 GPU each; set by learner.num_cpus, learner.num_gpus) cannot be placed: " \
+    assert "policy: its rank (1 CPU + 4 GPU each; set by learner.num_ranks or learner.policy_ranks, learner.num_cpus, " \
+           "learner.num_gpus) cannot be placed: " \
            "a bundle lies on one node, and the largest node has 3 GPU" in out
     assert "short by" not in err
 

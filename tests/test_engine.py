@@ -5,7 +5,6 @@ a single-rank gloo group."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -17,18 +16,9 @@ from apo_ray.game import PreferencePair
 from apo_ray.train import main
 from tests.conftest import REPO_ROOT, minilm_tokenizer_dir
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restored_environment")]
 
 STAGES = [0, 1, 2, 3]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_environment():
-    # TrainEngine sets the rendezvous variables (RANK, MASTER_PORT, ...) for DeepSpeed in its process.
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 class NaNGradient(torch.autograd.Function):

@@ -104,3 +104,46 @@ def test_local_ray_workers_get_the_drivers_apo_ray_first(monkeypatch):
 
     monkeypatch.setenv("PYTHONPATH", f"/elsewhere{os.pathsep}{ROOT}")
     assert driver_source_env()["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/elsewhere"]
+
+
+# The learner classes are plain classes that Ray wraps as actors, so that they also run in-process on a machine
+# without Ray or vLLM (benchmarks/gpu_learners.py; its CPU check, in tests/test_gpu_learners.py, looks at what a
+# real run imported).
+LEARNERS = ["apo_ray.actors.engine", "apo_ray.actors.policy", "apo_ray.actors.reward", "apo_ray.actors.critic",
+            "apo_ray.actors.reference", "apo_ray.actors.discriminator"]
+
+
+def import_time_modules(path: Path) -> set[str]:
+    """The modules `path` imports when it is imported: its imports outside functions."""
+    names: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            return
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            # `from apo_ray import build_locks` imports the submodule.
+            names.update(f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in SOURCES)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return names
+
+
+@pytest.mark.parametrize("module", LEARNERS)
+def test_importing_a_learner_imports_neither_ray_nor_vllm(module):
+    seen, todo, outside = set(), [module], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for imported in import_time_modules(SOURCES[name]):
+            if imported in SOURCES:
+                todo.append(imported)
+            else:
+                outside.add(imported.split(".")[0])
+    assert not outside & {"ray", "vllm"}, f"importing {module} imports {sorted(outside & {'ray', 'vllm'})}"

@@ -8,6 +8,7 @@ import apo_ray.cluster as cluster_module
 from apo_ray.config import ConfigError, load_config
 from apo_ray.placement import (Cluster, Node, Role, actor_plan, cluster_from_ray_nodes, parse_cluster, place,
                                plan_table, totals)
+from tests.conftest import REPO_ROOT
 
 
 def roles(*bundles: tuple[str, int, float, float]) -> list[Role]:
@@ -97,13 +98,13 @@ def test_a_running_clusters_nodes_are_read_per_node():
 
 
 class _RecordedGroup:
-    """Stands in for ActorGroup: records the bundle each learner asks for."""
+    """Stands in for LearnerGroup: records the ranks and the bundle each learner asks for."""
 
-    asked: list[tuple[str, float, float]] = []
+    asked: list[tuple[str, int, float, float]] = []
 
-    def __init__(self, cls, count, *, name_prefix, num_cpus_per_actor, num_gpus_per_actor, **kwargs):
-        self.asked.append((name_prefix.split("-")[0], num_cpus_per_actor, num_gpus_per_actor))
-        self.actors = [object()]
+    def __init__(self, cls, count, *, role, name_prefix, num_cpus_per_rank, num_gpus_per_rank, **kwargs):
+        self.asked.append((role, count, num_cpus_per_rank, num_gpus_per_rank))
+        self.group = object()
 
 
 class _RecordedPool:
@@ -117,17 +118,37 @@ class _RecordedPool:
 
 
 def test_start_actors_asks_ray_for_the_plans_bundles(monkeypatch):
-    monkeypatch.setattr(cluster_module, "ActorGroup", _RecordedGroup)
+    monkeypatch.setattr(cluster_module, "LearnerGroup", _RecordedGroup)
     monkeypatch.setattr(cluster_module, "RolloutPool", _RecordedPool)
     monkeypatch.setattr(cluster_module, "actor_env", dict)
     # The recorded groups start no actor: there is nothing to wait for.
     monkeypatch.setattr(cluster_module, "wait_until_ready", lambda groups, timeout_s, diagnose: None)
     _RecordedGroup.asked, _RecordedPool.asked = [], []
     cfg = load_config(None, ["method=ppo", "learner.num_cpus=3", "learner.num_gpus=1", "rollout.num_workers=2",
-                             "rollout.num_gpus_per_worker=1", "rollout.num_cpus_per_worker=2"])
+                             "rollout.num_gpus_per_worker=1", "rollout.num_cpus_per_worker=2", "learner.num_ranks=2",
+                             "learner.critic_ranks=3"])
     cluster_module.start_actors(cfg, "policy-dir", "reward-dir")
-    learners = [(role.cpus, role.gpus) for role in actor_plan(cfg) if role.name != "rollout"]
-    assert [(cpus, gpus) for _, cpus, gpus in _RecordedGroup.asked] == learners
+    learners = [(role.name, role.count, role.cpus, role.gpus) for role in actor_plan(cfg) if role.name != "rollout"]
+    assert _RecordedGroup.asked == learners
+    assert [count for _, count, _, _ in _RecordedGroup.asked] == [2, 2, 1, 3]
     rollout = actor_plan(cfg)[-1]
     assert _RecordedPool.asked == [(rollout.count, rollout.cpus, rollout.gpus)]
     assert cluster_module.required_resources(cfg) == totals(actor_plan(cfg))
+
+
+# GRPO's KL hard limit decides per minibatch, on one policy rank.
+@pytest.mark.parametrize("game, role, overrides", [("aapa_grpo.yaml", "discriminator", ["ppo.kl_hard_limit=false"]),
+                                                   ("apl.yaml", "attacker", [])])
+def test_the_sibling_games_learners_are_one_rank_groups_beside_a_multi_rank_game(monkeypatch, game, role, overrides):
+    monkeypatch.setattr(cluster_module, "LearnerGroup", _RecordedGroup)
+    monkeypatch.setattr(cluster_module, "RolloutPool", _RecordedPool)
+    monkeypatch.setattr(cluster_module, "actor_env", dict)
+    monkeypatch.setattr(cluster_module, "wait_until_ready", lambda groups, timeout_s, diagnose: None)
+    _RecordedGroup.asked, _RecordedPool.asked = [], []
+    cfg = load_config(REPO_ROOT / "configs" / game, ["learner.num_ranks=2", *overrides])
+    actors = cluster_module.start_actors(cfg, "policy-dir", "reward-dir", attacker_path="attacker-dir")
+    plan = [(r.name, r.count, r.cpus, r.gpus) for r in actor_plan(cfg) if r.unit == "rank"]
+    assert _RecordedGroup.asked == plan
+    counts = {name: count for name, count, _, _ in plan}
+    assert (counts["policy"], counts["reward"], counts[role]) == (2, 2, 1)
+    assert getattr(actors, role) in actors.learners

@@ -142,7 +142,7 @@ def _save_and_report(task, engine, cursor: DataCursor, cfg: StageConfig, rank: i
         # Collective: every rank writes its own share of the optimizer state.
         engine.save_state(tmp / ENGINE_DIR)
         # ZeRO-3 gathers the partitioned weights, which every rank must join; below it rank 0 has them all.
-        state = engine.full_state_dict() if rank == 0 or cfg.zero_stage == 3 else None
+        state = engine.rank0_state_dict()
         if rank == 0:
             engine.model.save_pretrained(tmp / MODEL_DIR, state_dict=state)
             task.tokenizer.save_pretrained(tmp / MODEL_DIR)
