@@ -236,6 +236,10 @@ class EvalConfig(Section):
     # At least 2: the standard errors are taken within prompts, and RM accuracy on the policy's own
     # distribution is taken over the within-prompt pairs.
     samples_per_prompt: int = Field(32, ge=2)
+    # Round r's evaluation runs during round r+1, on the CPUs its RM and policy steps leave idle, with the
+    # same figures (apo_ray/held_out_evaluation.py). Costs one more copy of the RM's weights in memory. It
+    # evaluates in place, saying why, for the last round, with ppo.async_rollouts and with ZeRO-3.
+    overlap: bool = True
 
 
 class LoggingConfig(Section):
