@@ -343,6 +343,9 @@ class AAPAConfig(Section):
     lr: float = Field(1e-3, gt=0.0)
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8)
+    # This share of the gold prompts (their answers and samples) is left out of the fit, to measure the
+    # frozen discriminator on (aapa/disc_acc_heldout); 0 fits on all of them and measures nothing.
+    held_out_fraction: float = Field(0.2, ge=0.0, lt=1.0)
 
 
 class APLAttackerConfig(Section):
