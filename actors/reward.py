@@ -36,6 +36,7 @@ class RewardLearner(LearnerCheckpoint):
         self.dtype, self.trust_remote_code = dtype, trust_remote_code
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.engine: TrainEngine | None = None
+        self._frozen: torch.nn.Module | None = None  # freeze_for_evaluation's copy
         self._load(model_path, trainable)
 
     def _load(self, path: str, trainable: bool) -> None:
@@ -47,23 +48,41 @@ class RewardLearner(LearnerCheckpoint):
                                    micro_batch_size=self.reward_cfg.batch_size, rendezvous=self.rendezvous)
         self.model = self.engine.model
 
-    def _forward(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        batch = encode_for_reward(self.tokenizer, prompts, responses, self.reward_cfg.max_length).to(self.model.device)
-        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1).float()
+    def _forward(self, prompts: list[str], responses: list[str], model: torch.nn.Module | None = None) -> torch.Tensor:
+        model = self.model if model is None else model
+        batch = encode_for_reward(self.tokenizer, prompts, responses, self.reward_cfg.max_length).to(model.device)
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1).float()
 
     @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> list[float]:
-        self.model.eval()
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, *,
+              frozen: bool = False) -> list[float]:
+        """The RM's scores; with `frozen`, those of the weights `freeze_for_evaluation` kept."""
+        model = self._frozen_model() if frozen else self.model
+        model.eval()
         scores: list[float] = []
         for i in range(0, len(prompts), batch_size):
-            scores.extend(self._forward(prompts[i : i + batch_size], responses[i : i + batch_size]).tolist())
+            scores.extend(self._forward(prompts[i : i + batch_size], responses[i : i + batch_size], model).tolist())
         return scores
 
-    def score_pairs(self, pairs: list[PreferencePair]) -> tuple[list[float], list[float]]:
+    def score_pairs(self, pairs: list[PreferencePair], *, frozen: bool = False) -> tuple[list[float], list[float]]:
         prompts = [p.prompt for p in pairs]
-        chosen = self.score(prompts, [p.chosen for p in pairs])
-        rejected = self.score(prompts, [p.rejected for p in pairs])
+        chosen = self.score(prompts, [p.chosen for p in pairs], frozen=frozen)
+        rejected = self.score(prompts, [p.rejected for p in pairs], frozen=frozen)
         return chosen, rejected
+
+    def freeze_for_evaluation(self) -> None:
+        """Keep a copy of the current weights, for the driver's overlapped evaluation to score a round's
+        samples with while the next round's RM step changes the live ones. Built from the config and the
+        state dict rather than deep-copied: the live module carries the engine's hooks. Needs whole
+        parameters, so not ZeRO-3 (the driver evaluates in place there)."""
+        frozen = type(self.model)(self.model.config).to(dtype=self.model.dtype, device=self.model.device)
+        frozen.load_state_dict(self.model.state_dict())
+        self._frozen = frozen.eval().requires_grad_(False)
+
+    def _frozen_model(self) -> torch.nn.Module:
+        if self._frozen is None:
+            raise RuntimeError("RewardLearner.score(frozen=True) before freeze_for_evaluation()")
+        return self._frozen
 
     def apo_step(
         self,

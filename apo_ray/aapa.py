@@ -21,6 +21,7 @@ reading of that (the full text's equations were not available when this was writ
 
 from __future__ import annotations
 
+import random
 from typing import Literal, Sequence
 
 import numpy as np
@@ -76,3 +77,24 @@ def anchored_rewards(rm_scores: Sequence[float], anchor: Sequence[float], *, bas
     if len(rm_scores) != len(anchor):
         raise ValueError(f"rm_scores and anchor: lengths differ ({len(rm_scores)} vs {len(anchor)})")
     return (base * np.asarray(rm_scores, dtype=np.float64) + coef * np.asarray(anchor, dtype=np.float64)).tolist()
+
+
+def held_out_split(n_prompts: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """The gold prompts the discriminator is fitted on and those kept to check it, by a seeded shuffle:
+    round(fraction * n) held out, at least one when fraction > 0, never all of them."""
+    order = list(range(n_prompts))
+    random.Random(seed).shuffle(order)
+    held = min(max(round(fraction * n_prompts), 1 if fraction > 0 else 0), n_prompts - 1)
+    return sorted(order[held:]), sorted(order[:held])
+
+
+def held_out_accuracy(expert_logits: dict[int, float], sample_logits: Sequence[float],
+                      sample_prompts: Sequence[int]) -> tuple[float, float]:
+    """How often the discriminator ranks a held-out prompt's expert answer above a policy sample for the same
+    prompt (ties count half), over every such pair, with its standard error clustered by prompt (a prompt's
+    pairs share its expert answer)."""
+    from apo_ray.evaluation import _win_fraction, clustered_mean_and_stderr
+
+    expert = np.array([expert_logits[p] for p in sample_prompts], dtype=np.float64)
+    wins = _win_fraction(expert, np.asarray(sample_logits, dtype=np.float64))
+    return clustered_mean_and_stderr(wins, list(sample_prompts))

@@ -250,6 +250,10 @@ class EvalConfig(Section):
     # At least 2: the standard errors are taken within prompts, and RM accuracy on the policy's own
     # distribution is taken over the within-prompt pairs.
     samples_per_prompt: int = Field(32, ge=2)
+    # Round r's evaluation runs during round r+1, on the CPUs its RM and policy steps leave idle, with the
+    # same figures (apo_ray/held_out_evaluation.py). Costs one more copy of the RM's weights in memory. It
+    # evaluates in place, saying why, for the last round, with ppo.async_rollouts and with ZeRO-3.
+    overlap: bool = True
 
 
 class LoggingConfig(Section):
@@ -353,6 +357,9 @@ class AAPAConfig(Section):
     lr: float = Field(1e-3, gt=0.0)
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8)
+    # This share of the gold prompts (their answers and samples) is left out of the fit, to measure the
+    # frozen discriminator on (aapa/disc_acc_heldout); 0 fits on all of them and measures nothing.
+    held_out_fraction: float = Field(0.2, ge=0.0, lt=1.0)
 
 
 class APLAttackerConfig(Section):

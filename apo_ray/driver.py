@@ -7,8 +7,9 @@ Round 0 fits the RM on the human pairs D_P and measures the SFT policy. Each rou
      plus the human pairs D_P; then score the policy samples with the RM;
   3. policy step (the min player), one strategy per method: RJS, RRHF or DPO on all of D_Q
      (apo_ray/offline.py), or one PPO / GRPO / REINFORCE++ iteration on a slice of it (apo_ray/online.py);
-  4. sync the weights to every rollout worker; evaluate and checkpoint (every eval_every /
-     checkpoint_every rounds, and the last).
+  4. sync the weights to every rollout worker; evaluate (by default during round r+1, on the CPUs it leaves
+     idle: apo_ray/held_out_evaluation.py) and checkpoint (every eval_every / checkpoint_every rounds, and
+     the last).
 With `apo=false` step 1 never runs: the RM stays as trained on D_P, the paper's baseline.
 
 The sibling games hook in at two places: AAPA (aapa.enabled, apo_ray/anchoring.py) fits its discriminator in
@@ -31,15 +32,10 @@ from apo_ray.apo_activity import inert_apo_reason
 from apo_ray.checkpoint import Checkpointer
 from apo_ray.config import Config
 from apo_ray.data import GameData
-from apo_ray.evaluation import (
-    expected_calibration_error,
-    mean_and_stderr,
-    policy_sample_stats,
-    preference_accuracy_and_stderr,
-)
 from apo_ray.game import Rollout, TokenSample, build_apo_pairs
+from apo_ray.held_out_evaluation import HeldOutEvaluation
 from apo_ray.learner_group import LearnerGroup, gather
-from apo_ray.metrics import MetricsLogger
+from apo_ray.metrics import MetricsLogger, read_metrics_jsonl
 from apo_ray.offline import OfflinePolicyStep
 from apo_ray.online import OnlinePolicyStep
 from apo_ray.policy_step import PolicyStep
@@ -91,7 +87,8 @@ class APOGame:
         self.logger, self.checkpointer, self.oracle, self.log, self.warn = logger, checkpointer, oracle, log, warn
         self.oracle_terms = oracle_terms
         self.version = 0
-        self.eval_prompts = held_out_prompts(data, cfg.eval.prompts, warn)
+        self.evaluation = HeldOutEvaluation(self)
+        self.eval_prompts = self.evaluation.prompts
         # This invocation's APO RM steps, for the inert-term warning (given once).
         self.rm_steps: list[dict[str, float]] = []
         self.warned_inert = False
@@ -105,9 +102,11 @@ class APOGame:
     def run(self, first_round: int = 0) -> list[dict[str, float]]:
         """Play rounds first_round..cfg.rounds; round 0 is the initial RM fit and the baseline measurement."""
         if first_round > 0:
-            self.policy_step.restore(self.checkpointer.read_state(first_round - 1))
+            state = self.checkpointer.read_state(first_round - 1)
+            self.policy_step.restore(state)
             if self.anchoring is not None:
                 self.anchoring.restore()
+            self._complete_pending_row(first_round - 1, state.get("pending_row"))
         return [self.initial_round() if r == 0 else self.play_round(r) for r in range(first_round, self.cfg.rounds + 1)]
 
     def initial_round(self) -> dict[str, float]:
@@ -120,9 +119,7 @@ class APOGame:
         self.checkpointer.save_base_reward(self.actors.reward)
         if self.anchoring is not None:
             stats.update(self.anchoring.fit())
-        stats.update(self.evaluate(0))
-        stats.update(self.policy_step.evaluate(0))
-        self._finish_round(0, stats, started)
+        self._finish_round(0, stats, started, evaluate=True)
         return stats
 
     def play_round(self, r: int) -> dict[str, float]:
@@ -131,6 +128,8 @@ class APOGame:
         stats = self.policy_step.start_round(r)
         self._phase("generate", r)
         samples = self.sampler.take(r, stats)
+        # Round r-1's held-out samples (an overlapped evaluation), drawn while this round's RM step runs.
+        self.evaluation.sample_pending()
         # Asynchronous mode: the pool samples round r + 1 while this round's RM step, scoring and training run.
         self.sampler.prefetch(r + 1)
         if self.rm_step_due(r):
@@ -147,18 +146,16 @@ class APOGame:
             scores = self.anchoring.anchored_scores(r, rollouts, scores, stats)
 
         self._phase("policy_step", r)
+        self.evaluation.before_policy_step()
         stats.update(self.policy_step.update(r, rollouts, scores, round_seed(cfg.seed, r, SeedStream.POLICY_STEP)))
         self.sampler.finish_prefetch(r, stats)
 
+        self.evaluation.before_sync()
         self._phase("sync", r)
         self.version = r
         stats.update(self.actors.pool.sync_from(self.actors.policy, self.version))
         self.policy_step.after_sync(stats, len(rollouts))
-
-        if r % cfg.eval_every == 0 or r == cfg.rounds:
-            stats.update(self.evaluate(r))
-            stats.update(self.policy_step.evaluate(r))
-        self._finish_round(r, stats, started)
+        self._finish_round(r, stats, started, evaluate=r % cfg.eval_every == 0 or r == cfg.rounds)
         return stats
 
     def rm_step_due(self, r: int) -> bool:
@@ -218,71 +215,53 @@ class APOGame:
             epochs=epochs, seed=round_seed(self.cfg.seed, round_index, SeedStream.RM),
         ))
 
-    def evaluate(self, r: int) -> dict[str, float]:
-        """RM accuracy/ECE on held-out human pairs and on the policy's own samples; gold and RM score; KL.
-        Every mean is logged with its standard error (`<key>_se`, apo_ray.evaluation)."""
-        self._phase("evaluate", r)
-        started = time.perf_counter()
-        reward, stats = self.actors.reward, {}
-        chosen, rejected = gather(reward.score_pairs.remote(self.data.eval_pairs))
-        stats["rm/acc"], stats["rm/acc_se"] = preference_accuracy_and_stderr(chosen, rejected)
-        stats["rm/ece"] = expected_calibration_error(chosen, rejected)
-
-        # eval.samples_per_prompt samples per held-out prompt, scored by the judge (oracle or evaluation RM) and
-        # the game's RM; the judge's within-prompt pairs test the RM on the policy's own distribution.
-        samples = self.actors.pool.generate(self.eval_prompts, self.cfg.eval.samples_per_prompt,
-                                            seed=round_seed(self.cfg.seed, 0, SeedStream.EVAL))
-        prompts, responses = [x.prompt for x in samples], [x.response for x in samples]
-        judge = self._judge(prompts, responses)
-        tokens = [x.tokens for x in samples]
-        rm_scores, policy_logps, ref_logps = gather([
-            reward.score.remote(prompts, responses),
-            self.actors.policy.sequence_logprobs.remote(tokens),
-            self.actors.reference.sequence_logprobs.remote(tokens),
-        ])
-        terms = None
-        if self.oracle_terms is not None:
-            rows = [self.oracle_terms(p, y) for p, y in zip(prompts, responses)]
-            terms = {term: [row[term] for row in rows] for term in rows[0]}
-        stats.update(policy_sample_stats(
-            [x.prompt_index for x in samples], judge, rm_scores, np.array(policy_logps) - np.array(ref_logps),
-            [len(x.response_token_ids) for x in samples], terms))
-        gold_scores = gather(reward.score.remote([g.prompt for g in self.data.gold], [g.response for g in self.data.gold]))
-        stats["rm/reward_gold"], stats["rm/reward_gold_se"] = mean_and_stderr(gold_scores)
-        stats["timing/evaluate"] = time.perf_counter() - started
-        return stats
-
-    def _judge(self, prompts: list[str], responses: list[str]) -> list[float]:
-        if self.oracle is not None:
-            return [self.oracle(p, y) for p, y in zip(prompts, responses)]
-        return gather(self.actors.eval_reward.score.remote(prompts, responses))
-
     def _phase(self, name: str, r: int) -> None:
         self.logger.set_phase(name)
         self.log(f"[round {r}/{self.cfg.rounds}] {name}")
 
-    def _finish_round(self, r: int, stats: dict[str, float], started: float) -> None:
+    def _finish_round(self, r: int, stats: dict[str, float], started: float, evaluate: bool) -> None:
+        """Evaluate round r (in place, or started here to finish in round r+1), log the rows that are complete,
+        and checkpoint. A deferred row travels in the checkpoint until it is logged."""
+        finished = self.evaluation.finish_pending()
+        deferred = evaluate and self.evaluation.overlaps(r)
+        if evaluate:
+            self._phase("evaluate", r)
+            if deferred:
+                self.evaluation.defer(r, stats)
+            else:
+                stats.update(self.evaluation.in_place(r))
+            stats.update(self.policy_step.evaluate(r))
         stats["timing/round"] = time.perf_counter() - started
         # Round 0 samples only for its evaluation, from the pool as it started.
         stats.setdefault("rollout/num_workers", float(self.actors.pool.num_workers))
         stats["round"] = r
         # Logged before the checkpoint: a driver killed in between leaves a row that --resume truncates. The
         # other order can leave a checkpointed round whose row is lost for good.
-        self.logger.log(stats, step=r)
+        if finished is not None:
+            self._log_row(*finished)
+        if not deferred:
+            self._log_row(r, stats)
         if r % self.cfg.checkpoint_every == 0 or r == self.cfg.rounds:
             self._phase("checkpoint", r)
-            self.checkpointer.save_round(r, self.actors, version=self.version,
-                                         extra=self.policy_step.checkpoint_extra())
+            extra = self.policy_step.checkpoint_extra()
+            if deferred:
+                extra["pending_row"] = {key: float(value) for key, value in stats.items()}
+            self.checkpointer.save_round(r, self.actors, version=self.version, extra=extra)
+
+    def _log_row(self, r: int, stats: dict[str, float]) -> None:
+        self.logger.log(stats, step=r)
         anchored = ("aapa/disc_score",) if self.anchoring is not None else ()
         self.log(format_round(r, stats, self.policy_step.summary_keys + anchored))
 
-
-def held_out_prompts(data: GameData, wanted: int, warn: Callable[[str], None]) -> list[str]:
-    """The first `wanted` distinct prompts of the held-out pairs; all of them, saying so, when there are fewer."""
-    prompts = list(dict.fromkeys(p.prompt for p in data.eval_pairs))
-    if len(prompts) < wanted:
-        warn(f"eval.prompts: {wanted} asked, the held-out pairs have {len(prompts)} distinct prompts; using them all")
-    return prompts[:wanted]
+    def _complete_pending_row(self, r: int, row: dict[str, float] | None) -> None:
+        """A resume after round r whose checkpoint holds its row, unlogged: the run stopped during round r+1,
+        before round r's overlapped evaluation ended. Evaluate round r in place (its weights are restored)."""
+        if row is None or any(logged["step"] == r for logged in read_metrics_jsonl(self.logger.jsonl_path)):
+            return
+        self._phase("evaluate", r)
+        row.update(self.evaluation.in_place(r))
+        row.update(self.policy_step.evaluate(r))
+        self._log_row(r, row)
 
 
 def policy_step_for(game: APOGame) -> PolicyStep:

@@ -263,6 +263,13 @@ def run(prepared: PreparedRun) -> dict:
     return summary
 
 
+def evaluate_share(rows: list[dict]) -> float | None:
+    """Seconds the driver spent on evaluation over the seconds of rounds 1..R (rows as logged)."""
+    game = [row for row in rows if row.get("round", 0) > 0 and row.get("timing/round")]
+    total = sum(row["timing/round"] for row in game)
+    return round(sum(row.get("timing/evaluate", 0.0) for row in game) / total, 3) if total else None
+
+
 def write_summary(run_dir: Path, cfg: Config, prepared: PreparedRun, wall_s: float) -> dict:
     from apo_ray.apo_activity import inert_apo_reason
     from apo_ray.evaluation import rise_line, score_rise
@@ -290,6 +297,9 @@ def write_summary(run_dir: Path, cfg: Config, prepared: PreparedRun, wall_s: flo
         # of two times taken on the same machine at the same moment, so it holds even on a busy one.
         "evaluate_share_of_round": [round(row["timing/evaluate"] / row["timing/round"], 3) for row in evaluated
                                     if row["round"] > 0 and row.get("timing/round")],
+        # Over the game rounds together: an overlapped evaluation's wait falls in the round after the one it
+        # measures, and the last round's evaluation is in place.
+        "evaluate_share_of_game_rounds": evaluate_share(rows),
         # The whole run's RM steps, a resumed run's earlier ones included.
         "apo_inert": inert_apo_reason(rows, cfg.reward.apo_inert_share) if cfg.apo else None,
     }

@@ -41,7 +41,10 @@ def play(arm: str, seed: int, iterations: int, run: BenchmarkRun) -> dict[str, A
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"seed={seed}", f"rounds={iterations}", f"eval_every={iterations}",
                  f"checkpoint_every={iterations}", f"run_dir={run_dir}", "logging.report=false",
-                 "logging.ray_metrics=false", "logging.tensorboard=false", *ARMS[arm]]
+                 "logging.ray_metrics=false", "logging.tensorboard=false",
+                 # Both arms evaluate in place (the asynchronous one cannot overlap), so that subtracting
+                 # timing/evaluate leaves each arm's own rounds.
+                 "eval.overlap=false", *ARMS[arm]]
     train(prepare(load_config(CONFIG, overrides)))
     rows = [r for r in read_metrics_jsonl(run_dir / "metrics.jsonl") if r["round"] > 0]
     busy = sum(r["timing/round"] - r.get("timing/evaluate", 0.0) for r in rows)

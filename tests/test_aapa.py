@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from apo_ray.aapa import anchor_reward, anchored_rewards, base_weight, discriminator_loss, expert_probability
+from apo_ray.aapa import (anchor_reward, anchored_rewards, base_weight, discriminator_loss, expert_probability,
+                          held_out_accuracy, held_out_split)
 from apo_ray.config import ConfigError, load_config
 from apo_ray.metrics import read_metrics_jsonl
 from apo_ray.placement import actor_plan
@@ -62,6 +63,23 @@ def test_staged_schedule_and_the_weighted_sum():
     assert anchored_rewards([1.0, -0.5], [-0.7, -0.1], base=0.0, coef=0.5) == pytest.approx([-0.35, -0.05])
     with pytest.raises(ValueError, match="lengths differ"):
         anchored_rewards([1.0], [0.0, 0.0], base=1.0, coef=1.0)
+
+
+def test_held_out_split_is_seeded_disjoint_and_never_empty_on_either_side():
+    fitted, held = held_out_split(10, 0.2, seed=7)
+    assert len(held) == 2 and sorted(fitted + held) == list(range(10))
+    assert held_out_split(10, 0.2, seed=7) == (fitted, held)
+    assert len(held_out_split(3, 0.01, seed=0)[1]) == 1  # a positive share holds out at least one
+    assert len(held_out_split(2, 0.9, seed=0)[0]) == 1  # and leaves at least one to fit on
+    assert held_out_split(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
+
+
+def test_held_out_accuracy_by_hand():
+    # prompt 3: expert 1.0 vs samples 0.0 (win), 2.0 (loss), 1.0 (tie); prompt 5: expert 0.0 vs -1.0 (win)
+    accuracy, stderr = held_out_accuracy({3: 1.0, 5: 0.0}, [0.0, 2.0, 1.0, -1.0], [3, 3, 3, 5])
+    assert accuracy == pytest.approx(2.5 / 4)
+    # clustered by prompt: sums 1.5 (3 pairs) and 1.0 (1 pair), m = 0.625; sqrt(2 * ((1.5 - 1.875)^2 + (1 - 0.625)^2)) / 4
+    assert stderr == pytest.approx(math.sqrt(2 * (0.375**2 + 0.375**2)) / 4)
 
 
 def test_aapa_config_keys(caplog):
@@ -131,6 +149,8 @@ def test_staged_aapa_grpo_rounds_on_vllm_and_deepspeed(ray_cluster, tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     # The fit: gold answers vs 2 SFT samples per gold prompt, in minibatches of both.
     assert rows[0]["aapa/steps"] >= 1 and 0.0 <= rows[0]["aapa/disc_acc"] <= 1.0
+    # 2 of the 8 gold prompts (aapa.held_out_fraction 0.2) were left out of the fit to measure it on: 2 samples each.
+    assert rows[0]["aapa/disc_heldout_pairs"] == 4 and 0.0 <= rows[0]["aapa/disc_acc_heldout"] <= 1.0
     assert [rows[1]["aapa/base_weight"], rows[2]["aapa/base_weight"]] == [0.0, 1.0]
     for row in rows[1:]:
         assert 0.0 < row["aapa/disc_score"] < 1.0 and row["aapa/disc_score_se"] > 0.0

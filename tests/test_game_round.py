@@ -78,5 +78,8 @@ def test_default_stack_vllm_deepspeed_round(ray_cluster, tmp_path):
     prepared, _, rows = _play(tmp_path)
     assert [r["round"] for r in rows] == [0, 1]
     assert rows[1]["sync/workers"] == 1 and rows[1]["rollout/tokens"] > 0
+    # Round 0 was evaluated during round 1 (eval.overlap), with eval/kl from vLLM's float32 log-probs: at
+    # round 0 the policy is the reference, so they must agree with the reference learner's.
+    assert rows[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4) and rows[0]["timing/evaluate"] >= 0
     assert rows[1]["rollout/logprob_diff"] < 1e-4 and rows[1]["rollout/logprob_diff_max"] < 1e-2
     assert (prepared.run_dir / "checkpoints/round_0001/engine_policy").is_dir()

@@ -70,6 +70,12 @@ def test_driver_killed_after_a_round_resumes_to_the_same_metrics(ray_cluster, tm
     assert driver.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     assert (killed_dir / "checkpoints" / "LATEST").read_text() == "1"
     assert not (killed_dir / "checkpoints" / "round_0002").exists()
+    # Killed as round 1's checkpoint landed: its evaluation was to finish during round 2 (eval.overlap), so
+    # its row is in the checkpoint and not in metrics.jsonl; the resume evaluates round 1 in place and must
+    # log what the uninterrupted run's overlapped evaluation did.
+    state = json.loads((killed_dir / "checkpoints" / "round_0001" / "state.json").read_text())
+    assert state["pending_row"]["round"] == 1
+    assert [row["step"] for row in map(json.loads, (killed_dir / "metrics.jsonl").read_text().splitlines())] == [0]
 
     assert main(["--resume", str(killed_dir)]) == 0
 
