@@ -18,7 +18,8 @@ A recipe is chosen on the tuning seeds and reported on seeds never used for tuni
 Per method the tables give the APO arm minus the fixed-RM arm, paired by seed, with a 95% t-interval, and each
 arm's seed SD and worst seed. Online arms (PPO, GRPO) draw as many policy samples per round as an offline one.
 Finished runs are kept under results/quality/tmp/scratch/ and reused when their config is unchanged, so a sweep
-can be stopped and continued in another sitting.
+can be stopped and continued in another sitting, and a fixed-RM arm is run once for every recipe that changes
+only APO's keys.
 
     .venv/bin/python -m benchmarks.quality [--quick] [--seed-set tuning|reporting] [--seeds ...] [--arms ...]
 """
@@ -182,6 +183,13 @@ def evaluated_rounds(rows: list[dict[str, Any]], cfg: Any, online: bool) -> list
     return out
 
 
+def config_digest(cfg: Any) -> str:
+    """A short hash of the keys the run reads, run_dir aside: recipes that leave an arm's effective config
+    unchanged (a fixed-RM arm under an APO-only --set) share its runs instead of repeating them."""
+    settings = {key: value for key, value in cfg.to_dict().items() if key != "run_dir"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def _saved_config_matches(run_dir: Path, cfg: Any) -> bool:
     """The run was made with this config. Read back through config_from_dict, so that a key added to the
     config since then counts as its default rather than as a difference."""
@@ -195,7 +203,7 @@ def run_arm(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -> Run
     from apo_ray.metrics import read_metrics_jsonl
     from apo_ray.train import prepare, run
 
-    run_dir = scratch / f"{arm.key}-s{seed}"
+    run_dir = scratch / f"{arm.key}-{config_digest(arm_config(arm, seed, scratch, args))}-s{seed}"
     cfg = arm_config(arm, seed, run_dir, args)
     record = RunRecord(arm.name, seed)
     if (run_dir / "summary.json").is_file() and _saved_config_matches(run_dir, cfg):
@@ -544,8 +552,9 @@ def main() -> None:
     from apo_ray.cluster import init_ray, required_resources
 
     arms = selected_arms(args.arms)
-    # quick and full sweeps, and each recipe, keep their runs apart: reuse is decided by config and run directory
-    scratch = run.scratch / ("quick" if args.quick else "full") / tag
+    # Quick and full sweeps keep their runs apart; within one, a run directory is named by its arm, config and
+    # seed, so a run is reused by any recipe whose config for that arm is the same.
+    scratch = run.scratch / ("quick" if args.quick else "full")
     configs = {arm.name: arm_config(arm, args.seeds[0], scratch / arm.key, args) for arm in arms}
     largest = max(configs.values(), key=lambda cfg: required_resources(cfg)["CPU"])
     start_ray_with_retries(lambda: init_ray(largest))

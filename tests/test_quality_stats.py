@@ -5,7 +5,10 @@ import math
 import pytest
 
 from benchmarks.quality import (
+    ALL_ARMS,
     RunRecord,
+    arm_config,
+    config_digest,
     arm_spread,
     paired_difference,
     parse_args,
@@ -76,3 +79,19 @@ def test_recipes_get_their_own_tag():
     same = parse_args(["--seed-set", "tuning", "--set", "reward.epochs_per_round=3", "reward.apo_coef=1.0"])
     assert recipe_tag(plain) == "default"
     assert recipe_tag(coef) == recipe_tag(same) != recipe_tag(parse_args(["--seed-set", "tuning", "--set", "seed=1"]))
+
+
+def test_fixed_rm_runs_are_shared_by_recipes_that_change_only_apo_keys(tmp_path):
+    by_name = {arm.name: arm for arm in ALL_ARMS}
+
+    def digest(arm: str, *recipe: str) -> str:
+        args = parse_args(["--seed-set", "tuning", *(["--set", *recipe] if recipe else [])])
+        return config_digest(arm_config(by_name[arm], 0, tmp_path / "x", args))
+
+    # apo=false ignores reward.apo_coef, so the fixed-RM arm's run is the same under both recipes ...
+    assert digest("RJS") == digest("RJS", "reward.apo_coef=1.0")
+    # ... and the APO arm's is not; nor is the fixed arm's when the recipe changes a key it reads
+    assert digest("APO-RJS") != digest("APO-RJS", "reward.apo_coef=1.0")
+    assert digest("RJS") != digest("RJS", "policy.lr=5e-4")
+    assert digest("RJS") == config_digest(arm_config(by_name["RJS"], 0, tmp_path / "elsewhere",
+                                                     parse_args(["--seed-set", "tuning"])))
