@@ -171,6 +171,11 @@ class LearnerGroup:
         return None
 
     def kill(self) -> None:
+        # Calls never waited for (a run stopped between submitting and collecting them) die with the group;
+        # kept, they would fail the next run's first call in this process.
+        for rank0, call in list(_IN_FLIGHT.items()):
+            if call.group is self:
+                del _IN_FLIGHT[rank0]
         self.group.kill()
 
 
