@@ -63,7 +63,6 @@ class ApoRayDpo:
         from apo_ray.actors.policy import PolicyLearner
         from apo_ray.actors.reference import ReferenceModel
         from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
-        from apo_ray.modeling import text_samples
 
         model = ModelConfig()
         with timed() as setup:
@@ -72,12 +71,8 @@ class ApoRayDpo:
                                          policy=PolicyConfig(lr=lr, batch_size=batch_size),
                                          learner=LearnerConfig(backend=backend), seed=SEED)
         prompts = [p.prompt for p in pairs]
-
-        def samples(responses: list[str]):
-            return text_samples(reference.tokenizer, prompts, responses, model.max_prompt_tokens,
-                                model.max_response_tokens)
-
-        self.chosen, self.rejected = samples([p.chosen for p in pairs]), samples([p.rejected for p in pairs])
+        self.chosen = self.learner.encode_texts(prompts, [p.chosen for p in pairs])
+        self.rejected = self.learner.encode_texts(prompts, [p.rejected for p in pairs])
         with timed() as reference_pass:
             self.ref_chosen = reference.sequence_logprobs(self.chosen)
             self.ref_rejected = reference.sequence_logprobs(self.rejected)
