@@ -199,11 +199,22 @@ def _saved_config_matches(run_dir: Path, cfg: Any) -> bool:
     return saved.is_file() and config_from_dict(yaml.safe_load(saved.read_text())).to_dict() == cfg.to_dict()
 
 
+def finished_run(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -> Path | None:
+    """A finished run of this arm and seed whose config equals today's, under any digest: a key added to the
+    config since then changes the digest but, at its default, not the run."""
+    for candidate in sorted(scratch.glob(f"{arm.key}-*-s{seed}")):
+        if (candidate / "summary.json").is_file() and _saved_config_matches(candidate,
+                                                                           arm_config(arm, seed, candidate, args)):
+            return candidate
+    return None
+
+
 def run_arm(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -> RunRecord:
     from apo_ray.metrics import read_metrics_jsonl
     from apo_ray.train import prepare, run
 
-    run_dir = scratch / f"{arm.key}-{config_digest(arm_config(arm, seed, scratch, args))}-s{seed}"
+    run_dir = finished_run(arm, seed, scratch, args) or (
+        scratch / f"{arm.key}-{config_digest(arm_config(arm, seed, scratch, args))}-s{seed}")
     cfg = arm_config(arm, seed, run_dir, args)
     record = RunRecord(arm.name, seed)
     if (run_dir / "summary.json").is_file() and _saved_config_matches(run_dir, cfg):

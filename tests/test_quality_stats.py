@@ -95,3 +95,19 @@ def test_fixed_rm_runs_are_shared_by_recipes_that_change_only_apo_keys(tmp_path)
     assert digest("RJS") != digest("RJS", "policy.lr=5e-4")
     assert digest("RJS") == config_digest(arm_config(by_name["RJS"], 0, tmp_path / "elsewhere",
                                                      parse_args(["--seed-set", "tuning"])))
+
+
+def test_a_finished_run_is_found_under_an_older_digest_and_only_for_its_own_config(tmp_path):
+    import yaml
+
+    from benchmarks.quality import finished_run
+
+    arm = {a.name: a for a in ALL_ARMS}["APO-RJS"]
+    args = parse_args(["--seed-set", "tuning"])
+    old = tmp_path / "apo-rjs-00000000-s3"  # named when the config had fewer keys
+    old.mkdir()
+    (old / "config.yaml").write_text(yaml.safe_dump(arm_config(arm, 3, old, args).to_dict()))
+    (old / "summary.json").write_text("{}")
+    assert finished_run(arm, 3, tmp_path, args) == old
+    assert finished_run(arm, 4, tmp_path, args) is None
+    assert finished_run(arm, 3, tmp_path, parse_args(["--seed-set", "tuning", "--set", "reward.apo_coef=1.0"])) is None
