@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from apo_ray.evaluation import win_fraction, clustered_mean_and_stderr
+
 AnchorKind = Literal["log_prob", "logit"]
 
 
@@ -93,8 +95,6 @@ def held_out_accuracy(expert_logits: dict[int, float], sample_logits: Sequence[f
     """How often the discriminator ranks a held-out prompt's expert answer above a policy sample for the same
     prompt (ties count half), over every such pair, with its standard error clustered by prompt (a prompt's
     pairs share its expert answer)."""
-    from apo_ray.evaluation import _win_fraction, clustered_mean_and_stderr
-
     expert = np.array([expert_logits[p] for p in sample_prompts], dtype=np.float64)
-    wins = _win_fraction(expert, np.asarray(sample_logits, dtype=np.float64))
+    wins = win_fraction(expert, np.asarray(sample_logits, dtype=np.float64))
     return clustered_mean_and_stderr(wins, list(sample_prompts))

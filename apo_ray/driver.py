@@ -245,7 +245,9 @@ class APOGame:
             self._phase("checkpoint", r)
             extra = self.policy_step.checkpoint_extra()
             if deferred:
-                extra["pending_row"] = {key: float(value) for key, value in stats.items()}
+                # Ints stay ints, so that the row a resume logs from here reads as the uninterrupted run's.
+                extra["pending_row"] = {key: value if type(value) is int else float(value)
+                                        for key, value in stats.items()}
             self.checkpointer.save_round(r, self.actors, version=self.version, extra=extra)
 
     def _log_row(self, r: int, stats: dict[str, float]) -> None:

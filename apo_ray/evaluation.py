@@ -33,7 +33,7 @@ def _paired(first: Scores, second: Scores, names: tuple[str, str]) -> tuple[np.n
     return a, b
 
 
-def _win_fraction(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def win_fraction(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """1 where a > b, 0 where a < b, 0.5 on ties: a tie is a coin flip, not a win or a loss."""
     return (a > b) + 0.5 * (a == b)
 
@@ -41,13 +41,13 @@ def _win_fraction(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def preference_accuracy(r_chosen: Scores, r_rejected: Scores) -> float:
     """Fraction of pairs where the chosen response scores higher; ties count half."""
     chosen, rejected = _paired(r_chosen, r_rejected, ("r_chosen", "r_rejected"))
-    return float(_win_fraction(chosen, rejected).mean())
+    return float(win_fraction(chosen, rejected).mean())
 
 
 def preference_accuracy_and_stderr(r_chosen: Scores, r_rejected: Scores) -> tuple[float, float]:
     """`preference_accuracy` and its standard error, the pairs being independent."""
     chosen, rejected = _paired(r_chosen, r_rejected, ("r_chosen", "r_rejected"))
-    return mean_and_stderr(_win_fraction(chosen, rejected))
+    return mean_and_stderr(win_fraction(chosen, rejected))
 
 
 def mean_and_stderr(values: Scores) -> tuple[float, float]:
@@ -84,7 +84,7 @@ def calibration_bins(r_chosen: Scores, r_rejected: Scores, n_bins: int = 10) -> 
     margin = chosen - rejected
     p_chosen = 1.0 / (1.0 + np.exp(-margin))
     confidence = np.maximum(p_chosen, 1.0 - p_chosen)
-    correct = _win_fraction(chosen, rejected)
+    correct = win_fraction(chosen, rejected)
     width = 0.5 / n_bins
     index = np.minimum(((confidence - 0.5) / width).astype(np.int64), n_bins - 1)
     bins = []
@@ -197,7 +197,7 @@ def policy_sample_stats(groups: Sequence, judge: Scores, rm_scores: Scores, kl: 
     stats["rm/policy_pairs"] = float(winners.size)
     if winners.size:
         rm = _as_array(rm_scores, "rm_scores")
-        correct = _win_fraction(rm[winners], rm[losers])
+        correct = win_fraction(rm[winners], rm[losers])
         stats["rm/acc_policy"], stats["rm/acc_policy_se"] = clustered_mean_and_stderr(correct, pair_groups)
         stats["rm/ece_policy"] = expected_calibration_error(rm[winners], rm[losers])
     return stats

@@ -199,7 +199,7 @@ class HeldOutEvaluation:
         results = dict(zip(evaluation.calls, gather(list(evaluation.calls.values()))))
         prompts, responses = [x.prompt for x in samples], [x.response for x in samples]
         judge = (results["judge"] if game.oracle is None else [game.oracle(p, y) for p, y in zip(prompts, responses)])
-        policy_logps = results.get("policy") or [sum(x.sampler_logprobs) for x in samples]
+        policy_logps = results["policy"] if "policy" in results else [sum(x.sampler_logprobs) for x in samples]
         terms = None
         if game.oracle_terms is not None:
             rows = [game.oracle_terms(p, y) for p, y in zip(prompts, responses)]

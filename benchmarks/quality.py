@@ -213,13 +213,11 @@ def run_arm(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -> Run
     from apo_ray.metrics import read_metrics_jsonl
     from apo_ray.train import prepare, run
 
-    run_dir = finished_run(arm, seed, scratch, args) or (
-        scratch / f"{arm.key}-{config_digest(arm_config(arm, seed, scratch, args))}-s{seed}")
+    earlier = finished_run(arm, seed, scratch, args)
+    run_dir = earlier or scratch / f"{arm.key}-{config_digest(arm_config(arm, seed, scratch, args))}-s{seed}"
     cfg = arm_config(arm, seed, run_dir, args)
-    record = RunRecord(arm.name, seed)
-    if (run_dir / "summary.json").is_file() and _saved_config_matches(run_dir, cfg):
-        record.reused = True
-    else:
+    record = RunRecord(arm.name, seed, reused=earlier is not None)
+    if earlier is None:
         shutil.rmtree(run_dir, ignore_errors=True)
         started = time.perf_counter()
         try:
