@@ -26,8 +26,9 @@ def test_dtype_resolves_once_for_learners_and_rollout_engines():
     assert load_config(None, ["model.dtype=bfloat16"]).rollout_dtype == "bfloat16"
 
 
-def test_apo_coef_defaults_to_authors_value_and_can_be_set():
-    assert load_config(None, ["samples_per_prompt=4"]).apo_coef == pytest.approx(0.025)
+def test_apo_coef_defaults_to_the_tuned_value_and_null_means_the_authors():
+    assert load_config(None, ["samples_per_prompt=4"]).apo_coef == 1.0
+    assert load_config(None, ["samples_per_prompt=4", "reward.apo_coef=null"]).apo_coef == pytest.approx(0.025)
     assert load_config(None, ["reward.apo_coef=0.3"]).apo_coef == 0.3
 
 
