@@ -52,6 +52,11 @@ if TYPE_CHECKING:
     from apo_ray.driver import APOGame
 
 
+# Each worker samples the held-out prompts in this many pieces, so that the RM and the reference score the
+# first pieces while it samples the rest (an in-place evaluation's sampling and scoring overlap).
+EVAL_PIECES_PER_WORKER = 4
+
+
 def held_out_prompts(data: GameData, wanted: int, warn: Callable[[str], None]) -> list[str]:
     """The first `wanted` distinct prompts of the held-out pairs; all of them, saying so, when there are fewer."""
     prompts = list(dict.fromkeys(p.prompt for p in data.eval_pairs))
@@ -85,8 +90,9 @@ class _Evaluation:
     gold_scores: ray.ObjectRef
     frozen_copy: ray.ObjectRef | None = None  # RewardLearner.freeze_for_evaluation's, when overlapped
     call: GenerateCall | None = None
-    samples: list[Rollout] | None = None
-    calls: dict[str, ray.ObjectRef] = field(default_factory=dict)
+    # The call's pieces as they arrive, each with the scoring calls it was sent to ({actor: ref}).
+    pieces: list[tuple[list[Rollout], dict[str, ray.ObjectRef]]] = field(default_factory=list)
+    collected: bool = False  # every piece is in `pieces`
     waited_s: float = 0.0
 
 
@@ -134,8 +140,14 @@ class HeldOutEvaluation:
             self._timed(lambda evaluation: setattr(evaluation, "call", self._submit_samples()))
 
     def before_policy_step(self) -> None:
-        """The policy learner's log-probs, when eval/kl needs them, must see the weights it is evaluated on."""
-        if self._pending is not None and not self.sampler_logprobs:
+        """The policy learner's log-probs, when eval/kl needs them, must see the weights it is evaluated on.
+        Otherwise the pieces sampled so far go to their scorers now, queued behind the round's own scoring, and
+        are scored while the policy trains."""
+        if self._pending is None:
+            return
+        if self.sampler_logprobs:
+            self._timed(lambda evaluation: evaluation.call.poll(lambda piece: self._score_piece(evaluation, piece)))
+        else:
             self._timed(self._take_samples)
 
     def before_sync(self) -> None:
@@ -172,31 +184,40 @@ class HeldOutEvaluation:
 
     def _submit_samples(self) -> GenerateCall:
         return self.actors.pool.submit(self.prompts, self.cfg.eval.samples_per_prompt,
-                                       seed=round_seed(self.cfg.seed, 0, SeedStream.EVAL))
+                                       seed=round_seed(self.cfg.seed, 0, SeedStream.EVAL),
+                                       pieces_per_worker=EVAL_PIECES_PER_WORKER)
 
     def _take_samples(self, evaluation: _Evaluation) -> None:
-        """Collect the samples and send them to every actor that scores them (once)."""
-        if evaluation.samples is not None:
+        """Collect every piece of the samples, each sent to its scorers as it arrives."""
+        if evaluation.collected:
             return
         assert evaluation.call is not None, "held-out samples taken before they were submitted"
-        samples = evaluation.samples = evaluation.call.result()
-        prompts, responses = [x.prompt for x in samples], [x.response for x in samples]
-        tokens = [x.tokens for x in samples]
+        evaluation.call.result(on_piece=lambda piece: self._score_piece(evaluation, piece))
+        evaluation.collected = True
+
+    def _score_piece(self, evaluation: _Evaluation, piece: list[Rollout]) -> None:
+        """Send one piece of the samples to every actor that scores them."""
+        prompts, responses = [x.prompt for x in piece], [x.response for x in piece]
+        tokens = [x.tokens for x in piece]
         calls = {"rm": self.actors.reward.score.remote(prompts, responses, frozen=evaluation.frozen),
                  "reference": self.actors.reference.sequence_logprobs.remote(tokens)}
         if not self.sampler_logprobs:
             calls["policy"] = self.actors.policy.sequence_logprobs.remote(tokens)
         if self.game.oracle is None:
             calls["judge"] = self.actors.eval_reward.score.remote(prompts, responses)
-        evaluation.calls = calls
+        evaluation.pieces.append((piece, calls))
 
     def _close(self, evaluation: _Evaluation) -> dict[str, float]:
         self._take_samples(evaluation)
-        samples, game = evaluation.samples, self.game
-        assert samples is not None
+        game = self.game
         if evaluation.frozen_copy is not None:
             gather(evaluation.frozen_copy)
-        results = dict(zip(evaluation.calls, gather(list(evaluation.calls.values()))))
+        # In prompt order, whichever piece arrived first, so that the figures do not depend on arrival order.
+        pieces = sorted(evaluation.pieces, key=lambda item: item[0][0].prompt_index)
+        samples = [x for piece, _ in pieces for x in piece]
+        names = list(pieces[0][1])
+        scored = gather([calls[name] for _, calls in pieces for name in names])
+        results = {name: [value for part in scored[i::len(names)] for value in part] for i, name in enumerate(names)}
         prompts, responses = [x.prompt for x in samples], [x.response for x in samples]
         judge = (results["judge"] if game.oracle is None else [game.oracle(p, y) for p, y in zip(prompts, responses)])
         policy_logps = results["policy"] if "policy" in results else [sum(x.sampler_logprobs) for x in samples]

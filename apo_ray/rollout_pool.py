@@ -57,18 +57,27 @@ class RolloutWorkerSpec:
 class GenerateCall:
     """One `RolloutPool.submit`: the prompts' shards are with the workers; `result()` waits for them.
 
-    If a worker dies, its shard is split over the surviving workers and the dead worker is restarted in its
-    placement-group bundle with the current weights: every prompt is answered exactly once. `stats` holds
-    the call's throughput once it is collected."""
+    Each worker's shard may be split into `pieces_per_worker` contiguous pieces, queued on the worker one
+    after another, so that a caller can use the first pieces (`poll` or `result`'s `on_piece`) while the
+    worker samples the rest. If a worker dies, its piece is split over the surviving workers and the dead
+    worker is restarted in its placement-group bundle with the current weights: every prompt is answered
+    exactly once. `stats` holds the call's throughput once it is collected."""
 
-    def __init__(self, pool: RolloutPool, prompts: Sequence[str], n: int, seed: int | None):
+    def __init__(self, pool: RolloutPool, prompts: Sequence[str], n: int, seed: int | None,
+                 pieces_per_worker: int = 1):
+        if pieces_per_worker < 1:
+            raise ValueError(f"pieces_per_worker: must be >= 1, got {pieces_per_worker}")
         self.pool, self.prompts, self.n, self.seed = pool, list(prompts), n, seed
         self.num_workers = pool.num_workers
         self.stats: dict[str, float] = {}
         self._started = time.perf_counter()
         self._in_flight: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, list[int]]] = {}
+        self._answered: dict[int, list[Rollout]] = {}
+        self._restarted: set[int] = set()
+        self._failures = 0
         for worker, shard in enumerate(assign_shards(len(self.prompts), self.num_workers)):
-            self._submit(worker, shard)
+            for piece in assign_shards(len(shard), min(pieces_per_worker, max(len(shard), 1))):
+                self._submit(worker, [shard[i] for i in piece])
 
     def _submit(self, worker: int, indices: list[int]) -> None:
         if indices:
@@ -76,37 +85,28 @@ class GenerateCall:
             ref = handle.generate.remote([self.prompts[i] for i in indices], indices, self.n, self.seed)
             self._in_flight[ref] = (worker, handle, indices)
 
-    def result(self) -> list[Rollout]:
+    def poll(self, on_piece: Callable[[list[Rollout]], None]) -> None:
+        """Hand every piece that is already sampled to `on_piece`, without waiting for the others."""
+        while self._in_flight:
+            done, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=0)
+            if not done:
+                return
+            self._take(done[0], on_piece)
+
+    def result(self, on_piece: Callable[[list[Rollout]], None] | None = None) -> list[Rollout]:
+        """Every rollout, in prompt order; `on_piece` sees each piece not yet polled as it arrives."""
         pool, prompts, n = self.pool, self.prompts, self.n
-        answered: dict[int, list[Rollout]] = {}
-        restarted: set[int] = set()
-        failures = 0
         try:
             # Samples, not prompts: a shard retried after a worker's death counts once, when it is answered.
             with Progress("generate", total=n * len(prompts), unit="samples") as progress:
+                progress.update(sum(len(rollouts) for rollouts in self._answered.values()))
                 while self._in_flight:
                     [ref], _ = ray.wait(list(self._in_flight), num_returns=1)
-                    worker, handle, indices = self._in_flight.pop(ref)
-                    try:
-                        rollouts = ray.get(ref)
-                    except ray.exceptions.RayActorError as error:
-                        failures += 1
-                        if failures > pool.max_worker_failures:
-                            raise RuntimeError(f"rollout pool: {failures} worker failures in one generate call") from error
-                        if pool.group.actors[worker] == handle:  # not restarted yet by an earlier failure
-                            pool._restart(worker)
-                            restarted.add(worker)
-                        # Restarted workers are still starting their engines; survivors take the shard if any.
-                        survivors = [w for w in range(pool.num_workers) if w not in restarted] or list(restarted)
-                        for survivor, part in zip(survivors, assign_shards(len(indices), len(survivors))):
-                            self._submit(survivor, [indices[i] for i in part])
-                        continue
-                    for rollout in rollouts:
-                        answered.setdefault(rollout.prompt_index, []).append(rollout)
-                    progress.update(len(rollouts))
+                    progress.update(self._take(ref, on_piece))
         finally:
             pool._open_call = None
 
+        answered = self._answered
         result = [rollout for index in range(len(prompts)) for rollout in answered.get(index, [])]
         if len(result) != n * len(prompts) or len(answered) != len(prompts):
             raise RuntimeError(f"rollout pool: expected {n} rollouts for each of {len(prompts)} prompts, "
@@ -119,10 +119,34 @@ class GenerateCall:
             "rollout/tokens": float(tokens),
             "rollout/samples": float(len(result)),
             "rollout/num_workers": float(self.num_workers),
-            "rollout/worker_failures": float(failures),
+            "rollout/worker_failures": float(self._failures),
         }
         pool._last_stats = self.stats
         return result
+
+    def _take(self, ref: ray.ObjectRef, on_piece: Callable[[list[Rollout]], None] | None) -> int:
+        """Collect one finished piece (or re-submit it after its worker's death); returns its rollouts' count."""
+        pool = self.pool
+        worker, handle, indices = self._in_flight.pop(ref)
+        try:
+            rollouts = ray.get(ref)
+        except ray.exceptions.RayActorError as error:
+            self._failures += 1
+            if self._failures > pool.max_worker_failures:
+                raise RuntimeError(f"rollout pool: {self._failures} worker failures in one generate call") from error
+            if pool.group.actors[worker] == handle:  # not restarted yet by an earlier failure
+                pool._restart(worker)
+                self._restarted.add(worker)
+            # Restarted workers are still starting their engines; survivors take the piece if any.
+            survivors = [w for w in range(pool.num_workers) if w not in self._restarted] or list(self._restarted)
+            for survivor, part in zip(survivors, assign_shards(len(indices), len(survivors))):
+                self._submit(survivor, [indices[i] for i in part])
+            return 0
+        for rollout in rollouts:
+            self._answered.setdefault(rollout.prompt_index, []).append(rollout)
+        if on_piece is not None:
+            on_piece(rollouts)
+        return len(rollouts)
 
 
 class RolloutPool:
@@ -226,13 +250,14 @@ class RolloutPool:
         """`n` rollouts per prompt, in prompt order (prompt_index = position in `prompts`)."""
         return self.submit(prompts, n, seed).result()
 
-    def submit(self, prompts: Sequence[str], n: int, seed: int | None = None) -> GenerateCall:
+    def submit(self, prompts: Sequence[str], n: int, seed: int | None = None,
+               pieces_per_worker: int = 1) -> GenerateCall:
         """Start a `generate` call: the workers sample while the caller does other work (the asynchronous
         game trains meanwhile); `result()` collects it. One call is open at a time, and the pool takes no
         other command (sync, resize) until it is collected: its workers' weights and number stay as they were."""
         self._refuse_while_open("submit")
         self._settle_pending_loads()
-        self._open_call = GenerateCall(self, prompts, n, seed)
+        self._open_call = GenerateCall(self, prompts, n, seed, pieces_per_worker)
         return self._open_call
 
     def _refuse_while_open(self, command: str) -> None:

@@ -32,10 +32,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 def start_test_ray() -> None:
-    """A local Ray cluster with 4 logical CPUs (more than the 2 cores, so several actors fit)."""
+    """A local Ray cluster with 4 logical CPUs (more than the 2 cores, so several actors fit). Its own, even when
+    `ray start` left one running on this machine: joining that one refused num_cpus and failed 41 tests."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": RAY_TEST_ENV})
 
 

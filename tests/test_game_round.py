@@ -83,3 +83,17 @@ def test_default_stack_vllm_deepspeed_round(ray_cluster, tmp_path):
     assert rows[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4) and rows[0]["timing/evaluate"] >= 0
     assert rows[1]["rollout/logprob_diff"] < 1e-4 and rows[1]["rollout/logprob_diff_max"] < 1e-2
     assert (prepared.run_dir / "checkpoints/round_0001/engine_policy").is_dir()
+
+
+def test_an_overlapped_evaluation_gives_the_figures_of_one_in_place(ray_cluster, tmp_path):
+    """eval.overlap moves round r's evaluation into round r+1 (a frozen copy of the RM, samples drawn on the
+    weights the pool still holds, scored in pieces while the policy trains); the rows must not change."""
+    keys = ("eval/gold_score", "eval/gold_score_se", "eval/rm_score", "eval/kl", "rm/acc", "rm/ece", "rm/acc_policy",
+            "rm/reward_gold", "eval/samples")
+    runs = {}
+    for overlap in (True, False):
+        _, _, rows = _play(tmp_path / str(overlap), "rounds=2", f"eval.overlap={str(overlap).lower()}")
+        runs[overlap] = [{key: row[key] for key in keys} for row in rows]
+    assert [row["eval/samples"] for row in runs[True]] == [24, 24, 24]
+    for overlapped, in_place in zip(runs[True], runs[False]):
+        assert overlapped == pytest.approx(in_place, rel=1e-5, abs=1e-6)

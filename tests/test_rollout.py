@@ -290,6 +290,27 @@ def test_a_submitted_call_holds_the_pool_until_it_is_collected(hf_pool):
 
 
 @pytest.mark.integration
+def test_a_call_in_pieces_hands_each_piece_over_once_and_answers_as_one_call(hf_pool):
+    """The held-out evaluation's contract: a call sampled in pieces delivers every piece once, through poll or
+    result's on_piece, and result() is the same rollouts in the same order as a call in one piece."""
+    prompts = [f"prompt number {i}" for i in range(10)]
+    whole = hf_pool.generate(prompts, n=2)
+    call = hf_pool.submit(prompts, n=2, pieces_per_worker=3)
+    polled, late = [], []
+    deadline = time.monotonic() + 120
+    while len(polled) < 6 and time.monotonic() < deadline:
+        call.poll(polled.append)
+        time.sleep(0.05)
+    rollouts = call.result(on_piece=late.append)
+    # 5 prompts a worker, in pieces of 2, 2 and 1 prompts, all sampled before result() was called.
+    assert (len(polled), late) == (6, [])
+    assert sorted(len({r.prompt_index for r in piece}) for piece in polled) == [1, 1, 2, 2, 2, 2]
+    assert sorted(r.prompt_index for piece in polled for r in piece) == expected_order(10, 2)
+    assert [(r.prompt_index, r.response_token_ids) for r in rollouts] == [(r.prompt_index, r.response_token_ids)
+                                                                          for r in whole]
+
+
+@pytest.mark.integration
 def test_pool_resize_keeps_the_weights_version(hf_pool, tiny_lm_dir):
     learner = learner_copy(tiny_lm_dir, seed=3)
     version = hf_pool.version + 1
