@@ -15,6 +15,11 @@ while the policy trains; and round r's row is logged at the end of round r+1, wi
 evaluation gives. Each phase of a round keeps one actor busy, so on 2 cores this moves the evaluation off the
 critical path; `timing/evaluate` is what the driver still waited for it.
 
+**In pieces.** Each worker samples the held-out prompts in EVAL_PIECES_PER_WORKER pieces, and every piece goes
+to the RM and the reference as it arrives: in place, they score the first pieces while the worker samples the
+rest; overlapped, the pieces sampled before the policy step are scored while it trains. vLLM seeds each
+prompt's samples by its index, so the pieces draw what one call would.
+
 In place: the last round, ppo.async_rollouts (the pool samples the next round already), ZeRO-3 (the frozen
 copy needs whole parameters), and eval.overlap=false.
 
