@@ -532,10 +532,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def recipe_tag(args: argparse.Namespace) -> str:
-    """Where a recipe's runs and results live: "default" without --set, else the overrides' short hash."""
+    """Where a recipe's results live: "default" without --set, else its overrides, sorted, joined by "+"."""
     if not args.set:
         return "default"
-    return "set-" + hashlib.sha256(" ".join(sorted(args.set)).encode()).hexdigest()[:8]
+    return "+".join(sorted(args.set)).replace("/", "_")
 
 
 def selected_arms(keys: Sequence[str] | None) -> list[Arm]:

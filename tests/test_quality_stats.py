@@ -75,8 +75,8 @@ def test_seed_sets_are_explicit_and_kept_apart():
 
 def test_recipes_get_their_own_tag():
     plain = parse_args(["--seed-set", "tuning"])
-    coef = parse_args(["--seed-set", "tuning", "--set", "reward.apo_coef=1.0", "reward.epochs_per_round=3"])
-    same = parse_args(["--seed-set", "tuning", "--set", "reward.epochs_per_round=3", "reward.apo_coef=1.0"])
+    coef = parse_args(["--seed-set", "tuning", "--set", "reward.apo_coef=0.5", "reward.epochs_per_round=3"])
+    same = parse_args(["--seed-set", "tuning", "--set", "reward.epochs_per_round=3", "reward.apo_coef=0.5"])
     assert recipe_tag(plain) == "default"
     assert recipe_tag(coef) == recipe_tag(same) != recipe_tag(parse_args(["--seed-set", "tuning", "--set", "seed=1"]))
 
@@ -89,9 +89,9 @@ def test_fixed_rm_runs_are_shared_by_recipes_that_change_only_apo_keys(tmp_path)
         return config_digest(arm_config(by_name[arm], 0, tmp_path / "x", args))
 
     # apo=false ignores reward.apo_coef, so the fixed-RM arm's run is the same under both recipes ...
-    assert digest("RJS") == digest("RJS", "reward.apo_coef=1.0")
+    assert digest("RJS") == digest("RJS", "reward.apo_coef=0.5")
     # ... and the APO arm's is not; nor is the fixed arm's when the recipe changes a key it reads
-    assert digest("APO-RJS") != digest("APO-RJS", "reward.apo_coef=1.0")
+    assert digest("APO-RJS") != digest("APO-RJS", "reward.apo_coef=0.5")
     assert digest("RJS") != digest("RJS", "policy.lr=5e-4")
     assert digest("RJS") == config_digest(arm_config(by_name["RJS"], 0, tmp_path / "elsewhere",
                                                      parse_args(["--seed-set", "tuning"])))
@@ -110,4 +110,4 @@ def test_a_finished_run_is_found_under_an_older_digest_and_only_for_its_own_conf
     (old / "summary.json").write_text("{}")
     assert finished_run(arm, 3, tmp_path, args) == old
     assert finished_run(arm, 4, tmp_path, args) is None
-    assert finished_run(arm, 3, tmp_path, parse_args(["--seed-set", "tuning", "--set", "reward.apo_coef=1.0"])) is None
+    assert finished_run(arm, 3, tmp_path, parse_args(["--seed-set", "tuning", "--set", "reward.apo_coef=0.5"])) is None
