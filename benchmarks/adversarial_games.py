@@ -15,8 +15,11 @@ Every run is a real run of the system (apo_ray.train); finished runs are kept un
 results/adversarial_games/tmp/scratch/ and reused when their config is unchanged, so an interrupted sweep
 continues where it stopped.
 
-    .venv/bin/python -m benchmarks.adversarial_games [--quick] [--games aapa apl] [--seeds 0 1 2 3 4]
-        [--tuning-seeds 100 101] [--coefs 0.25 0.5 1.0]
+    .venv/bin/python -m benchmarks.adversarial_games [--quick] [--games aapa apl] [--seeds 100 ... 109]
+        [--tuning-seeds 0 1 2] [--coefs 0.25 0.5 1.0]
+
+The seeds are the quality benchmark's sets (benchmarks/quality.py SEED_SETS): tuning seeds from 0-9, reporting
+seeds from 100-119 (the first 10 by default), so that no seed both chooses a setting and reports it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any, Sequence
 from apo_ray.logs import configure_logging
 from benchmarks.common import (REPO_ROOT, BenchmarkRun, add_niceness_argument, base_parser, fmt, mean_ci,
                                set_ray_worker_niceness, start_ray_with_retries)
-from benchmarks.quality import _saved_config_matches
+from benchmarks.quality import SEED_SETS, _saved_config_matches
 
 AAPA_CONFIG = REPO_ROOT / "configs/aapa_grpo.yaml"
 APL_CONFIG = REPO_ROOT / "configs/apl.yaml"
@@ -186,16 +189,20 @@ def apl(args: argparse.Namespace, scratch: Path, run: BenchmarkRun) -> dict[str,
 def parse_args() -> argparse.Namespace:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--games", nargs="+", choices=("aapa", "apl"), default=["aapa", "apl"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="reporting seeds")
-    parser.add_argument("--tuning-seeds", type=int, nargs="+", default=[100, 101], help="seeds that choose aapa.coef")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEED_SETS["reporting"][:10]),
+                        help="reporting seeds (from 100-119)")
+    parser.add_argument("--tuning-seeds", type=int, nargs="+", default=list(SEED_SETS["tuning"][:3]),
+                        help="seeds that choose aapa.coef (from 0-9)")
     parser.add_argument("--coefs", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="aapa.coef grid")
     parser.add_argument("--anchor-only-rounds", type=int, default=5, help="the staged arm's aapa.anchor_only_rounds")
     add_niceness_argument(parser)
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.tuning_seeds, args.coefs = args.seeds[:1], args.tuning_seeds[:1], args.coefs[:1]
-    if set(args.seeds) & set(args.tuning_seeds):
-        parser.error("--seeds and --tuning-seeds must not overlap: settings are chosen on other seeds than reported")
+    for name, seeds, allowed in (("--seeds", args.seeds, "reporting"), ("--tuning-seeds", args.tuning_seeds, "tuning")):
+        if not set(seeds) <= set(SEED_SETS[allowed]):
+            parser.error(f"{name}: {sorted(set(seeds) - set(SEED_SETS[allowed]))} are not {allowed} seeds "
+                         f"({SEED_SETS[allowed][0]}-{SEED_SETS[allowed][-1]})")
     return args
 
 
