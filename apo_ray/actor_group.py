@@ -126,9 +126,15 @@ class ActorGroup:
 
     def _grow(self, count: int) -> None:
         reused = [self._free_bundles.pop() for _ in range(min(count, len(self._free_bundles)))]
-        fresh = self._new_bundles(count - len(reused)) if count > len(reused) else []
-        for group, bundle_index in reused + fresh:
-            self._members.append(self._start(len(self._members), group, bundle_index))
+        slots = reused + (self._new_bundles(count - len(reused)) if count > len(reused) else [])
+        try:
+            while slots:
+                group, bundle_index = slots[0]
+                self._members.append(self._start(len(self._members), group, bundle_index))
+                slots.pop(0)
+        finally:
+            # A start that raised leaves its bundle and the ones after it to the next resize (and to kill).
+            self._free_bundles.extend(slots)
 
     def _shrink(self, count: int) -> None:
         for _ in range(count):
@@ -161,7 +167,7 @@ class ActorGroup:
 
     def kill(self) -> None:
         """Kill every member and remove the placement groups."""
-        groups = {m.group.id: m.group for m in self._members}
+        groups = {group.id: group for group in [m.group for m in self._members] + [g for g, _ in self._free_bundles]}
         for member in self._members:
             ray.kill(member.handle)
         for group in groups.values():

@@ -169,3 +169,38 @@ def test_a_start_up_timeout_exits_4_naming_the_learners(ray_cluster, tmp_path, c
     assert "Raise learner.startup_timeout_s (0.1)" in err
     alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if "learner-" in str(a)]
     assert not alive, alive
+
+
+@pytest.mark.integration
+def test_a_resize_that_fails_midway_keeps_its_bundles_for_the_next_and_kill_frees_them(ray_cluster):
+    import ray
+    from ray.util import placement_group_table
+
+    from apo_ray.actor_group import ActorGroup
+
+    class Idle:
+        pass
+
+    broken = {"from": 2}
+
+    def make_kwargs(index: int) -> dict:
+        if index >= broken["from"]:
+            raise ValueError(f"no settings for actor {index}")
+        return {}
+
+    def live_groups() -> set[str]:
+        return {key for key, row in placement_group_table().items() if row["state"] != "REMOVED"}
+
+    before = live_groups()
+    group = ActorGroup(Idle, 1, name_prefix="resize-test", num_cpus_per_actor=0.1, make_kwargs=make_kwargs)
+    try:
+        with pytest.raises(ValueError, match="no settings for actor 2"):
+            group.resize(4)  # one new placement group of 3 bundles; actors 2 and 3 never start
+        assert len(group) == 2 and len(live_groups() - before) == 2
+        broken["from"] = 99
+        group.resize(4)  # the two bundles left over, no third placement group
+        assert len(group) == 4 and len(live_groups() - before) == 2
+        ray.get([handle.__ray_ready__.remote() for handle in group.actors])
+    finally:
+        group.kill()
+    assert live_groups() - before == set()
