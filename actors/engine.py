@@ -32,6 +32,7 @@ import torch
 from apo_ray import build_locks
 from apo_ray.batching import is_empty_share, rank_share
 from apo_ray.config import LearnerConfig
+from apo_ray.losses import combine_share_stats
 from apo_ray.progress import Progress
 
 Batch = TypeVar("Batch")
@@ -293,7 +294,8 @@ def train_steps(engine: TrainEngine, plan: Sequence[Batch],
     scaled by its fraction of what that loss averages over, so that the parts add up to the loss one rank
     would take on the whole minibatch. A rank whose share is empty still runs a forward and backward (on
     rank 0's share, weighted 0): ZeRO's collectives need every rank in every step. `step_stats` turns a step's
-    stats, averaged over its ranks, into the step's before the mean over steps.
+    stats, combined over its ranks (apo_ray.losses.combine_share_stats: parts added, the rest averaged), into
+    the step's before the mean over steps.
     """
     started = time.perf_counter()
     # This rank's stats of each step; None where its share was empty.
@@ -319,8 +321,8 @@ def train_steps(engine: TrainEngine, plan: Sequence[Batch],
     if engine.world_size > 1:
         ranks = [None] * engine.world_size
         torch.distributed.all_gather_object(ranks, history)
-    # Each step's stats averaged over the ranks that had a share of it, then over the steps.
-    steps = [step_stats(mean_stats([h[i] for h in ranks if h[i] is not None])) for i in range(len(plan))]
+    # Each step's stats combined over the ranks that had a share of it, then averaged over the steps.
+    steps = [step_stats(combine_share_stats([h[i] for h in ranks if h[i] is not None])) for i in range(len(plan))]
     return {**mean_stats(steps), f"{role}/steps": float(len(plan)),
             f"timing/{role}_step": time.perf_counter() - started}
 

@@ -13,7 +13,7 @@ from apo_ray.actors.engine import LearnerCheckpoint, Rendezvous, TrainEngine, bu
 from apo_ray.batching import proportional_minibatches
 from apo_ray.config import LearnerConfig, RewardConfig
 from apo_ray.game import PreferencePair
-from apo_ray.losses import apo_reward_loss, minibatch_apo_share
+from apo_ray.losses import apo_reward_loss, minibatch_stats
 from apo_ray.modeling import encode_for_reward, load_reward_model, load_tokenizer
 
 
@@ -120,7 +120,7 @@ class RewardLearner(LearnerCheckpoint):
             )
 
         plan = proportional_minibatches(len(apo_pairs), len(human_pairs), self.reward_cfg.batch_size, epochs, seed)
-        return train_steps(self.engine, plan, loss_fn, role="rm", step_stats=minibatch_apo_share)
+        return train_steps(self.engine, plan, loss_fn, role="rm", step_stats=minibatch_stats)
 
     def reinitialize(self, path: str) -> None:
         """The paper's non-`seq` setting: start this round's RM afresh from `path` (weights and optimizer)."""

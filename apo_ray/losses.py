@@ -6,7 +6,9 @@ right-padded batches with a 0/1 mask.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -74,10 +76,12 @@ def apo_reward_loss(
     `minibatch_pairs` = (APO pairs, human pairs) of the whole minibatch when these scores are one rank's share of
     it: the terms are then summed over the share and divided by the minibatch's counts, so that the losses of
     all shares add up to the minibatch's loss (None: the pairs given are the whole minibatch). "rm/apo_share" is
-    then the minibatch's, from every share's parts of the two terms (`minibatch_apo_share`).
+    then the minibatch's, from every share's parts of the two terms (`minibatch_stats`).
 
-    Stats (python floats) are reported only for the terms present, on the pairs given (a multi-rank step
-    reports the mean of its ranks'): "rm/loss" (the loss returned when minibatch_pairs is None),
+    Stats (python floats) are reported only for the terms present, on the pairs given; with minibatch_pairs also
+    each mean's part (`<key>_part`: its share of the minibatch's mean), which the ranks add up
+    (`combine_share_stats`), so that a multi-rank step reports the minibatch's means: "rm/loss" (the loss
+    returned when minibatch_pairs is None, a mean of the ranks' in a multi-rank step),
     "rm/loss_apo" and "rm/loss_pref" (each term's mean over its own pairs, whatever the normalization),
     "rm/margin_apo", "rm/margin", "rm/acc_train_pref", and with APO pairs "rm/apo_share": the APO term's part of
     the loss, |APO part| / (|APO part| + |human part|), which apo_ray.apo_activity watches.
@@ -123,10 +127,19 @@ def apo_reward_loss(
         # A share's ratio is not the minibatch's (a share may hold APO pairs alone): its parts are, added up.
         stats[_APO_PART] = parts[0].item() if has_apo else 0.0
         stats[_PREF_PART] = parts[-1].item() if has_pref else 0.0
+    for keys, n_share, n_minibatch in ((_APO_MEANS, apo_terms.numel() if has_apo else 0, n_apo),
+                                       (_PREF_MEANS, pref_terms.numel() if has_pref else 0, n_pref)):
+        for key in keys:
+            if n_share:
+                stats[key + PART] = stats[key] * n_share / n_minibatch
     return torch.stack(parts).sum(), stats
 
 
-_APO_SHARE, _APO_PART, _PREF_PART = "rm/apo_share", "rm/apo_part", "rm/pref_part"
+# A stat named <key>_part is one rank's share of a minibatch mean: the ranks' parts are added, not averaged.
+PART = "_part"
+_APO_SHARE, _APO_PART, _PREF_PART = "rm/apo_share", "rm/apo" + PART, "rm/pref" + PART
+_APO_MEANS = ("rm/loss_apo", "rm/margin_apo")
+_PREF_MEANS = ("rm/loss_pref", "rm/margin", "rm/acc_train_pref")
 
 
 def _apo_share(apo_part: float, pref_part: float) -> float:
@@ -135,14 +148,22 @@ def _apo_share(apo_part: float, pref_part: float) -> float:
     return abs(apo_part) / total if total > 0 else 0.0
 
 
-def minibatch_apo_share(step: dict[str, float]) -> dict[str, float]:
-    """One RM step's stats, averaged over its ranks' shares (actors/engine.py train_steps), with "rm/apo_share"
-    of the whole minibatch in place of the shares' parts of its two terms: the same the minibatch gives on one
-    rank (the mean of the parts over the ranks is their sum over the ranks, scaled alike)."""
-    if _APO_PART not in step:
-        return step
+def combine_share_stats(shares: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One step's stats from its ranks' (those that had a share): parts (`<key>_part`) added, the rest averaged."""
+    keys = {key for share in shares for key in share}
+    return {key: float((np.sum if key.endswith(PART) else np.mean)([share[key] for share in shares if key in share]))
+            for key in keys}
+
+
+def minibatch_stats(step: dict[str, float]) -> dict[str, float]:
+    """One RM step's stats, combined over its ranks' shares (combine_share_stats), with the minibatch's means in
+    place of their parts and "rm/apo_share" in place of the two terms' parts: what the minibatch gives on one
+    rank."""
     step = dict(step)
-    step[_APO_SHARE] = _apo_share(step.pop(_APO_PART), step.pop(_PREF_PART))
+    if _APO_PART in step:
+        step[_APO_SHARE] = _apo_share(step.pop(_APO_PART), step.pop(_PREF_PART))
+    for key in [key for key in step if key.endswith(PART)]:
+        step[key.removesuffix(PART)] = step.pop(key)
     return step
 
 

@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 
-from apo_ray.actors.engine import mean_stats
 from apo_ray.batching import (fraction, grouped_minibatch_groups, grouped_minibatches, is_empty_share,
                               proportional_minibatches, rank_share, rank_slice)
 from apo_ray.game import TokenSample
-from apo_ray.losses import apo_reward_loss, masked_mean, minibatch_apo_share
+from apo_ray.losses import apo_reward_loss, combine_share_stats, masked_mean, minibatch_stats
 from apo_ray.modeling import encode_samples, predicted_response_tokens
 
 
@@ -93,8 +92,12 @@ def test_rm_shares_add_up_to_the_minibatch_loss(normalization, whole):
     part1, stats1 = apo_reward_loss(gold[2:], sample[2:], chosen, rejected, minibatch_pairs=(3, 1), **options)
     assert (part0 + part1).item() == pytest.approx(whole)
     # The APO term's share of the loss is the minibatch's, not a mean of the shares' (rank 0's alone would be 1).
-    step = minibatch_apo_share(mean_stats([stats0, stats1]))
+    step = minibatch_stats(combine_share_stats([stats0, stats1]))
     assert step["rm/apo_share"] == pytest.approx(whole_stats["rm/apo_share"]) and "rm/apo_part" not in step
+    # So are its means: the APO loss over pairs 0-2 is -2 (rank 0's -1.5 and rank 1's -3 average to -2.25).
+    for key in ("rm/loss_apo", "rm/margin_apo", "rm/loss_pref", "rm/margin", "rm/acc_train_pref"):
+        assert step[key] == pytest.approx(whole_stats[key]), key
+    assert step["rm/loss_apo"] == pytest.approx(-2.0) and not any(key.endswith("_part") for key in step)
     # The stats describe the pairs given, whatever they are a share of: 0.5 x their mean gap -1.5 either way.
     assert stats0["rm/loss"] == pytest.approx(-0.75)
     # Given the whole minibatch's counts, the whole minibatch's loss is unchanged.
