@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 POLICY_METHODS = ("rjs", "rrhf", "dpo", "ppo", "grpo", "reinforce_pp")
 ONLINE_METHODS = ("ppo", "grpo", "reinforce_pp")
+# policy.lr when the config leaves it out. The offline methods' were chosen on the quality benchmark's tuning
+# seeds (benchmarks/results/quality/tuning/): at 1e-3 DPO and RRHF lost gold from round 1, fixed RM or APO.
+# The online methods' is their configs' (configs/ppo.yaml, grpo.yaml).
+POLICY_LR = {"rjs": 1e-3, "rrhf": 3e-5, "dpo": 1e-4, "ppo": 3e-4, "grpo": 3e-4, "reinforce_pp": 3e-4}
 
 
 # Keys that moved when offline rounds and PPO iterations became one loop with one step counter.
@@ -198,6 +202,7 @@ class PolicyConfig(Section):
     """The min player's optimizer, and the offline policy steps (rjs, rrhf, dpo); online methods read only lr
     (their batches are ppo.*)."""
 
+    # Left out of a run's config: the method's (POLICY_LR), set when the Config is validated.
     lr: float = Field(1e-3, gt=0.0)
     batch_size: int = Field(32, ge=1)
     epochs_per_round: int = Field(2, ge=1)
@@ -472,6 +477,8 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        if "lr" not in self.policy.model_fields_set:
+            self.policy.lr = POLICY_LR[self.method]
         _cross_checks(self)
         return self
 

@@ -26,6 +26,17 @@ def test_dtype_resolves_once_for_learners_and_rollout_engines():
     assert load_config(None, ["model.dtype=bfloat16"]).rollout_dtype == "bfloat16"
 
 
+def test_policy_lr_left_out_is_the_methods_and_given_is_kept():
+    from apo_ray.config import POLICY_LR, PolicyConfig
+
+    assert {method: load_config(None, [f"method={method}"]).policy.lr for method in POLICY_LR} == POLICY_LR
+    assert load_config(None, ["method=dpo"]).policy.lr == 1e-4 != load_config(None, ["method=rjs"]).policy.lr
+    assert load_config(None, ["method=dpo", "policy.lr=0.001"]).policy.lr == 0.001
+    # The saved config names it, so a resumed or re-read run keeps the lr it ran with.
+    assert config_from_dict(load_config(None, ["method=dpo"]).to_dict()).policy.lr == 1e-4
+    assert PolicyConfig().lr == 1e-3  # a learner built without a run's Config
+
+
 def test_apo_coef_defaults_to_the_tuned_value_and_null_means_the_authors():
     assert load_config(None, ["samples_per_prompt=4"]).apo_coef == 1.0
     assert load_config(None, ["samples_per_prompt=4", "reward.apo_coef=null"]).apo_coef == pytest.approx(0.025)
