@@ -476,9 +476,13 @@ class Config(Section):
         return tree
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> Config:
+    def _method_defaults(self) -> Config:
         if "lr" not in self.policy.model_fields_set:
             self.policy.lr = POLICY_LR[self.method]
+        return self
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
         _cross_checks(self)
         return self
 

@@ -76,7 +76,7 @@ class GenerateCall:
         self._restarted: set[int] = set()
         self._failures = 0
         for worker, shard in enumerate(assign_shards(len(self.prompts), self.num_workers)):
-            for piece in assign_shards(len(shard), min(pieces_per_worker, max(len(shard), 1))):
+            for piece in assign_shards(len(shard), pieces_per_worker):  # _submit skips the empty ones
                 self._submit(worker, [shard[i] for i in piece])
 
     def _submit(self, worker: int, indices: list[int]) -> None:
@@ -87,11 +87,11 @@ class GenerateCall:
 
     def poll(self, on_piece: Callable[[list[Rollout]], None]) -> None:
         """Hand every piece that is already sampled to `on_piece`, without waiting for the others."""
-        while self._in_flight:
-            done, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=0)
-            if not done:
-                return
-            self._take(done[0], on_piece)
+        if not self._in_flight:
+            return
+        done, _ = ray.wait(list(self._in_flight), num_returns=len(self._in_flight), timeout=0)
+        for ref in done:
+            self._take(ref, on_piece)
 
     def result(self, on_piece: Callable[[list[Rollout]], None] | None = None) -> list[Rollout]:
         """Every rollout, in prompt order; `on_piece` sees each piece not yet polled as it arrives."""
