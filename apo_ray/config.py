@@ -29,7 +29,7 @@ ONLINE_METHODS = ("ppo", "grpo", "reinforce_pp")
 # policy.lr when the config leaves it out. The offline methods' were chosen on the quality benchmark's tuning
 # seeds (benchmarks/results/quality/tuning/): at 1e-3 DPO and RRHF lost gold from round 1, fixed RM or APO.
 # The online methods' is their configs' (configs/ppo.yaml, grpo.yaml).
-POLICY_LR = {"rjs": 1e-3, "rrhf": 3e-5, "dpo": 1e-4, "ppo": 3e-4, "grpo": 3e-4, "reinforce_pp": 3e-4}
+POLICY_LR = {"rjs": 1e-3, "rrhf": 1e-5, "dpo": 1e-4, "ppo": 3e-4, "grpo": 3e-4, "reinforce_pp": 3e-4}
 
 
 # Keys that moved when offline rounds and PPO iterations became one loop with one step counter.
