@@ -19,7 +19,8 @@ Per method the tables give the APO arm minus the fixed-RM arm, paired by seed, w
 arm's seed SD and worst seed. Online arms (PPO, GRPO) draw as many policy samples per round as an offline one.
 Finished runs are kept under results/quality/tmp/scratch/ and reused when their config is unchanged, so a sweep
 can be stopped and continued in another sitting, and a fixed-RM arm is run once for every recipe that changes
-only APO's keys.
+only APO's keys. Each finished run's settings and evaluated rounds also go to the committed ledger
+results/quality/runs.jsonl, so that a sweep continues on a fresh clone, where the scratch runs are gone.
 
     .venv/bin/python -m benchmarks.quality [--quick] [--seed-set tuning|reporting] [--seeds ...] [--arms ...]
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -51,6 +53,8 @@ SEED_SETS = {"tuning": tuple(range(10)), "reporting": tuple(range(100, 120))}
 DEFAULT_ROUNDS = 5
 # A smoke run: two seeds of the set, one round, few evaluation samples.
 QUICK_OVERRIDES = ("eval.samples_per_prompt=4", "reward.initial_epochs=2")
+# Every finished full run, committed: the scratch runs are git-ignored and lost with the machine.
+RUN_LEDGER = RESULTS_ROOT / "quality" / "runs.jsonl"
 
 
 @dataclass(frozen=True)
@@ -183,20 +187,36 @@ def evaluated_rounds(rows: list[dict[str, Any]], cfg: Any, online: bool) -> list
     return out
 
 
+def run_settings(cfg: Any) -> dict[str, Any]:
+    """The keys a run reads, run_dir aside: what makes two runs the same run."""
+    return {key: value for key, value in cfg.to_dict().items() if key != "run_dir"}
+
+
 def config_digest(cfg: Any) -> str:
-    """A short hash of the keys the run reads, run_dir aside: recipes that leave an arm's effective config
-    unchanged (a fixed-RM arm under an APO-only --set) share its runs instead of repeating them."""
-    settings = {key: value for key, value in cfg.to_dict().items() if key != "run_dir"}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    """A short hash of run_settings: recipes that leave an arm's effective config unchanged (a fixed-RM arm
+    under an APO-only --set) share its runs instead of repeating them."""
+    return hashlib.sha256(json.dumps(run_settings(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def same_settings(saved: dict[str, Any], cfg: Any) -> bool:
+    """A run saved with these settings is a run of cfg. Read back through config_from_dict, so that a key added
+    to the config since then counts as its default rather than as a difference."""
+    from apo_ray.config import config_from_dict
+
+    if saved == run_settings(cfg):
+        return True
+    # The config's warnings (keys the run does not read) speak to a run being started, not to a comparison.
+    quiet = logging.getLogger("apo_ray.config")
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        return run_settings(config_from_dict({**saved, "run_dir": str(cfg.run_dir)})) == run_settings(cfg)
+    finally:
+        quiet.setLevel(level)
 
 
 def _saved_config_matches(run_dir: Path, cfg: Any) -> bool:
-    """The run was made with this config. Read back through config_from_dict, so that a key added to the
-    config since then counts as its default rather than as a difference."""
-    from apo_ray.config import config_from_dict
-
     saved = run_dir / "config.yaml"
-    return saved.is_file() and config_from_dict(yaml.safe_load(saved.read_text())).to_dict() == cfg.to_dict()
+    return saved.is_file() and same_settings(yaml.safe_load(saved.read_text()), cfg)
 
 
 def finished_run(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -> Path | None:
@@ -209,11 +229,43 @@ def finished_run(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -
     return None
 
 
+def ledger_record(arm: Arm, seed: int, args: argparse.Namespace, ledger: Path = RUN_LEDGER) -> RunRecord | None:
+    """The ledger's record of a run of this arm and seed with today's config, if one was made."""
+    if args.quick or not ledger.is_file():
+        return None
+    cfg = arm_config(arm, seed, ledger.parent, args)
+    for line in ledger.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["arm"] == arm.key and entry["seed"] == seed and same_settings(entry["settings"], cfg):
+            return RunRecord(arm.name, seed, entry["rounds"], reused=True, apo_inert=entry["apo_inert"])
+    return None
+
+
+def add_to_ledger(arm: Arm, record: RunRecord, args: argparse.Namespace, ledger: Path = RUN_LEDGER) -> None:
+    """Appends a finished run (its settings and evaluated rounds, a few KB) to the committed ledger, so that a
+    sweep continued on another machine, where the git-ignored scratch runs are gone, still reuses it."""
+    if args.quick or record.error or ledger_record(arm, record.seed, args, ledger) is not None:
+        return
+    entry = {"arm": arm.key, "seed": record.seed, "wall_s": record.wall_s, "apo_inert": record.apo_inert,
+             "settings": run_settings(arm_config(arm, record.seed, ledger.parent, args)), "rounds": record.rounds}
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    with ledger.open("a") as out:
+        out.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+
+
 def run_arm(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -> RunRecord:
+    record = _run_or_reuse(arm, seed, scratch, args)
+    add_to_ledger(arm, record, args)
+    return record
+
+
+def _run_or_reuse(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -> RunRecord:
     from apo_ray.metrics import read_metrics_jsonl
     from apo_ray.train import prepare, run
 
     earlier = finished_run(arm, seed, scratch, args)
+    if earlier is None and (kept := ledger_record(arm, seed, args)) is not None:
+        return kept
     run_dir = earlier or scratch / f"{arm.key}-{config_digest(arm_config(arm, seed, scratch, args))}-s{seed}"
     cfg = arm_config(arm, seed, run_dir, args)
     record = RunRecord(arm.name, seed, reused=earlier is not None)

@@ -1,5 +1,6 @@
 """The quality benchmark's statistics and seed sets (benchmarks/quality.py), against hand computations."""
 
+import json
 import math
 
 import pytest
@@ -111,3 +112,29 @@ def test_a_finished_run_is_found_under_an_older_digest_and_only_for_its_own_conf
     assert finished_run(arm, 3, tmp_path, args) == old
     assert finished_run(arm, 4, tmp_path, args) is None
     assert finished_run(arm, 3, tmp_path, parse_args(["--seed-set", "tuning", "--set", "reward.apo_coef=0.5"])) is None
+
+
+def test_the_ledger_keeps_a_finished_run_for_its_own_config_only(tmp_path):
+    from benchmarks.quality import add_to_ledger, ledger_record
+
+    arm = {a.name: a for a in ALL_ARMS}["APO-RJS"]
+    args = parse_args(["--seed-set", "tuning"])
+    ledger = tmp_path / "runs.jsonl"
+    rounds = [{"round": 0, "eval/gold_score": 0.4}, {"round": 1, "eval/gold_score": 0.7}]
+    add_to_ledger(arm, RunRecord("APO-RJS", 3, rounds, wall_s=60.0), args, ledger)
+    add_to_ledger(arm, RunRecord("APO-RJS", 3, rounds, wall_s=61.0), args, ledger)  # already there: not twice
+    add_to_ledger(arm, RunRecord("APO-RJS", 4, error="boom"), args, ledger)  # a failed run is not kept
+    assert len(ledger.read_text().splitlines()) == 1
+
+    kept = ledger_record(arm, 3, args, ledger)
+    assert kept.rounds == rounds and kept.reused and kept.arm == "APO-RJS"
+    assert ledger_record(arm, 4, args, ledger) is None
+    assert ledger_record(arm, 3, parse_args(["--seed-set", "tuning", "--set", "reward.apo_coef=0.5"]), ledger) is None
+    assert ledger_record({a.name: a for a in ALL_ARMS}["RJS"], 3, args, ledger) is None
+    assert ledger_record(arm, 3, parse_args(["--seed-set", "tuning", "--quick"]), ledger) is None
+
+    # written when the config had fewer keys: a key at its default is no difference
+    entry = json.loads(ledger.read_text())
+    del entry["settings"]["eval"]["overlap"]
+    ledger.write_text(json.dumps(entry) + "\n")
+    assert ledger_record(arm, 3, args, ledger).rounds == rounds
