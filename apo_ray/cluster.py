@@ -60,8 +60,11 @@ def init_ray(cfg: Config) -> None:
         return
     num_cpus = local_num_cpus(cfg)
     options["runtime_env"]["env_vars"] = driver_source_env()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **options)
-    log.info("started a local Ray cluster with %d logical CPUs", num_cpus)
+    # "local": a bare ray.init() joins a `ray start` cluster on this machine, which refuses num_cpus; a run
+    # without an address starts its own, as documented, and ray.address=auto joins that one.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **options)
+    log.info("started a local Ray cluster with %d logical CPUs (ray.address=auto would join a running "
+             "`ray start` cluster instead)", num_cpus)
     placement = place(actor_plan(cfg), cluster_from_ray_nodes(ray.nodes(), "this machine's Ray"))
     if not placement.fits:
         # Otherwise the placement groups would wait ten minutes for resources this machine does not have.

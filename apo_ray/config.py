@@ -271,7 +271,8 @@ class LoggingConfig(Section):
 
 
 class RayConfig(Section):
-    # None: start a local cluster; "auto": join the cluster this job runs on (ray job submit).
+    # None: start a local cluster of its own (beside any `ray start` one); "auto": join the cluster of this
+    # machine or job (ray job submit sets RAY_ADDRESS).
     address: Optional[str] = None
     num_cpus: Optional[int] = Field(None, ge=1)
 

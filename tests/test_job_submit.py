@@ -52,6 +52,7 @@ class Head:
     metrics_port: int
     token: str
     env: dict[str, str]
+    temp_dir: Path
 
     def get_json(self, path: str) -> dict:
         request = urllib.request.Request(self.dashboard_url + path, headers={"Authorization": f"Bearer {self.token}"})
@@ -99,7 +100,7 @@ def ray_head():
              '--system-config={"metrics_report_interval_ms": 1000}'],
             env=env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    head = Head(f"http://127.0.0.1:{dashboard_port}", metrics_port, token, env)
+    head = Head(f"http://127.0.0.1:{dashboard_port}", metrics_port, token, env, temp_dir)
     try:
         try:
             wait_for(lambda: process.poll() is None and head.get_json("/api/version"), 120,
@@ -178,3 +179,33 @@ def test_ray_job_submit_runs_the_game_on_an_existing_cluster(ray_head, tmp_path)
              for name in actor_names} - {None}
     assert {m.group(1) for m in named} == {"policy-learner", "reward-learner", "reference", "rollout"}, actor_names
     assert len({m.group(2) for m in named}) == 1, actor_names
+
+
+@pytest.mark.integration
+def test_a_run_without_an_address_starts_its_own_cluster_beside_a_ray_start_one(ray_head):
+    # The address file a `ray start` with the default temp dir leaves, where a bare ray.init() looks first
+    # (under $RAY_TMPDIR/ray): it would join the head and be refused num_cpus.
+    # `ray start` writes it after its dashboard answers
+    address_file = ray_head.temp_dir / "ray_current_cluster"
+    head_gcs = wait_for(lambda: address_file.is_file() and address_file.read_text().strip(), 120,
+                        f"{address_file} was not written")
+    # Short: the local cluster's unix sockets go under it too.
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="apo-drv-", dir="/tmp"))
+    (ray_tmpdir / "ray").mkdir()
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(head_gcs)
+    driver = (
+        "import json, ray\n"
+        "from apo_ray.cluster import init_ray\n"
+        "from apo_ray.config import load_config\n"
+        f"init_ray(load_config({str(REPO_ROOT / 'configs' / 'default.yaml')!r}))\n"
+        "print('GCS', json.dumps(ray.get_runtime_context().gcs_address))\n"
+        "ray.shutdown()\n"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", driver], env={**ray_head.env, "RAY_TMPDIR": str(ray_tmpdir)},
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    gcs = json.loads(done.stdout.split("GCS ", 1)[1].splitlines()[0])
+    assert gcs and gcs != head_gcs
