@@ -20,7 +20,8 @@ arm's seed SD and worst seed. Online arms (PPO, GRPO) draw as many policy sample
 Finished runs are kept under results/quality/tmp/scratch/ and reused when their config is unchanged, so a sweep
 can be stopped and continued in another sitting, and a fixed-RM arm is run once for every recipe that changes
 only APO's keys. Each finished run's settings and evaluated rounds also go to the committed ledger
-results/quality/runs.jsonl, so that a sweep continues on a fresh clone, where the scratch runs are gone.
+results/quality/runs.jsonl, so that a sweep continues on a fresh clone, where the scratch runs are gone; a
+run is reused on the kind of machine (CPU model, torch build) it was made on only.
 
     .venv/bin/python -m benchmarks.quality [--quick] [--seed-set tuning|reporting] [--seeds ...] [--arms ...]
 """
@@ -229,14 +230,26 @@ def finished_run(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -
     return None
 
 
+def machine_kind() -> str:
+    """What a run's numbers depend on besides its config: the same seed gives another SFT policy on another CPU
+    (round 0's gold differed by up to 0.08 a seed between an Intel Xeon and an AMD EPYC) or torch build."""
+    import torch
+
+    from benchmarks.common import cpu_model
+
+    return f"{cpu_model()}, torch {torch.__version__}"
+
+
 def ledger_record(arm: Arm, seed: int, args: argparse.Namespace, ledger: Path = RUN_LEDGER) -> RunRecord | None:
-    """The ledger's record of a run of this arm and seed with today's config, if one was made."""
+    """The ledger's record of a run of this arm and seed with today's config on this kind of machine, if one was
+    made: a run from another machine would pair with this machine's baseline as if they shared round 0."""
     if args.quick or not ledger.is_file():
         return None
-    cfg = arm_config(arm, seed, ledger.parent, args)
+    cfg, machine = arm_config(arm, seed, ledger.parent, args), machine_kind()
     for line in ledger.read_text().splitlines():
         entry = json.loads(line)
-        if entry["arm"] == arm.key and entry["seed"] == seed and same_settings(entry["settings"], cfg):
+        if (entry["arm"] == arm.key and entry["seed"] == seed and entry["machine"] == machine
+                and same_settings(entry["settings"], cfg)):
             return RunRecord(arm.name, seed, entry["rounds"], reused=True, apo_inert=entry["apo_inert"])
     return None
 
@@ -246,7 +259,8 @@ def add_to_ledger(arm: Arm, record: RunRecord, args: argparse.Namespace, ledger:
     sweep continued on another machine, where the git-ignored scratch runs are gone, still reuses it."""
     if args.quick or record.error or ledger_record(arm, record.seed, args, ledger) is not None:
         return
-    entry = {"arm": arm.key, "seed": record.seed, "wall_s": record.wall_s, "apo_inert": record.apo_inert,
+    entry = {"arm": arm.key, "seed": record.seed, "machine": machine_kind(), "wall_s": record.wall_s,
+             "apo_inert": record.apo_inert,
              "settings": run_settings(arm_config(arm, record.seed, ledger.parent, args)), "rounds": record.rounds}
     ledger.parent.mkdir(parents=True, exist_ok=True)
     with ledger.open("a") as out:

@@ -138,3 +138,6 @@ def test_the_ledger_keeps_a_finished_run_for_its_own_config_only(tmp_path):
     del entry["settings"]["eval"]["overlap"]
     ledger.write_text(json.dumps(entry) + "\n")
     assert ledger_record(arm, 3, args, ledger).rounds == rounds
+    # made on another kind of machine: its round 0 is not this machine's, so it cannot pair with a baseline here
+    ledger.write_text(json.dumps({**entry, "machine": "another CPU, torch 0.0"}) + "\n")
+    assert ledger_record(arm, 3, args, ledger) is None
