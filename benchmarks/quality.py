@@ -43,8 +43,8 @@ from typing import Any, Sequence
 import yaml
 
 from apo_ray.logs import configure_logging
-from benchmarks.common import (REPO_ROOT, RESULTS_ROOT, BenchmarkRun, add_niceness_argument, base_parser, fmt,
-                               mean_ci, set_ray_worker_niceness, start_ray_with_retries)
+from benchmarks.common import (REPO_ROOT, RESULTS_ROOT, BenchmarkRun, add_niceness_argument, base_parser, cpu_model,
+                               fmt, mean_ci, set_ray_worker_niceness, start_ray_with_retries)
 
 CONFIGS = REPO_ROOT / "configs"
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
@@ -208,7 +208,8 @@ def same_settings(saved: dict[str, Any], cfg: Any) -> bool:
         return True
     # The config's warnings (keys the run does not read) speak to a run being started, not to a comparison.
     quiet = logging.getLogger("apo_ray.config")
-    level, quiet.level = quiet.level, logging.ERROR
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # setLevel, not .level: it clears the loggers' cached isEnabledFor answers
     try:
         return run_settings(config_from_dict({**saved, "run_dir": str(cfg.run_dir)})) == run_settings(cfg)
     finally:
@@ -234,8 +235,6 @@ def machine_kind() -> str:
     """What a run's numbers depend on besides its config: the same seed gives another SFT policy on another CPU
     (round 0's gold differed by up to 0.08 a seed between an Intel Xeon and an AMD EPYC) or torch build."""
     import torch
-
-    from benchmarks.common import cpu_model
 
     return f"{cpu_model()}, torch {torch.__version__}"
 
@@ -268,12 +267,6 @@ def add_to_ledger(arm: Arm, record: RunRecord, args: argparse.Namespace, ledger:
 
 
 def run_arm(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -> RunRecord:
-    record = _run_or_reuse(arm, seed, scratch, args)
-    add_to_ledger(arm, record, args)
-    return record
-
-
-def _run_or_reuse(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -> RunRecord:
     from apo_ray.metrics import read_metrics_jsonl
     from apo_ray.train import prepare, run
 
@@ -295,6 +288,8 @@ def _run_or_reuse(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) 
         record.wall_s = round(time.perf_counter() - started, 1)
     record.rounds = evaluated_rounds(read_metrics_jsonl(run_dir / "metrics.jsonl"), cfg, arm.online)
     record.apo_inert = json.loads((run_dir / "summary.json").read_text()).get("apo_inert")
+    # A scratch run made before the ledger, or in a sweep whose ledger lines were not committed, joins it now.
+    add_to_ledger(arm, record, args)
     return record
 
 

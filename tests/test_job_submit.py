@@ -184,8 +184,8 @@ def test_ray_job_submit_runs_the_game_on_an_existing_cluster(ray_head, tmp_path)
 @pytest.mark.integration
 def test_a_run_without_an_address_starts_its_own_cluster_beside_a_ray_start_one(ray_head):
     # The address file a `ray start` with the default temp dir leaves, where a bare ray.init() looks first
-    # (under $RAY_TMPDIR/ray): it would join the head and be refused num_cpus.
-    # `ray start` writes it after its dashboard answers
+    # (under $RAY_TMPDIR/ray): it would join the head and be refused num_cpus. `ray start` writes it only after
+    # its dashboard answers.
     address_file = ray_head.temp_dir / "ray_current_cluster"
     head_gcs = wait_for(lambda: address_file.is_file() and address_file.read_text().strip(), 120,
                         f"{address_file} was not written")
