@@ -175,7 +175,8 @@ class APOGame:
 
     def _check_apo_term(self, stats: dict[str, float]) -> None:
         self.rm_steps.append(stats)
-        reason = inert_apo_reason(self.rm_steps, self.cfg.reward.apo_inert_share)
+        reason = inert_apo_reason(self.rm_steps, self.cfg.reward.apo_inert_share,
+                                  restarts_each_round=self.cfg.reward.reinit_each_round)
         if reason and not self.warned_inert:
             self.warned_inert = True
             self.warn(f"the APO term is inert: {reason}")

@@ -301,7 +301,8 @@ def write_summary(run_dir: Path, cfg: Config, prepared: PreparedRun, wall_s: flo
         # measures, and the last round's evaluation is in place.
         "evaluate_share_of_game_rounds": evaluate_share(rows),
         # The whole run's RM steps, a resumed run's earlier ones included.
-        "apo_inert": inert_apo_reason(rows, cfg.reward.apo_inert_share) if cfg.apo else None,
+        "apo_inert": (inert_apo_reason(rows, cfg.reward.apo_inert_share, cfg.reward.reinit_each_round)
+                      if cfg.apo else None),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("summary: %s", json.dumps(summary["final"]))

@@ -32,6 +32,9 @@ SEED = 0
 STRATEGIES = ("object_store 256 MiB", "object_store 32 MiB", "disk")
 WORKER_COUNTS = (1, 2, 3, 4)
 CLONE_ARM = "in-memory clone"
+# The default object-store sync once more, timed stage by stage (issue 12: where the bandwidth goes).
+STAGED = "object_store 256 MiB"
+STAGES = ("export", "fetch", "unpack", "copy", "reload")
 
 
 def parse_args() -> argparse.Namespace:
@@ -83,6 +86,30 @@ def perturb(learner: Any) -> None:
     ray.get(learner.__ray_call__.remote(scale))
 
 
+def load_in_stages(worker: Any, version: int, refs: list) -> dict[str, float]:
+    """A rollout worker's half of an object-store sync (RolloutWorker.load_weight_buckets), stage by stage:
+    reading the buckets out of the object store, viewing them as tensors, and vLLM's in-place reload. `copy`
+    clones the same tensors in the worker's process, the plain memory-copy floor beside the reload."""
+    import time
+
+    import ray
+
+    from apo_ray.named_tensors import unpack_bucket
+
+    started = time.perf_counter()
+    buckets = ray.get(refs)
+    fetched = time.perf_counter()
+    pairs = [pair for bucket in buckets for pair in unpack_bucket(bucket)]
+    unpacked = time.perf_counter()
+    copies = [tensor.clone() for _, tensor in pairs]
+    copied = time.perf_counter()
+    del copies
+    worker.engine.load(pairs)
+    worker._version = version
+    return {"fetch": fetched - started, "unpack": unpacked - fetched, "copy": copied - unpacked,
+            "reload": time.perf_counter() - copied}
+
+
 def make_strategies(scratch, name: str) -> dict[str, Any]:
     from apo_ray.weight_sync import DiskSync, ObjectStoreSync
 
@@ -118,12 +145,29 @@ def measure_model(name: str, args: argparse.Namespace, scratch) -> dict[str, Any
             return {"timing/sync": seconds, "sync/bytes": float(max(loaded))}
         return call
 
+    def staged(n: int):
+        def call(repeat: int) -> dict[str, float]:
+            chosen, version = strategies[STAGED], next(versions)
+            started = time.perf_counter()
+            payload = chosen.publish_from(learner, version)
+            exported = time.perf_counter() - started
+            # The refs travel inside a list, so Ray leaves them unresolved until the worker's own ray.get.
+            stages = ray.get([w.__ray_call__.remote(load_in_stages, version, payload) for w in pool.workers[:n]])
+            seconds = time.perf_counter() - started
+            chosen.release(payload)
+            slowest = {f"stage/{k}": max(s[k] for s in stages) for k in STAGES[1:]}
+            # What is left is the calls' dispatch and the waiting on the slowest worker (copy included: it ran).
+            dispatch = seconds - exported - max(sum(s.values()) for s in stages)
+            return {"stage/export": exported, **slowest, "stage/dispatch": dispatch}
+        return call
+
     def clone(repeat: int) -> dict[str, float]:
         with torch.no_grad():
             copies = {k: v.clone() for k, v in weights.items()}
         return {"sync/bytes": float(sum(t.numel() * t.element_size() for t in copies.values()))}
 
     arms = {f"{strategy} x{n}": sync(strategy, n) for strategy in STRATEGIES for n in args.worker_counts}
+    arms.update({f"stages x{n}": staged(n) for n in (1, max(args.worker_counts))})
     arms[CLONE_ARM] = clone
     processes = actor_process_info({"learner": learner, **{f"worker {i}": w for i, w in enumerate(pool.workers)}})
     try:
@@ -162,8 +206,20 @@ def main() -> None:
     run.finish(summarize(args, run, measured))
 
 
+def stage_row(model: str, n: int, trials: list[Trial], clone_s: list[float]) -> tuple[list[Any], dict[str, float]]:
+    """The staged arm's median seconds per stage, their sum without the worker's copy (the sync itself), the
+    reload's cost over a plain copy of the same tensors, and the share of the clone's bandwidth that the sync
+    would reach with vLLM's reload taken out (what the transport alone delivers)."""
+    results = [t.result for t in trials if t.arm == f"stages x{n}"]
+    stage_s = {k: median([r[f"stage/{k}"] for r in results]) for k in (*STAGES, "dispatch")}
+    sync_s = sum(v for k, v in stage_s.items() if k != "copy")
+    transport_share = median(clone_s) / (sync_s - stage_s["reload"])
+    row = [model, n, *stage_s.values(), sync_s, stage_s["reload"] / stage_s["copy"], transport_share]
+    return row, {**stage_s, "sync": sync_s, "transport_share_of_clone_bandwidth": transport_share}
+
+
 def summarize(args: argparse.Namespace, run: BenchmarkRun, measured: list[dict]) -> dict[str, Any]:
-    rows, results = [], []
+    rows, stage_rows, results = [], [], []
     for m in measured:
         trials: list[Trial] = m["trials"]
 
@@ -191,6 +247,9 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, measured: list[dict])
         rows.append([m["model"], nbytes / 2**20, CLONE_ARM, "-", median(clone_s), nbytes / median(clone_s) / 2**20,
                      None, 1.0, "1", "-"])
         per_arm[CLONE_ARM] = {"seconds": clone_s, "bytes_per_s": [nbytes / x for x in clone_s]}
+        for n in (1, max(args.worker_counts)):
+            row, per_arm[f"stages x{n}"] = stage_row(m["model"], n, trials, clone_s)
+            stage_rows.append(row)
         results.append({"model": m["model"], "state_dict_bytes": nbytes, "safetensors_bytes": m["parameter_bytes"],
                         "arms": per_arm, "verified": m["verified"], "processes": m["processes"],
                         "trials": [{"arm": t.arm, "repeat": t.repeat, "timing": t.timing.to_dict(), "stats": t.result}
@@ -219,8 +278,23 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, measured: list[dict])
              "in brackets); a worker that missed the sync would be off by 1e-2. The workers' sum reads packed "
              "weights back through vLLM's CPU GEMM kernel, so it is not bit-exact on the larger model.",
     )
-    labels = [f"{r['model'].split('-')[0]} {arm}" for r in results for arm in r["arms"] if arm != CLONE_ARM]
-    values = [median(r["arms"][arm]["seconds"]) for r in results for arm in r["arms"] if arm != CLONE_ARM]
+    run.add_table(
+        f"Where a sync's time goes ({STAGED}, median seconds)",
+        ["model", "workers", *STAGES, "dispatch + wait", "sync (no copy)", "reload / copy",
+         "transport's share of clone bandwidth"],
+        stage_rows,
+        note="The default object-store sync once more, stage by stage, interleaved with the arms above: `export` is "
+             "the learner packing its weights into buckets and putting them into the object store (the driver "
+             "waits for every bucket); on each worker, `fetch` reads the buckets out of the object store, `unpack` "
+             "views them as tensors, `reload` is vLLM's in-place reload of those tensors; `dispatch + wait` is the "
+             "rest of the call. Worker stages are the slowest worker's. `copy` (not part of a sync) clones the same "
+             "tensors in the worker's process: 'reload / copy' is what vLLM's reload costs over a plain memory copy. "
+             "The last column is the clone's seconds over the sync's without the reload: the share of the clone's "
+             "bandwidth that the transport itself reaches.",
+    )
+    synced = [arm for arm in results[0]["arms"] if arm != CLONE_ARM and not arm.startswith("stages")]
+    labels = [f"{r['model'].split('-')[0]} {arm}" for r in results for arm in synced]
+    values = [median(r["arms"][arm]["seconds"]) for r in results for arm in synced]
     run.add_bar_chart("weight_sync_seconds.png", labels, values, ylabel="seconds per sync",
                       title="Weight sync to N vLLM workers (median)")
     return {"settings": {k: str(v) if k == "out" else v for k, v in vars(args).items()}, "models": results}
