@@ -121,7 +121,7 @@ class PolicyLearner(LearnerCheckpoint):
         return self.engine.rank0_state_dict()
 
     def weight_buckets(self, bucket_bytes: int) -> Iterator[WeightBucket]:
-        """The `object_store` weight sync's learner side: the weights in flat buckets of at most `bucket_bytes`.
+        """The `object_store` weight sync's learner side: the weights in buckets of at most `bucket_bytes`.
         A generator, so that as a Ray actor method each bucket becomes an object of its own. Rank 0 alone
         yields them; under ZeRO-3 the other ranks join the gather and yield nothing."""
         state = self.engine.rank0_state_dict()

@@ -63,38 +63,35 @@ def write_checkpoint_dir(named: Sequence[tuple[str, torch.Tensor]], path: str | 
 
 
 # ---------------------------------------------------------------------------------------- weight buckets
-# The object-store sync moves weights as a few flat buffers rather than one object per tensor: Ray pickles a
-# torch tensor through torch's own serializer, once per tensor, while a numpy array travels out of band and a
-# reader on the node gets it as a view of shared memory, without a copy.
-
-# Offsets are multiples of this, so that every dtype's view of the buffer is aligned.
-BUCKET_ALIGNMENT = 64
+# The object-store sync moves weights as a few bucket objects rather than one object per tensor: Ray pickles
+# a torch tensor through torch's own serializer, once per tensor, while a numpy array travels out of band, and
+# a reader on the node gets it as a view of shared memory, without a copy. A bucket holds uint8 numpy views of
+# the weights themselves, so the one copy a sync makes on the learner's side is Ray's, into the object store
+# (packing them into one flat buffer first cost a second copy: a third of the sync of a 100 MiB model, issue 12).
 
 
 @dataclass(frozen=True)
 class PackedTensor:
-    """Where one tensor lies in its bucket. `names` holds every name of it: tied weights (an embedding and
-    the LM head) are one tensor under two names, packed once."""
+    """One tensor of a bucket, whose bytes are the bucket's array at the same position. `names` holds every
+    name of it: tied weights (an embedding and the LM head) are one tensor under two names, packed once."""
 
     names: tuple[str, ...]
     shape: tuple[int, ...]
     dtype: str  # torch's name for it: "float32", "bfloat16", ...
-    offset: int  # bytes into the bucket's buffer
     nbytes: int
 
 
 @dataclass(frozen=True)
 class WeightBucket:
     tensors: tuple[PackedTensor, ...]
-    buffer: np.ndarray  # flat uint8
+    # One flat uint8 array per tensor. Made by pack_buckets they are views of the weights they came from (the
+    # caller puts the bucket into the object store, or uses it before the weights change); read back from the
+    # object store they are read-only views of its shared memory.
+    arrays: tuple[np.ndarray, ...]
 
     @property
     def nbytes(self) -> int:
-        return int(self.buffer.nbytes)
-
-
-def _aligned(offset: int) -> int:
-    return -(-offset // BUCKET_ALIGNMENT) * BUCKET_ALIGNMENT
+        return sum(int(array.nbytes) for array in self.arrays)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -113,51 +110,44 @@ def _distinct_tensors(named: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[l
     return list(groups.values())
 
 
+def _bytes_view(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 array: a view for a contiguous CPU tensor, else a copy of it."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0, dtype=np.uint8)
+
+
 def pack_buckets(weights: NamedTensors, bucket_bytes: int) -> Iterator[WeightBucket]:
-    """`weights` in flat buffers of at most `bucket_bytes` each (a tensor larger than that gets a bucket of its
-    own), one bucket at a time, so the learner holds at most one bucket beside its weights."""
+    """`weights` in buckets of at most `bucket_bytes` each (a tensor larger than that gets a bucket of its
+    own), one bucket at a time, filled greedily in the weights' order."""
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes: must be >= 1, got {bucket_bytes}")
-    pending: list[tuple[list[str], torch.Tensor, int]] = []
+    pending: list[tuple[PackedTensor, np.ndarray]] = []
     size = 0
     for names, tensor in _distinct_tensors(as_named_tensors(weights)):
         nbytes = tensor.numel() * tensor.element_size()
-        offset = _aligned(size)
-        if pending and offset + nbytes > bucket_bytes:
-            yield _fill_bucket(pending, size)
-            pending, offset = [], 0
-        pending.append((names, tensor, offset))
-        size = offset + nbytes
+        if pending and size + nbytes > bucket_bytes:
+            yield WeightBucket(*map(tuple, zip(*pending)))
+            pending, size = [], 0
+        pending.append((PackedTensor(tuple(names), tuple(tensor.shape), _dtype_name(tensor.dtype), nbytes),
+                        _bytes_view(tensor)))
+        size += nbytes
     if pending:
-        yield _fill_bucket(pending, size)
-
-
-def _fill_bucket(members: list[tuple[list[str], torch.Tensor, int]], size: int) -> WeightBucket:
-    buffer = np.empty(size, dtype=np.uint8)
-    flat = torch.from_numpy(buffer)
-    packed = []
-    for names, tensor, offset in members:
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes:
-            flat[offset : offset + nbytes].copy_(tensor.detach().cpu().reshape(-1).view(torch.uint8))
-        packed.append(PackedTensor(tuple(names), tuple(tensor.shape), _dtype_name(tensor.dtype), offset, nbytes))
-    return WeightBucket(tuple(packed), buffer)
+        yield WeightBucket(*map(tuple, zip(*pending)))
 
 
 def unpack_bucket(bucket: WeightBucket) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every name in `bucket`, each a view of its buffer (no copy; tied names share one)."""
-    with warnings.catch_warnings():
-        # The object store hands readers a read-only array; the views are only read (loaded into an engine).
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        flat = torch.from_numpy(bucket.buffer)
+    """(name, tensor) for every name in `bucket`, each a view of its array (no copy; tied names share one)."""
     named = []
-    for packed in bucket.tensors:
+    for packed, array in zip(bucket.tensors, bucket.arrays, strict=True):
         dtype = getattr(torch, packed.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"weight bucket: {packed.names[0]!r} has unknown dtype {packed.dtype!r}")
-        if packed.nbytes == 0:  # an empty slice cannot be viewed as another dtype
+        if packed.nbytes == 0:  # an empty array cannot be viewed as another dtype
             tensor = torch.empty(packed.shape, dtype=dtype)
         else:
-            tensor = flat[packed.offset : packed.offset + packed.nbytes].view(dtype).view(packed.shape)
+            with warnings.catch_warnings():
+                # The object store hands readers read-only arrays; the views are only read (loaded into an engine).
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                tensor = torch.from_numpy(array).view(dtype).view(packed.shape)
         named += [(name, tensor) for name in packed.names]
     return named

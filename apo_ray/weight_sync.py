@@ -1,6 +1,6 @@
 """Moving the policy learner's weights to the rollout workers: one interface, three strategies.
 
-- ``object_store``: the learner packs its weights into flat buckets of ``rollout.sync_bucket_mb``
+- ``object_store``: the learner groups its weights into buckets of ``rollout.sync_bucket_mb``
   (apo_ray/named_tensors.py) and each bucket goes into Ray's object store once; every worker reads those
   objects (no per-worker copy is sent; on the learner's node a worker reads shared memory) and reloads its
   engine in place from views of them. Works on any device.
@@ -32,8 +32,8 @@ import torch
 from apo_ray.learner_group import gather
 from apo_ray.named_tensors import NamedTensors, as_named_tensors, checkpoint_files, pack_buckets, write_checkpoint_dir
 
-# rollout.sync_bucket_mb's default: a 0.5B-parameter bf16 policy moves in 4 buckets; the learner holds one
-# bucket beside its weights while it packs.
+# rollout.sync_bucket_mb's default: a 0.5B-parameter bf16 policy moves in 4 buckets; a bucket is the most
+# that Ray serializes into the object store at once.
 DEFAULT_BUCKET_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Bucketed weight sync (apo_ray/named_tensors.py): the layout of the flat buckets, and a round trip of the
+"""Bucketed weight sync (apo_ray/named_tensors.py): how tensors fill buckets, and a round trip of the
 real PolicyLearner's exported weights, dtypes and tied weights included."""
 
 from __future__ import annotations
@@ -9,29 +9,37 @@ import torch
 from apo_ray.actors.policy import PolicyLearner
 from apo_ray.builtin.models import make_policy_model, make_tokenizer
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
-from apo_ray.named_tensors import BUCKET_ALIGNMENT, pack_buckets, unpack_bucket
+from apo_ray.named_tensors import pack_buckets, unpack_bucket
 
 
-def layout(buckets) -> list[list[tuple[tuple[str, ...], int, int]]]:
-    return [[(t.names, t.offset, t.nbytes) for t in bucket.tensors] for bucket in buckets]
+def layout(buckets) -> list[list[tuple[tuple[str, ...], int]]]:
+    return [[(t.names, t.nbytes) for t in bucket.tensors] for bucket in buckets]
 
 
-def test_buckets_fill_greedily_at_aligned_offsets_and_an_oversized_tensor_gets_its_own():
-    assert BUCKET_ALIGNMENT == 64
+def test_buckets_fill_greedily_and_an_oversized_tensor_gets_its_own():
     embedding = torch.zeros(10, 3)  # 120 bytes
     weights = [("embed", embedding), ("norm", torch.zeros(4)), ("bias", torch.zeros(2, dtype=torch.float64)),
-               ("head", embedding), ("big", torch.zeros(100)), ("last", torch.zeros(1, dtype=torch.int8))]
-    buckets = list(pack_buckets(weights, bucket_bytes=192))
-    # embed (and its alias head) at 0..120; norm at 128..144 fits; bias would take 192..208, past 192: a new
-    # bucket; big would end at 64 + 400 behind bias and exceeds a bucket anyway: one of its own; last would
-    # start at 448: a fourth.
+               ("head", embedding), ("big", torch.zeros(100)), ("last", torch.zeros(1, dtype=torch.int8)),
+               ("tail", torch.zeros(2, dtype=torch.int8))]
+    buckets = list(pack_buckets(weights, bucket_bytes=152))
+    # embed (with its alias head, packed once) 120 bytes, norm 16 and bias 16 fill 152 exactly; big (400) is
+    # larger than a bucket: one of its own; last and tail share the third.
     assert layout(buckets) == [
-        [(("embed", "head"), 0, 120), (("norm",), 128, 16)],
-        [(("bias",), 0, 16)],
-        [(("big",), 0, 400)],
-        [(("last",), 0, 1)],
+        [(("embed", "head"), 120), (("norm",), 16), (("bias",), 16)],
+        [(("big",), 400)],
+        [(("last",), 1), (("tail",), 2)],
     ]
-    assert [b.nbytes for b in buckets] == [144, 16, 400, 1]
+    assert [b.nbytes for b in buckets] == [152, 400, 3]
+
+
+def test_a_bucket_views_the_weights_instead_of_copying_them():
+    """The learner's side of a sync copies once, into the object store: the bucket itself holds views."""
+    weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3, dtype=torch.bfloat16)}
+    (bucket,) = pack_buckets(weights, 1 << 20)
+    assert [a.ctypes.data for a in bucket.arrays] == [t.data_ptr() for t in weights.values()]
+    # A copy only where a view cannot be: a tensor that is not contiguous.
+    (bucket,) = pack_buckets({"t": weights["w"].t()}, 1 << 20)
+    assert bucket.arrays[0].ctypes.data != weights["w"].data_ptr()
 
 
 def test_unpacked_tensors_equal_the_packed_ones_whatever_their_dtype_shape_or_layout():
@@ -61,7 +69,7 @@ def test_bad_bucket_sizes_and_dtypes_are_refused():
     with pytest.raises(ValueError, match="bucket_bytes: must be >= 1"):
         list(pack_buckets({"w": torch.zeros(1)}, 0))
     (bucket,) = pack_buckets({"w": torch.zeros(1)}, 64)
-    broken = type(bucket)((type(bucket.tensors[0])(("w",), (1,), "float99", 0, 4),), bucket.buffer)
+    broken = type(bucket)((type(bucket.tensors[0])(("w",), (1,), "float99", 4),), bucket.arrays)
     with pytest.raises(ValueError, match="'w' has unknown dtype 'float99'"):
         unpack_bucket(broken)
 
