@@ -14,11 +14,12 @@ A candidate is one `KEY=VALUE` or several joined by `+`. Its rows use the seeds 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.common import RESULTS_ROOT, BenchmarkRun, base_parser, fmt
-from benchmarks.quality import (ALL_ARMS, GOLD, RunRecord, _final, _mean_over_game_rounds, arm_spread, ledger_record,
-                                paired_difference, verdict)
+from benchmarks.quality import (ALL_ARMS, GOLD, RUN_LEDGER, RunRecord, _final, _mean_over_game_rounds, arm_spread,
+                                ledger_record, paired_difference, verdict)
 from benchmarks.quality import parse_args as quality_args
 
 
@@ -31,16 +32,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ledger_runs(arm_key: str, recipe: Sequence[str]) -> list[RunRecord]:
+def ledger_runs(arm_key: str, recipe: Sequence[str], ledger: Path = RUN_LEDGER) -> list[RunRecord]:
     """The ledger's runs of an arm under a recipe (the tuning seeds that have one)."""
     args = quality_args(["--seed-set", "tuning", *(["--set", *recipe] if recipe else [])])
     arm = next(a for a in ALL_ARMS if a.key == arm_key)
-    return [record for seed in args.seeds if (record := ledger_record(arm, seed, args)) is not None]
+    return [record for seed in args.seeds if (record := ledger_record(arm, seed, args, ledger)) is not None]
 
 
-def candidate_row(arm_key: str, baseline_key: str, candidate: str, default: list[RunRecord]) -> tuple[list[Any], dict]:
+def candidate_row(arm_key: str, baseline_key: str, candidate: str, default: list[RunRecord],
+                  ledger: Path = RUN_LEDGER) -> tuple[list[Any], dict]:
+    """A table row for `candidate` ("" for the defaults) and its numbers."""
     recipe = candidate.split("+") if candidate else []
-    runs, fixed = ledger_runs(arm_key, recipe), ledger_runs(baseline_key, recipe)
+    runs, fixed = ledger_runs(arm_key, recipe, ledger), ledger_runs(baseline_key, recipe, ledger)
     # The defaults' own row compares them with the fixed RM only.
     final = paired_difference(runs, default, GOLD, _final) if recipe else None
     over_rounds = paired_difference(runs, default, GOLD, _mean_over_game_rounds) if recipe else None

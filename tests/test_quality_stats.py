@@ -141,3 +141,32 @@ def test_the_ledger_keeps_a_finished_run_for_its_own_config_only(tmp_path):
     # made on another kind of machine: its round 0 is not this machine's, so it cannot pair with a baseline here
     ledger.write_text(json.dumps({**entry, "machine": "another CPU, torch 0.0"}) + "\n")
     assert ledger_record(arm, 3, args, ledger) is None
+
+
+def test_a_candidate_recipe_is_compared_with_the_defaults_seed_by_seed(tmp_path):
+    from benchmarks.quality import add_to_ledger
+    from benchmarks.recipe_choice import candidate_row, ledger_runs
+
+    arms = {a.name: a for a in ALL_ARMS}
+    ledger = tmp_path / "runs.jsonl"
+    defaults, pooled = parse_args(["--seed-set", "tuning"]), parse_args(
+        ["--seed-set", "tuning", "--set", "reward.apo_normalization=pooled"])
+
+    def add(arm: str, seed: int, final: float, args) -> None:
+        rounds = [{"round": 0, "eval/gold_score": 0.4}, {"round": 1, "eval/gold_score": final}]
+        add_to_ledger(arms[arm], RunRecord(arm, seed, rounds, wall_s=1.0), args, ledger)
+
+    for seed, (default_gold, pooled_gold, fixed_gold) in enumerate([(1.0, 0.9, 0.5), (0.8, 0.6, 0.2), (1.2, 1.3, 0.4)]):
+        add("APO-RJS", seed, default_gold, defaults)
+        add("APO-RJS", seed, pooled_gold, pooled)
+        add("RJS", seed, fixed_gold, defaults)  # the fixed arm does not read APO's keys: one run serves both
+    assert [r.seed for r in ledger_runs("apo-rjs", ["reward.apo_normalization=pooled"], ledger)] == [0, 1, 2]
+    row, numbers = candidate_row("apo-rjs", "rjs", "reward.apo_normalization=pooled",
+                                 ledger_runs("apo-rjs", [], ledger), ledger)
+    # pooled - defaults: -0.1, -0.2, +0.1; pooled - fixed: 0.4, 0.4, 0.9
+    assert numbers["final_vs_default"]["mean"] == pytest.approx(-0.2 / 3)
+    assert numbers["final_vs_default"]["better_seeds"] == 1
+    assert numbers["final_vs_fixed"]["mean"] == pytest.approx(1.7 / 3)
+    assert row[:2] == ["reward.apo_normalization=pooled", 3]
+    _, own = candidate_row("apo-rjs", "rjs", "", ledger_runs("apo-rjs", [], ledger), ledger)
+    assert own["final_vs_default"] is None and own["final_vs_fixed"]["mean"] == pytest.approx(1.9 / 3)
