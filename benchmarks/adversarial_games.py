@@ -93,6 +93,14 @@ def interval(d: dict[str, Any] | None) -> str:
     return f"{d['mean']:+.3f} ± {fmt(d['stderr'])} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
 
 
+def difference_chart(run: BenchmarkRun, filename: str, title: str, diffs: dict[str, dict[str, Any] | None]) -> None:
+    """The paired differences as bars with their 95% t-intervals (those measured on more than one seed)."""
+    shown = {label: d for label, d in diffs.items() if d is not None and not math.isnan(d["stderr"])}
+    if shown:
+        run.add_bar_chart(filename, list(shown), [d["mean"] for d in shown.values()], ylabel="paired difference",
+                          title=title, errors=[(d["lo"], d["hi"]) for d in shown.values()])
+
+
 def reading(d: dict[str, Any] | None, better: str) -> str:
     """Whether the 95% interval excludes 0, in the direction that is better for the metric."""
     if d is None or math.isnan(d["stderr"]):
@@ -143,6 +151,8 @@ def aapa(args: argparse.Namespace, scratch: Path, run: BenchmarkRun) -> dict[str
                                                           "Δ vs GRPO: mean ± SE [95% t-interval]", "reading",
                                                           "final aapa/disc_score", "seeds"], rows,
                   note=f"Reporting seeds {args.seeds}; Δ paired by seed. Staged: aapa.anchor_only_rounds={staged_rounds}.")
+    difference_chart(run, "aapa_differences.png", "AAPA: final gold minus GRPO's (95% t-interval)",
+                     {name.removeprefix("GRPO+"): diffs[name] for name in diffs})
     failed = [[name, s, rows] for name, runs in results.items() for s, rows in runs.items() if isinstance(rows, str)]
     if failed:
         run.add_table("AAPA runs that failed (left out)", ["arm", "seed", "error"], failed)
@@ -177,6 +187,10 @@ def apl(args: argparse.Namespace, scratch: Path, run: BenchmarkRun) -> dict[str,
                   "after - before: mean ± SE [95% t-interval]", "reading"], rows,
                   note=f"Seeds {sorted(ok)}; paired by seed. h before is the reference's (the defender before APL) on "
                        "the same final attacks as h after.")
+    difference_chart(run, "apl_differences.png", "APL: after minus before (95% t-interval)",
+                     {"harmful rate": changes["apl/harmful_rate"],
+                      "fixed attack success": changes["apl/attack_success_rate_fixed"],
+                      "utility (gold)": changes["apl/utility"], "h, trained attacks": trained})
     failed = [[s, rows] for s, rows in results.items() if isinstance(rows, str)]
     if failed:
         run.add_table("APL runs that failed (left out)", ["seed", "error"], failed)
