@@ -17,9 +17,9 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.common import RESULTS_ROOT, BenchmarkRun, base_parser, fmt
-from benchmarks.quality import (ALL_ARMS, GOLD, RUN_LEDGER, RunRecord, _final, _mean_over_game_rounds, arm_spread,
-                                ledger_record, paired_difference, verdict)
+from benchmarks.common import RESULTS_ROOT, BenchmarkRun, base_parser
+from benchmarks.quality import (ALL_ARMS, GOLD, RUN_LEDGER, RunRecord, _arm_cell, _diff_cell, _final,
+                                _mean_over_game_rounds, arm_spread, ledger_record, paired_difference, verdict)
 from benchmarks.quality import parse_args as quality_args
 
 
@@ -51,12 +51,9 @@ def candidate_row(arm_key: str, baseline_key: str, candidate: str, default: list
     spread = arm_spread(runs)
 
     def diff_cell(diff: dict | None) -> str:
-        if diff is None:
-            return "-"
-        return (f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] "
-                f"({diff['better_seeds']}/{len(diff['per_seed'])}): {verdict(diff)}")
+        return "-" if diff is None else f"{_diff_cell(diff)}: {verdict(diff)}"
 
-    row = [candidate, len(runs), f"{fmt(spread['mean'])} (SD {fmt(spread['std'])})" if spread else "-",
+    row = [candidate, len(runs), _arm_cell(spread),
            diff_cell(final), diff_cell(over_rounds), diff_cell(against_fixed), sum(bool(r.apo_inert) for r in runs)]
     return row, {"seeds": [r.seed for r in runs], "final_vs_default": final, "rounds_vs_default": over_rounds,
                  "final_vs_fixed": against_fixed, "arm": spread}

@@ -105,7 +105,7 @@ def load_in_stages(worker: Any, version: int, refs: list) -> dict[str, float]:
     copied = time.perf_counter()
     del copies
     worker.engine.load(pairs)
-    worker._version = version
+    worker.set_policy_version(version)
     return {"fetch": fetched - started, "unpack": unpacked - fetched, "copy": copied - unpacked,
             "reload": time.perf_counter() - copied}
 
