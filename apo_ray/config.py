@@ -69,6 +69,9 @@ class DataSourceConfig(Section):
     chosen_key: str = "chosen"
     rejected_key: str = "rejected"
     response_key: str = "response"
+    # Records (lines, rows) passed over before the first one read, then at most `limit`: two sources on one
+    # file with skip = the other's limit split it, e.g. a holdout for tuning from the end of a training set.
+    skip: int = Field(0, ge=0)
     limit: Optional[int] = Field(None, ge=1)
 
 

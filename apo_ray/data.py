@@ -49,6 +49,7 @@ class DataSource(Protocol):
     chosen_key: str
     rejected_key: str
     response_key: str
+    skip: int
     limit: Optional[int]
 
 
@@ -163,11 +164,23 @@ def split_hh_pair(chosen: str, rejected: str) -> PreferencePair:
     return PreferencePair(prompt=prompt, chosen=chosen[len(prompt):], rejected=rejected[len(prompt):])
 
 
+def _window(records: Iterable[T], skip: int, limit: Optional[int], label: str) -> Iterator[T]:
+    """Records skip .. skip + limit (to the end without a limit); a skip past the last record is an error, not
+    an empty source."""
+    empty = True
+    for record in itertools.islice(records, skip, None if limit is None else skip + limit):
+        empty = False
+        yield record
+    if empty and skip:
+        raise DataError(f"{label}: skip={skip} passes the last record")
+
+
 def load_hh_pairs(
-    path: str, *, chosen_key: str = "chosen", rejected_key: str = "rejected", limit: Optional[int] = None
+    path: str, *, chosen_key: str = "chosen", rejected_key: str = "rejected", skip: int = 0,
+    limit: Optional[int] = None
 ) -> list[PreferencePair]:
     """Preference pairs from an HH-RLHF JSONL file of {"chosen": dialogue, "rejected": dialogue} lines."""
-    lines = itertools.islice(iter_jsonl(path, (chosen_key, rejected_key)), limit)
+    lines = _window(iter_jsonl(path, (chosen_key, rejected_key)), skip, limit, path)
     pairs = []
     for line_no, record in lines:
         try:
@@ -234,7 +247,7 @@ def _iter_hf(src: DataSource, fields: Sequence[str]) -> Iterator[tuple[str, dict
 
 
 def _records(src: DataSource, fields: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) for the first src.limit records of a jsonl or hf source."""
+    """(where, record) for records src.skip .. src.skip + src.limit of a jsonl or hf source."""
     if src.format == "jsonl":
         records: Iterable[tuple[str, dict[str, Any]]] = (
             (f"{src.path}:{line_no}", record) for line_no, record in iter_jsonl(src.path, fields)
@@ -243,7 +256,7 @@ def _records(src: DataSource, fields: Sequence[str]) -> Iterator[tuple[str, dict
         records = _iter_hf(src, fields)
     else:
         raise DataError(f"{src.path}: unknown data format {src.format!r} (jsonl, hh, hf)")
-    return itertools.islice(records, src.limit)
+    return _window(records, src.skip, src.limit, src.path if src.format == "jsonl" else _hf_label(src))
 
 
 def _prompt(record: Mapping[str, Any], key: str, where: str) -> str:
@@ -267,7 +280,7 @@ def load_pairs(src: DataSource) -> list[PreferencePair]:
     """Preference pairs (prompt, chosen, rejected) from a jsonl, hh or hf source."""
     if src.format == "hh":
         return load_hh_pairs(
-            src.path, chosen_key=src.chosen_key, rejected_key=src.rejected_key, limit=src.limit
+            src.path, chosen_key=src.chosen_key, rejected_key=src.rejected_key, skip=src.skip, limit=src.limit
         )
     keys = (src.prompt_key, src.chosen_key, src.rejected_key)
     return [

