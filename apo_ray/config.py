@@ -827,6 +827,11 @@ class StageConfig(Section):
     batch_size: int = Field(16, ge=1)
     eval_batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0.0)
+    # The lr of each step (apo_ray.stages.lr_schedule): a linear warm-up over warmup_ratio of the run's steps,
+    # then lr constant or decaying to 0 over the rest. The run's steps are the epochs' (a --resume that adds
+    # epochs stretches the decay from there on).
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, ge=0.0)
     zero_stage: int = Field(2, ge=0, le=3)

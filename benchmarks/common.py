@@ -235,6 +235,15 @@ def start_ray_with_retries(start: Callable[[], None], attempts: int = 4) -> None
             time.sleep(15)
 
 
+def start_local_ray(num_cpus: int, log_to_driver: bool = False) -> None:
+    """A Ray instance of this benchmark's own with `num_cpus` CPUs (with retries): never a cluster that
+    `ray start` left running, whose CPUs and other tenants the numbers would not name."""
+    import ray
+
+    start_ray_with_retries(lambda: ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                                            log_to_driver=log_to_driver))
+
+
 def actor_process_info(handles: Mapping[str, Any]) -> dict[str, dict[str, int]]:
     """torch threads and niceness inside each actor's process, as measured there."""
     import ray

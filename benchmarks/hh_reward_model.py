@@ -29,7 +29,7 @@ from apo_ray.game import PreferencePair
 from apo_ray.modeling import encode_for_reward
 from apo_ray.stages.reward_model import truncation_stats
 from benchmarks.common import (BenchmarkRun, Trial, actor_process_info, add_niceness_argument, base_parser, interleave,
-                               ratio_summary, set_ray_worker_niceness, start_ray_with_retries)
+                               ratio_summary, set_ray_worker_niceness, start_local_ray)
 from benchmarks.tiny_models import minilm_dir
 
 DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_harmless"
@@ -95,7 +95,7 @@ class ApoRayArm:
         from apo_ray.cluster import actor_env
         from apo_ray.config import LearnerConfig, RewardConfig
 
-        start_ray_with_retries(lambda: ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False))
+        start_local_ray(2)
         remote = ray.remote(RewardLearner).options(num_cpus=2, runtime_env={"env_vars": actor_env()})
         reward_cfg = RewardConfig(lr=args.lr, batch_size=args.batch_size, max_length=args.max_length)
         self.actor = remote.remote(str(minilm_dir()), reward=reward_cfg, learner=LearnerConfig(backend="deepspeed"),

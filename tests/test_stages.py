@@ -50,8 +50,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 def rm_config(tiny, run_dir: Path, *extra: str) -> RMStageConfig:
     return load_stage_config(RMStageConfig, None, [
         f"base_model={tiny['rm_base']}", f"train.path={tiny['pairs']}", f"eval.path={tiny['eval_pairs']}",
-        "workers.num_workers=2", f"batch_size={BATCH}", "epochs=1", "lr=3e-3", "checkpoint_every=2",
-        "keep_checkpoints=1", f"run_dir={run_dir}", *extra])
+        "workers.num_workers=2", f"batch_size={BATCH}", "epochs=1", "lr=3e-3", "lr_scheduler_type=linear",
+        "warmup_ratio=0.3", "checkpoint_every=2", "keep_checkpoints=1", f"run_dir={run_dir}", *extra])
 
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -93,6 +93,9 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_ends_as_an_uninterrup
     rows, reference_rows = metric_rows(run_dir), metric_rows(reference_dir)
     assert [r["step"] for r in rows] == [r["step"] for r in reference_rows] == [1, 2, 3, 4, 5, 6, 6]
     assert [r.get("rm/loss") for r in rows] == pytest.approx([r.get("rm/loss") for r in reference_rows], abs=1e-6)
+    # On the schedule's curve (2 warm-up steps of 6, then a linear decay) across the restart.
+    assert [r["learning_rate"] for r in rows[:-1]] == pytest.approx(
+        [3e-3 * f for f in (1 / 2, 1, 1, 3 / 4, 1 / 2, 1 / 4)])
 
 
 @pytest.mark.integration
@@ -131,6 +134,20 @@ def test_resume_adds_an_epoch_from_the_last_checkpoint(uninterrupted_rm, tiny, t
     assert [a["resumed_from_step"] for a in attempts] == [0, 6]
     with pytest.raises(Exception, match="workers.num_workers: .* resume it with 2"):
         load_for_resume(RMStageConfig, str(run_dir), ["workers.num_workers=1"])
+
+
+@pytest.mark.integration
+def test_a_run_stopped_after_an_epoch_resumes_on_the_whole_runs_lr_schedule(ray_cluster, tiny, tmp_path):
+    run_dir = tmp_path / "paused"
+    paused = run_stage(prepare_stage(rm_config(tiny, run_dir, "epochs=2")), stop_after_epoch=1)
+    assert paused["global_step"] == 6 and paused["epochs_done"] == 1 and "rm/acc" in paused["eval"]
+    assert (run_dir / "model" / "config.json").is_file()
+    summary = run_stage(prepare_stage(load_for_resume(RMStageConfig, str(run_dir), []), resume=True))
+    assert summary["global_step"] == 12 and summary["epochs_done"] == 2
+    # 12 steps, 4 of them warm-up (ceil(0.3 * 12)): the first epoch did not decay to 0 on a 6-step horizon.
+    learning_rates = [r["learning_rate"] for r in metric_rows(run_dir) if "learning_rate" in r]
+    assert learning_rates == pytest.approx([3e-3 * f for f in (1 / 4, 2 / 4, 3 / 4, 1)]
+                                           + [3e-3 * (1 - k / 8) for k in range(8)])
 
 
 @pytest.mark.integration

@@ -126,8 +126,9 @@ def init_ray_for(cfg: StageConfig) -> None:
                           f"the cluster has {have.get('CPU', 0.0):g} and {have.get('GPU', 0.0):g}")
 
 
-def run_stage(prepared: PreparedStage, *, fail_at_step: int | None = None) -> dict:
-    """Run the stage's Ray Train job to the end and export its model; returns the summary."""
+def run_stage(prepared: PreparedStage, *, fail_at_step: int | None = None, stop_after_epoch: int | None = None) -> dict:
+    """Run the stage's Ray Train job to the end (or to the end of epoch `stop_after_epoch`, for a --resume to go
+    on from) and export its model; returns the summary."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -142,7 +143,8 @@ def run_stage(prepared: PreparedStage, *, fail_at_step: int | None = None) -> di
     if workers.num_gpus_per_worker:
         resources["GPU"] = workers.num_gpus_per_worker
     spec = WorkerSpec(cfg=cfg, run_dir=str(run_dir), train=ray.put(prepared.data.train),
-                      eval=ray.put(prepared.data.eval), fail_at_step=fail_at_step)
+                      eval=ray.put(prepared.data.eval), fail_at_step=fail_at_step,
+                      stop_after_epoch=stop_after_epoch)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec},
@@ -202,9 +204,12 @@ def _summary(prepared: PreparedStage, metrics: dict, model_dir: Path, wall_s: fl
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
+        "lr_scheduler_type": cfg.lr_scheduler_type,
+        "warmup_ratio": cfg.warmup_ratio,
         "seed": cfg.seed,
         "data": prepared.data.summary,
         "global_step": metrics["global_step"],
+        "epochs_done": metrics["global_step"] / steps_per_epoch(len(prepared.data.train), cfg.batch_size),
         "eval": {k: v for k, v in metrics.items() if k.startswith(("rm/", "sft/"))},
         # Of the invocation that took the last step: items trained and seconds spent in training steps
         # (forward, backward, optimizer; not start-up, checkpoints or evaluation).

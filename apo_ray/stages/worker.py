@@ -24,6 +24,7 @@ import torch
 
 from apo_ray.config import StageConfig
 from apo_ray.stages.cursor import DataCursor, epoch_order, padded_shard, rank_batch, steps_per_epoch
+from apo_ray.stages.lr_schedule import learning_rate, warmup_steps
 
 MODEL_DIR = "model"
 ENGINE_DIR = "engine"
@@ -45,6 +46,9 @@ class WorkerSpec:
     # Fault injection for the recovery test: the worker of rank 1 (rank 0 alone) exits abruptly after this
     # optimizer step, once per run directory.
     fail_at_step: int | None = None
+    # Stop (evaluate, checkpoint, export) at the end of this epoch, a --resume going on from there on the same
+    # lr schedule: how a benchmark interleaves runs epoch by epoch. None: at the end of the run.
+    stop_after_epoch: int | None = None
 
 
 def train_worker(config: dict) -> None:
@@ -78,21 +82,26 @@ def train_worker(config: dict) -> None:
         logger.truncate_after(cursor.global_step)
         _record_attempt(run_dir, cursor, world)
 
-    if cursor.finished(cfg.epochs):
+    end_epoch = cfg.epochs if spec.stop_after_epoch is None else min(cfg.epochs, spec.stop_after_epoch)
+    if cursor.finished(end_epoch):
         # Resumed after its last step: the run's final checkpoint already holds the final metrics.
         if logger is not None:
             logger.close()
         return
     per_epoch = steps_per_epoch(len(train_items), cfg.batch_size)
-    progress = Progress(f"{cfg.STAGE} train", total=per_epoch * cfg.epochs - cursor.global_step,
+    total_steps = per_epoch * cfg.epochs
+    warmup = warmup_steps(cfg.warmup_ratio, total_steps)
+    progress = Progress(f"{cfg.STAGE} train", total=per_epoch * end_epoch - cursor.global_step,
                         unit="steps") if rank == 0 else contextlib.nullcontext()
     step_seconds, items_trained, order_epoch, order = 0.0, 0, None, []
     with progress:
-        while not cursor.finished(cfg.epochs):
+        while not cursor.finished(end_epoch):
             if order_epoch != cursor.epoch:
                 order, order_epoch = epoch_order(len(train_items), cfg.seed, cursor.epoch), cursor.epoch
             batch = [train_items[i] for i in rank_batch(order, cursor.step, cfg.batch_size, rank, world)]
+            lr = learning_rate(cfg.lr, cfg.lr_scheduler_type, cursor.global_step, total_steps, warmup)
             started = time.perf_counter()
+            engine.set_lr(lr)
             engine.module.train()
             loss, stats = task.loss(engine.module, batch)
             engine.step(loss)
@@ -102,10 +111,11 @@ def train_worker(config: dict) -> None:
             _maybe_fail(spec, rank, world, cursor.global_step)
             stats = _mean_over_ranks(stats, world)
             if logger is not None:
-                logger.log({**stats, "epoch": cursor.epoch + cursor.step / per_epoch}, cursor.global_step)
+                logger.log({**stats, "learning_rate": lr, "epoch": cursor.epoch + cursor.step / per_epoch},
+                           cursor.global_step)
                 progress.update()
             # The last step's checkpoint is the final one, written after the evaluation with its metrics.
-            if cursor.global_step % cfg.checkpoint_every == 0 and not cursor.finished(cfg.epochs):
+            if cursor.global_step % cfg.checkpoint_every == 0 and not cursor.finished(end_epoch):
                 _save_and_report(task, engine, cursor, cfg, rank, {**stats, "global_step": cursor.global_step})
     final = {"global_step": cursor.global_step, "world_size": world, "torch_threads": torch.get_num_threads(),
              f"train/{task.unit}": items_trained, "train/step_seconds": step_seconds,
