@@ -100,8 +100,8 @@ def train_worker(config: dict) -> None:
                 order, order_epoch = epoch_order(len(train_items), cfg.seed, cursor.epoch), cursor.epoch
             batch = [train_items[i] for i in rank_batch(order, cursor.step, cfg.batch_size, rank, world)]
             lr = learning_rate(cfg.lr, cfg.lr_scheduler_type, cursor.global_step, total_steps, warmup)
-            started = time.perf_counter()
             engine.set_lr(lr)
+            started = time.perf_counter()
             engine.module.train()
             loss, stats = task.loss(engine.module, batch)
             engine.step(loss)
