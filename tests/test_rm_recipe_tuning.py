@@ -38,9 +38,10 @@ def test_a_finished_run_is_reused_only_for_the_same_computation(tmp_path):
     # Where and on how many CPUs it ran does not change what it computed ...
     placed = candidate_config(sweep_args(cpus=1), ["lr=5e-5", "ray.address=auto"], tmp_path / "elsewhere")
     assert finished_summary(placed, tmp_path) is not None
-    # ... a recipe key does.
+    # ... a recipe key does; dropout is flipped from whatever the recipe says so the test outlives a recipe change.
     assert finished_summary(candidate_config(args, ["lr=2e-5"], tmp_path), tmp_path) is None
-    assert finished_summary(candidate_config(args, ["lr=5e-5", "disable_dropout=true"], tmp_path), tmp_path) is None
+    flipped = f"disable_dropout={str(not cfg.disable_dropout).lower()}"
+    assert finished_summary(candidate_config(args, ["lr=5e-5", flipped], tmp_path), tmp_path) is None
 
 
 def test_candidate_tags_name_the_overrides():
