@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import torch
 
 from apo_ray import build_locks
 from apo_ray.batching import is_empty_share, rank_share
 from apo_ray.config import LearnerConfig
-from apo_ray.losses import combine_share_stats
+from apo_ray.losses import combine_share_stats, combine_stats
 from apo_ray.progress import Progress
 
 Batch = TypeVar("Batch")
@@ -276,12 +275,6 @@ def build_engine(model: torch.nn.Module, learner: LearnerConfig, *, lr: float, m
                        master_addr=rendezvous.master_addr)
 
 
-def mean_stats(history: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Each stat averaged over the steps that reported it."""
-    keys = {k for h in history for k in h}
-    return {k: float(np.mean([h[k] for h in history if k in h])) for k in keys}
-
-
 def train_steps(engine: TrainEngine, plan: Sequence[Batch],
                 loss_fn: Callable[[Batch, Batch], tuple[torch.Tensor, dict[str, float]]], *, role: str,
                 step_stats: Callable[[dict[str, float]], dict[str, float]] = lambda stats: stats) -> dict[str, float]:
@@ -323,7 +316,7 @@ def train_steps(engine: TrainEngine, plan: Sequence[Batch],
         torch.distributed.all_gather_object(ranks, history)
     # Each step's stats combined over the ranks that had a share of it, then averaged over the steps.
     steps = [step_stats(combine_share_stats([h[i] for h in ranks if h[i] is not None])) for i in range(len(plan))]
-    return {**mean_stats(steps), f"{role}/steps": float(len(plan)),
+    return {**combine_stats(steps), f"{role}/steps": float(len(plan)),
             f"timing/{role}_step": time.perf_counter() - started}
 
 

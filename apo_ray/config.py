@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from apo_ray.data import is_hub_name
+from apo_ray.stages.lr_schedule import LRSchedule
 
 log = logging.getLogger(__name__)
 
@@ -830,7 +831,7 @@ class StageConfig(Section):
     # The lr of each step (apo_ray.stages.lr_schedule): a linear warm-up over warmup_ratio of the run's steps,
     # then lr constant or decaying to 0 over the rest. The run's steps are the epochs' (a --resume that adds
     # epochs stretches the decay from there on).
-    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
+    lr_scheduler_type: LRSchedule = "constant"
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, ge=0.0)

@@ -148,11 +148,16 @@ def _apo_share(apo_part: float, pref_part: float) -> float:
     return abs(apo_part) / total if total > 0 else 0.0
 
 
+def combine_stats(records: Sequence[dict[str, float]], summed_suffix: str | None = None) -> dict[str, float]:
+    """Each stat over the records that report it: added where its key ends in `summed_suffix`, else averaged."""
+    keys = {key for record in records for key in record}
+    return {key: float((np.sum if summed_suffix and key.endswith(summed_suffix) else np.mean)(
+        [record[key] for record in records if key in record])) for key in keys}
+
+
 def combine_share_stats(shares: Sequence[dict[str, float]]) -> dict[str, float]:
     """One step's stats from its ranks' (those that had a share): parts (`<key>_part`) added, the rest averaged."""
-    keys = {key for share in shares for key in share}
-    return {key: float((np.sum if key.endswith(PART) else np.mean)([share[key] for share in shares if key in share]))
-            for key in keys}
+    return combine_stats(shares, PART)
 
 
 def minibatch_stats(step: dict[str, float]) -> dict[str, float]:

@@ -11,7 +11,7 @@ the whole run), in the order A B, B A, ... so that a changing machine
 load weighs on both alike. Each invocation reports pairs/s over its training steps alone (forward, backward,
 allreduce, optimizer; not start-up, checkpoints or evaluation), and dev accuracy and ECE after its epoch.
 
-    .venv/bin/python -m benchmarks.ray_train_rm [--quick] [--epochs 2] [--max-length 256] [--batch-size 16]
+    .venv/bin/python -m benchmarks.ray_train_rm [--quick] [--epochs 3] [--max-length 256] [--batch-size 16]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ TARGET_ACCURACY = 0.64
 def parse_args() -> argparse.Namespace:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="directory with train.jsonl and dev.jsonl")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, help="default: the config's")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per prompt+response (left-truncated)")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per step, over all workers")
     parser.add_argument("--lr", type=float, help="default: the config's")
@@ -46,6 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dev-limit", type=int, help="use only the first N dev pairs")
     add_niceness_argument(parser)
     args = parser.parse_args()
+    args.epochs = args.epochs or load_stage_config(RMStageConfig, CONFIG, []).epochs
     if args.quick:
         args.train_limit, args.dev_limit = args.train_limit or 32, args.dev_limit or 16
         args.max_length, args.batch_size, args.checkpoint_every = min(args.max_length, 64), 8, 2

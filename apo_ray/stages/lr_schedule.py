@@ -4,8 +4,10 @@ from a checkpoint continues on the same curve as an uninterrupted one."""
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
-SCHEDULES = ("constant", "linear", "cosine")
+LRSchedule = Literal["constant", "linear", "cosine"]
+SCHEDULES = get_args(LRSchedule)
 
 
 def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
