@@ -827,6 +827,9 @@ class StageConfig(Section):
     # batch_size / num_workers of them, so the step is the same with 1 worker or 4.
     batch_size: int = Field(16, ge=1)
     eval_batch_size: int = Field(32, ge=1)
+    # Evaluate on `eval` after every epoch, not only after the last (HF's eval_strategy="epoch"): how many
+    # epochs to train can then be read off one run (summary.json's eval_by_epoch).
+    eval_every_epoch: bool = False
     lr: float = Field(1e-4, gt=0.0)
     # The lr of each step (apo_ray.stages.lr_schedule): a linear warm-up over warmup_ratio of the run's steps,
     # then lr constant or decaying to 0 over the rest. The run's steps are the epochs' (a --resume that adds

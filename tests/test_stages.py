@@ -148,6 +148,14 @@ def test_a_run_stopped_after_an_epoch_resumes_on_the_whole_runs_lr_schedule(ray_
     learning_rates = [r["learning_rate"] for r in metric_rows(run_dir) if "learning_rate" in r]
     assert learning_rates == pytest.approx([3e-3 * f for f in (1 / 4, 2 / 4, 3 / 4, 1)]
                                            + [3e-3 * (1 - k / 8) for k in range(8)])
+    # One uninterrupted run that evaluates after every epoch sees what the paused run saw after each invocation.
+    every_epoch = run_stage(prepare_stage(rm_config(tiny, tmp_path / "each", "epochs=2", "eval_every_epoch=true")))
+    epochs = [[e["epoch"] for e in run["eval_by_epoch"]] for run in (every_epoch, summary)]
+    assert epochs == [[1, 2], [1, 2]]
+    for logged, paused_or_resumed in zip(every_epoch["eval_by_epoch"], summary["eval_by_epoch"]):
+        assert logged == pytest.approx(paused_or_resumed, rel=1e-5)
+    assert every_epoch["eval_by_epoch"][-1] == pytest.approx({"epoch": 2, **every_epoch["eval"]})
+    assert paused["eval_by_epoch"][0] == pytest.approx({"epoch": 1, **paused["eval"]})
 
 
 @pytest.mark.integration

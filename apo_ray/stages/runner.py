@@ -27,7 +27,8 @@ from apo_ray.data import DataError, _check_source
 from apo_ray.ray_env import driver_source_env
 from apo_ray.stages.cursor import steps_per_epoch
 from apo_ray.stages.task import StageData, load_stage_data, task_class
-from apo_ray.stages.worker import ATTEMPTS_FILE, MODEL_DIR, WorkerSpec, train_worker
+from apo_ray.metrics import METRICS_FILE, read_metrics_jsonl
+from apo_ray.stages.worker import ATTEMPTS_FILE, EVAL_EPOCH, MODEL_DIR, WorkerSpec, train_worker
 from apo_ray.train import CONFIG_FILE, MIN_FREE_BYTES, RunDirError, _model_size, check_run_dir
 
 CHECKPOINTS = "checkpoints"
@@ -191,6 +192,14 @@ def _export_model(checkpoint_model: Path, final: Path) -> Path:
     return final
 
 
+def eval_by_epoch(run_dir: Path) -> list[dict]:
+    """Every evaluation the run logged (after each epoch with eval_every_epoch, else after each invocation's
+    last), as {"epoch": epochs done, metric: value}, in order."""
+    rows = read_metrics_jsonl(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).exists() else []
+    return [{"epoch": row[EVAL_EPOCH], **{k: v for k, v in row.items() if k not in ("step", EVAL_EPOCH)}}
+            for row in rows if EVAL_EPOCH in row]
+
+
 def _summary(prepared: PreparedStage, metrics: dict, model_dir: Path, wall_s: float) -> dict:
     cfg = prepared.cfg
     attempts_file = prepared.run_dir / ATTEMPTS_FILE
@@ -211,6 +220,7 @@ def _summary(prepared: PreparedStage, metrics: dict, model_dir: Path, wall_s: fl
         "global_step": metrics["global_step"],
         "epochs_done": metrics["global_step"] / steps_per_epoch(len(prepared.data.train), cfg.batch_size),
         "eval": {k: v for k, v in metrics.items() if k.startswith(("rm/", "sft/"))},
+        "eval_by_epoch": eval_by_epoch(prepared.run_dir),
         # Of the invocation that took the last step: items trained and seconds spent in training steps
         # (forward, backward, optimizer; not start-up, checkpoints or evaluation).
         "train": {k: v for k, v in metrics.items() if k.startswith("train/")},

@@ -31,6 +31,8 @@ ENGINE_DIR = "engine"
 RNG_DIR = "rng"
 CURSOR_FILE = "cursor.json"
 ATTEMPTS_FILE = "attempts.jsonl"
+# The key that marks an evaluation's row in metrics.jsonl, with the number of epochs done before it.
+EVAL_EPOCH = "eval_epoch"
 FAILURE_MARKER = "injected_failure"
 
 
@@ -114,6 +116,9 @@ def train_worker(config: dict) -> None:
                 logger.log({**stats, "learning_rate": lr, "epoch": cursor.epoch + cursor.step / per_epoch},
                            cursor.global_step)
                 progress.update()
+            # Before the epoch's checkpoint, so that a run resumed from it has this evaluation logged already.
+            if cfg.eval_every_epoch and eval_items and cursor.step == 0 and not cursor.finished(end_epoch):
+                _evaluate_and_log(task, engine, eval_items, rank, world, logger, cursor)
             # The last step's checkpoint is the final one, written after the evaluation with its metrics.
             if cursor.global_step % cfg.checkpoint_every == 0 and not cursor.finished(end_epoch):
                 _save_and_report(task, engine, cursor, cfg, rank, {**stats, "global_step": cursor.global_step})
@@ -121,10 +126,7 @@ def train_worker(config: dict) -> None:
              f"train/{task.unit}": items_trained, "train/step_seconds": step_seconds,
              f"train/{task.unit}_per_s": items_trained / step_seconds}
     if eval_items:
-        evaluation = _evaluate(task, engine, eval_items, rank, world)
-        final.update(evaluation)
-        if logger is not None:
-            logger.log(evaluation, cursor.global_step)
+        final.update(_evaluate_and_log(task, engine, eval_items, rank, world, logger, cursor))
     if logger is not None:
         logger.close()
     # Ray Train's result carries the metrics of the latest checkpoint: the final ones go with the final weights.
@@ -174,6 +176,15 @@ def _evaluate(task, engine, items: list, rank: int, world: int) -> dict[str, flo
         torch.distributed.all_gather_object(gathered, mine)
         mine = [entry for shard in gathered for entry in shard]
     return task.eval_metrics([record for _, record in sorted(mine)])
+
+
+def _evaluate_and_log(task, engine, items: list, rank: int, world: int, logger,
+                      cursor: DataCursor) -> dict[str, float]:
+    """Evaluate after the epochs done so far; rank 0 logs it with `eval_epoch` (runner.eval_by_epoch reads it)."""
+    evaluation = _evaluate(task, engine, items, rank, world)
+    if logger is not None:
+        logger.log({**evaluation, EVAL_EPOCH: cursor.epoch}, cursor.global_step)
+    return evaluation
 
 
 def _mean_over_ranks(stats: dict[str, float], world: int) -> dict[str, float]:
