@@ -21,7 +21,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from apo_ray.data import is_hub_name
-from apo_ray.stages.lr_schedule import LRSchedule
 
 log = logging.getLogger(__name__)
 
@@ -808,6 +807,10 @@ class StageWorkersConfig(Section):
     num_workers: int = Field(1, ge=1)
     num_cpus_per_worker: float = Field(1.0, ge=0.0)
     num_gpus_per_worker: float = Field(0.0, ge=0.0)
+
+
+# apo_ray.stages.lr_schedule's curves.
+LRSchedule = Literal["constant", "linear", "cosine"]
 
 
 class StageConfig(Section):

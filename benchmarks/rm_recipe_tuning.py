@@ -138,7 +138,7 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, results: dict[str, di
     run.add_text(
         f"Data: the first {data['train']['pairs']} pairs of `{args.data_dir / 'train.jsonl'}` train, its last "
         f"{data['eval']['pairs']} are the holdout; dev.jsonl is not read. Every candidate is "
-        f"configs/stages/rm_hh_minilm.yaml with the overrides named, seed 0, on 1 Ray Train worker ("
+        f"configs/stages/rm_hh_minilm.yaml with the overrides named (seed 0 unless named), on 1 Ray Train worker ("
         + ", ".join(f"'{text}' {r['summary']['workers']['num_cpus_per_worker']:g} CPU(s), "
                     f"{r['summary']['torch_threads_per_worker']} torch thread(s)" for text, r in results.items())
         + ")."

@@ -4,9 +4,10 @@ from a checkpoint continues on the same curve as an uninterrupted one."""
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import get_args
 
-LRSchedule = Literal["constant", "linear", "cosine"]
+from apo_ray.config import LRSchedule
+
 SCHEDULES = get_args(LRSchedule)
 
 
