@@ -116,7 +116,7 @@ def main() -> None:
 
 def by_epoch(summary: dict) -> str:
     """The holdout accuracy after each epoch (the stage's eval_every_epoch), the epochs a recipe could stop at."""
-    return " / ".join(f"{e['rm/acc']:.3f}" for e in summary.get("eval_by_epoch", [])) or "-"
+    return " / ".join(f"{e['rm/acc']:.3f}" for e in summary["eval_by_epoch"])
 
 
 def summarize(args: argparse.Namespace, run: BenchmarkRun, results: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -24,10 +24,10 @@ import yaml
 
 from apo_ray.config import ConfigError, StageConfig, read_config_tree, validate_section
 from apo_ray.data import DataError, _check_source
+from apo_ray.metrics import METRICS_FILE, read_metrics_jsonl
 from apo_ray.ray_env import driver_source_env
 from apo_ray.stages.cursor import steps_per_epoch
 from apo_ray.stages.task import StageData, load_stage_data, task_class
-from apo_ray.metrics import METRICS_FILE, read_metrics_jsonl
 from apo_ray.stages.worker import ATTEMPTS_FILE, EVAL_EPOCH, MODEL_DIR, WorkerSpec, train_worker
 from apo_ray.train import CONFIG_FILE, MIN_FREE_BYTES, RunDirError, _model_size, check_run_dir
 
