@@ -811,6 +811,9 @@ class StageWorkersConfig(Section):
 
 # apo_ray.stages.lr_schedule's curves.
 LRSchedule = Literal["constant", "linear", "cosine"]
+# What an RM's score reads (apo_ray.modeling.load_reward_model): the HF sequence classifier's own summary, or
+# the mean of the encoder's token states (apo_ray.mean_pooling).
+RMPooling = Literal["native", "mean"]
 
 
 class StageConfig(Section):
@@ -892,6 +895,10 @@ class RMStageConfig(StageConfig):
     STAGE: ClassVar[str] = "rm"
     # Tokens per prompt + response; longer ones are cut from the left (the end of the dialogue survives).
     max_length: int = Field(256, ge=8)
+    # "native": the HF sequence classifier's own head ([CLS] pooler for BERT, the last token for a decoder);
+    # "mean": a linear score on the mean token state, the pooling sentence-transformers encoders were trained
+    # with. The RM written keeps it (config.json's apo_ray_pooling), so the game and `apo-ray serve` score alike.
+    pooling: RMPooling = "native"
 
 
 def _read_yaml(path: str | Path | None) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from apo_ray.config import resolve_dtype
+from apo_ray.config import RMPooling, resolve_dtype
 from apo_ray.game import TokenSample
 
 
@@ -183,30 +183,32 @@ def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Dropout off for good, in train mode too: a PPO ratio or a DPO margin compares log-probs taken in
     train mode with ones taken in eval mode, and dropout makes them differ before any step. Attention
     dropout is a float that HF attention layers read from their config at build time, so the config's
-    rates are zeroed before the model is built (`dropout_free_config`); this catches nn.Dropout layers."""
+    rates are zeroed before the model is built (`model_config`); this catches nn.Dropout layers."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     return model
 
 
-def dropout_free_config(path: str, trust_remote_code: bool, **overrides):
-    """The model's config (with `overrides`) and every dropout rate (…dropout…, …pdrop… keys) set to 0."""
+def model_config(path: str, trust_remote_code: bool, disable_dropout: bool, **overrides):
+    """The model's config with `overrides`; with `disable_dropout`, every dropout rate (…dropout…, …pdrop… keys)
+    set to 0."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides)
-    for key, value in config.to_dict().items():
-        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
-            setattr(config, key, 0.0)
+    if disable_dropout:
+        for key, value in config.to_dict().items():
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                setattr(config, key, 0.0)
     return config
 
 
-def _pretrained(cls, path: str, dtype: str, trust_remote_code: bool, disable_dropout: bool, **kwargs):
+def _pretrained(cls, path: str, dtype: str, trust_remote_code: bool, disable_dropout: bool, config=None):
     device = default_device()
-    if disable_dropout:
-        # Config overrides (num_labels) go into the config: from_pretrained refuses both.
-        kwargs = {"config": dropout_free_config(path, trust_remote_code, **kwargs)}
-    model = cls.from_pretrained(path, dtype=torch_dtype(dtype, device), trust_remote_code=trust_remote_code, **kwargs)
+    # Config overrides (num_labels) go into the config: from_pretrained refuses both.
+    config = config if config is not None else model_config(path, trust_remote_code, disable_dropout)
+    model = cls.from_pretrained(path, config=config, dtype=torch_dtype(dtype, device),
+                                trust_remote_code=trust_remote_code)
     return (without_dropout(model) if disable_dropout else model).to(device)
 
 
@@ -217,11 +219,24 @@ def load_causal_lm(path: str, dtype: str, trust_remote_code: bool = False, disab
 
 
 def load_reward_model(path: str, dtype: str, trust_remote_code: bool = False,
-                      disable_dropout: bool = False) -> torch.nn.Module:
+                      disable_dropout: bool = False, pooling: RMPooling | None = None) -> torch.nn.Module:
+    """The RM at `path` with one score. `pooling` "mean" scores the mean token state of the encoder at `path`
+    (apo_ray.mean_pooling), "native" the HF sequence classifier's own summary ([CLS] pooler, a decoder's last
+    token); None, what the checkpoint was trained with (config.json's apo_ray_pooling, else native)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = _pretrained(AutoModelForSequenceClassification, path, dtype, trust_remote_code, disable_dropout,
-                        num_labels=1)
+    from apo_ray.mean_pooling import POOLING_KEY, MeanPooledForSequenceClassification
+
+    config = model_config(path, trust_remote_code, disable_dropout, num_labels=1)
+    trained_with = getattr(config, POOLING_KEY, None)
+    if pooling is not None and trained_with is not None and pooling != trained_with:
+        raise ValueError(f"{path}: the RM there scores with pooling={trained_with}, not {pooling}")
+    if (pooling or trained_with) != "mean":
+        model = _pretrained(AutoModelForSequenceClassification, path, dtype, trust_remote_code, disable_dropout,
+                            config=config)
+    else:
+        model = _pretrained(MeanPooledForSequenceClassification, path, dtype, trust_remote_code, disable_dropout,
+                            config=config)
     if model.config.pad_token_id is None:
         # Decoder RMs score the last non-pad token and need to know which id pads.
         tokenizer = load_tokenizer(path, trust_remote_code)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE = {
     "aapa", "apl", "apo_activity", "batching", "build_locks", "builtin", "builtin.assets", "builtin.harm",
     "builtin.models", "builtin.oracle", "builtin.task", "config", "config_paths", "data", "evaluation", "game", "logs",
-    "losses", "modeling", "named_tensors", "pool_size", "ppo", "progress", "seeds", "vllm_version",
+    "losses", "mean_pooling", "modeling", "named_tensors", "pool_size", "ppo", "progress", "seeds", "vllm_version",
 }
 
 

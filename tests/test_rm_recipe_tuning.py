@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from apo_ray.stages.reward_model import load_rm_data
-from benchmarks.rm_recipe_tuning import DATA_DIR, candidate_config, candidate_tag, finished_summary
+from benchmarks.rm_recipe_tuning import (DATA_DIR, candidate_config, candidate_record, candidate_tag, finished_summary,
+                                         seeded_runs)
 
 
 def sweep_args(**kw) -> argparse.Namespace:
@@ -47,3 +48,36 @@ def test_a_finished_run_is_reused_only_for_the_same_computation(tmp_path):
 def test_candidate_tags_name_the_overrides():
     assert candidate_tag(["lr=5e-5", "disable_dropout=true"]) == "lr=5e-5_disable_dropout=true"
     assert candidate_tag([]) == "recipe"
+
+
+def test_seeds_run_every_candidate_once_per_seed():
+    args = sweep_args(candidates=["lr=5e-5", ""], seeds=[0, 3])
+    assert seeded_runs(args) == [("lr=5e-5", ["lr=5e-5", "seed=0"]), ("lr=5e-5", ["lr=5e-5", "seed=3"]),
+                                 ("", ["seed=0"]), ("", ["seed=3"])]
+    assert seeded_runs(sweep_args(candidates=["lr=5e-5"], seeds=None)) == [("lr=5e-5", ["lr=5e-5"])]
+
+
+def _runs(*correct_by_seed):
+    """One run per seed, with these holdout outcomes (1: chosen ranked first) and the stage's accuracy of them."""
+    return [{"seed": seed, "correct": [float(c) for c in correct],
+             "summary": {"eval": {"rm/acc": sum(correct) / len(correct)}, "train": {}}}
+            for seed, correct in enumerate(correct_by_seed)]
+
+
+def test_differences_are_paired_over_pairs_with_one_seed_and_over_seeds_with_more():
+    reference = _runs([1, 0, 0, 1], [1, 1, 0, 0])
+    candidate = _runs([1, 1, 0, 1], [1, 1, 1, 1])
+    one = candidate_record(candidate[:1], reference[:1])
+    # One seed: the mean of the per-pair differences (0, +1, 0, 0), its spread over the 4 pairs.
+    assert one["difference_from_reference"]["mean"] == pytest.approx(0.25)
+    assert one["difference_from_reference"]["n"] == 4 and one["holdout_accuracy"]["n"] == 4
+    both = candidate_record(candidate, reference)
+    # Two seeds: each seed's accuracy difference (+0.25, +0.5), a t-interval over those two.
+    assert both["holdout_accuracy_by_seed"] == {0: 0.75, 1: 1.0}
+    assert both["holdout_accuracy"]["mean"] == pytest.approx(0.875) and both["holdout_accuracy"]["n"] == 2
+    diff = both["difference_from_reference"]
+    assert diff["mean"] == pytest.approx(0.375) and diff["n"] == 2
+    # t(0.975, 1 degree of freedom) = 12.706.
+    assert diff["stderr"] == pytest.approx(0.125)
+    assert diff["hi"] - diff["mean"] == pytest.approx(12.706 * 0.125, rel=1e-3)
+    assert both["stage_accuracy_matches"]

@@ -120,6 +120,39 @@ def test_rm_output_is_what_the_game_loads_and_scores_as_reported(uninterrupted_r
 
 
 @pytest.mark.integration
+def test_a_mean_pooled_rm_trains_on_two_workers_and_is_what_the_game_loads(ray_cluster, tiny, tmp_path):
+    """pooling=mean under ZeRO-2 on 2 workers, from a headless encoder: the written RM is rebuilt with its
+    pooling by the game's reward learner, which scores the eval pairs as the stage reported."""
+    from transformers import BertConfig, BertModel
+
+    from apo_ray.actors.reward import RewardLearner
+    from apo_ray.builtin.models import make_tokenizer
+    from apo_ray.config import LearnerConfig, RewardConfig
+    from apo_ray.data import load_pairs
+    from apo_ray.evaluation import preference_accuracy
+    from apo_ray.mean_pooling import MeanPooledForSequenceClassification
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, pad_token_id=tokenizer.pad_token_id),
+              add_pooling_layer=False).save_pretrained(tmp_path / "encoder")
+    tokenizer.save_pretrained(tmp_path / "encoder")
+    run_dir = tmp_path / "run"
+    cfg = rm_config(tiny, run_dir, f"base_model={tmp_path / 'encoder'}", "pooling=mean")
+    summary = run_stage(prepare_stage(cfg))
+
+    learner = RewardLearner(str(run_dir / "model"), reward=RewardConfig(max_length=256), learner=LearnerConfig(),
+                            trainable=False)
+    assert isinstance(learner.model, MeanPooledForSequenceClassification)
+    trained, base = weights(run_dir / "model"), weights(tmp_path / "encoder")
+    embeddings = "embeddings.word_embeddings.weight"
+    assert not torch.equal(trained[f"encoder.{embeddings}"], base[embeddings]), "training moved no encoder weight"
+    chosen, rejected = learner.score_pairs(load_pairs(cfg.eval))
+    assert preference_accuracy(chosen, rejected) == summary["eval"]["rm/acc"]
+
+
+@pytest.mark.integration
 def test_resume_adds_an_epoch_from_the_last_checkpoint(uninterrupted_rm, tiny, tmp_path):
     import shutil
 

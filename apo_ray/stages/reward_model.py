@@ -47,7 +47,8 @@ class RewardModelTask:
 
     def load_model(self) -> torch.nn.Module:
         cfg = self.cfg
-        return load_reward_model(cfg.base_model, cfg.resolved_dtype, cfg.trust_remote_code, cfg.disable_dropout)
+        return load_reward_model(cfg.base_model, cfg.resolved_dtype, cfg.trust_remote_code, cfg.disable_dropout,
+                                 pooling=cfg.pooling)
 
     def _scores(self, model: torch.nn.Module, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
         """r(chosen), r(rejected) in one forward pass (the driver counted the truncated ones)."""
