@@ -58,6 +58,9 @@ def test_a_mean_pooled_rm_scores_the_mean_token_state_whatever_the_padding(encod
     rm = load_reward_model(str(encoder_dir), "float32", pooling="mean").eval()
     tokenizer = load_tokenizer(str(encoder_dir))
     assert isinstance(rm, MeanPooledForSequenceClassification)
+    # The encoder's fast attention, as the native head gets it (HF falls back to eager for a wrapper that does
+    # not declare SDPA).
+    assert rm.encoder.config._attn_implementation == "sdpa"
     # The encoder is the checkpoint's, not a fresh one.
     stored = load_file(encoder_dir / "model.safetensors")
     embeddings = "embeddings.word_embeddings.weight"
