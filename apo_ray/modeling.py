@@ -231,12 +231,9 @@ def load_reward_model(path: str, dtype: str, trust_remote_code: bool = False,
     trained_with = getattr(config, POOLING_KEY, None)
     if pooling is not None and trained_with is not None and pooling != trained_with:
         raise ValueError(f"{path}: the RM there scores with pooling={trained_with}, not {pooling}")
-    if (pooling or trained_with) != "mean":
-        model = _pretrained(AutoModelForSequenceClassification, path, dtype, trust_remote_code, disable_dropout,
-                            config=config)
-    else:
-        model = _pretrained(MeanPooledForSequenceClassification, path, dtype, trust_remote_code, disable_dropout,
-                            config=config)
+    cls = MeanPooledForSequenceClassification if (pooling or trained_with) == "mean" else \
+        AutoModelForSequenceClassification
+    model = _pretrained(cls, path, dtype, trust_remote_code, disable_dropout, config=config)
     if model.config.pad_token_id is None:
         # Decoder RMs score the last non-pad token and need to know which id pads.
         tokenizer = load_tokenizer(path, trust_remote_code)
