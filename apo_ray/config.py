@@ -73,6 +73,9 @@ class DataSourceConfig(Section):
     # file with skip = the other's limit split it, e.g. a holdout for tuning from the end of a training set.
     skip: int = Field(0, ge=0)
     limit: Optional[int] = Field(None, ge=1)
+    # A hub dataset's subdirectory (`format: hh` or `hf` with a hub name): Anthropic/hh-rlhf keeps each subset in
+    # one, e.g. harmless-base.
+    data_dir: Optional[str] = None
 
 
 class BuiltinTaskConfig(Section):

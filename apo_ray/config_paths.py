@@ -25,6 +25,8 @@ MODEL_KEYS = ("policy_path", "reward_path", "eval_reward")
 # Model "paths" that name something apo-ray provides.
 MODEL_KEYWORDS = ("builtin", "gold")
 FORCED_PATH = ("./", "../")
+# Data formats whose path may also be a hub dataset name.
+HUB_FORMATS = ("hf", "hh")
 
 
 def dotted_keys(tree: dict, prefix: str = "") -> set[str]:
@@ -44,8 +46,8 @@ def _absolute(value: str, base: Path) -> tuple[Path, bool]:
 
 def data_path(value: str, base: Path, data_format: str) -> str:
     path, written_absolute = _absolute(value, base)
-    # jsonl and hh read local files only; hf also takes dataset names (but not data files: those are paths).
-    is_name = data_format == "hf" and is_hub_name(value) and Path(value).suffix.lower() not in _HF_FILE_BUILDERS
+    # jsonl reads local files only; hf and hh also take hub dataset names (but not data files: those are paths).
+    is_name = data_format in HUB_FORMATS and is_hub_name(value) and Path(value).suffix.lower() not in _HF_FILE_BUILDERS
     if is_name and not written_absolute and not value.startswith(FORCED_PATH) and not path.exists():
         return value
     return str(path)
@@ -118,7 +120,7 @@ def _sources(data_cfg) -> list[tuple[str, object]]:
 
 def all_sources_local(data_cfg) -> bool:
     """Whether every data source is on this machine (no hub dataset to fetch)."""
-    return all(src.format != "hf" or os.path.exists(src.path) for _, src in _sources(data_cfg))
+    return all(src.format not in HUB_FORMATS or os.path.exists(src.path) for _, src in _sources(data_cfg))
 
 
 def input_paths(cfg) -> list[tuple[str, str, str]]:

@@ -51,6 +51,7 @@ class DataSource(Protocol):
     response_key: str
     skip: int
     limit: Optional[int]
+    data_dir: Optional[str]
 
 
 class DataSettings(Protocol):
@@ -175,26 +176,32 @@ def _window(records: Iterable[T], skip: int, limit: Optional[int], label: str) -
         raise DataError(f"{label}: skip={skip} passes the last record")
 
 
+def _hh_pairs(records: Iterable[tuple[str, Mapping[str, Any]]], chosen_key: str, rejected_key: str
+              ) -> list[PreferencePair]:
+    pairs = []
+    for where, record in records:
+        try:
+            pairs.append(split_hh_pair(record[chosen_key], record[rejected_key]))
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from None
+    return pairs
+
+
 def load_hh_pairs(
     path: str, *, chosen_key: str = "chosen", rejected_key: str = "rejected", skip: int = 0,
     limit: Optional[int] = None
 ) -> list[PreferencePair]:
     """Preference pairs from an HH-RLHF JSONL file of {"chosen": dialogue, "rejected": dialogue} lines."""
     lines = _window(iter_jsonl(path, (chosen_key, rejected_key)), skip, limit, path)
-    pairs = []
-    for line_no, record in lines:
-        try:
-            pairs.append(split_hh_pair(record[chosen_key], record[rejected_key]))
-        except ValueError as exc:
-            raise DataError(f"{path}:{line_no}: {exc}") from None
-    return pairs
+    return _hh_pairs(((f"{path}:{line_no}", record) for line_no, record in lines), chosen_key, rejected_key)
 
 
 # ---------------------------------------------------------------- HF datasets
 
 
 def _hf_label(src: DataSource) -> str:
-    return f"dataset {src.path!r} [{src.split}]"
+    subset = f" {src.data_dir}" if src.data_dir else ""
+    return f"dataset {src.path!r}{subset} [{src.split}]"
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -222,7 +229,7 @@ def _load_hf_dataset(src: DataSource) -> Any:
                 known = ", ".join(_HF_FILE_BUILDERS)
                 raise DataError(f"{_hf_label(src)}: unknown data file type {suffix!r} ({known})")
             return datasets.load_dataset(_HF_FILE_BUILDERS[suffix], data_files={split: path}, split=split)
-        return datasets.load_dataset(path, split=split)
+        return datasets.load_dataset(path, data_dir=src.data_dir, split=split)
     except DataError:
         raise
     except Exception as exc:  # datasets raises many unrelated types; all mean "cannot load it"
@@ -278,6 +285,10 @@ def _first_per_prompt(items: Iterable[T], prompt_of: Callable[[T], str]) -> list
 
 def load_pairs(src: DataSource) -> list[PreferencePair]:
     """Preference pairs (prompt, chosen, rejected) from a jsonl, hh or hf source."""
+    if src.format == "hh" and not os.path.exists(src.path):
+        # HH dialogues from a hub dataset (Anthropic/hh-rlhf, data_dir harmless-base): rows instead of lines.
+        records = _window(_iter_hf(src, (src.chosen_key, src.rejected_key)), src.skip, src.limit, _hf_label(src))
+        return _hh_pairs(records, src.chosen_key, src.rejected_key)
     if src.format == "hh":
         return load_hh_pairs(
             src.path, chosen_key=src.chosen_key, rejected_key=src.rejected_key, skip=src.skip, limit=src.limit
@@ -410,7 +421,7 @@ def _check_source(src: DataSource, key: str) -> None:
         raise DataError(f"{key}.format: unknown data format {src.format!r} (jsonl, hh, hf)")
     if not src.path:
         raise DataError(f"{key}.path: empty")
-    if src.format == "hf":
+    if src.format == "hf" or (src.format == "hh" and not os.path.exists(src.path) and is_hub_name(src.path)):
         _check_hf_path(src.path, key)
         return
     if not os.path.exists(src.path):

@@ -32,7 +32,7 @@ from benchmarks.common import (BenchmarkRun, Trial, actor_process_info, add_nice
                                ratio_summary, set_ray_worker_niceness, start_local_ray)
 from benchmarks.tiny_models import minilm_dir
 
-DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_harmless"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "hh_harmless"
 ARMS = ("apo-ray", "trl")
 SEED = 0
 

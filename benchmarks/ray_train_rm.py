@@ -27,7 +27,7 @@ from benchmarks.common import (REPO_ROOT, BenchmarkRun, Trial, add_niceness_argu
                                ratio_summary, set_ray_worker_niceness, start_local_ray)
 from benchmarks.tiny_models import minilm_dir
 
-DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "hh_harmless"
+DATA_DIR = REPO_ROOT / "data" / "hh_harmless"
 CONFIG = REPO_ROOT / "configs" / "stages" / "rm_hh_minilm.yaml"
 # (workers, CPUs per worker): each arm uses the 2 cores.
 ARMS = {"1 worker": (1, 2), "2 workers": (2, 1)}

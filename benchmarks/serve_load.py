@@ -10,7 +10,7 @@ request per client. Any 5xx is counted and makes the exit code 1.
 
 Models: the MiniLM RM (the real backbone with a fresh head: the weights do not change the cost) and the
 embedded default's tiny policy, unless --target names run or model directories (as `apo-ray serve` takes them).
-/score texts are HH-RLHF dev pairs when ../shared/data/hh_harmless is there (left-truncated to 256 tokens).
+/score texts are HH-RLHF dev pairs from data/hh_harmless (left-truncated to 256 tokens).
 
     .venv/bin/python -m benchmarks.serve_load [--quick] [--clients 16] [--requests 200] [--repeats 3] [--batch 16]
 """
@@ -33,7 +33,7 @@ from typing import Any
 from benchmarks.common import (REPO_ROOT, RESULTS_ROOT, SCRATCH_DIR, BenchmarkRun, ratio_summary, start_local_ray,
                                timed)
 
-DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "hh_harmless"
+DATA_DIR = REPO_ROOT / "data" / "hh_harmless"
 MAX_CLIENTS = 64
 MAX_REQUESTS = 5000
 REQUEST_TIMEOUT_S = 120.0

@@ -21,7 +21,6 @@ def finished_run(tmp_path, cfg, summary=None):
     (tmp_path / "summary.json").write_text(json.dumps(summary or {"eval": {"rm/acc": 0.6}}))
 
 
-@pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"real HH-RLHF data not found at {DATA_DIR}")
 def test_the_holdout_is_the_end_of_the_train_file_and_dev_is_never_read(tmp_path):
     cfg = candidate_config(sweep_args(), ["lr=5e-5"], tmp_path)
     assert cfg.lr == 5e-5 and cfg.eval.path == cfg.train.path == str(DATA_DIR / "train.jsonl")
