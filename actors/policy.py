@@ -16,6 +16,7 @@ import torch
 
 from apo_ray.actors.engine import LearnerCheckpoint, Rendezvous, build_engine, train_steps
 from apo_ray.batching import fraction, grouped_minibatch_groups, shuffled_minibatches
+from apo_ray.chat import AUTO, resolve_template
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.game import TokenSample
 from apo_ray.losses import dpo_loss, masked_mean, rrhf_loss, sequence_logprob, sft_loss, token_logprobs
@@ -36,13 +37,20 @@ class PolicyLearner(LearnerCheckpoint):
         seed: int = 0,
         micro_batch_size: int | None = None,
         rendezvous: Rendezvous | None = None,
+        chat_template: str = AUTO,
     ):
         """micro_batch_size: rows per step; policy.batch_size unless given (online runs pass
-        ppo.minibatch_size, their minibatch). rendezvous: this rank of a multi-rank learner (None: one rank)."""
+        ppo.minibatch_size, their minibatch). rendezvous: this rank of a multi-rank learner (None: one rank).
+        chat_template: "auto", "none" or a template's text (apo_ray.chat): written texts are encoded as the
+        rollout workers encode prompts, and the checkpoints' tokenizer keeps the template."""
         torch.manual_seed(seed)
         self.policy_cfg = policy
         self.model_cfg = model
         self.tokenizer = load_tokenizer(model_path, model.trust_remote_code)
+        self.chat_template = resolve_template(chat_template, self.tokenizer)
+        if self.chat_template is not None:
+            # Saved with every checkpoint: the trained policy is served and reloaded with the template it learned.
+            self.tokenizer.chat_template = self.chat_template
         lm = load_causal_lm(model_path, model.dtype, model.trust_remote_code, model.disable_dropout).eval()
         self.engine = build_engine(lm, learner, lr=policy.lr, micro_batch_size=micro_batch_size or policy.batch_size,
                                    rendezvous=rendezvous)
@@ -59,7 +67,7 @@ class PolicyLearner(LearnerCheckpoint):
     def encode_texts(self, prompts: list[str], responses: list[str]) -> list[TokenSample]:
         """Written (prompt, response) texts as this policy's token samples (apo_ray.modeling.text_samples)."""
         return text_samples(self.tokenizer, prompts, responses, self.model_cfg.max_prompt_tokens,
-                            self.model_cfg.max_response_tokens)
+                            self.model_cfg.max_response_tokens, chat_template=self.chat_template)
 
     def _offline_step(self, groups: list[list[int]], epochs: int, seed: int, loss_fn) -> dict[str, float]:
         """`loss_fn(items, groups_of_share, groups_of_minibatch)`: ranks share minibatches in whole groups."""

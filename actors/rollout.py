@@ -23,7 +23,8 @@ import torch
 from apo_ray.config import check_rollout_settings, resolve_dtype
 from apo_ray.game import FinishReason, Rollout
 from apo_ray.logs import is_verbose
-from apo_ray.modeling import encode_prompt, eos_token_ids, load_tokenizer, torch_dtype
+from apo_ray.chat import AUTO, ChatFormat
+from apo_ray.modeling import eos_token_ids, load_tokenizer, torch_dtype
 from apo_ray.vllm_version import require_supported_vllm
 from apo_ray.named_tensors import WeightBucket, checkpoint_files, read_checkpoint_dir, unpack_bucket
 
@@ -255,7 +256,9 @@ class RolloutWorker:
         max_model_len: int = 128,
         dtype: str = "auto",
         engine_kwargs: dict | None = None,
+        chat_template: str = AUTO,
     ):
+        """chat_template: "auto", "none" or a template's text (apo_ray.chat), how prompts become ids."""
         check_rollout_settings(backend, max_prompt_tokens, max_new_tokens, max_model_len, engine_kwargs)
         # Resolved here rather than by vLLM, whose "auto" turns a float32 checkpoint into bfloat16.
         dtype = resolve_dtype(dtype, on_gpu=torch.cuda.is_available())
@@ -263,7 +266,9 @@ class RolloutWorker:
         self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
         self.temperature, self.top_p = temperature, top_p
         self.tokenizer = load_tokenizer(model_path)
-        self.eos_ids = eos_token_ids(model_path, self.tokenizer)
+        self.chat = ChatFormat.for_setting(self.tokenizer, chat_template)
+        # A template's end-of-turn token ends a sample even where the model's EOS is another token.
+        self.eos_ids = eos_token_ids(model_path, self.tokenizer) | self.chat.stop_ids()
         started = time.perf_counter()
         if backend == "vllm":
             self.engine: VllmEngine | HfEngine = VllmEngine(
@@ -284,7 +289,7 @@ class RolloutWorker:
                 "engine_ranks": self.engine.engine_ranks, "engine_start_seconds": self.engine_start_seconds}
 
     def _encode(self, prompt: str) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt, self.max_prompt_tokens)[0]
+        return self.chat.prompt_ids(prompt, self.max_prompt_tokens)[0]
 
     def generate(self, prompts: list[str], prompt_indices: list[int], n: int,
                  seed: int | None = None) -> list[Rollout]:

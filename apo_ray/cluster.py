@@ -12,6 +12,7 @@ import ray
 from apo_ray.actors.critic import CriticLearner
 from apo_ray.actors.discriminator import Discriminator
 from apo_ray.actors.policy import PolicyLearner
+from apo_ray.chat import template_setting
 from apo_ray.actors.reference import ReferenceModel
 from apo_ray.actors.reward import RewardLearner
 from apo_ray import build_locks, logs
@@ -101,7 +102,7 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str, attacker_path:
             PolicyLearner, f"policy-learner-{run_id}", roles["policy"],
             model_path=policy_path, model=model, policy=cfg.policy, learner=learner, seed=cfg.seed,
             micro_batch_size=cfg.ppo.minibatch_size if cfg.online else cfg.policy.batch_size,
-            rank_zero_methods=POLICY_RANK_ZERO_METHODS,
+            rank_zero_methods=POLICY_RANK_ZERO_METHODS, chat_template=template_setting(cfg.data.chat_template),
         ),
         "reward": _learner(
             RewardLearner, f"reward-learner-{run_id}", roles["reward"],

@@ -104,6 +104,12 @@ class DataConfig(Section):
     split_fractions: dict[str, float] = Field(
         default_factory=lambda: {"pairs": 0.5, "gold": 0.2, "prompts": 0.2, "eval": 0.1}
     )
+    chat_template: str = Field("auto", min_length=1, description=(
+        "How the policy reads prompts (apo_ray/chat.py). 'auto': through the policy tokenizer's chat template "
+        "if it has one (an HH dialogue as its user and assistant turns, other text as one user turn, with the "
+        "generation prompt; written responses end with the template's end-of-turn token), else as raw text. "
+        "'none': raw text. Otherwise a Jinja template file, read from the config file's directory. Reward "
+        "models read the conversation in the data's own form either way."))
 
 
 class ModelConfig(Section):
@@ -888,6 +894,10 @@ class SFTStageConfig(StageConfig):
     STAGE: ClassVar[str] = "sft"
     max_prompt_tokens: int = Field(192, ge=1)
     max_response_tokens: int = Field(64, ge=1)
+    chat_template: str = Field("auto", min_length=1, description=(
+        "As the game's data.chat_template: 'auto' (the base model tokenizer's template, if any), 'none' (raw "
+        "text) or a Jinja template file. The model written keeps the template, so the game renders its "
+        "prompts the same way."))
     # As model.disable_dropout: the game's learners run the policy without dropout.
     disable_dropout: bool = True
 

@@ -1,6 +1,6 @@
 """Where the relative paths of a config point, decided once when it loads.
 
-- Inputs (`data.*.path`, `model.policy_path`, `model.reward_path`, `model.eval_reward`,
+- Inputs (`data.*.path`, `data.chat_template` when a file, `model.policy_path`, `model.reward_path`, `model.eval_reward`,
   `aapa.discriminator_path`) written in a config
   file are read from the file's directory, so a config and its data travel together: from any working
   directory, and under `ray job submit --working-dir`, whose job runs in an uploaded copy of that directory.
@@ -83,6 +83,10 @@ def resolve_paths(tree: dict, file_base: Path | None, overridden: set[str]) -> N
         if isinstance(source, dict) and isinstance(source.get("path"), str) and source["path"]:
             base, _ = base_of(f"data.{name}.path")
             source["path"] = data_path(source["path"], base, source.get("format", "jsonl"))
+    template = data.get("chat_template") if isinstance(data, dict) else None
+    if isinstance(template, str) and template not in ("auto", "none", ""):
+        base, _ = base_of("data.chat_template")
+        data["chat_template"] = str(_absolute(template, base)[0])
     model = tree.get("model")
     for name in MODEL_KEYS if isinstance(model, dict) else ():
         if isinstance(model.get(name), str) and model[name]:
@@ -102,12 +106,17 @@ STAGE_DATA_SECTIONS = ("train", "eval")
 
 
 def resolve_stage_paths(tree: dict, file_base: Path | None, overridden: set[str]) -> None:
-    """resolve_paths for a stage config's `train.path`, `eval.path` and `base_model`, by the same rule."""
+    """resolve_paths for a stage config's `train.path`, `eval.path`, `chat_template` (a file) and `base_model`, by
+    the same rule."""
     for section in STAGE_DATA_SECTIONS:
         source = tree.get(section)
         if isinstance(source, dict) and isinstance(source.get("path"), str) and source["path"]:
             base = Path.cwd() if f"{section}.path" in overridden or file_base is None else file_base
             source["path"] = data_path(source["path"], base, source.get("format", "jsonl"))
+    template = tree.get("chat_template")
+    if isinstance(template, str) and template not in ("auto", "none", ""):
+        base = Path.cwd() if "chat_template" in overridden or file_base is None else file_base
+        tree["chat_template"] = str(_absolute(template, base)[0])
     if isinstance(tree.get("base_model"), str) and tree["base_model"]:
         from_file = "base_model" not in overridden and file_base is not None
         base, base_name = (file_base, "the config file's directory") if from_file else (Path.cwd(), "the working directory")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from apo_ray.chat import ChatFormat, reward_text
 from apo_ray.config import RMPooling, resolve_dtype
 from apo_ray.game import TokenSample
 
@@ -49,14 +50,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, max_prompt_tokens: int) -> tuple[list[int], bool]:
-    """Prompt token ids exactly as the sampler sees them and the learners score them: no special tokens
-    added (chat templates, when used, are part of the prompt text), cut from the left. Also says
-    whether it cut."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return ids[-max_prompt_tokens:], len(ids) > max_prompt_tokens
-
-
 @dataclass
 class EncodedBatch:
     input_ids: torch.Tensor
@@ -86,11 +79,12 @@ def _pad(rows: list[list[int]], masks: list[list[int]], pad_id: int) -> tuple[to
 def encode_for_reward(
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], max_length: int
 ) -> EncodedBatch:
-    """Prompt + response as one sequence for a sequence classifier, truncated from the left.
+    """Prompt + response as one sequence for a sequence classifier (apo_ray.chat.reward_text), truncated from
+    the left.
 
     The tokenizer truncates the text before adding its special tokens, so a BERT-style [CLS] survives.
     """
-    texts = [p + r for p, r in zip(prompts, responses)]
+    texts = [reward_text(p, r) for p, r in zip(prompts, responses)]
     full_lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
     side = tokenizer.truncation_side
     tokenizer.truncation_side = "left"
@@ -110,19 +104,19 @@ def text_samples(
     max_prompt_tokens: int,
     max_response_tokens: int,
     eos_token_id: int | None = None,
+    chat_template: str | None = None,
 ) -> list[TokenSample]:
-    """Written (not sampled) prompt-response texts as token samples: the prompt left-truncated as a rollout
-    worker would cut it, the response cut to max_response_tokens and ended with EOS (`eos_token_id`, by
-    default the tokenizer's), since a written response is complete."""
+    """Written (not sampled) prompt-response texts as token samples: the prompt as a rollout worker encodes it
+    (rendered through `chat_template` if given, apo_ray.chat; cut as the worker cuts it), the response cut to
+    max_response_tokens and ended with the template's end-of-turn token, else EOS (`eos_token_id`, by default
+    the tokenizer's), since a written response is complete."""
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     if eos is None:
         raise ValueError("text_samples: the tokenizer has no eos_token; pass eos_token_id (the model's EOS)")
-    samples = []
-    for prompt, response in zip(prompts, responses):
-        prompt_ids, _ = encode_prompt(tokenizer, prompt, max_prompt_tokens)
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"][:max_response_tokens]
-        samples.append(TokenSample(tuple(prompt_ids), (*response_ids, eos)))
-    return samples
+    chat = ChatFormat(tokenizer, chat_template)
+    return [TokenSample(tuple(chat.prompt_ids(prompt, max_prompt_tokens)[0]),
+                        tuple(chat.response_ids(response, max_response_tokens, eos)))
+            for prompt, response in zip(prompts, responses)]
 
 
 def encode_samples(samples: list[TokenSample], pad_token_id: int) -> EncodedBatch:

@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from apo_ray.actors.rollout import RolloutWorker
+from apo_ray.chat import template_setting
 from apo_ray.actor_group import ActorGroup
 from apo_ray.config import Config, check_rollout_settings
 from apo_ray.game import Rollout, assign_shards
@@ -42,6 +43,8 @@ class RolloutWorkerSpec:
     max_model_len: int = 128
     dtype: str = "auto"
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    # "auto", "none" or a template's text (apo_ray.chat.template_setting).
+    chat_template: str = "auto"
 
     def __post_init__(self) -> None:
         check_rollout_settings(self.backend, self.max_prompt_tokens, self.max_new_tokens, self.max_model_len,
@@ -191,7 +194,7 @@ class RolloutPool:
             model_path=policy_path, backend=rollout.backend, max_new_tokens=cfg.model.max_response_tokens,
             max_prompt_tokens=cfg.model.max_prompt_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
             seed=cfg.seed, max_model_len=rollout.max_model_len, dtype=cfg.rollout_dtype,
-            engine_kwargs=dict(rollout.engine_kwargs),
+            engine_kwargs=dict(rollout.engine_kwargs), chat_template=template_setting(cfg.data.chat_template),
         )
         options = ({"root": Path(cfg.run_dir).resolve() / "rollout_weights"} if rollout.weight_sync == "disk"
                    else {"bucket_bytes": rollout.sync_bucket_mb * 2**20})

