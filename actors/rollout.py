@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from apo_ray.config import check_rollout_settings, resolve_dtype
-from apo_ray.game import FinishReason, Rollout
+from apo_ray.game import FinishReason, Rollout, TokenSample
 from apo_ray.logs import is_verbose
 from apo_ray.chat import AUTO, ChatFormat
 from apo_ray.modeling import eos_token_ids, load_tokenizer, torch_dtype
@@ -147,6 +147,17 @@ class VllmEngine:
             samples.append((ids, [position[token].logprob for token, position in zip(ids, sample.logprobs)]))
         return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
+    def response_logprobs(self, samples: list[TokenSample]) -> list[list[float]]:
+        from vllm import SamplingParams
+
+        # prompt_logprobs=0: each prompt token's own log-prob, from the raw logits like the sampled ones.
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": list(s.prompt_ids + s.response_ids)} for s in samples],
+                                    params, use_tqdm=False)
+        return [[position[token].logprob for token, position in
+                 zip(sample.response_ids, output.prompt_logprobs[len(sample.prompt_ids):])]
+                for sample, output in zip(samples, outputs)]
+
     def load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         self.llm.collective_rpc("apo_load_weights", args=(named_tensors,))
         self._forget_old_weights()
@@ -212,6 +223,16 @@ class HfEngine:
                 ids = cut_at_eos(row, eos_ids)
                 samples.append((ids, row_logprobs[: len(ids)]))
         return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+
+    @torch.no_grad()
+    def response_logprobs(self, samples: list[TokenSample]) -> list[list[float]]:
+        out = []
+        for sample in samples:
+            ids = torch.tensor([sample.prompt_ids + sample.response_ids], device=self.model.device)
+            logps = self.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            picked = logps.gather(1, ids[0, 1:, None])[:, 0]
+            out.append(picked[len(sample.prompt_ids) - 1:].tolist())
+        return out
 
     @torch.no_grad()
     def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -317,6 +338,13 @@ class RolloutWorker:
             for prompt_text, prompt, index, per_prompt in zip(prompts, prompt_ids, prompt_indices, samples)
             for ids, logprobs in per_prompt
         ]
+
+    def response_logprobs(self, samples: list[TokenSample]) -> list[list[float]]:
+        """The engine's log-prob of each response token of `samples` (a prompt and a response each, as a learner
+        reads them) under the weights it holds now: what a check that a sync arrived compares with the learner's."""
+        if any(not s.prompt_ids or not s.response_ids for s in samples):
+            raise ValueError("response_logprobs: every sample needs a prompt and a response token")
+        return self.engine.response_logprobs(samples)
 
     def load_weight_buckets(self, version: int, *buckets: WeightBucket) -> int:
         """Reload the engine in place from the object-store sync's buckets; returns their bytes.

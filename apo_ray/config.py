@@ -562,13 +562,20 @@ def _given(tree: dict, key: str) -> bool:
     return True
 
 
-def _check_ignored_keys(cfg: Config, tree: dict) -> None:
-    """Refuse a given key that the method never reads; warn of those a switch turns off."""
+def _check_ignored_keys(cfg: Config, tree: dict, file_keys_are_switched: bool = False) -> None:
+    """Refuse a given key that the method never reads; warn of those a switch turns off.
+
+    `file_keys_are_switched`: `method=` came from the command line, over a file written for another method; the
+    file's keys for that method are then switched off, not mistakes (one recipe serves every method), while a key
+    given on the command line beside it is still refused."""
     run = f"method={cfg.method}, apo={str(cfg.apo).lower()}"
+    off = []
     for key, reader in keys_the_run_ignores(cfg, by_method=True).items():
-        if _given(tree, key):
+        if _given(tree, key) and file_keys_are_switched:
+            off.append(key)
+        elif _given(tree, key):
             raise ConfigError(f"{key}: read only by {reader}; this run ({run}) ignores it, so remove it")
-    off = [key for key in keys_the_run_ignores(cfg, by_method=False) if _given(tree, key)]
+    off += [key for key in keys_the_run_ignores(cfg, by_method=False) if _given(tree, key)]
     if off:
         log.warning("this run (%s, ppo.adaptive_kl=%s, ppo.kl_hard_limit=%s) does not read %s", run,
                     str(cfg.ppo.adaptive_kl).lower(), str(cfg.ppo.kl_hard_limit).lower(), ", ".join(off))
@@ -794,9 +801,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     from apo_ray.config_paths import dotted_keys, resolve_paths
 
     extra = parse_overrides(overrides or [])
-    tree = _merge(_read_yaml(path), extra)
+    from_file = _read_yaml(path)
+    tree = _merge(from_file, extra)
     resolve_paths(tree, Path(path).resolve().parent if path is not None else None, dotted_keys(extra))
-    return config_from_dict(tree)
+    cfg = validate_section(Config, tree)
+    switched = "method" in extra and extra["method"] != from_file.get("method")
+    # The file's keys under the overridden method; keys given on the command line are checked as usual.
+    _check_ignored_keys(cfg, from_file if switched else tree, file_keys_are_switched=switched)
+    if switched:
+        _check_ignored_keys(cfg, extra)
+    return cfg
 
 
 def config_from_dict(tree: dict) -> Config:

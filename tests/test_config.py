@@ -117,6 +117,22 @@ def test_a_key_a_switch_turns_off_is_named_in_a_warning_and_not_saved(caplog):
     assert "update_every" not in cfg.to_dict()["reward"] and "kl_horizon" not in cfg.to_dict()["ppo"]
 
 
+def test_method_on_the_command_line_switches_off_the_files_keys_for_another_method(tmp_path, caplog):
+    # One recipe serves every method: its offline keys warn under method=grpo; a wrong key typed beside it does not.
+    config = tmp_path / "recipe.yaml"
+    config.write_text("method: rjs\npolicy:\n  batch_size: 16\n  epochs_per_round: 1\n")
+    with caplog.at_level("WARNING", logger="apo_ray.config"):
+        cfg = load_config(config, ["method=grpo"])
+    assert "does not read policy.batch_size, policy.epochs_per_round" in caplog.text
+    assert "batch_size" not in cfg.to_dict()["policy"]
+    with pytest.raises(ConfigError, match=r"^policy\.dpo_beta: read only by method dpo"):
+        load_config(config, ["method=grpo", "policy.dpo_beta=0.2"])
+    # The file's own method: its keys are read, and a key for another method is still refused.
+    config.write_text("method: grpo\npolicy:\n  batch_size: 16\n")
+    with pytest.raises(ConfigError, match=r"^policy\.batch_size: read only by the offline methods"):
+        load_config(config, ["method=grpo"])
+
+
 def test_keys_the_run_reads_are_accepted_and_the_saved_config_loads_back():
     for overrides in (["method=dpo", "policy.dpo_beta=0.2"], ["method=ppo", "ppo.adaptive_kl=true", "ppo.kl_horizon=5"],
                       ["method=grpo", "ppo.kl_coef=0.01"], ["apo=false", "reward.pref_coef=2.0"]):
