@@ -25,6 +25,7 @@ from apo_ray.game import FinishReason, Rollout, TokenSample
 from apo_ray.logs import is_verbose
 from apo_ray.chat import AUTO, ChatFormat
 from apo_ray.modeling import eos_token_ids, load_tokenizer, torch_dtype
+from apo_ray.vllm_cpu import CPU_ENGINE_DEFAULTS, check_cpu_engine_kwargs
 from apo_ray.vllm_version import require_supported_vllm
 from apo_ray.named_tensors import WeightBucket, checkpoint_files, read_checkpoint_dir, unpack_bucket
 
@@ -120,8 +121,9 @@ class VllmEngine:
             "use_tqdm_on_load": is_verbose(),
         }
         if not torch.cuda.is_available():
+            check_cpu_engine_kwargs(engine_kwargs, max_model_len)
             # torch.compile added 30-50 s to the engine start on 2 cores and did not speed up small models.
-            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=DEFAULT_CPU_KV_CACHE_BYTES)
+            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=DEFAULT_CPU_KV_CACHE_BYTES, **CPU_ENGINE_DEFAULTS)
         kwargs.update(engine_kwargs)
         self.llm = LLM(**kwargs)
         self.engine_ranks = self.llm.llm_engine.vllm_config.parallel_config.world_size

@@ -617,6 +617,10 @@ def _cross_checks(cfg: Config) -> None:
     model, rollout = cfg.model, cfg.rollout
     check_rollout_settings(rollout.backend, model.max_prompt_tokens, model.max_response_tokens, rollout.max_model_len,
                            rollout.engine_kwargs)
+    if rollout.backend == "vllm" and rollout.num_gpus_per_worker == 0:
+        from apo_ray.vllm_cpu import check_cpu_engine_kwargs  # it raises this module's ConfigError
+
+        check_cpu_engine_kwargs(rollout.engine_kwargs, rollout.max_model_len)
     if rollout.backend != "vllm" and rollout.weight_sync == "nccl":
         raise ConfigError("rollout.weight_sync: 'nccl' needs rollout.backend 'vllm'")
     if rollout.weight_sync == "nccl" and cfg.learner.backend == "deepspeed" and cfg.learner.zero_stage == 3:

@@ -326,3 +326,42 @@ def test_pool_resize_keeps_the_weights_version(hf_pool, tiny_lm_dir):
     rollouts = hf_pool.generate(PROMPTS, n=1)
     assert [r.prompt_index for r in rollouts] == [0, 1, 2, 3]
     assert {r.policy_version for r in rollouts} == {version} and {r.worker for r in rollouts} == {0, 1}
+
+
+def test_cpu_engine_arguments_that_split_a_prefill_are_refused():
+    from apo_ray.config import ConfigError
+    from apo_ray.vllm_cpu import check_cpu_engine_kwargs
+
+    for kwargs, key in (({"enable_chunked_prefill": True}, "enable_chunked_prefill"),
+                        ({"long_prefill_token_threshold": 64}, "long_prefill_token_threshold"),
+                        ({"max_num_batched_tokens": 128}, "max_num_batched_tokens")):
+        with pytest.raises(ConfigError, match=rf"^rollout.engine_kwargs.{key}: "):
+            check_cpu_engine_kwargs(kwargs, max_model_len=256)
+    check_cpu_engine_kwargs({"max_num_batched_tokens": 256, "enable_chunked_prefill": False}, max_model_len=256)
+
+
+@pytest.mark.integration
+def test_seeded_vllm_sampling_survives_prompts_beyond_one_steps_token_budget(smollm2_dir, monkeypatch):
+    """vllm-cpu crashed ("CPU Generator does not use offset") when seeded requests met a split prefill
+    (apo_ray/vllm_cpu.py): here 8 prompts of ~90 tokens each exceed a step's 256 tokens."""
+    from transformers import AutoTokenizer
+
+    from apo_ray.actors.rollout import VllmEngine
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"Question {i}: " + "Explain briefly why the sky is blue and the sea is salty. " * 4}],
+        add_generation_prompt=True, return_dict=True)["input_ids"] for i in range(8)]
+    assert sum(map(len, prompts)) > 2 * 256 and max(map(len, prompts)) < 256 - 16
+    engine = VllmEngine(smollm2_dir, dtype="float32", seed=0, max_model_len=256,
+                        engine_kwargs={"max_num_batched_tokens": 256})
+    sample = dict(n=2, max_new_tokens=16, temperature=1.0, top_p=1.0, eos_ids=frozenset({tokenizer.eos_token_id}))
+    seeds = list(range(100, 108))
+    first = engine.generate(prompts, seeds, **sample)
+    again = engine.generate(prompts, seeds, **sample)
+    other = engine.generate(prompts, [seed + 1000 for seed in seeds], **sample)
+    assert [len(per_prompt) for per_prompt in first] == [2] * 8
+    assert all(ids for per_prompt in first for ids, _ in per_prompt)
+    assert [[ids for ids, _ in p] for p in first] == [[ids for ids, _ in p] for p in again]
+    assert [[ids for ids, _ in p] for p in first] != [[ids for ids, _ in p] for p in other]
