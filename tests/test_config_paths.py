@@ -74,8 +74,8 @@ def test_paths_on_the_command_line_are_read_from_the_working_directory(project, 
 
 
 def test_a_name_that_is_neither_a_path_nor_a_hub_name_names_its_key_and_base(project):
-    with pytest.raises(ConfigError, match=r"model\.policy_path: 'models/a/b' is neither an existing directory nor "
-                                          rf"a hub model name .*read from the config file's directory, "
+    with pytest.raises(ConfigError, match=r"model\.policy_path: 'models/a/b' is neither an existing directory or GGUF "
+                                          rf"file, a pkg: file, nor a hub model name .*read from the config file's directory, "
                                           rf"{project / 'configs'}"):
         load_config(_with(project, {"model": {"policy_path": "models/a/b"}}))
 

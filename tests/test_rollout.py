@@ -350,9 +350,10 @@ def test_seeded_vllm_sampling_survives_prompts_beyond_one_steps_token_budget(smo
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    prompts = [tokenizer.apply_chat_template(
-        [{"role": "user", "content": f"Question {i}: " + "Explain briefly why the sky is blue and the sea is salty. " * 4}],
-        add_generation_prompt=True, return_dict=True)["input_ids"] for i in range(8)]
+    question = "Explain briefly why the sky is blue and the sea is salty. " * 4
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Question {i}: {question}"}],
+                                             add_generation_prompt=True, return_dict=True)["input_ids"]
+               for i in range(8)]
     assert sum(map(len, prompts)) > 2 * 256 and max(map(len, prompts)) < 256 - 16
     engine = VllmEngine(smollm2_dir, dtype="float32", seed=0, max_model_len=256,
                         engine_kwargs={"max_num_batched_tokens": 256})

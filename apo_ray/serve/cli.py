@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apo-ray serve", description="serve a run's policy (POST /generate) and RM (POST /score) with Ray Serve")
     parser.add_argument("items", nargs="+", metavar="TARGET|serve.key=value",
-                        help="run directories (apo-ray train / sft / rm), round checkpoints or HF model directories; "
+                        help="run directories (apo-ray train / sft / rm), round checkpoints, HF model directories "
+                             "or GGUF files (a path or pkg:<package>/<file>); "
                              "then overrides such as serve.port=8001 serve.reward.replicas=2")
     parser.add_argument("--config", help="YAML file whose `serve:` section replaces the run's")
     return parser

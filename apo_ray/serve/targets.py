@@ -4,7 +4,9 @@ A target is one of
 - a game run directory (`apo-ray train`): its latest round's `policy/` and `reward/`;
 - a stage run directory (`apo-ray sft` / `apo-ray rm`): its `model/`;
 - a round checkpoint directory holding `policy/` and/or `reward/`;
-- a Hugging Face model directory: a causal LM is the policy, a sequence classifier the RM.
+- a Hugging Face model directory: a causal LM is the policy, a sequence classifier the RM;
+- a GGUF file, or a `pkg:` file of an installed package (apo_ray.package_files): the policy, converted once into
+  a cached Hugging Face directory (apo_ray.gguf) before Ray starts.
 Give one target with both models, or one with each. The RM's truncation length comes from the run that
 trained it when the directory says.
 """
@@ -19,6 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from apo_ray.config import ConfigError
+from apo_ray.model_sources import loadable_path
 
 ROLES = ("policy", "reward")
 
@@ -83,7 +86,7 @@ def _models_of(target: Path) -> tuple[dict[str, Path], Optional[int], dict]:
 def resolve_targets(paths: list[str]) -> ServeTargets:
     found = ServeTargets()
     for raw in paths:
-        target = Path(raw).expanduser()
+        target = Path(loadable_path(raw, "apo-ray serve")).expanduser()
         if not target.is_dir():
             raise ConfigError(f"{raw}: no such directory")
         models, max_length, serve_section = _models_of(target)

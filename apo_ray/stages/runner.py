@@ -25,6 +25,7 @@ import yaml
 from apo_ray.config import ConfigError, StageConfig, read_config_tree, validate_section
 from apo_ray.data import DataError, _check_source
 from apo_ray.metrics import METRICS_FILE, read_metrics_jsonl
+from apo_ray.model_sources import stage_with_local_model
 from apo_ray.ray_env import driver_source_env
 from apo_ray.stages.cursor import steps_per_epoch
 from apo_ray.stages.task import StageData, load_stage_data, task_class
@@ -45,10 +46,13 @@ class StageFailed(RuntimeError):
 
 @dataclass
 class PreparedStage:
+    # What the workers read: base_model names what they load (a GGUF file's converted directory).
     cfg: StageConfig
     run_dir: Path
     data: StageData
     resume: bool
+    # The config as the user wrote it, which config.yaml keeps (apo_ray.model_sources says why).
+    written_cfg: StageConfig
 
 
 def resolve_run_dir(cfg: StageConfig) -> str:
@@ -88,6 +92,8 @@ def prepare_stage(cfg: StageConfig, resume: bool = False) -> PreparedStage:
     _check_source(cfg.train, "train")
     if cfg.eval is not None:
         _check_source(cfg.eval, "eval")
+    # GGUF files are converted here, once, so that no worker does.
+    written_cfg, cfg = cfg, stage_with_local_model(cfg)
     print(f"[{cfg.STAGE}] loading data from {cfg.train.path} ...", flush=True)
     try:
         data = load_stage_data(cfg)
@@ -100,7 +106,7 @@ def prepare_stage(cfg: StageConfig, resume: bool = False) -> PreparedStage:
         raise DataError(f"eval.path: {cfg.eval.path} has no items")
     # Every checkpoint kept holds the HF weights and DeepSpeed's weights plus two Adam moments.
     check_run_dir(run_dir, resume, max(MIN_FREE_BYTES, 4 * (cfg.keep_checkpoints + 1) * _model_size(cfg.base_model)))
-    return PreparedStage(cfg, run_dir, data, resume)
+    return PreparedStage(cfg, run_dir, data, resume, written_cfg)
 
 
 def init_ray_for(cfg: StageConfig) -> None:
@@ -136,7 +142,8 @@ def run_stage(prepared: PreparedStage, *, fail_at_step: int | None = None, stop_
 
     cfg, run_dir = prepared.cfg, prepared.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump({"stage": cfg.STAGE, **cfg.model_dump()}, sort_keys=False))
+    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump({"stage": cfg.STAGE, **prepared.written_cfg.model_dump()},
+                                                      sort_keys=False))
     started = time.perf_counter()
     init_ray_for(cfg)
     workers = cfg.workers
@@ -206,7 +213,7 @@ def _summary(prepared: PreparedStage, metrics: dict, model_dir: Path, wall_s: fl
     attempts = [json.loads(line) for line in attempts_file.read_text().splitlines()] if attempts_file.exists() else []
     return {
         "stage": cfg.STAGE,
-        "base_model": cfg.base_model,
+        "base_model": prepared.written_cfg.base_model,
         "model": str(model_dir),
         "workers": cfg.workers.model_dump(),
         "zero_stage": cfg.zero_stage,
