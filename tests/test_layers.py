@@ -20,7 +20,7 @@ CORE = {
     "aapa", "apl", "apo_activity", "batching", "build_locks", "builtin", "builtin.assets", "builtin.harm",
     "builtin.models", "builtin.oracle", "builtin.task", "chat", "config", "config_paths", "data", "evaluation", "game",
     "gguf", "logs", "losses", "mean_pooling", "modeling", "named_tensors", "package_files", "pool_size", "ppo",
-    "progress", "seeds", "vllm_cpu", "vllm_version",
+    "model_sources", "progress", "seeds", "vllm_cpu", "vllm_version",
 }
 
 
