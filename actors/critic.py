@@ -12,7 +12,7 @@ import torch
 
 from apo_ray.actors.engine import LearnerCheckpoint, Rendezvous, TrainEngine, build_engine, train_steps
 from apo_ray.batching import fraction, shuffled_minibatches
-from apo_ray.config import LearnerConfig, ModelConfig, PPOConfig
+from apo_ray.config import ConfigError, LearnerConfig, ModelConfig, PPOConfig
 from apo_ray.game import TokenSample
 from apo_ray.modeling import EncodedBatch, encode_samples, load_reward_model, load_tokenizer
 from apo_ray.ppo import GridRows, ppo_value_loss
@@ -20,7 +20,7 @@ from apo_ray.ppo import GridRows, ppo_value_loss
 
 def check_same_vocabulary(policy_tokenizer, other_tokenizer, other_path: str) -> None:
     if policy_tokenizer.get_vocab() != other_tokenizer.get_vocab():
-        raise ValueError(
+        raise ConfigError(
             f"ppo.critic_init: the model at {other_path} has another tokenizer than the policy; per-token "
             "values must be read on the policy's tokens. Use ppo.critic_init=policy, or an RM that shares "
             "the policy's tokenizer"

@@ -21,10 +21,12 @@ from pathlib import Path
 import yaml
 
 from apo_ray.config import Config, ConfigError, config_from_dict, load_config
+from apo_ray.actors.critic import check_same_vocabulary
 from apo_ray.chat import template_setting
 from apo_ray.config_paths import all_sources_local, input_paths
 from apo_ray.data import DataError, GameData, build_game_data, validate_sources
 from apo_ray.logs import configure_logging
+from apo_ray.modeling import load_tokenizer
 from apo_ray.model_sources import with_local_models
 from apo_ray.placement import (CLUSTER_SYNTAX, actor_plan, check_plan, local_cluster, parse_cluster, place,
                                placement_lines, plan_table, read_running_cluster)
@@ -197,6 +199,9 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
         validate_sources(cfg.data)
         data = build_game_data(cfg.data, cfg.seed)
         policy_path, reward_path, oracle, oracle_terms = local.model.policy_path, local.model.reward_path, None, None
+    if cfg.method == "ppo" and cfg.ppo.critic_init == "reward":
+        # The critic actor would refuse it too, but only after minutes of start-up.
+        check_same_vocabulary(load_tokenizer(policy_path), load_tokenizer(reward_path), reward_path)
     needed = 2 * (cfg.rounds + 2) * (_model_size(policy_path) + _model_size(reward_path))
     check_run_dir(run_dir, resume, max(MIN_FREE_BYTES, needed))
     # APL's attacker starts as the defender's SFT policy: it writes the task's words from the first round.

@@ -222,3 +222,13 @@ def test_the_base_config_itself_is_valid(inputs, tmp_path, capsys):
     # Guards the cases above: each fails for its own bad input, not for something wrong in the base.
     with pytest.raises(AssertionError, match="validation passed"):
         main(["--config", str(inputs / "base.yaml"), f"run_dir={tmp_path / 'run'}"])
+
+
+def test_a_critic_from_an_rm_with_another_tokenizer_is_refused_before_ray_starts(smollm2_dir, tmp_path, capsys):
+    from tests.conftest import REPO_ROOT, minilm_tokenizer_dir
+
+    code = main(["--config", str(REPO_ROOT / "configs" / "hh_smollm2_apo_rjs_cpu.yaml"), "method=ppo",
+                 f"model.policy_path={smollm2_dir}", f"model.reward_path={minilm_tokenizer_dir()}",
+                 f"model.eval_reward={minilm_tokenizer_dir()}", f"run_dir={tmp_path / 'run'}"])
+    assert code == 2 and not ray.is_initialized() and not (tmp_path / "run").exists()
+    assert "ppo.critic_init: the model at" in capsys.readouterr().err
