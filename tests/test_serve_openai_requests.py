@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes' request checks, before any model or Ray: every bad field is refused naming it."""
+"""The OpenAI-compatible routes' request checks, before any model or Ray cluster: every bad field is refused
+naming it."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def test_bad_chat_fields_are_refused_naming_the_field(change, status, field):
     error = refused(parse_chat_request, {"model": "policy", "messages": HELLO, **change})
     assert (error.status, error.field) == (status, field), error
     body = error.to_openai_json()["error"]
-    assert body["param"] == field and body["message"].startswith(f"{field}: ") and body["type"] == "invalid_request_error"
+    assert (body["param"], body["type"]) == (field, "invalid_request_error")
+    assert body["message"].startswith(f"{field}: ")
 
 
 def test_an_unknown_model_answers_as_openai_does():
@@ -124,3 +126,32 @@ def test_a_policy_without_a_chat_template_says_so(tokenizer):
     error = pytest.raises(RequestError, chat_prompt_ids, tokenizer, HELLO, LIMITS).value
     assert (error.status, error.field) == (400, "model")
     assert "no chat template" in error.message and "/v1/completions" in error.message
+
+
+def http_request(path: str, body: bytes, headers: dict[str, str]):
+    from starlette.requests import Request
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": path, "query_string": b"",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    return Request(scope, receive)
+
+
+def test_the_openai_routes_of_a_deployment_without_a_policy_answer_without_one():
+    import asyncio
+    import json
+
+    from apo_ray.serve.ingress import Ingress, token_digest
+
+    token = "t" * 32
+    ingress = Ingress(None, None, policy_config=None, limits=LIMITS, token_sha256=token_digest(token))
+    body = json.dumps({"model": "policy", "messages": HELLO}).encode()
+    stranger = asyncio.run(ingress.chat(http_request("/v1/chat/completions", body, {})))
+    assert stranger.status_code == 401 and json.loads(stranger.body)["error"]["code"] == "invalid_api_key"
+    answer = asyncio.run(ingress.chat(http_request("/v1/chat/completions", body, {"Authorization": f"Bearer {token}"})))
+    assert answer.status_code == 404 and json.loads(answer.body)["error"]["message"] == \
+        "model: this deployment serves no policy"
+    listed = asyncio.run(ingress.list_models(http_request("/v1/models", b"", {"Authorization": f"Bearer {token}"})))
+    assert json.loads(listed.body)["data"] == []

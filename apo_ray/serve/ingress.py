@@ -62,9 +62,9 @@ class Ingress(OpenAiIngress):
         self.scorer, self.policy = scorer, policy
         self.limits, self.token_sha256 = limits, token_sha256
         if policy is not None:
-            self.model_id = policy_config.model_id
             from apo_ray.modeling import eos_token_ids, load_tokenizer
 
+            self.model_id = policy_config.model_id
             policy_dir = policy_config.model_loading_config.model_source
             self.tokenizer = load_tokenizer(policy_dir)
             self.eos_ids = sorted(eos_token_ids(policy_dir, self.tokenizer))
@@ -115,6 +115,8 @@ class Ingress(OpenAiIngress):
         `data: [DONE]`)."""
         try:
             self._authorize(request)
+            if self.policy is None:
+                raise RequestError(404, "model", "this deployment serves no policy", code="model_not_found")
             payload = parse_json(await read_body(request, self.limits), self.limits)
             body = parse(payload)
         except RequestError as error:
