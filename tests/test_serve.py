@@ -5,21 +5,16 @@ replicas keep serving. Tiny builtin-vocabulary models made here."""
 from __future__ import annotations
 
 import concurrent.futures
-import socket
 
 import pytest
 import requests
 import torch
 
+from tests.conftest import free_port
+
 TOKEN = "test-token-" + "0" * 24
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 PROMPTS = ["topic : river ; about : night ; answer :", "topic : market ; about : sound ; answer :"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +127,14 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_replicas_keep_serving(s
         assert answer.json()["error"]["field"] == field, answer.text
     assert post(url, "/score", [{"prompt": PROMPTS[0], "response": "calm"}]).status_code == 200
     assert post(url, "/generate", {"prompt": PROMPTS[0], "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.integration
+def test_a_policy_without_a_chat_template_refuses_chat_and_still_completes(served):
+    url, _ = served
+    chat = post(url, "/v1/chat/completions", {"model": "policy", "messages": [{"role": "user", "content": "river"}]})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "model"
+    assert "no chat template" in chat.json()["error"]["message"]
+    completion = post(url, "/v1/completions", {"model": "policy", "prompt": PROMPTS[0], "max_tokens": 2})
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["usage"]["completion_tokens"] <= 2

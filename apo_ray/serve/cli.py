@@ -16,7 +16,8 @@ from apo_ray.config import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="apo-ray serve", description="serve a run's policy (POST /generate) and RM (POST /score) with Ray Serve")
+        prog="apo-ray serve", description="serve a run's policy (POST /generate and OpenAI's /v1/chat/completions, "
+                                          "/v1/completions, /v1/models) and RM (POST /score) with Ray Serve")
     parser.add_argument("items", nargs="+", metavar="TARGET|serve.key=value",
                         help="run directories (apo-ray train / sft / rm), round checkpoints, HF model directories "
                              "or GGUF files (a path or pkg:<package>/<file>); "
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from apo_ray.serve.app import (check_port_free, check_targets, deploy, init_ray_for, load_serve_config,
                                    serve_token, undeploy)
+    from apo_ray.serve.deployments import POLICY_MODEL_ID
     from apo_ray.serve.targets import resolve_targets
 
     args = build_parser().parse_args(argv)
@@ -51,9 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     url = deploy(targets, cfg, token)
     auth = f' -H "Authorization: Bearer ${cfg.token_env}"' if token else ""
     print(f"[serve] ready at {url}: GET /healthz"
-          + (", POST /score" if targets.reward else "") + (", POST /generate" if targets.policy else "")
+          + (", POST /score" if targets.reward else "")
+          + (", POST /generate, OpenAI's POST /v1/chat/completions, POST /v1/completions, GET /v1/models (model "
+             f"\"{POLICY_MODEL_ID}\")" if targets.policy else "")
           + f"\n  curl -s {url}/score{auth} -d '[{{\"prompt\": \"Hi\", \"response\": \" Hello\"}}]'"
-          + f"\n  curl -s {url}/generate{auth} -d '{{\"prompt\": \"Hi\", \"max_tokens\": 16}}'", flush=True)
+          + f"\n  curl -s {url}/generate{auth} -d '{{\"prompt\": \"Hi\", \"max_tokens\": 16}}'"
+          + f"\n  curl -s {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{{\"model\": "
+            f"\"{POLICY_MODEL_ID}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'", flush=True)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

@@ -17,12 +17,18 @@ from apo_ray.config import ServeLimitsConfig
 
 
 class RequestError(ValueError):
-    def __init__(self, status: int, field: str, message: str):
+    def __init__(self, status: int, field: str, message: str, code: str | None = None):
         super().__init__(f"{field}: {message}")
-        self.status, self.field, self.message = status, field, message
+        self.status, self.field, self.message, self.code = status, field, message, code
 
     def to_json(self) -> dict[str, Any]:
         return {"error": {"field": self.field, "message": f"{self.field}: {self.message}"}}
+
+    def to_openai_json(self) -> dict[str, Any]:
+        """The error body of OpenAI's API, which its client libraries parse into their exceptions."""
+        kind = "authentication_error" if self.status == 401 else "invalid_request_error"
+        return {"error": {"message": f"{self.field}: {self.message}", "type": kind, "param": self.field,
+                          "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ GENERATE_DEFAULTS = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "n": 1,
 MAX_SEED = 2**63 - 1
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     return "null" if value is None else {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
 
 
@@ -62,19 +68,19 @@ def parse_json(body: bytes, limits: ServeLimitsConfig) -> Any:
         raise RequestError(400, "body", "JSON nested too deeply") from None
 
 
-def _text(record: dict, key: str, where: str, limits: ServeLimitsConfig) -> str:
+def text_field(record: dict, key: str, where: str, limits: ServeLimitsConfig) -> str:
     field = f"{where}.{key}" if where else key
     if key not in record:
         raise RequestError(422, field, "missing")
     value = record[key]
     if not isinstance(value, str):
-        raise RequestError(422, field, f"must be a string, got {_type_name(value)}")
+        raise RequestError(422, field, f"must be a string, got {type_name(value)}")
     if len(value) > limits.max_text_chars:
         raise RequestError(413, field, f"{len(value)} characters; at most {limits.max_text_chars}")
     return value
 
 
-def _no_unknown_keys(record: dict, allowed: tuple[str, ...], where: str) -> None:
+def no_unknown_keys(record: dict, allowed: tuple[str, ...], where: str) -> None:
     unknown = sorted(set(record) - set(allowed))
     if unknown:
         field = f"{where}.{unknown[0]}" if where else unknown[0]
@@ -84,7 +90,7 @@ def _no_unknown_keys(record: dict, allowed: tuple[str, ...], where: str) -> None
 def parse_score_request(payload: Any, limits: ServeLimitsConfig) -> list[ScoreItem]:
     """A JSON array of {"prompt": str, "response": str}, 1 to limits.max_score_items of them."""
     if not isinstance(payload, list):
-        raise RequestError(400, "body", f"must be an array of {{prompt, response}} objects, got {_type_name(payload)}")
+        raise RequestError(400, "body", f"must be an array of {{prompt, response}} objects, got {type_name(payload)}")
     if not payload:
         raise RequestError(422, "body", "empty array; send at least one {prompt, response}")
     if len(payload) > limits.max_score_items:
@@ -93,9 +99,9 @@ def parse_score_request(payload: Any, limits: ServeLimitsConfig) -> list[ScoreIt
     for index, record in enumerate(payload):
         where = f"[{index}]"
         if not isinstance(record, dict):
-            raise RequestError(422, where, f"must be an object, got {_type_name(record)}")
-        _no_unknown_keys(record, ("prompt", "response"), where)
-        item = ScoreItem(_text(record, "prompt", where, limits), _text(record, "response", where, limits))
+            raise RequestError(422, where, f"must be an object, got {type_name(record)}")
+        no_unknown_keys(record, ("prompt", "response"), where)
+        item = ScoreItem(text_field(record, "prompt", where, limits), text_field(record, "response", where, limits))
         if not (item.prompt + item.response).strip():
             # Some tokenizers give whitespace no tokens at all, and an RM cannot score an empty sequence.
             raise RequestError(422, where, "prompt and response are both empty")
@@ -103,17 +109,17 @@ def parse_score_request(payload: Any, limits: ServeLimitsConfig) -> list[ScoreIt
     return items
 
 
-def _integer(payload: dict, key: str, lo: int, hi: int) -> int:
+def integer_field(payload: dict, key: str, lo: int, hi: int, over_status: int = 422) -> int:
+    """over_status: the status of a value above `hi` (413 where `hi` is a serve.limits size)."""
     value = payload[key]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(422, key, f"must be an integer, got {_type_name(value)}")
+        raise RequestError(422, key, f"must be an integer, got {type_name(value)}")
     if not lo <= value <= hi:
-        raise RequestError(413 if key == "max_tokens" and value > hi else 422, key,
-                           f"must be between {lo} and {hi}, got {value}")
+        raise RequestError(over_status if value > hi else 422, key, f"must be between {lo} and {hi}, got {value}")
     return value
 
 
-def _number(payload: dict, key: str, lo: float, hi: float, lo_open: bool = False) -> float:
+def number_field(payload: dict, key: str, lo: float, hi: float, lo_open: bool = False) -> float:
     value = payload[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise RequestError(422, key, f"must be a finite number, got {value!r}")
@@ -122,33 +128,38 @@ def _number(payload: dict, key: str, lo: float, hi: float, lo_open: bool = False
     return float(value)
 
 
+def parse_sampling(payload: dict, limits: ServeLimitsConfig, default_max_tokens: int) -> dict[str, Any]:
+    """max_tokens, temperature, top_p, n and seed of a request, defaults filled in; the /generate and OpenAI
+    routes sample alike."""
+    values = {**GENERATE_DEFAULTS, "max_tokens": default_max_tokens, **payload}
+    values = {key: values[key] for key in GENERATE_DEFAULTS}
+    sampling = {
+        "max_tokens": integer_field(values, "max_tokens", 1, limits.max_tokens, over_status=413),
+        "temperature": number_field(values, "temperature", 0.0, limits.max_temperature),
+        "top_p": number_field(values, "top_p", 0.0, 1.0, lo_open=True),
+        "n": integer_field(values, "n", 1, limits.max_n),
+        "seed": None if values["seed"] is None else integer_field(values, "seed", 0, MAX_SEED),
+    }
+    if sampling["temperature"] == 0 and sampling["n"] > 1:
+        raise RequestError(422, "n", f"greedy decoding (temperature 0) has one answer; got n={sampling['n']}")
+    return sampling
+
+
 def parse_generate_request(payload: Any, limits: ServeLimitsConfig) -> GenerateParams:
     """{"prompt": str, "max_tokens": int, "temperature": float, "top_p": float, "n": int, "seed": int|null};
     all but the prompt are optional."""
     if not isinstance(payload, dict):
-        raise RequestError(400, "body", f"must be an object with a prompt, got {_type_name(payload)}")
-    _no_unknown_keys(payload, ("prompt", *GENERATE_DEFAULTS), "")
-    prompt = _text(payload, "prompt", "", limits)
+        raise RequestError(400, "body", f"must be an object with a prompt, got {type_name(payload)}")
+    no_unknown_keys(payload, ("prompt", *GENERATE_DEFAULTS), "")
+    prompt = text_field(payload, "prompt", "", limits)
     if not prompt.strip():
         raise RequestError(422, "prompt", "empty")
-    values = {**GENERATE_DEFAULTS, "max_tokens": min(GENERATE_DEFAULTS["max_tokens"], limits.max_tokens), **payload}
-    payload = {key: values[key] for key in GENERATE_DEFAULTS}
-    seed = None if payload["seed"] is None else _integer(payload, "seed", 0, MAX_SEED)
-    params = GenerateParams(
-        prompt=prompt,
-        max_tokens=_integer(payload, "max_tokens", 1, limits.max_tokens),
-        temperature=_number(payload, "temperature", 0.0, limits.max_temperature),
-        top_p=_number(payload, "top_p", 0.0, 1.0, lo_open=True),
-        n=_integer(payload, "n", 1, limits.max_n),
-        seed=seed,
-    )
-    if params.temperature == 0 and params.n > 1:
-        raise RequestError(422, "n", f"greedy decoding (temperature 0) has one answer; got n={params.n}")
-    return params
+    return GenerateParams(prompt=prompt, **parse_sampling(
+        payload, limits, default_max_tokens=min(GENERATE_DEFAULTS["max_tokens"], limits.max_tokens)))
 
 
-def check_prompt_tokens(n_tokens: int, limits: ServeLimitsConfig) -> None:
+def check_prompt_tokens(n_tokens: int, limits: ServeLimitsConfig, field: str = "prompt") -> None:
     if n_tokens == 0:
-        raise RequestError(422, "prompt", "has no tokens under the policy's tokenizer")
+        raise RequestError(422, field, "has no tokens under the policy's tokenizer")
     if n_tokens > limits.max_prompt_tokens:
-        raise RequestError(413, "prompt", f"{n_tokens} tokens; at most {limits.max_prompt_tokens}")
+        raise RequestError(413, field, f"{n_tokens} tokens; at most {limits.max_prompt_tokens}")
