@@ -75,6 +75,7 @@ METRICS = (
     Metric("rm/acc_policy", "RM acc, policy pairs", True),
     Metric("rm/ece_policy", "RM ECE, policy pairs", False),
     Metric("eval/kl", "KL to reference", False, old_key="policy/kl"),
+    Metric("eval/response_length", "response length", False),
 )
 GOLD, ACC_POLICY = "eval/gold_score", "rm/acc_policy"
 
@@ -144,7 +145,7 @@ def arm_config(arm: Arm, seed: int, run_dir: Path, args: argparse.Namespace) -> 
     if args.learner_backend:
         common.append(f"learner.backend={args.learner_backend}")
     if not arm.online:
-        return load_config(DEFAULT_CONFIG, [*arm.overrides, f"rounds={args.rounds}", *common])
+        return load_config(args.config, [*arm.overrides, f"rounds={args.rounds}", *common])
     config = ONLINE_CONFIGS[arm.overrides[0].removeprefix("method=")]
     default = yaml.safe_load(DEFAULT_CONFIG.read_text())
     base = load_config(config, _flat_overrides("reward", default["reward"]))
@@ -576,6 +577,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", choices=[arm.key for arm in ALL_ARMS],
                         help="run only these arms (default: all); an arm's baseline is added when missing")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help=f"rounds per run (default {DEFAULT_ROUNDS})")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                        help="the offline arms' config (default: the embedded default's builtin task); with a "
+                             "real-data recipe such as configs/hh_smollm2_apo_rjs_cpu.yaml the 'gold score' is the "
+                             "score of its evaluation RM (model.eval_reward), which the game never trains")
     parser.add_argument("--rollout-backend", choices=("vllm", "hf"), help="default: the config's")
     parser.add_argument("--learner-backend", choices=("deepspeed", "torch"), help="default: the config's")
     add_niceness_argument(parser)
