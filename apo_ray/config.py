@@ -343,7 +343,8 @@ class PPOConfig(Section):
 class EvalConfig(Section):
     """The held-out evaluation (APOGame.evaluate): the policy's samples on held-out prompts, judged by the gold
     oracle or the evaluation RM. Its standard errors shrink as 1/sqrt(prompts * samples_per_prompt): 64 x 2
-    samples gave about 0.1 on the gold score, too wide to see a round's effect; the default judges 2,048."""
+    samples gave about 0.1 on the gold score, too wide to see a round's effect; the default judges 2,048, for about
+    0.02."""
 
     prompts: int = Field(64, ge=1, description=(
         "The first this many distinct prompts of the held-out pairs (all of them, with a warning, when fewer)."))
@@ -352,9 +353,11 @@ class EvalConfig(Section):
         "accuracy on the policy's own distribution over the within-prompt pairs."))
     overlap: bool = Field(True, description=(
         "Round r's evaluation runs during round r+1 on the CPUs its RM and policy steps leave idle, with the same "
-        "figures (apo_ray/held_out_evaluation.py); round r's row is logged at the end of round r+1. Costs one more "
-        "copy of the RM's weights. It evaluates in place, saying why, for the last round, with "
-        "ppo.async_rollouts and with ZeRO-3."))
+        "figures (apo_ray/held_out_evaluation.py): its held-out samples are drawn right after the round's own, "
+        "while the RM steps, and a frozen copy of round r's RM scores them; round r's row is logged at the end of "
+        "round r+1, and timing/evaluate is what the driver still waited for. Costs one more copy of the RM's "
+        "weights. It evaluates in place, saying why, for the last round, with ppo.async_rollouts and with "
+        "ZeRO-3."))
 
 
 class LoggingConfig(Section):
@@ -370,14 +373,14 @@ class LoggingConfig(Section):
 
 
 class RayConfig(Section):
-    """The Ray cluster the run uses."""
+    """The Ray cluster a run or stage uses."""
 
     address: Optional[str] = Field(None, description=(
         "null: join the cluster in RAY_ADDRESS (`ray job submit` sets it), else start a local cluster of its own "
         "(beside any `ray start` one). 'auto': join the cluster of this machine. Else a cluster address."))
     num_cpus: Optional[int] = Field(None, ge=1, description=(
-        "Logical CPUs of a local cluster this run starts; null: the machine's cores or what the placement plan "
-        "needs, whichever is more."))
+        "Logical CPUs of a local cluster the run starts; null: the machine's cores or what the run's actors need, "
+        "whichever is more."))
 
 
 # ---------------------------------------------------------------------------------------- serving
@@ -541,7 +544,8 @@ class Config(Section):
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every this many rounds; the last round always is.")
     samples_per_prompt: int = Field(4, ge=1, description="S: samples per gold prompt and per policy prompt.")
     seed: int = Field(0, ge=0, description=(
-        "The run's seed; each use (sampling, data order, evaluation) draws from its own stream of it."))
+        "The run's seed: the builtin task, the data split and every sampling draw derive from it, each use from a "
+        "stream of its own (apo_ray/seeds.py)."))
     run_dir: str = Field("runs/default", description=(
         "Where the run writes its config.yaml, metrics, checkpoints and report; one that holds files is refused "
         "unless resumed (--resume)."))
@@ -992,8 +996,9 @@ class StageConfig(Section):
     lr: float = Field(1e-4, gt=0.0, description="AdamW's peak learning rate.")
     lr_scheduler_type: LRSchedule = Field("constant", description=(
         "The lr of each step (apo_ray.stages.lr_schedule): after the warm-up, lr held ('constant') or decayed to "
-        "0 over the rest of the run's steps ('linear', 'cosine'); logged as learning_rate. The run's steps are its "
-        "epochs' (a --resume that adds epochs stretches the decay from there on)."))
+        "0 over the rest of the run's steps ('linear', 'cosine'); logged as learning_rate. A restarted run continues "
+        "on the same curve; the run's steps are its epochs', so a --resume that adds epochs stretches the decay "
+        "from there on."))
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "The share of the run's steps over which lr rises linearly from 0."))
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW's weight decay.")

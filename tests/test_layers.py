@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # The pure core: math, data, config, bookkeeping and the gold oracle. Importable without Ray or any actor.
 CORE = {
     "aapa", "apl", "apo_activity", "batching", "build_locks", "builtin", "builtin.assets", "builtin.harm",
-    "builtin.models", "builtin.oracle", "builtin.task", "chat", "config", "config_paths", "data", "evaluation", "game",
-    "gguf", "logs", "losses", "mean_pooling", "modeling", "named_tensors", "package_files", "pool_size", "ppo",
+    "builtin.models", "builtin.oracle", "builtin.task", "chat", "config", "config_docs", "config_paths", "data",
+    "evaluation", "game", "gguf", "logs", "losses", "mean_pooling", "modeling", "named_tensors", "package_files",
+    "pool_size", "ppo",
     "model_sources", "progress", "seeds", "vllm_cpu", "vllm_version",
 }
 
