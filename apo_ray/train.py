@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from apo_ray.config import Config, ConfigError, config_from_dict, load_config
+from apo_ray.config_docs import add_help_config
 from apo_ray.actors.critic import check_same_vocabulary
 from apo_ray.chat import template_setting
 from apo_ray.config_paths import all_sources_local, input_paths
@@ -386,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show apo-ray's debug lines and every library's own log lines and progress bars "
                              "(by default: apo-ray's progress, and only errors of vLLM, Ray and DeepSpeed)")
+    add_help_config(parser, "train")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. method=dpo reward.lr=1e-4")
     return parser
 

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from apo_ray.config import ConfigError, RMStageConfig, SFTStageConfig, StageConfig, load_stage_config
+from apo_ray.config_docs import add_help_config
 from apo_ray.data import DataError
 from apo_ray.train import RunDirError
 
@@ -25,6 +26,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", help=f"YAML stage config (e.g. configs/{stage}_*.yaml)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this stage's run directory from its last "
                                                             "checkpoint (overrides may add epochs)")
+    add_help_config(parser, stage)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. workers.num_workers=2 lr=1e-4")
     return parser
 
