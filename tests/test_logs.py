@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import re
@@ -112,6 +113,43 @@ def test_configured_twice_each_line_appears_once(fresh_logging, capsys):
     logs.configure_logging(verbose=False)
     logging.getLogger("apo_ray.train").info("summary: {}")
     assert capsys.readouterr().out.count("summary: {}") == 1
+
+
+# Lines a Ray Train job's workers print, as Ray's worker logger writes them (ray_constants.LOGGER_FORMAT).
+RAY_TRAIN_WORKER_LINES = [
+    "2026-06-01 12:00:01,204\tWARNING placement_group_cleaner.py:85 -- Failed to query Ray Train Controller actor "
+    "state. State API may be temporarily unavailable. Continuing to monitor.",
+    "2026-06-01 12:00:02,311\tWARNING placement_group_cleaner.py:121 -- Detected that the Ray Train controller actor "
+    "(4f2a) is dead. Cleaning up placement group = [9c1e] created by this run.",
+    "2026-06-01 12:00:02,312\tERROR worker.py:412 -- RuntimeError: a worker failed",
+]
+
+
+@pytest.mark.parametrize("verbose, printed", [(False, RAY_TRAIN_WORKER_LINES[1:]), (True, RAY_TRAIN_WORKER_LINES)])
+def test_the_driver_drops_ray_trains_controller_query_line_unless_verbose(verbose, printed):
+    """Ray's driver passes what its workers print through a deduplicator, which reads its skip pattern when ray is
+    imported: after configure_logging, in a process of its own as an `apo-ray rm` driver is."""
+    script = (f"from apo_ray import logs; logs.configure_logging(verbose={verbose})\n"
+              "import json, sys\n"
+              "from ray._private.ray_logging import stderr_deduplicator\n"
+              "batch = {'ip': '127.0.0.1', 'pid': 7, 'is_err': True, 'lines': json.load(sys.stdin)}\n"
+              "print(json.dumps([line for out in stderr_deduplicator.deduplicate(batch) for line in out['lines']]))\n")
+    inherited = (logs.VERBOSE_ENV, *logs.QUIET_ENV)
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps(RAY_TRAIN_WORKER_LINES), cwd=REPO_ROOT,
+                          env={k: v for k, v in os.environ.items() if k not in inherited}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == printed
+
+
+@pytest.mark.parametrize("flags", [[], ["--verbose"]])
+def test_the_stage_commands_configure_logging_as_train_does(fresh_logging, flags, capsys):
+    from apo_ray.stages.cli import main as stage_main
+
+    assert stage_main("rm", flags) == 2  # no base_model: refused before Ray starts, logging configured first
+    assert "base_model: required" in capsys.readouterr().err
+    assert logs.is_verbose() == bool(flags)
+    assert ("RAY_DEDUP_LOGS_SKIP_REGEX" in os.environ) == (not flags)
 
 
 def test_the_worker_hook_configures_a_worker_as_its_driver_chose(fresh_logging, monkeypatch):

@@ -12,6 +12,7 @@ import sys
 from apo_ray.config import ConfigError, RMStageConfig, SFTStageConfig, StageConfig, load_stage_config
 from apo_ray.config_docs import add_help_config
 from apo_ray.data import DataError
+from apo_ray.logs import add_verbose_flag, configure_logging
 from apo_ray.train import RunDirError
 
 STAGES: dict[str, type[StageConfig]] = {"sft": SFTStageConfig, "rm": RMStageConfig}
@@ -26,15 +27,17 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", help=f"YAML stage config (e.g. configs/{stage}_*.yaml)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this stage's run directory from its last "
                                                             "checkpoint (overrides may add epochs)")
+    add_verbose_flag(parser)
     add_help_config(parser, stage)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. workers.num_workers=2 lr=1e-4")
     return parser
 
 
 def main(stage: str, argv: list[str] | None = None) -> int:
+    args = build_parser(stage).parse_args(argv)
+    configure_logging(args.verbose)
     from apo_ray.stages.runner import StageFailed, load_for_resume, prepare_stage, run_stage
 
-    args = build_parser(stage).parse_args(argv)
     cls = STAGES[stage]
     try:
         if args.resume:
