@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -272,10 +273,12 @@ def run(prepared: PreparedRun) -> dict:
         logger.close()
         shutdown_actors(actors)
     summary = write_summary(run_dir, cfg, prepared, time.perf_counter() - started)
+    report = None
     if cfg.logging.report:
         from apo_ray.report import write_report
 
-        log.info("report: %s", write_report(run_dir))
+        report = write_report(run_dir)
+    log.info("%s", summary_text(summary, run_dir, report, checkpointer.round_dir(cfg.rounds)))
     return summary
 
 
@@ -288,7 +291,7 @@ def evaluate_share(rows: list[dict]) -> float | None:
 
 def write_summary(run_dir: Path, cfg: Config, prepared: PreparedRun, wall_s: float) -> dict:
     from apo_ray.apo_activity import inert_apo_reason
-    from apo_ray.evaluation import rise_line, score_rise
+    from apo_ray.evaluation import score_rise
     from apo_ray.metrics import read_metrics_jsonl
 
     rows = read_metrics_jsonl(run_dir / "metrics.jsonl")
@@ -321,12 +324,38 @@ def write_summary(run_dir: Path, cfg: Config, prepared: PreparedRun, wall_s: flo
                       if cfg.apo else None),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("summary: %s", json.dumps(summary["final"]))
-    if rise is not None:
-        log.info("summary: %s", rise_line("eval/gold_score", rise))
     if summary["apo_inert"]:
         log.warning("summary: the APO term was inert: %s", summary["apo_inert"])
     return summary
+
+
+def summary_text(summary: dict, run_dir: Path, report: Path | None, last_checkpoint: Path) -> str:
+    """What a run prints at its end: the last evaluation's figures to the digits their errors warrant, how the gold
+    score moved, and where the run's files are. summary.json keeps every figure at full precision."""
+    from apo_ray.evaluation import rise_line
+
+    final = summary["final"]
+    apo = " with APO" if summary["apo"] else ""
+    lines = [f"summary ({summary['method']}{apo}, seed {summary['seed']}), the last evaluation (round "
+             f"{summary['evaluated_at'][-1]}):"]
+    width = max(map(len, SUMMARY_KEYS))
+    lines += [f"  {key:<{width}}  {_with_error(final[key], final.get(f'{key}_se'))}"
+              for key in SUMMARY_KEYS if final.get(key) is not None]
+    if summary["gold_rise"] is not None:
+        lines.append(f"  {rise_line('eval/gold_score', summary['gold_rise'])}")
+    files = ["summary.json (full precision)", *([str(report.relative_to(run_dir))] if report is not None else []),
+             f"{last_checkpoint.relative_to(run_dir)} (the last round's models)"]
+    lines += [f"  run directory {run_dir}", f"  in it: {', '.join(files)}"]
+    return "\n".join(lines)
+
+
+def _with_error(value: float, se: float | None) -> str:
+    """`0.688 +- 0.082`: the value to the second significant digit of its standard error; 3 significant digits
+    without one (or with a zero error)."""
+    if se is None or not se > 0:
+        return f"{value:.3g}"
+    decimals = max(0, 1 - math.floor(math.log10(se)))
+    return f"{value:.{decimals}f} +- {se:.{decimals}f}"
 
 
 def dry_run(cfg: Config, resume: bool, cluster_spec: str | None) -> int:
