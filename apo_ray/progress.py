@@ -18,6 +18,11 @@ class Progress:
     """Counts work done in one phase; use as a context manager and call update(n) as items finish.
 
     The bar is drawn on `stream` (default: stderr) when it is a terminal; otherwise the lines are logged.
+
+    `ready`: items that finished before the phase began, while the caller did other work (a call submitted
+    earlier and collected now, like the held-out samples an overlapped evaluation draws during the next round's
+    steps). They are counted, and the line says so and how long the phase waited instead of a rate, which
+    would divide them by a wait they took no part in.
     """
 
     def __init__(
@@ -26,6 +31,7 @@ class Progress:
         total: int | None = None,
         unit: str = "it",
         *,
+        ready: int = 0,
         stream: TextIO | None = None,
         min_interval_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
@@ -33,7 +39,7 @@ class Progress:
         self.phase = phase
         self.total = total
         self.unit = unit
-        self.count = 0
+        self.count = self.ready = ready
         self._stream = stream if stream is not None else sys.stderr
         self._min_interval_s = min_interval_s
         self._clock = clock
@@ -44,7 +50,8 @@ class Progress:
     def _tqdm_bar(self):
         from tqdm import tqdm
 
-        return tqdm(total=self.total, desc=self.phase, unit=self.unit, file=self._stream, dynamic_ncols=True)
+        return tqdm(total=self.total, initial=self.ready, desc=self.phase, unit=self.unit, file=self._stream,
+                    dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         self.count += n
@@ -65,8 +72,12 @@ class Progress:
         self._last_line = now
         elapsed = now - self._started
         counted = f"{self.count}/{self.total}" if self.total is not None else str(self.count)
-        rate = f"{self.count / elapsed:.1f} {self.unit}/s" if elapsed > 0 else "-"
         level = logging.WARNING if state == "failed" else logging.INFO
+        if self.ready:
+            log.log(level, "[%s] %s: %s %s (%d finished during earlier steps); waited %.1f s", self.phase, state,
+                    counted, self.unit, self.ready, elapsed)
+            return
+        rate = f"{self.count / elapsed:.1f} {self.unit}/s" if elapsed > 0 else "-"
         log.log(level, "[%s] %s: %s %s in %.1f s (%s)", self.phase, state, counted, self.unit, elapsed, rate)
 
     def __enter__(self) -> Progress:

@@ -88,7 +88,7 @@ class GenerateCall:
             ref = handle.generate.remote([self.prompts[i] for i in indices], indices, self.n, self.seed)
             self._in_flight[ref] = (worker, handle, indices)
 
-    def poll(self, on_piece: Callable[[list[Rollout]], None]) -> None:
+    def poll(self, on_piece: Callable[[list[Rollout]], None] | None) -> None:
         """Hand every piece that is already sampled to `on_piece`, without waiting for the others."""
         if not self._in_flight:
             return
@@ -100,9 +100,12 @@ class GenerateCall:
         """Every rollout, in prompt order; `on_piece` sees each piece not yet polled as it arrives."""
         pool, prompts, n = self.pool, self.prompts, self.n
         try:
-            # Samples, not prompts: a shard retried after a worker's death counts once, when it is answered.
-            with Progress("generate", total=n * len(prompts), unit="samples") as progress:
-                progress.update(sum(len(rollouts) for rollouts in self._answered.values()))
+            # What was sampled while the caller did other work is taken first, so that the progress line tells it
+            # from what the caller waited for. Samples, not prompts: a shard retried after a worker's death counts
+            # once, when it is answered.
+            self.poll(on_piece)
+            ready = sum(len(rollouts) for rollouts in self._answered.values())
+            with Progress("generate", total=n * len(prompts), unit="samples", ready=ready) as progress:
                 while self._in_flight:
                     [ref], _ = ray.wait(list(self._in_flight), num_returns=1)
                     progress.update(self._take(ref, on_piece))

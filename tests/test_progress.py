@@ -35,6 +35,26 @@ def test_without_a_terminal_logs_at_most_one_line_per_interval_and_one_at_the_en
     assert stream.getvalue() == ""
 
 
+def test_work_finished_before_the_phase_is_counted_and_named_not_divided_by_the_wait(caplog):
+    """A call submitted earlier and collected now (the overlapped evaluation's samples): no rate of 2048 samples
+    over a wait of nearly nothing, but what was ready and how long the rest took to come."""
+    clock = FakeClock()
+    with caplog.at_level(logging.INFO, logger="apo_ray"):
+        with Progress("generate", total=2048, unit="samples", ready=2048, stream=io.StringIO(), clock=clock):
+            clock.now = 0.008
+        with Progress("generate", total=2048, unit="samples", ready=1536, stream=io.StringIO(), min_interval_s=30,
+                      clock=clock) as progress:
+            clock.now += 40.0
+            progress.update(256)
+            clock.now += 5.0
+            progress.update(256)
+    assert progress_records(caplog) == [
+        (logging.INFO, "[generate] done: 2048/2048 samples (2048 finished during earlier steps); waited 0.0 s"),
+        (logging.INFO, "[generate] running: 1792/2048 samples (1536 finished during earlier steps); waited 40.0 s"),
+        (logging.INFO, "[generate] done: 2048/2048 samples (1536 finished during earlier steps); waited 45.0 s"),
+    ]
+
+
 def test_a_failing_phase_says_so_as_a_warning(caplog):
     clock = FakeClock()
     with pytest.raises(RuntimeError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 
@@ -308,6 +310,22 @@ def test_a_call_in_pieces_hands_each_piece_over_once_and_answers_as_one_call(hf_
     assert sorted(r.prompt_index for piece in polled for r in piece) == expected_order(10, 2)
     assert [(r.prompt_index, r.response_token_ids) for r in rollouts] == [(r.prompt_index, r.response_token_ids)
                                                                           for r in whole]
+
+
+@pytest.mark.integration
+def test_a_call_sampled_during_other_work_says_so_instead_of_a_rate(hf_pool, caplog):
+    """The overlapped evaluation collects its samples after the workers drew them: the progress line must say
+    so and what the collection waited, not claim N samples in 0.0 s at thousands of samples a second."""
+    call = hf_pool.submit(PROMPTS, n=2)
+    # A worker answers its calls in order: once it answers this one, it has sampled its shard.
+    ray.get([worker.ping.remote() for worker in hf_pool.workers])
+    with caplog.at_level(logging.INFO, logger="apo_ray"):
+        call.result()
+        hf_pool.generate(PROMPTS, n=2)  # collected at once: waited for every sample
+    lines = [record.getMessage() for record in caplog.records if record.name == "apo_ray.progress"]
+    assert re.fullmatch(r"\[generate\] done: 8/8 samples \(8 finished during earlier steps\); waited 0\.\d s",
+                        lines[0]), lines
+    assert re.fullmatch(r"\[generate\] done: 8/8 samples in \d+\.\d s \(\d+\.\d samples/s\)", lines[1]), lines
 
 
 @pytest.mark.integration
