@@ -268,6 +268,9 @@ def build_engine(model: torch.nn.Module, learner: LearnerConfig, *, lr: float, m
     """The engine of one rank of a learner, as `learner.*` configures it: the one place learners build engines.
     `micro_batch_size` is the whole minibatch's; DeepSpeed is told each rank's part of it."""
     rendezvous = rendezvous or Rendezvous()
+    if learner.gradient_checkpointing:
+        # Non-reentrant: the reentrant form needs inputs that require grad and loses them under ZeRO-3's hooks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return TrainEngine(model, backend=learner.backend, lr=lr, zero_stage=learner.zero_stage,
                        grad_clip=learner.grad_clip, weight_decay=learner.weight_decay,
                        micro_batch_size=-(-micro_batch_size // rendezvous.world_size), rank=rendezvous.rank,
