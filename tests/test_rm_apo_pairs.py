@@ -32,10 +32,12 @@ def test_the_arms_are_compared_seed_by_seed_with_a_t_interval():
     assert ece["apo_minus_human"]["mean"] == pytest.approx(-0.02) and ece["apo_minus_human"]["better_seeds"] == 1
 
 
-def test_a_seed_with_one_arm_only_is_left_out_of_the_difference():
+def test_a_seed_with_one_arm_only_is_left_out():
     fits = [a_fit("human", 0, 0.6, 0.1), a_fit("apo", 0, 0.7, 0.1), a_fit("human", 1, 0.5, 0.1)]
-    diff = compare_arms(fits)["dev accuracy"]["apo_minus_human"]
+    acc = compare_arms(fits)["dev accuracy"]
+    diff = acc["apo_minus_human"]
     assert diff["per_seed"] == pytest.approx({0: 0.1}) and diff["n"] == 1 and math.isnan(diff["low"])
+    assert acc["human"]["n"] == 1 and acc["human"]["mean"] == pytest.approx(0.6)
 
 
 def test_the_reading_turns_round_where_lower_is_better():
@@ -49,7 +51,9 @@ def test_the_reading_turns_round_where_lower_is_better():
 
 def test_a_resumed_run_makes_only_the_fits_it_lacks_with_these_settings():
     done = [a_fit("human", 0, 0.6, 0.1), a_fit("apo", 0, 0.6, 0.1), a_fit("human", 1, 0.6, 0.1, settings={"lr": 1})]
-    assert fits_to_run([0, 1, 2], done, SETTINGS) == [("human", 1), ("apo", 1), ("human", 2), ("apo", 2)]
+    assert fits_to_run([0, 1, 2], ["human", "apo"], done, SETTINGS) == [("human", 1), ("apo", 1), ("human", 2),
+                                                                         ("apo", 2)]
+    assert fits_to_run([1, 2], ["apo"], done, SETTINGS) == [("apo", 1), ("apo", 2)]
 
 
 def test_kept_samples_become_the_apo_pairs_build_apo_pairs_makes():
