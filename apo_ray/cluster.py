@@ -12,9 +12,9 @@ import ray
 from apo_ray.actors.critic import CriticLearner
 from apo_ray.actors.discriminator import Discriminator
 from apo_ray.actors.policy import PolicyLearner
-from apo_ray.chat import template_setting
 from apo_ray.actors.reference import ReferenceModel
 from apo_ray.actors.reward import RewardLearner
+from apo_ray.chat import template_setting
 from apo_ray import build_locks, logs
 from apo_ray.actor_group import wait_until_ready
 from apo_ray.config import Config, LearnerConfig

@@ -58,10 +58,13 @@ class RewardScorer:
 
     @torch.no_grad()
     def _score(self, items: list[ScoreItem]) -> tuple[list[float], list[bool]]:
+        from apo_ray.chat import reward_text
         from apo_ray.modeling import encode_for_reward
 
         prompts, responses = [i.prompt for i in items], [i.response for i in items]
-        lengths = [len(ids) for ids in self.tokenizer([p + r for p, r in zip(prompts, responses)])["input_ids"]]
+        # The text encode_for_reward scores, so that the truncation flags are about what the RM read.
+        texts = [reward_text(p, r) for p, r in zip(prompts, responses)]
+        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
         scores: list[float] = []
         for rows in chunks(len(items), FORWARD_ROWS):
             batch = encode_for_reward(self.tokenizer, prompts[rows.start:rows.stop], responses[rows.start:rows.stop],
