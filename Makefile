@@ -15,7 +15,7 @@ run: install
 	$(PY) -m apo_ray.train --config configs/default.yaml $(ARGS)
 
 test: install
-	$(PY) -m pytest -q -ra --timeout=900
+	$(PY) -m pytest -q -ra --timeout=900 --durations=30
 
 test-fast: install
 	$(PY) -m pytest -q -m "not integration"
