@@ -470,6 +470,38 @@ def _plain_statement(compared: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def task_title(config: Path) -> str:
+    return "the builtin task" if Path(config).resolve() == DEFAULT_CONFIG.resolve() else Path(config).name
+
+
+def _shown(path: str) -> str:
+    """A path as the repository names it, where it lies inside the repository."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return path
+
+
+def task_words(cfg: Any) -> str:
+    """What the runs were trained and judged on, read from the config: the builtin task's sizes, or a real-data
+    recipe's files, split and judge (its 'gold score' is its evaluation RM's score)."""
+    data = cfg.data
+    if data.task == "builtin":
+        b = data.builtin
+        return (f"the builtin task (apo_ray.builtin), {b.n_pairs} simulated human pairs, {b.n_gold} gold answers, "
+                f"{b.n_prompts} policy prompts, {b.n_eval_pairs} held-out human pairs; the gold score is its oracle's.")
+    sources = [(name, getattr(data, name)) for name in ("source", "pairs", "gold", "prompts", "eval_pairs")]
+    read = "; ".join(
+        f"{name} {_shown(source.path)} ({source.format}" + (f", skip {source.skip}" if source.skip else "")
+        + (f", first {source.limit}" if source.limit else "") + ")"
+        for name, source in sources if source is not None)
+    split = ", ".join(f"{k} {v:g}" for k, v in data.split_fractions.items()) if data.source is not None else None
+    return (f"files: {read}" + (f"; the source's prompts split {split}" if split else "") + f". Policy "
+            f"{cfg.model.policy_path} (chat template: {data.chat_template}), prompts within {cfg.model.max_prompt_tokens} "
+            f"tokens, responses within {cfg.model.max_response_tokens}. The 'gold score' is the score of the "
+            f"evaluation RM {_shown(cfg.model.eval_reward)}, which the game never trains.")
+
+
 def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Arm], records: dict[str, list[RunRecord]],
                   configs: dict[str, Any]) -> dict[str, Any]:
     summaries = {name: aggregate([r for r in recs if not r.error]) for name, recs in records.items()}
@@ -479,21 +511,18 @@ def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Ar
     sample = configs[arms[0].name]
     backends = sorted({(c.rollout.backend, c.learner.backend) for c in configs.values()})
     run.add_text(
-        f"Task: the builtin task (apo_ray.builtin), {sample.data.builtin.n_pairs} simulated human pairs, "
-        f"{sample.data.builtin.n_gold} gold answers, {sample.data.builtin.n_prompts} policy prompts, "
-        f"{sample.data.builtin.n_eval_pairs} held-out human pairs; evaluation samples: "
-        f"{sample.eval.samples_per_prompt} per prompt on up to {sample.eval.prompts} held-out prompts. Offline "
-        f"arms: configs/default.yaml ({sample.rounds} rounds, S={sample.samples_per_prompt}, RM lr "
-        f"{sample.reward.lr:g}, {sample.reward.initial_epochs} initial RM epochs, {sample.reward.epochs_per_round} "
-        f"RM epoch(s) per round, APO coefficient {sample.apo_coef:g}, {sample.reward.apo_normalization} "
-        f"normalization) with each row's overrides. Recipe (--set on every arm): "
+        f"Task: {task_words(sample)} Evaluation samples: {sample.eval.samples_per_prompt} per prompt on up to "
+        f"{sample.eval.prompts} held-out prompts. Offline arms: {args.config} ({sample.rounds} rounds, "
+        f"S={sample.samples_per_prompt}, RM lr {sample.reward.lr:g}, {sample.reward.initial_epochs} initial RM "
+        f"epochs, {sample.reward.epochs_per_round} RM epoch(s) per round, APO coefficient {sample.apo_coef:g}, "
+        f"{sample.reward.apo_normalization} normalization) with each row's overrides. Recipe (--set on every arm): "
         f"{' '.join(args.set) or 'the committed defaults'}. Online arms: configs/ppo.yaml and configs/grpo.yaml "
         "with default.yaml's reward section; PPO iterations (rounds of the online game) = rounds x (policy prompts "
         "/ prompts per iteration), so that they draw as many samples as an offline round, evaluated (and, for "
         "APO, the RM stepped) once per such round. Backends (rollout, learner): "
         + ", ".join(f"{r}/{l}" for r, l in backends)
-        + f". Seeds ({args.seed_set} set): {' '.join(map(str, args.seeds))}. Round 0 is the SFT policy with the "
-        "RM fitted on the human pairs (identical for an arm and its baseline)."
+        + f". Seeds ({args.seed_set} set): {' '.join(map(str, args.seeds))}. Round 0 is the starting policy with "
+        "the RM fitted on the human pairs (identical for an arm and its baseline)."
     )
     failed = [(name, r.seed, r.error.strip().splitlines()[-1]) for name, recs in records.items() for r in recs if r.error]
     if failed:
@@ -621,7 +650,7 @@ def main() -> None:
     if args.out is None and not args.quick and (args.seed_set == "tuning" or args.set):
         # Only the reporting seeds with the committed defaults replace results/quality/ itself.
         args.out = RESULTS_ROOT / "quality" / args.seed_set / tag
-    run = BenchmarkRun("quality", "Quality: APO vs. fixed-RM baselines and RM ablations on the builtin task", args)
+    run = BenchmarkRun("quality", f"Quality: APO vs. fixed-RM baselines and RM ablations on {task_title(args.config)}", args)
     import ray
 
     from apo_ray.cluster import init_ray, required_resources
