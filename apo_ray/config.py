@@ -457,7 +457,7 @@ class ServeConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------- sibling games
-# AAPA and APL (README "AAPA" and "APL"): games on the same actors, off unless `enabled`.
+# AAPA and APL (docs/games.md): games on the same actors, off unless `enabled`.
 
 
 class AAPAConfig(Section):
