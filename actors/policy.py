@@ -117,7 +117,7 @@ class PolicyLearner(LearnerCheckpoint):
         self, chosen: list[TokenSample], rejected: list[TokenSample], ref_chosen: list[float],
         ref_rejected: list[float], *, method: str, settings: dict, epochs: int, seed: int
     ) -> dict[str, float]:
-        """A "pairs" method's step (DPO): its loss on the pairs' sequence log-probs and the reference's."""
+        """A "pairs" method's step (DPO, IPO): its loss on the pairs' sequence log-probs and the reference's."""
         loss_of = get_method(method).loss
 
         def loss_fn(idx: list[int], share: list[list[int]], minibatch: list[list[int]]):

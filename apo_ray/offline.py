@@ -1,4 +1,4 @@
-"""The offline min players of Algorithm 1 (RJS, RRHF, DPO: apo_ray/methods/) as the game loop's policy step:
+"""The offline min players of Algorithm 1 (RJS, RRHF, DPO, IPO: apo_ray/methods/) as the game loop's policy step:
 every round trains on the RM-scored samples of all policy prompts D_Q (apo_ray/driver.py runs the loop)."""
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ CONFIG_CASES = [
      r"model directory"),
     (["model.policy_path=models/a/b"], r"model\.policy_path: 'models/a/b' is neither an existing directory or GGUF file, a pkg: file, "
      r"nor a hub"),
-    (["method=apo_zero"], r"method: must be one of dpo, rjs, rrhf, grpo, ppo, reinforce_pp; got 'apo_zero'"),
+    (["method=apo_zero"], r"method: must be one of dpo, ipo, rjs, rrhf, grpo, ppo, reinforce_pp; got 'apo_zero'"),
     (["method=ppo2"], r"method: must be one of .*; got 'ppo2'"),
     (["reward.lrr=1e-4"], r"reward\.lrr: unknown key"),
     (["bogus=1"], r"bogus: unknown key"),

@@ -101,7 +101,7 @@ def test_the_wheel_installs_actors_as_apo_ray_actors(tmp_path):
     assert "apo_ray/actors/policy.py" in names and "apo_ray/actors/rollout.py" in names
     assert not [n for n in names if n.startswith("actors/")]
     assert "apo_ray/builtin/oracle.py" in names and "apo_ray/stages/runner.py" in names
-    assert "apo_ray/methods/dpo.py" in names
+    assert "apo_ray/methods/ipo.py" in names
 
 
 def test_local_ray_workers_get_the_drivers_apo_ray_first(monkeypatch):

@@ -96,7 +96,7 @@ def test_grpo_broadcasts_group_normalised_scores_and_ignores_kl_in_the_rewards()
 
 def test_advantages_refuse_missing_inputs_and_only_online_methods_have_them():
     g = grids([[-1.0]], [[-1.0]], [[1]])
-    assert get_method("dpo").advantages is None
+    assert get_method("dpo").advantages is None and get_method("ipo").advantages is None
     with pytest.raises(ValueError, match="critic's values"):
         get_method("ppo").advantages(torch.tensor([1.0]), g, ppo=PPOConfig(), kl_coef=0.1)
     with pytest.raises(ValueError, match="group_ids"):
