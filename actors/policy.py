@@ -1,11 +1,12 @@
 """PolicyLearner: the min player. It holds the policy, its engine and its log-probs of token samples, and
-takes the offline policy steps (RJS, RRHF, DPO) and the online PPO step; the losses are in apo_ray.losses
-and apo_ray.ppo, the minibatch plans in apo_ray.batching. Every step trains on token samples exactly as the
+takes the offline policy steps, one per kind of batch (samples, groups, pairs; apo_ray/methods/), with the loss
+of the method named in the call, and the online PPO step; the losses are in apo_ray/methods/, apo_ray.losses and
+apo_ray.ppo, the minibatch plans in apo_ray.batching. Every step trains on token samples exactly as the
 rollout workers drew them.
 
 With several ranks (a LearnerGroup) every rank gets the same call and trains on its share of each minibatch
 (actors/engine.py train_steps); each loss is scaled by the share's fraction of what it averages over
-(response tokens, RRHF's groups, DPO's pairs), so the step is the one a single rank takes on the whole batch.
+(response tokens, groups, pairs), so the step is the one a single rank takes on the whole batch.
 It is a plain class: usable in-process, without Ray (the `nccl` sync alone needs it)."""
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from apo_ray.batching import fraction, grouped_minibatch_groups, shuffled_miniba
 from apo_ray.chat import AUTO, resolve_template
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.game import TokenSample
-from apo_ray.losses import dpo_loss, masked_mean, rrhf_loss, sequence_logprob, sft_loss, token_logprobs
+from apo_ray.losses import masked_mean, sequence_logprob, token_logprobs
+from apo_ray.methods import get_method
 from apo_ray.modeling import (SampleLogprobs, encode_samples, load_causal_lm, load_tokenizer, predicted_response_tokens,
                               text_samples)
 from apo_ray.named_tensors import WeightBucket, pack_buckets
@@ -78,48 +80,53 @@ class PolicyLearner(LearnerCheckpoint):
 
         return train_steps(self.engine, plan, share_loss, role="policy")
 
-    def sft_step(self, samples: list[TokenSample], *, epochs: int, seed: int) -> dict[str, float]:
-        """RJS's policy step: supervised fine-tuning on the best-of-S samples."""
-        tokens = [predicted_response_tokens(sample) for sample in samples]
+    def sample_step(self, samples: list[TokenSample], *, method: str, settings: dict, epochs: int,
+                    seed: int) -> dict[str, float]:
+        """A "samples" method's step (RJS's SFT on the best-of-S): its loss on each selected sample's tokens."""
+        loss_of, tokens = get_method(method).loss, [predicted_response_tokens(sample) for sample in samples]
 
         def loss_fn(idx: list[int], share: list[list[int]], minibatch: list[list[int]]):
             logps, mask = self.logprobs.with_grad([samples[i] for i in idx])
-            loss = sft_loss(logps, mask)
-            part = fraction(sum(tokens[i] for i in idx), sum(tokens[i] for group in minibatch for i in group))
-            return loss * part, {"policy/loss": loss.item()}
+            loss, stats = loss_of(logps, mask, **settings)
+            # A mean over the minibatch's response tokens.
+            return loss * fraction(sum(tokens[i] for i in idx), sum(tokens[i] for g in minibatch for i in g)), stats
 
         return self._offline_step([[i] for i in range(len(samples))], epochs, seed, loss_fn)
 
-    def rrhf_step(
-        self, samples: list[TokenSample], rewards: list[float], group_ids: list[int], *, epochs: int, seed: int
-    ) -> dict[str, float]:
-        groups: dict[int, list[int]] = {}
+    def sft_step(self, samples: list[TokenSample], *, epochs: int, seed: int) -> dict[str, float]:
+        """Supervised fine-tuning on `samples`: RJS's step."""
+        return self.sample_step(samples, method="rjs", settings={}, epochs=epochs, seed=seed)
+
+    def group_step(self, samples: list[TokenSample], rewards: list[float], group_ids: list[int], *, method: str,
+                   settings: dict, epochs: int, seed: int) -> dict[str, float]:
+        """A "groups" method's step (RRHF): its loss on scored samples, a prompt's samples kept in one share."""
+        loss_of, groups = get_method(method).loss, {}
         for i, g in enumerate(group_ids):
             groups.setdefault(g, []).append(i)
 
         def loss_fn(idx: list[int], share: list[list[int]], minibatch: list[list[int]]):
             logps, mask = self.logprobs.with_grad([samples[i] for i in idx])
-            loss, stats = rrhf_loss(
-                logps, mask, torch.tensor([rewards[i] for i in idx]), torch.tensor([group_ids[i] for i in idx]),
-                sft_coef=self.policy_cfg.rrhf_sft_coef,
-            )
-            # RRHF averages over the prompts' groups.
+            loss, stats = loss_of(logps, mask, torch.tensor([rewards[i] for i in idx]),
+                                  torch.tensor([group_ids[i] for i in idx]), **settings)
+            # A mean over the prompts' groups.
             return loss * fraction(len(share), len(minibatch)), stats
 
         return self._offline_step(list(groups.values()), epochs, seed, loss_fn)
 
-    def dpo_step(
+    def pair_step(
         self, chosen: list[TokenSample], rejected: list[TokenSample], ref_chosen: list[float],
-        ref_rejected: list[float], *, epochs: int, seed: int
+        ref_rejected: list[float], *, method: str, settings: dict, epochs: int, seed: int
     ) -> dict[str, float]:
+        """A "pairs" method's step (DPO, IPO): its loss on the pairs' sequence log-probs and the reference's."""
+        loss_of = get_method(method).loss
+
         def loss_fn(idx: list[int], share: list[list[int]], minibatch: list[list[int]]):
             logps, mask = self.logprobs.with_grad([chosen[i] for i in idx] + [rejected[i] for i in idx])
             seq = sequence_logprob(logps, mask, average=False)
             n = len(idx)
-            loss, stats = dpo_loss(
-                seq[:n], seq[n:], torch.tensor([ref_chosen[i] for i in idx]), torch.tensor([ref_rejected[i] for i in idx]),
-                beta=self.policy_cfg.dpo_beta,
-            )
+            loss, stats = loss_of(seq[:n], seq[n:], torch.tensor([ref_chosen[i] for i in idx]),
+                                  torch.tensor([ref_rejected[i] for i in idx]), **settings)
+            # A mean over pairs.
             return loss * fraction(len(share), len(minibatch)), stats
 
         return self._offline_step([[i] for i in range(len(chosen))], epochs, seed, loss_fn)

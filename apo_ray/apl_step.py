@@ -34,6 +34,7 @@ from apo_ray.config import PPOConfig
 from apo_ray.evaluation import mean_and_stderr
 from apo_ray.game import Rollout
 from apo_ray.learner_group import LearnerGroup, gather
+from apo_ray.methods import get_method
 from apo_ray.policy_step import PolicyStep
 from apo_ray.seeds import SeedStream, round_seed
 
@@ -97,8 +98,10 @@ class APLPolicyStep(PolicyStep):
                                    actors.policy.encode_texts.remote(prompts, [unsafe for _, unsafe in answers])])
         ref_chosen, ref_rejected = gather([actors.reference.sequence_logprobs.remote(chosen),
                                            actors.reference.sequence_logprobs.remote(rejected)])
-        stats.update(gather(actors.policy.dpo_step.remote(chosen, rejected, ref_chosen, ref_rejected,
-                                                          epochs=self.cfg.policy.epochs_per_round, seed=seed)))
+        dpo = get_method("dpo")
+        stats.update(gather(actors.policy.pair_step.remote(
+            chosen, rejected, ref_chosen, ref_rejected, method=dpo.name, settings=dpo.settings(self.cfg),
+            epochs=self.cfg.policy.epochs_per_round, seed=seed)))
         stats["policy/pairs"] = float(len(prompts))
         return stats
 

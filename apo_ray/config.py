@@ -18,18 +18,13 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
+from apo_ray.config_section import Section
 from apo_ray.data import is_hub_name
+from apo_ray.methods import get_method, method_names, methods
 
 log = logging.getLogger(__name__)
-
-POLICY_METHODS = ("rjs", "rrhf", "dpo", "ppo", "grpo", "reinforce_pp")
-ONLINE_METHODS = ("ppo", "grpo", "reinforce_pp")
-# policy.lr when the config leaves it out. The offline methods' were chosen on the quality benchmark's tuning
-# seeds (benchmarks/results/quality/tuning/): at 1e-3 DPO and RRHF lost gold from round 1, fixed RM or APO.
-# The online methods' is their configs' (configs/ppo.yaml, grpo.yaml).
-POLICY_LR = {"rjs": 1e-3, "rrhf": 1e-5, "dpo": 1e-4, "ppo": 3e-4, "grpo": 3e-4, "reinforce_pp": 3e-4}
 
 
 # Keys that moved when offline rounds and PPO iterations became one loop with one step counter.
@@ -52,13 +47,6 @@ def resolve_dtype(name: str, on_gpu: bool) -> str:
     if name == "auto":
         return "bfloat16" if on_gpu else "float32"
     return name
-
-
-class Section(BaseModel):
-    """A config section: strict types (no "1" for 1, no 1 for true; an int is a valid float), finite numbers,
-    no unknown keys."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_default=False)
 
 
 class DataSourceConfig(Section):
@@ -278,12 +266,12 @@ class RewardConfig(Section):
 
 
 class PolicyConfig(Section):
-    """The min player's optimizer, and the offline policy steps (rjs, rrhf, dpo); online methods read only lr
-    (their batches are ppo.*)."""
+    """The min player's optimizer, and the offline policy steps; online methods read only lr (their batches are
+    ppo.*)."""
 
     lr: float = Field(1e-3, gt=0.0, description=(
-        "The policy's learning rate. Left out, the method's: 1e-3 for rjs, 1e-5 for rrhf, 1e-4 for dpo, 3e-4 for "
-        "the online methods (POLICY_LR)."))
+        "The policy's learning rate. Left out, the method's (its declaration in apo_ray/methods/): "
+        + ", ".join(f"{m.lr:.0e} for {m.name}".replace("e-0", "e-") for m in methods()) + "."))
     batch_size: int = Field(32, ge=1, description="Examples per policy minibatch (offline methods).")
     epochs_per_round: int = Field(2, ge=1, description="Passes over the round's examples (offline methods).")
     dpo_beta: float = Field(0.1, gt=0.0, description=(
@@ -296,7 +284,7 @@ class PolicyConfig(Section):
 
 
 class PPOConfig(Section):
-    """Online policy steps (ppo, grpo, reinforce_pp); each round is one PPO iteration."""
+    """Online policy steps (the online methods); each round is one PPO iteration."""
 
     prompts_per_iteration: int = Field(32, ge=1, description=(
         "Policy prompts sampled per iteration, samples_per_prompt each."))
@@ -532,13 +520,23 @@ class APLConfig(Section):
 # ---------------------------------------------------------------------------------------- the game
 
 
-class Config(Section):
+def _method_description() -> str:
+    def listed(family: str) -> str:
+        return ", ".join(f"'{m.name}' ({m.about})" for m in methods(family))
+
+    needs = {}
+    for m in methods():
+        if m.min_samples_per_prompt > 1:
+            needs.setdefault(m.min_samples_per_prompt, []).append(m.name)
+    return (f"The policy step, one module each in apo_ray/methods/. Offline, once per round: {listed('offline')}. "
+            f"Online, a round is one PPO iteration: {listed('online')}. "
+            + " ".join(f"{', '.join(names)} need samples_per_prompt >= {n}." for n, names in needs.items()))
+
+
+class _GameConfig(Section):
     """The run config of `apo-ray train`: the method, the game's switches and counters, and one section per part."""
 
-    method: Literal["rjs", "rrhf", "dpo", "ppo", "grpo", "reinforce_pp"] = Field("rjs", description=(
-        "The policy step. Offline, once per round: 'rjs' (best-of-S, then SFT), 'rrhf', 'dpo' (best vs worst by "
-        "RM score). Online, a round is one PPO iteration: 'ppo' (critic, GAE), 'grpo', 'reinforce_pp'. dpo, rrhf "
-        "and grpo need samples_per_prompt >= 2."))
+    method: Literal[method_names()] = Field("rjs", description=_method_description())
     apo: bool = Field(True, description=(
         "true: the RM plays the game, taking an APO step every reward.update_every rounds. false: the paper's "
         "baseline, the RM fitted once on human pairs and then held fixed."))
@@ -560,7 +558,8 @@ class Config(Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="How the learners train.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="The RM and its APO step.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The policy's optimizer and offline steps.")
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="The online steps (ppo, grpo, reinforce_pp).")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description=(
+        f"The online steps ({', '.join(method_names('online'))})."))
     eval: EvalConfig = Field(default_factory=EvalConfig, description="The held-out evaluation.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metric sinks.")
     ray: RayConfig = Field(default_factory=RayConfig, description="The Ray cluster.")
@@ -571,7 +570,7 @@ class Config(Section):
 
     @property
     def online(self) -> bool:
-        return self.method in ONLINE_METHODS
+        return get_method(self.method).family == "online"
 
     @property
     def learner_dtype(self) -> str:
@@ -585,9 +584,9 @@ class Config(Section):
 
     @property
     def trained_ranks(self) -> dict[str, int]:
-        """{learner: ranks} of every learner this run trains (the critic only for ppo)."""
-        roles = ("policy", "reward", "critic") if self.method == "ppo" else ("policy", "reward")
-        return {role: self.learner.ranks(role) for role in roles}
+        """{learner: ranks} of every learner this run trains: the policy, the RM and those of its method (ppo's
+        critic)."""
+        return {role: self.learner.ranks(role) for role in ("policy", "reward", *get_method(self.method).roles)}
 
     @property
     def apo_coef(self) -> float:
@@ -610,13 +609,30 @@ class Config(Section):
     @model_validator(mode="after")
     def _method_defaults(self) -> Config:
         if "lr" not in self.policy.model_fields_set:
-            self.policy.lr = POLICY_LR[self.method]
+            self.policy.lr = get_method(self.method).lr
         return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         _cross_checks(self)
         return self
+
+
+def _method_sections() -> dict[str, Any]:
+    fields = {}
+    for m in methods():
+        if m.section is None:
+            continue
+        if m.name in _GameConfig.model_fields:
+            raise ValueError(f"method {m.name}: its section would take the config's key {m.name!r}")
+        fields[m.name] = (m.section, Field(default_factory=m.section, description=(
+            f"Method {m.name}'s settings (apo_ray/methods/{m.name}.py); read only with method={m.name}.")))
+    return fields
+
+
+# The methods' own sections join the config under their names (`ipo.tau`), so that a method is one module.
+Config = create_model("Config", __base__=_GameConfig, __module__=__name__, __doc__=_GameConfig.__doc__,
+                      **_method_sections())
 
 
 @dataclass(frozen=True)
@@ -631,19 +647,32 @@ class ConditionalKeys:
     by_method: bool
 
 
+def _keys_by_method() -> list[ConditionalKeys]:
+    """What each method reads, from the registry: its family's keys (ppo.* online), then the keys its declaration
+    names and its own section's, grouped by the methods that read them."""
+    online = ", ".join(method_names("online"))
+    groups = [
+        ConditionalKeys(tuple(f"ppo.{k}" for k in PPOConfig.model_fields), f"the online methods ({online})",
+                        lambda c: c.online, by_method=True),
+        ConditionalKeys(("policy.batch_size", "policy.epochs_per_round"),
+                        f"the offline methods ({', '.join(method_names('offline'))}; online batches are "
+                        "ppo.minibatch_size and ppo.ppo_epochs)", lambda c: not c.online, by_method=True),
+    ]
+    readers: dict[str, list[str]] = {}
+    for m in methods():
+        for key in (*m.keys, *m.section_keys()):
+            readers.setdefault(key, []).append(m.name)
+    keys_of: dict[tuple[str, ...], list[str]] = {}
+    for key, names in readers.items():
+        keys_of.setdefault(tuple(names), []).append(key)
+    for names, keys in keys_of.items():
+        reader = f"method {names[0]}" if len(names) == 1 else f"methods {', '.join(names[:-1])} and {names[-1]}"
+        groups.append(ConditionalKeys(tuple(keys), reader, lambda c, names=names: c.method in names, by_method=True))
+    return groups
+
+
 _CONDITIONAL_KEYS = [
-    ConditionalKeys(tuple(f"ppo.{k}" for k in PPOConfig.model_fields), "the online methods (ppo, grpo, reinforce_pp)",
-                    lambda c: c.online, by_method=True),
-    ConditionalKeys(("policy.batch_size", "policy.epochs_per_round"), "the offline methods (rjs, rrhf, dpo; online "
-                    "batches are ppo.minibatch_size and ppo.ppo_epochs)", lambda c: not c.online, by_method=True),
-    ConditionalKeys(("policy.dpo_beta", "policy.dpo_min_margin"), "method dpo", lambda c: c.method == "dpo",
-                    by_method=True),
-    ConditionalKeys(("policy.rrhf_sft_coef",), "method rrhf", lambda c: c.method == "rrhf", by_method=True),
-    ConditionalKeys(("ppo.lam", "ppo.whiten_advantages", "ppo.critic_init", "ppo.critic_lr", "ppo.value_clip_eps"),
-                    "method ppo (its critic and GAE)", lambda c: c.method == "ppo", by_method=True),
-    ConditionalKeys(("learner.critic_ranks",), "method ppo (its critic)", lambda c: c.method == "ppo", by_method=True),
-    ConditionalKeys(("ppo.gamma",), "methods ppo and reinforce_pp", lambda c: c.method in ("ppo", "reinforce_pp"),
-                    by_method=True),
+    *_keys_by_method(),
     ConditionalKeys(("ppo.kl_horizon",), "ppo.adaptive_kl=true", lambda c: c.ppo.adaptive_kl, by_method=False),
     ConditionalKeys(("ppo.kl_hard_limit_at",), "ppo.kl_hard_limit=true", lambda c: c.ppo.kl_hard_limit,
                     by_method=False),
@@ -701,12 +730,10 @@ def _check_ignored_keys(cfg: Config, tree: dict, file_keys_are_switched: bool = 
 
 
 def _cross_checks(cfg: Config) -> None:
-    if cfg.method == "dpo" and cfg.samples_per_prompt < 2:
-        raise ConfigError("samples_per_prompt: dpo needs at least 2 samples per prompt (best vs worst)")
-    if cfg.method == "rrhf" and cfg.samples_per_prompt < 2:
-        raise ConfigError("samples_per_prompt: rrhf ranks samples and needs at least 2 per prompt")
-    if cfg.method == "grpo" and cfg.samples_per_prompt < 2:
-        raise ConfigError("samples_per_prompt: grpo normalises within a group and needs at least 2")
+    method = get_method(cfg.method)
+    if cfg.samples_per_prompt < method.min_samples_per_prompt:
+        raise ConfigError(f"samples_per_prompt: {method.name} needs at least {method.min_samples_per_prompt} samples "
+                          f"per prompt: {method.why_min_samples}")
     late = sorted(r for r in cfg.rollout.schedule if r > cfg.rounds)
     if late:
         raise ConfigError(f"rollout.schedule.{late[0]}: round {late[0]} is past the last round (rounds={cfg.rounds})")

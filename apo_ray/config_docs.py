@@ -62,8 +62,10 @@ def _section_class(annotation: typing.Any) -> type[BaseModel] | None:
 
 
 def _own_fields(cls: type[BaseModel]) -> dict[str, FieldInfo]:
-    """The fields `cls` declares itself, not those it inherits unchanged from another config class."""
-    declared = vars(cls).get("__annotations__", {})
+    """The fields `cls` declares itself, not those it inherits unchanged from another config class. A private
+    base's are its own: Config is apo_ray.config._GameConfig with the methods' sections added."""
+    declared = {name for base in cls.__mro__ if base is cls or base.__name__.startswith("_")
+                for name in vars(base).get("__annotations__", {})}
     return {name: field for name, field in cls.model_fields.items() if name in declared}
 
 

@@ -270,11 +270,16 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
-    stats = {
+    return loss, pair_stats(loss, chosen_rewards, rejected_rewards)
+
+
+def pair_stats(loss: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, float]:
+    """The stats of a loss on chosen/rejected pairs (DPO, IPO), given each side's implicit reward [B]."""
+    margin = chosen_rewards - rejected_rewards
+    return {
         "policy/loss": loss.item(),
         "policy/rewards_chosen": chosen_rewards.mean().item(),
         "policy/rewards_rejected": rejected_rewards.mean().item(),
-        "policy/rewards_margin": (chosen_rewards - rejected_rewards).mean().item(),
-        "policy/rewards_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "policy/rewards_margin": margin.mean().item(),
+        "policy/rewards_accuracy": (margin > 0).float().mean().item(),
     }
-    return loss, stats

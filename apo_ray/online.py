@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from apo_ray.batching import iteration_prompt_indices
-from apo_ray.config import ONLINE_METHODS
 from apo_ray.game import Rollout, TokenSample
 from apo_ray.learner_group import gather
 from apo_ray.losses import masked_mean, sequence_logprob
+from apo_ray.methods import get_method
 from apo_ray.policy_step import PolicyStep
-from apo_ray.ppo import (AdaptiveKLController, FixedKLController, KLController, TokenGrids, estimate_advantages,
+from apo_ray.ppo import (AdaptiveKLController, FixedKLController, KLController, TokenGrids,
                          truncated_importance_weights)
 
 if TYPE_CHECKING:
@@ -49,11 +49,11 @@ class OnlinePolicyStep(PolicyStep):
                     "timing/round")
 
     def __init__(self, game: APOGame):
-        cfg = game.cfg
-        if cfg.method not in ONLINE_METHODS:
-            raise ValueError(f"method: {cfg.method!r} is not an online method ({', '.join(ONLINE_METHODS)})")
-        if cfg.method == "ppo" and game.actors.critic is None:
-            raise ValueError("method: ppo needs a critic actor (apo_ray.cluster.start_actors starts one)")
+        cfg, self.method = game.cfg, get_method(game.cfg.method)
+        if self.method.family != "online":
+            raise ValueError(f"method: {cfg.method!r} is not an online method")
+        if "critic" in self.method.roles and game.actors.critic is None:
+            raise ValueError(f"method: {cfg.method} needs a critic actor (apo_ray.cluster.start_actors starts one)")
         self.game, self.cfg, self.actors = game, cfg, game.actors
         ppo = cfg.ppo
         self.kl_controller: KLController = (
@@ -85,8 +85,8 @@ class OnlinePolicyStep(PolicyStep):
         stats["timing/logprobs"] = time.perf_counter() - t
         # Sequence-level k1, the same quantity evaluate() reports, whatever estimator the penalty uses.
         stats["policy/kl"] = sequence_logprob(grids.logps - grids.ref_logps, grids.mask, average=False).mean().item()
-        advantages, returns = estimate_advantages(
-            cfg.method, torch.tensor(scores), grids, ppo=ppo, kl_coef=self.kl_controller.value,
+        advantages, returns = self.method.advantages(
+            torch.tensor(scores), grids, ppo=ppo, kl_coef=self.kl_controller.value,
             group_ids=torch.tensor([x.prompt_index for x in rollouts]),
         )
         sampler_logps = game.sampler_grid(rollouts, grids.logps.shape[1])
@@ -97,7 +97,7 @@ class OnlinePolicyStep(PolicyStep):
         if ppo.tis:
             advantages = advantages * weights
 
-        kl_loss_coef = self.kl_controller.value if cfg.method == "grpo" else 0.0
+        kl_loss_coef = self.kl_controller.value if self.method.kl_in_loss else 0.0
         steps = [self.actors.policy.ppo_step.remote(
             samples, grids.logps, advantages, grids.mask, ppo=ppo, seed=seed,
             ref_logps=grids.ref_logps if kl_loss_coef > 0 or ppo.kl_hard_limit else None, kl_loss_coef=kl_loss_coef,
@@ -116,7 +116,7 @@ class OnlinePolicyStep(PolicyStep):
     def _token_grids(self, samples: list[TokenSample]) -> TokenGrids:
         """Policy and reference log-probs and critic values, from all three learners at once."""
         methods = {"logps": self.actors.policy.token_logprobs, "ref_logps": self.actors.reference.token_logprobs}
-        if self.actors.critic is not None and self.cfg.method == "ppo":
+        if self.actors.critic is not None and "critic" in self.method.roles:
             methods["values"] = self.actors.critic.values
         results = self.game.learner_grids(methods, samples)
         masks = [mask for _, mask in results.values()]

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from apo_ray.config import ONLINE_METHODS, PPOConfig
 from apo_ray.losses import masked_mean
 
 KLEstimator = Literal["k1", "k3"]
@@ -281,31 +280,8 @@ class TokenGrids:
     values: Tensor | None  # the critic's, ppo only
 
 
-def estimate_advantages(
-    method: str,
-    scores: Tensor,
-    grids: TokenGrids,
-    *,
-    ppo: PPOConfig,
-    kl_coef: float,
-    group_ids: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Per-token advantages [N, W], and the critic's regression targets (ppo) or None.
-
-    ppo and reinforce_pp penalise KL inside the rewards (score on the last token, -kl_coef * KL on every
-    token); grpo gives every token its sample's group-normalised score, and its KL is a loss term.
-    """
+def kl_penalized_rewards(scores: Tensor, grids: TokenGrids, *, kl_estimator: KLEstimator, kl_coef: float) -> Tensor:
+    """The rewards of the methods that penalise KL inside them (ppo, reinforce_pp): each sample's score on its
+    last token, -kl_coef * the KL to the reference on every token [N, W]."""
     mask = grids.mask.to(grids.logps.dtype)
-    if method == "grpo":
-        if group_ids is None:
-            raise ValueError("estimate_advantages: grpo needs group_ids (the prompt of each sample)")
-        return grpo_advantages(scores, group_ids)[:, None] * mask, None
-    rewards = per_token_rewards(scores, kl_penalty(grids.logps, grids.ref_logps, ppo.kl_estimator), mask, kl_coef)
-    if method == "reinforce_pp":
-        return reinforce_plus_plus_advantages(rewards, mask, ppo.gamma), None
-    if method == "ppo":
-        if grids.values is None:
-            raise ValueError("estimate_advantages: ppo needs the critic's values")
-        advantages, returns = gae_advantages(rewards, grids.values, mask, ppo.gamma, ppo.lam)
-        return (whiten(advantages, mask) if ppo.whiten_advantages else advantages), returns
-    raise ValueError(f"method: {method!r} is not an online method ({', '.join(ONLINE_METHODS)})")
+    return per_token_rewards(scores, kl_penalty(grids.logps, grids.ref_logps, kl_estimator), mask, kl_coef)

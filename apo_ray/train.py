@@ -67,7 +67,7 @@ def rank_lost_message(run_dir: Path, last_round: int | None, error: Exception) -
 
 def divergence_message(run_dir: Path, last_round: int | None, error: FloatingPointError) -> str:
     # Raised through ray.get, the error is a RayTaskError(FloatingPointError): its text names the actor's method
-    # ("ray::PolicyLearner.sft_step()"); `cause` is the learner's own error.
+    # ("ray::PolicyLearner.sample_step()"); `cause` is the learner's own error.
     cause = getattr(error, "cause", None) or error
     task = re.search(r"ray::(\S+?)\(\)", str(error))
     where = f" in {task.group(1)}" if task else ""
@@ -201,7 +201,7 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
         validate_sources(cfg.data)
         data = build_game_data(cfg.data, cfg.seed)
         policy_path, reward_path, oracle, oracle_terms = local.model.policy_path, local.model.reward_path, None, None
-    if cfg.method == "ppo" and cfg.ppo.critic_init == "reward":
+    if "critic" in cfg.trained_ranks and cfg.ppo.critic_init == "reward":
         # The critic actor would refuse it too, but only after minutes of start-up.
         check_same_vocabulary(load_tokenizer(policy_path), load_tokenizer(reward_path), reward_path)
     needed = 2 * (cfg.rounds + 2) * (_model_size(policy_path) + _model_size(reward_path))

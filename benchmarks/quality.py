@@ -43,6 +43,7 @@ from typing import Any, Sequence
 import yaml
 
 from apo_ray.logs import configure_logging
+from apo_ray.methods import method_names
 from benchmarks.common import (REPO_ROOT, RESULTS_ROOT, BenchmarkRun, add_niceness_argument, base_parser, cpu_model,
                                fmt, mean_ci, set_ray_worker_niceness, start_ray_with_retries)
 
@@ -98,12 +99,10 @@ def _offline(method: str, family: str, online: bool = False) -> tuple[Arm, Arm]:
                 online=online))
 
 
+# Every offline method of the registry; the online ones that have a tuned config (ONLINE_CONFIGS).
 METHOD_ARMS: tuple[Arm, ...] = (
-    *_offline("rjs", "RJS"),
-    *_offline("rrhf", "RRHF"),
-    *_offline("dpo", "DPO"),
-    *_offline("ppo", "PPO", online=True),
-    *_offline("grpo", "GRPO", online=True),
+    *(arm for name in method_names("offline") for arm in _offline(name, name.upper())),
+    *(arm for name in ONLINE_CONFIGS for arm in _offline(name, name.upper(), online=True)),
 )
 _APO_RJS = ("method=rjs", "apo=true")
 ABLATION_ARMS: tuple[Arm, ...] = (

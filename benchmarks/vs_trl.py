@@ -1,6 +1,6 @@
 """apo-ray's learner steps against TRL's trainers: same tiny model, data and batch size, fp32 on CPU.
 
-- DPO: `PolicyLearner.dpo_step` (torch and DeepSpeed ZeRO-2 engines) vs TRL `DPOTrainer` (sigmoid loss,
+- DPO: `PolicyLearner.pair_step` (torch and DeepSpeed ZeRO-2 engines) vs TRL `DPOTrainer` (sigmoid loss,
   precompute_ref_log_probs=True, so both arms train against reference log-probs computed beforehand).
 - RM: `RewardLearner.apo_step` with human pairs only (the part TRL also has) vs TRL `RewardTrainer`,
   on the same token ids.
@@ -67,9 +67,10 @@ class ApoRayDpo:
         model = ModelConfig()
         with timed() as setup:
             reference = ReferenceModel(policy_dir, model=model)
-            self.learner = PolicyLearner(policy_dir, model=model,
-                                         policy=PolicyConfig(lr=lr, batch_size=batch_size),
+            policy = PolicyConfig(lr=lr, batch_size=batch_size)
+            self.learner = PolicyLearner(policy_dir, model=model, policy=policy,
                                          learner=LearnerConfig(backend=backend), seed=SEED)
+        self.dpo_settings = {"beta": policy.dpo_beta}
         prompts = [p.prompt for p in pairs]
         self.chosen = self.learner.encode_texts(prompts, [p.chosen for p in pairs])
         self.rejected = self.learner.encode_texts(prompts, [p.rejected for p in pairs])
@@ -80,8 +81,8 @@ class ApoRayDpo:
 
     def train(self, epochs: int) -> dict[str, Any]:
         with timed() as t:
-            stats = self.learner.dpo_step(self.chosen, self.rejected, self.ref_chosen, self.ref_rejected,
-                                          epochs=epochs, seed=SEED)
+            stats = self.learner.pair_step(self.chosen, self.rejected, self.ref_chosen, self.ref_rejected,
+                                           method="dpo", settings=self.dpo_settings, epochs=epochs, seed=SEED)
         return {"train": t.timing, "loss": stats["policy/loss"], "steps": stats["policy/steps"]}
 
     def setup_timings(self) -> dict[str, Any]:

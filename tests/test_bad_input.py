@@ -113,7 +113,7 @@ CONFIG_CASES = [
      r"model directory"),
     (["model.policy_path=models/a/b"], r"model\.policy_path: 'models/a/b' is neither an existing directory or GGUF file, a pkg: file, "
      r"nor a hub"),
-    (["method=apo_zero"], r"method: must be one of rjs, rrhf, dpo, ppo, grpo, reinforce_pp; got 'apo_zero'"),
+    (["method=apo_zero"], r"method: must be one of dpo, ipo, rjs, rrhf, grpo, ppo, reinforce_pp; got 'apo_zero'"),
     (["method=ppo2"], r"method: must be one of .*; got 'ppo2'"),
     (["reward.lrr=1e-4"], r"reward\.lrr: unknown key"),
     (["bogus=1"], r"bogus: unknown key"),
@@ -138,7 +138,7 @@ CONFIG_CASES = [
     (["learner.num_ranks=0"], r"learner\.num_ranks: must be >= 1, got 0"),
     (["learner.backend=torch", "learner.num_ranks=2"], r"learner\.num_ranks: several ranks need learner\.backend deepspeed"),
     (["learner.backend=torch", "learner.reward_ranks=2"], r"learner\.reward_ranks: several ranks need learner\.backend"),
-    (["learner.critic_ranks=2"], r"learner\.critic_ranks: read only by method ppo \(its critic\); this run \(method=rjs"),
+    (["learner.critic_ranks=2"], r"learner\.critic_ranks: read only by method ppo; this run \(method=rjs"),
     (["method=ppo", "ppo.kl_hard_limit=true", "learner.num_ranks=2"],
      r"ppo\.kl_hard_limit: decided per minibatch, so it needs the whole minibatch on one rank"),
     (["rounds=two"], r"rounds: must be an integer, got 'two'"),

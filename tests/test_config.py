@@ -27,9 +27,11 @@ def test_dtype_resolves_once_for_learners_and_rollout_engines():
 
 
 def test_policy_lr_left_out_is_the_methods_and_given_is_kept():
-    from apo_ray.config import POLICY_LR, PolicyConfig
+    from apo_ray.config import PolicyConfig
+    from apo_ray.methods import methods
 
-    assert {method: load_config(None, [f"method={method}"]).policy.lr for method in POLICY_LR} == POLICY_LR
+    assert {m.name: load_config(None, [f"method={m.name}"]).policy.lr for m in methods()} == {
+        "rjs": 1e-3, "rrhf": 1e-5, "dpo": 1e-4, "ipo": 1e-4, "ppo": 3e-4, "grpo": 3e-4, "reinforce_pp": 3e-4}
     assert load_config(None, ["method=dpo"]).policy.lr == 1e-4 != load_config(None, ["method=rjs"]).policy.lr
     assert load_config(None, ["method=dpo", "policy.lr=0.001"]).policy.lr == 0.001
     # The saved config names it, so a resumed or re-read run keeps the lr it ran with.
@@ -149,7 +151,7 @@ def test_keys_the_run_reads_are_accepted_and_the_saved_config_loads_back():
 
 
 def test_errors_list_allowed_values_and_suggest_close_keys():
-    with pytest.raises(ConfigError, match=r"^method: must be one of rjs, rrhf, dpo, ppo, grpo, reinforce_pp; got 'sft'$"):
+    with pytest.raises(ConfigError, match=r"^method: must be one of dpo, ipo, rjs, rrhf, grpo, ppo, reinforce_pp; got 'sft'$"):
         load_config(None, ["method=sft"])
     with pytest.raises(ConfigError, match=r"^reward\.epochs: unknown key \(did you mean epochs_per_round\?\)$"):
         load_config(None, ["reward.epochs=2"])

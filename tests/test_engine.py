@@ -93,9 +93,10 @@ def test_a_nan_gradient_under_deepspeed_exits_3_and_keeps_the_checkpoint(ray_clu
                  "reward.initial_epochs=1"])
     err = capsys.readouterr().err
     assert code == 3, err
-    assert ("error: training diverged in PolicyLearner.sft_step after round 0: gradient norm is inf at training step 2 "
-            "of this learner; the step was stopped before it changed the weights. The checkpoint of round 0 is intact: "
-            f"fix the config (e.g. a lower learning rate) and continue with `apo-ray train --resume {run_dir} ...`"
+    assert ("error: training diverged in PolicyLearner.sample_step after round 0: gradient norm is inf at training "
+            "step 2 of this learner; the step was stopped before it changed the weights. The checkpoint of round 0 is "
+            "intact: fix the config (e.g. a lower learning rate) and continue with "
+            f"`apo-ray train --resume {run_dir} ...`"
             ) in err, err
     assert (run_dir / "checkpoints/LATEST").read_text() == "0"
     policy = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints/round_0000/policy")

@@ -76,7 +76,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint_resumable(r
                  "policy.epochs_per_round=2", "policy.lr=1e30", *SMALL_RUN])
     err = capsys.readouterr().err
     assert code == 3, err
-    assert re.search(r"error: training diverged in (\S+:)?PolicyLearner\.sft_step after round 0: "
+    assert re.search(r"error: training diverged in (\S+:)?PolicyLearner\.sample_step after round 0: "
                      r"(loss|gradient norm) is (nan|inf)", err), err
     assert "at training step 2 of this learner; the step was stopped before it changed the weights" in err, err
     assert f"continue with `apo-ray train --resume {run_dir}" in err

@@ -9,6 +9,7 @@ import torch
 
 from apo_ray.builtin.oracle import GOLD_TERMS
 from apo_ray.config import load_config
+from apo_ray.methods import method_names
 from apo_ray.metrics import read_metrics_jsonl
 from apo_ray.train import prepare, run
 from tests.conftest import REPO_ROOT
@@ -36,7 +37,8 @@ def _weights(path):
     return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
 
 
-@pytest.mark.parametrize("method", ["rjs", "rrhf", "dpo"])
+# Every offline method of the registry: a new one gets its round here without an edit.
+@pytest.mark.parametrize("method", method_names("offline"))
 def test_one_round_per_method_hf_torch(ray_cluster, tmp_path, method):
     prepared, summary, rows = _play(tmp_path, f"method={method}", "rollout.backend=hf", "learner.backend=torch")
     assert [r["round"] for r in rows] == [0, 1]
@@ -61,6 +63,20 @@ def test_one_round_per_method_hf_torch(ray_cluster, tmp_path, method):
     assert state["policy_version"] == 1
     assert summary["final"]["eval/gold_score"] == rows[1]["eval/gold_score"]
     assert summary["gold_rise"]["end_se"] == rows[1]["eval/gold_score_se"]
+
+
+def test_an_ipo_round_trains_on_best_vs_worst_pairs(ray_cluster, tmp_path):
+    """IPO on the toy default config: the learner got the round's pairs (at most one per policy prompt) and
+    reported IPO's loss on them, not DPO's: at the first step the policy is the reference, so every pair's
+    log-ratio margin is 0 and the loss is (1 / (2 tau))^2."""
+    prepared, _, rows = _play(tmp_path, "method=ipo", "ipo.tau=0.25", "rollout.backend=hf", "learner.backend=torch",
+                              "policy.batch_size=64")
+    assert prepared.cfg.ipo.tau == 0.25 and prepared.cfg.policy.lr == 1e-4
+    assert 0 < rows[1]["policy/pairs"] <= 16
+    # One epoch of one minibatch: one step, from the reference's weights.
+    assert rows[1]["policy/steps"] == 1
+    assert rows[1]["policy/loss"] == pytest.approx((1 / (2 * 0.25)) ** 2, abs=1e-3)
+    assert rows[1]["policy/rewards_margin"] == pytest.approx(0.0, abs=1e-3)
 
 
 def test_fixed_rm_baseline_never_steps_the_rm(ray_cluster, tmp_path):

@@ -21,7 +21,9 @@ CORE = {
     "builtin.models", "builtin.oracle", "builtin.task", "chat", "config", "config_docs", "config_paths", "data",
     "evaluation", "game", "gguf", "logs", "losses", "mean_pooling", "modeling", "named_tensors", "package_files",
     "pool_size", "ppo",
-    "model_sources", "progress", "seeds", "vllm_cpu", "vllm_version",
+    "model_sources", "progress", "seeds", "vllm_cpu", "vllm_version", "config_section", "methods",
+    # Every method module, a new one included: the learners read their losses from them.
+    *(f"methods.{path.stem}" for path in ROOT.glob("apo_ray/methods/*.py") if path.stem != "__init__"),
 }
 
 
@@ -99,6 +101,7 @@ def test_the_wheel_installs_actors_as_apo_ray_actors(tmp_path):
     assert "apo_ray/actors/policy.py" in names and "apo_ray/actors/rollout.py" in names
     assert not [n for n in names if n.startswith("actors/")]
     assert "apo_ray/builtin/oracle.py" in names and "apo_ray/stages/runner.py" in names
+    assert "apo_ray/methods/ipo.py" in names
 
 
 def test_local_ray_workers_get_the_drivers_apo_ray_first(monkeypatch):

@@ -22,7 +22,8 @@ from apo_ray.config import ConfigError, LearnerConfig, ModelConfig, PolicyConfig
 from apo_ray.modeling import encode_samples, load_tokenizer, text_samples
 from apo_ray.driver import APOGame
 from apo_ray.batching import iteration_prompt_indices
-from apo_ray.ppo import TokenGrids, estimate_advantages
+from apo_ray.methods import get_method
+from apo_ray.ppo import TokenGrids
 from apo_ray.ppo import concat_right_padded
 
 PROMPTS = [format_prompt("river", "night"), format_prompt("castle", "rain")]
@@ -67,40 +68,39 @@ def test_ppo_advantages_gae_with_kl_in_the_rewards_by_hand():
     #   t=1: delta = -0.05 + 0.4 - 0.2 = 0.15     -> A = 0.70, R = 0.90
     g = grids([[0.0, -1.0, -1.0]], [[0.0, -1.5, -1.5]], [[0, 1, 1]], values=[[9.0, 0.2, 0.4]])
     ppo = PPOConfig(gamma=1.0, lam=1.0, kl_estimator="k1", whiten_advantages=False)
-    advantages, returns = estimate_advantages("ppo", torch.tensor([1.0]), g, ppo=ppo, kl_coef=0.1)
+    advantages, returns = get_method("ppo").advantages(torch.tensor([1.0]), g, ppo=ppo, kl_coef=0.1)
     assert_grid(advantages, [[0.0, 0.70, 0.55]], atol=1e-6)
     assert_grid(returns, [[0.0, 0.90, 0.95]], atol=1e-6)
-    whitened, _ = estimate_advantages("ppo", torch.tensor([1.0]), g, ppo=PPOConfig(gamma=1.0, lam=1.0), kl_coef=0.1)
+    whitened, _ = get_method("ppo").advantages(torch.tensor([1.0]), g, ppo=PPOConfig(gamma=1.0, lam=1.0), kl_coef=0.1)
     assert_grid(whitened, [[0.0, 1.0, -1.0]], atol=1e-4)
 
 
 def test_reinforce_pp_whitens_returns_over_the_batch():
     # No KL (identical log-probs): returns are the score on every token, +1 and -1; whitening keeps them.
     g = grids([[-1.0, -1.0], [-1.0, -1.0]], [[-1.0, -1.0], [-1.0, -1.0]], [[1, 1], [1, 1]])
-    advantages, returns = estimate_advantages("reinforce_pp", torch.tensor([3.0, 1.0]), g, ppo=PPOConfig(), kl_coef=0.5)
+    advantages, returns = get_method("reinforce_pp").advantages(torch.tensor([3.0, 1.0]), g, ppo=PPOConfig(),
+                                                                kl_coef=0.5)
     assert returns is None
     assert_grid(advantages, [[1.0, 1.0], [-1.0, -1.0]], atol=1e-4)
 
 
 def test_grpo_broadcasts_group_normalised_scores_and_ignores_kl_in_the_rewards():
     g = grids([[-1.0, -1.0]] * 4, [[-3.0, -3.0]] * 4, [[1, 1], [1, 0], [1, 1], [1, 1]])
-    advantages, returns = estimate_advantages(
-        "grpo", torch.tensor([1.0, 3.0, 5.0, 5.0]), g, ppo=PPOConfig(), kl_coef=1.0,
-        group_ids=torch.tensor([0, 0, 1, 1]),
+    advantages, returns = get_method("grpo").advantages(
+        torch.tensor([1.0, 3.0, 5.0, 5.0]), g, ppo=PPOConfig(), kl_coef=1.0, group_ids=torch.tensor([0, 0, 1, 1]),
     )
     a = 1 / math.sqrt(2)  # (score - mean) / sample std, with mean 2 and std sqrt(2)
     assert returns is None
     assert_grid(advantages, [[-a, -a], [a, 0.0], [0.0, 0.0], [0.0, 0.0]], atol=1e-5)
 
 
-def test_estimate_advantages_refuses_offline_methods_and_missing_inputs():
+def test_advantages_refuse_missing_inputs_and_only_online_methods_have_them():
     g = grids([[-1.0]], [[-1.0]], [[1]])
-    with pytest.raises(ValueError, match="'dpo' is not an online method"):
-        estimate_advantages("dpo", torch.tensor([1.0]), g, ppo=PPOConfig(), kl_coef=0.1)
+    assert get_method("dpo").advantages is None and get_method("ipo").advantages is None
     with pytest.raises(ValueError, match="critic's values"):
-        estimate_advantages("ppo", torch.tensor([1.0]), g, ppo=PPOConfig(), kl_coef=0.1)
+        get_method("ppo").advantages(torch.tensor([1.0]), g, ppo=PPOConfig(), kl_coef=0.1)
     with pytest.raises(ValueError, match="group_ids"):
-        estimate_advantages("grpo", torch.tensor([1.0]), g, ppo=PPOConfig(), kl_coef=0.1)
+        get_method("grpo").advantages(torch.tensor([1.0]), g, ppo=PPOConfig(), kl_coef=0.1)
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
