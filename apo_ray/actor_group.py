@@ -176,7 +176,7 @@ class ActorGroup:
 
     # ------------------------------------------------------------------ calls
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+    def call(self, method: str, /, *args: Any, **kwargs: Any) -> list[Any]:
         """`method(*args, **kwargs)` on every member, waited for; results in member order."""
         return ray.get([getattr(handle, method).remote(*args, **kwargs) for handle in self.actors])
 

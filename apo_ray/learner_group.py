@@ -132,7 +132,7 @@ class LearnerGroup:
             raise AttributeError(method)
         return _GroupMethod(self, method)
 
-    def submit(self, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef | ObjectRefGenerator:
+    def submit(self, method: str, /, *args: Any, **kwargs: Any) -> ray.ObjectRef | ObjectRefGenerator:
         """`method` on every rank (on rank 0 alone for `rank_zero_methods`); returns rank 0's ref (its
         generator, for a generator method)."""
         _settle_finished()
@@ -145,11 +145,11 @@ class LearnerGroup:
         _IN_FLIGHT[results[0]] = _Call(self, method, [_done(result) for result in results])
         return results[0]
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """`method` on every rank, waited for; rank 0's result."""
         return gather(self.submit(method, *args, **kwargs))
 
-    def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+    def call_all(self, method: str, /, *args: Any, **kwargs: Any) -> list[Any]:
         """`method` on every rank, waited for; every rank's result, in rank order."""
         refs = [getattr(handle, method).remote(*args, **kwargs) for handle in self.ranks]
         return _wait([(ref, self, method, rank) for rank, ref in enumerate(refs)])
