@@ -44,10 +44,13 @@ class OfflinePolicyStep(PolicyStep):
                 return {"policy/pairs": 0.0}
             mismatch = game.sampler_mismatch([x for p in pairs for x in (p.chosen, p.rejected)])
             chosen, rejected = [p.chosen.tokens for p in pairs], [p.rejected.tokens for p in pairs]
-            ref_chosen, ref_rejected = gather([
-                game.actors.reference.sequence_logprobs.remote(chosen),
-                game.actors.reference.sequence_logprobs.remote(rejected),
-            ])
-            stats = gather(policy.dpo_step.remote(chosen, rejected, ref_chosen, ref_rejected, epochs=epochs, seed=seed))
+            stats: dict[str, float] = {}
+            with game.flops.forwards(stats, "logprobs", ("reference",)):
+                ref_chosen, ref_rejected = gather([
+                    game.actors.reference.sequence_logprobs.remote(chosen),
+                    game.actors.reference.sequence_logprobs.remote(rejected),
+                ])
+            stats.update(gather(policy.dpo_step.remote(chosen, rejected, ref_chosen, ref_rejected, epochs=epochs,
+                                                       seed=seed)))
             return {**mismatch, **stats, "policy/pairs": float(len(pairs))}
         raise ValueError(f"method: {method!r} is not an offline method (rjs, rrhf, dpo)")
