@@ -10,9 +10,9 @@ scored through apo-ray's RewardLearner in both arms (the same MiniLM, encoding a
   DeepSpeed ZeRO-2 learners with gradient checkpointing, all Ray actors, as `apo-ray train` runs them.
 - TRL 1.16 `GRPOTrainer`, one process, gradient checkpointing, `steps_per_generation` set so that one
   generation of prompts x group samples is one apo-ray iteration (minibatch / micro-batch accumulation steps
-  per optimizer step, `num_iterations` passes). `beta` = apo-ray's kl_coef, so both load a reference model
-  (TRL puts a k3 KL term in the loss where apo-ray's GRPO puts k1 into the reward), and loss_type `dapo` (a
-  token mean over the minibatch, as apo-ray's).
+  per optimizer step, `num_iterations` passes). `beta` = apo-ray's kl_coef with its k3 estimator, so both load
+  a reference model and add the same KL term to the loss, and loss_type `dapo` (a token mean over the
+  minibatch, as apo-ray's).
 
 Which generation TRL uses: its vLLM *server* mode is ruled out on this machine by TRL's own code (its weight
 transfer to the server needs a CUDA device: `VLLMClient.init_communicator` raises NotImplementedError on
@@ -101,7 +101,7 @@ def game_config(args: argparse.Namespace, run_dir: Path) -> Any:
         "method=grpo", "apo=false", f"rounds={args.iterations}", f"seed={SEED}", f"run_dir={run_dir}",
         f"model.reward_path={args.rm}", f"model.eval_reward={args.rm}", f"samples_per_prompt={args.group}",
         f"ppo.prompts_per_iteration={args.prompts_per_iteration}", f"ppo.minibatch_size={args.minibatch}",
-        f"ppo.ppo_epochs={args.epochs}", f"ppo.kl_coef={args.kl}", f"policy.lr={args.lr}",
+        f"ppo.ppo_epochs={args.epochs}", f"ppo.kl_coef={args.kl}", "ppo.kl_estimator=k3", f"policy.lr={args.lr}",
         f"eval_every={args.iterations}", "eval.prompts=4", "eval.samples_per_prompt=2", "eval.overlap=false",
         "logging.report=false", "logging.ray_metrics=false", "logging.tensorboard=false",
     ])

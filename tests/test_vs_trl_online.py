@@ -33,3 +33,14 @@ def test_a_missing_rm_names_the_command_that_fits_it(tmp_path):
     with pytest.raises(SystemExit, match=r"--rm .*: no fitted RM there; make it with `apo-ray rm --config "
                                          r"configs/stages/rm_hh_minilm_cpu.yaml`"):
         parse_args(["--rm", str(tmp_path)])
+
+
+def test_the_apo_ray_arm_is_the_recipe_as_grpo_with_the_shared_settings(rm_dir, tmp_path):
+    from benchmarks.vs_trl_online import game_config
+
+    args = parse_args(["--rm", rm_dir, "--iterations", "3", "--group", "8", "--lr", "3e-6", "--kl", "0.02"])
+    cfg = game_config(args, tmp_path / "run")
+    assert (cfg.method, cfg.apo, cfg.rounds, cfg.samples_per_prompt, cfg.policy.lr) == ("grpo", False, 3, 8, 3e-6)
+    assert (cfg.ppo.prompts_per_iteration, cfg.ppo.minibatch_size, cfg.ppo.ppo_epochs) == (32, 32, 2)
+    assert (cfg.ppo.kl_coef, cfg.ppo.kl_estimator) == (0.02, "k3")
+    assert cfg.model.max_response_tokens == 64 and cfg.rollout.backend == "vllm" and cfg.learner.backend == "deepspeed"
