@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from apo_ray.actors.engine import LearnerCheckpoint, Rendezvous, TrainEngine, build_engine, train_steps
+from apo_ray.actors.engine import CountsFlops, LearnerCheckpoint, Rendezvous, TrainEngine, build_engine, train_steps
 from apo_ray.batching import fraction, shuffled_minibatches
 from apo_ray.config import ConfigError, LearnerConfig, ModelConfig, PPOConfig
 from apo_ray.game import TokenSample
@@ -27,7 +27,7 @@ def check_same_vocabulary(policy_tokenizer, other_tokenizer, other_path: str) ->
         )
 
 
-class CriticLearner(LearnerCheckpoint):
+class CriticLearner(LearnerCheckpoint, CountsFlops):
     def __init__(
         self,
         model_path: str,
@@ -57,6 +57,7 @@ class CriticLearner(LearnerCheckpoint):
         self.engine = build_engine(model, self.learner_cfg, lr=self.ppo_cfg.critic_lr,
                                    micro_batch_size=self.ppo_cfg.minibatch_size, rendezvous=self.rendezvous)
         self.model = self.engine.model.eval()
+        self.flop_counter = self.engine.flops
 
     def reinitialize(self, path: str) -> None:
         """Start afresh from `path` (weights and optimizer): the RM as fitted before the first iteration."""

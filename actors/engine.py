@@ -31,6 +31,7 @@ import torch
 from apo_ray import build_locks
 from apo_ray.batching import is_empty_share, rank_share
 from apo_ray.config import LearnerConfig
+from apo_ray.flops import TRAINING_FACTOR, FlopCounter, ModelShape, matmul_ceiling
 from apo_ray.losses import combine_share_stats, combine_stats
 from apo_ray.progress import Progress
 
@@ -95,6 +96,8 @@ class TrainEngine:
         # Kept to re-apply after loading a checkpoint: a resumed run may lower a learning rate that diverged.
         self.lr = lr
         self.steps = 0
+        # The learners' engines count their model's forwards (build_engine); a bare module has no FLOP count.
+        self.flops: FlopCounter | None = None
         if backend == "deepspeed":
             self.module, self.optimizer = self._init_deepspeed(
                 model, lr, zero_stage, grad_clip, weight_decay, micro_batch_size, master_addr, master_port
@@ -271,11 +274,14 @@ def build_engine(model: torch.nn.Module, learner: LearnerConfig, *, lr: float, m
     if learner.gradient_checkpointing:
         # Non-reentrant: the reentrant form needs inputs that require grad and loses them under ZeRO-3's hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return TrainEngine(model, backend=learner.backend, lr=lr, zero_stage=learner.zero_stage,
-                       grad_clip=learner.grad_clip, weight_decay=learner.weight_decay,
-                       micro_batch_size=-(-micro_batch_size // rendezvous.world_size), rank=rendezvous.rank,
-                       world_size=rendezvous.world_size, master_port=rendezvous.master_port,
-                       master_addr=rendezvous.master_addr)
+    counter = FlopCounter(model)
+    engine = TrainEngine(model, backend=learner.backend, lr=lr, zero_stage=learner.zero_stage,
+                         grad_clip=learner.grad_clip, weight_decay=learner.weight_decay,
+                         micro_batch_size=-(-micro_batch_size // rendezvous.world_size), rank=rendezvous.rank,
+                         world_size=rendezvous.world_size, master_port=rendezvous.master_port,
+                         master_addr=rendezvous.master_addr)
+    engine.flops = counter
+    return engine
 
 
 def train_steps(engine: TrainEngine, plan: Sequence[Batch],
@@ -292,10 +298,15 @@ def train_steps(engine: TrainEngine, plan: Sequence[Batch],
     rank 0's share, weighted 0): ZeRO's collectives need every rank in every step. `step_stats` turns a step's
     stats, combined over its ranks (apo_ray.losses.combine_share_stats: parts added, the rest averaged), into
     the step's before the mean over steps.
+
+    With a FLOP counter on the engine, `flops/{role}_step` is the model FLOPs of the steps (3x their forwards'),
+    added over the ranks' shares: an empty share's stand-in forward is no work of the minibatch's.
     """
     started = time.perf_counter()
     # This rank's stats of each step; None where its share was empty.
     history: list[dict[str, float] | None] = []
+    counter = engine.flops
+    flops = 0
     engine.model.train()
     progress = Progress(f"{role}_step", total=len(plan), unit="steps") if engine.rank == 0 else nullcontext()
     try:
@@ -303,7 +314,10 @@ def train_steps(engine: TrainEngine, plan: Sequence[Batch],
             for batch in plan:
                 share = rank_share(batch, engine.rank, engine.world_size)
                 empty = is_empty_share(share)
+                forwards_before = counter.training if counter is not None else 0
                 loss, stats = loss_fn(rank_share(batch, 0, engine.world_size) if empty else share, batch)
+                if counter is not None and not empty:
+                    flops += TRAINING_FACTOR * (counter.training - forwards_before)
                 # DeepSpeed averages the ranks' gradients; the parts are to be added.
                 grad_norm = engine.step(loss * (0.0 if empty else engine.world_size))
                 if grad_norm is not None:
@@ -313,14 +327,36 @@ def train_steps(engine: TrainEngine, plan: Sequence[Batch],
                     progress.update()
     finally:
         engine.model.eval()
-    ranks = [history]
+    ranks = [(history, flops)]
     if engine.world_size > 1:
         ranks = [None] * engine.world_size
-        torch.distributed.all_gather_object(ranks, history)
+        torch.distributed.all_gather_object(ranks, (history, flops))
     # Each step's stats combined over the ranks that had a share of it, then averaged over the steps.
-    steps = [step_stats(combine_share_stats([h[i] for h in ranks if h[i] is not None])) for i in range(len(plan))]
-    return {**combine_stats(steps), f"{role}/steps": float(len(plan)),
+    steps = [step_stats(combine_share_stats([h[i] for h, _ in ranks if h[i] is not None])) for i in range(len(plan))]
+    counted = {f"flops/{role}_step": float(sum(f for _, f in ranks))} if counter is not None else {}
+    return {**combine_stats(steps), f"{role}/steps": float(len(plan)), **counted,
             f"timing/{role}_step": time.perf_counter() - started}
+
+
+class CountsFlops:
+    """What the driver asks a learner about its arithmetic (apo_ray/round_flops.py). Mixed into learners that
+    hold `flop_counter`."""
+
+    flop_counter: FlopCounter
+
+    def forward_flops(self) -> int:
+        """The FLOPs of the forward-only passes (log-probs, scores, values) since the last call."""
+        return self.flop_counter.take_inference()
+
+    def model_shape(self) -> ModelShape:
+        return self.flop_counter.shape
+
+    def matmul_ceiling(self) -> float:
+        """The float32 matmul rate of this process's threads (FLOP/s), against which its phases are measured;
+        measured at the first call, while the learner is idle."""
+        if getattr(self, "_matmul_ceiling", None) is None:
+            self._matmul_ceiling = matmul_ceiling()
+        return self._matmul_ceiling
 
 
 class LearnerCheckpoint:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from apo_ray.actors.engine import LearnerCheckpoint, Rendezvous, build_engine, train_steps
+from apo_ray.actors.engine import CountsFlops, LearnerCheckpoint, Rendezvous, build_engine, train_steps
 from apo_ray.batching import fraction, grouped_minibatch_groups, shuffled_minibatches
 from apo_ray.chat import AUTO, resolve_template
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
@@ -28,7 +28,7 @@ from apo_ray.named_tensors import WeightBucket, pack_buckets
 from apo_ray.ppo import GridRows, entropy_from_logits, kl_limited_loss, kl_penalty, ppo_policy_loss
 
 
-class PolicyLearner(LearnerCheckpoint):
+class PolicyLearner(LearnerCheckpoint, CountsFlops):
     def __init__(
         self,
         model_path: str,
@@ -57,6 +57,7 @@ class PolicyLearner(LearnerCheckpoint):
         self.engine = build_engine(lm, learner, lr=policy.lr, micro_batch_size=micro_batch_size or policy.batch_size,
                                    rendezvous=rendezvous)
         self.model = self.engine.model
+        self.flop_counter = self.engine.flops
         self.logprobs = SampleLogprobs(self.model, self.tokenizer.pad_token_id)
         self._nccl_sender = None
 

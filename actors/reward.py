@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from apo_ray.actors.engine import LearnerCheckpoint, Rendezvous, TrainEngine, build_engine, train_steps
+from apo_ray.actors.engine import CountsFlops, LearnerCheckpoint, Rendezvous, TrainEngine, build_engine, train_steps
 from apo_ray.batching import proportional_minibatches
 from apo_ray.config import LearnerConfig, RewardConfig
+from apo_ray.flops import FlopCounter
 from apo_ray.game import PreferencePair
 from apo_ray.losses import apo_reward_loss, minibatch_stats
 from apo_ray.modeling import encode_for_reward, load_reward_model, load_tokenizer
 
 
-class RewardLearner(LearnerCheckpoint):
+class RewardLearner(LearnerCheckpoint, CountsFlops):
     def __init__(
         self,
         model_path: str,
@@ -43,10 +44,12 @@ class RewardLearner(LearnerCheckpoint):
         model = load_reward_model(path, self.dtype, self.trust_remote_code)
         if not trainable:
             self.model = model.eval()
+            self.flop_counter = FlopCounter(self.model)
             return
         self.engine = build_engine(model, self.learner_cfg, lr=self.reward_cfg.lr,
                                    micro_batch_size=self.reward_cfg.batch_size, rendezvous=self.rendezvous)
         self.model = self.engine.model
+        self.flop_counter = self.engine.flops
 
     def _forward(self, prompts: list[str], responses: list[str], model: torch.nn.Module | None = None) -> torch.Tensor:
         model = self.model if model is None else model

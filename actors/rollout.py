@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from apo_ray.config import check_rollout_settings, resolve_dtype
+from apo_ray.flops import matmul_ceiling
 from apo_ray.game import FinishReason, Rollout, TokenSample
 from apo_ray.logs import is_verbose
 from apo_ray.chat import AUTO, ChatFormat
@@ -302,6 +303,7 @@ class RolloutWorker:
         self.engine_start_seconds = time.perf_counter() - started
         self.dtype = dtype
         self._version = 0
+        self._matmul_ceiling: float | None = None
 
     def __repr__(self) -> str:
         # Ray prefixes the actor's log lines with this.
@@ -310,6 +312,13 @@ class RolloutWorker:
     def ping(self) -> dict[str, Any]:
         return {"worker": self.worker_index, "backend": self.backend, "version": self._version, "dtype": self.dtype,
                 "engine_ranks": self.engine.engine_ranks, "engine_start_seconds": self.engine_start_seconds}
+
+    def matmul_ceiling(self) -> float:
+        """The float32 matmul rate of this worker's threads (FLOP/s), the generation phase's ceiling; measured
+        at the first call, while the worker is idle."""
+        if self._matmul_ceiling is None:
+            self._matmul_ceiling = matmul_ceiling()
+        return self._matmul_ceiling
 
     def _encode(self, prompt: str) -> list[int]:
         return self.chat.prompt_ids(prompt, self.max_prompt_tokens)[0]

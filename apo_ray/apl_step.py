@@ -148,7 +148,7 @@ class APLPolicyStep(PolicyStep):
         stats = gather(attacker.ppo_step.remote(samples, logps, advantages, mask, ppo=self.attacker_ppo,
                                                 seed=round_seed(self.cfg.seed, r, SeedStream.ATTACK_STEP)))
         # The learner names its stats as the policy's; these are the attacker's.
-        return {key.replace("policy/", "apl/attacker_").replace("timing/policy_step", "timing/attacker_step"): value
+        return {key.replace("policy/", "apl/attacker_").replace("/policy_step", "/attacker_step"): value
                 for key, value in stats.items()}
 
     def checkpoint_extra(self) -> dict[str, Any]:

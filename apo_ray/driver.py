@@ -41,6 +41,7 @@ from apo_ray.online import OnlinePolicyStep
 from apo_ray.policy_step import PolicyStep
 from apo_ray.ppo import concat_right_padded, logprob_mismatch, sampler_logprob_grid
 from apo_ray.rollout_pool import RolloutPool
+from apo_ray.round_flops import RoundFlops
 from apo_ray.round_samples import RoundSampler
 from apo_ray.seeds import SeedStream, round_seed
 
@@ -94,6 +95,7 @@ class APOGame:
         self.warned_inert = False
         self.policy_step: PolicyStep = policy_step_for(self)
         self.sampler = RoundSampler(self)
+        self.flops = RoundFlops(self)
         # AAPA: a frozen discriminator's anchoring reward added to the policy step's (aapa.enabled).
         self.anchoring = Anchoring(self) if cfg.aapa.enabled else None
 
@@ -116,6 +118,7 @@ class APOGame:
         stats = {}
         if self.cfg.reward.initial_epochs > 0:
             stats = self._rm_update([], epochs=self.cfg.reward.initial_epochs, round_index=0)
+        stats.update(self.flops.ceiling_stats())
         self.checkpointer.save_base_reward(self.actors.reward)
         if self.anchoring is not None:
             stats.update(self.anchoring.fit())
@@ -128,6 +131,7 @@ class APOGame:
         stats = self.policy_step.start_round(r)
         self._phase("generate", r)
         samples = self.sampler.take(r, stats)
+        self.flops.generation(stats, samples.policy + samples.gold)
         # Round r-1's held-out samples (an overlapped evaluation), drawn while this round's RM step runs.
         self.evaluation.sample_pending()
         # Asynchronous mode: the pool samples round r + 1 while this round's RM step, scoring and training run.
@@ -137,9 +141,9 @@ class APOGame:
 
         rollouts = samples.policy
         self._phase("score", r)
-        t = time.perf_counter()
-        scores = gather(self.actors.reward.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]))
-        stats["timing/score"] = time.perf_counter() - t
+        with self.flops.forwards(stats, "score", ("reward",)):
+            scores = gather(self.actors.reward.score.remote([x.prompt for x in rollouts],
+                                                            [x.response for x in rollouts]))
         stats["policy/reward_mean"] = float(np.mean(scores))
         stats["policy/reward_std"] = float(np.std(scores))
         if self.anchoring is not None:
@@ -233,6 +237,7 @@ class APOGame:
                 stats.update(self.evaluation.in_place(r))
             stats.update(self.policy_step.evaluate(r))
         stats["timing/round"] = time.perf_counter() - started
+        self.flops.finish(stats)
         # Round 0 samples only for its evaluation, from the pool as it started.
         stats.setdefault("rollout/num_workers", float(self.actors.pool.num_workers))
         stats["round"] = r

@@ -49,9 +49,11 @@ class OfflinePolicyStep(PolicyStep):
             return {"policy/pairs": 0.0}
         mismatch = game.sampler_mismatch([x for p in selected for x in (p.chosen, p.rejected)])
         chosen, rejected = [p.chosen.tokens for p in selected], [p.rejected.tokens for p in selected]
-        ref_chosen, ref_rejected = gather([
-            game.actors.reference.sequence_logprobs.remote(chosen),
-            game.actors.reference.sequence_logprobs.remote(rejected),
-        ])
-        stats = gather(policy.pair_step.remote(chosen, rejected, ref_chosen, ref_rejected, **step))
+        stats: dict[str, float] = {}
+        with game.flops.forwards(stats, "logprobs", ("reference",)):
+            ref_chosen, ref_rejected = gather([
+                game.actors.reference.sequence_logprobs.remote(chosen),
+                game.actors.reference.sequence_logprobs.remote(rejected),
+            ])
+        stats.update(gather(policy.pair_step.remote(chosen, rejected, ref_chosen, ref_rejected, **step)))
         return {**mismatch, **stats, "policy/pairs": float(len(selected))}

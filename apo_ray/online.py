@@ -20,7 +20,6 @@ round 0: the baseline of APO-PPO.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -80,9 +79,9 @@ class OnlinePolicyStep(PolicyStep):
             "rollout/truncated_fraction": float(np.mean([x.finish_reason == "length" for x in rollouts])),
         }
         game._phase("logprobs", r)
-        t = time.perf_counter()
-        grids = self._token_grids(samples)
-        stats["timing/logprobs"] = time.perf_counter() - t
+        roles = ("policy", "reference", "critic") if cfg.method == "ppo" else ("policy", "reference")
+        with game.flops.forwards(stats, "logprobs", roles):
+            grids = self._token_grids(samples)
         # Sequence-level k1, the same quantity evaluate() reports, whatever estimator the penalty uses.
         stats["policy/kl"] = sequence_logprob(grids.logps - grids.ref_logps, grids.mask, average=False).mean().item()
         advantages, returns = self.method.advantages(

@@ -217,6 +217,10 @@ class RolloutPool:
     def workers(self) -> list[ray.actor.ActorHandle]:
         return self.group.actors
 
+    def matmul_ceiling(self) -> float:
+        """The workers' float32 matmul rates added up (FLOP/s), each measured with the others idle."""
+        return sum(ray.get(worker.matmul_ceiling.remote()) for worker in self.workers)
+
     def _restart(self, index: int) -> ray.actor.ActorHandle:
         """A fresh worker in slot `index`; it loads the current weights before any later call reaches it."""
         handle = self.group.restart(index)

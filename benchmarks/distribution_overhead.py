@@ -90,6 +90,9 @@ class LocalPool:
     def generate(self, prompts: list[str], n: int, seed: int | None = None) -> list[Any]:
         return self.submit(prompts, n, seed).result()
 
+    def matmul_ceiling(self) -> float:
+        return self.worker.matmul_ceiling()
+
     def sync_from(self, learner: LocalHandle, version: int) -> dict[str, float]:
         from apo_ray.weight_sync import DEFAULT_BUCKET_BYTES
 
@@ -105,8 +108,9 @@ def local_transport() -> Iterator[None]:
     import apo_ray.held_out_evaluation
     import apo_ray.offline
     import apo_ray.online
+    import apo_ray.round_flops
 
-    modules = (apo_ray.driver, apo_ray.held_out_evaluation, apo_ray.offline, apo_ray.online)
+    modules = (apo_ray.driver, apo_ray.held_out_evaluation, apo_ray.offline, apo_ray.online, apo_ray.round_flops)
     real = [module.gather for module in modules]
     for module in modules:
         module.gather = lambda value: value
@@ -182,7 +186,10 @@ def local_game(prepared: Any) -> Any:
     worker = RolloutWorker(**worker_spec(cfg, prepared.policy_path).worker_kwargs(0))
     actors = Actors(pool=LocalPool(worker), reward=LocalHandle(reward), policy=LocalHandle(policy),
                     reference=LocalHandle(reference), eval_reward=None)
-    return APOGame(cfg, prepared.data, actors, NoMetrics(), NoCheckpoints(), prepared.oracle, log=lambda line: None)
+    # The game asks its actors for their matmul ceilings as it starts.
+    with local_transport():
+        return APOGame(cfg, prepared.data, actors, NoMetrics(), NoCheckpoints(), prepared.oracle,
+                       log=lambda line: None)
 
 
 def actor_processes(actors: Any) -> dict[str, dict[str, int]]:

@@ -33,23 +33,15 @@ HH_DEV = REPO_ROOT / "data" / "hh_harmless" / "dev.jsonl"
 # The recipe's rollout settings.
 ROLLOUT = {"max_new_tokens": 64, "max_prompt_tokens": 256, "max_model_len": 320, "temperature": 1.0,
            "dtype": "float32", "chat_template": "auto"}
-# The driver's timing/* keys (apo_ray/report.py TIMING_KEYS); an offline round has no reference log-probs of its
-# own (RJS needs none, DPO's are inside policy_step), and the evaluation's KL takes them inside evaluate.
+# The driver's timing/* keys (apo_ray/report.py TIMING_KEYS); an offline round's reference log-probs are DPO's
+# alone (RJS and RRHF need none), and the evaluation's KL takes them inside evaluate.
 PHASES = ("generate", "rm_step", "score", "logprobs", "policy_step", "critic_step", "sync", "evaluate", "round")
 
 
-def matmul_ceiling_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """The best of `repeats` float32 size x size matmuls on this process's torch threads, in GFLOP/s."""
-    import torch
+def matmul_ceiling_gflops() -> float:
+    from apo_ray.flops import matmul_ceiling
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up: thread pool and allocations
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best / 1e9
+    return matmul_ceiling(repeats=5) / 1e9
 
 
 def smollm2_dir() -> str:

@@ -1,7 +1,8 @@
 """Do two runs of the same config and seed log the same numbers? Compares metrics.jsonl row by row.
 
 Every metric the two runs share is compared at every step, except wall-clock ones (timing/*, */tokens_per_s,
-*_s, rollout throughput), which no refactor can hold equal. Prints the largest difference per metric and exits
+*_s, rollout throughput, and the shares of the matmul ceiling: efficiency/*, ceiling/*), which no refactor can
+hold equal. Prints the largest difference per metric and exits
 1 when any exceeds --tol, or when a step or metric is in one run only (after --rename OLD=NEW, for a metric
 that changed its name between the two code versions, and --dropped KEY, for one the newer version no longer
 logs).
@@ -18,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-WALL_CLOCK = re.compile(r"^timing/|tokens_per_s|_per_s$|_s$|^rollout/(generate|sync)_|^sync/|/seconds")
+WALL_CLOCK = re.compile(r"^timing/|^efficiency/|^ceiling/|tokens_per_s|_per_s$|_s$|^rollout/(generate|sync)_|^sync/|/seconds")
 
 
 def read_rows(run_dir: Path, renames: dict[str, str], dropped: set[str]) -> dict[int, dict[str, float]]:

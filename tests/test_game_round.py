@@ -63,6 +63,11 @@ def test_one_round_per_method_hf_torch(ray_cluster, tmp_path, method):
     assert state["policy_version"] == 1
     assert summary["final"]["eval/gold_score"] == rows[1]["eval/gold_score"]
     assert summary["gold_rise"]["end_se"] == rows[1]["eval/gold_score_se"]
+    # Each phase's FLOPs and share of its processes' matmul ceiling; DPO's reference log-probs are a phase.
+    phases = ["generate", "score", "rm_step", "policy_step", *(["logprobs"] if method == "dpo" else [])]
+    assert all(rows[1][f"flops/{phase}"] > 0 and 0 < rows[1][f"efficiency/{phase}"] < 2 for phase in phases)
+    assert rows[1]["flops/round"] == pytest.approx(sum(rows[1][f"flops/{phase}"] for phase in phases))
+    assert rows[0]["ceiling/machine"] > 0
 
 
 def test_an_ipo_round_trains_on_best_vs_worst_pairs(ray_cluster, tmp_path):

@@ -118,6 +118,19 @@ def test_token_logprobs_bfloat16_computed_in_float32():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
+def test_token_logprobs_values_and_gradients_equal_the_full_log_softmax():
+    # Gather minus a row's logsumexp, with no [B, T, V] log-softmax: the same numbers and the same gradient.
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 49, requires_grad=True)
+    labels = torch.randint(0, 49, (3, 7))
+    weights = torch.randn(3, 6)
+    plain = logits[:, :-1].log_softmax(-1).gather(-1, labels[:, 1:, None])[..., 0]
+    (plain_grad,) = torch.autograd.grad((plain * weights).sum(), logits)
+    out = token_logprobs(logits, labels)
+    (grad,) = torch.autograd.grad((out * weights).sum(), logits)
+    assert torch.allclose(out, plain, atol=1e-6, rtol=0) and torch.allclose(grad, plain_grad, atol=1e-6, rtol=0)
+
+
 def test_token_logprobs_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="logits"):
         token_logprobs(torch.zeros(1, 3, 4), torch.zeros(1, 2, dtype=torch.long))

@@ -274,6 +274,24 @@ def checksums(pool) -> list[float]:
     return ray.get([worker.weights_checksum.remote() for worker in pool.workers])
 
 
+def assert_flops_of_a_ppo_iteration(logged: list[dict]) -> None:
+    """Round 0 logs each process's matmul ceiling; every iteration logs each phase's FLOPs and its share of the
+    ceiling, and the phases' counts agree with one another: the log-prob phase runs the policy, the reference
+    (the same shape) and the critic over the samples once, and each of ppo_epochs training passes runs the
+    policy's and the critic's forward over them once more, at 3x its FLOPs."""
+    epochs = load_config(None, list(SMALL_RUN)).ppo.ppo_epochs
+    assert all(logged[0][f"ceiling/{role}"] > 0 for role in ("machine", "rollout", "policy", "reference", "reward",
+                                                             "critic"))
+    phases = ("generate", "score", "logprobs", "policy_step", "critic_step", "rm_step")
+    for row in logged[1:]:
+        assert all(row[f"flops/{phase}"] > 0 for phase in phases)
+        assert all(0 < row[f"efficiency/{phase}"] < 2 for phase in phases)
+        assert row["flops/round"] == pytest.approx(sum(row[f"flops/{phase}"] for phase in phases))
+        policy_forward = row["flops/policy_step"] / (3 * epochs)
+        critic_forward = row["flops/critic_step"] / (3 * epochs)
+        assert row["flops/logprobs"] == pytest.approx(2 * policy_forward + critic_forward, rel=1e-9)
+
+
 @pytest.mark.integration
 def test_apo_ppo_steps_the_rm_between_ppo_iterations_and_syncs_the_workers(online_actors, tmp_path):
     pool = online_actors[1].pool
@@ -301,6 +319,7 @@ def test_apo_ppo_steps_the_rm_between_ppo_iterations_and_syncs_the_workers(onlin
         # fp32 vLLM against fp32 learners: the importance weights are 1 up to rounding.
         assert row["rollout/logprob_diff"] < 1e-4 and row["policy/tis_weight_mean"] == pytest.approx(1.0, abs=1e-3)
     assert "eval/gold_score" in logged[2] and "eval/gold_score" not in logged[1]
+    assert_flops_of_a_ppo_iteration(logged)
 
     # Resumed after iteration 2 for a third: the learners' states and the adapted KL coefficient come back.
     saved = Checkpointer(tmp_path).restore(2, online_actors[1])
