@@ -149,7 +149,7 @@ def checked_run_dir(cfg: Config, resume: bool) -> tuple[Path, int | None]:
     from apo_ray.checkpoint import Checkpointer, check_same_ranks
 
     checkpointer = Checkpointer(run_dir)
-    last = checkpointer.latest_round()
+    last = checkpointer.latest_intact_round(warn=log.warning)
     if last is not None:
         check_same_ranks(checkpointer.read_state(last), cfg.trained_ranks, last)
     return run_dir, last
