@@ -18,6 +18,7 @@ from apo_ray.actors.engine import LearnerCheckpoint, Rendezvous, build_engine, t
 from apo_ray.batching import fraction, grouped_minibatch_groups, shuffled_minibatches
 from apo_ray.chat import AUTO, resolve_template
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
+from apo_ray.fingerprint import Fingerprint, fingerprint
 from apo_ray.game import TokenSample
 from apo_ray.losses import dpo_loss, masked_mean, rrhf_loss, sequence_logprob, sft_loss, token_logprobs
 from apo_ray.modeling import (SampleLogprobs, encode_samples, load_causal_lm, load_tokenizer, predicted_response_tokens,
@@ -135,6 +136,12 @@ class PolicyLearner(LearnerCheckpoint):
         state = self.engine.rank0_state_dict()
         if state is not None:
             yield from pack_buckets(state, bucket_bytes)
+
+    def weights_fingerprint(self, dtype: str) -> Fingerprint | None:
+        """The reference a sync's workers are checked against (apo_ray/fingerprint.py): the weights the workers
+        were sent, as engines of precision `dtype` hold them; None from ranks other than 0."""
+        state = self.engine.rank0_state_dict()
+        return None if state is None else fingerprint(state.items(), getattr(torch, dtype))
 
     def send_weights_nccl(self, workers: list, bucket_bytes: int) -> int:
         """The `nccl` weight sync's learner side: broadcast the weights into the workers' vLLM engines, packed

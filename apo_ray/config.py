@@ -189,6 +189,10 @@ class RolloutConfig(Section):
     sync_bucket_mb: int = Field(256, ge=1, description=(
         "MiB per flat buffer that the 'object_store' and 'nccl' syncs move weights in, rather than one transfer "
         "per tensor (apo_ray/named_tensors.py pack_buckets)."))
+    verify_sync: bool = Field(True, description=(
+        "After every weight sync, each worker reports per-tensor sums of the weights its engine holds, and the run "
+        "stops (exit code 7) naming the worker and the tensor unless they equal the learner's (apo_ray/fingerprint.py); "
+        "timing/sync_fingerprint logs its cost. Off by itself for tensor-parallel engines, which hold shards."))
     max_model_len: int = Field(128, ge=8, description=(
         "The engine's context length in tokens; at least model.max_prompt_tokens + model.max_response_tokens."))
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(None, description=(

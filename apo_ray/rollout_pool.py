@@ -6,12 +6,15 @@
   answered exactly once. `submit` starts the same call and returns at once (`GenerateCall.result()`
   collects it), so that the workers sample while the driver waits on learners.
 - `sync` / `sync_from` move new weights to every worker through a WeightSync strategy; the pool keeps the
-  last payload so that workers that join (resize) or restart get the current weights and version.
+  last payload so that workers that join (resize) or restart get the current weights and version. After every
+  load each worker reports a fingerprint of what its engine holds (apo_ray/fingerprint.py), which must equal the
+  learner's, or the sync raises WeightsDiffer naming the worker and the tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,14 +22,24 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
 from apo_ray.actors.rollout import RolloutWorker
 from apo_ray.chat import template_setting
 from apo_ray.actor_group import ActorGroup
 from apo_ray.config import Config, check_rollout_settings
+from apo_ray.fingerprint import Fingerprint, fingerprint, first_difference
 from apo_ray.game import Rollout, assign_shards
+from apo_ray.learner_group import gather
+from apo_ray.named_tensors import as_named_tensors, read_checkpoint_dir
 from apo_ray.progress import Progress
 from apo_ray.weight_sync import SyncStats, WeightSync, make_weight_sync
+
+log = logging.getLogger(__name__)
+
+
+class WeightsDiffer(RuntimeError):
+    """A rollout worker's engine does not hold the weights the learner synced: it would sample another policy."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +181,7 @@ class RolloutPool:
         placement_strategy: str = "PACK",
         env: dict[str, str] | None = None,
         max_worker_failures: int = 3,
+        verify_sync: bool = True,
     ):
         self.weight_sync = make_weight_sync(weight_sync) if isinstance(weight_sync, str) else weight_sync
         extra = self.weight_sync.engine_kwargs()
@@ -181,10 +195,21 @@ class RolloutPool:
             placement_strategy=placement_strategy, env=env,
         )
         # Waiting here surfaces a worker that cannot start (bad path, engine error) before the first round.
-        self.engine_start_seconds = [info["engine_start_seconds"] for info in self.group.call("ping")]
+        infos = self.group.call("ping")
+        self.engine_start_seconds = [info["engine_start_seconds"] for info in infos]
+        # A slot's bundle, hence its node, stays when its worker is replaced.
+        self._nodes = [info["node"] for info in infos]
+        self.engine_dtype = infos[0]["dtype"]
+        self.verify_sync = verify_sync and infos[0]["engine_ranks"] == 1
+        if verify_sync and not self.verify_sync:
+            log.warning("rollout.verify_sync: an engine of %d ranks holds shards of each tensor; the weight "
+                        "fingerprint check after syncs is off", infos[0]["engine_ranks"])
         self.version = 0
         # The last sync's strategy and payload: replayed to workers that join or restart.
         self._published: tuple[WeightSync, Any] | None = None
+        # The fingerprint of the last sync's weights, and the slots that loaded them since they were last checked.
+        self._reference: Fingerprint | None = None
+        self._unverified: set[int] = set()
         self._pending_loads: list[ray.ObjectRef] = []
         self._last_stats: dict[str, float] = {}
         self._open_call: GenerateCall | None = None
@@ -205,6 +230,7 @@ class RolloutPool:
             spec, rollout.num_workers, num_cpus_per_worker=rollout.num_cpus_per_worker,
             num_gpus_per_worker=rollout.num_gpus_per_worker,
             weight_sync=make_weight_sync(rollout.weight_sync, **options), name_prefix=name_prefix, env=env,
+            verify_sync=rollout.verify_sync,
         )
 
     # ------------------------------------------------------------------ workers
@@ -223,11 +249,32 @@ class RolloutPool:
         if self._published is not None:
             strategy, payload = self._published
             self._pending_loads += strategy.apply([handle], payload, self.version)
+            self._unverified.add(index)
         return handle
 
     def _settle_pending_loads(self) -> None:
         pending, self._pending_loads = self._pending_loads, []
         ray.get(pending)
+        self._verify()
+
+    def describe(self, index: int) -> str:
+        """Worker `index` in words, for errors: its actor's name and its node."""
+        return f"rollout worker {self.group.names[index]} on node {self._nodes[index]}"
+
+    def _verify(self) -> None:
+        """Check the fingerprint of every worker that loaded the current weights since the last check against
+        the learner's."""
+        slots, self._unverified = sorted(self._unverified), set()
+        if self._reference is None or not slots:
+            return
+        reported = ray.get([self.group.actors[slot].weights_fingerprint.remote() for slot in slots])
+        for slot, engine_fingerprint in zip(slots, reported):
+            difference = first_difference(self._reference, engine_fingerprint)
+            if difference is not None:
+                raise WeightsDiffer(
+                    f"{self.describe(slot)} does not hold the policy it was sent (version {self.version}, "
+                    f"{self._published[0].name} sync): {difference}. It would sample from other weights than the "
+                    "learner trains; rollout.verify_sync=false turns this check off")
 
     def versions(self) -> list[int]:
         self._refuse_while_open("versions")
@@ -239,9 +286,13 @@ class RolloutPool:
         self._refuse_while_open("resize")
         self._settle_pending_loads()
         added = self.group.resize(num_workers)
+        del self._nodes[num_workers:]
+        self._nodes += [info["node"] for info in ray.get([self.group.actors[i].ping.remote() for i in added])]
         if added and self._published is not None:
             strategy, payload = self._published
             ray.get(strategy.apply([self.group.actors[i] for i in added], payload, self.version))
+            self._unverified.update(added)
+            self._verify()
 
     def shutdown(self) -> None:
         self.group.kill()
@@ -280,19 +331,32 @@ class RolloutPool:
         """Load `weights` (named tensors, an object ref of them, or an HF dir for `disk`) as `version`,
         through `weight_sync` (default: the pool's strategy)."""
         strategy = weight_sync or self.weight_sync
-        return self._sync(strategy, lambda: strategy.publish(weights, version), version)
+        return self._sync(strategy, lambda: strategy.publish(weights, version), version,
+                          lambda: self._fingerprint_of(weights))
 
     def sync_from(self, learner: ray.actor.ActorHandle, version: int,
                   weight_sync: WeightSync | None = None) -> dict[str, float]:
         """Load the learner actor's current weights as `version`; nothing passes through the driver."""
         strategy = weight_sync or self.weight_sync
-        return self._sync(strategy, lambda: strategy.publish_from(learner, version), version)
+        # The learner computes its fingerprint while the workers load.
+        return self._sync(strategy, lambda: strategy.publish_from(learner, version), version,
+                          lambda: learner.weights_fingerprint.remote(self.engine_dtype))
 
-    def _sync(self, strategy: WeightSync, publish: Callable[[], Any], version: int) -> dict[str, float]:
+    def _fingerprint_of(self, weights: Any) -> Fingerprint:
+        """The fingerprint of weights the driver was handed (named tensors, an object ref of them, an HF dir)."""
+        if isinstance(weights, ray.ObjectRef):
+            weights = ray.get(weights)
+        pairs = read_checkpoint_dir(weights) if isinstance(weights, (str, Path)) else as_named_tensors(weights)
+        return fingerprint(pairs, getattr(torch, self.engine_dtype))
+
+    def _sync(self, strategy: WeightSync, publish: Callable[[], Any], version: int,
+              reference: Callable[[], Fingerprint | ray.ObjectRef]) -> dict[str, float]:
+        """`reference()`: the fingerprint of the weights `publish()` published, or a learner's ref to it."""
         self._refuse_while_open("sync")
         self._settle_pending_loads()
         started = time.perf_counter()
         payload = publish()
+        expected = reference() if self.verify_sync else None
         previous, self._published, self.version = self._published, (strategy, payload), version
         refs = strategy.apply(self.group.actors, payload, version)
         loaded = []
@@ -302,9 +366,13 @@ class RolloutPool:
             except ray.exceptions.RayActorError:
                 # The replacement loads `payload` as part of its start.
                 self._restart(worker)
+        seconds = time.perf_counter() - started
+        # Workers restarted above load `payload` as they start; they are checked with the others.
+        self._reference = gather(expected) if isinstance(expected, ray.ObjectRef) else expected
+        self._unverified = set(range(self.num_workers))
         self._settle_pending_loads()
+        check_seconds = time.perf_counter() - started - seconds
         if previous is not None and previous[1] != payload:
             previous[0].release(previous[1])
-        stats = SyncStats(strategy.name, version, time.perf_counter() - started, max(loaded, default=0),
-                          self.num_workers)
-        return stats.metrics()
+        stats = SyncStats(strategy.name, version, seconds, max(loaded, default=0), self.num_workers)
+        return {**stats.metrics(), "timing/sync_fingerprint": check_seconds}

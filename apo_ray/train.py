@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from apo_ray.actor_group import ActorStartupTimeout
+    from apo_ray.rollout_pool import WeightsDiffer
 
     try:
         run(prepared)
@@ -459,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     except LearnerRankLost as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 5
+    except WeightsDiffer as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 7
     return 0
 
 
