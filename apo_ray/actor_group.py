@@ -181,6 +181,15 @@ class ActorGroup:
         return ray.get([getattr(handle, method).remote(*args, **kwargs) for handle in self.actors])
 
 
+def wait_any(deadlines: dict[ray.ObjectRef, float]) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
+    """Wait until one of the refs is ready or the earliest of their deadlines (time.monotonic()) passes; returns
+    the refs that are ready and those not ready past their deadline. The caller names what it waited for."""
+    timeout = max(0.0, min(deadlines.values()) - time.monotonic())
+    ready, _ = ray.wait(list(deadlines), num_returns=1, timeout=timeout)
+    now = time.monotonic()
+    return ready, [ref for ref, deadline in deadlines.items() if deadline <= now and ref not in ready]
+
+
 def wait_until_ready(
     groups: Iterable[ActorGroup], timeout_s: float, *, diagnose: Callable[[], str] = lambda: "",
 ) -> None:

@@ -18,6 +18,7 @@ from apo_ray.chat import template_setting
 from apo_ray import build_locks, logs
 from apo_ray.actor_group import wait_until_ready
 from apo_ray.config import Config, LearnerConfig
+from apo_ray.deadlines import probe_cluster
 from apo_ray.driver import Actors
 from apo_ray.learner_group import LearnerGroup
 from apo_ray.placement import Role, actor_plan, cluster_from_ray_nodes, local_num_cpus, place, totals
@@ -56,6 +57,7 @@ def init_ray(cfg: Config) -> None:
     options = logs.ray_init_options()
     log.debug("ray.init options: %s", options)
     if address:
+        probe_cluster(address, cfg.ray.connect_timeout_s, "ray.connect_timeout_s")
         ray.init(address=address, log_to_driver=True, **options)
         log.info("joined the Ray cluster at %s", address)
         return

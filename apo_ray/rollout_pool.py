@@ -26,16 +26,19 @@ import torch
 
 from apo_ray.actors.rollout import RolloutWorker
 from apo_ray.chat import template_setting
-from apo_ray.actor_group import ActorGroup
+from apo_ray.actor_group import ActorGroup, wait_any, wait_until_ready
 from apo_ray.config import Config, check_rollout_settings
+from apo_ray.deadlines import DeadlinePassed, generate_deadline_s, startup_deadline_s, sync_deadline_s
 from apo_ray.fingerprint import Fingerprint, fingerprint, first_difference
 from apo_ray.game import Rollout, assign_shards
 from apo_ray.learner_group import gather
-from apo_ray.named_tensors import as_named_tensors, read_checkpoint_dir
+from apo_ray.named_tensors import as_named_tensors, checkpoint_files, read_checkpoint_dir
 from apo_ray.progress import Progress
 from apo_ray.weight_sync import SyncStats, WeightSync, make_weight_sync
 
 log = logging.getLogger(__name__)
+
+GENERATE_KEY, SYNC_KEY = "rollout.generate_timeout_s", "rollout.sync_timeout_s"
 
 
 class WeightsDiffer(RuntimeError):
@@ -75,9 +78,11 @@ class GenerateCall:
 
     Each worker's shard may be split into `pieces_per_worker` contiguous pieces, queued on the worker one
     after another, so that a caller can use the first pieces (`poll` or `result`'s `on_piece`) while the
-    worker samples the rest. If a worker dies, its piece is split over the surviving workers and the dead
-    worker is restarted in its placement-group bundle with the current weights: every prompt is answered
-    exactly once. `stats` holds the call's throughput once it is collected."""
+    worker samples the rest. If a worker dies, or a piece is not back by its deadline (the worker stalls), its
+    piece is split over the other workers and the worker is replaced in its placement-group bundle with the
+    current weights: every prompt is answered exactly once. A piece's deadline counts from the end of the one
+    queued before it on its worker (apo_ray/deadlines.py). `stats` holds the call's throughput once it is
+    collected."""
 
     def __init__(self, pool: RolloutPool, prompts: Sequence[str], n: int, seed: int | None,
                  pieces_per_worker: int = 1):
@@ -87,7 +92,9 @@ class GenerateCall:
         self.num_workers = pool.num_workers
         self.stats: dict[str, float] = {}
         self._started = time.perf_counter()
-        self._in_flight: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, list[int]]] = {}
+        self._in_flight: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, list[int], float]] = {}
+        # Per worker, when the last piece queued on it is due.
+        self._due: dict[int, float] = {}
         self._answered: dict[int, list[Rollout]] = {}
         self._restarted: set[int] = set()
         self._failures = 0
@@ -99,7 +106,8 @@ class GenerateCall:
         if indices:
             handle = self.pool.group.actors[worker]
             ref = handle.generate.remote([self.prompts[i] for i in indices], indices, self.n, self.seed)
-            self._in_flight[ref] = (worker, handle, indices)
+            self._due[worker] = max(time.monotonic(), self._due.get(worker, 0.0)) + self._piece_seconds(indices)
+            self._in_flight[ref] = (worker, handle, indices, self._due[worker])
 
     def poll(self, on_piece: Callable[[list[Rollout]], None] | None) -> None:
         """Hand every piece that is already sampled to `on_piece`, without waiting for the others."""
@@ -120,8 +128,11 @@ class GenerateCall:
             ready = sum(len(rollouts) for rollouts in self._answered.values())
             with Progress("generate", total=n * len(prompts), unit="samples", ready=ready) as progress:
                 while self._in_flight:
-                    [ref], _ = ray.wait(list(self._in_flight), num_returns=1)
-                    progress.update(self._take(ref, on_piece))
+                    ready, late = wait_any({ref: piece[3] for ref, piece in self._in_flight.items()})
+                    for ref in ready:
+                        progress.update(self._take(ref, on_piece))
+                    for ref in late:
+                        self._stalled(ref)
         finally:
             pool._open_call = None
 
@@ -145,27 +156,49 @@ class GenerateCall:
 
     def _take(self, ref: ray.ObjectRef, on_piece: Callable[[list[Rollout]], None] | None) -> int:
         """Collect one finished piece (or re-submit it after its worker's death); returns its rollouts' count."""
-        pool = self.pool
-        worker, handle, indices = self._in_flight.pop(ref)
+        worker, handle, indices, _ = self._in_flight.pop(ref)
         try:
             rollouts = ray.get(ref)
         except ray.exceptions.RayActorError as error:
-            self._failures += 1
-            if self._failures > pool.max_worker_failures:
-                raise RuntimeError(f"rollout pool: {self._failures} worker failures in one generate call") from error
-            if pool.group.actors[worker] == handle:  # not restarted yet by an earlier failure
-                pool._restart(worker)
-                self._restarted.add(worker)
-            # Restarted workers are still starting their engines; survivors take the piece if any.
-            survivors = [w for w in range(pool.num_workers) if w not in self._restarted] or list(self._restarted)
-            for survivor, part in zip(survivors, assign_shards(len(indices), len(survivors))):
-                self._submit(survivor, [indices[i] for i in part])
+            self._replace(worker, handle, indices, RuntimeError(
+                f"rollout pool: {self._failures + 1} worker failures in one generate call; the last: {error}"))
             return 0
         for rollout in rollouts:
             self._answered.setdefault(rollout.prompt_index, []).append(rollout)
         if on_piece is not None:
             on_piece(rollouts)
         return len(rollouts)
+
+    def _stalled(self, ref: ray.ObjectRef) -> None:
+        """A piece not back by its deadline: its worker is replaced like a dead one (its other pieces then fail
+        and are re-run), unless the call has had all the failures it may."""
+        worker, handle, indices, _ = self._in_flight.pop(ref)
+        what = self.pool.describe(worker)
+        log.warning("%s: a generate piece of %d prompts was not back within its deadline (%s); replacing the "
+                    "worker and re-running its prompts", what, len(indices), GENERATE_KEY)
+        self._replace(worker, handle, indices, DeadlinePassed(
+            f"{what} ({self._failures} workers already replaced in this call)", f"generating {len(indices)} prompts",
+            self._piece_seconds(indices), GENERATE_KEY))
+
+    def _piece_seconds(self, indices: list[int]) -> float:
+        return generate_deadline_s(len(indices) * self.n, self.pool.spec.max_new_tokens, self.pool.generate_timeout_s)
+
+    def _replace(self, worker: int, handle: ray.actor.ActorHandle, indices: list[int], exhausted: Exception) -> None:
+        """Restart `worker` (unless a failure of another of its pieces did already; then it counts once) and split
+        `indices` over the workers that are not restarting, or over the restarted ones when none is left. Raises
+        `exhausted` when the call has replaced as many workers as it may."""
+        pool = self.pool
+        if pool.group.actors[worker] == handle:
+            if self._failures >= pool.max_worker_failures:
+                raise exhausted
+            self._failures += 1
+            pool._restart(worker)
+            self._restarted.add(worker)
+            # Its next pieces wait for its engine to start and load the weights.
+            self._due[worker] = time.monotonic() + pool.startup_deadline_s + pool.sync_deadline_s
+        survivors = [w for w in range(pool.num_workers) if w not in self._restarted] or list(self._restarted)
+        for survivor, part in zip(survivors, assign_shards(len(indices), len(survivors))):
+            self._submit(survivor, [indices[i] for i in part])
 
 
 class RolloutPool:
@@ -182,6 +215,9 @@ class RolloutPool:
         env: dict[str, str] | None = None,
         max_worker_failures: int = 3,
         verify_sync: bool = True,
+        generate_timeout_s: float | None = None,
+        sync_timeout_s: float | None = None,
+        startup_timeout_s: float | None = None,
     ):
         self.weight_sync = make_weight_sync(weight_sync) if isinstance(weight_sync, str) else weight_sync
         extra = self.weight_sync.engine_kwargs()
@@ -194,7 +230,17 @@ class RolloutPool:
             num_cpus_per_actor=num_cpus_per_worker, num_gpus_per_actor=num_gpus_per_worker,
             placement_strategy=placement_strategy, env=env,
         )
+        self.spec = spec
+        weight_bytes = sum(path.stat().st_size for path in checkpoint_files(spec.model_path))
+        self.generate_timeout_s = generate_timeout_s
+        self.sync_deadline_s = sync_deadline_s(weight_bytes, sync_timeout_s)
+        self.startup_deadline_s = startup_deadline_s(weight_bytes, startup_timeout_s)
         # Waiting here surfaces a worker that cannot start (bad path, engine error) before the first round.
+        try:
+            wait_until_ready([self.group], self.startup_deadline_s)
+        except BaseException:
+            self.group.kill()  # a stuck worker would hold its resources after the start failed
+            raise
         infos = self.group.call("ping")
         self.engine_start_seconds = [info["engine_start_seconds"] for info in infos]
         # A slot's bundle, hence its node, stays when its worker is replaced.
@@ -210,7 +256,8 @@ class RolloutPool:
         # The fingerprint of the last sync's weights, and the slots that loaded them since they were last checked.
         self._reference: Fingerprint | None = None
         self._unverified: set[int] = set()
-        self._pending_loads: list[ray.ObjectRef] = []
+        # Loads started on restarted workers, by the slot they load into.
+        self._pending_loads: dict[ray.ObjectRef, int] = {}
         self._last_stats: dict[str, float] = {}
         self._open_call: GenerateCall | None = None
 
@@ -230,7 +277,8 @@ class RolloutPool:
             spec, rollout.num_workers, num_cpus_per_worker=rollout.num_cpus_per_worker,
             num_gpus_per_worker=rollout.num_gpus_per_worker,
             weight_sync=make_weight_sync(rollout.weight_sync, **options), name_prefix=name_prefix, env=env,
-            verify_sync=rollout.verify_sync,
+            verify_sync=rollout.verify_sync, generate_timeout_s=rollout.generate_timeout_s,
+            sync_timeout_s=rollout.sync_timeout_s, startup_timeout_s=rollout.startup_timeout_s,
         )
 
     # ------------------------------------------------------------------ workers
@@ -248,14 +296,43 @@ class RolloutPool:
         handle = self.group.restart(index)
         if self._published is not None:
             strategy, payload = self._published
-            self._pending_loads += strategy.apply([handle], payload, self.version)
+            [load] = strategy.apply([handle], payload, self.version)
+            self._pending_loads[load] = index
             self._unverified.add(index)
         return handle
 
     def _settle_pending_loads(self) -> None:
-        pending, self._pending_loads = self._pending_loads, []
-        ray.get(pending)
+        """Wait for the restarted workers to load the current weights; one that does not start and load in time
+        stops the run (it was itself the replacement of a failed worker)."""
+        pending, self._pending_loads = self._pending_loads, {}
+        self._wait_loads(pending, self.startup_deadline_s + self.sync_deadline_s, replace=False)
         self._verify()
+
+    def _wait_loads(self, loads: dict[ray.ObjectRef, int], seconds: float, replace: bool) -> list[int]:
+        """Wait at most `seconds` for each weight load (a ref per slot); returns the bytes each loaded. A worker
+        that died or is still loading at the deadline is replaced (`replace`: it loads as it starts) or stops
+        the pool with DeadlinePassed naming it."""
+        deadline = time.monotonic() + seconds
+        pending, loaded = dict(loads), []
+        while pending:
+            ready, late = wait_any(dict.fromkeys(pending, deadline))
+            for ref in ready:
+                slot = pending.pop(ref)
+                try:
+                    loaded.append(ray.get(ref))
+                except ray.exceptions.RayActorError:
+                    if not replace:
+                        raise
+                    self._restart(slot)
+            for ref in late:
+                slot = pending.pop(ref)
+                if not replace:
+                    raise DeadlinePassed(self.describe(slot), f"loading weights version {self.version}", seconds,
+                                         SYNC_KEY)
+                log.warning("%s: did not load weights version %d within %g s (%s); replacing it", self.describe(slot),
+                            self.version, seconds, SYNC_KEY)
+                self._restart(slot)
+        return loaded
 
     def describe(self, index: int) -> str:
         """Worker `index` in words, for errors: its actor's name and its node."""
@@ -287,10 +364,12 @@ class RolloutPool:
         self._settle_pending_loads()
         added = self.group.resize(num_workers)
         del self._nodes[num_workers:]
+        wait_until_ready([self.group], self.startup_deadline_s)
         self._nodes += [info["node"] for info in ray.get([self.group.actors[i].ping.remote() for i in added])]
         if added and self._published is not None:
             strategy, payload = self._published
-            ray.get(strategy.apply([self.group.actors[i] for i in added], payload, self.version))
+            refs = strategy.apply([self.group.actors[i] for i in added], payload, self.version)
+            self._wait_loads(dict(zip(refs, added)), self.sync_deadline_s, replace=False)
             self._unverified.update(added)
             self._verify()
 
@@ -359,13 +438,9 @@ class RolloutPool:
         expected = reference() if self.verify_sync else None
         previous, self._published, self.version = self._published, (strategy, payload), version
         refs = strategy.apply(self.group.actors, payload, version)
-        loaded = []
-        for worker, ref in enumerate(refs):
-            try:
-                loaded.append(ray.get(ref))
-            except ray.exceptions.RayActorError:
-                # The replacement loads `payload` as part of its start.
-                self._restart(worker)
+        # A worker that dies or stalls is replaced; the replacement loads `payload` as part of its start.
+        loaded = self._wait_loads({ref: worker for worker, ref in enumerate(refs)}, self.sync_deadline_s,
+                                  replace=True)
         seconds = time.perf_counter() - started
         # Workers restarted above load `payload` as they start; they are checked with the others.
         self._reference = gather(expected) if isinstance(expected, ray.ObjectRef) else expected

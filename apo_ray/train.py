@@ -27,6 +27,7 @@ from apo_ray.actors.critic import check_same_vocabulary
 from apo_ray.chat import template_setting
 from apo_ray.config_paths import all_sources_local, input_paths
 from apo_ray.data import DataError, GameData, build_game_data, validate_sources
+from apo_ray.deadlines import DeadlinePassed
 from apo_ray.logs import add_verbose_flag, configure_logging
 from apo_ray.modeling import load_tokenizer
 from apo_ray.model_sources import with_local_models
@@ -58,7 +59,7 @@ class LearnerRankLost(RuntimeError):
     """A rank of a learner died; the run stopped and its checkpoints are intact."""
 
 
-def rank_lost_message(run_dir: Path, last_round: int | None, error: Exception) -> str:
+def rank_lost_message(run_dir: Path, last_round: int | None, error: Exception | str) -> str:
     if last_round is None:
         return f"{error}. No round was checkpointed yet: start the run again"
     return (f"{error}. The checkpoint of round {last_round} is intact: continue with "
@@ -231,6 +232,7 @@ def run(prepared: PreparedRun) -> dict:
     from apo_ray.driver import APOGame
     from apo_ray.learner_group import RankDied, find_dead_rank
     from apo_ray.metrics import MetricsLogger
+    from apo_ray.rollout_pool import WeightsDiffer
 
     cfg, run_dir = prepared.cfg, prepared.run_dir
     write_config(run_dir, prepared.written_cfg)
@@ -245,7 +247,7 @@ def run(prepared: PreparedRun) -> dict:
         config_dict=prepared.written_cfg.to_dict(),
     )
     checkpointer = Checkpointer(run_dir)
-    version, first_round = 0, 0
+    version, first_round, game = 0, 0, None
     try:
         if prepared.resume_from is not None:
             version = checkpointer.restore(prepared.resume_from, actors)["policy_version"]
@@ -261,6 +263,11 @@ def run(prepared: PreparedRun) -> dict:
         game.run(first_round)
     except FloatingPointError as error:
         raise TrainingDiverged(divergence_message(run_dir, checkpointer.latest_round(), error)) from error
+    except (DeadlinePassed, WeightsDiffer) as error:
+        # The error names the actor; where the game was and what to resume from are the driver's to add.
+        at = getattr(game, "at", "before the first round")
+        error.args = (rank_lost_message(run_dir, checkpointer.latest_round(), f"{error} ({at})"),)
+        raise
     except RankDied as error:
         raise LearnerRankLost(rank_lost_message(run_dir, checkpointer.latest_round(), error)) from error
     except Exception as error:
@@ -449,20 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     from apo_ray.actor_group import ActorStartupTimeout
     from apo_ray.rollout_pool import WeightsDiffer
 
+    # A run that stops for a reason of its own exits with a code of its own (README, Faults and limits).
+    exit_codes = {TrainingDiverged: 3, ActorStartupTimeout: 4, LearnerRankLost: 5, DeadlinePassed: 6, WeightsDiffer: 7}
     try:
         run(prepared)
-    except TrainingDiverged as exc:
+    except tuple(exit_codes) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 3
-    except ActorStartupTimeout as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 4
-    except LearnerRankLost as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 5
-    except WeightsDiffer as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 7
+        return next(code for stop, code in exit_codes.items() if isinstance(exc, stop))
     return 0
 
 

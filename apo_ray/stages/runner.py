@@ -24,6 +24,7 @@ import yaml
 
 from apo_ray.config import ConfigError, StageConfig, read_config_tree, validate_section
 from apo_ray.data import DataError, _check_source
+from apo_ray.deadlines import probe_cluster
 from apo_ray.metrics import METRICS_FILE, read_metrics_jsonl
 from apo_ray.model_sources import stage_with_local_model
 from apo_ray.ray_env import driver_source_env
@@ -119,6 +120,7 @@ def init_ray_for(cfg: StageConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     workers = cfg.workers
     if address:
+        probe_cluster(address, cfg.ray.connect_timeout_s, "ray.connect_timeout_s")
         ray.init(address=address)
     else:
         need = workers.num_workers * workers.num_cpus_per_worker
