@@ -145,6 +145,8 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str, attacker_path:
             policy=cfg.policy.model_copy(update={"lr": cfg.apl.attacker.lr}), learner=learner, seed=cfg.seed,
             micro_batch_size=cfg.apl.attacker.minibatch_size, rank_zero_methods=POLICY_RANK_ZERO_METHODS,
         )
+    for group in groups.values():
+        group.call_timeout_s = learner.call_timeout_s
     pools: list[RolloutPool] = []
     try:
         pools.append(RolloutPool.from_config(cfg, policy_path, name_prefix=f"rollout-{run_id}", env=actor_env()))

@@ -237,6 +237,10 @@ class LearnerConfig(Section):
     startup_timeout_s: float = Field(600.0, gt=0.0, description=(
         "Seconds a learner's constructor (model load, DeepSpeed start) may take; past them the run stops, naming "
         "the learner and any torch extension build lock it may wait on, instead of waiting silently."))
+    call_timeout_s: Optional[float] = Field(None, gt=0.0, description=(
+        "Seconds one learner call (a step over its samples, a scoring pass, a checkpoint, a weight gather) may "
+        "take, counted from when the call queued before it was due; past them the run stops with exit code 6 "
+        "naming the rank, its node and the method. null: 900 s plus 2 s per sample per epoch of the call."))
     num_ranks: int = Field(1, ge=1, description=(
         "DeepSpeed data-parallel ranks of each trained learner (policy, reward, critic), each in a bundle of "
         "learner.num_cpus / learner.num_gpus, one placement group per role (gloo on CPU, NCCL on GPU). ZeRO "

@@ -19,6 +19,9 @@ SYNC_FLOOR_S = 120.0
 # Bytes per second a worker must at least load weights at: 4 MB/s, below a disk's or the object store's rate.
 SYNC_BYTES_PER_S = 4e6
 STARTUP_FLOOR_S = 300.0
+LEARNER_FLOOR_S = 900.0
+# Seconds per sample per epoch a learner call may take: a forward and backward of one sample on one core.
+LEARNER_S_PER_SAMPLE = 2.0
 
 
 class DeadlinePassed(TimeoutError):
@@ -52,6 +55,12 @@ def sync_deadline_s(nbytes: int, override: float | None) -> float:
 def startup_deadline_s(nbytes: int, override: float | None) -> float:
     """What starting a rollout worker, whose engine loads `nbytes` of weights, may take."""
     return override if override is not None else STARTUP_FLOOR_S + nbytes / SYNC_BYTES_PER_S
+
+
+def learner_call_deadline_s(samples: int, epochs: int, override: float | None) -> float:
+    """What one learner call over `samples` samples for `epochs` epochs may take (a call without samples: a
+    checkpoint, a weight gather, gets the floor)."""
+    return override if override is not None else LEARNER_FLOOR_S + LEARNER_S_PER_SAMPLE * samples * epochs
 
 
 def gcs_endpoint(address: str) -> tuple[str, int] | None:

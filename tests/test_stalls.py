@@ -90,3 +90,26 @@ def read_weights(model_dir: str):
     from apo_ray.named_tensors import read_checkpoint_dir
 
     return list(read_checkpoint_dir(model_dir))
+
+
+def test_a_learner_step_that_stalls_stops_naming_its_rank_and_node(ray_cluster, tiny_lm_dir):
+    from apo_ray.actor_group import wait_until_ready
+    from apo_ray.actors.policy import PolicyLearner
+    from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
+    from apo_ray.game import TokenSample
+    from apo_ray.learner_group import LearnerGroup, gather
+
+    fault = {"kind": "stall", "phase": "step", "worker": 0, "seconds": STALL_S}
+    group = LearnerGroup(PolicyLearner, 1, role="policy", name_prefix="policy-test-stall", distributed=False,
+                         kwargs=dict(model_path=tiny_lm_dir, model=ModelConfig(), policy=PolicyConfig(batch_size=2),
+                                     learner=LearnerConfig(backend="torch"), seed=0),
+                         num_cpus_per_rank=1, env={FAULTS_ENV: json.dumps([fault])}, call_timeout_s=10)
+    try:
+        wait_until_ready([group.group], 600)
+        samples = [TokenSample((101, 2023), (3000, 3001)), TokenSample((101, 2024), (3002,))]
+        with pytest.raises(DeadlinePassed, match=(
+                r"policy-test-stall-0, rank 0 of the 1-rank policy learner, on node [0-9a-f]+, did not finish "
+                r"sft_step within 10 s \(raise learner.call_timeout_s")):
+            gather(group.sft_step.remote(samples, epochs=1, seed=0))
+    finally:
+        group.kill()
