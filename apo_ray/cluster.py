@@ -19,6 +19,7 @@ from apo_ray import build_locks, logs
 from apo_ray.actor_group import wait_until_ready
 from apo_ray.config import Config, LearnerConfig
 from apo_ray.deadlines import probe_cluster
+from apo_ray.fault_injection import ENV as FAULTS_ENV
 from apo_ray.driver import Actors
 from apo_ray.learner_group import LearnerGroup
 from apo_ray.placement import Role, actor_plan, cluster_from_ray_nodes, local_num_cpus, place, totals
@@ -39,6 +40,8 @@ def cpu_only() -> bool:
 def actor_env() -> dict[str, str]:
     # The driver's logging choice, for actors on nodes whose processes do not inherit its environment.
     env = {**ACTOR_ENV, **logs.worker_env()}
+    if FAULTS_ENV in os.environ:  # a test's injected faults reach actors on every node
+        env[FAULTS_ENV] = os.environ[FAULTS_ENV]
     if cpu_only():
         env["DS_ACCELERATOR"] = "cpu"
     return env

@@ -312,14 +312,21 @@ class RolloutPool:
         """Wait at most `seconds` for each weight load (a ref per slot); returns the bytes each loaded. A worker
         that died or is still loading at the deadline is replaced (`replace`: it loads as it starts) or stops
         the pool with DeadlinePassed naming it."""
+        return list(self._wait_workers(loads, seconds, f"loading weights version {self.version}", replace).values())
+
+    def _wait_workers(self, calls: dict[ray.ObjectRef, int], seconds: float, phase: str,
+                      replace: bool) -> dict[int, Any]:
+        """Each call's result (a ref per slot), by slot, waiting at most `seconds`; a worker that died or is past
+        the deadline is replaced (`replace`, for a load: the replacement loads as it starts) or raises, a stall
+        as DeadlinePassed naming the worker and `phase`."""
         deadline = time.monotonic() + seconds
-        pending, loaded = dict(loads), []
+        pending, results = dict(calls), {}
         while pending:
             ready, late = wait_any(dict.fromkeys(pending, deadline))
             for ref in ready:
                 slot = pending.pop(ref)
                 try:
-                    loaded.append(ray.get(ref))
+                    results[slot] = ray.get(ref)
                 except ray.exceptions.RayActorError:
                     if not replace:
                         raise
@@ -327,12 +334,11 @@ class RolloutPool:
             for ref in late:
                 slot = pending.pop(ref)
                 if not replace:
-                    raise DeadlinePassed(self.describe(slot), f"loading weights version {self.version}", seconds,
-                                         SYNC_KEY)
-                log.warning("%s: did not load weights version %d within %g s (%s); replacing it", self.describe(slot),
-                            self.version, seconds, SYNC_KEY)
+                    raise DeadlinePassed(self.describe(slot), phase, seconds, SYNC_KEY)
+                log.warning("%s: did not finish %s within %g s (%s); replacing it", self.describe(slot), phase,
+                            seconds, SYNC_KEY)
                 self._restart(slot)
-        return loaded
+        return results
 
     def describe(self, index: int) -> str:
         """Worker `index` in words, for errors: its actor's name and its node."""
@@ -344,8 +350,10 @@ class RolloutPool:
         slots, self._unverified = sorted(self._unverified), set()
         if self._reference is None or not slots:
             return
-        reported = ray.get([self.group.actors[slot].weights_fingerprint.remote() for slot in slots])
-        for slot, engine_fingerprint in zip(slots, reported):
+        # Reading the weights back takes about as long as loading them.
+        reported = self._wait_workers({self.group.actors[slot].weights_fingerprint.remote(): slot for slot in slots},
+                                      self.sync_deadline_s, "reporting its weight fingerprint", replace=False)
+        for slot, engine_fingerprint in sorted(reported.items()):
             difference = first_difference(self._reference, engine_fingerprint)
             if difference is not None:
                 raise WeightsDiffer(
