@@ -32,7 +32,7 @@ from apo_ray.deadlines import DeadlinePassed, generate_deadline_s, startup_deadl
 from apo_ray.fingerprint import Fingerprint, fingerprint, first_difference
 from apo_ray.game import Rollout, assign_shards
 from apo_ray.learner_group import gather
-from apo_ray.named_tensors import as_named_tensors, checkpoint_files, read_checkpoint_dir
+from apo_ray.named_tensors import as_named_tensors, checkpoint_bytes, read_checkpoint_dir
 from apo_ray.progress import Progress
 from apo_ray.weight_sync import SyncStats, WeightSync, make_weight_sync
 
@@ -230,8 +230,8 @@ class RolloutPool:
             num_cpus_per_actor=num_cpus_per_worker, num_gpus_per_actor=num_gpus_per_worker,
             placement_strategy=placement_strategy, env=env,
         )
-        self.spec = spec
-        weight_bytes = sum(path.stat().st_size for path in checkpoint_files(spec.model_path))
+        # A policy this machine cannot see gets the deadlines' floors.
+        weight_bytes = checkpoint_bytes(spec.model_path)
         self.generate_timeout_s = generate_timeout_s
         self.sync_deadline_s = sync_deadline_s(weight_bytes, sync_timeout_s)
         self.startup_deadline_s = startup_deadline_s(weight_bytes, startup_timeout_s)

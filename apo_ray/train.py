@@ -31,6 +31,7 @@ from apo_ray.deadlines import DeadlinePassed
 from apo_ray.logs import add_verbose_flag, configure_logging
 from apo_ray.modeling import load_tokenizer
 from apo_ray.model_sources import with_local_models
+from apo_ray.named_tensors import checkpoint_bytes
 from apo_ray.placement import (CLUSTER_SYNTAX, actor_plan, check_plan, local_cluster, parse_cluster, place,
                                placement_lines, plan_table, read_running_cluster)
 from apo_ray.vllm_version import VllmVersionError, require_supported_vllm
@@ -125,11 +126,6 @@ def check_run_dir(run_dir: Path, resume: bool, min_free_bytes: int = MIN_FREE_BY
         raise RunDirError(f"run_dir: only {free / 2**20:.0f} MiB free on the disk of {run_dir}; need {min_free_bytes / 2**20:.0f} MiB")
 
 
-def _model_size(path: str) -> int:
-    p = Path(path)
-    return sum(f.stat().st_size for f in p.glob("*.safetensors")) if p.is_dir() else 0
-
-
 def resolve_run_dir(template: str, cfg: Config) -> str:
     """`runs/{method}-{time}` -> `runs/rjs-20261123-154501`, so repeated runs never collide."""
     try:
@@ -205,7 +201,7 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
     if cfg.method == "ppo" and cfg.ppo.critic_init == "reward":
         # The critic actor would refuse it too, but only after minutes of start-up.
         check_same_vocabulary(load_tokenizer(policy_path), load_tokenizer(reward_path), reward_path)
-    needed = 2 * (cfg.rounds + 2) * (_model_size(policy_path) + _model_size(reward_path))
+    needed = 2 * (cfg.rounds + 2) * (checkpoint_bytes(policy_path) + checkpoint_bytes(reward_path))
     check_run_dir(run_dir, resume, max(MIN_FREE_BYTES, needed))
     # APL's attacker starts as the defender's SFT policy: it writes the task's words from the first round.
     attacker_path = policy_path if cfg.apl.enabled else None
