@@ -240,7 +240,7 @@ class LearnerConfig(Section):
     call_timeout_s: Optional[float] = Field(None, gt=0.0, description=(
         "Seconds one learner call (a step over its samples, a scoring pass, a checkpoint, a weight gather) may "
         "take, counted from when the call queued before it was due; past them the run stops with exit code 6 "
-        "naming the rank, its node and the method. null: 900 s plus 2 s per sample per epoch of the call."))
+        "naming the rank, its node and the method. null: 900 s plus 10 s per sample per epoch of the call."))
     num_ranks: int = Field(1, ge=1, description=(
         "DeepSpeed data-parallel ranks of each trained learner (policy, reward, critic), each in a bundle of "
         "learner.num_cpus / learner.num_gpus, one placement group per role (gloo on CPU, NCCL on GPU). ZeRO "

@@ -20,8 +20,10 @@ SYNC_FLOOR_S = 120.0
 SYNC_BYTES_PER_S = 4e6
 STARTUP_FLOOR_S = 300.0
 LEARNER_FLOOR_S = 900.0
-# Seconds per sample per epoch a learner call may take: a forward and backward of one sample on one core.
-LEARNER_S_PER_SAMPLE = 2.0
+# Seconds per sample per epoch a learner call may take: a forward and backward of a 135M-parameter model over
+# 256 tokens is about 200 GFLOP (6 x parameters x tokens); 10 s allows well under 100 GFLOP/s and the policy
+# step's extra passes (reference, critic) without letting a hang run for hours.
+LEARNER_S_PER_SAMPLE = 10.0
 
 
 class DeadlinePassed(TimeoutError):

@@ -31,8 +31,8 @@ def test_the_defaults_grow_with_the_work_and_a_key_overrides_them():
     assert sync_deadline_s(538_000_000, None) == 120.0 + 134.5
     assert sync_deadline_s(538_000_000, 30.0) == 30.0
     assert startup_deadline_s(4_000_000, None) == 301.0
-    # 900 s, then 2 s per sample per epoch; a checkpoint (no samples) gets the floor.
-    assert learner_call_deadline_s(16, 2, None) == 900.0 + 64.0
+    # 900 s, then 10 s per sample per epoch; a checkpoint (no samples) gets the floor.
+    assert learner_call_deadline_s(16, 2, None) == 900.0 + 320.0
     assert learner_call_deadline_s(0, 1, None) == 900.0
     assert learner_call_deadline_s(16, 2, 60.0) == 60.0
 
