@@ -299,13 +299,18 @@ class RolloutPool:
             [load] = strategy.apply([handle], payload, self.version)
             self._pending_loads[load] = index
             self._unverified.add(index)
+        else:
+            # Nothing to load, but the next call still waits for its engine to start: a piece queued behind a
+            # start would otherwise spend its generate deadline on it.
+            self._pending_loads[handle.__ray_ready__.remote()] = index
         return handle
 
     def _settle_pending_loads(self) -> None:
-        """Wait for the restarted workers to load the current weights; one that does not start and load in time
-        stops the run (it was itself the replacement of a failed worker)."""
+        """Wait for the restarted workers to start and load the current weights; one that does not in time stops
+        the run (it was itself the replacement of a failed worker)."""
         pending, self._pending_loads = self._pending_loads, {}
-        self._wait_loads(pending, self.startup_deadline_s + self.sync_deadline_s, replace=False)
+        self._wait_workers(pending, self.startup_deadline_s + self.sync_deadline_s,
+                           f"starting and loading weights version {self.version}", replace=False)
         self._verify()
 
     def _wait_loads(self, loads: dict[ray.ObjectRef, int], seconds: float, replace: bool) -> list[int]:

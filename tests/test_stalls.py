@@ -74,8 +74,8 @@ def test_a_replacement_that_stalls_too_stops_the_sync(ray_cluster, tiny_lm_dir):
                          startup_timeout_s=10)
     try:
         with pytest.raises(DeadlinePassed, match=(
-                r"rollout worker test-stall-sync-twice-0\.1 on node \S+ did not finish loading weights version 1 "
-                r"within 20 s \(raise rollout.sync_timeout_s")):
+                r"rollout worker test-stall-sync-twice-0\.1 on node \S+ did not finish starting and loading "
+                r"weights version 1 within 20 s \(raise rollout.sync_timeout_s")):
             pool.sync(read_weights(tiny_lm_dir), 1)
     finally:
         pool.shutdown()
