@@ -31,6 +31,7 @@ import torch
 from apo_ray import build_locks
 from apo_ray.batching import is_empty_share, rank_share
 from apo_ray.config import LearnerConfig
+from apo_ray.fault_injection import stall_if_injected
 from apo_ray.flops import TRAINING_FACTOR, FlopCounter, ModelShape, matmul_ceiling
 from apo_ray.losses import combine_share_stats, combine_stats
 from apo_ray.progress import Progress
@@ -165,6 +166,7 @@ class TrainEngine:
         With several ranks, DeepSpeed averages their gradients, and every rank refuses the step if any rank's
         loss is not finite (one rank refusing alone would leave the others waiting in the gradient reduction).
         """
+        stall_if_injected("step", self.rank)
         self.steps += 1
         if not torch.isfinite(loss):
             self._all_ranks_finite(False)

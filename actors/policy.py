@@ -19,6 +19,7 @@ from apo_ray.actors.engine import CountsFlops, LearnerCheckpoint, Rendezvous, bu
 from apo_ray.batching import fraction, grouped_minibatch_groups, shuffled_minibatches
 from apo_ray.chat import AUTO, resolve_template
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
+from apo_ray.fingerprint import Fingerprint, fingerprint
 from apo_ray.game import TokenSample
 from apo_ray.losses import masked_mean, sequence_logprob, token_logprobs
 from apo_ray.methods import get_method
@@ -143,6 +144,12 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
         state = self.engine.rank0_state_dict()
         if state is not None:
             yield from pack_buckets(state, bucket_bytes)
+
+    def weights_fingerprint(self, dtype: str) -> Fingerprint | None:
+        """The reference a sync's workers are checked against (apo_ray/fingerprint.py): the weights the workers
+        were sent, as engines of precision `dtype` hold them; None from ranks other than 0."""
+        state = self.engine.rank0_state_dict()
+        return None if state is None else fingerprint(state.items(), getattr(torch, dtype))
 
     def send_weights_nccl(self, workers: list, bucket_bytes: int) -> int:
         """The `nccl` weight sync's learner side: broadcast the weights into the workers' vLLM engines, packed

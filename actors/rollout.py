@@ -14,13 +14,16 @@ as tensors through ``collective_rpc`` into ``VllmWeightLoader``, a worker extens
 from __future__ import annotations
 
 import os
+import platform
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from apo_ray.config import check_rollout_settings, resolve_dtype
+from apo_ray.fault_injection import corrupt_if_injected, stall_if_injected
+from apo_ray.fingerprint import EngineFingerprint, TensorStats, checkpoint_names
 from apo_ray.flops import matmul_ceiling
 from apo_ray.game import FinishReason, Rollout, TokenSample
 from apo_ray.logs import is_verbose
@@ -86,10 +89,10 @@ class VllmWeightLoader:
                 missing += [(name, given[present[0]]) for name in names if name not in given]
         return missing
 
-    @torch.no_grad()
-    def apo_weights_checksum(self) -> float:
-        total, seen = 0.0, set()
-        for module in self.model_runner.get_model().modules():
+    def _stored_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, values) of each of the engine's parameters as it holds them, a tied one once."""
+        seen = set()
+        for module_name, module in self.model_runner.get_model().named_modules():
             for name, param in module.named_parameters(recurse=False):
                 if id(param) in seen:  # tied: lm_head shares the embedding's tensor
                     continue
@@ -99,8 +102,21 @@ class VllmWeightLoader:
                     # read it back through the kernel: identity @ W^T = W^T.
                     identity = torch.eye(module.input_size_per_partition, dtype=param.dtype)
                     param = module.cpu_linear(identity, param, None)
-                total += param.double().abs().sum().item()
-        return total
+                if name == "weight" and hasattr(module, "org_vocab_size"):
+                    # The embedding and LM head hold zero rows past the vocabulary (padded to a multiple of 64);
+                    # a fingerprint compares the checkpoint's rows alone.
+                    param = param[: module.org_vocab_size]
+                yield f"{module_name}.{name}" if module_name else name, param
+
+    @torch.no_grad()
+    def apo_weights_checksum(self) -> float:
+        return sum(param.double().abs().sum().item() for _, param in self._stored_parameters())
+
+    @torch.no_grad()
+    def apo_weights_fingerprint(self) -> EngineFingerprint:
+        packed = getattr(self.model_runner.get_model(), "packed_modules_mapping", {})
+        return [(name, checkpoint_names(name, packed), TensorStats.of(param))
+                for name, param in self._stored_parameters()]
 
 
 class VllmEngine:
@@ -176,6 +192,9 @@ class VllmEngine:
 
     def checksum(self) -> float:
         return self.llm.collective_rpc("apo_weights_checksum")[0]
+
+    def fingerprint(self) -> EngineFingerprint:
+        return self.llm.collective_rpc("apo_weights_fingerprint")[0]
 
     def weight_transfer_rpc(self, method: str, kwargs: dict) -> None:
         self.llm.collective_rpc(method, kwargs=kwargs)
@@ -258,6 +277,9 @@ class HfEngine:
     def checksum(self) -> float:
         return sum(p.detach().double().abs().sum().item() for p in self.model.parameters())
 
+    def fingerprint(self) -> EngineFingerprint:
+        return [(name, (name,), TensorStats.of(param)) for name, param in self.model.named_parameters()]
+
     def weight_transfer_rpc(self, method: str, kwargs: dict) -> None:
         raise RuntimeError("rollout.weight_sync: 'nccl' needs rollout.backend 'vllm'; the hf backend has no "
                            "weight-transfer engine")
@@ -294,6 +316,7 @@ class RolloutWorker:
         # A template's end-of-turn token ends a sample even where the model's EOS is another token.
         self.eos_ids = eos_token_ids(model_path, self.tokenizer) | self.chat.stop_ids()
         started = time.perf_counter()
+        stall_if_injected("start", worker_index)
         if backend == "vllm":
             self.engine: VllmEngine | HfEngine = VllmEngine(
                 model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, engine_kwargs=engine_kwargs or {}
@@ -311,7 +334,8 @@ class RolloutWorker:
 
     def ping(self) -> dict[str, Any]:
         return {"worker": self.worker_index, "backend": self.backend, "version": self._version, "dtype": self.dtype,
-                "engine_ranks": self.engine.engine_ranks, "engine_start_seconds": self.engine_start_seconds}
+                "engine_ranks": self.engine.engine_ranks, "engine_start_seconds": self.engine_start_seconds,
+                "node": platform.node()}
 
     def matmul_ceiling(self) -> float:
         """The float32 matmul rate of this worker's threads (FLOP/s), the generation phase's ceiling; measured
@@ -334,6 +358,7 @@ class RolloutWorker:
             raise ValueError(f"prompt_indices: {len(prompt_indices)} indices for {len(prompts)} prompts")
         if n < 1:
             raise ValueError(f"n: must be >= 1, got {n}")
+        stall_if_injected("generate", self.worker_index)
         seeds = [None if seed is None else mix_seed(seed, index) for index in prompt_indices]
         prompt_ids = [self._encode(p) for p in prompts]
         samples = self.engine.generate(
@@ -362,13 +387,16 @@ class RolloutWorker:
 
         Ray resolves each bucket's object ref to a read-only view of the object store's shared memory: the
         engine copies the tensors straight out of it."""
-        self.engine.load([pair for bucket in buckets for pair in unpack_bucket(bucket)])
+        stall_if_injected("sync", self.worker_index)
+        pairs = [pair for bucket in buckets for pair in unpack_bucket(bucket)]
+        self.engine.load(corrupt_if_injected("sync", self.worker_index, pairs))
         self._version = version
         return sum(bucket.nbytes for bucket in buckets)
 
     def load_weights_from_dir(self, path: str, version: int) -> int:
         """Reload the engine in place from an HF checkpoint directory; returns the bytes read."""
         files = checkpoint_files(path)
+        stall_if_injected("sync", self.worker_index)
         self.engine.load_dir(str(path))
         self._version = version
         return sum(f.stat().st_size for f in files)
@@ -388,3 +416,8 @@ class RolloutWorker:
     def weights_checksum(self) -> float:
         """Sum of |w| over the engine's parameters, accumulated in float64."""
         return self.engine.checksum()
+
+    def weights_fingerprint(self) -> EngineFingerprint:
+        """Per parameter of the engine, read from what it holds now: the checkpoint names it holds and its
+        sums (apo_ray/fingerprint.py), which the pool compares with the learner's after each sync."""
+        return self.engine.fingerprint()

@@ -8,6 +8,7 @@ the rest in a new placement group. `wait_until_ready` bounds how long members ma
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -80,6 +81,11 @@ class ActorGroup:
     @property
     def names(self) -> list[str]:
         return [m.name for m in self._members]
+
+    def node_of(self, index: int) -> str:
+        """The Ray node id of member `index`'s bundle: Ray knows it whether or not the member answers."""
+        member = self._members[index]
+        return ray.util.placement_group_table(member.group)["bundles_to_node_id"].get(member.bundle_index, "unknown")
 
     def __len__(self) -> int:
         return len(self._members)
@@ -179,6 +185,16 @@ class ActorGroup:
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> list[Any]:
         """`method(*args, **kwargs)` on every member, waited for; results in member order."""
         return ray.get([getattr(handle, method).remote(*args, **kwargs) for handle in self.actors])
+
+
+def wait_any(deadlines: dict[ray.ObjectRef, float]) -> tuple[list[ray.ObjectRef], list[ray.ObjectRef]]:
+    """Wait until one of the refs is ready or the earliest of their deadlines (time.monotonic()) passes; returns
+    the refs that are ready and those not ready past their deadline. The caller names what it waited for."""
+    earliest = min(deadlines.values())
+    timeout = None if earliest == math.inf else max(0.0, earliest - time.monotonic())
+    ready, _ = ray.wait(list(deadlines), num_returns=1, timeout=timeout)
+    now = time.monotonic()
+    return ready, [ref for ref, deadline in deadlines.items() if deadline <= now and ref not in ready]
 
 
 def wait_until_ready(

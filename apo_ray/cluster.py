@@ -18,6 +18,8 @@ from apo_ray.chat import template_setting
 from apo_ray import build_locks, logs
 from apo_ray.actor_group import wait_until_ready
 from apo_ray.config import Config, LearnerConfig
+from apo_ray.deadlines import probe_cluster
+from apo_ray.fault_injection import ENV as FAULTS_ENV
 from apo_ray.driver import Actors
 from apo_ray.learner_group import LearnerGroup
 from apo_ray.placement import Role, actor_plan, cluster_from_ray_nodes, local_num_cpus, place, totals
@@ -38,6 +40,8 @@ def cpu_only() -> bool:
 def actor_env() -> dict[str, str]:
     # The driver's logging choice, for actors on nodes whose processes do not inherit its environment.
     env = {**ACTOR_ENV, **logs.worker_env()}
+    if FAULTS_ENV in os.environ:  # a test's injected faults reach actors on every node
+        env[FAULTS_ENV] = os.environ[FAULTS_ENV]
     if cpu_only():
         env["DS_ACCELERATOR"] = "cpu"
     return env
@@ -56,6 +60,7 @@ def init_ray(cfg: Config) -> None:
     options = logs.ray_init_options()
     log.debug("ray.init options: %s", options)
     if address:
+        probe_cluster(address, cfg.ray.connect_timeout_s, "ray.connect_timeout_s")
         ray.init(address=address, log_to_driver=True, **options)
         log.info("joined the Ray cluster at %s", address)
         return
@@ -143,6 +148,8 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str, attacker_path:
             policy=cfg.policy.model_copy(update={"lr": cfg.apl.attacker.lr}), learner=learner, seed=cfg.seed,
             micro_batch_size=cfg.apl.attacker.minibatch_size, rank_zero_methods=POLICY_RANK_ZERO_METHODS,
         )
+    for group in groups.values():
+        group.call_timeout_s = learner.call_timeout_s
     pools: list[RolloutPool] = []
     try:
         pools.append(RolloutPool.from_config(cfg, policy_path, name_prefix=f"rollout-{run_id}", env=actor_env()))

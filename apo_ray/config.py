@@ -177,6 +177,20 @@ class RolloutConfig(Section):
     sync_bucket_mb: int = Field(256, ge=1, description=(
         "MiB per flat buffer that the 'object_store' and 'nccl' syncs move weights in, rather than one transfer "
         "per tensor (apo_ray/named_tensors.py pack_buckets)."))
+    verify_sync: bool = Field(True, description=(
+        "After every weight sync, each worker reports per-tensor sums of the weights its engine holds, and the run "
+        "stops (exit code 7) naming the worker and the tensor unless they equal the learner's "
+        "(apo_ray/fingerprint.py); timing/sync_fingerprint logs its cost. Off by itself for tensor-parallel engines, which hold shards."))
+    generate_timeout_s: Optional[float] = Field(None, gt=0.0, description=(
+        "Seconds a piece of a generate call may take on its worker, counted from when the piece before it on that "
+        "worker was due; a worker past it is replaced and its prompts re-run on the others. null: 120 s plus 0.5 s "
+        "per token the piece may sample (samples x model.max_response_tokens), apo_ray/deadlines.py."))
+    sync_timeout_s: Optional[float] = Field(None, gt=0.0, description=(
+        "Seconds a worker may take to load a weight sync; a worker past it is replaced (it loads as it starts), and a "
+        "replacement past it stops the run with exit code 6. null: 120 s plus 1 s per 4 MB of the policy's files."))
+    startup_timeout_s: Optional[float] = Field(None, gt=0.0, description=(
+        "Seconds a rollout worker may take to start its engine; past them the start stops with exit code 4 naming "
+        "the worker. null: 300 s plus 1 s per 4 MB of the policy's files."))
     max_model_len: int = Field(128, ge=8, description=(
         "The engine's context length in tokens; at least model.max_prompt_tokens + model.max_response_tokens."))
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(None, description=(
@@ -211,6 +225,10 @@ class LearnerConfig(Section):
     startup_timeout_s: float = Field(600.0, gt=0.0, description=(
         "Seconds a learner's constructor (model load, DeepSpeed start) may take; past them the run stops, naming "
         "the learner and any torch extension build lock it may wait on, instead of waiting silently."))
+    call_timeout_s: Optional[float] = Field(None, gt=0.0, description=(
+        "Seconds one learner call (a step over its samples, a scoring pass, a checkpoint, a weight gather) may "
+        "take, counted from when the call queued before it was due; past them the run stops with exit code 6 "
+        "naming the rank, its node and the method. null: 900 s plus 10 s per sample per epoch of the call."))
     num_ranks: int = Field(1, ge=1, description=(
         "DeepSpeed data-parallel ranks of each trained learner (policy, reward, critic), each in a bundle of "
         "learner.num_cpus / learner.num_gpus, one placement group per role (gloo on CPU, NCCL on GPU). ZeRO "
@@ -374,6 +392,9 @@ class RayConfig(Section):
     num_cpus: Optional[int] = Field(None, ge=1, description=(
         "Logical CPUs of a local cluster the run starts; null: the machine's cores or what the run's actors need, "
         "whichever is more."))
+    connect_timeout_s: float = Field(30.0, gt=0.0, description=(
+        "Seconds that joining a cluster at an address may wait for it to accept a connection; past them the run "
+        "stops with exit code 6 naming the address (ray.init itself would retry for minutes)."))
 
 
 # ---------------------------------------------------------------------------------------- serving

@@ -221,6 +221,8 @@ class APOGame:
         ))
 
     def _phase(self, name: str, r: int) -> None:
+        # Where the game is, for a deadline's message.
+        self.at = f"round {r}, phase {name}"
         self.logger.set_phase(name)
         self.log(f"[round {r}/{self.cfg.rounds}] {name}")
 

@@ -18,7 +18,9 @@ bundle, before any rank starts (the ActorGroup's `on_placement_group`).
 
 from __future__ import annotations
 
+import math
 import socket
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +30,9 @@ from ray import ObjectRefGenerator
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from apo_ray.actor_group import ActorGroup
+from apo_ray.actor_group import ActorGroup, wait_any
 from apo_ray.actors.engine import Rendezvous
+from apo_ray.deadlines import DeadlinePassed, learner_call_deadline_s
 
 
 class RankDied(RuntimeError):
@@ -53,11 +56,26 @@ def _node_address() -> tuple[str, int]:
 @dataclass
 class _Call:
     """One fanned-out call: every rank's ref (of its generator's completion, for a generator method), rank 0's
-    first."""
+    first; when it is due (time.monotonic()) and the seconds it was given."""
 
     group: LearnerGroup
     method: str
     refs: list[ray.ObjectRef]
+    due: float = math.inf
+    seconds: float = math.inf
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """One ref `gather` waits for: a rank's part of a group call, or (group None) a plain actor's or task's."""
+
+    ref: ray.ObjectRef
+    call: _Call | None = None
+    rank: int = 0
+
+    @property
+    def due(self) -> float:
+        return math.inf if self.call is None else self.call.due
 
 
 # Calls whose rank-0 ref (or generator) has been handed out and not yet gathered, by that ref.
@@ -95,12 +113,16 @@ class LearnerGroup:
         distributed: bool = True,
         rank_zero_methods: Sequence[str] = (),
         ready_timeout_s: float = 600.0,
+        call_timeout_s: float | None = None,
     ):
         if num_ranks > 1 and not distributed:
             raise ValueError(f"{role}: {num_ranks} ranks of a learner that does not train together")
         self.role, self.num_ranks, self.kwargs = role, num_ranks, dict(kwargs)
         self.distributed, self.rank_zero_methods = distributed, frozenset(rank_zero_methods)
         self._master: tuple[str, int] | None = None
+        self.call_timeout_s = call_timeout_s
+        # When the last call submitted is due: a call's time counts from the end of the one queued before it.
+        self._due = 0.0
         self.group = ActorGroup(
             actor_cls, num_ranks, name_prefix=name_prefix, make_kwargs=self._rank_kwargs,
             num_cpus_per_actor=num_cpus_per_rank, num_gpus_per_actor=num_gpus_per_rank, env=env,
@@ -136,14 +158,31 @@ class LearnerGroup:
         """`method` on every rank (on rank 0 alone for `rank_zero_methods`); returns rank 0's ref (its
         generator, for a generator method)."""
         _settle_finished()
+        due, seconds = self._schedule(args, kwargs)
         ranks = self.ranks[:1] if method in self.rank_zero_methods else self.ranks
         if len(ranks) > 1:
             # One copy in the object store for all ranks; Ray resolves top-level refs on each.
             args = tuple(a if isinstance(a, ray.ObjectRef) else ray.put(a) for a in args)
             kwargs = {k: v if isinstance(v, ray.ObjectRef) else ray.put(v) for k, v in kwargs.items()}
         results = [getattr(handle, method).remote(*args, **kwargs) for handle in ranks]
-        _IN_FLIGHT[results[0]] = _Call(self, method, [_done(result) for result in results])
+        _IN_FLIGHT[results[0]] = _Call(self, method, [_done(result) for result in results], due, seconds)
         return results[0]
+
+    def _schedule(self, args: tuple, kwargs: dict) -> tuple[float, float]:
+        """When a call of these arguments is due, and the seconds it gets: derived from its work (the learners'
+        step methods take their samples first, and `epochs`), counted from when the call before it is due if that
+        one is still running (the ranks take calls one at a time)."""
+        samples = len(args[0]) if args and isinstance(args[0], (list, tuple)) else 0
+        epochs = kwargs.get("epochs", 1)
+        seconds = learner_call_deadline_s(samples, epochs if isinstance(epochs, int) else 1, self.call_timeout_s)
+        queued = any(call.group is self for call in _IN_FLIGHT.values())
+        self._due = (max(time.monotonic(), self._due) if queued else time.monotonic()) + seconds
+        return self._due, seconds
+
+    def deadline_passed(self, rank: int, method: str, seconds: float) -> DeadlinePassed:
+        return DeadlinePassed(
+            f"{self.names[rank]}, rank {rank} of the {self.num_ranks}-rank {self.role} learner, on node "
+            f"{self.group.node_of(rank)},", method, seconds, "learner.call_timeout_s")
 
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """`method` on every rank, waited for; rank 0's result."""
@@ -151,8 +190,9 @@ class LearnerGroup:
 
     def call_all(self, method: str, /, *args: Any, **kwargs: Any) -> list[Any]:
         """`method` on every rank, waited for; every rank's result, in rank order."""
-        refs = [getattr(handle, method).remote(*args, **kwargs) for handle in self.ranks]
-        return _wait([(ref, self, method, rank) for rank, ref in enumerate(refs)])
+        call = _Call(self, method, [getattr(handle, method).remote(*args, **kwargs) for handle in self.ranks],
+                     *self._schedule(args, kwargs))
+        return _wait([_Pending(ref, call, rank) for rank, ref in enumerate(call.refs)])
 
     def rank_died(self, error: BaseException, rank: int, method: str) -> RankDied:
         return RankDied(self.role, self.names[rank], rank, self.num_ranks, method, error)
@@ -179,39 +219,45 @@ class LearnerGroup:
         self.group.kill()
 
 
-def _wait(pending: list[tuple[ray.ObjectRef, LearnerGroup | None, str, int]]) -> list[Any]:
-    """Results of `pending` (ref, group, method, rank) in order, stopping at the first failure; a dead rank
-    raises RankDied, any other error is raised as ray.get raises it."""
-    owners = {ref: (group, method, rank) for ref, group, method, rank in pending}
+def _wait(pending: list[_Pending]) -> list[Any]:
+    """Results of `pending` in order, stopping at the first failure: a dead rank raises RankDied, a group call
+    past its deadline DeadlinePassed, any other error is raised as ray.get raises it."""
+    owners = {p.ref: p for p in pending}
     results: dict[ray.ObjectRef, Any] = {}
-    waiting = list(owners)
+    waiting = {p.ref: p.due for p in pending}
     while waiting:
-        [ref], waiting = ray.wait(waiting, num_returns=1)
-        try:
-            results[ref] = ray.get(ref)
-        except ray.exceptions.RayActorError as error:
-            group, method, rank = owners[ref]
-            if group is None:
-                raise
-            raise group.rank_died(error, rank, method) from error
-    return [results[ref] for ref, *_ in pending]
+        ready, late = wait_any(waiting)
+        for ref in ready:
+            del waiting[ref]
+            try:
+                results[ref] = ray.get(ref)
+            except ray.exceptions.RayActorError as error:
+                call, rank = owners[ref].call, owners[ref].rank
+                if call is None:
+                    raise
+                raise call.group.rank_died(error, rank, call.method) from error
+        if late:
+            call, rank = owners[late[0]].call, owners[late[0]].rank
+            raise call.group.deadline_passed(rank, call.method, call.seconds)
+    return [results[p.ref] for p in pending]
 
 
 def gather(refs: ray.ObjectRef | ObjectRefGenerator | Iterable[ray.ObjectRef | ObjectRefGenerator]) -> Any:
     """`ray.get` that also waits for the other ranks of each group call among `refs` and stops at the first
-    failure (RankDied for a dead rank). Refs of plain actors and tasks are waited for as ray.get would. A
-    generator's value is the list of the refs it yielded, once it (and each rank's) has finished."""
+    failure (RankDied for a dead rank, DeadlinePassed for a call past its deadline). Refs of plain actors and
+    tasks are waited for as ray.get would. A generator's value is the list of the refs it yielded, once it (and
+    each rank's) has finished."""
     single = isinstance(refs, (ray.ObjectRef, ObjectRefGenerator))
     wanted = [refs] if single else list(refs)
     distinct = list(dict.fromkeys(wanted))
-    pending: list[tuple[ray.ObjectRef, LearnerGroup | None, str, int]] = []
+    pending: list[_Pending] = []
     for ref in distinct:
         call = _IN_FLIGHT.pop(ref, None)
         if call is None:
-            pending.append((_done(ref), None, "", 0))
+            pending.append(_Pending(_done(ref)))
         else:
-            pending += [(rank_ref, call.group, call.method, rank) for rank, rank_ref in enumerate(call.refs)]
-    results = dict(zip([ref for ref, *_ in pending], _wait(pending)))
+            pending += [_Pending(rank_ref, call, rank) for rank, rank_ref in enumerate(call.refs)]
+    results = dict(zip([p.ref for p in pending], _wait(pending)))
     # A generator is read once, however often it was asked for.
     values = {ref: list(ref) if isinstance(ref, ObjectRefGenerator) else results[ref] for ref in distinct}
     return values[refs] if single else [values[ref] for ref in wanted]
@@ -224,7 +270,7 @@ def _settle_finished() -> None:
         done, _ = ray.wait(call.refs, num_returns=len(call.refs), timeout=0)
         if len(done) == len(call.refs):
             del _IN_FLIGHT[rank0]
-            _wait([(ref, call.group, call.method, rank) for rank, ref in enumerate(call.refs)])
+            _wait([_Pending(ref, call, rank) for rank, ref in enumerate(call.refs)])
 
 
 def find_dead_rank(groups: Iterable[Any]) -> RankDied | None:

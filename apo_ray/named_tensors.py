@@ -44,6 +44,12 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     return files
 
 
+def checkpoint_bytes(path: str | Path) -> int:
+    """Bytes of a checkpoint directory's safetensors files; 0 for a path that is no directory here."""
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.glob("*.safetensors")) if p.is_dir() else 0
+
+
 def read_checkpoint_dir(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named tensors of a checkpoint directory, one file at a time."""
     from safetensors.torch import load_file

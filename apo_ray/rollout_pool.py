@@ -6,12 +6,15 @@
   answered exactly once. `submit` starts the same call and returns at once (`GenerateCall.result()`
   collects it), so that the workers sample while the driver waits on learners.
 - `sync` / `sync_from` move new weights to every worker through a WeightSync strategy; the pool keeps the
-  last payload so that workers that join (resize) or restart get the current weights and version.
+  last payload so that workers that join (resize) or restart get the current weights and version. After every
+  load each worker reports a fingerprint of what its engine holds (apo_ray/fingerprint.py), which must equal the
+  learner's, or the sync raises WeightsDiffer naming the worker and the tensor.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,14 +22,27 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
 from apo_ray.actors.rollout import RolloutWorker
 from apo_ray.chat import template_setting
-from apo_ray.actor_group import ActorGroup
+from apo_ray.actor_group import ActorGroup, wait_any, wait_until_ready
 from apo_ray.config import Config, check_rollout_settings
+from apo_ray.deadlines import DeadlinePassed, generate_deadline_s, startup_deadline_s, sync_deadline_s
+from apo_ray.fingerprint import Fingerprint, fingerprint, first_difference
 from apo_ray.game import Rollout, assign_shards
+from apo_ray.learner_group import gather
+from apo_ray.named_tensors import as_named_tensors, checkpoint_bytes, read_checkpoint_dir
 from apo_ray.progress import Progress
 from apo_ray.weight_sync import SyncStats, WeightSync, make_weight_sync
+
+log = logging.getLogger(__name__)
+
+GENERATE_KEY, SYNC_KEY = "rollout.generate_timeout_s", "rollout.sync_timeout_s"
+
+
+class WeightsDiffer(RuntimeError):
+    """A rollout worker's engine does not hold the weights the learner synced: it would sample another policy."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +78,11 @@ class GenerateCall:
 
     Each worker's shard may be split into `pieces_per_worker` contiguous pieces, queued on the worker one
     after another, so that a caller can use the first pieces (`poll` or `result`'s `on_piece`) while the
-    worker samples the rest. If a worker dies, its piece is split over the surviving workers and the dead
-    worker is restarted in its placement-group bundle with the current weights: every prompt is answered
-    exactly once. `stats` holds the call's throughput once it is collected."""
+    worker samples the rest. If a worker dies, or a piece is not back by its deadline (the worker stalls), its
+    piece is split over the other workers and the worker is replaced in its placement-group bundle with the
+    current weights: every prompt is answered exactly once. A piece's deadline counts from the end of the one
+    queued before it on its worker (apo_ray/deadlines.py). `stats` holds the call's throughput once it is
+    collected."""
 
     def __init__(self, pool: RolloutPool, prompts: Sequence[str], n: int, seed: int | None,
                  pieces_per_worker: int = 1):
@@ -74,7 +92,9 @@ class GenerateCall:
         self.num_workers = pool.num_workers
         self.stats: dict[str, float] = {}
         self._started = time.perf_counter()
-        self._in_flight: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, list[int]]] = {}
+        self._in_flight: dict[ray.ObjectRef, tuple[int, ray.actor.ActorHandle, list[int], float]] = {}
+        # Per worker, when the last piece queued on it is due.
+        self._due: dict[int, float] = {}
         self._answered: dict[int, list[Rollout]] = {}
         self._restarted: set[int] = set()
         self._failures = 0
@@ -86,7 +106,8 @@ class GenerateCall:
         if indices:
             handle = self.pool.group.actors[worker]
             ref = handle.generate.remote([self.prompts[i] for i in indices], indices, self.n, self.seed)
-            self._in_flight[ref] = (worker, handle, indices)
+            self._due[worker] = max(time.monotonic(), self._due.get(worker, 0.0)) + self._piece_seconds(indices)
+            self._in_flight[ref] = (worker, handle, indices, self._due[worker])
 
     def poll(self, on_piece: Callable[[list[Rollout]], None] | None) -> None:
         """Hand every piece that is already sampled to `on_piece`, without waiting for the others."""
@@ -107,8 +128,11 @@ class GenerateCall:
             ready = sum(len(rollouts) for rollouts in self._answered.values())
             with Progress("generate", total=n * len(prompts), unit="samples", ready=ready) as progress:
                 while self._in_flight:
-                    [ref], _ = ray.wait(list(self._in_flight), num_returns=1)
-                    progress.update(self._take(ref, on_piece))
+                    ready, late = wait_any({ref: piece[3] for ref, piece in self._in_flight.items()})
+                    for ref in ready:
+                        progress.update(self._take(ref, on_piece))
+                    for ref in late:
+                        self._stalled(ref)
         finally:
             pool._open_call = None
 
@@ -132,27 +156,49 @@ class GenerateCall:
 
     def _take(self, ref: ray.ObjectRef, on_piece: Callable[[list[Rollout]], None] | None) -> int:
         """Collect one finished piece (or re-submit it after its worker's death); returns its rollouts' count."""
-        pool = self.pool
-        worker, handle, indices = self._in_flight.pop(ref)
+        worker, handle, indices, _ = self._in_flight.pop(ref)
         try:
             rollouts = ray.get(ref)
         except ray.exceptions.RayActorError as error:
-            self._failures += 1
-            if self._failures > pool.max_worker_failures:
-                raise RuntimeError(f"rollout pool: {self._failures} worker failures in one generate call") from error
-            if pool.group.actors[worker] == handle:  # not restarted yet by an earlier failure
-                pool._restart(worker)
-                self._restarted.add(worker)
-            # Restarted workers are still starting their engines; survivors take the piece if any.
-            survivors = [w for w in range(pool.num_workers) if w not in self._restarted] or list(self._restarted)
-            for survivor, part in zip(survivors, assign_shards(len(indices), len(survivors))):
-                self._submit(survivor, [indices[i] for i in part])
+            self._replace(worker, handle, indices, RuntimeError(
+                f"rollout pool: {self._failures + 1} worker failures in one generate call; the last: {error}"))
             return 0
         for rollout in rollouts:
             self._answered.setdefault(rollout.prompt_index, []).append(rollout)
         if on_piece is not None:
             on_piece(rollouts)
         return len(rollouts)
+
+    def _stalled(self, ref: ray.ObjectRef) -> None:
+        """A piece not back by its deadline: its worker is replaced like a dead one (its other pieces then fail
+        and are re-run), unless the call has had all the failures it may."""
+        worker, handle, indices, _ = self._in_flight.pop(ref)
+        what = self.pool.describe(worker)
+        log.warning("%s: a generate piece of %d prompts was not back within its deadline (%s); replacing the "
+                    "worker and re-running its prompts", what, len(indices), GENERATE_KEY)
+        self._replace(worker, handle, indices, DeadlinePassed(
+            f"{what} ({self._failures} workers already replaced in this call)", f"generating {len(indices)} prompts",
+            self._piece_seconds(indices), GENERATE_KEY))
+
+    def _piece_seconds(self, indices: list[int]) -> float:
+        return generate_deadline_s(len(indices) * self.n, self.pool.spec.max_new_tokens, self.pool.generate_timeout_s)
+
+    def _replace(self, worker: int, handle: ray.actor.ActorHandle, indices: list[int], exhausted: Exception) -> None:
+        """Restart `worker` (unless a failure of another of its pieces did already; then it counts once) and split
+        `indices` over the workers that are not restarting, or over the restarted ones when none is left. Raises
+        `exhausted` when the call has replaced as many workers as it may."""
+        pool = self.pool
+        if pool.group.actors[worker] == handle:
+            if self._failures >= pool.max_worker_failures:
+                raise exhausted
+            self._failures += 1
+            pool._restart(worker)
+            self._restarted.add(worker)
+            # Its next pieces wait for its engine to start and load the weights.
+            self._due[worker] = time.monotonic() + pool.startup_deadline_s + pool.sync_deadline_s
+        survivors = [w for w in range(pool.num_workers) if w not in self._restarted] or list(self._restarted)
+        for survivor, part in zip(survivors, assign_shards(len(indices), len(survivors))):
+            self._submit(survivor, [indices[i] for i in part])
 
 
 class RolloutPool:
@@ -168,6 +214,10 @@ class RolloutPool:
         placement_strategy: str = "PACK",
         env: dict[str, str] | None = None,
         max_worker_failures: int = 3,
+        verify_sync: bool = True,
+        generate_timeout_s: float | None = None,
+        sync_timeout_s: float | None = None,
+        startup_timeout_s: float | None = None,
     ):
         self.weight_sync = make_weight_sync(weight_sync) if isinstance(weight_sync, str) else weight_sync
         extra = self.weight_sync.engine_kwargs()
@@ -180,12 +230,34 @@ class RolloutPool:
             num_cpus_per_actor=num_cpus_per_worker, num_gpus_per_actor=num_gpus_per_worker,
             placement_strategy=placement_strategy, env=env,
         )
+        # A policy this machine cannot see gets the deadlines' floors.
+        weight_bytes = checkpoint_bytes(spec.model_path)
+        self.generate_timeout_s = generate_timeout_s
+        self.sync_deadline_s = sync_deadline_s(weight_bytes, sync_timeout_s)
+        self.startup_deadline_s = startup_deadline_s(weight_bytes, startup_timeout_s)
         # Waiting here surfaces a worker that cannot start (bad path, engine error) before the first round.
-        self.engine_start_seconds = [info["engine_start_seconds"] for info in self.group.call("ping")]
+        try:
+            wait_until_ready([self.group], self.startup_deadline_s)
+        except BaseException:
+            self.group.kill()  # a stuck worker would hold its resources after the start failed
+            raise
+        infos = self.group.call("ping")
+        self.engine_start_seconds = [info["engine_start_seconds"] for info in infos]
+        # A slot's bundle, hence its node, stays when its worker is replaced.
+        self._nodes = [info["node"] for info in infos]
+        self.engine_dtype = infos[0]["dtype"]
+        self.verify_sync = verify_sync and infos[0]["engine_ranks"] == 1
+        if verify_sync and not self.verify_sync:
+            log.warning("rollout.verify_sync: an engine of %d ranks holds shards of each tensor; the weight "
+                        "fingerprint check after syncs is off", infos[0]["engine_ranks"])
         self.version = 0
         # The last sync's strategy and payload: replayed to workers that join or restart.
         self._published: tuple[WeightSync, Any] | None = None
-        self._pending_loads: list[ray.ObjectRef] = []
+        # The fingerprint of the last sync's weights, and the slots that loaded them since they were last checked.
+        self._reference: Fingerprint | None = None
+        self._unverified: set[int] = set()
+        # Loads started on restarted workers, by the slot they load into.
+        self._pending_loads: dict[ray.ObjectRef, int] = {}
         self._last_stats: dict[str, float] = {}
         self._open_call: GenerateCall | None = None
 
@@ -205,6 +277,8 @@ class RolloutPool:
             spec, rollout.num_workers, num_cpus_per_worker=rollout.num_cpus_per_worker,
             num_gpus_per_worker=rollout.num_gpus_per_worker,
             weight_sync=make_weight_sync(rollout.weight_sync, **options), name_prefix=name_prefix, env=env,
+            verify_sync=rollout.verify_sync, generate_timeout_s=rollout.generate_timeout_s,
+            sync_timeout_s=rollout.sync_timeout_s, startup_timeout_s=rollout.startup_timeout_s,
         )
 
     # ------------------------------------------------------------------ workers
@@ -226,12 +300,75 @@ class RolloutPool:
         handle = self.group.restart(index)
         if self._published is not None:
             strategy, payload = self._published
-            self._pending_loads += strategy.apply([handle], payload, self.version)
+            [load] = strategy.apply([handle], payload, self.version)
+            self._pending_loads[load] = index
+            self._unverified.add(index)
+        else:
+            # Nothing to load, but the next call still waits for its engine to start: a piece queued behind a
+            # start would otherwise spend its generate deadline on it.
+            self._pending_loads[handle.__ray_ready__.remote()] = index
         return handle
 
     def _settle_pending_loads(self) -> None:
-        pending, self._pending_loads = self._pending_loads, []
-        ray.get(pending)
+        """Wait for the restarted workers to start and load the current weights; one that does not in time stops
+        the run (it was itself the replacement of a failed worker)."""
+        pending, self._pending_loads = self._pending_loads, {}
+        self._wait_workers(pending, self.startup_deadline_s + self.sync_deadline_s,
+                           f"starting and loading weights version {self.version}", replace=False)
+        self._verify()
+
+    def _wait_loads(self, loads: dict[ray.ObjectRef, int], seconds: float, replace: bool) -> list[int]:
+        """Wait at most `seconds` for each weight load (a ref per slot); returns the bytes each loaded. A worker
+        that died or is still loading at the deadline is replaced (`replace`: it loads as it starts) or stops
+        the pool with DeadlinePassed naming it."""
+        return list(self._wait_workers(loads, seconds, f"loading weights version {self.version}", replace).values())
+
+    def _wait_workers(self, calls: dict[ray.ObjectRef, int], seconds: float, phase: str,
+                      replace: bool) -> dict[int, Any]:
+        """Each call's result (a ref per slot), by slot, waiting at most `seconds`; a worker that died or is past
+        the deadline is replaced (`replace`, for a load: the replacement loads as it starts) or raises, a stall
+        as DeadlinePassed naming the worker and `phase`."""
+        deadline = time.monotonic() + seconds
+        pending, results = dict(calls), {}
+        while pending:
+            ready, late = wait_any(dict.fromkeys(pending, deadline))
+            for ref in ready:
+                slot = pending.pop(ref)
+                try:
+                    results[slot] = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    if not replace:
+                        raise
+                    self._restart(slot)
+            for ref in late:
+                slot = pending.pop(ref)
+                if not replace:
+                    raise DeadlinePassed(self.describe(slot), phase, seconds, SYNC_KEY)
+                log.warning("%s: did not finish %s within %g s (%s); replacing it", self.describe(slot), phase,
+                            seconds, SYNC_KEY)
+                self._restart(slot)
+        return results
+
+    def describe(self, index: int) -> str:
+        """Worker `index` in words, for errors: its actor's name and its node."""
+        return f"rollout worker {self.group.names[index]} on node {self._nodes[index]}"
+
+    def _verify(self) -> None:
+        """Check the fingerprint of every worker that loaded the current weights since the last check against
+        the learner's."""
+        slots, self._unverified = sorted(self._unverified), set()
+        if self._reference is None or not slots:
+            return
+        # Reading the weights back takes about as long as loading them.
+        reported = self._wait_workers({self.group.actors[slot].weights_fingerprint.remote(): slot for slot in slots},
+                                      self.sync_deadline_s, "reporting its weight fingerprint", replace=False)
+        for slot, engine_fingerprint in sorted(reported.items()):
+            difference = first_difference(self._reference, engine_fingerprint)
+            if difference is not None:
+                raise WeightsDiffer(
+                    f"{self.describe(slot)} does not hold the policy it was sent (version {self.version}, "
+                    f"{self._published[0].name} sync): {difference}. It would sample from other weights than the "
+                    "learner trains; rollout.verify_sync=false turns this check off")
 
     def versions(self) -> list[int]:
         self._refuse_while_open("versions")
@@ -243,9 +380,15 @@ class RolloutPool:
         self._refuse_while_open("resize")
         self._settle_pending_loads()
         added = self.group.resize(num_workers)
+        del self._nodes[num_workers:]
+        wait_until_ready([self.group], self.startup_deadline_s)
+        self._nodes += [info["node"] for info in ray.get([self.group.actors[i].ping.remote() for i in added])]
         if added and self._published is not None:
             strategy, payload = self._published
-            ray.get(strategy.apply([self.group.actors[i] for i in added], payload, self.version))
+            refs = strategy.apply([self.group.actors[i] for i in added], payload, self.version)
+            self._wait_loads(dict(zip(refs, added)), self.sync_deadline_s, replace=False)
+            self._unverified.update(added)
+            self._verify()
 
     def shutdown(self) -> None:
         self.group.kill()
@@ -284,31 +427,44 @@ class RolloutPool:
         """Load `weights` (named tensors, an object ref of them, or an HF dir for `disk`) as `version`,
         through `weight_sync` (default: the pool's strategy)."""
         strategy = weight_sync or self.weight_sync
-        return self._sync(strategy, lambda: strategy.publish(weights, version), version)
+        return self._sync(strategy, lambda: strategy.publish(weights, version), version,
+                          lambda: self._fingerprint_of(weights))
 
     def sync_from(self, learner: ray.actor.ActorHandle, version: int,
                   weight_sync: WeightSync | None = None) -> dict[str, float]:
         """Load the learner actor's current weights as `version`; nothing passes through the driver."""
         strategy = weight_sync or self.weight_sync
-        return self._sync(strategy, lambda: strategy.publish_from(learner, version), version)
+        # The learner computes its fingerprint while the workers load.
+        return self._sync(strategy, lambda: strategy.publish_from(learner, version), version,
+                          lambda: learner.weights_fingerprint.remote(self.engine_dtype))
 
-    def _sync(self, strategy: WeightSync, publish: Callable[[], Any], version: int) -> dict[str, float]:
+    def _fingerprint_of(self, weights: Any) -> Fingerprint:
+        """The fingerprint of weights the driver was handed (named tensors, an object ref of them, an HF dir)."""
+        if isinstance(weights, ray.ObjectRef):
+            weights = ray.get(weights)
+        pairs = read_checkpoint_dir(weights) if isinstance(weights, (str, Path)) else as_named_tensors(weights)
+        return fingerprint(pairs, getattr(torch, self.engine_dtype))
+
+    def _sync(self, strategy: WeightSync, publish: Callable[[], Any], version: int,
+              reference: Callable[[], Fingerprint | ray.ObjectRef]) -> dict[str, float]:
+        """`reference()`: the fingerprint of the weights `publish()` published, or a learner's ref to it."""
         self._refuse_while_open("sync")
         self._settle_pending_loads()
         started = time.perf_counter()
         payload = publish()
+        expected = reference() if self.verify_sync else None
         previous, self._published, self.version = self._published, (strategy, payload), version
         refs = strategy.apply(self.group.actors, payload, version)
-        loaded = []
-        for worker, ref in enumerate(refs):
-            try:
-                loaded.append(ray.get(ref))
-            except ray.exceptions.RayActorError:
-                # The replacement loads `payload` as part of its start.
-                self._restart(worker)
+        # A worker that dies or stalls is replaced; the replacement loads `payload` as part of its start.
+        loaded = self._wait_loads({ref: worker for worker, ref in enumerate(refs)}, self.sync_deadline_s,
+                                  replace=True)
+        seconds = time.perf_counter() - started
+        # Workers restarted above load `payload` as they start; they are checked with the others.
+        self._reference = gather(expected) if isinstance(expected, ray.ObjectRef) else expected
+        self._unverified = set(range(self.num_workers))
         self._settle_pending_loads()
+        check_seconds = time.perf_counter() - started - seconds
         if previous is not None and previous[1] != payload:
             previous[0].release(previous[1])
-        stats = SyncStats(strategy.name, version, time.perf_counter() - started, max(loaded, default=0),
-                          self.num_workers)
-        return stats.metrics()
+        stats = SyncStats(strategy.name, version, seconds, max(loaded, default=0), self.num_workers)
+        return {**stats.metrics(), "timing/sync_fingerprint": check_seconds}

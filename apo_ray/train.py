@@ -27,9 +27,11 @@ from apo_ray.actors.critic import check_same_vocabulary
 from apo_ray.chat import template_setting
 from apo_ray.config_paths import all_sources_local, input_paths
 from apo_ray.data import DataError, GameData, build_game_data, validate_sources
+from apo_ray.deadlines import DeadlinePassed
 from apo_ray.logs import add_verbose_flag, configure_logging
 from apo_ray.modeling import load_tokenizer
 from apo_ray.model_sources import with_local_models
+from apo_ray.named_tensors import checkpoint_bytes
 from apo_ray.placement import (CLUSTER_SYNTAX, actor_plan, check_plan, local_cluster, parse_cluster, place,
                                placement_lines, plan_table, read_running_cluster)
 from apo_ray.vllm_version import VllmVersionError, require_supported_vllm
@@ -58,7 +60,7 @@ class LearnerRankLost(RuntimeError):
     """A rank of a learner died; the run stopped and its checkpoints are intact."""
 
 
-def rank_lost_message(run_dir: Path, last_round: int | None, error: Exception) -> str:
+def rank_lost_message(run_dir: Path, last_round: int | None, error: Exception | str) -> str:
     if last_round is None:
         return f"{error}. No round was checkpointed yet: start the run again"
     return (f"{error}. The checkpoint of round {last_round} is intact: continue with "
@@ -124,11 +126,6 @@ def check_run_dir(run_dir: Path, resume: bool, min_free_bytes: int = MIN_FREE_BY
         raise RunDirError(f"run_dir: only {free / 2**20:.0f} MiB free on the disk of {run_dir}; need {min_free_bytes / 2**20:.0f} MiB")
 
 
-def _model_size(path: str) -> int:
-    p = Path(path)
-    return sum(f.stat().st_size for f in p.glob("*.safetensors")) if p.is_dir() else 0
-
-
 def resolve_run_dir(template: str, cfg: Config) -> str:
     """`runs/{method}-{time}` -> `runs/rjs-20261123-154501`, so repeated runs never collide."""
     try:
@@ -149,7 +146,7 @@ def checked_run_dir(cfg: Config, resume: bool) -> tuple[Path, int | None]:
     from apo_ray.checkpoint import Checkpointer, check_same_ranks
 
     checkpointer = Checkpointer(run_dir)
-    last = checkpointer.latest_round()
+    last = checkpointer.latest_intact_round(warn=log.warning)
     if last is not None:
         check_same_ranks(checkpointer.read_state(last), cfg.trained_ranks, last)
     return run_dir, last
@@ -204,7 +201,7 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
     if "critic" in cfg.trained_ranks and cfg.ppo.critic_init == "reward":
         # The critic actor would refuse it too, but only after minutes of start-up.
         check_same_vocabulary(load_tokenizer(policy_path), load_tokenizer(reward_path), reward_path)
-    needed = 2 * (cfg.rounds + 2) * (_model_size(policy_path) + _model_size(reward_path))
+    needed = 2 * (cfg.rounds + 2) * (checkpoint_bytes(policy_path) + checkpoint_bytes(reward_path))
     check_run_dir(run_dir, resume, max(MIN_FREE_BYTES, needed))
     # APL's attacker starts as the defender's SFT policy: it writes the task's words from the first round.
     attacker_path = policy_path if cfg.apl.enabled else None
@@ -231,6 +228,7 @@ def run(prepared: PreparedRun) -> dict:
     from apo_ray.driver import APOGame
     from apo_ray.learner_group import RankDied, find_dead_rank
     from apo_ray.metrics import MetricsLogger
+    from apo_ray.rollout_pool import WeightsDiffer
 
     cfg, run_dir = prepared.cfg, prepared.run_dir
     write_config(run_dir, prepared.written_cfg)
@@ -245,7 +243,7 @@ def run(prepared: PreparedRun) -> dict:
         config_dict=prepared.written_cfg.to_dict(),
     )
     checkpointer = Checkpointer(run_dir)
-    version, first_round = 0, 0
+    version, first_round, game = 0, 0, None
     try:
         if prepared.resume_from is not None:
             version = checkpointer.restore(prepared.resume_from, actors)["policy_version"]
@@ -261,6 +259,11 @@ def run(prepared: PreparedRun) -> dict:
         game.run(first_round)
     except FloatingPointError as error:
         raise TrainingDiverged(divergence_message(run_dir, checkpointer.latest_round(), error)) from error
+    except (DeadlinePassed, WeightsDiffer) as error:
+        # The error names the actor; where the game was and what to resume from are the driver's to add.
+        at = getattr(game, "at", "before the first round")
+        error.args = (rank_lost_message(run_dir, checkpointer.latest_round(), f"{error} ({at})"),)
+        raise
     except RankDied as error:
         raise LearnerRankLost(rank_lost_message(run_dir, checkpointer.latest_round(), error)) from error
     except Exception as error:
@@ -447,18 +450,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from apo_ray.actor_group import ActorStartupTimeout
+    from apo_ray.rollout_pool import WeightsDiffer
 
+    # A run that stops for a reason of its own exits with a code of its own (README, Faults and limits).
+    exit_codes = {TrainingDiverged: 3, ActorStartupTimeout: 4, LearnerRankLost: 5, DeadlinePassed: 6, WeightsDiffer: 7}
     try:
         run(prepared)
-    except TrainingDiverged as exc:
+    except tuple(exit_codes) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 3
-    except ActorStartupTimeout as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 4
-    except LearnerRankLost as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 5
+        return next(code for stop, code in exit_codes.items() if isinstance(exc, stop))
     return 0
 
 

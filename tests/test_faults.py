@@ -18,6 +18,7 @@ import yaml
 
 import apo_ray.train
 from apo_ray.actors.engine import TrainEngine
+from apo_ray.fault_injection import ENV as FAULTS_ENV
 from apo_ray.train import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -148,12 +149,28 @@ def test_full_disk_is_reported_before_training(files_config, tmp_path, capsys, m
 
 
 @pytest.mark.integration
+def test_a_stalled_learner_step_stops_the_run_with_exit_code_6_naming_where(ray_cluster, tmp_path, capsys,
+                                                                             monkeypatch):
+    # Every learner's first training step sleeps far past learner.call_timeout_s: round 0's RM fit meets it first.
+    monkeypatch.setenv(FAULTS_ENV, json.dumps([{"kind": "stall", "phase": "step", "seconds": 3600}]))
+    run_dir = tmp_path / "run"
+    code = main(["--config", str(REPO_ROOT / "configs/default.yaml"), f"run_dir={run_dir}", "rounds=1",
+                 "learner.call_timeout_s=60", *SMALL_RUN])
+    err = capsys.readouterr().err
+    assert code == 6, err
+    assert re.search(r"error: reward-learner-\w+-0, rank 0 of the 1-rank reward learner, on node [0-9a-f]+, did not "
+                     r"finish \w+ within 60 s \(raise learner.call_timeout_s if it needs longer\) \(round 0, phase "
+                     r"rm_init\)\. No round was checkpointed yet: start the run again", err), err
+
+
+@pytest.mark.integration
 def test_deepspeed_learner_starts_while_another_process_holds_its_port():
     # Two runs on one node each picked a "free" rendezvous port and one lost the race (EADDRINUSE). A lone
     # rank now needs no port at all: this learner starts even though its master_port is taken.
     script = """
 import socket, sys, torch
 from apo_ray.actors.engine import TrainEngine
+from apo_ray.fault_injection import ENV as FAULTS_ENV
 held = socket.socket(); held.bind(("127.0.0.1", 0)); held.listen()
 model = torch.nn.Linear(4, 1)
 before = model.weight.detach().clone()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -16,7 +17,8 @@ from apo_ray.actors.policy import PolicyLearner
 from apo_ray.actors.rollout import RolloutWorker, cut_at_eos
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
 from apo_ray.modeling import load_tokenizer, text_samples
-from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec
+from apo_ray.fault_injection import ENV as FAULTS_ENV
+from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec, WeightsDiffer
 from apo_ray.named_tensors import as_named_tensors, drop_shared_tensors, read_checkpoint_dir, write_checkpoint_dir
 from apo_ray.weight_sync import WEIGHT_SYNCS, DiskSync, NcclSync, ObjectStoreSync, make_weight_sync
 
@@ -235,6 +237,38 @@ def test_pool_syncs_from_a_learner_actor(hf_pool, tiny_lm_dir, tmp_path):
     # The disk strategy's directory was deleted once the next sync made it obsolete.
     assert list(tmp_path.iterdir()) == []
     ray.kill(learner)
+
+
+def corrupting_pool(model_dir: str, backend: str, workers: int, tensor: str, fired, name: str) -> RolloutPool:
+    """A pool whose last worker adds 1 to `tensor` as it hands its first sync's weights to its engine."""
+    fault = {"kind": "corrupt", "phase": "sync", "worker": workers - 1, "tensor": tensor, "once": str(fired)}
+    return RolloutPool(RolloutWorkerSpec(model_dir, backend, **GREEDY), workers, num_cpus_per_worker=1,
+                       name_prefix=name, env={FAULTS_ENV: json.dumps([fault])})
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend, tensor, engine_tensor", [
+    ("hf", "model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"),
+    # vLLM fuses q, k and v: its fingerprint names the fused parameter and the learner's three tensors.
+    ("vllm", "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.qkv_proj.weight"),
+])
+def test_a_worker_whose_engine_holds_another_tensor_stops_the_sync(ray_cluster, tiny_lm_dir, tmp_path, backend,
+                                                                   tensor, engine_tensor):
+    workers = 2 if backend == "hf" else 1
+    name = f"test-rollout-corrupt-{backend}"
+    pool = corrupting_pool(tiny_lm_dir, backend, workers, tensor, tmp_path / "fired", name)
+    learner, _ = trained_policy_learner(tiny_lm_dir)
+    try:
+        with pytest.raises(WeightsDiffer, match=(
+                rf"rollout worker {name}-{workers - 1} on node \S+ does not hold the policy it was sent \(version 1, "
+                rf"object_store sync\): {re.escape(engine_tensor)}: sum .* the learner's .*{re.escape(tensor)}")):
+            pool.sync_from(learner, 1)
+        # The fault fired once: the same sync now loads every tensor whole, and the check passes on every worker.
+        stats = pool.sync_from(learner, 2)
+        assert pool.versions() == [2] * workers and stats["timing/sync_fingerprint"] > 0
+    finally:
+        pool.shutdown()
+        ray.kill(learner)
 
 
 @pytest.mark.integration

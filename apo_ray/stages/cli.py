@@ -36,6 +36,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
 def main(stage: str, argv: list[str] | None = None) -> int:
     args = build_parser(stage).parse_args(argv)
     configure_logging(args.verbose)
+    from apo_ray.deadlines import DeadlinePassed
     from apo_ray.stages.runner import StageFailed, load_for_resume, prepare_stage, run_stage
 
     cls = STAGES[stage]
@@ -58,4 +59,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     except StageFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3 if exc.diverged else 1
+    except DeadlinePassed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 6
     return 0

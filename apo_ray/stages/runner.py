@@ -24,13 +24,15 @@ import yaml
 
 from apo_ray.config import ConfigError, StageConfig, read_config_tree, validate_section
 from apo_ray.data import DataError, _check_source
+from apo_ray.deadlines import probe_cluster
 from apo_ray.metrics import METRICS_FILE, read_metrics_jsonl
 from apo_ray.model_sources import stage_with_local_model
+from apo_ray.named_tensors import checkpoint_bytes
 from apo_ray.ray_env import driver_source_env
 from apo_ray.stages.cursor import steps_per_epoch
 from apo_ray.stages.task import StageData, load_stage_data, task_class
 from apo_ray.stages.worker import ATTEMPTS_FILE, EVAL_EPOCH, MODEL_DIR, WorkerSpec, train_worker
-from apo_ray.train import CONFIG_FILE, MIN_FREE_BYTES, RunDirError, _model_size, check_run_dir
+from apo_ray.train import CONFIG_FILE, MIN_FREE_BYTES, RunDirError, check_run_dir
 
 CHECKPOINTS = "checkpoints"
 SUMMARY_FILE = "summary.json"
@@ -105,7 +107,8 @@ def prepare_stage(cfg: StageConfig, resume: bool = False) -> PreparedStage:
     if cfg.eval is not None and not data.eval:
         raise DataError(f"eval.path: {cfg.eval.path} has no items")
     # Every checkpoint kept holds the HF weights and DeepSpeed's weights plus two Adam moments.
-    check_run_dir(run_dir, resume, max(MIN_FREE_BYTES, 4 * (cfg.keep_checkpoints + 1) * _model_size(cfg.base_model)))
+    check_run_dir(run_dir, resume,
+                  max(MIN_FREE_BYTES, 4 * (cfg.keep_checkpoints + 1) * checkpoint_bytes(cfg.base_model)))
     return PreparedStage(cfg, run_dir, data, resume, written_cfg)
 
 
@@ -119,6 +122,7 @@ def init_ray_for(cfg: StageConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     workers = cfg.workers
     if address:
+        probe_cluster(address, cfg.ray.connect_timeout_s, "ray.connect_timeout_s")
         ray.init(address=address)
     else:
         need = workers.num_workers * workers.num_cpus_per_worker
