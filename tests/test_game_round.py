@@ -9,7 +9,7 @@ import torch
 
 from apo_ray.builtin.oracle import GOLD_TERMS
 from apo_ray.config import load_config
-from apo_ray.methods import method_names
+from apo_ray.methods import get_method, method_names
 from apo_ray.metrics import read_metrics_jsonl
 from apo_ray.train import prepare, run
 from tests.conftest import REPO_ROOT
@@ -63,8 +63,10 @@ def test_one_round_per_method_hf_torch(ray_cluster, tmp_path, method):
     assert state["policy_version"] == 1
     assert summary["final"]["eval/gold_score"] == rows[1]["eval/gold_score"]
     assert summary["gold_rise"]["end_se"] == rows[1]["eval/gold_score_se"]
-    # Each phase's FLOPs and share of its processes' matmul ceiling; DPO's reference log-probs are a phase.
-    phases = ["generate", "score", "rm_step", "policy_step", *(["logprobs"] if method == "dpo" else [])]
+    # Each phase's FLOPs and share of its processes' matmul ceiling; a pair method's (DPO's, IPO's) reference
+    # log-probs are a phase of their own.
+    pairs = get_method(method).batch == "pairs"
+    phases = ["generate", "score", "rm_step", "policy_step", *(["logprobs"] if pairs else [])]
     assert all(rows[1][f"flops/{phase}"] > 0 and 0 < rows[1][f"efficiency/{phase}"] < 2 for phase in phases)
     assert rows[1]["flops/round"] == pytest.approx(sum(rows[1][f"flops/{phase}"] for phase in phases))
     assert rows[0]["ceiling/machine"] > 0
