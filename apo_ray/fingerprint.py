@@ -77,6 +77,6 @@ def first_difference(reference: Fingerprint, reported: EngineFingerprint) -> str
         expected = sum((reference[name] for name in names[1:]), reference[names[0]])
         if stats.differs_from(expected):
             return (f"{engine_name}: sum {stats.total:.9g}, sum of squares {stats.squares:.9g} over {stats.count} "
-                    f"values; the learner's {'+'.join(names) if len(names) > 1 else 'tensor'}: sum "
+                    f"values; the learner's {'+'.join(names)}: sum "
                     f"{expected.total:.9g}, sum of squares {expected.squares:.9g} over {expected.count}")
     return None
