@@ -26,15 +26,18 @@ RUN = [
     "data.builtin.n_gold=16", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=32",
     "reward.initial_epochs=1", "policy.epochs_per_round=1",
 ]
-# Wall-clock measurements differ between any two runs; everything else must not.
-TIMED = ("timing/", "rollout/tokens_per_s")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+# Wall-clock measurements (timings, rates, shares of the matmul ceiling) differ between any two runs; everything
+# else must not. The same rule as the refactoring check's.
+from same_metrics import WALL_CLOCK  # noqa: E402
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     by_step = {row["step"]: row for row in rows}
     assert len(by_step) == len(rows), f"a round was logged twice: {[row['step'] for row in rows]}"
-    return {step: {k: v for k, v in row.items() if not k.startswith(TIMED)} for step, row in by_step.items()}
+    return {step: {k: v for k, v in row.items() if not WALL_CLOCK.search(k)} for step, row in by_step.items()}
 
 
 def kill_after_checkpoint(driver: subprocess.Popen, run_dir: Path, round_index: int, timeout_s: float) -> None:
