@@ -279,7 +279,7 @@ def assert_flops_of_a_ppo_iteration(logged: list[dict]) -> None:
     ceiling, and the phases' counts agree with one another: the log-prob phase runs the policy, the reference
     (the same shape) and the critic over the samples once, and each of ppo_epochs training passes runs the
     policy's and the critic's forward over them once more, at 3x its FLOPs."""
-    epochs = load_config(None, list(SMALL_RUN)).ppo.ppo_epochs
+    epochs = load_config(None, ["method=ppo", *SMALL_RUN]).ppo.ppo_epochs
     assert all(logged[0][f"ceiling/{role}"] > 0 for role in ("machine", "rollout", "policy", "reference", "reward",
                                                              "critic"))
     phases = ("generate", "score", "logprobs", "policy_step", "critic_step", "rm_step")

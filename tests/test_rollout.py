@@ -242,7 +242,8 @@ def test_pool_syncs_from_a_learner_actor(hf_pool, tiny_lm_dir, tmp_path):
 def corrupting_pool(model_dir: str, backend: str, workers: int, tensor: str, fired, name: str) -> RolloutPool:
     """A pool whose last worker adds 1 to `tensor` as it hands its first sync's weights to its engine."""
     fault = {"kind": "corrupt", "phase": "sync", "worker": workers - 1, "tensor": tensor, "once": str(fired)}
-    return RolloutPool(RolloutWorkerSpec(model_dir, backend, **GREEDY), workers, num_cpus_per_worker=1,
+    # Half a CPU each: the module's pool and this test's learner hold 3 of the test cluster's 4.
+    return RolloutPool(RolloutWorkerSpec(model_dir, backend, **GREEDY), workers, num_cpus_per_worker=0.5,
                        name_prefix=name, env={FAULTS_ENV: json.dumps([fault])})
 
 
