@@ -157,7 +157,8 @@ def matmul_ceiling(size: int = 2048, repeats: int = 3, threads: int | None = Non
 
 def machine_threads() -> int:
     """The cores this process may run on. A driver started by `ray job submit` inherits OMP_NUM_THREADS=1 from
-    Ray's job supervisor, so its own torch thread count says nothing about the machine."""
+    Ray's job supervisor (an actor without CPUs, for which Ray sets it), so its own torch thread count says
+    nothing about the machine."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
