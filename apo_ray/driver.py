@@ -200,11 +200,15 @@ class APOGame:
                          mask: Tensor | None = None) -> dict[str, float]:
         """rollout/logprob_diff(_max): the rollout engine's log-probs of its samples against the policy
         learner's on the same weights (taken here unless given)."""
+        timed: dict[str, float] = {}
         if learner_logps is None or mask is None:
-            learner_logps, mask = self.learner_grids({"logps": self.actors.policy.token_logprobs},
-                                                     [x.tokens for x in rollouts])["logps"]
+            # A forward pass of its own, about a third of an SFT step's time on SmolLM2: a phase of its own, so
+            # that it does not hide in a round's unaccounted seconds.
+            with self.flops.forwards(timed, "logprob_check", ("policy",)):
+                learner_logps, mask = self.learner_grids({"logps": self.actors.policy.token_logprobs},
+                                                         [x.tokens for x in rollouts])["logps"]
         sampler = self.sampler_grid(rollouts, learner_logps.shape[1])
-        return logprob_mismatch(sampler, learner_logps, mask)
+        return {**timed, **logprob_mismatch(sampler, learner_logps, mask)}
 
     @staticmethod
     def sampler_grid(rollouts: list[Rollout], width: int) -> Tensor:

@@ -15,6 +15,7 @@ bookkeeping of their own: forward-only passes (no grad) and training forwards (g
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -135,16 +136,30 @@ def phase_efficiencies(stats: dict[str, float], ceilings: dict[str, float], roun
     return out
 
 
-def matmul_ceiling(size: int = 2048, repeats: int = 3) -> float:
-    """The best of `repeats` float32 size x size matmuls on this process's torch threads, in FLOP/s."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up: thread pool and allocations
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - started)
+def matmul_ceiling(size: int = 2048, repeats: int = 3, threads: int | None = None) -> float:
+    """The best of `repeats` float32 size x size matmuls, in FLOP/s, on this process's torch threads, or on
+    `threads` of them (restored afterwards)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b  # warm-up: thread pool and allocations
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(previous)
     return 2 * size**3 / best
+
+
+def machine_threads() -> int:
+    """The cores this process may run on. A driver started by `ray job submit` inherits OMP_NUM_THREADS=1 from
+    Ray's job supervisor (an actor without CPUs, for which Ray sets it), so its own torch thread count says
+    nothing about the machine."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class FlopCounter:

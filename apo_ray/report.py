@@ -18,7 +18,7 @@ from apo_ray.metrics import METRICS_FILE, read_metrics_jsonl
 REPORT_DIR = "report"
 SUMMARY_FILE = "summary.json"
 
-TIMING_KEYS = ("timing/generate", "timing/rm_step", "timing/score", "timing/logprobs",
+TIMING_KEYS = ("timing/generate", "timing/rm_step", "timing/score", "timing/logprob_check", "timing/logprobs",
                "timing/policy_step", "timing/critic_step", "timing/sync", "timing/evaluate")
 TABLE_KEYS = (
     "rm/acc",

@@ -2,7 +2,7 @@
 
 At start-up every process that runs a phase measures its float32 matmul ceiling on its own threads, one after
 the other (two at once would share the cores and both read low): each rollout worker, each learner (its ranks
-together, as they train), and the driver, whose threads span the machine, for the round as a whole. The
+together, as they train), and the driver, on one thread per core of the machine, for the round as a whole. The
 ceilings are logged with round 0 as `ceiling/<role>` (FLOP/s).
 
 Each phase's FLOPs come from where its tokens are known: generation from the samples' token counts on the
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from apo_ray.flops import generation_flops, matmul_ceiling, phase_efficiencies
+from apo_ray.flops import generation_flops, machine_threads, matmul_ceiling, phase_efficiencies
 from apo_ray.game import Rollout
 from apo_ray.learner_group import LearnerGroup, gather
 
@@ -40,7 +40,8 @@ class RoundFlops:
         if actors.critic is not None:
             self.learners["critic"] = actors.critic
         self.shape = gather(actors.policy.model_shape.remote())
-        self.ceilings = {"machine": matmul_ceiling(), "rollout": actors.pool.matmul_ceiling()}
+        self.ceilings = {"machine": matmul_ceiling(threads=machine_threads()),
+                         "rollout": actors.pool.matmul_ceiling()}
         for role, group in self.learners.items():
             ranks = group.num_ranks if isinstance(group, LearnerGroup) else 1
             self.ceilings[role] = ranks * gather(group.matmul_ceiling.remote())

@@ -3,13 +3,15 @@ that real tiny HF models run."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from apo_ray.flops import (TRAINING_FACTOR, FlopCounter, ModelShape, efficiency, generation_flops, matmul_ceiling,
-                           phase_efficiencies)
+from apo_ray.flops import (TRAINING_FACTOR, FlopCounter, ModelShape, efficiency, generation_flops, machine_threads,
+                           matmul_ceiling, phase_efficiencies)
 
 # hidden 8, 2 query heads of 4 and 1 key-value head, gated MLP of 16, 2 layers, 32 tokens.
 TINY = dict(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=4, intermediate_size=16,
@@ -118,6 +120,27 @@ def test_efficiency_and_the_ceiling():
     with pytest.raises(ValueError, match="seconds and ceiling"):
         efficiency(1.0, 0.0, 1.0)
     assert matmul_ceiling(size=64, repeats=1) > 0
+
+
+def test_the_ceiling_runs_on_the_threads_asked_for_and_restores_the_process_s():
+    # A `ray job submit` driver runs with OMP_NUM_THREADS=1; the machine's ceiling must not be measured on that.
+    seen = []
+    original = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        seen.append(torch.get_num_threads())
+        return original(a, b)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with mock.patch.object(torch.Tensor, "__matmul__", spy):
+            matmul_ceiling(size=8, repeats=2, threads=3)
+        assert seen == [3, 3, 3]
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    assert machine_threads() >= 1
 
 
 def test_phase_efficiencies_divide_by_each_phase_s_own_ceiling():

@@ -64,9 +64,9 @@ def test_one_round_per_method_hf_torch(ray_cluster, tmp_path, method):
     assert summary["final"]["eval/gold_score"] == rows[1]["eval/gold_score"]
     assert summary["gold_rise"]["end_se"] == rows[1]["eval/gold_score_se"]
     # Each phase's FLOPs and share of its processes' matmul ceiling; a pair method's (DPO's, IPO's) reference
-    # log-probs are a phase of their own.
+    # log-probs are a phase of their own, and so is the policy's forward pass that measures logprob_diff.
     pairs = get_method(method).batch == "pairs"
-    phases = ["generate", "score", "rm_step", "policy_step", *(["logprobs"] if pairs else [])]
+    phases = ["generate", "score", "rm_step", "logprob_check", "policy_step", *(["logprobs"] if pairs else [])]
     assert all(rows[1][f"flops/{phase}"] > 0 and 0 < rows[1][f"efficiency/{phase}"] < 2 for phase in phases)
     assert rows[1]["flops/round"] == pytest.approx(sum(rows[1][f"flops/{phase}"] for phase in phases))
     assert rows[0]["ceiling/machine"] > 0
