@@ -108,10 +108,12 @@ def git_state() -> dict[str, Any]:
 def machine_record() -> dict[str, Any]:
     import torch
 
+    from apo_ray.flops import machine_threads
+
     return {
         "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cpus": machine_threads(),
         "memory_gib": memory_gib(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),
