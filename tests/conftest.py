@@ -18,6 +18,9 @@ RAY_TEST_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# The held-out evaluation of a small test run: the default judges 64 prompts x 32 samples at every evaluation,
+# which was most of such a run's time. 4 x 2 samples still give every eval/* figure and its standard error.
+SMALL_EVAL = ["eval.prompts=4", "eval.samples_per_prompt=2"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,7 +15,7 @@ from apo_ray.aapa import (anchor_reward, anchored_rewards, base_weight, discrimi
 from apo_ray.config import ConfigError, load_config
 from apo_ray.metrics import read_metrics_jsonl
 from apo_ray.placement import actor_plan
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, SMALL_EVAL
 
 LN2 = math.log(2.0)
 SOFTPLUS_MINUS_2 = math.log(1.0 + math.exp(-2.0))  # 0.126928
@@ -142,6 +142,7 @@ def test_staged_aapa_grpo_rounds_on_vllm_and_deepspeed(ray_cluster, tmp_path):
         "data.builtin.n_pairs=64", "data.builtin.n_gold=8", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=16",
         "reward.initial_epochs=1", "aapa.epochs=1", "aapa.anchor_only_rounds=1",
         "ppo.prompts_per_iteration=8", "ppo.minibatch_size=8", "ppo.ppo_epochs=1", "logging.ray_metrics=false",
+        *SMALL_EVAL,
     ])
     prepared = prepare(cfg)
     run(prepared)

@@ -19,7 +19,7 @@ from apo_ray.builtin.oracle import VOCABULARY, format_prompt, gold_score, prompt
 from apo_ray.config import ConfigError, load_config
 from apo_ray.metrics import read_metrics_jsonl
 from apo_ray.placement import actor_plan
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, SMALL_EVAL
 
 CLEAN = format_prompt("river", "night")
 
@@ -145,7 +145,7 @@ def test_one_apl_round_on_vllm_and_deepspeed(ray_cluster, tmp_path):
         "apl.attacker.epochs=1", "apl.attacker.minibatch_size=8",
         # 4 logical CPUs on the test cluster
         "learner.num_cpus=0.5", "rollout.num_cpus_per_worker=0.5", "apl.attacker.num_cpus=0.25",
-        "apl.attacker.rollout_num_cpus_per_worker=0.25",
+        "apl.attacker.rollout_num_cpus_per_worker=0.25", *SMALL_EVAL,
     ])
     prepared = prepare(cfg)
     run(prepared)

@@ -14,7 +14,7 @@ from apo_ray.actors.engine import TrainEngine
 from apo_ray.config import LearnerConfig, RewardConfig
 from apo_ray.game import PreferencePair
 from apo_ray.train import main
-from tests.conftest import REPO_ROOT, minilm_tokenizer_dir
+from tests.conftest import REPO_ROOT, SMALL_EVAL, minilm_tokenizer_dir
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restored_environment")]
 
@@ -90,7 +90,7 @@ def test_a_nan_gradient_under_deepspeed_exits_3_and_keeps_the_checkpoint(ray_clu
                  "policy.epochs_per_round=2", "policy.lr=1e30", "rollout.backend=hf", "learner.backend=deepspeed",
                  "samples_per_prompt=2", "logging.tensorboard=false", "logging.report=false", "data.builtin.n_pairs=64",
                  "data.builtin.n_gold=16", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=32",
-                 "reward.initial_epochs=1"])
+                 "reward.initial_epochs=1", *SMALL_EVAL])
     err = capsys.readouterr().err
     assert code == 3, err
     assert ("error: training diverged in PolicyLearner.sample_step after round 0: gradient norm is inf at training "

@@ -20,13 +20,13 @@ import apo_ray.train
 from apo_ray.actors.engine import TrainEngine
 from apo_ray.fault_injection import ENV as FAULTS_ENV
 from apo_ray.train import main
+from tests.conftest import REPO_ROOT, SMALL_EVAL
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # The builtin task, small, with the HF rollout engine and plain torch learners.
 SMALL_RUN = [
     "rollout.backend=hf", "learner.backend=torch", "samples_per_prompt=2", "logging.tensorboard=false",
     "logging.report=false", "data.builtin.n_pairs=64", "data.builtin.n_gold=16", "data.builtin.n_prompts=16",
-    "data.builtin.n_eval_pairs=32", "reward.initial_epochs=1",
+    "data.builtin.n_eval_pairs=32", "reward.initial_epochs=1", *SMALL_EVAL,
 ]
 
 

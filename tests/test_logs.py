@@ -15,7 +15,7 @@ import warnings
 import pytest
 
 from apo_ray import logs
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, SMALL_EVAL
 
 THIRD_PARTY = ("vllm.engine", "ray._private.worker", "DeepSpeed")
 
@@ -169,6 +169,7 @@ SMALL_VLLM_RUN = [
     "rounds=1", "rollout.backend=vllm", "learner.backend=torch", "samples_per_prompt=2",
     "data.builtin.n_pairs=48", "data.builtin.n_gold=16", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=32",
     "reward.initial_epochs=1", "policy.epochs_per_round=1", "logging.tensorboard=false", "logging.report=false",
+    *SMALL_EVAL,
 ]
 # vLLM's own line format: "INFO 12-01 22:08:36 [inplace.py:91] Reloading weights inplace..."
 VLLM_LINE = re.compile(r"\b(DEBUG|INFO|WARNING) \d\d-\d\d \d\d:\d\d:\d\d \[\w+\.py:\d+\]")

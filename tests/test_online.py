@@ -25,6 +25,7 @@ from apo_ray.batching import iteration_prompt_indices
 from apo_ray.methods import get_method
 from apo_ray.ppo import TokenGrids
 from apo_ray.ppo import concat_right_padded
+from tests.conftest import SMALL_EVAL
 
 PROMPTS = [format_prompt("river", "night"), format_prompt("castle", "rain")]
 RESPONSES = ["the river is calm and bright", "the castle looks grim"]
@@ -232,7 +233,7 @@ SMALL_RUN = [
     "learner.num_cpus=0.5",
     "data.builtin.n_pairs=48", "data.builtin.n_gold=6", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=16",
     "reward.initial_epochs=1", "reward.batch_size=16", "rounds=2", "ppo.prompts_per_iteration=6",
-    "ppo.minibatch_size=6", "ppo.ppo_epochs=1", "eval_every=2", "checkpoint_every=1",
+    "ppo.minibatch_size=6", "ppo.ppo_epochs=1", "eval_every=2", "checkpoint_every=1", *SMALL_EVAL,
 ]
 
 

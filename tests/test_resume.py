@@ -16,17 +16,17 @@ import pytest
 import ray
 
 from apo_ray.train import main
+from tests.conftest import REPO_ROOT, SMALL_EVAL
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # Two runs share the test cluster's 4 logical CPUs: half a CPU per actor.
 RUN = [
     "--config", str(REPO_ROOT / "configs/default.yaml"), "rounds=2", "seed=3",
     "rollout.backend=hf", "learner.backend=torch", "learner.num_cpus=0.5", "rollout.num_cpus_per_worker=0.5",
     "samples_per_prompt=2", "logging.tensorboard=false", "logging.report=false", "data.builtin.n_pairs=64",
     "data.builtin.n_gold=16", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=32",
-    "reward.initial_epochs=1", "policy.epochs_per_round=1",
+    "reward.initial_epochs=1", "policy.epochs_per_round=1", *SMALL_EVAL,
 ]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 # Wall-clock measurements (timings, rates, shares of the matmul ceiling) differ between any two runs; everything
 # else must not. The same rule as the refactoring check's.
@@ -114,7 +114,7 @@ GAME_COMMON = [
     "rounds=2", "seed=3", "samples_per_prompt=2", "rollout.backend=hf", "learner.backend=torch",
     "learner.num_cpus=0.25", "rollout.num_cpus_per_worker=0.25", "logging.tensorboard=false", "logging.report=false",
     "logging.ray_metrics=false", "data.builtin.n_pairs=64", "data.builtin.n_prompts=16",
-    "data.builtin.n_eval_pairs=16", "reward.initial_epochs=1",
+    "data.builtin.n_eval_pairs=16", "reward.initial_epochs=1", *SMALL_EVAL,
 ]
 
 
