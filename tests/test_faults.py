@@ -155,11 +155,11 @@ def test_a_stalled_learner_step_stops_the_run_with_exit_code_6_naming_where(ray_
     monkeypatch.setenv(FAULTS_ENV, json.dumps([{"kind": "stall", "phase": "step", "seconds": 3600}]))
     run_dir = tmp_path / "run"
     code = main(["--config", str(REPO_ROOT / "configs/default.yaml"), f"run_dir={run_dir}", "rounds=1",
-                 "learner.call_timeout_s=60", *SMALL_RUN])
+                 "learner.call_timeout_s=15", *SMALL_RUN])
     err = capsys.readouterr().err
     assert code == 6, err
     assert re.search(r"error: reward-learner-\w+-0, rank 0 of the 1-rank reward learner, on node [0-9a-f]+, did not "
-                     r"finish \w+ within 60 s \(raise learner.call_timeout_s if it needs longer\) \(round 0, phase "
+                     r"finish \w+ within 15 s \(raise learner.call_timeout_s if it needs longer\) \(round 0, phase "
                      r"rm_init\)\. No round was checkpointed yet: start the run again", err), err
 
 
