@@ -34,7 +34,7 @@ def stalling_pool(model_dir: str, name: str, phase: str, worker: int | None, onc
 
 def test_a_stalled_generate_is_re_run_on_a_replacement(ray_cluster, tiny_lm_dir, tmp_path):
     pool = stalling_pool(tiny_lm_dir, "test-stall-generate", "generate", 1, tmp_path / "fired",
-                         generate_timeout_s=20)
+                         generate_timeout_s=10)
     try:
         stalled = pool.workers[1]
         rollouts = pool.generate(PROMPTS, n=2)
@@ -59,7 +59,7 @@ def test_a_pool_that_cannot_recover_from_a_stall_stops_naming_the_worker(ray_clu
 
 
 def test_a_stalled_weight_load_is_replaced_and_loads_as_it_starts(ray_cluster, tiny_lm_dir, tmp_path):
-    pool = stalling_pool(tiny_lm_dir, "test-stall-sync", "sync", 0, tmp_path / "fired", sync_timeout_s=15)
+    pool = stalling_pool(tiny_lm_dir, "test-stall-sync", "sync", 0, tmp_path / "fired", sync_timeout_s=10)
     try:
         stalled = pool.workers[0]
         weights = read_weights(tiny_lm_dir)
