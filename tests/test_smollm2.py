@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 HH_DEV = REPO_ROOT / "data" / "hh_harmless" / "dev.jsonl"
 MAX_NEW_TOKENS = 24
 MODEL = ModelConfig(max_prompt_tokens=256, max_response_tokens=MAX_NEW_TOKENS, dtype="float32")
+BATCH = 8  # the learner's policy.batch_size
 
 
 def mismatch(logps: torch.Tensor, mask: torch.Tensor, rollouts) -> dict[str, float]:
@@ -49,7 +50,7 @@ def pool(ray_cluster, smollm2_dir):
 @pytest.fixture(scope="module")
 def learner(ray_cluster, smollm2_dir):
     actor = ray.remote(PolicyLearner).options(num_cpus=1).remote(
-        smollm2_dir, model=MODEL, policy=PolicyConfig(lr=1e-4, batch_size=8),
+        smollm2_dir, model=MODEL, policy=PolicyConfig(lr=1e-4, batch_size=BATCH),
         learner=LearnerConfig(backend="deepspeed", zero_stage=2), chat_template="auto")
     yield actor
     ray.kill(actor)
@@ -90,7 +91,8 @@ def test_rollouts_read_the_chat_template_and_learners_train_on_the_sampled_ids(r
 def test_after_a_sync_the_engine_scores_a_fixed_sample_as_the_trained_learner_does(pool, learner, rollouts):
     probe = [r.tokens for r in rollouts[:3]]
     before = ray.get(pool.workers[0].response_logprobs.remote(probe))
-    ray.get(learner.sft_step.remote([r.tokens for r in rollouts], epochs=1, seed=0))
+    # One minibatch with the probe in it: one optimizer step of the 135M weights, not three, moves its log-probs.
+    ray.get(learner.sft_step.remote([r.tokens for r in rollouts[:BATCH]], epochs=1, seed=0))
     learner_logps, mask = ray.get(learner.token_logprobs.remote(probe))
     learned = [row[m.bool()].tolist() for row, m in zip(learner_logps, mask)]
     assert max(abs(a - b) for old, new in zip(before, learned) for a, b in zip(old, new)) > 1e-3, \
