@@ -17,12 +17,14 @@ pytestmark = pytest.mark.integration
 
 
 def slice_overrides(tmp_path, minilm_dir: str, smollm2_dir: str) -> list[str]:
-    """configs/hh_smollm2_apo_rjs_cpu.yaml cut to a handful of prompts and tokens. The RMs are MiniLM fitted in
-    round 0 (the recipe's come from `apo-ray rm`, which tests/test_stages.py runs)."""
+    """configs/hh_smollm2_apo_rjs_cpu.yaml cut to a handful of prompts and tokens. 96 prompt tokens hold the
+    template's system message and the last user turn of each of the 30 dialogues; 16 of them lose earlier turns
+    (5 at 192), and the learners' compute shrinks with the tokens. The RMs are MiniLM fitted in round 0 (the
+    recipe's come from `apo-ray rm`, which tests/test_stages.py runs)."""
     return [
         f"run_dir={tmp_path / 'run'}", "rounds=1", "samples_per_prompt=2",
         f"model.policy_path={smollm2_dir}", f"model.reward_path={minilm_dir}", f"model.eval_reward={minilm_dir}",
-        "model.max_response_tokens=12", "model.max_prompt_tokens=192", "rollout.max_model_len=208",
+        "model.max_response_tokens=12", "model.max_prompt_tokens=96", "rollout.max_model_len=112",
         "data.pairs.limit=16", "data.source.limit=30", "reward.initial_epochs=1", "reward.batch_size=16",
         "eval.prompts=3", "eval.samples_per_prompt=2", "logging.report=false", "logging.ray_metrics=false",
     ]
