@@ -58,7 +58,7 @@ def learner(ray_cluster, smollm2_dir):
 
 @pytest.fixture(scope="module")
 def rollouts(pool, prompts):
-    return pool.generate(prompts, n=4, seed=7)
+    return pool.generate(prompts, n=2, seed=7)
 
 
 def test_rollouts_read_the_chat_template_and_learners_train_on_the_sampled_ids(rollouts, prompts, learner,
