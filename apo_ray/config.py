@@ -181,6 +181,12 @@ class RolloutConfig(Section):
         "After every weight sync, each worker reports per-tensor sums of the weights its engine holds, and the run "
         "stops (exit code 7) naming the worker and the tensor unless they equal the learner's "
         "(apo_ray/fingerprint.py); timing/sync_fingerprint logs its cost. Off by itself for tensor-parallel engines, which hold shards."))
+    # A forward pass of its own on the offline methods (a third of the policy step on SmolLM2); its mean over a
+    # few hundred tokens is as telling as over every sample.
+    logprob_check_samples: Optional[int] = Field(16, ge=1, description=(
+        "Samples of each offline round whose sampler log-probs are checked against the policy learner's "
+        "(rollout/logprob_diff, timed as timing/logprob_check), spread evenly over the round's; null checks "
+        "every sample. Online methods check every sample at no cost, from the log-probs their step needs anyway."))
     generate_timeout_s: Optional[float] = Field(None, gt=0.0, description=(
         "Seconds a piece of a generate call may take on its worker, counted from when the piece before it on that "
         "worker was due; a worker past it is replaced and its prompts re-run on the others. null: 120 s plus 0.5 s "
