@@ -69,6 +69,6 @@ def test_the_summary_reports_each_ratio_from_the_interleaved_repeats(rm_dir, tmp
     assert out["apo_ray_over_trl"]["per_repeat"] == [4.0, 2.0]
     assert out["machine_threads_over_ray_threads"]["per_repeat"] == [2.0, 1.5]
     phases = next(section for section in run.sections if section.startswith("## apo-ray phases"))
-    # generate: the median of 2.5, 2.5, 5 and 5 s on the machine's threads; policy_step: of 5, 5, 10, 10 and 10, 10, 15, 15
+    # Medians: generate of 2.5, 2.5, 5, 5 s; policy_step of 5, 5, 10, 10 s and of 10, 10, 15, 15 s
     assert "| generate | 3.750 |" in phases and "| policy_step | 7.500 | 0.500 | 12.500 | 0.500 |" in phases
     assert "apo-ray: policy 2; apo-ray-ray-threads: policy 1" in phases
