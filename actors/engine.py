@@ -353,6 +353,10 @@ class CountsFlops:
     def model_shape(self) -> ModelShape:
         return self.flop_counter.shape
 
+    def threads(self) -> int:
+        """The threads this process computes on (learner.threads, else Ray's from its CPUs)."""
+        return torch.get_num_threads()
+
     def matmul_ceiling(self) -> float:
         """The float32 matmul rate of this process's threads (FLOP/s), against which its phases are measured;
         measured at the first call, while the learner is idle."""

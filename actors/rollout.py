@@ -335,7 +335,7 @@ class RolloutWorker:
     def ping(self) -> dict[str, Any]:
         return {"worker": self.worker_index, "backend": self.backend, "version": self._version, "dtype": self.dtype,
                 "engine_ranks": self.engine.engine_ranks, "engine_start_seconds": self.engine_start_seconds,
-                "node": platform.node()}
+                "node": platform.node(), "threads": torch.get_num_threads()}
 
     def matmul_ceiling(self) -> float:
         """The float32 matmul rate of this worker's threads (FLOP/s), the generation phase's ceiling; measured

@@ -37,9 +37,12 @@ def cpu_only() -> bool:
     return not ray.cluster_resources().get("GPU", 0)
 
 
-def actor_env() -> dict[str, str]:
+def actor_env(threads: int | None = None) -> dict[str, str]:
+    """`threads`: the actor's OMP_NUM_THREADS, which Ray then leaves alone; None leaves Ray's (its Ray CPUs)."""
     # The driver's logging choice, for actors on nodes whose processes do not inherit its environment.
     env = {**ACTOR_ENV, **logs.worker_env()}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     if FAULTS_ENV in os.environ:  # a test's injected faults reach actors on every node
         env[FAULTS_ENV] = os.environ[FAULTS_ENV]
     if cpu_only():
@@ -88,7 +91,8 @@ def _learner(cls, name: str, role: Role, *, distributed: bool = True, rank_zero_
     """A learner's ranks (role.count), each in a bundle of its own, in one placement group per role."""
     return LearnerGroup(
         cls, role.count, role=role.name, name_prefix=name, kwargs=kwargs, num_cpus_per_rank=role.cpus,
-        num_gpus_per_rank=role.gpus, env=actor_env(), distributed=distributed, rank_zero_methods=rank_zero_methods,
+        num_gpus_per_rank=role.gpus, env=actor_env(role.threads), distributed=distributed,
+        rank_zero_methods=rank_zero_methods,
     )
 
 
@@ -152,7 +156,8 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str, attacker_path:
         group.call_timeout_s = learner.call_timeout_s
     pools: list[RolloutPool] = []
     try:
-        pools.append(RolloutPool.from_config(cfg, policy_path, name_prefix=f"rollout-{run_id}", env=actor_env()))
+        pools.append(RolloutPool.from_config(cfg, policy_path, name_prefix=f"rollout-{run_id}",
+                                             env=actor_env(roles["rollout"].threads)))
         if "attacker_rollout" in roles:
             pools.append(attacker_rollout_pool(cfg, attacker_path, name_prefix=f"attacker-rollout-{run_id}"))
         wait_until_ready([group.group for group in groups.values()], learner.startup_timeout_s,
@@ -176,7 +181,8 @@ def attacker_rollout_pool(cfg: Config, attacker_path: str, *, name_prefix: str) 
     model = cfg.model.model_copy(update={"max_response_tokens": attacker.max_tokens})
     # A run directory of its own, so that disk weight sync never writes where the defender's workers read.
     attacker_cfg = cfg.model_copy(update={"rollout": rollout, "model": model, "run_dir": str(Path(cfg.run_dir) / "attacker")})
-    return RolloutPool.from_config(attacker_cfg, attacker_path, name_prefix=name_prefix, env=actor_env())
+    return RolloutPool.from_config(attacker_cfg, attacker_path, name_prefix=name_prefix,
+                                   env=actor_env(cfg.rollout.threads))
 
 
 def learner_startup_hint(learner: LearnerConfig) -> str:

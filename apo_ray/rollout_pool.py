@@ -295,6 +295,10 @@ class RolloutPool:
         """The workers' float32 matmul rates added up (FLOP/s), each measured with the others idle."""
         return sum(ray.get(worker.matmul_ceiling.remote()) for worker in self.workers)
 
+    def threads(self) -> int:
+        """The most threads any worker computes on (rollout.threads, else Ray's from its CPUs)."""
+        return max(ray.get(worker.ping.remote())["threads"] for worker in self.workers)
+
     def _restart(self, index: int) -> ray.actor.ActorHandle:
         """A fresh worker in slot `index`; it loads the current weights before any later call reaches it."""
         handle = self.group.restart(index)

@@ -3,7 +3,8 @@
 At start-up every process that runs a phase measures its float32 matmul ceiling on its own threads, one after
 the other (two at once would share the cores and both read low): each rollout worker, each learner (its ranks
 together, as they train), and the driver, on one thread per core of the machine, for the round as a whole. The
-ceilings are logged with round 0 as `ceiling/<role>` (FLOP/s).
+ceilings are logged with round 0 as `ceiling/<role>` (FLOP/s), and each process's threads as
+`threads/<role>` (learner.threads, rollout.threads).
 
 Each phase's FLOPs come from where its tokens are known: generation from the samples' token counts on the
 policy's shape; forward-only passes (scores, log-probs, values) from the learners' own counters, read after the
@@ -40,18 +41,22 @@ class RoundFlops:
         if actors.critic is not None:
             self.learners["critic"] = actors.critic
         self.shape = gather(actors.policy.model_shape.remote())
-        self.ceilings = {"machine": matmul_ceiling(threads=machine_threads()),
+        self.threads = {"machine": machine_threads(), "rollout": actors.pool.threads()}
+        self.ceilings = {"machine": matmul_ceiling(threads=self.threads["machine"]),
                          "rollout": actors.pool.matmul_ceiling()}
         for role, group in self.learners.items():
             ranks = group.num_ranks if isinstance(group, LearnerGroup) else 1
             self.ceilings[role] = ranks * gather(group.matmul_ceiling.remote())
+            self.threads[role] = gather(group.threads.remote())
         self._phase_ceilings = {phase: self.ceilings[role] for phase, role in TRAINING_PHASES.items()
                                 if role in self.ceilings}
         if not self.asynchronous:
             self._phase_ceilings["generate"] = self.ceilings["rollout"]
 
     def ceiling_stats(self) -> dict[str, float]:
-        return {f"ceiling/{role}": value for role, value in self.ceilings.items()}
+        """Each role's ceiling and the threads it was measured on (per process)."""
+        return {**{f"ceiling/{role}": value for role, value in self.ceilings.items()},
+                **{f"threads/{role}": float(n) for role, n in self.threads.items()}}
 
     def generation(self, stats: dict[str, float], rollouts: list[Rollout]) -> None:
         """`flops/generate` of the round's samples (policy and gold prompts alike)."""

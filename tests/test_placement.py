@@ -78,6 +78,15 @@ def test_the_plan_lists_every_actor_start_actors_makes():
     assert actor_plan(ppo)[-1].count == 3
 
 
+def test_threads_are_each_roles_own_and_apart_from_its_ray_cpus():
+    cfg = load_config(None, ["method=ppo", "learner.threads=4", "rollout.threads=3", "learner.num_cpus=1"])
+    plan = {role.name: role for role in actor_plan(cfg)}
+    assert {name: role.threads for name, role in plan.items()} == {
+        "policy": 4, "reward": 4, "reference": 4, "critic": 4, "rollout": 3}
+    assert plan["policy"].cpus == 1 and plan["reference"].cpus == 0.5
+    assert {role.threads for role in actor_plan(load_config(None))} == {None}
+
+
 def test_the_table_adds_up():
     cfg = load_config(None, ["method=ppo", "learner.num_gpus=1", "rollout.num_workers=2",
                              "rollout.num_gpus_per_worker=1"])
@@ -120,7 +129,7 @@ class _RecordedPool:
 def test_start_actors_asks_ray_for_the_plans_bundles(monkeypatch):
     monkeypatch.setattr(cluster_module, "LearnerGroup", _RecordedGroup)
     monkeypatch.setattr(cluster_module, "RolloutPool", _RecordedPool)
-    monkeypatch.setattr(cluster_module, "actor_env", dict)
+    monkeypatch.setattr(cluster_module, "actor_env", lambda threads=None: {})
     # The recorded groups start no actor: there is nothing to wait for.
     monkeypatch.setattr(cluster_module, "wait_until_ready", lambda groups, timeout_s, diagnose: None)
     _RecordedGroup.asked, _RecordedPool.asked = [], []
@@ -142,7 +151,7 @@ def test_start_actors_asks_ray_for_the_plans_bundles(monkeypatch):
 def test_the_sibling_games_learners_are_one_rank_groups_beside_a_multi_rank_game(monkeypatch, game, role, overrides):
     monkeypatch.setattr(cluster_module, "LearnerGroup", _RecordedGroup)
     monkeypatch.setattr(cluster_module, "RolloutPool", _RecordedPool)
-    monkeypatch.setattr(cluster_module, "actor_env", dict)
+    monkeypatch.setattr(cluster_module, "actor_env", lambda threads=None: {})
     monkeypatch.setattr(cluster_module, "wait_until_ready", lambda groups, timeout_s, diagnose: None)
     _RecordedGroup.asked, _RecordedPool.asked = [], []
     cfg = load_config(REPO_ROOT / "configs" / game, ["learner.num_ranks=2", *overrides])

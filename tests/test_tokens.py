@@ -16,6 +16,7 @@ from apo_ray.game import TokenSample
 from apo_ray.modeling import encode_samples, load_tokenizer
 from apo_ray.ppo import (
     _last_token_index,
+    evenly_spread,
     logprob_mismatch,
     sampler_logprob_grid,
     truncated_importance_weights,
@@ -65,6 +66,15 @@ def test_logprob_mismatch_mean_and_max_over_real_tokens():
     stats = logprob_mismatch(sampler, learner, mask)
     assert stats["rollout/logprob_diff"] == pytest.approx((0.5 + 0.0 + 0.25) / 3)
     assert stats["rollout/logprob_diff_max"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("n, at_most, expected", [
+    (10, 4, [0, 2, 5, 7]),  # spread over the round: first, then every n/at_most-th
+    (3, 4, [0, 1, 2]),      # fewer than asked: all of them
+    (5, None, [0, 1, 2, 3, 4]),
+])
+def test_the_logprob_check_reads_rows_spread_over_the_round(n, at_most, expected):
+    assert evenly_spread(list(range(n)), at_most) == expected
 
 
 def test_truncated_importance_weights_by_hand():
