@@ -55,7 +55,7 @@ class CriticLearner(LearnerCheckpoint, CountsFlops):
                 "needs a decoder sequence classifier (e.g. LlamaForSequenceClassification)"
             )
         self.engine = build_engine(model, self.learner_cfg, lr=self.ppo_cfg.critic_lr,
-                                   micro_batch_size=self.ppo_cfg.minibatch_size, rendezvous=self.rendezvous)
+                                   micro_batch_size=self.ppo_cfg.minibatch_size, rendezvous=self.rendezvous, role="critic")
         self.model = self.engine.model.eval()
         self.flop_counter = self.engine.flops
 

@@ -47,7 +47,7 @@ class RewardLearner(LearnerCheckpoint, CountsFlops):
             self.flop_counter = FlopCounter(self.model)
             return
         self.engine = build_engine(model, self.learner_cfg, lr=self.reward_cfg.lr,
-                                   micro_batch_size=self.reward_cfg.batch_size, rendezvous=self.rendezvous)
+                                   micro_batch_size=self.reward_cfg.batch_size, rendezvous=self.rendezvous, role="reward")
         self.model = self.engine.model
         self.flop_counter = self.engine.flops
 
