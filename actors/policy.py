@@ -42,13 +42,13 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
         micro_batch_size: int | None = None,
         rendezvous: Rendezvous | None = None,
         chat_template: str = AUTO,
-        role: str = "policy",
+        engine_role: str = "policy",
     ):
         """micro_batch_size: rows per step; policy.batch_size unless given (online runs pass
         ppo.minibatch_size, their minibatch). rendezvous: this rank of a multi-rank learner (None: one rank).
         chat_template: "auto", "none" or a template's text (apo_ray.chat): written texts are encoded as the
-        rollout workers encode prompts, and the checkpoints' tokenizer keeps the template. role: "policy", or
-        "attacker" for APL's attacker, which never takes learner.lora's adapter."""
+        rollout workers encode prompts, and the checkpoints' tokenizer keeps the template. engine_role: "policy",
+        or "attacker" for APL's attacker, which never takes learner.lora's adapter."""
         torch.manual_seed(seed)
         self.policy_cfg = policy
         self.model_cfg = model
@@ -59,7 +59,7 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
             self.tokenizer.chat_template = self.chat_template
         lm = load_causal_lm(model_path, model.dtype, model.trust_remote_code, model.disable_dropout).eval()
         self.engine = build_engine(lm, learner, lr=policy.lr, micro_batch_size=micro_batch_size or policy.batch_size,
-                                   rendezvous=rendezvous, role=role)
+                                   rendezvous=rendezvous, role=engine_role)
         self.model = self.engine.model
         self.flop_counter = self.engine.flops
         self.logprobs = SampleLogprobs(self.model, self.tokenizer.pad_token_id)

@@ -749,6 +749,8 @@ _CONDITIONAL_KEYS = [
                     lambda c: c.ppo.adaptive_kl or c.ppo.kl_hard_limit, by_method=False),
     ConditionalKeys(("rollout.sync_bucket_mb",), "rollout.weight_sync object_store or nccl (disk writes a checkpoint)",
                     lambda c: c.rollout.weight_sync in ("object_store", "nccl"), by_method=False),
+    ConditionalKeys((*(f"learner.lora.{k}" for k in LoraConfig.model_fields if k != "enabled"), "checkpoint.merge_lora"),
+                    "learner.lora.enabled=true", lambda c: c.learner.lora.enabled, by_method=False),
     ConditionalKeys(tuple(f"aapa.{k}" for k in AAPAConfig.model_fields if k != "enabled"), "aapa.enabled=true",
                     lambda c: c.aapa.enabled, by_method=False),
     ConditionalKeys(tuple(f"apl.{k}" for k in APLConfig.model_fields if k != "enabled"), "apl.enabled=true",
@@ -873,8 +875,6 @@ def _check_lora(cfg: Config) -> None:
         # The broadcast sends the learner's parameters as they are: under peft, base and adapter apart.
         raise ConfigError("rollout.weight_sync: 'nccl' sends the policy's parameters as they are, not LoRA's merged "
                           "weights; use 'object_store' or 'disk' with learner.lora.enabled")
-    if cfg.checkpoint.merge_lora and not lora.enabled:
-        raise ConfigError("checkpoint.merge_lora: there is no adapter to merge without learner.lora.enabled")
 
 
 ROLLOUT_BACKENDS = ("vllm", "hf")

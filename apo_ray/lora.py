@@ -29,6 +29,17 @@ def check_target_modules(model: torch.nn.Module, target_modules: list[str]) -> N
                           f"{', '.join(missing)}; its linear layers are {', '.join(linear)} (or use ['{ALL_LINEAR}'])")
 
 
+def check_targets_of(path: str, target_modules: list[str], trust_remote_code: bool = False) -> None:
+    """`check_target_modules` on the causal LM at `path` built on the meta device: its module names, no weights
+    read, so that a run refuses a bad name before any actor starts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    check_target_modules(model, target_modules)
+
+
 def with_adapter(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
     """`model` wrapped in a peft model with a fresh adapter: only the adapter's weights require grad. peft's
     initialisation (B = 0) makes the adapted model compute exactly what `model` did."""

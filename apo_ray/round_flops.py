@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from apo_ray.flops import generation_flops, machine_threads, matmul_ceiling, phase_efficiencies
 from apo_ray.game import Rollout
-from apo_ray.learner_group import LearnerGroup, gather
+from apo_ray.learner_group import LearnerGroup, RenamedMethods, gather
 
 if TYPE_CHECKING:
     from apo_ray.driver import APOGame
@@ -36,7 +36,10 @@ class RoundFlops:
     def __init__(self, game: APOGame):
         actors = game.actors
         self.asynchronous = game.cfg.online and game.cfg.ppo.async_rollouts
-        self.learners = {"policy": actors.policy, "reference": actors.reference, "reward": actors.reward}
+        # A reference that is the policy learner (LoRA) counts its forwards and has its ceiling there.
+        self.learners = {"policy": actors.policy, "reward": actors.reward}
+        if not isinstance(actors.reference, RenamedMethods):
+            self.learners["reference"] = actors.reference
         if actors.critic is not None:
             self.learners["critic"] = actors.critic
         self.shape = gather(actors.policy.model_shape.remote())
