@@ -224,7 +224,7 @@ class LoraConfig(Section):
     target_modules: list[str] = Field(["all-linear"], min_length=1, description=(
         "The layers that get an adapter, by the last part of their module name (q_proj, v_proj, ...), or "
         "['all-linear']: every linear layer but the output head. A name that no layer of the model has is refused "
-        "when the learner starts, before any step."))
+        "before any actor starts."))
     roles: list[Literal[LORA_ROLES]] = Field(["policy"], min_length=1, description=(
         "The trained learners that take an adapter: 'policy' (and so LoRA's free reference). 'reward' and 'critic' "
         "are not built yet and are refused."))

@@ -196,3 +196,68 @@ def test_deepspeed_steps_the_adapter_alone_at_every_zero_stage(tiny_lm_dir, stag
     assert moved == {n for n in base if n.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight"))}
     # The base weights stayed: the adapter-off reference reads the samples as before the steps.
     assert torch.equal(learner.reference_token_logprobs(SAMPLES)[0], reference)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_take_the_adapter_step_one_rank_takes(stage, ray_cluster, tiny_lm_dir):
+    from apo_ray.actor_group import wait_until_ready
+    from apo_ray.cluster import POLICY_AS_REFERENCE
+    from apo_ray.learner_group import LearnerGroup, RenamedMethods, gather
+    from tests.test_learner_group import assert_same_step
+
+    initial = base_state(tiny_lm_dir)
+    one = lora_policy(tiny_lm_dir, "deepspeed", stage, lr=1e-3)
+    want_stats = one.sft_step(SAMPLES, epochs=2, seed=0)
+    want = one.state_dict()
+    group = LearnerGroup(PolicyLearner, 2, role="policy", name_prefix=f"lora-test-zero{stage}",
+                         kwargs=lora_kwargs(tiny_lm_dir, "deepspeed", stage, lr=1e-3), num_cpus_per_rank=1,
+                         env={"DS_ACCELERATOR": "cpu"})
+    try:
+        wait_until_ready([group.group], 600)
+        stats = group.call("sft_step", SAMPLES, epochs=2, seed=0)
+        assert stats["policy/grad_norm"] == pytest.approx(want_stats["policy/grad_norm"], rel=1e-6)
+        rank0, rank1 = group.call_all("state_dict")
+        assert rank1 is None
+        assert_same_step(rank0, want, initial)
+        # The run's reference is the group's base weights, adapter off, on every rank: the initial model's.
+        reference = RenamedMethods(group, POLICY_AS_REFERENCE)
+        got = gather(reference.sequence_logprobs.remote(SAMPLES))
+        assert got == ReferenceModel(tiny_lm_dir, model=ModelConfig()).sequence_logprobs(SAMPLES)
+        with pytest.raises(AttributeError, match="^sft_step: this role is the policy learner's"):
+            reference.sft_step  # noqa: B018 - the reference trains nothing
+    finally:
+        group.kill()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_a_sync_delivers_the_merged_weights_and_the_fingerprint_check_proves_it(backend, ray_cluster, tiny_lm_dir):
+    import ray
+
+    from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec
+
+    spec = RolloutWorkerSpec(tiny_lm_dir, backend, max_new_tokens=8, max_prompt_tokens=32, temperature=0.0,
+                             max_model_len=64, dtype="float32")
+    pool = RolloutPool(spec, 1, num_cpus_per_worker=1, name_prefix=f"lora-test-sync-{backend}")
+    learner = ray.remote(PolicyLearner).options(num_cpus=0).remote(**lora_kwargs(tiny_lm_dir, "torch", 0))
+    try:
+        base = base_state(tiny_lm_dir)
+        before = ray.get(pool.workers[0].weights_checksum.remote())
+        ray.get(learner.sft_step.remote(SAMPLES, epochs=2, seed=0))
+        merged = ray.get(learner.state_dict.remote())
+        # The fingerprint check (rollout.verify_sync) compares every engine tensor with the learner's merged one;
+        # it raises WeightsDiffer on a worker that holds anything else.
+        assert pool.verify_sync
+        stats = pool.sync_from(learner, 1)
+        assert pool.versions() == [1] and stats["timing/sync_fingerprint"] > 0
+        # What the engine holds is the merged model, not the base it started from.
+        tied = {"lm_head.weight"}
+        checksum = sum(t.double().abs().sum().item() for n, t in merged.items() if n not in tied)
+        base_checksum = sum(t.double().abs().sum().item() for n, t in base.items() if n not in tied)
+        after = ray.get(pool.workers[0].weights_checksum.remote())
+        assert after == pytest.approx(checksum, rel=1e-9) and before == pytest.approx(base_checksum, rel=1e-9)
+        assert abs(after - before) > 1e-3
+    finally:
+        pool.shutdown()
+        ray.kill(learner)
