@@ -36,9 +36,10 @@ class RoundFlops:
     def __init__(self, game: APOGame):
         actors = game.actors
         self.asynchronous = game.cfg.online and game.cfg.ppo.async_rollouts
-        # A reference that is the policy learner (LoRA) counts its forwards and has its ceiling there.
         self.learners = {"policy": actors.policy, "reward": actors.reward}
-        if not isinstance(actors.reference, RenamedMethods):
+        # A reference that is the policy learner (LoRA) counts its forwards, and has its ceiling, there.
+        self.counted_by = {"reference": "policy"} if isinstance(actors.reference, RenamedMethods) else {}
+        if not self.counted_by:
             self.learners["reference"] = actors.reference
         if actors.critic is not None:
             self.learners["critic"] = actors.critic
@@ -65,7 +66,8 @@ class RoundFlops:
     def forwards(self, stats: dict[str, float], phase: str, roles: tuple[str, ...]) -> Iterator[None]:
         """`timing/<phase>`, the block's seconds, and `flops/<phase>`, the forward-only FLOPs that the learners
         of `roles` count during it."""
-        roles = tuple(role for role in roles if role in self.learners)
+        roles = tuple(dict.fromkeys(learner for learner in (self.counted_by.get(role, role) for role in roles)
+                                    if learner in self.learners))
         self._take(roles)  # what they counted before the phase is not the phase's
         started = time.perf_counter()
         yield

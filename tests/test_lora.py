@@ -261,3 +261,32 @@ def test_a_sync_delivers_the_merged_weights_and_the_fingerprint_check_proves_it(
     finally:
         pool.shutdown()
         ray.kill(learner)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("overrides", [
+    # A pair method reads the reference's sequence log-probs for its loss; hf sampler and torch learner.
+    ("method=dpo", "rollout.backend=hf", "learner.backend=torch"),
+    # The default stack: vLLM rollouts, DeepSpeed ZeRO-2, RJS.
+    (),
+])
+def test_a_lora_round_samples_from_the_merged_policy_and_checkpoints_its_adapter(ray_cluster, tmp_path, overrides):
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_game_round import _play
+
+    prepared, _, rows = _play(tmp_path, *overrides, "learner.lora.enabled=true", "learner.lora.rank=4",
+                              "checkpoint.merge_lora=true")
+    assert [r["round"] for r in rows] == [0, 1] and "ceiling/reference" not in rows[0]
+    # At round 0 the policy is its own reference (the adapter's B is 0): the KL is 0, read with the adapter off.
+    assert rows[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4) and rows[1]["eval/kl"] != 0.0
+    # The sampler held the learner's merged weights (the sync's fingerprint check passed, or the run would have
+    # stopped): its log-probs of its samples are the adapted learner's.
+    assert rows[1]["rollout/logprob_diff"] < 1e-4
+    if "method=dpo" in overrides:
+        assert rows[1]["flops/logprobs"] > 0  # the reference's forwards, counted on the policy learner
+    policy = prepared.run_dir / "checkpoints/round_0001/policy"
+    assert (policy / "adapter_config.json").is_file() and (policy / "adapter_model.safetensors").is_file()
+    before = AutoModelForCausalLM.from_pretrained(prepared.policy_path).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(policy / "merged").state_dict()
+    assert sorted(after) == sorted(before) and any(not torch.equal(before[k], after[k]) for k in before)
