@@ -233,6 +233,14 @@ class LoraConfig(Section):
         "reference actor or second copy of the model is started. true: a separate frozen reference actor as "
         "without LoRA (more memory; the same log-probs)."))
 
+    @model_validator(mode="after")
+    def _built_roles(self) -> LoraConfig:
+        # Here, not among the run's cross-checks: a learner built without a run config is refused too.
+        unbuilt = [role for role in self.roles if role != "policy"]
+        if self.enabled and unbuilt:
+            raise ConfigError(f"learner.lora.roles: LoRA on the {unbuilt[0]} learner is not built yet; only 'policy' is")
+        return self
+
     def applies_to(self, role: str) -> bool:
         """Whether the learner of `role` trains an adapter (other roles, the attacker and the discriminator
         included, never do)."""
@@ -844,6 +852,10 @@ def _cross_checks(cfg: Config) -> None:
         # The broadcast reads the learner's parameters as they are, and ZeRO-3 holds only a shard of each.
         raise ConfigError("rollout.weight_sync: 'nccl' does not gather ZeRO-3 shards yet; use learner.zero_stage "
                           "0-2 with nccl, or weight_sync 'object_store' / 'disk' at stage 3")
+    if cfg.learner.lora.applies_to("policy") and rollout.weight_sync == "nccl":
+        # The broadcast sends the learner's parameters as they are: under peft, base and adapter apart.
+        raise ConfigError("rollout.weight_sync: 'nccl' sends the policy's parameters as they are, not LoRA's merged "
+                          "weights; use 'object_store' or 'disk' with learner.lora.enabled")
     if model.dtype == "float16":
         raise ConfigError(
             "model.dtype: float16 training needs loss scaling, which apo-ray's learners do not do; use bfloat16 "
@@ -858,23 +870,11 @@ def _cross_checks(cfg: Config) -> None:
         # The limit switches a minibatch's loss on its estimated KL; each rank would estimate it on its slice.
         raise ConfigError("ppo.kl_hard_limit: decided per minibatch, so it needs the whole minibatch on one rank; "
                           "use learner.policy_ranks=1 with it")
-    _check_lora(cfg)
     if cfg.learner.backend == "torch" and cfg.learner_dtype == "bfloat16":
         raise ConfigError(
             "model.dtype: bfloat16 with learner.backend=torch would step bfloat16 weights without fp32 master "
             "weights; use learner.backend=deepspeed (bf16 compute, fp32 master weights) or model.dtype=float32"
         )
-
-
-def _check_lora(cfg: Config) -> None:
-    lora = cfg.learner.lora
-    unbuilt = [role for role in lora.roles if role != "policy"]
-    if lora.enabled and unbuilt:
-        raise ConfigError(f"learner.lora.roles: LoRA on the {unbuilt[0]} learner is not built yet; only 'policy' is")
-    if lora.applies_to("policy") and cfg.rollout.weight_sync == "nccl":
-        # The broadcast sends the learner's parameters as they are: under peft, base and adapter apart.
-        raise ConfigError("rollout.weight_sync: 'nccl' sends the policy's parameters as they are, not LoRA's merged "
-                          "weights; use 'object_store' or 'disk' with learner.lora.enabled")
 
 
 ROLLOUT_BACKENDS = ("vllm", "hf")

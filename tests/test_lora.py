@@ -290,3 +290,14 @@ def test_a_lora_round_samples_from_the_merged_policy_and_checkpoints_its_adapter
     before = AutoModelForCausalLM.from_pretrained(prepared.policy_path).state_dict()
     after = AutoModelForCausalLM.from_pretrained(policy / "merged").state_dict()
     assert sorted(after) == sorted(before) and any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradient_checkpointing_takes_the_same_adapter_step(tiny_lm_dir):
+    """The frozen embedding gives the checkpointed layers inputs without grad; the adapter's grads still flow."""
+    plain = lora_policy(tiny_lm_dir)
+    kwargs = lora_kwargs(tiny_lm_dir, "torch", 0)
+    kwargs["learner"] = kwargs["learner"].model_copy(update={"gradient_checkpointing": True})
+    checkpointed = PolicyLearner(**kwargs)
+    want, got = plain.sft_step(SAMPLES, epochs=1, seed=0), checkpointed.sft_step(SAMPLES, epochs=1, seed=0)
+    assert got["policy/grad_norm"] == want["policy/grad_norm"] > 0
+    assert all(torch.equal(t, plain.state_dict()[n]) for n, t in checkpointed.state_dict().items())
