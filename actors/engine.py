@@ -391,25 +391,31 @@ class LearnerCheckpoint:
     tokenizer: object
     engine: TrainEngine | None
 
-    def save(self, directory: str, merge_lora: bool = False) -> None:
-        """A LoRA learner saves its adapter in PEFT's format (adapter_model.safetensors, adapter_config.json) and,
-        with `merge_lora` (checkpoint.merge_lora), the merged model as a plain HF model in `directory`/merged."""
-        if self.engine is not None and is_adapted(self.model):
-            adapter = self.engine.rank0_state_dict(adapter=True)
-            merged = self.engine.rank0_state_dict() if merge_lora else None
-            if self.engine.rank == 0:
-                # peft's save_pretrained takes the adapter's saved names as they are (ZeRO-3's were gathered).
-                self.model.save_pretrained(directory, state_dict=adapter)
-                self.tokenizer.save_pretrained(directory)
-                if merged is not None:
-                    self.model.get_base_model().save_pretrained(Path(directory) / "merged", state_dict=merged)
-                    self.tokenizer.save_pretrained(Path(directory) / "merged")
-            return
+    def save(self, directory: str) -> None:
+        """The whole model as a plain HF directory (the `disk` weight sync's too): a LoRA learner's merged weights
+        under the base model's names."""
         # The bare model's own state dict would hold ZeRO-3's empty partitions: save the gathered weights.
         state = self.engine.rank0_state_dict() if self.engine is not None else None
         if self.engine is None or self.engine.rank == 0:
-            self.model.save_pretrained(directory, state_dict=state)
+            # A peft model would save its adapter alone; its base model writes the HF config with the weights.
+            model = self.model.get_base_model() if is_adapted(self.model) else self.model
+            model.save_pretrained(directory, state_dict=state)
             self.tokenizer.save_pretrained(directory)
+
+    def save_checkpoint(self, directory: str, merge_lora: bool = False) -> None:
+        """What a round checkpoint holds of the learner: `save`'s HF directory, or a LoRA learner's adapter in
+        PEFT's format (adapter_model.safetensors, adapter_config.json) with, on `merge_lora`
+        (checkpoint.merge_lora), its merged model in `directory`/merged."""
+        if self.engine is None or not is_adapted(self.model):
+            self.save(directory)
+            return
+        adapter = self.engine.rank0_state_dict(adapter=True)
+        if self.engine.rank == 0:
+            # peft's save_pretrained takes the adapter's saved names as they are (ZeRO-3's were gathered).
+            self.model.save_pretrained(directory, state_dict=adapter)
+            self.tokenizer.save_pretrained(directory)
+        if merge_lora:
+            self.save(str(Path(directory) / "merged"))
 
     def save_state(self, directory: str) -> None:
         self._trainable_engine().save_state(Path(directory))

@@ -98,7 +98,7 @@ class Checkpointer:
     def save_round(self, r: int, actors: Any, version: int, extra: dict | None = None) -> Path:
         def write(directory: Path) -> None:
             gather([
-                handle.save.remote(str(directory / name), merge_lora=self.merge_lora)
+                handle.save_checkpoint.remote(str(directory / name), merge_lora=self.merge_lora)
                 for name, handle in _learners(actors)
             ] + [
                 handle.save_state.remote(str(directory / f"engine_{name}")) for name, handle in _learners(actors)

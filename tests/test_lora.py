@@ -149,9 +149,9 @@ def test_a_checkpoint_holds_the_adapter_in_peft_format_and_the_merged_model(tiny
 
     learner = lora_policy(tiny_lm_dir)
     learner.sft_step(SAMPLES, epochs=2, seed=0)
-    learner.save(str(tmp_path / "adapter_only"))
+    learner.save_checkpoint(str(tmp_path / "adapter_only"))
     assert not (tmp_path / "adapter_only" / "merged").exists()
-    learner.save(str(tmp_path / "policy"), merge_lora=True)
+    learner.save_checkpoint(str(tmp_path / "policy"), merge_lora=True)
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in (tmp_path / "policy").iterdir()}
     assert not (tmp_path / "policy" / "model.safetensors").exists()
     want = learner.token_logprobs(SAMPLES)[0]
@@ -160,11 +160,13 @@ def test_a_checkpoint_holds_the_adapter_in_peft_format_and_the_merged_model(tiny
     reloaded = PeftModel.from_pretrained(base, tmp_path / "policy").eval()
     pad = learner.tokenizer.pad_token_id
     assert torch.equal(SampleLogprobs(reloaded, pad).tokens(SAMPLES)[0], want)
-    # The merged model is a plain HF model: the learner's exported weights, exactly.
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "policy" / "merged", dtype=torch.float32)
+    # The merged model is a plain HF model: the learner's exported weights, exactly. So is `save`'s directory, which
+    # the disk weight sync has the workers load.
     exported = learner.state_dict()
-    assert sorted(merged.state_dict()) == sorted(exported)
-    assert all(torch.equal(t, exported[n]) for n, t in merged.state_dict().items())
+    learner.save(str(tmp_path / "disk_sync"))
+    for directory in (tmp_path / "policy" / "merged", tmp_path / "disk_sync"):
+        merged = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).state_dict()
+        assert sorted(merged) == sorted(exported) and all(torch.equal(t, exported[n]) for n, t in merged.items())
 
 
 @pytest.mark.parametrize("backend, stage", [("torch", 0), ("deepspeed", 2), ("deepspeed", 3)])
@@ -200,7 +202,9 @@ def test_deepspeed_steps_the_adapter_alone_at_every_zero_stage(tiny_lm_dir, stag
 
 @pytest.mark.integration
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_take_the_adapter_step_one_rank_takes(stage, ray_cluster, tiny_lm_dir):
+def test_two_ranks_take_the_adapter_step_one_rank_takes(stage, ray_cluster, tiny_lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
     from apo_ray.actor_group import wait_until_ready
     from apo_ray.cluster import POLICY_AS_REFERENCE
     from apo_ray.learner_group import LearnerGroup, RenamedMethods, gather
@@ -226,16 +230,23 @@ def test_two_ranks_take_the_adapter_step_one_rank_takes(stage, ray_cluster, tiny
         assert got == ReferenceModel(tiny_lm_dir, model=ModelConfig()).sequence_logprobs(SAMPLES)
         with pytest.raises(AttributeError, match="^sft_step: this role is the policy learner's"):
             reference.sft_step  # noqa: B018 - the reference trains nothing
+        # A round checkpoint of the group: rank 0 writes the adapter and the merged model, after ZeRO-3's gather.
+        group.call("save_checkpoint", str(tmp_path / "policy"), merge_lora=True)
+        assert (tmp_path / "policy" / "adapter_model.safetensors").is_file()
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "policy" / "merged").state_dict()
+        assert sorted(merged) == sorted(rank0) and all(torch.equal(merged[n], rank0[n]) for n in rank0)
     finally:
         group.kill()
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
-def test_a_sync_delivers_the_merged_weights_and_the_fingerprint_check_proves_it(backend, ray_cluster, tiny_lm_dir):
+def test_a_sync_delivers_the_merged_weights_and_the_fingerprint_check_proves_it(backend, ray_cluster, tiny_lm_dir,
+                                                                               tmp_path):
     import ray
 
     from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec
+    from apo_ray.weight_sync import DiskSync, ObjectStoreSync
 
     spec = RolloutWorkerSpec(tiny_lm_dir, backend, max_new_tokens=8, max_prompt_tokens=32, temperature=0.0,
                              max_model_len=64, dtype="float32")
@@ -249,15 +260,16 @@ def test_a_sync_delivers_the_merged_weights_and_the_fingerprint_check_proves_it(
         # The fingerprint check (rollout.verify_sync) compares every engine tensor with the learner's merged one;
         # it raises WeightsDiffer on a worker that holds anything else.
         assert pool.verify_sync
-        stats = pool.sync_from(learner, 1)
-        assert pool.versions() == [1] and stats["timing/sync_fingerprint"] > 0
-        # What the engine holds is the merged model, not the base it started from.
         tied = {"lm_head.weight"}
         checksum = sum(t.double().abs().sum().item() for n, t in merged.items() if n not in tied)
         base_checksum = sum(t.double().abs().sum().item() for n, t in base.items() if n not in tied)
-        after = ray.get(pool.workers[0].weights_checksum.remote())
-        assert after == pytest.approx(checksum, rel=1e-9) and before == pytest.approx(base_checksum, rel=1e-9)
-        assert abs(after - before) > 1e-3
+        assert before == pytest.approx(base_checksum, rel=1e-9) and abs(checksum - base_checksum) > 1e-3
+        # Both strategies that take LoRA's merged weights (nccl is refused with LoRA).
+        for version, strategy in enumerate((ObjectStoreSync(bucket_bytes=1 << 20), DiskSync(root=tmp_path)), 1):
+            stats = pool.sync_from(learner, version, weight_sync=strategy)
+            assert pool.versions() == [version] and stats["timing/sync_fingerprint"] > 0
+            # What the engine holds is the merged model, not the base it started from.
+            assert ray.get(pool.workers[0].weights_checksum.remote()) == pytest.approx(checksum, rel=1e-9)
     finally:
         pool.shutdown()
         ray.kill(learner)
