@@ -238,7 +238,8 @@ class LoraConfig(Section):
         # Here, not among the run's cross-checks: a learner built without a run config is refused too.
         unbuilt = [role for role in self.roles if role != "policy"]
         if self.enabled and unbuilt:
-            raise ConfigError(f"learner.lora.roles: LoRA on the {unbuilt[0]} learner is not built yet; only 'policy' is")
+            raise ConfigError(f"learner.lora.roles: LoRA on the {unbuilt[0]} learner is not built yet; only "
+                              "'policy' is")
         return self
 
     def applies_to(self, role: str) -> bool:
@@ -637,7 +638,8 @@ class _GameConfig(Section):
     ppo: PPOConfig = Field(default_factory=PPOConfig, description=(
         f"The online steps ({', '.join(method_names('online'))})."))
     eval: EvalConfig = Field(default_factory=EvalConfig, description="The held-out evaluation.")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="The round checkpoints' contents.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description=(
+        "The round checkpoints' contents."))
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metric sinks.")
     ray: RayConfig = Field(default_factory=RayConfig, description="The Ray cluster.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description=(
@@ -757,7 +759,8 @@ _CONDITIONAL_KEYS = [
                     lambda c: c.ppo.adaptive_kl or c.ppo.kl_hard_limit, by_method=False),
     ConditionalKeys(("rollout.sync_bucket_mb",), "rollout.weight_sync object_store or nccl (disk writes a checkpoint)",
                     lambda c: c.rollout.weight_sync in ("object_store", "nccl"), by_method=False),
-    ConditionalKeys((*(f"learner.lora.{k}" for k in LoraConfig.model_fields if k != "enabled"), "checkpoint.merge_lora"),
+    ConditionalKeys((*(f"learner.lora.{k}" for k in LoraConfig.model_fields if k != "enabled"),
+                     "checkpoint.merge_lora"),
                     "learner.lora.enabled=true", lambda c: c.learner.lora.enabled, by_method=False),
     ConditionalKeys(tuple(f"aapa.{k}" for k in AAPAConfig.model_fields if k != "enabled"), "aapa.enabled=true",
                     lambda c: c.aapa.enabled, by_method=False),
