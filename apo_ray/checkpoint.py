@@ -1,5 +1,6 @@
 """Round checkpoints: HF-format policy and RM (and PPO's critic) every round, engine (optimizer) state
-for exact resume.
+for exact resume. A LoRA policy's is its adapter in PEFT's format, with its merged HF model in merged/ on
+checkpoint.merge_lora (docs/lora.md).
 
 A round directory is written under a temporary name and renamed when complete, and `LATEST` is written
 after that, so a driver killed mid-checkpoint leaves the previous round as the one to resume from. Before the
