@@ -54,7 +54,7 @@ class CriticLearner(LearnerCheckpoint, CountsFlops):
                 f"ppo.critic_init: {type(model).__name__} from {path} has no per-token `score` head; the critic "
                 "needs a decoder sequence classifier (e.g. LlamaForSequenceClassification)"
             )
-        self.engine = build_engine(model, self.learner_cfg, lr=self.ppo_cfg.critic_lr,
+        self.engine = build_engine(model, self.learner_cfg, lr=self.ppo_cfg.critic_lr, role="critic",
                                    micro_batch_size=self.ppo_cfg.minibatch_size, rendezvous=self.rendezvous)
         self.model = self.engine.model.eval()
         self.flop_counter = self.engine.flops

@@ -21,7 +21,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -33,6 +33,7 @@ from apo_ray.batching import is_empty_share, rank_share
 from apo_ray.config import LearnerConfig
 from apo_ray.fault_injection import stall_if_injected
 from apo_ray.flops import TRAINING_FACTOR, FlopCounter, ModelShape, matmul_ceiling
+from apo_ray.lora import adapter_state_dict, is_adapted, merged_state_dict, with_adapter
 from apo_ray.losses import combine_share_stats, combine_stats
 from apo_ray.progress import Progress
 
@@ -105,7 +106,7 @@ class TrainEngine:
             )
         else:
             self.module = model
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+            self.optimizer = torch.optim.AdamW(trainable(model), lr=lr, weight_decay=weight_decay)
             self.grad_clip = grad_clip
         self._ds_engine = self.module if backend == "deepspeed" else None
 
@@ -151,7 +152,7 @@ class TrainEngine:
             "bf16": {"enabled": next(model.parameters()).dtype == torch.bfloat16},
             "steps_per_print": 10**9,
         }
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, config=config, model_parameters=trainable(model))
         return engine, optimizer
 
     @property
@@ -218,22 +219,33 @@ class TrainEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """HF-named CPU copies of the whole model (ZeRO-3 shards are gathered first). Tied weights stay one
-        tensor under both names, so that `save_pretrained` stores them once, as it does for the bare model."""
-        model = self.model
+    @contextmanager
+    def _whole_parameters(self):
+        """ZeRO-3's shards gathered for the block (a collective: every rank enters it)."""
         if self._ds_engine is not None and self._ds_engine.zero_optimization_stage() == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-                return _copy_state_dict(model.state_dict())
-        return _copy_state_dict(model.state_dict())
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
 
-    def rank0_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def full_state_dict(self, adapter: bool = False) -> dict[str, torch.Tensor]:
+        """HF-named CPU copies of the whole model (ZeRO-3 shards are gathered first). Tied weights stay one
+        tensor under both names, so that `save_pretrained` stores them once, as it does for the bare model.
+        A LoRA model's are its merged weights under the base model's names (apo_ray.lora), what the rollout
+        workers load; with `adapter`, the adapter's alone in PEFT's names."""
+        model = self.model
+        with self._whole_parameters():
+            if adapter:
+                return _copy_state_dict(adapter_state_dict(model))
+            return _copy_state_dict(merged_state_dict(model) if is_adapted(model) else model.state_dict())
+
+    def rank0_state_dict(self, adapter: bool = False) -> dict[str, torch.Tensor] | None:
         """`full_state_dict` on rank 0, which hands the weights on (checkpoints, weight sync); the other ranks
         join ZeRO-3's gather, a collective, and return None rather than another copy of the whole model."""
         if self.rank == 0 or self.zero_stage == 3:
-            state = self.full_state_dict()
+            state = self.full_state_dict(adapter)
             return state if self.rank == 0 else None
         return None
 
@@ -268,15 +280,24 @@ def _copy_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer steps and keeps state for: under LoRA the adapter's alone."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def build_engine(model: torch.nn.Module, learner: LearnerConfig, *, lr: float, micro_batch_size: int,
-                 rendezvous: Rendezvous | None = None) -> TrainEngine:
-    """The engine of one rank of a learner, as `learner.*` configures it: the one place learners build engines.
-    `micro_batch_size` is the whole minibatch's; DeepSpeed is told each rank's part of it."""
+                 rendezvous: Rendezvous | None = None, role: str) -> TrainEngine:
+    """The engine of one rank of the learner `role`, as `learner.*` configures it: the one place learners build
+    engines, and the one where a learner of learner.lora.roles gets its adapter (the engine's `model` is then the
+    peft model). `micro_batch_size` is the whole minibatch's; DeepSpeed is told each rank's part of it."""
     rendezvous = rendezvous or Rendezvous()
     if learner.gradient_checkpointing:
         # Non-reentrant: the reentrant form needs inputs that require grad and loses them under ZeRO-3's hooks.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Counted on the HF model's backbone, which the peft model calls in turn.
     counter = FlopCounter(model)
+    if learner.lora.applies_to(role):
+        model = with_adapter(model, learner.lora)
     engine = TrainEngine(model, backend=learner.backend, lr=lr, zero_stage=learner.zero_stage,
                          grad_clip=learner.grad_clip, weight_decay=learner.weight_decay,
                          micro_batch_size=-(-micro_batch_size // rendezvous.world_size), rank=rendezvous.rank,
@@ -375,11 +396,30 @@ class LearnerCheckpoint:
     engine: TrainEngine | None
 
     def save(self, directory: str) -> None:
+        """The whole model as a plain HF directory (the `disk` weight sync's too): a LoRA learner's merged weights
+        under the base model's names."""
         # The bare model's own state dict would hold ZeRO-3's empty partitions: save the gathered weights.
         state = self.engine.rank0_state_dict() if self.engine is not None else None
         if self.engine is None or self.engine.rank == 0:
-            self.model.save_pretrained(directory, state_dict=state)
+            # A peft model would save its adapter alone; its base model writes the HF config with the weights.
+            model = self.model.get_base_model() if is_adapted(self.model) else self.model
+            model.save_pretrained(directory, state_dict=state)
             self.tokenizer.save_pretrained(directory)
+
+    def save_checkpoint(self, directory: str, merge_lora: bool = False) -> None:
+        """What a round checkpoint holds of the learner: `save`'s HF directory, or a LoRA learner's adapter in
+        PEFT's format (adapter_model.safetensors, adapter_config.json) with, on `merge_lora`
+        (checkpoint.merge_lora), its merged model in `directory`/merged."""
+        if self.engine is None or not is_adapted(self.model):
+            self.save(directory)
+            return
+        adapter = self.engine.rank0_state_dict(adapter=True)
+        if self.engine.rank == 0:
+            # peft's save_pretrained takes the adapter's saved names as they are (ZeRO-3's were gathered).
+            self.model.save_pretrained(directory, state_dict=adapter)
+            self.tokenizer.save_pretrained(directory)
+        if merge_lora:
+            self.save(str(Path(directory) / "merged"))
 
     def save_state(self, directory: str) -> None:
         self._trainable_engine().save_state(Path(directory))

@@ -21,6 +21,7 @@ from apo_ray.chat import AUTO, resolve_template
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.fingerprint import Fingerprint, fingerprint
 from apo_ray.game import TokenSample
+from apo_ray.lora import is_adapted
 from apo_ray.losses import masked_mean, sequence_logprob, token_logprobs
 from apo_ray.methods import get_method
 from apo_ray.modeling import (SampleLogprobs, encode_samples, load_causal_lm, load_tokenizer, predicted_response_tokens,
@@ -41,11 +42,13 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
         micro_batch_size: int | None = None,
         rendezvous: Rendezvous | None = None,
         chat_template: str = AUTO,
+        engine_role: str = "policy",
     ):
         """micro_batch_size: rows per step; policy.batch_size unless given (online runs pass
         ppo.minibatch_size, their minibatch). rendezvous: this rank of a multi-rank learner (None: one rank).
         chat_template: "auto", "none" or a template's text (apo_ray.chat): written texts are encoded as the
-        rollout workers encode prompts, and the checkpoints' tokenizer keeps the template."""
+        rollout workers encode prompts, and the checkpoints' tokenizer keeps the template. engine_role: "policy",
+        or "attacker" for APL's attacker, which never takes learner.lora's adapter."""
         torch.manual_seed(seed)
         self.policy_cfg = policy
         self.model_cfg = model
@@ -56,10 +59,13 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
             self.tokenizer.chat_template = self.chat_template
         lm = load_causal_lm(model_path, model.dtype, model.trust_remote_code, model.disable_dropout).eval()
         self.engine = build_engine(lm, learner, lr=policy.lr, micro_batch_size=micro_batch_size or policy.batch_size,
-                                   rendezvous=rendezvous)
+                                   rendezvous=rendezvous, role=engine_role)
         self.model = self.engine.model
         self.flop_counter = self.engine.flops
         self.logprobs = SampleLogprobs(self.model, self.tokenizer.pad_token_id)
+        # LoRA's reference: the frozen base weights are the initial policy's, read with the adapter off.
+        self.base_logprobs = SampleLogprobs(self.model, self.tokenizer.pad_token_id, self.model.disable_adapter) \
+            if is_adapted(self.model) else None
         self._nccl_sender = None
 
     def token_logprobs(self, samples: list[TokenSample]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +73,20 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
 
     def sequence_logprobs(self, samples: list[TokenSample]) -> list[float]:
         return self.logprobs.sequences(samples)
+
+    def reference_token_logprobs(self, samples: list[TokenSample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's `token_logprobs` (ReferenceModel's) from a LoRA policy's base weights."""
+        return self._base().tokens(samples)
+
+    def reference_sequence_logprobs(self, samples: list[TokenSample]) -> list[float]:
+        """The reference's `sequence_logprobs` (ReferenceModel's) from a LoRA policy's base weights."""
+        return self._base().sequences(samples)
+
+    def _base(self) -> SampleLogprobs:
+        if self.base_logprobs is None:
+            raise RuntimeError("reference log-probs from the policy need learner.lora on the policy; without it the "
+                               "reference is a ReferenceModel actor")
+        return self.base_logprobs
 
     def encode_texts(self, prompts: list[str], responses: list[str]) -> list[TokenSample]:
         """Written (prompt, response) texts as this policy's token samples (apo_ray.modeling.text_samples)."""

@@ -46,7 +46,7 @@ class RewardLearner(LearnerCheckpoint, CountsFlops):
             self.model = model.eval()
             self.flop_counter = FlopCounter(self.model)
             return
-        self.engine = build_engine(model, self.learner_cfg, lr=self.reward_cfg.lr,
+        self.engine = build_engine(model, self.learner_cfg, lr=self.reward_cfg.lr, role="reward",
                                    micro_batch_size=self.reward_cfg.batch_size, rendezvous=self.rendezvous)
         self.model = self.engine.model
         self.flop_counter = self.engine.flops

@@ -1,5 +1,6 @@
 """Round checkpoints: HF-format policy and RM (and PPO's critic) every round, engine (optimizer) state
-for exact resume.
+for exact resume. A LoRA policy's is its adapter in PEFT's format, with its merged HF model in merged/ on
+checkpoint.merge_lora (docs/lora.md).
 
 A round directory is written under a temporary name and renamed when complete, and `LATEST` is written
 after that, so a driver killed mid-checkpoint leaves the previous round as the one to resume from. Before the
@@ -77,9 +78,11 @@ def damage(directory: Path, files: dict[str, dict[str, Any]]) -> str | None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep_engine_states: int = 2):
+    def __init__(self, run_dir: Path, keep_engine_states: int = 2, merge_lora: bool = False):
+        """merge_lora: checkpoint.merge_lora, a LoRA learner's merged model beside its adapter."""
         self.root = Path(run_dir) / "checkpoints"
         self.keep_engine_states = keep_engine_states
+        self.merge_lora = merge_lora
 
     @property
     def base_reward_dir(self) -> Path:
@@ -96,7 +99,8 @@ class Checkpointer:
     def save_round(self, r: int, actors: Any, version: int, extra: dict | None = None) -> Path:
         def write(directory: Path) -> None:
             gather([
-                handle.save.remote(str(directory / name)) for name, handle in _learners(actors)
+                handle.save_checkpoint.remote(str(directory / name), merge_lora=self.merge_lora)
+                for name, handle in _learners(actors)
             ] + [
                 handle.save_state.remote(str(directory / f"engine_{name}")) for name, handle in _learners(actors)
             ])

@@ -21,7 +21,7 @@ from apo_ray.config import Config, LearnerConfig
 from apo_ray.deadlines import probe_cluster
 from apo_ray.fault_injection import ENV as FAULTS_ENV
 from apo_ray.driver import Actors
-from apo_ray.learner_group import LearnerGroup
+from apo_ray.learner_group import LearnerGroup, RenamedMethods
 from apo_ray.placement import Role, actor_plan, cluster_from_ray_nodes, local_num_cpus, place, totals
 from apo_ray.ray_env import driver_source_env
 from apo_ray.rollout_pool import RolloutPool
@@ -86,6 +86,11 @@ def init_ray(cfg: Config) -> None:
 POLICY_RANK_ZERO_METHODS = ("send_weights_nccl",)
 
 
+# LoRA's reference (learner.lora.reference_actor false): the policy learner's methods that read its base weights.
+POLICY_AS_REFERENCE = {"token_logprobs": "reference_token_logprobs",
+                       "sequence_logprobs": "reference_sequence_logprobs"}
+
+
 def _learner(cls, name: str, role: Role, *, distributed: bool = True, rank_zero_methods: tuple[str, ...] = (),
              **kwargs) -> LearnerGroup:
     """A learner's ranks (role.count), each in a bundle of its own, in one placement group per role."""
@@ -118,11 +123,12 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str, attacker_path:
             model_path=reward_path, reward=cfg.reward, learner=learner, dtype=dtype, seed=cfg.seed,
             trust_remote_code=cfg.model.trust_remote_code,
         ),
-        "reference": _learner(
+    }
+    if "reference" in roles:
+        groups["reference"] = _learner(
             ReferenceModel, f"reference-{run_id}", roles["reference"], distributed=False, model_path=policy_path,
             model=model,
-        ),
-    }
+        )
     if "eval_reward" in roles:
         groups["eval_reward"] = _learner(
             RewardLearner, f"eval-reward-{run_id}", roles["eval_reward"],
@@ -151,6 +157,7 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str, attacker_path:
             PolicyLearner, f"attacker-learner-{run_id}", roles["attacker"], model_path=attacker_path, model=model,
             policy=cfg.policy.model_copy(update={"lr": cfg.apl.attacker.lr}), learner=learner, seed=cfg.seed,
             micro_batch_size=cfg.apl.attacker.minibatch_size, rank_zero_methods=POLICY_RANK_ZERO_METHODS,
+            engine_role="attacker",
         )
     for group in groups.values():
         group.call_timeout_s = learner.call_timeout_s
@@ -168,6 +175,8 @@ def start_actors(cfg: Config, policy_path: str, reward_path: str, attacker_path:
         for pool in pools:
             pool.shutdown()
         raise
+    if "reference" not in groups:
+        groups["reference"] = RenamedMethods(groups["policy"], POLICY_AS_REFERENCE)
     return Actors(pool=pools[0], attacker_pool=pools[1] if len(pools) > 1 else None, **groups)
 
 

@@ -215,6 +215,53 @@ class RolloutConfig(Section):
         return max([self.num_workers, *self.schedule.values()])
 
 
+LORA_ROLES = ("policy", "reward", "critic")
+
+
+class LoraConfig(Section):
+    """LoRA: the trained learners train a low-rank adapter (peft) on frozen base weights instead of every weight."""
+
+    enabled: bool = Field(False, description=(
+        "Train a LoRA adapter on the learners of learner.lora.roles: only the adapter's weights take gradients and "
+        "optimizer state. The rollout workers still receive whole weights (base plus adapter, merged), so "
+        "rollout.verify_sync checks them as without LoRA."))
+    rank: int = Field(16, ge=1, description="The adapter's rank r: each adapted weight W becomes W + (alpha / r) B A.")
+    alpha: float = Field(32.0, gt=0.0, description="LoRA's alpha: the adapter's update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "Dropout on the adapter's input; 0 keeps a PPO ratio exactly 1 before the first step, as model.disable_dropout "
+        "does for the base model."))
+    target_modules: list[str] = Field(["all-linear"], min_length=1, description=(
+        "The layers that get an adapter, by the last part of their module name (q_proj, v_proj, ...), or "
+        "['all-linear']: every linear layer but the output head. A name that no layer of the model has is refused "
+        "before any actor starts."))
+    roles: list[Literal[LORA_ROLES]] = Field(["policy"], min_length=1, description=(
+        "The trained learners that take an adapter: 'policy' (and so LoRA's free reference). 'reward' and 'critic' "
+        "are not built yet and are refused."))
+    reference_actor: bool = Field(False, description=(
+        "false: the policy's reference log-probs are its own base weights with the adapter switched off, so no "
+        "reference actor or second copy of the model is started. true: a separate frozen reference actor as "
+        "without LoRA (more memory; the same log-probs)."))
+
+    @model_validator(mode="after")
+    def _built_roles(self) -> LoraConfig:
+        # Here, not among the run's cross-checks: a learner built without a run config is refused too.
+        unbuilt = [role for role in self.roles if role != "policy"]
+        if self.enabled and unbuilt:
+            raise ConfigError(f"learner.lora.roles: LoRA on the {unbuilt[0]} learner is not built yet; only "
+                              "'policy' is")
+        return self
+
+    def applies_to(self, role: str) -> bool:
+        """Whether the learner of `role` trains an adapter (other roles, the attacker and the discriminator
+        included, never do)."""
+        return self.enabled and role in self.roles
+
+    @property
+    def shared_reference(self) -> bool:
+        """The reference is the policy learner with its adapter off (no reference actor)."""
+        return self.applies_to("policy") and not self.reference_actor
+
+
 class LearnerConfig(Section):
     """How learners train: DeepSpeed (ZeRO) or plain torch, chosen explicitly."""
 
@@ -254,6 +301,7 @@ class LearnerConfig(Section):
     policy_ranks: Optional[int] = Field(None, ge=1, description="The policy's ranks; null: learner.num_ranks.")
     reward_ranks: Optional[int] = Field(None, ge=1, description="The RM's ranks; null: learner.num_ranks.")
     critic_ranks: Optional[int] = Field(None, ge=1, description="PPO's critic's ranks; null: learner.num_ranks.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters instead of full fine-tuning.")
 
     def ranks(self, role: str) -> int:
         """Ranks of the trained learner `role` (policy, reward, critic)."""
@@ -365,6 +413,14 @@ class PPOConfig(Section):
     critic_lr: float = Field(1e-3, gt=0.0, description="The critic's learning rate (method ppo).")
     whiten_advantages: bool = Field(True, description=(
         "Whiten GAE advantages (zero mean, unit variance over the iteration's response tokens; method ppo)."))
+
+
+class CheckpointConfig(Section):
+    """What a round checkpoint holds besides each learner's weights and optimizer state."""
+
+    merge_lora: bool = Field(False, description=(
+        "With learner.lora.enabled: besides the adapter (PEFT's adapter_model.safetensors and adapter_config.json), "
+        "write the merged model (base plus adapter) as a plain Hugging Face model in the learner's merged/ folder."))
 
 
 class EvalConfig(Section):
@@ -598,6 +654,8 @@ class _GameConfig(Section):
     ppo: PPOConfig = Field(default_factory=PPOConfig, description=(
         f"The online steps ({', '.join(method_names('online'))})."))
     eval: EvalConfig = Field(default_factory=EvalConfig, description="The held-out evaluation.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description=(
+        "The round checkpoints' contents."))
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metric sinks.")
     ray: RayConfig = Field(default_factory=RayConfig, description="The Ray cluster.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description=(
@@ -717,6 +775,9 @@ _CONDITIONAL_KEYS = [
                     lambda c: c.ppo.adaptive_kl or c.ppo.kl_hard_limit, by_method=False),
     ConditionalKeys(("rollout.sync_bucket_mb",), "rollout.weight_sync object_store or nccl (disk writes a checkpoint)",
                     lambda c: c.rollout.weight_sync in ("object_store", "nccl"), by_method=False),
+    ConditionalKeys((*(f"learner.lora.{k}" for k in LoraConfig.model_fields if k != "enabled"),
+                     "checkpoint.merge_lora"),
+                    "learner.lora.enabled=true", lambda c: c.learner.lora.enabled, by_method=False),
     ConditionalKeys(tuple(f"aapa.{k}" for k in AAPAConfig.model_fields if k != "enabled"), "aapa.enabled=true",
                     lambda c: c.aapa.enabled, by_method=False),
     ConditionalKeys(tuple(f"apl.{k}" for k in APLConfig.model_fields if k != "enabled"), "apl.enabled=true",
@@ -810,6 +871,10 @@ def _cross_checks(cfg: Config) -> None:
         # The broadcast reads the learner's parameters as they are, and ZeRO-3 holds only a shard of each.
         raise ConfigError("rollout.weight_sync: 'nccl' does not gather ZeRO-3 shards yet; use learner.zero_stage "
                           "0-2 with nccl, or weight_sync 'object_store' / 'disk' at stage 3")
+    if cfg.learner.lora.applies_to("policy") and rollout.weight_sync == "nccl":
+        # The broadcast sends the learner's parameters as they are: under peft, base and adapter apart.
+        raise ConfigError("rollout.weight_sync: 'nccl' sends the policy's parameters as they are, not LoRA's merged "
+                          "weights; use 'object_store' or 'disk' with learner.lora.enabled")
     if model.dtype == "float16":
         raise ConfigError(
             "model.dtype: float16 training needs loss scaling, which apo-ray's learners do not do; use bfloat16 "

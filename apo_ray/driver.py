@@ -34,7 +34,7 @@ from apo_ray.config import Config
 from apo_ray.data import GameData
 from apo_ray.game import Rollout, TokenSample, build_apo_pairs
 from apo_ray.held_out_evaluation import HeldOutEvaluation
-from apo_ray.learner_group import LearnerGroup, gather
+from apo_ray.learner_group import LearnerGroup, RenamedMethods, gather
 from apo_ray.metrics import MetricsLogger, read_metrics_jsonl
 from apo_ray.offline import OfflinePolicyStep
 from apo_ray.online import OnlinePolicyStep
@@ -58,7 +58,8 @@ class Actors:
     pool: RolloutPool
     reward: LearnerGroup
     policy: LearnerGroup
-    reference: LearnerGroup
+    # The policy learner's base weights under LoRA (learner.lora.reference_actor false): no actor of its own.
+    reference: LearnerGroup | RenamedMethods
     eval_reward: LearnerGroup | None = None  # None: the task's gold oracle judges
     critic: LearnerGroup | None = None  # online PPO only
     discriminator: LearnerGroup | None = None  # AAPA only
@@ -68,7 +69,7 @@ class Actors:
     @property
     def learners(self) -> list[LearnerGroup]:
         return [g for g in (self.policy, self.reward, self.reference, self.eval_reward, self.critic,
-                            self.discriminator, self.attacker) if g is not None]
+                            self.discriminator, self.attacker) if g is not None and not isinstance(g, RenamedMethods)]
 
 
 class APOGame:

@@ -95,6 +95,22 @@ class _GroupMethod:
         return self.group.submit(self.method, *args, **kwargs)
 
 
+class RenamedMethods:
+    """A role that another learner group serves under its own method names, called as that role's group is:
+    LoRA's reference is the policy learner reading its base weights with the adapter off
+    (`token_logprobs` is the policy's `reference_token_logprobs`), not an actor of its own. Only the renamed
+    methods exist: the group is the other role's to kill, time out and count."""
+
+    def __init__(self, group: LearnerGroup, names: dict[str, str]):
+        self.group, self.names = group, dict(names)
+
+    def __getattr__(self, method: str) -> _GroupMethod:
+        if method.startswith("_") or method not in self.names:
+            raise AttributeError(f"{method}: this role is the {self.group.role} learner's "
+                                 f"{', '.join(self.names.values())}, nothing else")
+        return _GroupMethod(self.group, self.names[method])
+
+
 class LearnerGroup:
     """`kwargs`: the constructor's keyword arguments, the same for every rank; `distributed` learners (the
     trained ones) also get `rendezvous=Rendezvous(rank, num_ranks, ...)`."""

@@ -11,6 +11,8 @@ the whole response survive; encoders count how many rows they truncated so the d
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,12 +152,15 @@ class SampleLogprobs:
     """A causal LM's log-probs of token samples, as the policy (trainable) and the reference (frozen) both
     read them: each holds one, so neither role inherits the other."""
 
-    def __init__(self, model: torch.nn.Module, pad_token_id: int):
-        self.model, self.pad_token_id = model, pad_token_id
+    def __init__(self, model: torch.nn.Module, pad_token_id: int,
+                 within: Callable[[], AbstractContextManager] = nullcontext):
+        """`within`: the context every forward runs in (a LoRA policy's reference: its adapter switched off)."""
+        self.model, self.pad_token_id, self.within = model, pad_token_id, within
 
     def with_grad(self, samples: list[TokenSample]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = encode_samples(samples, self.pad_token_id).to(self.model.device)
-        return response_token_logprobs(self.model, batch)
+        with self.within():
+            return response_token_logprobs(self.model, batch)
 
     @torch.no_grad()
     def tokens(self, samples: list[TokenSample]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,8 +54,10 @@ def actor_plan(cfg: Config) -> list[Role]:
     # The game's trained learners are learner.num_ranks (or its per-role override) ranks; the frozen ones, AAPA's
     # discriminator and APL's attacker are one process each.
     ranks = cfg.trained_ranks
-    roles = [Role("policy", ranks["policy"], *trained("policy")), Role("reward", ranks["reward"], *trained("reward")),
-             Role("reference", 1, *frozen)]
+    roles = [Role("policy", ranks["policy"], *trained("policy")), Role("reward", ranks["reward"], *trained("reward"))]
+    if not learner.lora.shared_reference:
+        # Under LoRA the policy learner is its own reference (its base weights, the adapter off).
+        roles.append(Role("reference", 1, *frozen))
     if cfg.model.eval_reward != "gold":
         roles.append(Role("eval_reward", 1, *frozen))
     if "critic" in ranks:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from apo_ray.flops import generation_flops, machine_threads, matmul_ceiling, phase_efficiencies
 from apo_ray.game import Rollout
-from apo_ray.learner_group import LearnerGroup, gather
+from apo_ray.learner_group import LearnerGroup, RenamedMethods, gather
 
 if TYPE_CHECKING:
     from apo_ray.driver import APOGame
@@ -37,7 +37,11 @@ class RoundFlops:
     def __init__(self, game: APOGame):
         actors = game.actors
         self.asynchronous = game.cfg.online and game.cfg.ppo.async_rollouts
-        self.learners = {"policy": actors.policy, "reference": actors.reference, "reward": actors.reward}
+        self.learners = {"policy": actors.policy, "reward": actors.reward}
+        # A reference that is the policy learner (LoRA) counts its forwards, and has its ceiling, there.
+        self.counted_by = {"reference": "policy"} if isinstance(actors.reference, RenamedMethods) else {}
+        if not self.counted_by:
+            self.learners["reference"] = actors.reference
         if actors.critic is not None:
             self.learners["critic"] = actors.critic
         self.shape = gather(actors.policy.model_shape.remote())
@@ -67,7 +71,8 @@ class RoundFlops:
     def forwards(self, stats: dict[str, float], phase: str, roles: tuple[str, ...]) -> Iterator[None]:
         """`timing/<phase>`, the block's seconds, and `flops/<phase>`, the forward-only FLOPs that the learners
         of `roles` count during it."""
-        roles = tuple(role for role in roles if role in self.learners)
+        roles = tuple(dict.fromkeys(learner for learner in (self.counted_by.get(role, role) for role in roles)
+                                    if learner in self.learners))
         self._take(roles)  # what they counted before the phase is not the phase's
         started = time.perf_counter()
         yield

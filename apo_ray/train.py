@@ -29,6 +29,7 @@ from apo_ray.config_paths import all_sources_local, input_paths
 from apo_ray.data import DataError, GameData, build_game_data, validate_sources
 from apo_ray.deadlines import DeadlinePassed
 from apo_ray.logs import add_verbose_flag, configure_logging
+from apo_ray.lora import check_targets_of
 from apo_ray.modeling import load_tokenizer
 from apo_ray.model_sources import with_local_models
 from apo_ray.named_tensors import checkpoint_bytes
@@ -201,6 +202,9 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
     if "critic" in cfg.trained_ranks and cfg.ppo.critic_init == "reward":
         # The critic actor would refuse it too, but only after minutes of start-up.
         check_same_vocabulary(load_tokenizer(policy_path), load_tokenizer(reward_path), reward_path)
+    if cfg.learner.lora.applies_to("policy"):
+        # The policy learner would refuse them too, but only after minutes of start-up.
+        check_targets_of(policy_path, cfg.learner.lora.target_modules, cfg.model.trust_remote_code)
     needed = 2 * (cfg.rounds + 2) * (checkpoint_bytes(policy_path) + checkpoint_bytes(reward_path))
     check_run_dir(run_dir, resume, max(MIN_FREE_BYTES, needed))
     # APL's attacker starts as the defender's SFT policy: it writes the task's words from the first round.
@@ -242,7 +246,7 @@ def run(prepared: PreparedRun) -> dict:
         wandb_mode=cfg.logging.wandb_mode, ray_metrics=cfg.logging.ray_metrics,
         config_dict=prepared.written_cfg.to_dict(),
     )
-    checkpointer = Checkpointer(run_dir)
+    checkpointer = Checkpointer(run_dir, merge_lora=cfg.checkpoint.merge_lora)
     version, first_round, game = 0, 0, None
     try:
         if prepared.resume_from is not None:

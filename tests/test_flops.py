@@ -161,7 +161,7 @@ def test_a_training_step_is_three_forwards_of_its_real_tokens():
 
     torch.manual_seed(0)
     engine = build_engine(LlamaForCausalLM(tiny_llama_config()), LearnerConfig(backend="torch"), lr=1e-3,
-                          micro_batch_size=2)
+                          micro_batch_size=2, role="policy")
     # Two minibatches of right-padded rows: 3 + 5 real tokens, then 4.
     plan = [[(3, 5), (5, 5)], [(4, 4)]]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -174,6 +175,14 @@ def test_targets_from_game_runs_stage_runs_and_model_dirs(tmp_path):
 
     with pytest.raises(ConfigError, match="a second policy"):
         resolve_targets([str(game), str(sft_model)])
+    # A LoRA run's round checkpoint: the merged model with checkpoint.merge_lora, else a clear refusal.
+    lora = tmp_path / "lora" / "round_0001"
+    write_model(lora / "policy" / "merged", "LlamaForCausalLM")
+    (lora / "policy" / "adapter_config.json").write_text("{}")
+    assert resolve_targets([str(lora)]).policy == (lora / "policy" / "merged").resolve()
+    shutil.rmtree(lora / "policy" / "merged")
+    with pytest.raises(ConfigError, match=r"policy: a LoRA adapter without its merged model; .*checkpoint\.merge_lora"):
+        resolve_targets([str(lora)])
     with pytest.raises(ConfigError, match="neither a causal LM"):
         resolve_targets([str(write_model(tmp_path / "odd", "BertModel"))])
     with pytest.raises(ConfigError, match="not a run directory, a round checkpoint"):

@@ -51,6 +51,18 @@ def model_role(model_dir: Path) -> str:
                       "sequence classifier (the RM)")
 
 
+def _checkpointed_model(role_dir: Path) -> Optional[Path]:
+    """The HF model a round checkpoint holds for one role: its folder, or a LoRA learner's merged/ model
+    (checkpoint.merge_lora); None where the role has neither."""
+    for model_dir in (role_dir, role_dir / "merged"):
+        if (model_dir / "config.json").is_file():
+            return model_dir
+    if (role_dir / "adapter_config.json").is_file():
+        raise ConfigError(f"{role_dir}: a LoRA adapter without its merged model; `apo-ray serve` serves whole models "
+                          "(serving base plus adapter is not built): train with checkpoint.merge_lora=true")
+    return None
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         loaded = yaml.safe_load(path.read_text())
@@ -72,7 +84,7 @@ def _models_of(target: Path) -> tuple[dict[str, Path], Optional[int], dict]:
         config = _read_yaml(run_config)
         model_dir = target / "model"
         return {model_role(model_dir): model_dir}, config.get("max_length"), {}
-    nested = {role: target / role for role in ROLES if (target / role / "config.json").is_file()}
+    nested = {role: model_dir for role in ROLES if (model_dir := _checkpointed_model(target / role)) is not None}
     if nested:
         for role, model_dir in nested.items():
             if model_role(model_dir) != role:
