@@ -116,6 +116,9 @@ class Phase:
     statuses: Counter
     failures: Counter  # client-side: timeouts, refused connections
     wall_s: float
+    # Per status: answers that carried a Retry-After header, and the slowest answer (s).
+    retry_after: Counter = dataclasses.field(default_factory=Counter)
+    slowest_s: dict = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         ordered = sorted(self.latencies_s)
@@ -131,16 +134,22 @@ class Phase:
             "5xx": sum(n for status, n in self.statuses.items() if status >= 500),
             "client_failures": dict(self.failures),
             "wall_s": self.wall_s,
+            "with_retry_after": dict(self.retry_after),
+            "slowest_s_by_status": dict(self.slowest_s),
         }
 
 
-async def load(url: str, path: str, payloads: list[Any], clients: int, deadline_s: float, name: str) -> Phase:
-    """Send every payload once from `clients` concurrent connections; stop sending at the deadline."""
+async def load(url: str, path: str, payloads: list[Any], clients: int, deadline_s: float, name: str,
+               timeout_s: float = REQUEST_TIMEOUT_S) -> Phase:
+    """Send every payload once from `clients` concurrent connections, each request waiting at most `timeout_s`;
+    stop sending at the deadline."""
     import httpx
 
     latencies: list[float] = []
     statuses: Counter = Counter()
     failures: Counter = Counter()
+    retry_after: Counter = Counter()
+    slowest: dict[int, float] = {}
     pending = iter(payloads)
     started = time.perf_counter()
 
@@ -157,11 +166,13 @@ async def load(url: str, path: str, payloads: list[Any], clients: int, deadline_
                 continue
             latencies.append(time.perf_counter() - sent)
             statuses[answer.status_code] += 1
+            retry_after[answer.status_code] += "retry-after" in answer.headers
+            slowest[answer.status_code] = max(slowest.get(answer.status_code, 0.0), latencies[-1])
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as http:
         await asyncio.gather(*(client(http) for _ in range(clients)))
-    return Phase(name, latencies, statuses, failures, time.perf_counter() - started)
+    return Phase(name, latencies, statuses, failures, time.perf_counter() - started, retry_after, slowest)
 
 
 def warm_up(url: str, path: str, payloads: list[Any], clients: int) -> None:
