@@ -39,29 +39,41 @@ MAX_REQUESTS = 5000
 REQUEST_TIMEOUT_S = 120.0
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def load_parser(description: str, *, clients: int, requests: int, batch: int,
+                deadline_s: float) -> argparse.ArgumentParser:
+    """The options every loopback load test of `apo-ray serve` takes (this one and serve_overload)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a small smoke run; writes under results/serve/tmp/")
     parser.add_argument("--out", type=Path, help="results directory (default: benchmarks/results/serve)")
-    parser.add_argument("--target", nargs="+", help="run or model directories to serve instead of the default models")
-    parser.add_argument("--clients", type=int, default=16, help=f"concurrent clients (at most {MAX_CLIENTS})")
-    parser.add_argument("--requests", type=int, default=200, help=f"requests per phase (at most {MAX_REQUESTS})")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of (score batch 1, score batch N, generate)")
-    parser.add_argument("--batch", type=int, default=16, help="serve.score_max_batch_size of the batched arm")
+    parser.add_argument("--clients", type=int, default=clients, help=f"concurrent clients (at most {MAX_CLIENTS})")
+    parser.add_argument("--requests", type=int, default=requests, help=f"requests per phase (at most {MAX_REQUESTS})")
+    parser.add_argument("--batch", type=int, default=batch, help="serve.score_max_batch_size")
     parser.add_argument("--score-items", type=int, default=4, help="{prompt, response} items per /score request")
-    parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each /generate request")
-    parser.add_argument("--max-prompt-tokens", type=int, default=64,
-                        help="serve.limits.max_prompt_tokens (with max_tokens within the policy's context)")
-    parser.add_argument("--phase-deadline-s", type=float, default=600.0, help="a phase stops sending after this")
-    args = parser.parse_args()
-    if args.quick:
-        args.clients, args.requests, args.repeats = min(args.clients, 4), min(args.requests, 12), 1
-        args.score_items, args.max_tokens, args.batch = min(args.score_items, 2), min(args.max_tokens, 8), 4
+    parser.add_argument("--phase-deadline-s", type=float, default=deadline_s, help="a phase stops sending after this")
+    return parser
+
+
+def checked_load_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Bounded load only; a quick run writes beside the results, where git ignores it."""
     if not 1 <= args.clients <= MAX_CLIENTS or not 1 <= args.requests <= MAX_REQUESTS:
         parser.error(f"--clients must be 1-{MAX_CLIENTS} and --requests 1-{MAX_REQUESTS}")
     if args.out is None:
         args.out = RESULTS_ROOT / "serve" / (SCRATCH_DIR if args.quick else "")
     return args
+
+
+def parse_args() -> argparse.Namespace:
+    parser = load_parser(__doc__.split("\n\n")[0], clients=16, requests=200, batch=16, deadline_s=600.0)
+    parser.add_argument("--target", nargs="+", help="run or model directories to serve instead of the default models")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (score batch 1, score batch N, generate)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each /generate request")
+    parser.add_argument("--max-prompt-tokens", type=int, default=64,
+                        help="serve.limits.max_prompt_tokens (with max_tokens within the policy's context)")
+    args = parser.parse_args()
+    if args.quick:
+        args.clients, args.requests, args.repeats = min(args.clients, 4), min(args.requests, 12), 1
+        args.score_items, args.max_tokens, args.batch = min(args.score_items, 2), min(args.max_tokens, 8), 4
+    return checked_load_args(parser, args)
 
 
 # ---------------------------------------------------------------------------------------------- models and data

@@ -29,29 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS_ROOT, SCRATCH_DIR, BenchmarkRun, start_local_ray, timed
-from benchmarks.serve_load import MAX_CLIENTS, MAX_REQUESTS, default_targets, free_port, load, score_texts
+from benchmarks.serve_load import checked_load_args, default_targets, free_port, load, load_parser, score_texts
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small smoke run; writes under results/serve/tmp/")
-    parser.add_argument("--out", type=Path, help="results directory (default: benchmarks/results/serve)")
-    parser.add_argument("--clients", type=int, default=48, help=f"concurrent clients (at most {MAX_CLIENTS})")
-    parser.add_argument("--requests", type=int, default=240, help=f"requests per phase (at most {MAX_REQUESTS})")
+    parser = load_parser(__doc__.split("\n\n")[0], clients=48, requests=240, batch=4, deadline_s=300.0)
     parser.add_argument("--queue", type=int, default=8, help="serve.reward.max_queued_requests of the bounded arm")
-    parser.add_argument("--batch", type=int, default=4, help="serve.score_max_batch_size (the replica runs 2x)")
-    parser.add_argument("--score-items", type=int, default=4, help="{prompt, response} items per /score request")
     parser.add_argument("--client-timeout-s", type=float, default=10.0, help="each request's client-side time-out")
     parser.add_argument("--kill-after-s", type=float, default=3.0, help="seconds into the kill phase's load")
-    parser.add_argument("--phase-deadline-s", type=float, default=300.0, help="a phase stops sending after this")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.requests, args.queue = 12, 36, 2
-    if not 1 <= args.clients <= MAX_CLIENTS or not 1 <= args.requests <= MAX_REQUESTS:
-        parser.error(f"--clients must be 1-{MAX_CLIENTS} and --requests 1-{MAX_REQUESTS}")
-    if args.out is None:
-        args.out = RESULTS_ROOT / "serve" / (SCRATCH_DIR if args.quick else "")
-    return args
+    return checked_load_args(parser, args)
 
 
 def kill_reward_replica() -> str:
