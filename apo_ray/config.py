@@ -479,6 +479,11 @@ class ServeDeploymentConfig(Section):
     replicas: int = Field(1, ge=1, description="Replicas of the deployment.")
     num_cpus: float = Field(1.0, ge=0.0, description="Ray CPUs reserved by each replica.")
     num_gpus: float = Field(0.0, ge=0.0, description="Ray GPUs reserved by each replica.")
+    # A bounded queue turns overload into an answer the client can act on; an unbounded one into time-outs.
+    max_queued_requests: int = Field(64, ge=-1, description=(
+        "Requests that may wait for a replica of this deployment beyond those its replicas run; past them a "
+        "request is answered 503 with a Retry-After header (serve.retry_after_s) at once. -1: no bound, so an "
+        "overloaded deployment answers late or lets clients time out."))
 
 
 class ServeLimitsConfig(Section):
@@ -510,6 +515,10 @@ class ServeConfig(Section):
     reward: ServeDeploymentConfig = Field(default_factory=ServeDeploymentConfig, description="The RM's deployment.")
     policy: ServeDeploymentConfig = Field(default_factory=ServeDeploymentConfig, description=(
         "The policy's deployment (ray.serve.llm's vLLM engine)."))
+    retry_after_s: float = Field(1.0, ge=0.0, description=(
+        "Seconds the Retry-After header of a 503 asks a client to wait: sent when a deployment's queue is full "
+        "(max_queued_requests) and when the replica running a request stopped before answering (Serve replaces "
+        "it; the request may be sent again)."))
     score_max_batch_size: int = Field(16, ge=1, description=(
         "/score requests scored together in one forward pass (@serve.batch)."))
     score_batch_wait_s: float = Field(0.01, ge=0.0, description="Seconds /score waits for a batch to fill.")

@@ -39,29 +39,41 @@ MAX_REQUESTS = 5000
 REQUEST_TIMEOUT_S = 120.0
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def load_parser(description: str, *, clients: int, requests: int, batch: int,
+                deadline_s: float) -> argparse.ArgumentParser:
+    """The options every loopback load test of `apo-ray serve` takes (this one and serve_overload)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a small smoke run; writes under results/serve/tmp/")
     parser.add_argument("--out", type=Path, help="results directory (default: benchmarks/results/serve)")
-    parser.add_argument("--target", nargs="+", help="run or model directories to serve instead of the default models")
-    parser.add_argument("--clients", type=int, default=16, help=f"concurrent clients (at most {MAX_CLIENTS})")
-    parser.add_argument("--requests", type=int, default=200, help=f"requests per phase (at most {MAX_REQUESTS})")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of (score batch 1, score batch N, generate)")
-    parser.add_argument("--batch", type=int, default=16, help="serve.score_max_batch_size of the batched arm")
+    parser.add_argument("--clients", type=int, default=clients, help=f"concurrent clients (at most {MAX_CLIENTS})")
+    parser.add_argument("--requests", type=int, default=requests, help=f"requests per phase (at most {MAX_REQUESTS})")
+    parser.add_argument("--batch", type=int, default=batch, help="serve.score_max_batch_size")
     parser.add_argument("--score-items", type=int, default=4, help="{prompt, response} items per /score request")
-    parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each /generate request")
-    parser.add_argument("--max-prompt-tokens", type=int, default=64,
-                        help="serve.limits.max_prompt_tokens (with max_tokens within the policy's context)")
-    parser.add_argument("--phase-deadline-s", type=float, default=600.0, help="a phase stops sending after this")
-    args = parser.parse_args()
-    if args.quick:
-        args.clients, args.requests, args.repeats = min(args.clients, 4), min(args.requests, 12), 1
-        args.score_items, args.max_tokens, args.batch = min(args.score_items, 2), min(args.max_tokens, 8), 4
+    parser.add_argument("--phase-deadline-s", type=float, default=deadline_s, help="a phase stops sending after this")
+    return parser
+
+
+def checked_load_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Bounded load only; a quick run writes beside the results, where git ignores it."""
     if not 1 <= args.clients <= MAX_CLIENTS or not 1 <= args.requests <= MAX_REQUESTS:
         parser.error(f"--clients must be 1-{MAX_CLIENTS} and --requests 1-{MAX_REQUESTS}")
     if args.out is None:
         args.out = RESULTS_ROOT / "serve" / (SCRATCH_DIR if args.quick else "")
     return args
+
+
+def parse_args() -> argparse.Namespace:
+    parser = load_parser(__doc__.split("\n\n")[0], clients=16, requests=200, batch=16, deadline_s=600.0)
+    parser.add_argument("--target", nargs="+", help="run or model directories to serve instead of the default models")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (score batch 1, score batch N, generate)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each /generate request")
+    parser.add_argument("--max-prompt-tokens", type=int, default=64,
+                        help="serve.limits.max_prompt_tokens (with max_tokens within the policy's context)")
+    args = parser.parse_args()
+    if args.quick:
+        args.clients, args.requests, args.repeats = min(args.clients, 4), min(args.requests, 12), 1
+        args.score_items, args.max_tokens, args.batch = min(args.score_items, 2), min(args.max_tokens, 8), 4
+    return checked_load_args(parser, args)
 
 
 # ---------------------------------------------------------------------------------------------- models and data
@@ -116,6 +128,9 @@ class Phase:
     statuses: Counter
     failures: Counter  # client-side: timeouts, refused connections
     wall_s: float
+    # Per status: answers that carried a Retry-After header, and the slowest answer (s).
+    retry_after: Counter = dataclasses.field(default_factory=Counter)
+    slowest_s: dict = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         ordered = sorted(self.latencies_s)
@@ -131,16 +146,22 @@ class Phase:
             "5xx": sum(n for status, n in self.statuses.items() if status >= 500),
             "client_failures": dict(self.failures),
             "wall_s": self.wall_s,
+            "with_retry_after": dict(self.retry_after),
+            "slowest_s_by_status": dict(self.slowest_s),
         }
 
 
-async def load(url: str, path: str, payloads: list[Any], clients: int, deadline_s: float, name: str) -> Phase:
-    """Send every payload once from `clients` concurrent connections; stop sending at the deadline."""
+async def load(url: str, path: str, payloads: list[Any], clients: int, deadline_s: float, name: str,
+               timeout_s: float = REQUEST_TIMEOUT_S) -> Phase:
+    """Send every payload once from `clients` concurrent connections, each request waiting at most `timeout_s`;
+    stop sending at the deadline."""
     import httpx
 
     latencies: list[float] = []
     statuses: Counter = Counter()
     failures: Counter = Counter()
+    retry_after: Counter = Counter()
+    slowest: dict[int, float] = {}
     pending = iter(payloads)
     started = time.perf_counter()
 
@@ -157,11 +178,13 @@ async def load(url: str, path: str, payloads: list[Any], clients: int, deadline_
                 continue
             latencies.append(time.perf_counter() - sent)
             statuses[answer.status_code] += 1
+            retry_after[answer.status_code] += "retry-after" in answer.headers
+            slowest[answer.status_code] = max(slowest.get(answer.status_code, 0.0), latencies[-1])
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as http:
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as http:
         await asyncio.gather(*(client(http) for _ in range(clients)))
-    return Phase(name, latencies, statuses, failures, time.perf_counter() - started)
+    return Phase(name, latencies, statuses, failures, time.perf_counter() - started, retry_after, slowest)
 
 
 def warm_up(url: str, path: str, payloads: list[Any], clients: int) -> None:

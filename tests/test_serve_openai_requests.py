@@ -146,7 +146,8 @@ def test_the_openai_routes_of_a_deployment_without_a_policy_answer_without_one()
     from apo_ray.serve.ingress import Ingress, token_digest
 
     token = "t" * 32
-    ingress = Ingress(None, None, policy_config=None, limits=LIMITS, token_sha256=token_digest(token))
+    ingress = Ingress(None, None, policy_config=None, limits=LIMITS, token_sha256=token_digest(token),
+                      retry_after_s=1.0)
     body = json.dumps({"model": "policy", "messages": HELLO}).encode()
     stranger = asyncio.run(ingress.chat(http_request("/v1/chat/completions", body, {})))
     assert stranger.status_code == 401 and json.loads(stranger.body)["error"]["code"] == "invalid_api_key"

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from ray import serve
 
-from apo_ray.config import ServeConfig, resolve_dtype
+from apo_ray.config import ServeConfig, ServeDeploymentConfig, resolve_dtype
+from apo_ray.fault_injection import ENV as FAULTS_ENV
+from apo_ray.fault_injection import stall_if_injected
 from apo_ray.serve.batching import chunks, flatten, split
 from apo_ray.serve.requests import ScoreItem
 from apo_ray.serve.targets import ServeTargets
@@ -50,6 +53,7 @@ class RewardScorer:
     async def score_batch(self, requests: list[list[ScoreItem]]) -> list[dict[str, list]]:
         self.batch_sizes[len(requests)] += 1
         items, sizes = flatten(requests)
+        await asyncio.to_thread(stall_if_injected, "score", 0)
         scores, truncated = await asyncio.to_thread(self._score, items)
         return [{"scores": s, "truncated": t} for s, t in zip(split(scores, sizes), split(truncated, sizes))]
 
@@ -97,11 +101,24 @@ def policy_llm_config(policy_dir: Path, cfg: ServeConfig):
         engine_kwargs=engine,
         # LLMServer adds its replica actor's CPUs to the engine's bundle; the actor mostly awaits the engine, so
         # serve.policy.num_cpus is the replica's whole share.
-        deployment_config={"num_replicas": cfg.policy.replicas, "ray_actor_options": {"num_cpus": 0}},
+        deployment_config={"num_replicas": cfg.policy.replicas, "ray_actor_options": {"num_cpus": 0},
+                           **queue_options(cfg.policy, cfg)},
         # The game's actors keep vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set for a whole cluster by the
         # tests' runtime env); LLMServer runs vLLM's async engine in its default mode, engine core in a process.
         runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}},
     )
+
+
+def queue_options(deployment: ServeDeploymentConfig, cfg: ServeConfig) -> dict[str, Any]:
+    """A deployment's bounded queue: past it Serve answers 503 with Retry-After (the ingress's own queue, at the
+    HTTP proxy) or raises BackPressureError in the caller (the models' queues, which the ingress answers)."""
+    return {"max_queued_requests": deployment.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s}}
+
+
+def injected_faults() -> dict[str, Any]:
+    # A test's injected stall reaches the scorer's replicas, as it reaches the game's actors (apo_ray/cluster.py).
+    return {"runtime_env": {"env_vars": {FAULTS_ENV: os.environ[FAULTS_ENV]}}} if FAULTS_ENV in os.environ else {}
 
 
 def build_app(targets: ServeTargets, cfg: ServeConfig, token: Optional[str]):
@@ -115,9 +132,10 @@ def build_app(targets: ServeTargets, cfg: ServeConfig, token: Optional[str]):
         max_length = cfg.reward_max_length or targets.reward_max_length or DEFAULT_REWARD_MAX_LENGTH
         scorer = serve.deployment(RewardScorer).options(
             name="reward", num_replicas=cfg.reward.replicas,
-            ray_actor_options={"num_cpus": cfg.reward.num_cpus, "num_gpus": cfg.reward.num_gpus},
+            ray_actor_options={"num_cpus": cfg.reward.num_cpus, "num_gpus": cfg.reward.num_gpus,
+                               **injected_faults()},
             # Room for a full batch in flight while the next one gathers.
-            max_ongoing_requests=2 * cfg.score_max_batch_size,
+            max_ongoing_requests=2 * cfg.score_max_batch_size, **queue_options(cfg.reward, cfg),
             user_config={"max_batch_size": cfg.score_max_batch_size, "batch_wait_timeout_s": cfg.score_batch_wait_s},
         ).bind(str(targets.reward), max_length, resolve_dtype(cfg.dtype, cfg.reward.num_gpus > 0))
     if targets.policy is not None:
@@ -127,5 +145,6 @@ def build_app(targets: ServeTargets, cfg: ServeConfig, token: Optional[str]):
         name="ingress", num_replicas=cfg.ingress.replicas,
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus, "num_gpus": cfg.ingress.num_gpus},
         # The ingress mostly awaits the model replicas; a low cap would starve the scorer's batches.
-        max_ongoing_requests=256,
-    ).bind(scorer, policy, policy_config=policy_config, limits=cfg.limits, token_sha256=token_digest(token))
+        max_ongoing_requests=256, **queue_options(cfg.ingress, cfg),
+    ).bind(scorer, policy, policy_config=policy_config, limits=cfg.limits, token_sha256=token_digest(token),
+           retry_after_s=cfg.retry_after_s)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from typing import Any, Callable, Optional
 
 from fastapi import FastAPI, Request
@@ -21,6 +22,8 @@ from fastapi.responses import JSONResponse, Response
 # its handlers (a request vLLM refuses, a timeout).
 from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException, to_model_metadata
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from apo_ray.config import ServeLimitsConfig
@@ -48,19 +51,40 @@ async def read_body(request: Request, limits: ServeLimitsConfig) -> bytes:
 
 
 def refusal(error: RequestError, openai: bool) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+    if error.retry_after_s is not None:
+        # RFC 9110's delay-seconds: a whole number, rounded up so that a client never retries early.
+        headers["Retry-After"] = str(math.ceil(error.retry_after_s))
     return JSONResponse(error.to_openai_json() if openai else error.to_json(), status_code=error.status,
-                        headers=headers)
+                        headers=headers or None)
+
+
+# What a model deployment's handle raises when it cannot answer now but may on a retry: its queue is full
+# (serve.<deployment>.max_queued_requests), it has no replica, or the replica running the request stopped
+# (Serve starts another).
+RETRYABLE = (BackPressureError, DeploymentUnavailableError, RayActorError)
+
+
+def unavailable(error: Exception, deployment: str, retry_after_s: float) -> RequestError:
+    if isinstance(error, BackPressureError):
+        why = f"busy: {error.message}"
+    elif isinstance(error, RayActorError):
+        why = "the replica running this request stopped before answering; Serve is replacing it"
+    else:
+        why = f"no replica can take the request now ({type(error).__name__})"
+    return RequestError(503, deployment, f"{why}; send it again after {math.ceil(retry_after_s)} s",
+                        code="unavailable", retry_after_s=retry_after_s)
 
 
 class Ingress(OpenAiIngress):
     def __init__(self, scorer: Any, policy: Any, *, policy_config: Any, limits: ServeLimitsConfig,
-                 token_sha256: Optional[str]):
-        """policy_config: the policy LLMServer's LLMConfig, or None without a policy."""
+                 token_sha256: Optional[str], retry_after_s: float):
+        """policy_config: the policy LLMServer's LLMConfig, or None without a policy. retry_after_s: a 503's
+        Retry-After when a model deployment cannot answer now (serve.retry_after_s)."""
         models = {policy_config.model_id: policy} if policy is not None else {}
         super().__init__(models, {model_id: to_model_metadata(model_id, policy_config) for model_id in models})
         self.scorer, self.policy = scorer, policy
-        self.limits, self.token_sha256 = limits, token_sha256
+        self.limits, self.token_sha256, self.retry_after_s = limits, token_sha256, retry_after_s
         if policy is not None:
             from apo_ray.modeling import eos_token_ids, load_tokenizer
 
@@ -109,6 +133,9 @@ class Ingress(OpenAiIngress):
             return JSONResponse(await handler(payload))
         except RequestError as error:
             return refusal(error, openai=False)
+        except RETRYABLE as error:
+            return refusal(unavailable(error, "reward" if name == "score" else "policy", self.retry_after_s),
+                           openai=False)
 
     async def _answer_openai(self, request: Request, parse: Callable[[Any], Any], stock_handler) -> Response:
         """Check the request, then let ray.serve.llm's handler run it (JSON, or SSE chunks ending in
@@ -123,6 +150,8 @@ class Ingress(OpenAiIngress):
             return refusal(error, openai=True)
         try:
             return await stock_handler(self, body, request)
+        except RETRYABLE as error:
+            return refusal(unavailable(error, "policy", self.retry_after_s), openai=True)
         except OpenAIHTTPException as exc:
             return JSONResponse({"error": {"message": exc.message, "type": exc.type, "param": None, "code": None}},
                                 status_code=exc.status_code)

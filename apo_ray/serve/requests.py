@@ -17,16 +17,20 @@ from apo_ray.config import ServeLimitsConfig
 
 
 class RequestError(ValueError):
-    def __init__(self, status: int, field: str, message: str, code: str | None = None):
+    def __init__(self, status: int, field: str, message: str, code: str | None = None,
+                 retry_after_s: float | None = None):
+        """retry_after_s: the request may be sent again after this many seconds (a 503's Retry-After)."""
         super().__init__(f"{field}: {message}")
         self.status, self.field, self.message, self.code = status, field, message, code
+        self.retry_after_s = retry_after_s
 
     def to_json(self) -> dict[str, Any]:
         return {"error": {"field": self.field, "message": f"{self.field}: {self.message}"}}
 
     def to_openai_json(self) -> dict[str, Any]:
         """The error body of OpenAI's API, which its client libraries parse into their exceptions."""
-        kind = "authentication_error" if self.status == 401 else "invalid_request_error"
+        kind = ("authentication_error" if self.status == 401 else "server_error" if self.status >= 500
+                else "invalid_request_error")
         return {"error": {"message": f"{self.field}: {self.message}", "type": kind, "param": self.field,
                           "code": self.code}}
 
