@@ -6,9 +6,8 @@
   answered exactly once. `submit` starts the same call and returns at once (`GenerateCall.result()`
   collects it), so that the workers sample while the driver waits on learners.
 - `sync` / `sync_from` move new weights to every worker through a weight-sync backend (apo_ray/sync_backends/);
-  the pool keeps the
-  last payload so that workers that join (resize) or restart get the current weights and version. After every
-  load each worker reports a fingerprint of what its engine holds (apo_ray/fingerprint.py), which must equal the
+  the pool keeps the last payload so that workers that join (resize) or restart get the current weights and
+  version. After every load each worker reports a fingerprint of what its engine holds (apo_ray/fingerprint.py), which must equal the
   learner's, or the sync raises WeightsDiffer naming the worker and the tensor.
 """
 
@@ -35,7 +34,7 @@ from apo_ray.game import Rollout, assign_shards
 from apo_ray.learner_group import gather
 from apo_ray.named_tensors import as_named_tensors, checkpoint_bytes, read_checkpoint_dir
 from apo_ray.progress import Progress
-from apo_ray.sync_backends import SyncBackend, SyncStats, cluster_refusal, get_backend, make_backend
+from apo_ray.sync_backends import SyncBackend, SyncStats, cluster_refusal, config_refusal, get_backend, make_backend
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +220,13 @@ class RolloutPool:
         startup_timeout_s: float | None = None,
     ):
         self.weight_sync = make_backend(weight_sync) if isinstance(weight_sync, str) else weight_sync
+        # The config's checks, for a pool built without one; then the cluster's, before any worker starts.
+        refusal = config_refusal(self.weight_sync.name, rollout_backend=spec.backend)
+        if refusal:
+            raise ValueError(refusal)
         refusal = cluster_refusal(self.weight_sync.name, ray.cluster_resources().get("GPU", 0), "the Ray cluster")
         if refusal:
             raise RuntimeError(refusal)
-        if self.weight_sync.needs_vllm and spec.backend != "vllm":
-            raise ValueError(f"rollout.weight_sync: {self.weight_sync.name!r} needs rollout.backend 'vllm'")
         self.spec = dataclasses.replace(spec, engine_kwargs={**self.weight_sync.engine_kwargs(), **spec.engine_kwargs})
         self.max_worker_failures = max_worker_failures
         self.group = ActorGroup(

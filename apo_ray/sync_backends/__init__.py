@@ -181,9 +181,9 @@ def _named(names: Sequence[str]) -> str:
     return " or ".join(quoted) if len(quoted) < 3 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
-def config_refusal(name: str, *, rollout_backend: str, zero_stage_3: bool) -> str | None:
+def config_refusal(name: str, *, rollout_backend: str, zero_stage_3: bool = False) -> str | None:
     """Why the config cannot use backend `name` with this rollout engine and learner (None: it can); the message
-    names the key."""
+    names the key. Read by apo_ray.config's cross-checks and by a rollout pool built without a config."""
     backend = get_backend(name)
     if backend.needs_vllm and rollout_backend != "vllm":
         return f"rollout.weight_sync: {name!r} needs rollout.backend 'vllm'"
