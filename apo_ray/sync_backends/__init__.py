@@ -14,7 +14,8 @@ A backend holds every side of a sync:
 It declares what it needs, and these read the declarations rather than naming backends:
 - apo_ray.config: `rollout.weight_sync`'s choices and description, which backends read `rollout.sync_bucket_mb`, and
   the cross-checks (`needs_vllm`, `gathers_zero3`), through `config_refusal`;
-- the dry run (apo_ray.train) and the pool's start-up: `needs_gpu` through `cluster_refusal`; `shared_filesystem`;
+- the dry run (apo_ray.train) and the pool's start-up: `needs_gpu`, through `cluster_refusal`; the dry run's note on
+  a cluster of several nodes: `shared_filesystem`;
 - the learners' start-up (apo_ray.cluster): the methods a learner group runs on rank 0 alone (`rank0_only`).
 
 Layer: read by the driver, the actors and the config alike, so at import time a backend imports only the pure core
