@@ -7,7 +7,8 @@ rollout workers drew them.
 With several ranks (a LearnerGroup) every rank gets the same call and trains on its share of each minibatch
 (actors/engine.py train_steps); each loss is scaled by the share's fraction of what it averages over
 (response tokens, groups, pairs), so the step is the one a single rank takes on the whole batch.
-It is a plain class: usable in-process, without Ray (the `nccl` sync alone needs it)."""
+It is a plain class: usable in-process, without Ray (the `nccl` sync alone needs it). Its weight-sync methods are
+shells around the backends' learner sides (apo_ray/sync_backends/)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from apo_ray.losses import masked_mean, sequence_logprob, token_logprobs
 from apo_ray.methods import get_method
 from apo_ray.modeling import (SampleLogprobs, encode_samples, load_causal_lm, load_tokenizer, predicted_response_tokens,
                               text_samples)
-from apo_ray.named_tensors import WeightBucket, pack_buckets
 from apo_ray.ppo import GridRows, entropy_from_logits, kl_limited_loss, kl_penalty, ppo_policy_loss
+from apo_ray.sync_backends import get_backend
 
 
 class PolicyLearner(LearnerCheckpoint, CountsFlops):
@@ -66,7 +67,10 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
         # LoRA's reference: the frozen base weights are the initial policy's, read with the adapter off.
         self.base_logprobs = SampleLogprobs(self.model, self.tokenizer.pad_token_id, self.model.disable_adapter) \
             if is_adapted(self.model) else None
-        self._nccl_sender = None
+        # Each weight-sync backend's state kept between syncs (the nccl sender's NCCL group).
+        self.sync_state: dict[str, object] = {}
+        self._verify_send = False
+        self._sent: tuple[dict[str, torch.Tensor] | None] | None = None
 
     def token_logprobs(self, samples: list[TokenSample]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.logprobs.tokens(samples)
@@ -154,32 +158,48 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
         return self._offline_step([[i] for i in range(len(chosen))], epochs, seed, loss_fn)
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights from rank 0 (the object-store sync); None from the other ranks."""
+        """The whole model's weights from rank 0; None from the other ranks."""
         return self.engine.rank0_state_dict()
 
-    def weight_buckets(self, bucket_bytes: int) -> Iterator[WeightBucket]:
-        """The `object_store` weight sync's learner side: the weights in buckets of at most `bucket_bytes`.
-        A generator, so that as a Ray actor method each bucket becomes an object of its own. Rank 0 alone
-        yields them; under ZeRO-3 the other ranks join the gather and yield nothing."""
+    # ------------------------------------------------------------------ weight sync (apo_ray/sync_backends/)
+    # Shells: each runs backend `backend`'s learner side, `send(self, *args)`; which one a backend's send runs in is
+    # its declaration's (SyncBackend.learner_method). `verify`: the driver asks for `weights_fingerprint` next.
+
+    def send_weights(self, backend: str, verify: bool, *args):
+        """On every rank of a group (ZeRO-3's gather of the weights needs them all)."""
+        self._start_send(verify)
+        return get_backend(backend).send(self, *args)
+
+    def stream_weights(self, backend: str, verify: bool, *args) -> Iterator:
+        """On every rank, a generator: as a Ray actor method each item it yields becomes an object of its own."""
+        self._start_send(verify)
+        yield from get_backend(backend).send(self, *args)
+
+    def send_weights_rank0(self, backend: str, verify: bool, *args):
+        """On rank 0 of a group alone (apo_ray.cluster's rank-zero methods): below ZeRO-3 it holds every weight."""
+        return self.send_weights(backend, verify, *args)
+
+    def _start_send(self, verify: bool) -> None:
+        # A send that is not checked drops what an earlier one kept (a sync that failed before its check).
+        self._verify_send, self._sent = verify, None
+
+    def exported_weights(self) -> dict[str, torch.Tensor] | None:
+        """What a backend's send sends: rank 0's copy of the whole model (None on the other ranks, which join
+        ZeRO-3's gather). A checked send keeps it (no copy) until `weights_fingerprint` reads it, so that a sync
+        gathers and copies the weights once, and the fingerprint is still taken while the workers load."""
         state = self.engine.rank0_state_dict()
-        if state is not None:
-            yield from pack_buckets(state, bucket_bytes)
+        if self._verify_send:
+            # Every rank keeps its own (None beside rank 0), so that no rank joins another gather for the fingerprint.
+            self._sent = (state,)
+        return state
 
     def weights_fingerprint(self, dtype: str) -> Fingerprint | None:
         """The reference a sync's workers are checked against (apo_ray/fingerprint.py): the weights the workers
-        were sent, as engines of precision `dtype` hold them; None from ranks other than 0."""
-        state = self.engine.rank0_state_dict()
+        were sent, as engines of precision `dtype` hold them; None from ranks other than 0. Those the last send
+        exported, or, after a backend that sends the parameters themselves (nccl), the weights as they are."""
+        sent, self._sent = self._sent, None
+        state = sent[0] if sent is not None else self.engine.rank0_state_dict()
         return None if state is None else fingerprint(state.items(), getattr(torch, dtype))
-
-    def send_weights_nccl(self, workers: list, bucket_bytes: int) -> int:
-        """The `nccl` weight sync's learner side: broadcast the weights into the workers' vLLM engines, packed
-        into buffers of `bucket_bytes` (rank 0 of a group only: below ZeRO-3 it holds them all)."""
-        if self._nccl_sender is None:
-            # Imported here: the sender talks to the rollout actors through Ray, which nothing else here needs.
-            from apo_ray.actors.nccl import NcclWeightSender
-
-            self._nccl_sender = NcclWeightSender(self.model, bucket_bytes)
-        return self._nccl_sender.send(workers)
 
     # ------------------------------------------------------------------ online (apo_ray.online)
 

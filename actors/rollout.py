@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from apo_ray.config import check_rollout_settings, resolve_dtype
-from apo_ray.fault_injection import corrupt_if_injected, stall_if_injected
+from apo_ray.fault_injection import stall_if_injected
 from apo_ray.fingerprint import EngineFingerprint, TensorStats, checkpoint_names
 from apo_ray.flops import matmul_ceiling
 from apo_ray.game import FinishReason, Rollout, TokenSample
@@ -31,7 +31,8 @@ from apo_ray.chat import AUTO, ChatFormat
 from apo_ray.modeling import eos_token_ids, load_tokenizer, torch_dtype
 from apo_ray.vllm_cpu import CPU_ENGINE_DEFAULTS, check_cpu_engine_kwargs
 from apo_ray.vllm_version import require_supported_vllm
-from apo_ray.named_tensors import WeightBucket, checkpoint_files, read_checkpoint_dir, unpack_bucket
+from apo_ray.named_tensors import read_checkpoint_dir
+from apo_ray.sync_backends import get_backend
 
 # KV cache of a CPU vLLM engine unless engine_kwargs say otherwise: by default vLLM claims most of the
 # NUMA node's memory and refuses to start next to other processes.
@@ -382,32 +383,16 @@ class RolloutWorker:
             raise ValueError("response_logprobs: every sample needs a prompt and a response token")
         return self.engine.response_logprobs(samples)
 
-    def load_weight_buckets(self, version: int, *buckets: WeightBucket) -> int:
-        """Reload the engine in place from the object-store sync's buckets; returns their bytes.
-
-        Ray resolves each bucket's object ref to a read-only view of the object store's shared memory: the
-        engine copies the tensors straight out of it."""
+    def receive_weights(self, backend: str, version: int, *args: Any) -> int:
+        """A shell around backend `backend`'s worker side (apo_ray/sync_backends/): load the weights `args` hand
+        over into the engine as `version`; returns the bytes loaded."""
         stall_if_injected("sync", self.worker_index)
-        pairs = [pair for bucket in buckets for pair in unpack_bucket(bucket)]
-        self.engine.load(corrupt_if_injected("sync", self.worker_index, pairs))
+        loaded = get_backend(backend).receive(self, *args)
         self._version = version
-        return sum(bucket.nbytes for bucket in buckets)
-
-    def load_weights_from_dir(self, path: str, version: int) -> int:
-        """Reload the engine in place from an HF checkpoint directory; returns the bytes read."""
-        files = checkpoint_files(path)
-        stall_if_injected("sync", self.worker_index)
-        self.engine.load_dir(str(path))
-        self._version = version
-        return sum(f.stat().st_size for f in files)
-
-    def set_policy_version(self, version: int, loaded_bytes: int = 0) -> int:
-        """Record the version of weights that arrived by another route (NCCL); passes `loaded_bytes` on."""
-        self._version = version
-        return loaded_bytes
+        return loaded
 
     def weight_transfer_rpc(self, method: str, kwargs: dict) -> None:
-        """One call of vLLM's weight-transfer API on this engine's workers (the NCCL strategy's client)."""
+        """One call of vLLM's weight-transfer API on this engine's workers (the nccl backend's client)."""
         self.engine.weight_transfer_rpc(method, kwargs)
 
     def policy_version(self) -> int:

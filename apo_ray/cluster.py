@@ -25,6 +25,7 @@ from apo_ray.learner_group import LearnerGroup, RenamedMethods
 from apo_ray.placement import Role, actor_plan, cluster_from_ray_nodes, local_num_cpus, place, totals
 from apo_ray.ray_env import driver_source_env
 from apo_ray.rollout_pool import RolloutPool
+from apo_ray.sync_backends import rank_zero_learner_methods
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,9 @@ def init_ray(cfg: Config) -> None:
         raise RuntimeError(f"the run's actors do not fit: {placement.summary} (`apo-ray train --dry-run` shows the plan)")
 
 
-# A policy learner's nccl weight sync: below ZeRO-3 (which nccl refuses) rank 0 holds every weight and broadcasts
-# them alone.
-POLICY_RANK_ZERO_METHODS = ("send_weights_nccl",)
+# The policy learner's methods that weight-sync backends declared rank 0's alone (apo_ray/sync_backends/): below
+# ZeRO-3 rank 0 holds every weight and sends them without the other ranks.
+POLICY_RANK_ZERO_METHODS = rank_zero_learner_methods()
 
 
 # LoRA's reference (learner.lora.reference_actor false): the policy learner's methods that read its base weights.

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, model_vali
 from apo_ray.config_section import Section
 from apo_ray.data import is_hub_name
 from apo_ray.methods import get_method, method_names, methods
+from apo_ray.sync_backends import backend_names, backends, config_refusal, get_backend
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,20 @@ class ModelConfig(Section):
         "before the first step."))
 
 
+def _weight_sync_description() -> str:
+    def listed(b) -> str:
+        needs = [what for what, needed in (("a GPU", b.needs_gpu), ("rollout.backend 'vllm'", b.needs_vllm),
+                                           ("learner.zero_stage 0-2", not b.gathers_zero3),
+                                           ("one node or a shared filesystem", b.shared_filesystem)) if needed]
+        return f"'{b.name}' ({b.about}" + (f"; needs {', '.join(needs)})" if needs else ")")
+
+    return ("How new policy weights reach the workers after each step, one module each in apo_ray/sync_backends/: "
+            + ", ".join(listed(b) for b in backends()) + ".")
+
+
+_BUCKET_USERS = " and ".join(f"'{b.name}'" for b in backends() if b.uses_buckets)
+
+
 class RolloutConfig(Section):
     """The rollout pool: workers that sample from the policy, sized independently of the learners."""
 
@@ -171,15 +186,12 @@ class RolloutConfig(Section):
         "Ray GPUs reserved by each rollout worker; 0 runs the engine on CPU."))
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature; 0 samples greedily.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling's probability mass; 1 keeps every token.")
-    weight_sync: Literal["object_store", "disk", "nccl"] = Field("object_store", description=(
-        "How new policy weights reach the workers after each step: 'object_store' (Ray's object store, any "
-        "device), 'disk' (a checkpoint the engines reload in place), 'nccl' (vLLM's weight transfer on GPU; needs "
-        "backend 'vllm' and learner.zero_stage 0-2)."))
+    weight_sync: Literal[backend_names()] = Field("object_store", description=_weight_sync_description())
     # Larger buckets mean fewer transfers, smaller ones less memory beside the learner's weights while it packs (or
     # two in flight on GPU).
     sync_bucket_mb: int = Field(256, ge=1, description=(
-        "MiB per flat buffer that the 'object_store' and 'nccl' syncs move weights in, rather than one transfer "
-        "per tensor (apo_ray/named_tensors.py pack_buckets)."))
+        f"MiB per flat buffer that the {_BUCKET_USERS} syncs move weights in, rather than one transfer per tensor "
+        "(apo_ray/named_tensors.py pack_buckets)."))
     verify_sync: bool = Field(True, description=(
         "After every weight sync, each worker reports per-tensor sums of the weights its engine holds, and the run "
         "stops (exit code 7) naming the worker and the tensor unless they equal the learner's "
@@ -782,8 +794,8 @@ _CONDITIONAL_KEYS = [
                     by_method=False),
     ConditionalKeys(("ppo.kl_target",), "ppo.adaptive_kl=true or ppo.kl_hard_limit=true",
                     lambda c: c.ppo.adaptive_kl or c.ppo.kl_hard_limit, by_method=False),
-    ConditionalKeys(("rollout.sync_bucket_mb",), "rollout.weight_sync object_store or nccl (disk writes a checkpoint)",
-                    lambda c: c.rollout.weight_sync in ("object_store", "nccl"), by_method=False),
+    ConditionalKeys(("rollout.sync_bucket_mb",), f"rollout.weight_sync {_BUCKET_USERS}",
+                    lambda c: get_backend(c.rollout.weight_sync).uses_buckets, by_method=False),
     ConditionalKeys((*(f"learner.lora.{k}" for k in LoraConfig.model_fields if k != "enabled"),
                      "checkpoint.merge_lora"),
                     "learner.lora.enabled=true", lambda c: c.learner.lora.enabled, by_method=False),
@@ -874,16 +886,11 @@ def _cross_checks(cfg: Config) -> None:
         from apo_ray.vllm_cpu import check_cpu_engine_kwargs  # it raises this module's ConfigError
 
         check_cpu_engine_kwargs(rollout.engine_kwargs, rollout.max_model_len)
-    if rollout.backend != "vllm" and rollout.weight_sync == "nccl":
-        raise ConfigError("rollout.weight_sync: 'nccl' needs rollout.backend 'vllm'")
-    if rollout.weight_sync == "nccl" and cfg.learner.backend == "deepspeed" and cfg.learner.zero_stage == 3:
-        # The broadcast reads the learner's parameters as they are, and ZeRO-3 holds only a shard of each.
-        raise ConfigError("rollout.weight_sync: 'nccl' does not gather ZeRO-3 shards yet; use learner.zero_stage "
-                          "0-2 with nccl, or weight_sync 'object_store' / 'disk' at stage 3")
-    if cfg.learner.lora.applies_to("policy") and rollout.weight_sync == "nccl":
-        # The broadcast sends the learner's parameters as they are: under peft, base and adapter apart.
-        raise ConfigError("rollout.weight_sync: 'nccl' sends the policy's parameters as they are, not LoRA's merged "
-                          "weights; use 'object_store' or 'disk' with learner.lora.enabled")
+    refusal = config_refusal(rollout.weight_sync, rollout_backend=rollout.backend,
+                             zero_stage_3=cfg.learner.backend == "deepspeed" and cfg.learner.zero_stage == 3,
+                             lora=cfg.learner.lora.applies_to("policy"))
+    if refusal:
+        raise ConfigError(refusal)
     if model.dtype == "float16":
         raise ConfigError(
             "model.dtype: float16 training needs loss scaling, which apo-ray's learners do not do; use bfloat16 "

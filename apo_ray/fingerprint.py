@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 REL_TOL = 1e-7
+# Values cast to float64 at a time (8 MiB); the chunks' sums add up in float64 like the whole tensor's.
+CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,15 @@ class TensorStats:
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> "TensorStats":
-        values = tensor.detach().double()
-        return cls(values.sum().item(), values.square().sum().item(), tensor.numel())
+        # A chunk at a time in float64: a float64 copy of a whole embedding would take 4 to 8 times its own memory
+        # beside the learner's export (or the engine). Both sides hand in contiguous tensors, whose flat view is free.
+        flat = tensor.detach().flatten()
+        total = squares = 0.0
+        for start in range(0, flat.numel(), CHUNK):
+            values = flat[start : start + CHUNK].double()
+            total += values.sum().item()
+            squares += torch.dot(values, values).item()
+        return cls(total, squares, tensor.numel())
 
     def __add__(self, other: "TensorStats") -> "TensorStats":
         return TensorStats(self.total + other.total, self.squares + other.squares, self.count + other.count)

@@ -6,11 +6,11 @@ returns rank 0's ObjectRef, so anything that takes an actor handle (the weight s
 group. The ranks train data-parallel under DeepSpeed (actors/engine.py): each takes its share of the same
 minibatches, and rank 0's result stands for all (its stats are averaged over the ranks). Collectives need every
 rank in every call, the ZeRO-3 gathers for checkpoints and weight sync too, so every call goes to every rank,
-except `rank_zero_methods` (the NCCL broadcast into vLLM, which rank 0 sends alone).
+except `rank_zero_methods` (a weight sync's send that rank 0 makes alone, as the NCCL broadcast into vLLM).
 
 `gather(refs)` is `ray.get` for such calls: it also waits for the other ranks and stops at the first failure,
 so that a rank that died raises `RankDied` naming it instead of leaving its peers waiting in a collective.
-A generator method (the policy's `weight_buckets`) hands out rank 0's ObjectRefGenerator; `gather` of one
+A generator method (the policy's `stream_weights`) hands out rank 0's ObjectRefGenerator; `gather` of one
 waits until every rank's generator has finished and returns the refs rank 0 yielded.
 The ranks meet at rank 0's node: its address and a free port are read there, in the placement group's first
 bundle, before any rank starts (the ActorGroup's `on_placement_group`).

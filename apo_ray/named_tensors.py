@@ -1,6 +1,6 @@
 """Weights as (HF name, tensor) pairs, the safetensors checkpoint directories that hold them, and the flat
 buckets the object-store sync moves them in: what the policy learner exports, the weight-sync strategies move
-(apo_ray.weight_sync) and the rollout workers load. Pure torch and numpy; no Ray."""
+(apo_ray/sync_backends/) and the rollout workers load. Pure torch and numpy; no Ray."""
 
 from __future__ import annotations
 

@@ -5,9 +5,9 @@
   the dead worker is restarted in its placement-group bundle with the current weights: every prompt is
   answered exactly once. `submit` starts the same call and returns at once (`GenerateCall.result()`
   collects it), so that the workers sample while the driver waits on learners.
-- `sync` / `sync_from` move new weights to every worker through a WeightSync strategy; the pool keeps the
-  last payload so that workers that join (resize) or restart get the current weights and version. After every
-  load each worker reports a fingerprint of what its engine holds (apo_ray/fingerprint.py), which must equal the
+- `sync` / `sync_from` move new weights to every worker through a weight-sync backend (apo_ray/sync_backends/);
+  the pool keeps the last payload so that workers that join (resize) or restart get the current weights and
+  version. After every load each worker reports a fingerprint of what its engine holds (apo_ray/fingerprint.py), which must equal the
   learner's, or the sync raises WeightsDiffer naming the worker and the tensor.
 """
 
@@ -34,7 +34,7 @@ from apo_ray.game import Rollout, assign_shards
 from apo_ray.learner_group import gather
 from apo_ray.named_tensors import as_named_tensors, checkpoint_bytes, read_checkpoint_dir
 from apo_ray.progress import Progress
-from apo_ray.weight_sync import SyncStats, WeightSync, make_weight_sync
+from apo_ray.sync_backends import SyncBackend, SyncStats, cluster_refusal, config_refusal, get_backend, make_backend
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class RolloutPool:
         *,
         num_cpus_per_worker: float = 1.0,
         num_gpus_per_worker: float = 0.0,
-        weight_sync: WeightSync | str = "object_store",
+        weight_sync: SyncBackend | str = "object_store",
         name_prefix: str = "rollout",
         placement_strategy: str = "PACK",
         env: dict[str, str] | None = None,
@@ -219,11 +219,15 @@ class RolloutPool:
         sync_timeout_s: float | None = None,
         startup_timeout_s: float | None = None,
     ):
-        self.weight_sync = make_weight_sync(weight_sync) if isinstance(weight_sync, str) else weight_sync
-        extra = self.weight_sync.engine_kwargs()
-        if extra and spec.backend != "vllm":
-            raise ValueError(f"rollout.weight_sync: {self.weight_sync.name!r} needs rollout.backend 'vllm'")
-        self.spec = dataclasses.replace(spec, engine_kwargs={**extra, **spec.engine_kwargs})
+        self.weight_sync = make_backend(weight_sync) if isinstance(weight_sync, str) else weight_sync
+        # The config's checks, for a pool built without one; then the cluster's, before any worker starts.
+        refusal = config_refusal(self.weight_sync.name, rollout_backend=spec.backend)
+        if refusal:
+            raise ValueError(refusal)
+        refusal = cluster_refusal(self.weight_sync.name, ray.cluster_resources().get("GPU", 0), "the Ray cluster")
+        if refusal:
+            raise RuntimeError(refusal)
+        self.spec = dataclasses.replace(spec, engine_kwargs={**self.weight_sync.engine_kwargs(), **spec.engine_kwargs})
         self.max_worker_failures = max_worker_failures
         self.group = ActorGroup(
             RolloutWorker, num_workers, name_prefix=name_prefix, make_kwargs=self.spec.worker_kwargs,
@@ -252,7 +256,7 @@ class RolloutPool:
                         "fingerprint check after syncs is off", infos[0]["engine_ranks"])
         self.version = 0
         # The last sync's strategy and payload: replayed to workers that join or restart.
-        self._published: tuple[WeightSync, Any] | None = None
+        self._published: tuple[SyncBackend, Any] | None = None
         # The fingerprint of the last sync's weights, and the slots that loaded them since they were last checked.
         self._reference: Fingerprint | None = None
         self._unverified: set[int] = set()
@@ -271,12 +275,10 @@ class RolloutPool:
             seed=cfg.seed, max_model_len=rollout.max_model_len, dtype=cfg.rollout_dtype,
             engine_kwargs=dict(rollout.engine_kwargs), chat_template=template_setting(cfg.data.chat_template),
         )
-        options = ({"root": Path(cfg.run_dir).resolve() / "rollout_weights"} if rollout.weight_sync == "disk"
-                   else {"bucket_bytes": rollout.sync_bucket_mb * 2**20})
         return cls(
             spec, rollout.num_workers, num_cpus_per_worker=rollout.num_cpus_per_worker,
             num_gpus_per_worker=rollout.num_gpus_per_worker,
-            weight_sync=make_weight_sync(rollout.weight_sync, **options), name_prefix=name_prefix, env=env,
+            weight_sync=get_backend(rollout.weight_sync).from_config(cfg), name_prefix=name_prefix, env=env,
             verify_sync=rollout.verify_sync, generate_timeout_s=rollout.generate_timeout_s,
             sync_timeout_s=rollout.sync_timeout_s, startup_timeout_s=rollout.startup_timeout_s,
         )
@@ -427,7 +429,7 @@ class RolloutPool:
 
     # ------------------------------------------------------------------ weights
 
-    def sync(self, weights: Any, version: int, weight_sync: WeightSync | None = None) -> dict[str, float]:
+    def sync(self, weights: Any, version: int, weight_sync: SyncBackend | None = None) -> dict[str, float]:
         """Load `weights` (named tensors, an object ref of them, or an HF dir for `disk`) as `version`,
         through `weight_sync` (default: the pool's strategy)."""
         strategy = weight_sync or self.weight_sync
@@ -435,11 +437,11 @@ class RolloutPool:
                           lambda: self._fingerprint_of(weights))
 
     def sync_from(self, learner: ray.actor.ActorHandle, version: int,
-                  weight_sync: WeightSync | None = None) -> dict[str, float]:
+                  weight_sync: SyncBackend | None = None) -> dict[str, float]:
         """Load the learner actor's current weights as `version`; nothing passes through the driver."""
         strategy = weight_sync or self.weight_sync
-        # The learner computes its fingerprint while the workers load.
-        return self._sync(strategy, lambda: strategy.publish_from(learner, version), version,
+        # The learner computes its fingerprint, of the weights its send exported, while the workers load.
+        return self._sync(strategy, lambda: strategy.publish_from(learner, version, verify=self.verify_sync), version,
                           lambda: learner.weights_fingerprint.remote(self.engine_dtype))
 
     def _fingerprint_of(self, weights: Any) -> Fingerprint:
@@ -449,7 +451,7 @@ class RolloutPool:
         pairs = read_checkpoint_dir(weights) if isinstance(weights, (str, Path)) else as_named_tensors(weights)
         return fingerprint(pairs, getattr(torch, self.engine_dtype))
 
-    def _sync(self, strategy: WeightSync, publish: Callable[[], Any], version: int,
+    def _sync(self, strategy: SyncBackend, publish: Callable[[], Any], version: int,
               reference: Callable[[], Fingerprint | ray.ObjectRef]) -> dict[str, float]:
         """`reference()`: the fingerprint of the weights `publish()` published, or a learner's ref to it."""
         self._refuse_while_open("sync")

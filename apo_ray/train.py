@@ -35,6 +35,7 @@ from apo_ray.model_sources import with_local_models
 from apo_ray.named_tensors import checkpoint_bytes
 from apo_ray.placement import (CLUSTER_SYNTAX, actor_plan, check_plan, local_cluster, parse_cluster, place,
                                placement_lines, plan_table, read_running_cluster)
+from apo_ray.sync_backends import cluster_refusal, get_backend
 from apo_ray.vllm_version import VllmVersionError, require_supported_vllm
 
 CONFIG_FILE = "config.yaml"
@@ -387,8 +388,9 @@ def dry_run(cfg: Config, resume: bool, cluster_spec: str | None) -> int:
         cluster = local_cluster(cfg)
     placement = place(plan, cluster)
     problems = [placement.summary] if not placement.fits else []
-    if cfg.rollout.weight_sync == "nccl" and not any(node.gpus for node in cluster.nodes):
-        problems.append("rollout.weight_sync: 'nccl' broadcasts GPU tensors and the cluster has no GPU")
+    refusal = cluster_refusal(cfg.rollout.weight_sync, sum(node.gpus for node in cluster.nodes))
+    if refusal:
+        problems.append(refusal)
 
     print(f"dry run: method {cfg.method}, apo {str(cfg.apo).lower()}, rollout backend {cfg.rollout.backend}"
           + (f" ({vllm})" if vllm else ""))
@@ -404,6 +406,9 @@ def dry_run(cfg: Config, resume: bool, cluster_spec: str | None) -> int:
     print("placement plan (each actor in a bundle of its own):")
     print("\n".join(f"  {line}" for line in plan_table(plan)))
     print("\n".join(placement_lines(placement, plan)))
+    if get_backend(cfg.rollout.weight_sync).shared_filesystem and len(cluster.nodes) > 1:
+        print(f"note: rollout.weight_sync {cfg.rollout.weight_sync!r} hands the workers files under run_dir: on "
+              f"{len(cluster.nodes)} nodes it must be on a filesystem they all share")
     if problems:
         print("error: the plan does not fit: " + "; ".join(problems), file=sys.stderr)
         return 2

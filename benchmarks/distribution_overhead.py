@@ -94,10 +94,11 @@ class LocalPool:
         return self.worker.matmul_ceiling()
 
     def sync_from(self, learner: LocalHandle, version: int) -> dict[str, float]:
-        from apo_ray.weight_sync import DEFAULT_BUCKET_BYTES
+        from apo_ray.sync_backends import DEFAULT_BUCKET_BYTES
 
         started = time.perf_counter()
-        loaded = self.worker.load_weight_buckets(version, *learner.weight_buckets.remote(DEFAULT_BUCKET_BYTES))
+        buckets = learner.stream_weights.remote("object_store", False, DEFAULT_BUCKET_BYTES)
+        loaded = self.worker.receive_weights("object_store", version, *buckets)
         return {"timing/sync": time.perf_counter() - started, "sync/bytes": float(loaded), "sync/workers": 1.0}
 
 

@@ -126,7 +126,8 @@ def weight_sync(args: argparse.Namespace, path: str, scratch: Path) -> dict[str,
     from apo_ray.cluster import actor_env
     from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
     from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec
-    from apo_ray.weight_sync import DiskSync, ObjectStoreSync
+    from apo_ray.sync_backends.disk import DiskSync
+    from apo_ray.sync_backends.object_store import ObjectStoreSync
 
     learner = ray.remote(PolicyLearner).options(num_cpus=1, runtime_env={"env_vars": actor_env()}).remote(
         path, model=ModelConfig(dtype="float32"), policy=PolicyConfig(), learner=LearnerConfig(backend="torch"))

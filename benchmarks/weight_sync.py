@@ -4,7 +4,7 @@ in-memory copy (`torch.clone` of the same tensors in one process) measured in th
 
 Each sync is the system's own path, the strategy's `publish_from(learner)` then `apply` on the first N
 workers of one pool of 4 (what `RolloutPool.sync_from` does for all of its workers): the learner actor exports
-its weights (object store: `weight_buckets`, each bucket into the object store once; disk: `save_pretrained`),
+its weights (object store: its buckets, each into the object store once; disk: a safetensors checkpoint),
 and every worker reloads its vLLM engine in place. The issue's goals: the object store at least 50% of the
 clone's bandwidth, and flat in N up to 4. The arms are interleaved, reversing order each repeat. At the end
 the learner's weights are perturbed and synced once more per strategy into all 4 workers, and every worker's
@@ -87,7 +87,7 @@ def perturb(learner: Any) -> None:
 
 
 def load_in_stages(worker: Any, version: int, refs: list) -> dict[str, float]:
-    """A rollout worker's half of an object-store sync (RolloutWorker.load_weight_buckets), stage by stage:
+    """A rollout worker's half of an object-store sync (apo_ray/sync_backends/object_store.py receive), stage by stage:
     reading the buckets out of the object store, viewing them as tensors, and vLLM's in-place reload. `copy`
     clones the same tensors in the worker's process, the plain memory-copy floor beside the reload."""
     import time
@@ -105,13 +105,14 @@ def load_in_stages(worker: Any, version: int, refs: list) -> dict[str, float]:
     copied = time.perf_counter()
     del copies
     worker.engine.load(pairs)
-    worker.set_policy_version(version)
+    worker._version = version
     return {"fetch": fetched - started, "unpack": unpacked - fetched, "copy": copied - unpacked,
             "reload": time.perf_counter() - copied}
 
 
 def make_strategies(scratch, name: str) -> dict[str, Any]:
-    from apo_ray.weight_sync import DiskSync, ObjectStoreSync
+    from apo_ray.sync_backends.disk import DiskSync
+    from apo_ray.sync_backends.object_store import ObjectStoreSync
 
     return {"object_store 256 MiB": ObjectStoreSync(bucket_bytes=256 * 2**20),
             "object_store 32 MiB": ObjectStoreSync(bucket_bytes=32 * 2**20),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from apo_ray.fault_injection import ENV, corrupt_if_injected, stall_if_injected
-from apo_ray.fingerprint import TensorStats, checkpoint_names, first_difference, fingerprint
+from apo_ray.fingerprint import CHUNK, TensorStats, checkpoint_names, first_difference, fingerprint
 
 QWEN2_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 ATTN = "model.layers.0.self_attn"
@@ -45,6 +45,21 @@ def test_stats_are_the_hand_computed_sums():
     stats = TensorStats.of(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
     assert (stats.total, stats.squares, stats.count) == (2.5, 14.25, 4)
     assert TensorStats.of(torch.tensor([1.0])) + TensorStats.of(torch.tensor([2.0, 3.0])) == TensorStats(6.0, 14.0, 3)
+
+
+def test_stats_of_a_tensor_of_several_chunks_are_the_whole_tensors_sums():
+    """A tensor is summed a chunk at a time in float64, never copied whole to float64: its stats are still the
+    exact sums (here of values float64 sums exactly) and equal, to float64 rounding, to a whole-tensor float64 sum."""
+    halves = torch.full((2 * CHUNK + 3,), 0.5, dtype=torch.bfloat16)
+    halves[-1] = -1.5
+    stats = TensorStats.of(halves.reshape(-1, 1))
+    assert (stats.total, stats.squares, stats.count) == (0.5 * (2 * CHUNK + 2) - 1.5, 0.25 * (2 * CHUNK + 2) + 2.25,
+                                                         2 * CHUNK + 3)
+    values = torch.randn(3 * CHUNK + 17, generator=torch.Generator().manual_seed(1))
+    whole = values.double()
+    stats = TensorStats.of(values)
+    assert stats.total == pytest.approx(whole.sum().item(), rel=1e-12, abs=1e-9)
+    assert stats.squares == pytest.approx(whole.square().sum().item(), rel=1e-12)
 
 
 def test_a_fused_transposed_engine_matches_its_learner():

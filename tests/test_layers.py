@@ -27,6 +27,16 @@ CORE = {
 }
 
 
+# The weight-sync backends (apo_ray/sync_backends/): each module holds the driver's, the learner's and the worker's
+# side of one backend and its declarations. The config (core), the actors and the driver read them, so at import
+# time a backend imports only the core (the config and the learners get the declarations without Ray); inside the
+# functions of a side it may import what runs on that side: Ray and vLLM, the driver's `gather`
+# (apo_ray.learner_group) and the learner's free port (apo_ray.actors.engine).
+SYNC = {"sync_backends", *(f"sync_backends.{path.stem}" for path in ROOT.glob("apo_ray/sync_backends/*.py")
+                           if path.stem != "__init__")}
+SYNC_SIDES = {"apo_ray.learner_group", "apo_ray.actors.engine"}
+
+
 def module_name(path: Path) -> str:
     """apo_ray's name for a source file (actors/x.py is apo_ray.actors.x)."""
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -56,8 +66,13 @@ def is_core(name: str) -> bool:
     return name.removeprefix("apo_ray.") in CORE
 
 
+def is_sync(name: str) -> bool:
+    return name.removeprefix("apo_ray.") in SYNC
+
+
 def test_the_core_list_names_real_modules():
     assert {f"apo_ray.{m}" for m in CORE} <= set(SOURCES)
+    assert {f"apo_ray.{m}" for m in SYNC} <= set(SOURCES) and len(SYNC) >= 4
     assert len(ACTORS) >= 7
 
 
@@ -65,7 +80,8 @@ def test_the_core_list_names_real_modules():
 def test_core_imports_neither_ray_nor_actors_nor_the_driver(module):
     bad = sorted(
         name for name in imported_modules(SOURCES[module])
-        if name == "ray" or name.startswith("ray.") or (name.startswith("apo_ray.") and not is_core(name))
+        if name == "ray" or name.startswith("ray.")
+        or (name.startswith("apo_ray.") and not (is_core(name) or is_sync(name)))
     )
     assert not bad, f"{module} is pure core but imports {bad}"
 
@@ -74,9 +90,24 @@ def test_core_imports_neither_ray_nor_actors_nor_the_driver(module):
 def test_actors_import_only_the_core_and_each_other(module):
     bad = sorted(
         name for name in imported_modules(SOURCES[module])
-        if name.startswith("apo_ray.") and not (is_core(name) or name in ACTORS)
+        if name.startswith("apo_ray.") and not (is_core(name) or is_sync(name) or name in ACTORS)
     )
     assert not bad, f"{module} is an actor module but imports driver modules {bad}"
+
+
+@pytest.mark.parametrize("module", sorted(f"apo_ray.{m}" for m in SYNC))
+def test_a_sync_backend_imports_the_core_when_imported_and_a_sides_helpers_where_it_runs(module):
+    at_import = import_time_modules(SOURCES[module])
+    bad_at_import = sorted(
+        name for name in at_import
+        if name.split(".")[0] in ("ray", "vllm") or (name.startswith("apo_ray.") and not (is_core(name) or is_sync(name)))
+    )
+    assert not bad_at_import, f"{module} is a sync backend but imports {bad_at_import} when imported"
+    bad = sorted(
+        name for name in imported_modules(SOURCES[module])
+        if name.startswith("apo_ray.") and not (is_core(name) or is_sync(name) or name in SYNC_SIDES)
+    )
+    assert not bad, f"{module} is a sync backend but imports {bad}"
 
 
 def test_nothing_imports_a_top_level_actors_package():
@@ -101,7 +132,7 @@ def test_the_wheel_installs_actors_as_apo_ray_actors(tmp_path):
     assert "apo_ray/actors/policy.py" in names and "apo_ray/actors/rollout.py" in names
     assert not [n for n in names if n.startswith("actors/")]
     assert "apo_ray/builtin/oracle.py" in names and "apo_ray/stages/runner.py" in names
-    assert "apo_ray/methods/ipo.py" in names
+    assert "apo_ray/methods/ipo.py" in names and "apo_ray/sync_backends/nccl.py" in names
 
 
 def test_local_ray_workers_get_the_drivers_apo_ray_first(monkeypatch):

@@ -80,7 +80,7 @@ def test_two_ranks_take_the_step_one_rank_takes_on_the_whole_batch(stage, ray_cl
         import ray
 
         from apo_ray.named_tensors import unpack_bucket
-        from apo_ray.weight_sync import ObjectStoreSync
+        from apo_ray.sync_backends.object_store import ObjectStoreSync
 
         buckets = ObjectStoreSync(bucket_bytes=1 << 20).publish_from(group, 1)
         assert len(buckets) > 1
@@ -108,7 +108,7 @@ def test_two_ranks_take_the_step_one_rank_takes_on_the_whole_batch(stage, ray_cl
                 group.call("sft_step", SAMPLES, epochs=1, seed=1)
             # The weight sync's generator calls too (rank 0, stuck in the step's collective, is not waited for).
             with pytest.raises(RankDied, match=r"^policy-test-zero2-1, rank 1 of the 2-rank policy learner, "
-                                               r"died during weight_buckets: "):
+                                               r"died during stream_weights: "):
                 ObjectStoreSync(bucket_bytes=1 << 20).publish_from(group, 2)
             dead = find_dead_rank([group])
             assert dead is not None and (dead.name, dead.rank) == ("policy-test-zero2-1", 1)

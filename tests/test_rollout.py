@@ -12,7 +12,6 @@ import pytest
 import ray
 import torch
 
-from apo_ray.actors.nccl import RolloutEnginesClient
 from apo_ray.actors.policy import PolicyLearner
 from apo_ray.actors.rollout import RolloutWorker, cut_at_eos
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
@@ -20,7 +19,10 @@ from apo_ray.modeling import load_tokenizer, text_samples
 from apo_ray.fault_injection import ENV as FAULTS_ENV
 from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec, WeightsDiffer
 from apo_ray.named_tensors import as_named_tensors, drop_shared_tensors, read_checkpoint_dir, write_checkpoint_dir
-from apo_ray.weight_sync import WEIGHT_SYNCS, DiskSync, NcclSync, ObjectStoreSync, make_weight_sync
+from apo_ray.sync_backends import backend_names, get_backend, make_backend
+from apo_ray.sync_backends.disk import DiskSync
+from apo_ray.sync_backends.nccl import NcclSync, RolloutEnginesClient
+from apo_ray.sync_backends.object_store import ObjectStoreSync
 
 PROMPTS = ["the cat sat on the mat", "how do i bake bread", "tell me about the sea", "why is the sky blue"]
 GREEDY = {"max_new_tokens": 12, "max_prompt_tokens": 32, "temperature": 0.0, "max_model_len": 64, "dtype": "float32"}
@@ -112,17 +114,20 @@ def test_checkpoint_dir_round_trip(tmp_path):
     assert torch.equal(loaded["a"], tied) and torch.equal(loaded["c"], torch.tensor([1.5]))
 
 
-@pytest.mark.parametrize("strategy", sorted(WEIGHT_SYNCS))
-def test_every_weight_sync_calls_a_method_of_the_real_policy_learner(strategy):
-    """The contract the NCCL sync broke: each strategy's learner method exists on PolicyLearner itself."""
+@pytest.mark.parametrize("name", backend_names())
+def test_every_weight_sync_calls_a_method_of_the_real_policy_learner_and_worker(name):
+    """The contract the NCCL sync broke: the shell each backend's sides run in exists on PolicyLearner and
+    RolloutWorker themselves, a generator exactly for a backend that streams (Ray makes each item an object)."""
     import inspect
 
-    method = getattr(PolicyLearner, WEIGHT_SYNCS[strategy].learner_method, None)
-    assert callable(method), f"PolicyLearner has no {WEIGHT_SYNCS[strategy].learner_method}"
-    takes = {"object_store": ["bucket_bytes"], "disk": ["directory"], "nccl": ["workers", "bucket_bytes"]}[strategy]
+    backend = get_backend(name)
+    method = getattr(PolicyLearner, backend.learner_method(), None)
+    assert callable(method), f"PolicyLearner has no {backend.learner_method()}"
+    assert inspect.isgeneratorfunction(method) == backend.streams == inspect.isgeneratorfunction(backend.send)
     # Ray's tracing adds a _ray_trace_ctx keyword to the methods of a class once it has been made an actor.
-    params = [name for name in inspect.signature(method).parameters if not name.startswith("_ray")]
-    assert params[1:] == takes
+    params = [p for p in inspect.signature(method).parameters if not p.startswith("_ray")]
+    assert params == ["self", "backend", "verify", "args"]
+    assert callable(getattr(RolloutWorker, "receive_weights", None))
 
 
 def test_nccl_client_gives_each_engine_its_own_ranks_after_the_learner():
@@ -134,7 +139,7 @@ def test_bad_weights_and_names_fail_clearly(tmp_path):
     with pytest.raises(TypeError, match=r"weights\[0\]"):
         as_named_tensors([("w", [1.0, 2.0])])
     with pytest.raises(ValueError, match="rollout.weight_sync: unknown strategy 'ftp'"):
-        make_weight_sync("ftp")
+        make_backend("ftp")
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         list(read_checkpoint_dir(tmp_path))
     with pytest.raises(ValueError, match="rollout.max_model_len"):
@@ -153,9 +158,12 @@ def vllm_worker(ray_cluster, tiny_lm_dir):
 
 
 @pytest.mark.integration
-def test_nccl_sync_is_refused_on_a_cpu_cluster(ray_cluster):
-    with pytest.raises(RuntimeError, match="'nccl'.*has no GPU.*'object_store' or 'disk'"):
-        make_weight_sync("nccl")
+def test_nccl_sync_is_refused_on_a_cpu_cluster_before_any_worker_starts(ray_cluster, tiny_lm_dir):
+    actors = len(ray.util.list_named_actors(all_namespaces=True))
+    with pytest.raises(RuntimeError, match="'nccl'.*the Ray cluster has no GPU.*'object_store' or 'disk'"):
+        RolloutPool(RolloutWorkerSpec(tiny_lm_dir, "vllm", **GREEDY), 1, weight_sync="nccl",
+                    name_prefix="test-rollout-refused")
+    assert len(ray.util.list_named_actors(all_namespaces=True)) == actors
 
 
 @pytest.mark.integration

@@ -15,7 +15,7 @@ from apo_ray.data import load_hh_pairs
 from apo_ray.modeling import encode_samples, load_tokenizer
 from apo_ray.ppo import logprob_mismatch, sampler_logprob_grid
 from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec
-from apo_ray.weight_sync import ObjectStoreSync
+from apo_ray.sync_backends.object_store import ObjectStoreSync
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.integration

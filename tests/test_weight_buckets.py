@@ -9,7 +9,8 @@ import torch
 from apo_ray.actors.policy import PolicyLearner
 from apo_ray.builtin.models import make_policy_model, make_tokenizer
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
-from apo_ray.named_tensors import pack_buckets, unpack_bucket
+from apo_ray.fingerprint import fingerprint
+from apo_ray.named_tensors import pack_buckets, read_checkpoint_dir, unpack_bucket
 
 
 def layout(buckets) -> list[list[tuple[tuple[str, ...], int]]]:
@@ -82,7 +83,7 @@ def test_the_policy_learners_buckets_hold_its_exact_weights(tmp_path, dtype):
                             learner=LearnerConfig(backend="torch"))
     exported = learner.state_dict()
     assert exported["lm_head.weight"] is exported["model.embed_tokens.weight"]  # the builtin policy is tied
-    buckets = list(learner.weight_buckets(bucket_bytes=4096))
+    buckets = list(learner.stream_weights("object_store", False, 4096))
     assert len(buckets) > 1
     unpacked = dict(pair for bucket in buckets for pair in unpack_bucket(bucket))
     assert sorted(unpacked) == sorted(exported)
@@ -90,3 +91,27 @@ def test_the_policy_learners_buckets_hold_its_exact_weights(tmp_path, dtype):
         assert unpacked[name].dtype == getattr(torch, dtype) == tensor.dtype, name
         assert torch.equal(unpacked[name], tensor), name
     assert unpacked["lm_head.weight"].data_ptr() == unpacked["model.embed_tokens.weight"].data_ptr()
+
+
+def test_a_checked_sync_copies_the_learners_weights_once(tmp_path, monkeypatch):
+    """The fingerprint the check after a sync compares with is taken from the copy the send exported: one gather
+    and copy of the whole model per sync, whichever backend exports one (object_store, disk)."""
+    policy_dir = str(make_policy_model(tmp_path / "policy", make_tokenizer()))
+    learner = PolicyLearner(policy_dir, model=ModelConfig(dtype="float32"), policy=PolicyConfig(),
+                            learner=LearnerConfig(backend="torch"))
+    expected = fingerprint(learner.state_dict().items(), torch.bfloat16)
+    copies = []
+    export = learner.engine.rank0_state_dict
+    monkeypatch.setattr(learner.engine, "rank0_state_dict", lambda: copies.append(1) or export())
+
+    buckets = list(learner.stream_weights("object_store", True, 4096))
+    assert len(buckets) > 1 and learner.weights_fingerprint("bfloat16") == expected and len(copies) == 1
+    learner.send_weights("disk", True, str(tmp_path / "v2"))
+    assert learner.weights_fingerprint("bfloat16") == expected and len(copies) == 2
+    written = dict(read_checkpoint_dir(tmp_path / "v2"))
+    # The tied lm_head is stored once, as save_pretrained stores it.
+    assert sorted(written) == sorted(set(expected) - {"lm_head.weight"})
+    assert all(torch.equal(written[name], tensor) for name, tensor in export().items() if name in written)
+    # An unchecked send keeps no copy: a fingerprint asked for later reads the weights as they are then.
+    list(learner.stream_weights("object_store", False, 4096))
+    assert learner.weights_fingerprint("bfloat16") == expected and len(copies) == 4

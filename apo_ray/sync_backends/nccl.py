@@ -1,15 +1,18 @@
-"""The learner side of the `nccl` weight sync (apo_ray/weight_sync.py NcclSync): vLLM's NCCL weight transfer
-from the policy learner (rank 0 of the group) into every rollout worker's engine."""
+"""`nccl`: vLLM's weight-transfer API (``WeightTransferConfig(backend="nccl")``): the policy learner (rank 0 of its
+group) broadcasts its GPU tensors straight into every rollout worker's vLLM engine, packed into buffers of
+`rollout.sync_bucket_mb` (vLLM's packed broadcast). GPU only; refused on a CPU-only cluster before any actor starts.
+
+Weights never pass through the driver, so there is nothing to publish: the payload is the learner.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-import ray
 import torch
 
-from apo_ray.actors.engine import free_port
+from apo_ray.sync_backends import DEFAULT_BUCKET_BYTES, SyncBackend, register_backend
 
 
 class RolloutEnginesClient:
@@ -19,11 +22,13 @@ class RolloutEnginesClient:
     at ranks after engine i-1's, so N single-engine actors share one group with the learner.
     """
 
-    def __init__(self, workers: Sequence[ray.actor.ActorHandle], ranks_per_worker: Sequence[int]):
+    def __init__(self, workers: Sequence[Any], ranks_per_worker: Sequence[int]):
         self.workers = list(workers)
         self.rank_offsets = [1 + sum(ranks_per_worker[:i]) for i in range(len(self.workers))]
 
     def _all(self, method: str, kwargs_per_worker: Sequence[dict] | None = None) -> None:
+        import ray
+
         kwargs_per_worker = kwargs_per_worker or [{}] * len(self.workers)
         ray.get([w.weight_transfer_rpc.remote(method, kw) for w, kw in zip(self.workers, kwargs_per_worker)])
 
@@ -45,7 +50,7 @@ class RolloutEnginesClient:
 
 
 class NcclWeightSender:
-    """Learner side of the NCCL strategy: broadcasts `module`'s parameters to the given rollout workers.
+    """The learner's side: broadcasts `module`'s parameters to the given rollout workers.
 
     The NCCL group is built on the first send and rebuilt when the set of workers changes (a resize or a
     restart), since an NCCL group's size is fixed. Tensors go through vLLM's packed broadcast: flat buffers of
@@ -56,14 +61,17 @@ class NcclWeightSender:
         self.module = module
         self.bucket_bytes = bucket_bytes
         self._engine = None
-        self._workers: list[ray.actor.ActorHandle] = []
+        self._workers: list = []
 
-    def send(self, workers: Sequence[ray.actor.ActorHandle]) -> int:
+    def send(self, workers: Sequence[Any]) -> int:
+        import ray
         from vllm.distributed.weight_transfer.base import ModuleSource
         from vllm.distributed.weight_transfer.nccl_engine import (
             NCCLTrainerInitInfo,
             NCCLTrainerWeightTransferEngine,
         )
+
+        from apo_ray.actors.engine import free_port
 
         if list(workers) != self._workers:
             self.close()
@@ -80,6 +88,8 @@ class NcclWeightSender:
         return sum(p.numel() * p.element_size() for p in self.module.parameters())
 
     def close(self) -> None:
+        import ray
+
         if self._engine is None:
             return
         for worker in self._workers:
@@ -89,3 +99,48 @@ class NcclWeightSender:
                 pass  # a dead worker has no group to leave
         self._engine.shutdown()
         self._engine, self._workers = None, []
+
+
+@register_backend
+class NcclSync(SyncBackend):
+    name = "nccl"
+    about = "vLLM's weight transfer on GPU"
+    needs_gpu = "broadcasts GPU tensors"
+    needs_vllm = True
+    # The broadcast reads the learner's parameters as they are, and ZeRO-3 holds only a shard of each.
+    gathers_zero3 = False
+    exports_weights = False
+    rank0_only = True
+    uses_buckets = True
+
+    def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        self.bucket_bytes = bucket_bytes
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return {"weight_transfer_config": {"backend": "nccl"}}
+
+    def publish(self, weights: Any, version: int) -> Any:
+        raise TypeError("weight_sync 'nccl': weights stream from the learner's GPU; call sync_from(learner)")
+
+    def publish_from(self, learner: Any, version: int, verify: bool = False) -> Any:
+        return learner
+
+    def apply(self, workers, payload: Any, version: int) -> list:
+        # verify False: the broadcast exports no copy; the learner's weights_fingerprint reads the weights as they are.
+        sent = self.send_from(payload, False, list(workers), self.bucket_bytes)
+        # Passing `sent` as an argument makes each version bump wait until the broadcast has landed.
+        return self.receive_on(workers, version, sent)
+
+    @staticmethod
+    def send(learner: Any, workers: list, bucket_bytes: int) -> int:
+        """Broadcast the weights into the workers' vLLM engines; the sender (and its NCCL group) stays with the
+        learner between syncs."""
+        sender = learner.sync_state.get("nccl")
+        if sender is None:
+            sender = learner.sync_state["nccl"] = NcclWeightSender(learner.model, bucket_bytes)
+        return sender.send(workers)
+
+    @staticmethod
+    def receive(worker: Any, loaded_bytes: int) -> int:
+        # The broadcast went into the engine through weight_transfer_rpc; `loaded_bytes` is what the learner sent.
+        return loaded_bytes
