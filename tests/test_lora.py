@@ -246,7 +246,7 @@ def test_a_sync_delivers_the_merged_weights_and_the_fingerprint_check_proves_it(
     import ray
 
     from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec
-    from apo_ray.weight_sync import DiskSync, ObjectStoreSync
+    from apo_ray.sync_backends import make_backend
 
     spec = RolloutWorkerSpec(tiny_lm_dir, backend, max_new_tokens=8, max_prompt_tokens=32, temperature=0.0,
                              max_model_len=64, dtype="float32")
@@ -265,7 +265,8 @@ def test_a_sync_delivers_the_merged_weights_and_the_fingerprint_check_proves_it(
         base_checksum = sum(t.double().abs().sum().item() for n, t in base.items() if n not in tied)
         assert before == pytest.approx(base_checksum, rel=1e-9) and abs(checksum - base_checksum) > 1e-3
         # Both strategies that take LoRA's merged weights (nccl is refused with LoRA).
-        for version, strategy in enumerate((ObjectStoreSync(bucket_bytes=1 << 20), DiskSync(root=tmp_path)), 1):
+        for version, strategy in enumerate((make_backend("object_store", bucket_bytes=1 << 20),
+                                             make_backend("disk", root=tmp_path)), 1):
             stats = pool.sync_from(learner, version, weight_sync=strategy)
             assert pool.versions() == [version] and stats["timing/sync_fingerprint"] > 0
             # What the engine holds is the merged model, not the base it started from.
