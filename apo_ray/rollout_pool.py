@@ -247,6 +247,9 @@ class RolloutPool:
             raise
         infos = self.group.call("ping")
         self.engine_start_seconds = [info["engine_start_seconds"] for info in infos]
+        # The most threads a worker computes on (rollout.threads, else Ray's from its CPUs); a replacement starts
+        # with the same environment.
+        self.worker_threads = max(info["threads"] for info in infos)
         # A slot's bundle, hence its node, stays when its worker is replaced.
         self._nodes = [info["node"] for info in infos]
         self.engine_dtype = infos[0]["dtype"]
@@ -296,10 +299,6 @@ class RolloutPool:
     def matmul_ceiling(self) -> float:
         """The workers' float32 matmul rates added up (FLOP/s), each measured with the others idle."""
         return sum(ray.get(worker.matmul_ceiling.remote()) for worker in self.workers)
-
-    def threads(self) -> int:
-        """The most threads any worker computes on (rollout.threads, else Ray's from its CPUs)."""
-        return max(ray.get(worker.ping.remote())["threads"] for worker in self.workers)
 
     def _restart(self, index: int) -> ray.actor.ActorHandle:
         """A fresh worker in slot `index`; it loads the current weights before any later call reaches it."""

@@ -45,7 +45,7 @@ class RoundFlops:
         if actors.critic is not None:
             self.learners["critic"] = actors.critic
         self.shape = gather(actors.policy.model_shape.remote())
-        self.threads = {"machine": machine_threads(), "rollout": actors.pool.threads()}
+        self.threads = {"machine": machine_threads(), "rollout": actors.pool.worker_threads}
         self.ceilings = {"machine": matmul_ceiling(threads=self.threads["machine"]),
                          "rollout": actors.pool.matmul_ceiling()}
         for role, group in self.learners.items():
