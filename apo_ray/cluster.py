@@ -19,7 +19,7 @@ from apo_ray import build_locks, logs
 from apo_ray.actor_group import wait_until_ready
 from apo_ray.config import Config, LearnerConfig
 from apo_ray.deadlines import probe_cluster
-from apo_ray.fault_injection import ENV as FAULTS_ENV
+from apo_ray.fault_injection import passed_on as injected_faults
 from apo_ray.driver import Actors
 from apo_ray.learner_group import LearnerGroup, RenamedMethods
 from apo_ray.placement import Role, actor_plan, cluster_from_ray_nodes, local_num_cpus, place, totals
@@ -44,8 +44,7 @@ def actor_env(threads: int | None = None) -> dict[str, str]:
     env = {**ACTOR_ENV, **logs.worker_env()}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    if FAULTS_ENV in os.environ:  # a test's injected faults reach actors on every node
-        env[FAULTS_ENV] = os.environ[FAULTS_ENV]
+    env.update(injected_faults())
     if cpu_only():
         env["DS_ACCELERATOR"] = "cpu"
     return env

@@ -21,6 +21,12 @@ ENV = "APO_RAY_INJECT_FAULTS"
 KINDS = ("stall", "corrupt")
 
 
+def passed_on() -> dict[str, str]:
+    """The faults a test injected into this process's environment, as env vars for the actors it starts (on
+    any node, whose processes do not inherit the driver's environment); empty in a run."""
+    return {ENV: os.environ[ENV]} if ENV in os.environ else {}
+
+
 def _firing(kind: str, phase: str, worker: int) -> list[dict]:
     faults = json.loads(os.environ.get(ENV) or "[]")
     for fault in faults:

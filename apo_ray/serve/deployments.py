@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +21,7 @@ import torch
 from ray import serve
 
 from apo_ray.config import ServeConfig, ServeDeploymentConfig, resolve_dtype
-from apo_ray.fault_injection import ENV as FAULTS_ENV
+from apo_ray.fault_injection import passed_on as injected_faults
 from apo_ray.fault_injection import stall_if_injected
 from apo_ray.serve.batching import chunks, flatten, split
 from apo_ray.serve.requests import ScoreItem
@@ -116,11 +115,6 @@ def queue_options(deployment: ServeDeploymentConfig, cfg: ServeConfig) -> dict[s
             "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s}}
 
 
-def injected_faults() -> dict[str, Any]:
-    # A test's injected stall reaches the scorer's replicas, as it reaches the game's actors (apo_ray/cluster.py).
-    return {"runtime_env": {"env_vars": {FAULTS_ENV: os.environ[FAULTS_ENV]}}} if FAULTS_ENV in os.environ else {}
-
-
 def build_app(targets: ServeTargets, cfg: ServeConfig, token: Optional[str]):
     """The application: Ingress bound to a RewardScorer and a policy LLMServer for the models found."""
     from ray.serve.llm import build_llm_deployment
@@ -133,7 +127,8 @@ def build_app(targets: ServeTargets, cfg: ServeConfig, token: Optional[str]):
         scorer = serve.deployment(RewardScorer).options(
             name="reward", num_replicas=cfg.reward.replicas,
             ray_actor_options={"num_cpus": cfg.reward.num_cpus, "num_gpus": cfg.reward.num_gpus,
-                               **injected_faults()},
+                               # A test's injected stall reaches the scorer's replicas.
+                               **({"runtime_env": {"env_vars": faults}} if (faults := injected_faults()) else {})},
             # Room for a full batch in flight while the next one gathers.
             max_ongoing_requests=2 * cfg.score_max_batch_size, **queue_options(cfg.reward, cfg),
             user_config={"max_batch_size": cfg.score_max_batch_size, "batch_wait_timeout_s": cfg.score_batch_wait_s},
