@@ -280,7 +280,9 @@ class IsolatedObject:
         try:
             status, value = self._conn.recv()
         except EOFError:
-            raise RuntimeError(f"isolated process {self._process.pid} died (exit code {self._process.exitcode})")
+            raise RuntimeError(
+                f"isolated process {self._process.pid} died (exit code {self._process.exitcode})"
+            ) from None
         if status == "error":
             raise RuntimeError(f"in isolated process {self._process.pid}:\n{value}")
         return value
