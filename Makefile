@@ -29,7 +29,9 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# The lint's fixes first (import order, pyupgrade), then the layout, which may re-wrap what the fixes changed.
+# The layout first (it wraps the long code lines the lint would refuse), then the lint's fixes (import order,
+# pyupgrade), then the layout again over what they changed.
 format: install
+	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
