@@ -162,7 +162,8 @@ def combine_stats(records: Sequence[dict[str, float]], by_rank: bool = False) ->
 
 
 def combine_share_stats(shares: Sequence[dict[str, float]]) -> dict[str, float]:
-    """One step's stats from its ranks' (those that had a share): parts (`<key>_part`) added, the rest averaged."""
+    """One step's stats from its ranks' (those that had a share), each as the metric catalog says: a part
+    (`<key>_part`) added, the rest averaged."""
     return combine_stats(shares, by_rank=True)
 
 
