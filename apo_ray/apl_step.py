@@ -35,6 +35,7 @@ from apo_ray.evaluation import mean_and_stderr
 from apo_ray.game import Rollout
 from apo_ray.learner_group import LearnerGroup, gather
 from apo_ray.methods import get_method
+from apo_ray.metric_catalog import round_line
 from apo_ray.policy_step import PolicyStep
 from apo_ray.seeds import SeedStream, round_seed
 
@@ -43,8 +44,7 @@ if TYPE_CHECKING:
 
 
 class APLPolicyStep(PolicyStep):
-    summary_keys = ("apl/attack_success_rate", "apl/attack_success_rate_fixed", "apl/harmful_rate",
-                    "eval/gold_score", "apl/attacker_harm", "eval/kl", "timing/round")
+    summary_keys = round_line("apl")
 
     def __init__(self, game: APOGame):
         if game.actors.attacker is None or game.actors.attacker_pool is None:

@@ -195,7 +195,8 @@ class RolloutConfig(Section):
     verify_sync: bool = Field(True, description=(
         "After every weight sync, each worker reports per-tensor sums of the weights its engine holds, and the run "
         "stops (exit code 7) naming the worker and the tensor unless they equal the learner's "
-        "(apo_ray/fingerprint.py); timing/sync_fingerprint logs its cost. Off by itself for tensor-parallel engines, which hold shards."))
+        "(apo_ray/fingerprint.py); timing/sync_fingerprint logs its cost. Off by itself for tensor-parallel "
+        "engines, which hold shards."))
     # A forward pass of its own on the offline methods (a third of the policy step on SmolLM2); its mean over a
     # few hundred tokens is as telling as over every sample.
     logprob_check_samples: Optional[int] = Field(16, ge=1, description=(
@@ -207,8 +208,9 @@ class RolloutConfig(Section):
         "worker was due; a worker past it is replaced and its prompts re-run on the others. null: 120 s plus 0.5 s "
         "per token the piece may sample (samples x model.max_response_tokens), apo_ray/deadlines.py."))
     sync_timeout_s: Optional[float] = Field(None, gt=0.0, description=(
-        "Seconds a worker may take to load a weight sync; a worker past it is replaced (it loads as it starts), and a "
-        "replacement past it stops the run with exit code 6. null: 120 s plus 1 s per 4 MB of the policy's files."))
+        "Seconds a worker may take to load a weight sync; a worker past it is replaced (it loads as it starts), "
+        "and a replacement past it stops the run with exit code 6. null: 120 s plus 1 s per 4 MB of the policy's "
+        "files."))
     startup_timeout_s: Optional[float] = Field(None, gt=0.0, description=(
         "Seconds a rollout worker may take to start its engine; past them the start stops with exit code 4 naming "
         "the worker. null: 300 s plus 1 s per 4 MB of the policy's files."))
@@ -240,8 +242,8 @@ class LoraConfig(Section):
     rank: int = Field(16, ge=1, description="The adapter's rank r: each adapted weight W becomes W + (alpha / r) B A.")
     alpha: float = Field(32.0, gt=0.0, description="LoRA's alpha: the adapter's update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description=(
-        "Dropout on the adapter's input; 0 keeps a PPO ratio exactly 1 before the first step, as model.disable_dropout "
-        "does for the base model."))
+        "Dropout on the adapter's input; 0 keeps a PPO ratio exactly 1 before the first step, as "
+        "model.disable_dropout does for the base model."))
     target_modules: list[str] = Field(["all-linear"], min_length=1, description=(
         "The layers that get an adapter, by the last part of their module name (q_proj, v_proj, ...), or "
         "['all-linear']: every linear layer but the output head. A name that no layer of the model has is refused "
@@ -283,8 +285,8 @@ class LearnerConfig(Section):
     num_cpus: float = Field(1.0, ge=0.0, description="Ray CPUs reserved by each learner rank.")
     threads: Optional[int] = Field(None, ge=1, description=(
         "Threads each learner process computes on (OMP_NUM_THREADS, torch's intra-op threads): the trained ranks, "
-        "the reference and the evaluation RM. null: Ray's default, the process's Ray CPUs rounded down, at least 1. "
-        "Ray CPUs are a reservation, threads are what the process computes on: where the round's phases take "
+        "the reference and the evaluation RM. null: Ray's default, the process's Ray CPUs rounded down, at least "
+        "1. Ray CPUs are a reservation, threads are what the process computes on: where the round's phases take "
         "turns (the synchronous game), threads up to the machine's cores use all of them in each phase; where "
         "actors compute at once (ppo.async_rollouts, eval.overlap), threads past the cores make them wait on each "
         "other."))
@@ -431,8 +433,9 @@ class CheckpointConfig(Section):
     """What a round checkpoint holds besides each learner's weights and optimizer state."""
 
     merge_lora: bool = Field(False, description=(
-        "With learner.lora.enabled: besides the adapter (PEFT's adapter_model.safetensors and adapter_config.json), "
-        "write the merged model (base plus adapter) as a plain Hugging Face model in the learner's merged/ folder."))
+        "With learner.lora.enabled: besides the adapter (PEFT's adapter_model.safetensors and "
+        "adapter_config.json), write the merged model (base plus adapter) as a plain Hugging Face model in the "
+        "learner's merged/ folder."))
 
 
 class EvalConfig(Section):
@@ -1146,9 +1149,9 @@ class StageConfig(Section):
     lr: float = Field(1e-4, gt=0.0, description="AdamW's peak learning rate.")
     lr_scheduler_type: LRSchedule = Field("constant", description=(
         "The lr of each step (apo_ray.stages.lr_schedule): after the warm-up, lr held ('constant') or decayed to "
-        "0 over the rest of the run's steps ('linear', 'cosine'); logged as learning_rate. A restarted run continues "
-        "on the same curve; the run's steps are its epochs', so a --resume that adds epochs stretches the decay "
-        "from there on."))
+        "0 over the rest of the run's steps ('linear', 'cosine'); logged as learning_rate. A restarted run "
+        "continues on the same curve; the run's steps are its epochs', so a --resume that adds epochs stretches "
+        "the decay from there on."))
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "The share of the run's steps over which lr rises linearly from 0."))
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW's weight decay.")

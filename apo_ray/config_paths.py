@@ -1,9 +1,9 @@
 """Where the relative paths of a config point, decided once when it loads.
 
-- Inputs (`data.*.path`, `data.chat_template` when a file, `model.policy_path`, `model.reward_path`, `model.eval_reward`,
-  `aapa.discriminator_path`) written in a config
-  file are read from the file's directory, so a config and its data travel together: from any working
-  directory, and under `ray job submit --working-dir`, whose job runs in an uploaded copy of that directory.
+- Inputs (`data.*.path`, `data.chat_template` when a file, `model.policy_path`, `model.reward_path`,
+  `model.eval_reward`, `aapa.discriminator_path`) written in a config file are read from the file's directory, so
+  a config and its data travel together: from any working directory, and under `ray job submit --working-dir`,
+  whose job runs in an uploaded copy of that directory.
   Given on the command line (`key=value`), they are read from the working directory, like any shell argument.
 - Outputs (`run_dir`, `data.builtin.cache_dir`) are relative to the working directory, as before.
 

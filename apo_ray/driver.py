@@ -35,6 +35,7 @@ from apo_ray.data import GameData
 from apo_ray.game import Rollout, TokenSample, build_apo_pairs
 from apo_ray.held_out_evaluation import HeldOutEvaluation
 from apo_ray.learner_group import LearnerGroup, RenamedMethods, gather
+from apo_ray.metric_catalog import round_line
 from apo_ray.metrics import MetricsLogger, read_metrics_jsonl
 from apo_ray.offline import OfflinePolicyStep
 from apo_ray.online import OnlinePolicyStep
@@ -266,7 +267,7 @@ class APOGame:
 
     def _log_row(self, r: int, stats: dict[str, float]) -> None:
         self.logger.log(stats, step=r)
-        anchored = ("aapa/disc_score",) if self.anchoring is not None else ()
+        anchored = round_line("aapa") if self.anchoring is not None else ()
         self.log(format_round(r, stats, self.policy_step.summary_keys + anchored))
 
     def _complete_pending_row(self, r: int, row: dict[str, float] | None) -> None:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-Scores = Union[Sequence[float], np.ndarray, torch.Tensor]
+Scores = Sequence[float] | np.ndarray | torch.Tensor
 
 
 def _as_array(values: Scores, name: str) -> np.ndarray:

@@ -6,8 +6,8 @@ dtype first (the cast the engine's loader makes), the worker reads what its engi
 not depend on layout, so they survive what an engine does to a checkpoint's tensors on load: vLLM fuses q, k, v
 (and gate, up) into one parameter (whose sums are those of its parts) and transposes or packs a CPU GEMM's weight;
 the rows it pads the vocabulary with the worker leaves out. The sum catches a sign or offset, the sum of squares a
-scale; both catch a stale or missing tensor. A single element off by less than the tolerance is not caught: this is a check
-that the sampler holds the policy, not a checksum of the bytes.
+scale; both catch a stale or missing tensor. A single element off by less than the tolerance is not caught: this is
+a check that the sampler holds the policy, not a checksum of the bytes.
 
 Tolerance: float64 sums of the same values in another order (a fused tensor, another kernel's reduction) differ
 by rounding alone, at most about count * 2^-53 of the sum of magnitudes; REL_TOL allows 1e-7 of

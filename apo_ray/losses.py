@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from apo_ray.evaluation import preference_accuracy
+from apo_ray.metric_catalog import rank_reduction
 
 PairLossKind = Literal["bt", "diff"]
 ApoNormalization = Literal["per_term", "pooled"]
@@ -135,7 +136,8 @@ def apo_reward_loss(
     return torch.stack(parts).sum(), stats
 
 
-# A stat named <key>_part is one rank's share of a minibatch mean: the ranks' parts are added, not averaged.
+# A stat named <key>_part is one rank's share of a minibatch mean: the ranks' parts are added, not averaged (the
+# metric catalog says so of each: apo_ray.metric_catalog).
 PART = "_part"
 _APO_SHARE, _APO_PART, _PREF_PART = "rm/apo_share", "rm/apo" + PART, "rm/pref" + PART
 _APO_MEANS = ("rm/loss_apo", "rm/margin_apo")
@@ -148,16 +150,21 @@ def _apo_share(apo_part: float, pref_part: float) -> float:
     return abs(apo_part) / total if total > 0 else 0.0
 
 
-def combine_stats(records: Sequence[dict[str, float]], summed_suffix: str | None = None) -> dict[str, float]:
-    """Each stat over the records that report it: added where its key ends in `summed_suffix`, else averaged."""
+_REDUCE = {"mean": np.mean, "sum": np.sum, "max": np.max}
+
+
+def combine_stats(records: Sequence[dict[str, float]], by_rank: bool = False) -> dict[str, float]:
+    """Each stat over the records that report it: averaged, or, for records of one step's ranks (`by_rank`),
+    reduced as the metric catalog says (`rank_reduction`)."""
     keys = {key for record in records for key in record}
-    return {key: float((np.sum if summed_suffix and key.endswith(summed_suffix) else np.mean)(
+    return {key: float(_REDUCE[rank_reduction(key) if by_rank else "mean"](
         [record[key] for record in records if key in record])) for key in keys}
 
 
 def combine_share_stats(shares: Sequence[dict[str, float]]) -> dict[str, float]:
-    """One step's stats from its ranks' (those that had a share): parts (`<key>_part`) added, the rest averaged."""
-    return combine_stats(shares, PART)
+    """One step's stats from its ranks' (those that had a share), each as the metric catalog says: a part
+    (`<key>_part`) added, the rest averaged."""
+    return combine_stats(shares, by_rank=True)
 
 
 def minibatch_stats(step: dict[str, float]) -> dict[str, float]:

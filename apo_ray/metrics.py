@@ -14,28 +14,17 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from apo_ray.metric_catalog import shown_in
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 WandbMode = Literal["offline", "online", "disabled"]
 
-# Metrics exported to the Ray dashboard / Prometheus. Each is exported under
+# Metrics exported to the Ray dashboard / Prometheus: the catalog's "dashboard" view. Each is exported under
 # prometheus_name(key), e.g. "rm/acc" -> "apo_rm_acc"; Ray itself prefixes "ray_" on its endpoint,
 # so Prometheus sees "ray_apo_rm_acc". Every gauge carries the tag run=<run name>.
-DASHBOARD_METRICS: tuple[str, ...] = (
-    "round",
-    "rm/acc",
-    "rm/acc_policy",
-    "rm/ece",
-    "eval/gold_score",
-    "eval/rm_score",
-    "eval/kl",
-    "policy/kl",
-    "rollout/tokens_per_s",
-    "rollout/num_workers",
-    "timing/sync",
-    "rollout/policy_version_lag",
-)
+DASHBOARD_METRICS: tuple[str, ...] = shown_in("dashboard")
 # The current phase is a state set: apo_phase{phase=<name>} is 1 for the running phase, 0 for the others.
 PHASE_GAUGE = "apo_phase"
 

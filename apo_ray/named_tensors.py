@@ -8,12 +8,11 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 
-NamedTensors = Union[Mapping[str, torch.Tensor], Sequence[tuple[str, torch.Tensor]]]
+NamedTensors = Mapping[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]]
 
 
 def as_named_tensors(weights: NamedTensors) -> list[tuple[str, torch.Tensor]]:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from apo_ray.game import Rollout
 from apo_ray.learner_group import gather
 from apo_ray.methods import get_method
+from apo_ray.metric_catalog import round_line
 from apo_ray.policy_step import PolicyStep
 
 if TYPE_CHECKING:
@@ -15,8 +16,7 @@ if TYPE_CHECKING:
 
 
 class OfflinePolicyStep(PolicyStep):
-    summary_keys = ("rm/acc", "rm/ece", "rm/acc_policy", "eval/gold_score", "eval/gold_score_se", "eval/rm_score",
-                    "eval/kl", "rm/loss_apo", "rm/apo_share", "timing/round")
+    summary_keys = round_line("offline")
 
     def __init__(self, game: APOGame):
         self.game = game

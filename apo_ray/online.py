@@ -30,6 +30,7 @@ from apo_ray.game import Rollout, TokenSample
 from apo_ray.learner_group import gather
 from apo_ray.losses import masked_mean, sequence_logprob
 from apo_ray.methods import get_method
+from apo_ray.metric_catalog import round_line
 from apo_ray.policy_step import PolicyStep
 from apo_ray.ppo import (AdaptiveKLController, FixedKLController, KLController, TokenGrids,
                          truncated_importance_weights)
@@ -43,9 +44,7 @@ class OnlinePolicyStep(PolicyStep):
     """One PPO / GRPO / REINFORCE++ iteration per round on a slice of the policy prompts; the KL coefficient
     it adapts is checkpointed with the round."""
 
-    summary_keys = ("eval/gold_score", "eval/gold_score_se", "eval/kl", "policy/reward_mean", "policy/kl",
-                    "policy/kl_coef", "policy/clipfrac", "policy/entropy", "critic/loss", "rm/acc", "rm/acc_policy",
-                    "timing/round")
+    summary_keys = round_line("online")
 
     def __init__(self, game: APOGame):
         cfg, self.method = game.cfg, get_method(game.cfg.method)

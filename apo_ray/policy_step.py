@@ -11,7 +11,7 @@ from apo_ray.game import Rollout
 
 
 class PolicyStep(ABC):
-    # The metrics of the one-line summary of each round.
+    # The metrics of the one-line summary of each round (apo_ray.metric_catalog.round_line).
     summary_keys: tuple[str, ...] = ()
 
     @abstractmethod

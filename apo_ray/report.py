@@ -13,30 +13,17 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from apo_ray.evaluation import rise_line, score_rise
+from apo_ray.metric_catalog import STDERR_SUFFIX, shown_in
 from apo_ray.metrics import METRICS_FILE, read_metrics_jsonl
 
 REPORT_DIR = "report"
 SUMMARY_FILE = "summary.json"
 
-TIMING_KEYS = ("timing/generate", "timing/rm_step", "timing/score", "timing/logprob_check", "timing/logprobs",
-               "timing/policy_step", "timing/critic_step", "timing/sync", "timing/evaluate")
-TABLE_KEYS = (
-    "rm/acc",
-    "rm/acc_policy",
-    "rm/ece",
-    "rm/ece_policy",
-    "eval/gold_score",
-    "eval/rm_score",
-    "policy/kl",
-    "eval/kl",
-    "rollout/tokens_per_s",
-    *TIMING_KEYS,
-)
-
-# The sibling games' measurements (AAPA, APL): in the table when a run records them, never reported missing.
-GAME_TABLE_KEYS = ("aapa/disc_score", "apl/attack_success_rate", "apl/attack_success_rate_fixed", "apl/harmful_rate",
-                   "apl/utility", "apl/eval_harm")
-STDERR_SUFFIX = "_se"
+# The keys of the table, the timing plot and the sibling games' columns (AAPA, APL: in the table when a run
+# records them, never reported missing) are the metric catalog's views.
+TIMING_KEYS = shown_in("timings")
+TABLE_KEYS = shown_in("table")
+GAME_TABLE_KEYS = shown_in("game_table")
 
 Rounds = list[dict[str, Any]]
 
@@ -198,32 +185,37 @@ class _Plot:
     draw: Callable[[Rounds, Path], None]
 
 
+def _plot(title: str, file_name: str, draw: Callable[[Rounds, Path], None]) -> _Plot:
+    """A plot drawn when a run records any of the keys the metric catalog shows on it."""
+    return _Plot(title, file_name, shown_in(f"plot:{file_name}"), draw)
+
+
 PLOTS = (
-    _Plot("RM accuracy", "rm_accuracy.png", ("rm/acc", "rm/acc_policy"), partial(
+    _plot("RM accuracy", "rm_accuracy.png", partial(
         _line_plot, lines={"human pairs": "rm/acc", "policy pairs": "rm/acc_policy"},
         title="RM preference accuracy", ylabel="accuracy", chance_level=0.5,
     )),
-    _Plot("RM calibration (ECE)", "rm_ece.png", ("rm/ece", "rm/ece_policy"), partial(
+    _plot("RM calibration (ECE)", "rm_ece.png", partial(
         _line_plot, lines={"human pairs": "rm/ece", "policy pairs": "rm/ece_policy"},
         title="RM expected calibration error", ylabel="ECE (lower is better)",
     )),
-    _Plot("Gold vs. RM score", "scores.png", ("eval/gold_score", "eval/rm_score"), _plot_scores),
+    _plot("Gold vs. RM score", "scores.png", _plot_scores),
     # Online runs measure KL on every iteration's own rollouts (policy/kl) and on held-out prompts (eval/kl).
-    _Plot("KL to reference", "kl.png", ("policy/kl", "eval/kl"), partial(
+    _plot("KL to reference", "kl.png", partial(
         _line_plot, lines={"policy samples": "policy/kl", "held-out prompts": "eval/kl"},
         title="KL(policy || reference)", ylabel="KL (nats)",
     )),
-    _Plot("AAPA: discriminator score of policy samples", "aapa_disc_score.png", ("aapa/disc_score",), partial(
+    _plot("AAPA: discriminator score of policy samples", "aapa_disc_score.png", partial(
         _error_bar_plot, lines={"D(x, y) of the round's samples": "aapa/disc_score"},
         title="AAPA discriminator score (+-1 SE)", ylabel="mean D(x, y) (1: expert-like)",
     )),
-    _Plot("APL: attacks and harm", "apl_harm.png", ("apl/attack_success_rate", "apl/harmful_rate"), partial(
+    _plot("APL: attacks and harm", "apl_harm.png", partial(
         _error_bar_plot, lines={"trained attacker": "apl/attack_success_rate",
                                 "fixed attacker": "apl/attack_success_rate_fixed",
                                 "clean prompts": "apl/harmful_rate"},
         title="APL: harmful answers of the defender (+-1 SE)", ylabel="fraction of samples harmful (gold oracle)",
     )),
-    _Plot("APL: utility", "apl_utility.png", ("apl/utility",), partial(
+    _plot("APL: utility", "apl_utility.png", partial(
         _error_bar_plot, lines={"gold score, clean prompts": "apl/utility"}, title="APL: defender's utility (+-1 SE)",
         ylabel="gold score",
     )),

@@ -7,8 +7,8 @@
   collects it), so that the workers sample while the driver waits on learners.
 - `sync` / `sync_from` move new weights to every worker through a weight-sync backend (apo_ray/sync_backends/);
   the pool keeps the last payload so that workers that join (resize) or restart get the current weights and
-  version. After every load each worker reports a fingerprint of what its engine holds (apo_ray/fingerprint.py), which must equal the
-  learner's, or the sync raises WeightsDiffer naming the worker and the tensor.
+  version. After every load each worker reports a fingerprint of what its engine holds (apo_ray/fingerprint.py),
+  which must equal the learner's, or the sync raises WeightsDiffer naming the worker and the tensor.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from apo_ray.config_paths import all_sources_local, input_paths
 from apo_ray.data import DataError, GameData, build_game_data, validate_sources
 from apo_ray.deadlines import DeadlinePassed
 from apo_ray.logs import add_verbose_flag, configure_logging
+from apo_ray.metric_catalog import shown_in
 from apo_ray.lora import check_targets_of
 from apo_ray.modeling import load_tokenizer
 from apo_ray.model_sources import with_local_models
@@ -84,7 +85,7 @@ def divergence_message(run_dir: Path, last_round: int | None, error: FloatingPoi
 
 
 # The summary's start and final measurements, each with its standard error where it has one.
-SUMMARY_KEYS = ("rm/acc", "rm/ece", "rm/acc_policy", "rm/ece_policy", "eval/gold_score", "eval/rm_score", "eval/kl")
+SUMMARY_KEYS = shown_in("summary")
 
 
 @dataclass

@@ -280,7 +280,9 @@ class IsolatedObject:
         try:
             status, value = self._conn.recv()
         except EOFError:
-            raise RuntimeError(f"isolated process {self._process.pid} died (exit code {self._process.exitcode})")
+            raise RuntimeError(
+                f"isolated process {self._process.pid} died (exit code {self._process.exitcode})"
+            ) from None
         if status == "error":
             raise RuntimeError(f"in isolated process {self._process.pid}:\n{value}")
         return value
@@ -438,7 +440,8 @@ class BenchmarkRun:
             + (f", GPU {m['gpu']}" if m["gpu"] else ", no GPU")
             + f". Load average (1/5/15 min) at start {_load(record['load_average_start'])}, at end "
             f"{_load(record['load_average_end'])}.",
-            f"Versions: {versions}. Commit {str(git['commit'])[:10]}{' + uncommitted changes' if git['dirty'] else ''}.",
+            f"Versions: {versions}. Commit {str(git['commit'])[:10]}"
+            f"{' + uncommitted changes' if git['dirty'] else ''}.",
         ]
         return "\n\n".join(header + self.sections) + "\n"
 

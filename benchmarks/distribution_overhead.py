@@ -270,10 +270,12 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], 
     cfg = prepared.cfg
     run.add_text(
         f"Config: configs/default.yaml with rollout.backend=hf: method {cfg.method}, apo {cfg.apo}, "
-        f"{cfg.samples_per_prompt} samples per prompt, learner backend {cfg.learner.backend} (ZeRO-{cfg.learner.zero_stage}), "
+        f"{cfg.samples_per_prompt} samples per prompt, learner backend {cfg.learner.backend} "
+        f"(ZeRO-{cfg.learner.zero_stage}), "
         f"{len(prepared.data.gold)} gold prompts, {len(prepared.data.prompts)} policy prompts, "
         f"{len(prepared.data.pairs)} human pairs. Round 0 (RM fit on human pairs + evaluation) then {args.rounds} "
-        f"APO round(s) per arm, interleaved. Processes (torch threads, niceness): {processes}. One-time start: Ray cluster + actors "
+        f"APO round(s) per arm, interleaved. Processes (torch threads, niceness): {processes}. One-time start: "
+        f"Ray cluster + actors "
         f"{ray_start.seconds:.1f} s, local objects {local_start.seconds:.1f} s."
     )
     run.add_table(

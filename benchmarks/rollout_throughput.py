@@ -131,7 +131,8 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, measured: list[dict],
         f"Each call: {n_prompts} prompts of the builtin task x {args.samples} samples, temperature 1.0, top-p 1.0, "
         f"at most 32 new tokens (prompts cut to 64), seeded; {args.repeats} interleaved repeats after one warm-up "
         f"call per arm. Each rollout worker is a Ray actor with num_cpus=1, at niceness {args.ray_worker_niceness}. "
-        "Models: the builtin SFT policy (Llama 2 layers, hidden 128, word-level vocabulary of ~170), and random Llamas: 4 layers hidden 256 on the same "
+        "Models: the builtin SFT policy (Llama 2 layers, hidden 128, word-level vocabulary of ~170), and random "
+        "Llamas: 4 layers hidden 256 on the same "
         "vocabulary, 2 layers hidden 128 on the 30,522-token MiniLM vocabulary (random models seldom sample their "
         "end token, so their responses run to the limit: compare the response lengths)."
     )

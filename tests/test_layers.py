@@ -20,7 +20,7 @@ CORE = {
     "aapa", "apl", "apo_activity", "batching", "build_locks", "builtin", "builtin.assets", "builtin.harm",
     "builtin.models", "builtin.oracle", "builtin.task", "chat", "config", "config_docs", "config_paths", "data",
     "deadlines", "evaluation", "fault_injection", "fingerprint", "flops", "game", "gguf", "logs", "losses",
-    "mean_pooling", "modeling", "named_tensors", "package_files", "pool_size", "ppo",
+    "mean_pooling", "metric_catalog", "modeling", "named_tensors", "package_files", "pool_size", "ppo",
     "model_sources", "progress", "lora", "seeds", "vllm_cpu", "vllm_version", "config_section", "methods",
     # Every method module, a new one included: the learners read their losses from them.
     *(f"methods.{path.stem}" for path in ROOT.glob("apo_ray/methods/*.py") if path.stem != "__init__"),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel
 
@@ -57,18 +57,18 @@ class Method:
     # Keys of the shared sections read by this method and not by every method of its family.
     keys: tuple[str, ...] = ()
     # Its own section, if it has settings of its own, at the top-level key of its name (`ipo.tau`).
-    section: Optional[type[BaseModel]] = None
+    section: type[BaseModel] | None = None
     # Offline: what the learner step trains on, its loss (pure, on the learner), the loss's keyword arguments
     # read from cfg (on the driver), and select(rollouts, scores, cfg) (on the driver): the round's training
     # examples in the form `batch` names.
-    batch: Optional[Batch] = None
-    loss: Optional[Loss] = None
+    batch: Batch | None = None
+    loss: Loss | None = None
     settings: Callable[[Any], dict[str, Any]] = no_settings
-    select: Optional[Callable[..., list]] = None
+    select: Callable[..., list] | None = None
     # Online: advantages(scores, grids, *, ppo, kl_coef, group_ids) -> (per-token advantages [N, W], the critic's
     # targets or None), pure; and whether the KL to the reference is a loss term (GRPO) rather than a penalty in
     # the rewards.
-    advantages: Optional[Callable[..., tuple[Any, Any]]] = None
+    advantages: Callable[..., tuple[Any, Any]] | None = None
     kl_in_loss: bool = False
 
     def __post_init__(self):
