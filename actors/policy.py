@@ -23,9 +23,9 @@ from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.fingerprint import Fingerprint, fingerprint
 from apo_ray.game import TokenSample
 from apo_ray.lora import is_adapted
-from apo_ray.losses import masked_mean, sequence_logprob, token_logprobs
+from apo_ray.losses import masked_mean, sequence_logprob
 from apo_ray.methods import get_method
-from apo_ray.modeling import (SampleLogprobs, encode_samples, load_causal_lm, load_tokenizer, predicted_response_tokens,
+from apo_ray.modeling import (SampleLogprobs, load_causal_lm, load_tokenizer, predicted_response_tokens,
                               text_samples)
 from apo_ray.ppo import GridRows, entropy_from_logits, kl_limited_loss, kl_penalty, ppo_policy_loss
 from apo_ray.sync_backends import get_backend
@@ -226,10 +226,8 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
         device = self.model.device
 
         def loss_fn(idx: list[int], minibatch: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-            batch = encode_samples([samples[i] for i in idx], self.tokenizer.pad_token_id).to(device)
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            logps = token_logprobs(logits, batch.input_ids)
-            m = batch.response_mask[:, 1:]
+            forward = self.logprobs.forward([samples[i] for i in idx])
+            logps, m = forward.logps, forward.mask
             rows = GridRows(idx, logps.shape[1], device)
             if not torch.equal(m, rows.of(mask)):
                 raise RuntimeError("ppo_step: the samples' response positions differ from the rollout grid's")
@@ -245,7 +243,7 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
                     loss, logps, rows.of(old_logps), rows.of(ref_logps), m, ppo.kl_hard_limit_at * ppo.kl_target)
                 stats["policy/kl_limited_fraction"] = float(limited)
             with torch.no_grad():
-                stats["policy/entropy"] = entropy_from_logits(logits[:, :-1], m).item()
+                stats["policy/entropy"] = entropy_from_logits(forward.logits[:, :-1], forward.logits_mask).item()
             # Every term is a mean over the minibatch's response tokens.
             return loss * fraction(mask[idx].sum().item(), mask[minibatch].sum().item()), stats
 

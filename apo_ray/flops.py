@@ -165,25 +165,44 @@ def machine_threads() -> int:
 class FlopCounter:
     """Counts the forward FLOPs of an HF model from the attention masks its backbone (`base_model`, which the
     LM, the classifier and the critic's per-token values all call) receives: `inference` for passes without
-    grad, `training` for the forwards of training steps."""
+    grad, `training` for the forwards of training steps. A causal LM's output layer is counted where it runs:
+    on the real tokens of the last columns it is given (all of them, or the `logits_to_keep` last)."""
 
     def __init__(self, model: torch.nn.Module):
         self.shape = ModelShape.of_model(model)
         self.inference = 0
         self.training = 0
-        model.base_model.register_forward_pre_hook(self._count, with_kwargs=True)
+        self._mask: torch.Tensor | None = None
+        head = model.get_output_embeddings()
+        self._counts_head_apart = head is not None
+        model.base_model.register_forward_pre_hook(self._count_backbone, with_kwargs=True)
+        if head is not None:
+            head.register_forward_pre_hook(self._count_head)
 
-    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        if tokens is None:
-            tokens = kwargs["inputs_embeds"]
-        mask = kwargs.get("attention_mask")
-        lengths = mask.sum(dim=1).tolist() if mask is not None and mask.dim() == 2 else [tokens.shape[1]] * len(tokens)
-        flops = sum(self.shape.forward_flops(int(length)) for length in lengths)
+    def _add(self, flops: int) -> None:
         if torch.is_grad_enabled():
             self.training += flops
         else:
             self.inference += flops
+
+    def _count_backbone(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs["inputs_embeds"]
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if mask is not None and mask.dim() == 2 else None
+        lengths = self._mask.sum(dim=1).tolist() if self._mask is not None else [tokens.shape[1]] * len(tokens)
+        head_positions = 0 if self._counts_head_apart else None
+        self._add(sum(self.shape.forward_flops(int(length), head_positions) for length in lengths))
+
+    def _count_head(self, module: torch.nn.Module, args: tuple) -> None:
+        hidden = args[0]
+        columns = hidden.shape[-2]
+        if self._mask is not None and self._mask.shape[0] == hidden.shape[0]:
+            positions = int(self._mask[:, -columns:].sum())
+        else:
+            positions = hidden.shape[0] * columns
+        self._add(2 * self.shape.head_params * positions)
 
     def take_inference(self) -> int:
         """The forward-only FLOPs counted since the last call."""

@@ -140,12 +140,94 @@ def predicted_response_tokens(sample: TokenSample) -> int:
     return len(sample.response_ids) - (0 if sample.prompt_ids else 1)
 
 
-def response_token_logprobs(model: torch.nn.Module, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of the response under a causal LM: ([B, T-1], mask [B, T-1])."""
+@dataclass(frozen=True)
+class ResponseWindow:
+    """Samples laid out so that a causal LM's output layer runs only where a response token is predicted.
+
+    Prompts are left-padded to the longest prompt (P) and responses follow from column P, right-padded to the
+    longest response (R); position ids count real tokens only, so every real token sits where it sits in
+    `encode_samples`'s right-padded row. Every row's response is then predicted from columns P-1 .. P+R-2, and
+    the model's `logits_to_keep` computes the head on the last `keep` columns alone. In an online round most
+    positions are prompt: a [T, vocab] head and its float32 log-softmax per row are the largest single cost of
+    a small model's forward, and only the response's share of them is ever read.
+
+    `rows`, `out_columns` and `in_columns` carry each predicted response token from the kept log-probs
+    ([B, keep - 1]) to `encode_samples`'s [B, T-1] grid, the layout the driver's per-token grids use."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    keep: int
+    width: int  # encode_samples' T - 1
+    rows: torch.Tensor
+    out_columns: torch.Tensor
+    in_columns: torch.Tensor
+
+    @classmethod
+    def of(cls, samples: list[TokenSample], pad_token_id: int) -> ResponseWindow:
+        for position, sample in enumerate(samples):
+            if not sample.response_ids:
+                raise ValueError(f"samples[{position}]: empty response; a sample has at least one token")
+        prompt_width = max(len(s.prompt_ids) for s in samples)
+        response_width = max(len(s.response_ids) for s in samples)
+        ids = torch.full((len(samples), prompt_width + response_width), pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        # The first kept column predicts the first response token; with no prompt at all, nothing predicts it.
+        start = max(prompt_width - 1, 0)
+        rows, out_columns, in_columns = [], [], []
+        for i, sample in enumerate(samples):
+            p, r = len(sample.prompt_ids), len(sample.response_ids)
+            ids[i, prompt_width - p: prompt_width + r] = torch.tensor(list(sample.prompt_ids) + list(sample.response_ids))
+            attn[i, prompt_width - p: prompt_width + r] = 1
+            for j in range(0 if p else 1, r):
+                rows.append(i)
+                out_columns.append(p - 1 + j)
+                in_columns.append(prompt_width - 1 + j - start)
+        positions = (attn.cumsum(dim=1) - 1).masked_fill(attn == 0, 1)
+        width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples) - 1
+        return cls(ids, attn, positions, prompt_width + response_width - start, width, torch.tensor(rows),
+                   torch.tensor(out_columns), torch.tensor(in_columns))
+
+    def mask(self) -> torch.Tensor:
+        """1 where a response token is predicted in the [B, T-1] grid: `encode_samples`'s response_mask[:, 1:]."""
+        grid = torch.zeros((len(self.input_ids), self.width), dtype=torch.long)
+        grid[self.rows, self.out_columns] = 1
+        return grid
+
+
+@dataclass
+class ResponseForward:
+    """A causal LM's forward over a ResponseWindow: the response's token log-probs in `encode_samples`'s grid
+    (`logps`, 0 off the response; `mask`), and the kept logits ([B, keep, V]) with `logits_mask` ([B, keep - 1],
+    1 where a kept column predicts a response token) for statistics such as the entropy."""
+
+    logps: torch.Tensor
+    mask: torch.Tensor
+    logits: torch.Tensor
+    logits_mask: torch.Tensor
+
+
+def response_forward(model: torch.nn.Module, samples: list[TokenSample], pad_token_id: int) -> ResponseForward:
     from apo_ray.losses import token_logprobs
 
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return token_logprobs(logits, batch.input_ids), batch.response_mask[:, 1:]
+    window = ResponseWindow.of(samples, pad_token_id)
+    device = next(model.parameters()).device
+    logits = model(input_ids=window.input_ids.to(device), attention_mask=window.attention_mask.to(device),
+                   position_ids=window.position_ids.to(device), logits_to_keep=window.keep).logits
+    kept = token_logprobs(logits, window.input_ids[:, -window.keep:].to(device))
+    rows, out_columns, in_columns = (t.to(device) for t in (window.rows, window.out_columns, window.in_columns))
+    grid = kept.new_zeros((len(samples), window.width)).index_put((rows, out_columns), kept[rows, in_columns])
+    logits_mask = torch.zeros(kept.shape, dtype=torch.long, device=device)
+    logits_mask[rows, in_columns] = 1
+    return ResponseForward(grid, window.mask().to(device), logits, logits_mask)
+
+
+def response_token_logprobs(model: torch.nn.Module, samples: list[TokenSample],
+                            pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of each sample's response under a causal LM, in `encode_samples`'s grid:
+    ([B, T-1] with 0 off the response, mask [B, T-1]); the head runs on the responses only (ResponseWindow)."""
+    forward = response_forward(model, samples, pad_token_id)
+    return forward.logps, forward.mask
 
 
 class SampleLogprobs:
@@ -157,10 +239,13 @@ class SampleLogprobs:
         """`within`: the context every forward runs in (a LoRA policy's reference: its adapter switched off)."""
         self.model, self.pad_token_id, self.within = model, pad_token_id, within
 
-    def with_grad(self, samples: list[TokenSample]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = encode_samples(samples, self.pad_token_id).to(self.model.device)
+    def forward(self, samples: list[TokenSample]) -> ResponseForward:
         with self.within():
-            return response_token_logprobs(self.model, batch)
+            return response_forward(self.model, samples, self.pad_token_id)
+
+    def with_grad(self, samples: list[TokenSample]) -> tuple[torch.Tensor, torch.Tensor]:
+        forward = self.forward(samples)
+        return forward.logps, forward.mask
 
     @torch.no_grad()
     def tokens(self, samples: list[TokenSample]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,7 +128,7 @@ def test_the_config_key_refuses_a_bad_template_before_anything_starts(tmp_path):
 def test_the_sft_stage_encodes_hh_examples_as_the_game_encodes_golden_answers(smollm2_dir, tokenizer, chat):
     from apo_ray.config import SFTStageConfig
     from apo_ray.game import GoldAnswer
-    from apo_ray.modeling import encode_samples, load_causal_lm, response_token_logprobs
+    from apo_ray.modeling import load_causal_lm, response_token_logprobs
     from apo_ray.stages.sft import SFTTask
 
     task = SFTTask(SFTStageConfig(base_model=smollm2_dir, train={"path": str(HH_DEV), "format": "hh"},
@@ -139,6 +139,6 @@ def test_the_sft_stage_encodes_hh_examples_as_the_game_encodes_golden_answers(sm
     logps, mask = task._token_logps(model, [example])
     # The game's encoding of the same golden answer: prompt through the template, answer, <|im_end|>.
     expected = text_samples(tokenizer, [DIALOGUE], [example.response], 256, 32, chat_template=chat.template)
-    game_logps, game_mask = response_token_logprobs(model, encode_samples(expected, tokenizer.pad_token_id))
+    game_logps, game_mask = response_token_logprobs(model, expected, tokenizer.pad_token_id)
     assert mask.sum() == game_mask.sum() == len(expected[0].response_ids)
     assert torch.equal(logps[mask.bool()], game_logps[game_mask.bool()])

@@ -104,6 +104,22 @@ def test_the_counter_counts_real_tokens_and_keeps_training_apart():
     assert counter.take_inference() == 0
 
 
+def test_the_lm_head_is_counted_on_the_real_tokens_of_the_columns_it_keeps():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    counter = FlopCounter(model)
+    shape = counter.shape
+    ids = torch.randint(0, 32, (2, 6))
+    # Left-padded: 4 and 6 real tokens; the head runs on the last 3 columns, all of them real in both rows.
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, logits_to_keep=3)
+        # Right-padded, every column kept: the 2 padded columns of the first row are not work.
+        model(input_ids=ids, attention_mask=mask.flip(1))
+    body = shape.forward_flops(4, head_positions=0) + shape.forward_flops(6, head_positions=0)
+    assert counter.take_inference() == 2 * body + 2 * HEAD * (6 + 4 + 6)
+
+
 def test_the_critic_s_per_token_values_are_counted_through_its_backbone():
     torch.manual_seed(0)
     critic = LlamaForSequenceClassification(tiny_llama_config(num_labels=1, pad_token_id=0))

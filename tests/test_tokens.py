@@ -46,6 +46,38 @@ def test_encode_samples_lays_out_the_ids_as_given_and_tells_padding_by_length():
         encode_samples([TokenSample((5,), ())], pad)
 
 
+def test_the_response_window_gives_the_full_forward_s_logprobs_and_gradients_in_its_grid():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from apo_ray.losses import token_logprobs
+    from apo_ray.modeling import ResponseWindow, response_forward
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+                                         intermediate_size=32, num_hidden_layers=2, vocab_size=40,
+                                         attn_implementation="eager"))
+    # Prompts of 5, 1 and 0 tokens (nothing predicts the third row's first token), responses of 2, 4 and 3;
+    # the second samples the pad id 0 itself.
+    samples = [TokenSample((3, 4, 5, 6, 7), (8, 9)), TokenSample((3,), (0, 11, 12, 13)), TokenSample((), (14, 15, 16))]
+    batch = encode_samples(samples, pad_token_id=0)
+    full = token_logprobs(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                          batch.input_ids)
+    full_mask = batch.response_mask[:, 1:]
+    window = ResponseWindow.of(samples, pad_token_id=0)
+    assert window.keep == 4 + 1  # a P=5, R=4 window keeps columns P-1 .. P+R-1
+    forward = response_forward(model, samples, pad_token_id=0)
+    assert torch.equal(forward.mask, full_mask)
+    assert forward.logps.shape == full.shape
+    assert torch.allclose(forward.logps, full * full_mask, atol=1e-5)
+    assert int(forward.logits_mask.sum()) == int(full_mask.sum()) == 2 + 4 + 2
+    (full * full_mask).sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    forward.logps.sum().backward()
+    for got, expected in zip((p.grad for p in model.parameters()), want):
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
 def test_finish_reason_is_stop_only_on_a_final_eos():
     assert finish_reason([4, 2], frozenset({2})) == "stop"
     assert finish_reason([4, 4], frozenset({2})) == "length"

@@ -17,7 +17,7 @@ from apo_ray.config import ConfigError, SFTStageConfig
 from apo_ray.data import load_gold
 from apo_ray.game import GoldAnswer
 from apo_ray.losses import sft_loss
-from apo_ray.modeling import encode_samples, eos_token_ids, load_causal_lm, load_tokenizer, response_token_logprobs, \
+from apo_ray.modeling import eos_token_ids, load_causal_lm, load_tokenizer, response_token_logprobs, \
     text_samples
 from apo_ray.stages.task import StageData, items_with_truncation
 
@@ -73,8 +73,7 @@ class SFTTask:
         samples = text_samples(self.tokenizer, [e.prompt for e in examples], [e.response for e in examples],
                                self.cfg.max_prompt_tokens, self.cfg.max_response_tokens, eos_token_id=self.eos_id,
                                chat_template=self.chat_template)
-        device = next(model.parameters()).device
-        return response_token_logprobs(model, encode_samples(samples, self.tokenizer.pad_token_id).to(device))
+        return response_token_logprobs(model, samples, self.tokenizer.pad_token_id)
 
     def loss(self, model: torch.nn.Module, examples: list[GoldAnswer]) -> tuple[torch.Tensor, dict[str, float]]:
         logps, mask = self._token_logps(model, examples)
