@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import threading
 import time
@@ -39,6 +40,7 @@ SHRINK = ["ppo.prompts_per_iteration=8", "ppo.minibatch_size=32", "ppo.ppo_epoch
           "eval.samples_per_prompt=4", "eval_every=50", "checkpoint_every=100", "logging.report=false",
           "logging.ray_metrics=false", "logging.tensorboard=false"]
 DRIVER = "driver"
+RUN_ID = re.compile(r"-[0-9a-f]{6}-")
 MIB = 2**20
 
 
@@ -83,8 +85,14 @@ class Recorder:
             self.pids.update({name: row["pid"] for name, row in info.items()})
         return self.pids
 
+    @staticmethod
+    def role(name: str) -> str:
+        """`rollout-3f9a1c-0` -> `rollout-0`: the run's id (apo_ray.cluster's) left out, so that series and
+        plot names are the same from run to run."""
+        return RUN_ID.sub("-", name)
+
     def record(self, iteration: int, round_s: float | None) -> dict[str, Any]:
-        processes = {name: usage for name, pid in self.actor_pids().items()
+        processes = {self.role(name): usage for name, pid in self.actor_pids().items()
                      if (usage := process_usage(pid)) is not None}
         row = {"iteration": iteration, "elapsed_s": round(time.perf_counter() - self._started, 1),
                "load_1min": round(load_average(), 2), "round_s": round_s,

@@ -61,12 +61,12 @@ def test_the_recorder_reads_a_real_actors_memory_and_file_descriptors(tmp_path):
 
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
-        holder = Holder.options(name="holder-0").remote()
+        holder = Holder.options(name="holder-0a1b2c-0").remote()
         recorder = Recorder(tmp_path / "metrics.jsonl", every=1, log=lambda line: None)
         before = recorder.record(0, None)["processes"]["holder-0"]
         ray.get(holder.grow.remote(200, 20))
         after = recorder.record(1, None)["processes"]["holder-0"]
-        assert set(recorder.pids) == {"driver", "holder-0"}
+        assert set(recorder.pids) == {"driver", "holder-0a1b2c-0"}  # records name it without the run id
         assert after["rss_bytes"] - before["rss_bytes"] >= 190 * 2**20
         assert after["fds"] - before["fds"] == 20
         assert recorder.records[-1]["object_store_bytes"] >= 0
