@@ -48,6 +48,8 @@ def process_usage(pid: int) -> dict[str, int] | None:
     """Resident bytes and open file descriptors of process `pid`, read from /proc; None once it has exited."""
     try:
         process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:  # exited, not yet reaped: /proc reads zeros
+            return None
         return {"rss_bytes": process.memory_info().rss, "fds": process.num_fds()}
     except psutil.NoSuchProcess:
         return None
@@ -216,7 +218,9 @@ def main() -> None:
 
     run_dir = run.scratch / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = load_config(CONFIG, [f"rounds={args.iterations}", f"run_dir={run_dir}", *SHRINK])
+    # One iteration past the last record: that record is then taken while every actor is still in the game,
+    # not shutting down.
+    cfg = load_config(CONFIG, [f"rounds={args.iterations + 1}", f"run_dir={run_dir}", *SHRINK])
     start_ray_with_retries(lambda: init_ray(cfg))
     recorder = Recorder(run_dir / "metrics.jsonl", args.every)
     watcher = threading.Thread(target=recorder.watch, name="soak-recorder", daemon=True)
