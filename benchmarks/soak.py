@@ -234,23 +234,29 @@ def main() -> None:
 
     records = recorder.records
     all_series = series(records)
+    # The later half alone tells a cache that fills up and stops (its slope falls towards 0) from a leak (it
+    # keeps its slope).
+    later = (args.warmup + args.iterations) // 2
     fits = {name: fit(points, args.warmup) for name, points in all_series.items()}
-    rows = []
-    for name, trend in fits.items():
+    later_fits = {name: fit(points, later) for name, points in all_series.items()}
+
+    def slope(trend: dict[str, Any] | None) -> str:
         if trend is None:
-            rows.append([name, None, None, None, None, "too few records"])
-            continue
-        rows.append([name, trend["first"], trend["last"], f"{trend['slope'] * 100:+.4g}",
-                     f"[{trend['lo'] * 100:+.4g}, {trend['hi'] * 100:+.4g}]",
-                     "grows" if trend["grows"] else "no upward trend"])
+            return "too few records"
+        return f"{trend['slope'] * 100:+.4g} [{trend['lo'] * 100:+.4g}, {trend['hi'] * 100:+.4g}]"
+
+    rows = [[name, trend and trend["first"], trend and trend["last"], slope(trend), slope(later_fits[name]),
+             "-" if trend is None else "grows" if trend["grows"] else "no upward trend"]
+            for name, trend in fits.items()]
     run.add_text(
         f"`configs/apo_ppo.yaml` with {' '.join(SHRINK)}; {args.iterations} iterations, a record every "
         f"{args.every}, {len(records)} records. Slopes are fitted over iterations {args.warmup}..{args.iterations} "
         f"(the records before iteration {args.warmup} are warm-up, left out) and given per 100 iterations with "
-        "their 95% t-interval. A series grows when its whole interval lies above 0. Round times are the mean "
+        "their 95% t-interval, and again over the later half alone. A series grows when its whole interval lies above 0. Round times are the mean "
         "over the iterations since the previous record; on a busy machine they show drift only, not speed.")
-    run.add_table("Slopes per 100 iterations", ["series", "first fitted", "last", "slope / 100 it.",
-                                                "95% interval", "verdict"], rows)
+    run.add_table("Slopes per 100 iterations [95% interval]",
+                  ["series", "first fitted", "last", f"slope from {args.warmup}", f"slope from {later}", "verdict"],
+                  rows, note="The verdict is the slope from the end of the warm-up's.")
     for name, points in all_series.items():
         filename = plot_name(name)
         trend_plot(run.out_dir / filename, name, points, fits[name], args.warmup)
@@ -258,6 +264,7 @@ def main() -> None:
     write_csv(run.out_dir / "soak.csv", records)
     run.finish({"config": str(CONFIG.relative_to(REPO_ROOT)), "overrides": SHRINK, "iterations": args.iterations,
                 "every": args.every, "warmup": args.warmup, "records": records, "fits": fits,
+                "later_half_from": later, "later_fits": later_fits,
                 "csv": "soak.csv"})
 
 
