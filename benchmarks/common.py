@@ -194,6 +194,27 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
     return {"mean": mean, "stderr": stderr, "lo": mean - half, "hi": mean + half, "n": len(values)}
 
 
+def linear_trend(xs: Sequence[float], ys: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """The least-squares line y = intercept + slope * x, and the `level` t-interval of its slope (n - 2 degrees
+    of freedom, from the residuals' spread); needs three points at two x values or more."""
+    from scipy import stats
+
+    n = len(xs)
+    if n != len(ys) or n < 3:
+        raise ValueError(f"linear_trend: need three (x, y) points or more, got {n} x and {len(ys)} y")
+    x_mean, y_mean = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - x_mean) ** 2 for x in xs)
+    if sxx == 0:
+        raise ValueError("linear_trend: every x is the same; a slope needs two x values or more")
+    slope = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys)) / sxx
+    intercept = y_mean - slope * x_mean
+    residual_ss = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+    stderr = math.sqrt(residual_ss / (n - 2) / sxx)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 2)) * stderr
+    return {"slope": slope, "intercept": intercept, "stderr": stderr, "lo": slope - half, "hi": slope + half,
+            "n": n}
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
@@ -247,7 +268,7 @@ def start_local_ray(num_cpus: int, log_to_driver: bool = False) -> None:
 
 
 def actor_process_info(handles: Mapping[str, Any]) -> dict[str, dict[str, int]]:
-    """torch threads and niceness inside each actor's process, as measured there."""
+    """torch threads, niceness and the process id inside each actor's process, as measured there."""
     import ray
 
     def info(instance: Any) -> dict[str, int]:
@@ -255,7 +276,8 @@ def actor_process_info(handles: Mapping[str, Any]) -> dict[str, dict[str, int]]:
 
         import torch
 
-        return {"torch_threads": torch.get_num_threads(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)}
+        return {"torch_threads": torch.get_num_threads(), "niceness": os.getpriority(os.PRIO_PROCESS, 0),
+                "pid": os.getpid()}
 
     return {name: ray.get(handle.__ray_call__.remote(info)) for name, handle in handles.items()}
 
@@ -404,6 +426,10 @@ class BenchmarkRun:
     def add_bar_chart(self, filename: str, labels: Sequence[str], values: Sequence[float], *, ylabel: str,
                       title: str, errors: Sequence[tuple[float, float]] | None = None) -> None:
         bar_chart(self.out_dir / filename, labels, values, ylabel=ylabel, title=title, errors=errors)
+        self.add_plot(filename, title)
+
+    def add_plot(self, filename: str, title: str) -> None:
+        """A plot already written to <out>/`filename`, listed in the record and shown in the Markdown."""
         self.plots.append(filename)
         self.sections.append(f"![{title}]({filename})")
 
