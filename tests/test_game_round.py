@@ -38,10 +38,29 @@ def _weights(path):
     return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
 
 
+# IPO's round is played with the settings test_an_ipo_round_trains_on_best_vs_worst_pairs checks by hand, so that
+# the two tests read one game: starting a game's actors is most of its time.
+METHOD_SETTINGS = {"ipo": ("ipo.tau=0.25", "policy.batch_size=64")}
+
+
+@pytest.fixture(scope="module")
+def method_round(ray_cluster, tmp_path_factory):
+    """`method_round(method)`: one hf/torch round of an offline method, played on the first test that asks."""
+    played = {}
+
+    def play(method: str):
+        if method not in played:
+            played[method] = _play(tmp_path_factory.mktemp(method), f"method={method}",
+                                   *METHOD_SETTINGS.get(method, ()), "rollout.backend=hf", "learner.backend=torch")
+        return played[method]
+
+    return play
+
+
 # Every offline method of the registry: a new one gets its round here without an edit.
 @pytest.mark.parametrize("method", method_names("offline"))
-def test_one_round_per_method_hf_torch(ray_cluster, tmp_path, method):
-    prepared, summary, rows = _play(tmp_path, f"method={method}", "rollout.backend=hf", "learner.backend=torch")
+def test_one_round_per_method_hf_torch(method_round, method):
+    prepared, summary, rows = method_round(method)
     assert [r["round"] for r in rows] == [0, 1]
     for key in ("rm/acc", "rm/ece", "rm/acc_policy", "eval/gold_score", "eval/rm_score", "eval/kl"):
         assert key in rows[1], key
@@ -75,12 +94,11 @@ def test_one_round_per_method_hf_torch(ray_cluster, tmp_path, method):
     assert [rows[0][f"threads/{role}"] for role in ("policy", "reward", "reference", "rollout")] == [1, 1, 1, 1]
 
 
-def test_an_ipo_round_trains_on_best_vs_worst_pairs(ray_cluster, tmp_path):
+def test_an_ipo_round_trains_on_best_vs_worst_pairs(method_round):
     """IPO on the toy default config: the learner got the round's pairs (at most one per policy prompt) and
     reported IPO's loss on them, not DPO's: at the first step the policy is the reference, so every pair's
     log-ratio margin is 0 and the loss is (1 / (2 tau))^2."""
-    prepared, _, rows = _play(tmp_path, "method=ipo", "ipo.tau=0.25", "rollout.backend=hf", "learner.backend=torch",
-                              "policy.batch_size=64")
+    prepared, _, rows = method_round("ipo")
     assert prepared.cfg.ipo.tau == 0.25 and prepared.cfg.policy.lr == 1e-4
     assert 0 < rows[1]["policy/pairs"] <= 16
     # One epoch of one minibatch: one step, from the reference's weights.
@@ -99,11 +117,22 @@ def test_fixed_rm_baseline_never_steps_the_rm(ray_cluster, tmp_path):
     assert all(torch.equal(base[k], final[k]) for k in base)
 
 
-def test_default_stack_vllm_deepspeed_round(ray_cluster, tmp_path):
+# Two rounds of the embedded default's stack on 2 threads a process, with the held-out evaluation in place or
+# overlapping the next round (the default).
+DEFAULT_STACK = ("rounds=2", "learner.threads=2", "rollout.threads=2")
+
+
+@pytest.fixture(scope="module")
+def overlapped_default_run(ray_cluster, tmp_path_factory):
+    """The default stack's game, read by two tests below: starting its actors is most of its time."""
+    return _play(tmp_path_factory.mktemp("overlapped"), *DEFAULT_STACK, "eval.overlap=true")
+
+
+def test_default_stack_vllm_deepspeed_round(overlapped_default_run):
     """The embedded default's real components: vLLM rollouts and DeepSpeed ZeRO-2 learners on CPU, each process
     on the threads that learner.threads and rollout.threads give it rather than Ray's one per CPU."""
-    prepared, _, rows = _play(tmp_path, "learner.threads=2", "rollout.threads=2")
-    assert [r["round"] for r in rows] == [0, 1]
+    prepared, _, rows = overlapped_default_run
+    assert [r["round"] for r in rows] == [0, 1, 2]
     assert [rows[0][f"threads/{role}"] for role in ("policy", "reward", "reference", "rollout")] == [2, 2, 2, 2]
     assert rows[1]["sync/workers"] == 1 and rows[1]["rollout/tokens"] > 0
     # Round 0 was evaluated during round 1 (eval.overlap), with eval/kl from vLLM's float32 log-probs: at
@@ -115,15 +144,14 @@ def test_default_stack_vllm_deepspeed_round(ray_cluster, tmp_path):
     assert not {key for row in rows for key in row if key != "step" and lookup(key) is None}
 
 
-def test_an_overlapped_evaluation_gives_the_figures_of_one_in_place(ray_cluster, tmp_path):
+def test_an_overlapped_evaluation_gives_the_figures_of_one_in_place(overlapped_default_run, tmp_path):
     """eval.overlap moves round r's evaluation into round r+1 (a frozen copy of the RM, samples drawn on the
     weights the pool still holds, scored in pieces while the policy trains); the rows must not change."""
     keys = ("eval/gold_score", "eval/gold_score_se", "eval/rm_score", "eval/kl", "rm/acc", "rm/ece", "rm/acc_policy",
             "rm/reward_gold", "eval/samples")
-    runs = {}
-    for overlap in (True, False):
-        _, _, rows = _play(tmp_path / str(overlap), "rounds=2", f"eval.overlap={str(overlap).lower()}")
-        runs[overlap] = [{key: row[key] for key in keys} for row in rows]
+    in_place_run = _play(tmp_path, *DEFAULT_STACK, "eval.overlap=false")
+    runs = {overlap: [{key: row[key] for key in keys} for row in rows]
+            for overlap, (_, _, rows) in ((True, overlapped_default_run), (False, in_place_run))}
     assert [row["eval/samples"] for row in runs[True]] == [24, 24, 24]
     for overlapped, in_place in zip(runs[True], runs[False]):
         assert overlapped == pytest.approx(in_place, rel=1e-5, abs=1e-6)

@@ -76,7 +76,9 @@ def wait_for(condition, timeout_s: float, what: str, interval_s: float = 1.0):
     raise AssertionError(f"{what} within {timeout_s} s")
 
 
-@pytest.fixture
+# One head for the module: starting it (its dashboard and job agent) takes as long as a test's own work, and
+# neither test changes it.
+@pytest.fixture(scope="module")
 def ray_head():
     # Short path: Ray's unix sockets live under it and must stay under 107 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="apo-head-", dir="/tmp"))
