@@ -393,3 +393,33 @@ def test_gradient_checkpointing_takes_the_same_adapter_step(tiny_lm_dir):
     want, got = plain.sft_step(SAMPLES, epochs=1, seed=0), checkpointed.sft_step(SAMPLES, epochs=1, seed=0)
     assert got["policy/grad_norm"] == want["policy/grad_norm"] > 0
     assert all(torch.equal(t, plain.state_dict()[n]) for n, t in checkpointed.state_dict().items())
+
+
+def test_a_merged_export_generates_what_base_plus_adapter_generates(tiny_lm_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from apo_ray.cli import main as cli_main
+
+    learner = lora_policy(tiny_lm_dir)
+    learner.sft_step(SAMPLES, epochs=2, seed=0)
+    # A game run directory: `export --merge` finds the latest round's adapter.
+    round_dir = tmp_path / "run" / "checkpoints" / "round_0001"
+    learner.save_checkpoint(str(round_dir / "policy"))
+    (tmp_path / "run" / "checkpoints" / "LATEST").write_text("1")
+    assert cli_main(["export", "--merge", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert not any(".lora_" in name for name in merged.state_dict())
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32),
+                                        round_dir / "policy").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
+    prompts = torch.tensor([list(s.prompt_ids) for s in SAMPLES])
+    settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=learner.tokenizer.pad_token_id, eos_token_id=None)
+    with torch.no_grad():
+        want = adapted.generate(input_ids=prompts, **settings)
+        assert torch.equal(merged.generate(input_ids=prompts, **settings), want)
+        # ... which is not what the base model generates: the adapter moved the policy.
+        assert not torch.equal(base.generate(input_ids=prompts, **settings), want)
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+    # Anything else is refused, naming what export looks for.
+    assert cli_main(["export", "--merge", tiny_lm_dir, str(tmp_path / "none")]) == 2
