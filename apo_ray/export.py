@@ -46,17 +46,20 @@ def merge_adapter(source: Path, out: Path) -> Path:
     return out
 
 
+def parser() -> argparse.ArgumentParser:
+    commands = argparse.ArgumentParser(prog="apo-ray export", description=__doc__)
+    commands.add_argument("--merge", action="store_true", required=True,
+                          help="merge the LoRA adapter into its base model (the one export built)")
+    commands.add_argument("source", type=Path, help="a game run directory, a round checkpoint or an adapter directory")
+    commands.add_argument("out", type=Path, help="the directory the merged model is written to")
+    return commands
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="apo-ray export", description=__doc__)
-    parser.add_argument("--merge", action="store_true", required=True,
-                        help="merge the LoRA adapter into its base model (the one export built)")
-    parser.add_argument("source", type=Path, help="a game run directory, a round checkpoint or an adapter directory")
-    parser.add_argument("out", type=Path, help="the directory the merged model is written to")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
-        out = merge_adapter(args.source, args.out)
+        print(f"merged model written to {merge_adapter(args.source, args.out)}")
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"merged model written to {out}")
     return 0
