@@ -2,10 +2,11 @@
 weight fingerprint) is tested as it runs. A run never sets them: the actor reads `APO_RAY_INJECT_FAULTS`, a JSON
 list of faults, from its environment (the pool's `env` passes it to its workers).
 
-A fault: {"kind": "stall" | "corrupt" | "drop" (a sync's load skipped while the worker reports it done), "phase": a call's name ("start", "generate", "sync" of a rollout worker,
-"step" of a learner), "worker": a rollout worker's index or a learner's rank (absent: every one),
-"seconds": how long a stall sleeps, "tensor": the checkpoint tensor a corruption adds 1 to, "once": a file that
-the fault creates when it fires and that stops it firing again (a replacement worker then runs clean)}.
+A fault: {"kind": "stall" | "corrupt" | "drop" (a sync's load skipped while the worker reports it done), "phase": a
+call's name ("start", "generate", "sync" of a rollout worker, "step" of a learner), "worker": a rollout worker's
+index or a learner's rank (absent: every one), "seconds": how long a stall sleeps, "tensor": the checkpoint tensor a
+corruption adds 1 to, "once": a file that the fault creates when it fires and that stops it firing again (a
+replacement worker then runs clean)}.
 """
 
 from __future__ import annotations
