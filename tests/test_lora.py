@@ -3,7 +3,9 @@ optimizer state; the reference is the policy's own base weights with the adapter
 the initial model; the weights the learner hands on are the merged model under the base model's names, which the
 rollout workers load and the sync's fingerprint check proves delivered; a round checkpoint holds the adapter in
 PEFT's format (and the merged model when asked); a resumed learner continues exactly; 2 DeepSpeed ranks take the
-step 1 rank takes. On the tests' tiny random Qwen2 (tests/conftest.py)."""
+step 1 rank takes; an adapter-only sync is served by vLLM and HF as the learner reads it, and a dropped one is caught
+by the probe check and by the rollouts' adapter versions; a merged export generates what base plus adapter
+generates. On the tests' tiny random Qwen2 (tests/conftest.py)."""
 
 from __future__ import annotations
 
