@@ -22,7 +22,7 @@ from apo_ray.chat import AUTO, resolve_template
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig, PPOConfig
 from apo_ray.fingerprint import Fingerprint, fingerprint
 from apo_ray.game import TokenSample
-from apo_ray.lora import is_adapted
+from apo_ray.lora import adapter_config, is_adapted
 from apo_ray.losses import masked_mean, sequence_logprob
 from apo_ray.methods import get_method
 from apo_ray.modeling import (SampleLogprobs, load_causal_lm, load_tokenizer, predicted_response_tokens,
@@ -192,6 +192,22 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
             # Every rank keeps its own (None beside rank 0), so that no rank joins another gather for the fingerprint.
             self._sent = (state,)
         return state
+
+    def exported_adapter(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """What an adapter-only send sends (learner.lora.sync 'adapter'): the adapter's PEFT config and its tensors
+        in PEFT's names, on rank 0 (None on the other ranks, which join ZeRO-3's gather)."""
+        if not is_adapted(self.model):
+            raise RuntimeError("learner.lora.sync: an adapter-only sync needs learner.lora on the policy")
+        state = self.engine.rank0_state_dict(adapter=True)
+        return None if state is None else (adapter_config(self.model), state)
+
+    def probe_logprobs(self, sample: TokenSample) -> tuple[list[float], list[float]]:
+        """The log-probs of `sample`'s response tokens with the adapter on and off (the base model's): what the
+        check after an adapter sync compares each worker's with (apo_ray.lora.probe_mismatch)."""
+        on, mask = self.token_logprobs([sample])
+        off, _ = self.reference_token_logprobs([sample])
+        picked = mask[0].bool()
+        return on[0][picked].tolist(), off[0][picked].tolist()
 
     def weights_fingerprint(self, dtype: str) -> Fingerprint | None:
         """The reference a sync's workers are checked against (apo_ray/fingerprint.py): the weights the workers

@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from apo_ray.config import check_rollout_settings, resolve_dtype
-from apo_ray.fault_injection import stall_if_injected
+from apo_ray.fault_injection import dropped_if_injected, stall_if_injected
 from apo_ray.fingerprint import EngineFingerprint, TensorStats, checkpoint_names
 from apo_ray.flops import matmul_ceiling
 from apo_ray.game import FinishReason, Rollout, TokenSample
+from apo_ray.lora import ADAPTER, is_adapted, probe_sample, write_adapter_dir
 from apo_ray.logs import is_verbose
 from apo_ray.chat import AUTO, ChatFormat
 from apo_ray.modeling import eos_token_ids, load_tokenizer, torch_dtype
@@ -120,8 +124,22 @@ class VllmWeightLoader:
                 for name, param in self._stored_parameters()]
 
 
+def vllm_lora_rank(rank: int) -> int:
+    """The least max_lora_rank vLLM takes that holds an adapter of rank `rank`."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    sizes = [size for size in get_args(MaxLoRARanks) if size >= rank]
+    if not sizes:
+        raise ValueError(f"learner.lora.rank: {rank} is above the largest adapter rank vLLM serves, "
+                         f"{max(get_args(MaxLoRARanks))}; use learner.lora.sync 'merged'")
+    return min(sizes)
+
+
 class VllmEngine:
-    def __init__(self, model_path: str, *, dtype: str, seed: int, max_model_len: int, engine_kwargs: dict):
+    def __init__(self, model_path: str, *, dtype: str, seed: int, max_model_len: int, engine_kwargs: dict,
+                 lora_rank: int = 0):
         # On a cluster the worker's node may hold another vLLM than the driver's: refuse it by name here.
         require_supported_vllm()
         # The engine must live in this process so that tensors reach it as tensors (docs/architecture.md).
@@ -142,9 +160,18 @@ class VllmEngine:
             check_cpu_engine_kwargs(engine_kwargs, max_model_len)
             # torch.compile added 30-50 s to the engine start on 2 cores and did not speed up small models.
             kwargs.update(enforce_eager=True, kv_cache_memory_bytes=DEFAULT_CPU_KV_CACHE_BYTES, **CPU_ENGINE_DEFAULTS)
+        if lora_rank:
+            # One adapter at a time: each sync's replaces the last.
+            kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank), max_loras=1)
         kwargs.update(engine_kwargs)
         self.llm = LLM(**kwargs)
         self.engine_ranks = self.llm.llm_engine.vllm_config.parallel_config.world_size
+        # The adapter every request is served with (None: the base model), its version, and this worker's own
+        # directory of its PEFT files (vLLM loads an adapter from files alone).
+        self.adapter = None
+        self.adapter_version: int | None = 0 if lora_rank else None
+        self._adapter_root = Path(tempfile.mkdtemp(prefix="apo_ray_adapter_")) if lora_rank else None
+        self._adapters_loaded = 0
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int | None], n: int, *, max_new_tokens: int,
                  temperature: float, top_p: float, eos_ids: frozenset[int]) -> list[Samples]:
@@ -160,7 +187,7 @@ class VllmEngine:
             for _ in range(copies)
         ]
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids for _ in range(copies)]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.adapter)
         samples = []
         for sample in (sample for output in outputs for sample in output.outputs):
             ids = cut_at_eos(sample.token_ids, eos_ids)
@@ -173,7 +200,7 @@ class VllmEngine:
         # prompt_logprobs=0: each prompt token's own log-prob, from the raw logits like the sampled ones.
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": list(s.prompt_ids + s.response_ids)} for s in samples],
-                                    params, use_tqdm=False)
+                                    params, use_tqdm=False, lora_request=self.adapter)
         return [[position[token].logprob for token, position in
                  zip(sample.response_ids, output.prompt_logprobs[len(sample.prompt_ids):])]
                 for sample, output in zip(samples, outputs)]
@@ -185,6 +212,25 @@ class VllmEngine:
     def load_dir(self, path: str) -> None:
         # Each vLLM worker reads the files itself: only the path crosses into the engine.
         self.llm.collective_rpc("apo_load_dir", args=(path,))
+        self._forget_old_weights()
+
+    def load_adapter(self, config: dict, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> None:
+        """Serve the base model plus this adapter from now on, as adapter `version`."""
+        from vllm.lora.request import LoRARequest
+
+        if self._adapter_root is None:
+            raise RuntimeError("load_adapter: this engine was started without LoRA (lora_rank 0)")
+        # A fresh id per load: vLLM would keep serving a cached adapter of a reused id.
+        self._adapters_loaded += 1
+        path = write_adapter_dir(config, named_tensors, self._adapter_root / f"load_{self._adapters_loaded}")
+        request = LoRARequest(f"apo-ray-adapter-{self._adapters_loaded}", self._adapters_loaded, str(path))
+        previous, self.adapter = self.adapter, None
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        # Loaded now rather than at the next request, so that a bad adapter fails the sync that sent it.
+        self.llm.llm_engine.add_lora(request)
+        self.adapter, self.adapter_version = request, version
         self._forget_old_weights()
 
     def _forget_old_weights(self) -> None:
@@ -204,13 +250,15 @@ class VllmEngine:
 class HfEngine:
     engine_ranks = 1
 
-    def __init__(self, model_path: str, *, dtype: str, pad_token_id: int):
+    def __init__(self, model_path: str, *, dtype: str, pad_token_id: int, lora_rank: int = 0):
         from transformers import AutoModelForCausalLM
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype, device)).to(device)
         self.model.eval()
         self.pad_token_id = pad_token_id
+        self.lora_rank = lora_rank
+        self.adapter_version: int | None = 0 if lora_rank else None
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], seeds: list[int | None], n: int, *, max_new_tokens: int,
@@ -275,6 +323,22 @@ class HfEngine:
     def load_dir(self, path: str) -> None:
         self.load(read_checkpoint_dir(path))
 
+    @torch.no_grad()
+    def load_adapter(self, config: dict, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> None:
+        """Serve the base model plus this adapter (peft) from now on, as adapter `version`."""
+        from peft import get_peft_config, get_peft_model, set_peft_model_state_dict
+
+        if not self.lora_rank:
+            raise RuntimeError("load_adapter: this engine was started without LoRA (lora_rank 0)")
+        if not is_adapted(self.model):
+            # peft builds the adapter's layers in train mode (dropout on).
+            self.model = get_peft_model(self.model, get_peft_config(config), adapter_name=ADAPTER).eval()
+        result = set_peft_model_state_dict(self.model, dict(named_tensors), adapter_name=ADAPTER)
+        if result.unexpected_keys:
+            raise KeyError(f"load_adapter: {len(result.unexpected_keys)} tensors are not the adapter's, e.g. "
+                           f"{result.unexpected_keys[0]!r}")
+        self.adapter_version = version
+
     def checksum(self) -> float:
         return sum(p.detach().double().abs().sum().item() for p in self.model.parameters())
 
@@ -304,8 +368,10 @@ class RolloutWorker:
         dtype: str = "auto",
         engine_kwargs: dict | None = None,
         chat_template: str = AUTO,
+        lora_rank: int = 0,
     ):
-        """chat_template: "auto", "none" or a template's text (apo_ray.chat), how prompts become ids."""
+        """chat_template: "auto", "none" or a template's text (apo_ray.chat), how prompts become ids. lora_rank:
+        the rank of the LoRA adapters syncs send (learner.lora.sync 'adapter'); 0: syncs send whole weights."""
         check_rollout_settings(backend, max_prompt_tokens, max_new_tokens, max_model_len, engine_kwargs)
         # Resolved here rather than by vLLM, whose "auto" turns a float32 checkpoint into bfloat16.
         dtype = resolve_dtype(dtype, on_gpu=torch.cuda.is_available())
@@ -320,10 +386,12 @@ class RolloutWorker:
         stall_if_injected("start", worker_index)
         if backend == "vllm":
             self.engine: VllmEngine | HfEngine = VllmEngine(
-                model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, engine_kwargs=engine_kwargs or {}
+                model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, engine_kwargs=engine_kwargs or {},
+                lora_rank=lora_rank,
             )
         else:
-            self.engine = HfEngine(model_path, dtype=dtype, pad_token_id=self.tokenizer.pad_token_id)
+            self.engine = HfEngine(model_path, dtype=dtype, pad_token_id=self.tokenizer.pad_token_id,
+                                   lora_rank=lora_rank)
         self.engine_start_seconds = time.perf_counter() - started
         self.dtype = dtype
         self._version = 0
@@ -371,7 +439,7 @@ class RolloutWorker:
                     response=self.tokenizer.decode(ids, skip_special_tokens=True),
                     policy_version=self._version, worker=self.worker_index, prompt_token_ids=tuple(prompt),
                     response_token_ids=tuple(ids), finish_reason=finish_reason(ids, self.eos_ids),
-                    sampler_logprobs=tuple(logprobs))
+                    sampler_logprobs=tuple(logprobs), adapter_version=self.engine.adapter_version)
             for prompt_text, prompt, index, per_prompt in zip(prompts, prompt_ids, prompt_indices, samples)
             for ids, logprobs in per_prompt
         ]
@@ -383,11 +451,16 @@ class RolloutWorker:
             raise ValueError("response_logprobs: every sample needs a prompt and a response token")
         return self.engine.response_logprobs(samples)
 
+    def probe_sample(self) -> TokenSample:
+        """The delivery check's probe sample (apo_ray.lora.probe_sample) in this policy's tokens."""
+        return probe_sample(self.tokenizer)
+
     def receive_weights(self, backend: str, version: int, *args: Any) -> int:
         """A shell around backend `backend`'s worker side (apo_ray/sync_backends/): load the weights `args` hand
         over into the engine as `version`; returns the bytes loaded."""
         stall_if_injected("sync", self.worker_index)
-        loaded = get_backend(backend).receive(self, *args)
+        # A dropped load still reports the version: the silent failure that the checks after a sync must catch.
+        loaded = 0 if dropped_if_injected("sync", self.worker_index) else get_backend(backend).receive(self, *args)
         self._version = version
         return loaded
 

@@ -1,7 +1,8 @@
 """`apo-ray` command: `train` (the game; `--dry-run` checks a config and prints its placement plan), `report`
 (plots of a run directory), `compare` (several runs side by side: one plot, one table), `resize` (ask a running
 game for another number of rollout workers), `sft` and `rm` (the stages before the game, apo_ray.stages), `serve`
-(the trained policy and RM over HTTP, apo_ray.serve)."""
+(the trained policy and RM over HTTP, apo_ray.serve), `export` (a LoRA policy merged into a plain model,
+apo_ray.export)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from apo_ray.logs import configure_logging
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("train", "report", "compare", "resize", "sft", "rm", "serve")
+    commands = ("train", "report", "compare", "resize", "sft", "rm", "serve", "export")
     if not argv or argv[0] not in commands:
         print(f"usage: apo-ray {{{','.join(commands)}}} ...   (apo-ray train --help; apo-ray train --config X --dry-run)",
               file=sys.stderr)
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         from apo_ray.serve.cli import main as serve_main
 
         return serve_main(rest)
+    if command == "export":
+        from apo_ray.export import main as export_main
+
+        return export_main(rest)
     if command == "resize":
         return resize_main(rest)
     return report_main(command, rest)

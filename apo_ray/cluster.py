@@ -188,8 +188,11 @@ def attacker_rollout_pool(cfg: Config, attacker_path: str, *, name_prefix: str) 
         "num_gpus_per_worker": attacker.rollout_num_gpus_per_worker, "temperature": attacker.temperature,
     })
     model = cfg.model.model_copy(update={"max_response_tokens": attacker.max_tokens})
+    # The attacker never takes learner.lora's adapter: its workers receive whole weights.
+    learner = cfg.learner.model_copy(update={"lora": cfg.learner.lora.model_copy(update={"enabled": False})})
     # A run directory of its own, so that disk weight sync never writes where the defender's workers read.
-    attacker_cfg = cfg.model_copy(update={"rollout": rollout, "model": model, "run_dir": str(Path(cfg.run_dir) / "attacker")})
+    attacker_cfg = cfg.model_copy(update={"rollout": rollout, "model": model, "learner": learner,
+                                          "run_dir": str(Path(cfg.run_dir) / "attacker")})
     return RolloutPool.from_config(attacker_cfg, attacker_path, name_prefix=name_prefix,
                                    env=actor_env(cfg.rollout.threads))
 

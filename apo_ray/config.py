@@ -195,8 +195,9 @@ class RolloutConfig(Section):
     verify_sync: bool = Field(True, description=(
         "After every weight sync, each worker reports per-tensor sums of the weights its engine holds, and the run "
         "stops (exit code 7) naming the worker and the tensor unless they equal the learner's "
-        "(apo_ray/fingerprint.py); timing/sync_fingerprint logs its cost. Off by itself for tensor-parallel "
-        "engines, which hold shards."))
+        "(apo_ray/fingerprint.py); timing/sync_fingerprint logs its cost. After a LoRA adapter's sync "
+        "(learner.lora.sync 'adapter') each worker's log-probs of a probe sample must equal the learner's "
+        "instead (sync/probe_s). Off by itself for tensor-parallel engines, which hold shards."))
     # A forward pass of its own on the offline methods (a third of the policy step on SmolLM2); its mean over a
     # few hundred tokens is as telling as over every sample.
     logprob_check_samples: Optional[int] = Field(16, ge=1, description=(
@@ -237,8 +238,7 @@ class LoraConfig(Section):
 
     enabled: bool = Field(False, description=(
         "Train a LoRA adapter on the learners of learner.lora.roles: only the adapter's weights take gradients and "
-        "optimizer state. The rollout workers still receive whole weights (base plus adapter, merged), so "
-        "rollout.verify_sync checks them as without LoRA."))
+        "optimizer state. learner.lora.sync says what the rollout workers receive."))
     rank: int = Field(16, ge=1, description="The adapter's rank r: each adapted weight W becomes W + (alpha / r) B A.")
     alpha: float = Field(32.0, gt=0.0, description="LoRA's alpha: the adapter's update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description=(
@@ -251,6 +251,14 @@ class LoraConfig(Section):
     roles: list[Literal[LORA_ROLES]] = Field(["policy"], min_length=1, description=(
         "The trained learners that take an adapter: 'policy' (and so LoRA's free reference). 'reward' and 'critic' "
         "are not built yet and are refused."))
+    sync: Literal["adapter", "merged"] = Field("adapter", description=(
+        "What each policy sync sends the rollout workers. 'adapter': the adapter's tensors alone, in "
+        "rollout.sync_bucket_mb buckets through Ray's object store (rollout.weight_sync 'object_store'), tagged "
+        "with the sync's version; vLLM serves them as a LoRARequest (max_lora_rank: the least vLLM size >= "
+        "learner.lora.rank), HF generate through peft, and every rollout records the adapter version that made "
+        "it. rollout.verify_sync then checks each worker's log-probs of a fixed probe sample against the "
+        "learner's (sync/probe_s). 'merged': the whole model with the adapter merged in, through any "
+        "rollout.weight_sync but 'nccl', checked by the weight fingerprint."))
     reference_actor: bool = Field(False, description=(
         "false: the policy's reference log-probs are its own base weights with the adapter switched off, so no "
         "reference actor or second copy of the model is started. true: a separate frozen reference actor as "
@@ -891,7 +899,7 @@ def _cross_checks(cfg: Config) -> None:
         check_cpu_engine_kwargs(rollout.engine_kwargs, rollout.max_model_len)
     refusal = config_refusal(rollout.weight_sync, rollout_backend=rollout.backend,
                              zero_stage_3=cfg.learner.backend == "deepspeed" and cfg.learner.zero_stage == 3,
-                             lora=cfg.learner.lora.applies_to("policy"))
+                             lora=cfg.learner.lora.applies_to("policy"), adapter=cfg.learner.lora.sync == "adapter")
     if refusal:
         raise ConfigError(refusal)
     if model.dtype == "float16":

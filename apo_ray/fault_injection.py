@@ -2,10 +2,11 @@
 weight fingerprint) is tested as it runs. A run never sets them: the actor reads `APO_RAY_INJECT_FAULTS`, a JSON
 list of faults, from its environment (the pool's `env` passes it to its workers).
 
-A fault: {"kind": "stall" | "corrupt", "phase": a call's name ("start", "generate", "sync" of a rollout worker,
-"step" of a learner), "worker": a rollout worker's index or a learner's rank (absent: every one),
-"seconds": how long a stall sleeps, "tensor": the checkpoint tensor a corruption adds 1 to, "once": a file that
-the fault creates when it fires and that stops it firing again (a replacement worker then runs clean)}.
+A fault: {"kind": "stall" | "corrupt" | "drop" (a sync's load skipped while the worker reports it done), "phase": a
+call's name ("start", "generate", "sync" of a rollout worker, "step" of a learner), "worker": a rollout worker's
+index or a learner's rank (absent: every one), "seconds": how long a stall sleeps, "tensor": the checkpoint tensor a
+corruption adds 1 to, "once": a file that the fault creates when it fires and that stops it firing again (a
+replacement worker then runs clean)}.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 ENV = "APO_RAY_INJECT_FAULTS"
-KINDS = ("stall", "corrupt")
+KINDS = ("stall", "corrupt", "drop")
 
 
 def passed_on() -> dict[str, str]:
@@ -56,3 +57,7 @@ def corrupt_if_injected(phase: str, worker: int,
     """`named_tensors` with 1 added to each injected tensor (a copy: the originals may be read-only views)."""
     names = {fault["tensor"] for fault in _firing("corrupt", phase, worker)}
     return [(name, tensor + 1 if name in names else tensor) for name, tensor in named_tensors]
+
+
+def dropped_if_injected(phase: str, worker: int) -> bool:
+    return bool(_firing("drop", phase, worker))

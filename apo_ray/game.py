@@ -44,7 +44,9 @@ class Rollout:
 
     The token fields are the sample itself; `response` is its decoded text, for logs, the gold oracle and
     reward models with another tokenizer. `sampler_logprobs[j]` is the sampling engine's log-prob of
-    `response_token_ids[j]` (raw logits, before temperature or top-p)."""
+    `response_token_ids[j]` (raw logits, before temperature or top-p). `adapter_version`: the version of the LoRA
+    adapter the engine served it with (learner.lora.sync 'adapter'; 0 before the first sync), read from the engine,
+    which equals `policy_version` unless a sync did not reach it; None where syncs send whole weights."""
 
     prompt_index: int
     prompt: str
@@ -55,6 +57,7 @@ class Rollout:
     response_token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason = "stop"
     sampler_logprobs: tuple[float, ...] = ()
+    adapter_version: int | None = None
 
     @property
     def tokens(self) -> TokenSample:
@@ -165,6 +168,20 @@ def policy_version_lag(rollouts: Sequence[Rollout], current_version: int) -> dic
         "rollout/policy_version_lag": sum(lags) / len(lags),
         "rollout/policy_version_lag_max": float(max(lags)),
     }
+
+
+class WeightsDiffer(RuntimeError):
+    """A rollout worker's engine does not hold the weights the learner synced: it would sample another policy."""
+
+
+def check_adapter_versions(rollouts: Sequence[Rollout]) -> None:
+    """Every rollout's adapter version (read from its engine) equals the version its worker was last synced."""
+    for rollout in rollouts:
+        if rollout.adapter_version is not None and rollout.adapter_version != rollout.policy_version:
+            raise WeightsDiffer(
+                f"rollout worker {rollout.worker} sampled prompt {rollout.prompt_index} with LoRA adapter version "
+                f"{rollout.adapter_version}, but was synced to version {rollout.policy_version}: the adapter did not "
+                "reach its engine")
 
 
 def split_rollouts(rollouts: Sequence[Rollout], n_first: int) -> tuple[list[Rollout], list[Rollout]]:

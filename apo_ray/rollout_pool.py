@@ -8,7 +8,9 @@
 - `sync` / `sync_from` move new weights to every worker through a weight-sync backend (apo_ray/sync_backends/);
   the pool keeps the last payload so that workers that join (resize) or restart get the current weights and
   version. After every load each worker reports a fingerprint of what its engine holds (apo_ray/fingerprint.py),
-  which must equal the learner's, or the sync raises WeightsDiffer naming the worker and the tensor.
+  which must equal the learner's, or the sync raises WeightsDiffer naming the worker and the tensor. After a LoRA
+  adapter's sync (the base weights unchanged) each worker's log-probs of a probe sample must equal the learner's
+  instead.
 """
 
 from __future__ import annotations
@@ -30,19 +32,16 @@ from apo_ray.actor_group import ActorGroup, wait_any, wait_until_ready
 from apo_ray.config import Config, check_rollout_settings
 from apo_ray.deadlines import DeadlinePassed, generate_deadline_s, startup_deadline_s, sync_deadline_s
 from apo_ray.fingerprint import Fingerprint, fingerprint, first_difference
-from apo_ray.game import Rollout, assign_shards
+from apo_ray.game import Rollout, TokenSample, WeightsDiffer, assign_shards
 from apo_ray.learner_group import gather
 from apo_ray.named_tensors import as_named_tensors, checkpoint_bytes, read_checkpoint_dir
 from apo_ray.progress import Progress
-from apo_ray.sync_backends import SyncBackend, SyncStats, cluster_refusal, config_refusal, get_backend, make_backend
+from apo_ray.lora import probe_effect, probe_mismatch
+from apo_ray.sync_backends import SyncBackend, SyncStats, cluster_refusal, config_refusal, make_backend, policy_backend
 
 log = logging.getLogger(__name__)
 
 GENERATE_KEY, SYNC_KEY = "rollout.generate_timeout_s", "rollout.sync_timeout_s"
-
-
-class WeightsDiffer(RuntimeError):
-    """A rollout worker's engine does not hold the weights the learner synced: it would sample another policy."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,8 @@ class RolloutWorkerSpec:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     # "auto", "none" or a template's text (apo_ray.chat.template_setting).
     chat_template: str = "auto"
+    # The rank of the LoRA adapters an adapter-only sync sends (0: syncs send whole weights).
+    lora_rank: int = 0
 
     def __post_init__(self) -> None:
         check_rollout_settings(self.backend, self.max_prompt_tokens, self.max_new_tokens, self.max_model_len,
@@ -227,7 +228,8 @@ class RolloutPool:
         refusal = cluster_refusal(self.weight_sync.name, ray.cluster_resources().get("GPU", 0), "the Ray cluster")
         if refusal:
             raise RuntimeError(refusal)
-        self.spec = dataclasses.replace(spec, engine_kwargs={**self.weight_sync.engine_kwargs(), **spec.engine_kwargs})
+        self.spec = dataclasses.replace(spec, engine_kwargs={**self.weight_sync.engine_kwargs(), **spec.engine_kwargs},
+                                        **self.weight_sync.worker_kwargs())
         self.max_worker_failures = max_worker_failures
         self.group = ActorGroup(
             RolloutWorker, num_workers, name_prefix=name_prefix, make_kwargs=self.spec.worker_kwargs,
@@ -260,8 +262,10 @@ class RolloutPool:
         self.version = 0
         # The last sync's strategy and payload: replayed to workers that join or restart.
         self._published: tuple[SyncBackend, Any] | None = None
-        # The fingerprint of the last sync's weights, and the slots that loaded them since they were last checked.
-        self._reference: Fingerprint | None = None
+        # The fingerprint of the last sync's weights (an adapter sync's: the learner's log-probs of the probe sample
+        # with the adapter on and off), and the slots that loaded them since they were last checked.
+        self._reference: Fingerprint | tuple[list[float], list[float]] | None = None
+        self._probe: TokenSample | None = None
         self._unverified: set[int] = set()
         # Loads started on restarted workers, by the slot they load into.
         self._pending_loads: dict[ray.ObjectRef, int] = {}
@@ -281,7 +285,7 @@ class RolloutPool:
         return cls(
             spec, rollout.num_workers, num_cpus_per_worker=rollout.num_cpus_per_worker,
             num_gpus_per_worker=rollout.num_gpus_per_worker,
-            weight_sync=get_backend(rollout.weight_sync).from_config(cfg), name_prefix=name_prefix, env=env,
+            weight_sync=policy_backend(cfg).from_config(cfg), name_prefix=name_prefix, env=env,
             verify_sync=rollout.verify_sync, generate_timeout_s=rollout.generate_timeout_s,
             sync_timeout_s=rollout.sync_timeout_s, startup_timeout_s=rollout.startup_timeout_s,
         )
@@ -364,6 +368,9 @@ class RolloutPool:
         slots, self._unverified = sorted(self._unverified), set()
         if self._reference is None or not slots:
             return
+        if self._published[0].sends_adapter:
+            self._verify_adapter(slots)
+            return
         # Reading the weights back takes about as long as loading them.
         reported = self._wait_workers({self.group.actors[slot].weights_fingerprint.remote(): slot for slot in slots},
                                       self.sync_deadline_s, "reporting its weight fingerprint", replace=False)
@@ -374,6 +381,26 @@ class RolloutPool:
                     f"{self.describe(slot)} does not hold the policy it was sent (version {self.version}, "
                     f"{self._published[0].name} sync): {difference}. It would sample from other weights than the "
                     "learner trains; rollout.verify_sync=false turns this check off")
+
+    def _verify_adapter(self, slots: list[int]) -> None:
+        """Each worker's log-probs of the probe sample against the learner's (apo_ray.lora.probe_mismatch)."""
+        learner, base = self._reference
+        reported = self._wait_workers(
+            {self.group.actors[slot].response_logprobs.remote([self._probe]): slot for slot in slots},
+            self.sync_deadline_s, "reading the probe sample", replace=False)
+        for slot, [logprobs] in sorted(reported.items()):
+            mismatch = probe_mismatch(logprobs, learner, base, self.engine_dtype)
+            if mismatch is not None:
+                raise WeightsDiffer(
+                    f"{self.describe(slot)} does not serve the LoRA adapter it was sent (adapter version "
+                    f"{self.version}): {mismatch}. It would sample from other weights than the learner trains; "
+                    "rollout.verify_sync=false turns this check off")
+
+    def probe_sample(self) -> TokenSample:
+        """The adapter sync's probe sample, in the policy's tokens (asked of a worker once)."""
+        if self._probe is None:
+            self._probe = ray.get(self.workers[0].probe_sample.remote())
+        return self._probe
 
     def versions(self) -> list[int]:
         self._refuse_while_open("versions")
@@ -439,9 +466,22 @@ class RolloutPool:
                   weight_sync: SyncBackend | None = None) -> dict[str, float]:
         """Load the learner actor's current weights as `version`; nothing passes through the driver."""
         strategy = weight_sync or self.weight_sync
-        # The learner computes its fingerprint, of the weights its send exported, while the workers load.
-        return self._sync(strategy, lambda: strategy.publish_from(learner, version, verify=self.verify_sync), version,
-                          lambda: learner.weights_fingerprint.remote(self.engine_dtype))
+        # The learner computes its fingerprint, of the weights its send exported (or its log-probs of the probe),
+        # while the workers load.
+        reference = (lambda: learner.probe_logprobs.remote(self.probe_sample())) if strategy.sends_adapter else \
+            (lambda: learner.weights_fingerprint.remote(self.engine_dtype))
+        stats = self._sync(strategy, lambda: strategy.publish_from(learner, version, verify=self.verify_sync), version,
+                           reference)
+        if strategy.sends_adapter and self.verify_sync:
+            effect = probe_effect(*self._reference, self.engine_dtype)
+            stats.update({"sync/probe_s": stats.pop("timing/sync_fingerprint"), "sync/probe_effect": effect})
+            log.info("sync %d: every worker serves LoRA adapter version %d (probe check %.2f s; the adapter moves "
+                     "the probe's log-probs by %.1f tolerances)", version, version, stats["sync/probe_s"], effect)
+            if effect <= 2:
+                log.warning("sync %d: the adapter moves the probe's log-probs by %.1f tolerances of %s, too "
+                            "little for the probe to tell it from the base model", version, effect,
+                            self.engine_dtype)
+        return stats
 
     def _fingerprint_of(self, weights: Any) -> Fingerprint:
         """The fingerprint of weights the driver was handed (named tensors, an object ref of them, an HF dir)."""

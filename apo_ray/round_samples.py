@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import ray
 
-from apo_ray.game import Rollout, policy_version_lag, split_rollouts
+from apo_ray.game import Rollout, check_adapter_versions, policy_version_lag, split_rollouts
 from apo_ray.placement import actor_plan, cluster_from_ray_nodes, place
 from apo_ray.pool_size import ResizeRequestError, scheduled_workers, take_resize_request
 from apo_ray.rollout_pool import GenerateCall
@@ -63,6 +63,7 @@ class RoundSampler:
             samples = self._collect(self._submit(r), stats)
         self._collected = None
         stats.update(samples.stats)
+        check_adapter_versions(samples.policy + samples.gold)
         stats.update(policy_version_lag(samples.policy, self.game.version))
         return samples
 

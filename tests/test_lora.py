@@ -3,7 +3,9 @@ optimizer state; the reference is the policy's own base weights with the adapter
 the initial model; the weights the learner hands on are the merged model under the base model's names, which the
 rollout workers load and the sync's fingerprint check proves delivered; a round checkpoint holds the adapter in
 PEFT's format (and the merged model when asked); a resumed learner continues exactly; 2 DeepSpeed ranks take the
-step 1 rank takes. On the tests' tiny random Qwen2 (tests/conftest.py)."""
+step 1 rank takes; an adapter-only sync is served by vLLM and HF as the learner reads it, and a dropped one is caught
+by the probe check and by the rollouts' adapter versions; a merged export generates what base plus adapter
+generates. On the tests' tiny random Qwen2 (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -277,13 +279,87 @@ def test_a_sync_delivers_the_merged_weights_and_the_fingerprint_check_proves_it(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_an_adapter_sync_is_served_and_a_dropped_one_is_caught_naming_worker_and_version(backend, ray_cluster,
+                                                                                         tiny_lm_dir, tmp_path):
+    import json
+
+    import ray
+
+    from apo_ray.fault_injection import ENV
+    from apo_ray.game import WeightsDiffer, check_adapter_versions
+    from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec
+    from apo_ray.sync_backends import make_backend
+
+    spec = RolloutWorkerSpec(tiny_lm_dir, backend, max_new_tokens=8, max_prompt_tokens=32, temperature=0.0,
+                             max_model_len=64, dtype="float32")
+    # Worker 1 drops the first adapter it is sent and still reports the sync done (verl #7495's silent failure).
+    drop = {"kind": "drop", "phase": "sync", "worker": 1, "once": str(tmp_path / "dropped")}
+    name = f"lora-test-adapter-{backend}"
+    # Buckets of 8 KiB: the adapter's 4 x 6 tensors of up to 4 KiB take several.
+    pool = RolloutPool(spec, 2, num_cpus_per_worker=0.5, name_prefix=name, env={ENV: json.dumps([drop])},
+                       weight_sync=make_backend("lora_adapter", bucket_bytes=8 << 10, rank=LORA.rank))
+    learner = ray.remote(PolicyLearner).options(num_cpus=0).remote(**lora_kwargs(tiny_lm_dir, "torch", 0))
+    try:
+        ray.get(learner.sft_step.remote(SAMPLES, epochs=2, seed=0))
+        want, mask = ray.get(learner.token_logprobs.remote(SAMPLES))
+        base, _ = ray.get(learner.reference_token_logprobs.remote(SAMPLES))
+        picked = mask.bool()
+
+        def served(worker: int) -> torch.Tensor:
+            got = ray.get(pool.workers[worker].response_logprobs.remote(SAMPLES))
+            return torch.tensor([v for row in got for v in row])
+
+        assert (want - base)[picked].abs().max() > 1e-2
+        with pytest.raises(WeightsDiffer, match=(
+                rf"^rollout worker {name}-1 on node \S+ does not serve the LoRA adapter it was sent \(adapter version "
+                r"1\): its log-probs of the probe sample differ from the learner's by up to .*; they are the base "
+                r"model's, no adapter")):
+            pool.sync_from(learner, 1)
+        # What each engine serves: worker 0 the learner's adapter, worker 1 still the base model.
+        torch.testing.assert_close(served(0), want[picked], rtol=0, atol=1e-4)
+        torch.testing.assert_close(served(1), base[picked], rtol=0, atol=1e-4)
+        # The samples name the adapter that made them, read from each engine: worker 1's are caught before a
+        # learner trains on them.
+        rollouts = pool.generate(["one prompt", "another prompt"], n=1)
+        assert [(r.worker, r.policy_version, r.adapter_version) for r in rollouts] == [(0, 1, 1), (1, 1, 0)]
+        with pytest.raises(WeightsDiffer, match=rf"^rollout worker 1 sampled prompt 1 with LoRA adapter version 0, "
+                                                rf"but was synced to version 1"):
+            check_adapter_versions(rollouts)
+        # The fault fired once: the next sync reaches both engines, and each reads the samples as the learner does.
+        stats = pool.sync_from(learner, 2)
+        assert stats["sync/probe_s"] > 0 and stats["sync/probe_effect"] > 2 and stats["sync/bytes"] > 8 << 10
+        for worker in range(2):
+            torch.testing.assert_close(served(worker), want[picked], rtol=0, atol=1e-4)
+        rollouts = pool.generate(["one prompt", "another prompt"], n=1)
+        check_adapter_versions(rollouts)
+        assert {r.adapter_version for r in rollouts} == {2}
+    finally:
+        pool.shutdown()
+        ray.kill(learner)
+
+
+def test_the_probe_check_compares_with_the_learner_within_the_dtypes_tolerance():
+    from apo_ray.lora import probe_effect, probe_mismatch
+
+    learner, base = [-1.0, -2.0, -3.0], [-1.5, -2.0, -3.0]
+    assert probe_mismatch([-1.0005, -2.0, -2.9995], learner, base, "float32") is None
+    assert probe_mismatch([-1.05, -2.0, -3.0], learner, base, "bfloat16") is None
+    assert probe_mismatch([-1.002, -2.0, -3.0], learner, base, "float32") == (
+        "its log-probs of the probe sample differ from the learner's by up to 0.002 (tolerance 0.001 in float32); "
+        "they are neither the learner's nor the base's (up to 0.498 from the base model's)")
+    assert "they are the base model's, no adapter" in probe_mismatch(base, learner, base, "float32")
+    assert probe_effect(learner, base, "float32") == pytest.approx(500)
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("overrides", [
-    # A pair method reads the reference's sequence log-probs for its loss; hf sampler and torch learner.
-    ("method=dpo", "rollout.backend=hf", "learner.backend=torch"),
-    # The default stack: vLLM rollouts, DeepSpeed ZeRO-2, RJS.
+    # A pair method reads the reference's sequence log-probs for its loss; hf sampler and torch learner, merged sync.
+    ("method=dpo", "rollout.backend=hf", "learner.backend=torch", "learner.lora.sync=merged"),
+    # The default stack: vLLM rollouts, DeepSpeed ZeRO-2, RJS, adapter-only sync.
     (),
 ])
-def test_a_lora_round_samples_from_the_merged_policy_and_checkpoints_its_adapter(ray_cluster, tmp_path, overrides):
+def test_a_lora_round_syncs_the_policy_and_checkpoints_its_adapter(ray_cluster, tmp_path, overrides):
     from transformers import AutoModelForCausalLM
 
     from tests.test_game_round import _play
@@ -293,9 +369,14 @@ def test_a_lora_round_samples_from_the_merged_policy_and_checkpoints_its_adapter
     assert [r["round"] for r in rows] == [0, 1] and "ceiling/reference" not in rows[0]
     # At round 0 the policy is its own reference (the adapter's B is 0): the KL is 0, read with the adapter off.
     assert rows[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4) and rows[1]["eval/kl"] != 0.0
-    # The sampler held the learner's merged weights (the sync's fingerprint check passed, or the run would have
-    # stopped): its log-probs of its samples are the adapted learner's.
+    # The sampler held the learner's weights (the sync's check passed, or the run would have stopped): its log-probs
+    # of its samples are the adapted learner's. The merged weights are checked by their fingerprint, the adapter by
+    # the probe sample's log-probs, which the adapter moved beyond the tolerance.
     assert rows[1]["rollout/logprob_diff"] < 1e-4
+    if "learner.lora.sync=merged" in overrides:
+        assert rows[1]["timing/sync_fingerprint"] > 0 and "sync/probe_s" not in rows[1]
+    else:
+        assert rows[1]["sync/probe_s"] > 0 and rows[1]["sync/probe_effect"] > 2
     if "method=dpo" in overrides:
         assert rows[1]["flops/logprobs"] > 0  # the reference's forwards, counted on the policy learner
     policy = prepared.run_dir / "checkpoints/round_0001/policy"
@@ -314,3 +395,33 @@ def test_gradient_checkpointing_takes_the_same_adapter_step(tiny_lm_dir):
     want, got = plain.sft_step(SAMPLES, epochs=1, seed=0), checkpointed.sft_step(SAMPLES, epochs=1, seed=0)
     assert got["policy/grad_norm"] == want["policy/grad_norm"] > 0
     assert all(torch.equal(t, plain.state_dict()[n]) for n, t in checkpointed.state_dict().items())
+
+
+def test_a_merged_export_generates_what_base_plus_adapter_generates(tiny_lm_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from apo_ray.cli import main as cli_main
+
+    learner = lora_policy(tiny_lm_dir)
+    learner.sft_step(SAMPLES, epochs=2, seed=0)
+    # A game run directory: `export --merge` finds the latest round's adapter.
+    round_dir = tmp_path / "run" / "checkpoints" / "round_0001"
+    learner.save_checkpoint(str(round_dir / "policy"))
+    (tmp_path / "run" / "checkpoints" / "LATEST").write_text("1")
+    assert cli_main(["export", "--merge", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert not any(".lora_" in name for name in merged.state_dict())
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32),
+                                        round_dir / "policy").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
+    prompts = torch.tensor([list(s.prompt_ids) for s in SAMPLES])
+    settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=learner.tokenizer.pad_token_id, eos_token_id=None)
+    with torch.no_grad():
+        want = adapted.generate(input_ids=prompts, **settings)
+        assert torch.equal(merged.generate(input_ids=prompts, **settings), want)
+        # ... which is not what the base model generates: the adapter moved the policy.
+        assert not torch.equal(base.generate(input_ids=prompts, **settings), want)
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+    # Anything else is refused, naming what export looks for.
+    assert cli_main(["export", "--merge", tiny_lm_dir, str(tmp_path / "none")]) == 2

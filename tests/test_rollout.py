@@ -19,7 +19,7 @@ from apo_ray.modeling import load_tokenizer, text_samples
 from apo_ray.fault_injection import ENV as FAULTS_ENV
 from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec, WeightsDiffer
 from apo_ray.named_tensors import as_named_tensors, drop_shared_tensors, read_checkpoint_dir, write_checkpoint_dir
-from apo_ray.sync_backends import backend_names, get_backend, make_backend
+from apo_ray.sync_backends import backend_names, backends, get_backend, make_backend
 from apo_ray.sync_backends.disk import DiskSync
 from apo_ray.sync_backends.nccl import NcclSync, RolloutEnginesClient
 from apo_ray.sync_backends.object_store import ObjectStoreSync
@@ -114,7 +114,8 @@ def test_checkpoint_dir_round_trip(tmp_path):
     assert torch.equal(loaded["a"], tied) and torch.equal(loaded["c"], torch.tensor([1.5]))
 
 
-@pytest.mark.parametrize("name", backend_names())
+# rollout.weight_sync's backends and their adapter forms (learner.lora.sync 'adapter').
+@pytest.mark.parametrize("name", [*backend_names(), *(b.adapter_form for b in backends() if b.adapter_form)])
 def test_every_weight_sync_calls_a_method_of_the_real_policy_learner_and_worker(name):
     """The contract the NCCL sync broke: the shell each backend's sides run in exists on PolicyLearner and
     RolloutWorker themselves, a generator exactly for a backend that streams (Ray makes each item an object)."""

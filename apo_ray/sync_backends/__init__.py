@@ -13,7 +13,8 @@ A backend holds every side of a sync:
 
 It declares what it needs, and these read the declarations rather than naming backends:
 - apo_ray.config: `rollout.weight_sync`'s choices and description, which backends read `rollout.sync_bucket_mb`, and
-  the cross-checks (`needs_vllm`, `gathers_zero3`, `exports_weights`), through `config_refusal`;
+  the cross-checks (`needs_vllm`, `gathers_zero3`, `exports_weights`, `adapter_form`), through `config_refusal`;
+- the rollout pool (apo_ray/rollout_pool.py): `sends_adapter`, checked by a probe sample instead of the fingerprint;
 - the dry run (apo_ray.train) and the pool's start-up: `needs_gpu`, through `cluster_refusal`; the dry run's note on
   a cluster of several nodes: `shared_filesystem`;
 - the learners' start-up (apo_ray.cluster): the methods a learner group runs on rank 0 alone (`rank0_only`).
@@ -76,6 +77,13 @@ class SyncBackend:
     shared_filesystem: ClassVar[bool] = False
     # Reads rollout.sync_bucket_mb (constructed with bucket_bytes).
     uses_buckets: ClassVar[bool] = False
+    # The backend that sends the policy's LoRA adapter alone through this one's transport (learner.lora.sync
+    # 'adapter'); None: this backend sends whole weights only.
+    adapter_form: ClassVar[str | None] = None
+    # Sends a LoRA adapter alone, which the engines serve beside their base weights: the adapter form of another
+    # backend, not a rollout.weight_sync choice of its own. The base weights never change, so a probe sample's
+    # log-probs, not the weight fingerprint, prove it delivered.
+    sends_adapter: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -94,6 +102,10 @@ class SyncBackend:
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Extra vLLM engine arguments the rollout workers need for this backend."""
+        return {}
+
+    def worker_kwargs(self) -> dict[str, Any]:
+        """Extra RolloutWorker arguments (on any engine) the rollout workers need for this backend."""
         return {}
 
     # ------------------------------------------------------------------ the driver's side
@@ -156,8 +168,10 @@ def register_backend(backend: type[SyncBackend]) -> type[SyncBackend]:
 
 
 def backends() -> list[type[SyncBackend]]:
-    """The registered backends; the default, object_store, first and the others by name (the docs' order)."""
-    return sorted(_REGISTRY.values(), key=lambda b: (b.name != "object_store", b.name))
+    """rollout.weight_sync's backends (the adapter forms are reached through learner.lora.sync); the default,
+    object_store, first and the others by name (the docs' order)."""
+    return sorted((b for b in _REGISTRY.values() if not b.sends_adapter),
+                  key=lambda b: (b.name != "object_store", b.name))
 
 
 def backend_names() -> tuple[str, ...]:
@@ -175,6 +189,16 @@ def make_backend(name: str, **options: Any) -> SyncBackend:
     return get_backend(name)(**options)
 
 
+def policy_backend(cfg: Any) -> type[SyncBackend]:
+    """The backend a run's policy sync uses: rollout.weight_sync's, or its adapter form when the policy trains a
+    LoRA adapter with learner.lora.sync 'adapter' (the config refused a backend without one)."""
+    backend = get_backend(cfg.rollout.weight_sync)
+    lora = cfg.learner.lora
+    if lora.applies_to("policy") and lora.sync == "adapter":
+        return get_backend(backend.adapter_form)
+    return backend
+
+
 def rank_zero_learner_methods() -> tuple[str, ...]:
     """The policy learner's methods a learner group calls on rank 0 alone (apo_ray.cluster)."""
     return tuple(sorted({b.learner_method() for b in backends() if b.rank0_only}))
@@ -185,7 +209,8 @@ def _named(names: Sequence[str]) -> str:
     return " or ".join(quoted) if len(quoted) < 3 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
-def config_refusal(name: str, *, rollout_backend: str, zero_stage_3: bool = False, lora: bool = False) -> str | None:
+def config_refusal(name: str, *, rollout_backend: str, zero_stage_3: bool = False, lora: bool = False,
+                   adapter: bool = False) -> str | None:
     """Why the config cannot use backend `name` with this rollout engine and learner (None: it can); the message
     names the key. Read by apo_ray.config's cross-checks and by a rollout pool built without a config."""
     backend = get_backend(name)
@@ -199,6 +224,10 @@ def config_refusal(name: str, *, rollout_backend: str, zero_stage_3: bool = Fals
         others = [b.name for b in backends() if b.exports_weights]
         return (f"rollout.weight_sync: {name!r} sends the policy's parameters as they are, not LoRA's merged "
                 f"weights; use {_named(others)} with learner.lora.enabled")
+    if lora and adapter and backend.adapter_form is None:
+        others = [b.name for b in backends() if b.adapter_form]
+        return (f"learner.lora.sync: 'adapter' sends the adapter through rollout.weight_sync {_named(others)}, not "
+                f"{name!r}; use learner.lora.sync 'merged' with {name!r}")
     return None
 
 

@@ -22,6 +22,7 @@ class ObjectStoreSync(SyncBackend):
     about = "Ray's object store, any device"
     streams = True
     uses_buckets = True
+    adapter_form = "lora_adapter"
 
     def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         self.bucket_bytes = bucket_bytes
