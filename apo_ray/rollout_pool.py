@@ -5,8 +5,9 @@
   the dead worker is restarted in its placement-group bundle with the current weights: every prompt is
   answered exactly once. A worker whose node died is not restarted (its bundle has no node until one with
   room joins): the pool names it and its node, re-runs its prompts on the workers left and goes on without it;
-  `resize` grows it again, and with no worker left the call raises WorkersLost. `submit` starts the same call and returns at once (`GenerateCall.result()`
-  collects it), so that the workers sample while the driver waits on learners.
+  `resize` grows it again, and with no worker left the call raises WorkersLost. `submit` starts the same call
+  and returns at once (`GenerateCall.result()` collects it), so that the workers sample while the driver waits
+  on learners.
 - `sync` / `sync_from` move new weights to every worker through a weight-sync backend (apo_ray/sync_backends/);
   the pool keeps the last payload so that workers that join (resize) or restart get the current weights and
   version. After every load each worker reports a fingerprint of what its engine holds (apo_ray/fingerprint.py), which must equal the
@@ -147,6 +148,8 @@ class GenerateCall:
                         self._stalled(ref)
         finally:
             pool._open_call = None
+            # The pool's size then counts only the workers it has (what a resize compares against).
+            pool._drop_lost()
 
         answered = self._answered
         result = [rollout for index in range(len(prompts)) for rollout in answered.get(index, [])]
@@ -400,8 +403,8 @@ class RolloutPool:
     def mark_lost(self, index: int, doing: str) -> None:
         self.lost.add(index)
         left = [self.describe(w) for w in range(self.num_workers) if w not in self.lost]
-        log.warning("%s was lost with its node (the node died); %s on the %d workers left%s", self.describe(index),
-                    doing, len(left), f" ({', '.join(left)})" if left else "")
+        then = f"{doing} on the {len(left)} workers left ({', '.join(left)})" if left else "no worker is left"
+        log.warning("%s was lost with its node (the node died); %s", self.describe(index), then)
 
     def all_lost(self, what: str) -> WorkersLost:
         return WorkersLost(

@@ -29,7 +29,9 @@ def test_two_nodes_lose_a_node_resize_and_lose_all(tmp_path):
     run_dir = tmp_path / "run"
     overrides = [*(o for o in SMALL_RUN if not o.startswith("rounds=")), *SMALL_EVAL, "rounds=3",
                  "rollout.num_workers=2", "learner.resources={learner_node: 1}",
-                 "rollout.resources={rollout_node: 1}", "logging.report=false"]
+                 "rollout.resources={rollout_node: 1}", "logging.report=false",
+                 # Each round's row is logged in its round, so that round 2's is there when round 3 stops the run.
+                 "eval.overlap=false"]
     done = subprocess.run([sys.executable, str(DRIVER), str(run_dir), *overrides], capture_output=True, text=True,
                           timeout=1200, cwd=Path(__file__).parent)
     output = done.stdout + done.stderr
@@ -56,10 +58,15 @@ def test_two_nodes_lose_a_node_resize_and_lose_all(tmp_path):
     assert re.search(rf"rollout pool: 1 -> 2 workers for round 2's samples \(apo-ray resize request\)", output)
     assert re.search(rf"rollout pool: added rollout worker rollout-\w+-1\.1 on node {back}", output), output[-3000:]
     assert by_round[2]["rollout/num_workers"] == 2
-    assert {a["node"] for a in observed["rollout_actors_after_round_2"]} == {back, *(
-        n for n in observed["nodes"] if n not in (head, lost))}
+    [survivor] = [n for n in observed["nodes"] if n not in (head, lost)]
+    assert sorted(a["node"] for a in observed["rollout_actors_after_round_2"]) == sorted([back, survivor])
+    assert sorted(observed["removed_in_round_3"]) == sorted([back, survivor])
     # Round 3: both rollout nodes went away; the run stopped with the code of its own, naming the round to resume.
     assert done.returncode == 8, output[-3000:]
+    # Each of the two workers is named lost with its node; the second finds no worker left.
+    assert re.search(rf"rollout worker rollout-\w+-1\.1 on node {back} was lost with its node", output)
+    assert re.search(rf"rollout worker rollout-\w+-0 on node {survivor} was lost with its node", output)
+    assert re.search(r"was lost with its node \(the node died\); no worker is left", output), output[-3000:]
     assert re.search(r"every rollout worker was lost with its node \(rollout worker .*\): .*The checkpoint of "
                      rf"round 2 is intact: continue with `apo-ray train --resume {re.escape(str(run_dir))}`", output)
     assert Checkpointer(run_dir).latest_round() == 2

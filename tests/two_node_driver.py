@@ -55,6 +55,7 @@ class Faults:
         self.cluster, self.run_dir, self.armed, self.observed = cluster, run_dir, armed, observed
         self.nodes = {node.node_id: node for node in cluster.list_all_nodes()}
         self.removed = threading.Event()
+        self.threads: list[threading.Thread] = []
 
     def before_sampling(self, r: int) -> None:
         if r == 1:
@@ -70,8 +71,13 @@ class Faults:
             subprocess.run([sys.executable, "-m", "apo_ray.cli", "resize", str(self.run_dir), "2"], check=True)
         elif r == 3:
             self.observed["rollout_actors_after_round_2"] = rollout_actors()
-            self._arm("round3", lambda: [n for n in self.nodes if n != self.cluster.head_node.node_id],
-                      "removed_in_round_3")
+            self._arm("round3", self._rollout_nodes_stalled_last, "removed_in_round_3")
+
+    def _rollout_nodes_stalled_last(self) -> list[str]:
+        """Every rollout node, the stalled worker 0's last: the other worker is gone by the time worker 0's prompts
+        are re-run, so that they find no worker left in this very call."""
+        stalled = node_of_worker(0)
+        return [n for n in self.nodes if n not in (self.cluster.head_node.node_id, stalled)] + [stalled]
 
     def _arm(self, fault: str, doomed, key: str) -> None:
         """Arm the stall `fault` (its marker gone, the worker's next generate call stalls and creates it) and
@@ -91,10 +97,18 @@ class Faults:
                 self.cluster.remove_node(self.nodes.pop(node_id))
             self.removed.set()
 
-        threading.Thread(target=remove, daemon=True).start()
+        thread = threading.Thread(target=remove, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def join(self) -> None:
+        """Wait for removals under way: the run can stop before the last node is fully gone."""
+        for thread in self.threads:
+            thread.join(timeout=120)
 
 
 def main() -> int:
+    import ray
     from ray.cluster_utils import Cluster
 
     from apo_ray.round_samples import RoundSampler
@@ -127,7 +141,9 @@ def main() -> int:
     try:
         code = train_main([f"run_dir={run_dir}", f"ray.address={cluster.address}", *overrides])
     finally:
+        faults.join()
         print("OBSERVED " + json.dumps(observed), flush=True)
+        ray.shutdown()  # the Cluster refuses to remove the head this driver is connected to
         cluster.shutdown()
     return code
 
