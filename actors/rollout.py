@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
 from apo_ray.config import check_rollout_settings, resolve_dtype
@@ -404,7 +405,7 @@ class RolloutWorker:
     def ping(self) -> dict[str, Any]:
         return {"worker": self.worker_index, "backend": self.backend, "version": self._version, "dtype": self.dtype,
                 "engine_ranks": self.engine.engine_ranks, "engine_start_seconds": self.engine_start_seconds,
-                "node": platform.node(), "threads": torch.get_num_threads()}
+                "node": ray.get_runtime_context().get_node_id(), "threads": torch.get_num_threads()}
 
     def matmul_ceiling(self) -> float:
         """The float32 matmul rate of this worker's threads (FLOP/s), the generation phase's ceiling; measured

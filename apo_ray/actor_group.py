@@ -48,6 +48,7 @@ class ActorGroup:
         make_kwargs: Callable[[int], dict[str, Any]] = lambda index: {},
         num_cpus_per_actor: float = 1.0,
         num_gpus_per_actor: float = 0.0,
+        resources_per_actor: dict[str, float] | None = None,
         placement_strategy: str = "PACK",
         env: dict[str, str] | None = None,
         ready_timeout_s: float = 600.0,
@@ -62,6 +63,8 @@ class ActorGroup:
         self.name_prefix = name_prefix
         self.make_kwargs = make_kwargs
         self.num_cpus, self.num_gpus = num_cpus_per_actor, num_gpus_per_actor
+        # Custom resources go in the bundle alone: the actor takes them with the bundle it is scheduled in.
+        self.resources = dict(resources_per_actor or {})
         self.placement_strategy = placement_strategy
         self.env = dict(env or {})
         self.ready_timeout_s = ready_timeout_s
@@ -91,7 +94,7 @@ class ActorGroup:
         return len(self._members)
 
     def _bundle(self) -> dict[str, float]:
-        bundle = {"CPU": self.num_cpus}
+        bundle = {"CPU": self.num_cpus, **self.resources}
         if self.num_gpus:
             bundle["GPU"] = self.num_gpus
         return bundle
@@ -144,13 +147,19 @@ class ActorGroup:
 
     def _shrink(self, count: int) -> None:
         for _ in range(count):
-            member = self._members.pop()
-            ray.kill(member.handle)
-            if any(m.group.id == member.group.id for m in self._members):
-                self._free_bundles.append((member.group, member.bundle_index))
-            else:
-                self._free_bundles = [(g, i) for g, i in self._free_bundles if g.id != member.group.id]
-                remove_placement_group(member.group)
+            self.remove(len(self._members) - 1)
+
+    def remove(self, index: int) -> None:
+        """Take member `index` out (the ones after it move down one): its bundle is kept for a later grow while
+        another member holds its placement group, else the group is removed. Ray places again a bundle whose node
+        died once a node with room joins, so a grow puts its member there."""
+        member = self._members.pop(index)
+        ray.kill(member.handle)
+        if any(m.group.id == member.group.id for m in self._members):
+            self._free_bundles.append((member.group, member.bundle_index))
+        else:
+            self._free_bundles = [(g, i) for g, i in self._free_bundles if g.id != member.group.id]
+            remove_placement_group(member.group)
 
     def resize(self, num_actors: int) -> list[int]:
         """Grow or shrink to `num_actors`; returns the indices of members that were added."""

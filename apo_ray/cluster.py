@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from apo_ray.actors.critic import CriticLearner
 from apo_ray.actors.discriminator import Discriminator
@@ -96,7 +97,8 @@ def _learner(cls, name: str, role: Role, *, distributed: bool = True, rank_zero_
     """A learner's ranks (role.count), each in a bundle of its own, in one placement group per role."""
     return LearnerGroup(
         cls, role.count, role=role.name, name_prefix=name, kwargs=kwargs, num_cpus_per_rank=role.cpus,
-        num_gpus_per_rank=role.gpus, env=actor_env(role.threads), distributed=distributed,
+        num_gpus_per_rank=role.gpus, resources_per_rank=role.resources, env=actor_env(role.threads),
+        distributed=distributed,
         rank_zero_methods=rank_zero_methods,
     )
 
@@ -203,6 +205,56 @@ def learner_startup_hint(learner: LearnerConfig) -> str:
     return (f"{locks} on the driver's node. " if locks else "") + (
         f"Raise learner.startup_timeout_s ({learner.startup_timeout_s:g}) if loading the models takes longer"
     )
+
+
+class NotShared(RuntimeError):
+    """Actors on another node than the driver's need a directory that node does not see."""
+
+
+@ray.remote(num_cpus=0)
+def _reads(path: str, text: str) -> bool:
+    try:
+        return Path(path).read_text() == text
+    except OSError:
+        return False
+
+
+def check_shared_run_dir(cfg: Config, actors: Actors) -> str:
+    """Refuse a run whose actors on other nodes than the driver's cannot read what the driver writes in run_dir:
+    the learners write checkpoints there that the driver seals and resumes from, and a weight sync that declares
+    `shared_filesystem` hands the workers files there. A task on each such node reads a file the driver wrote.
+    Returns what was checked, for the log."""
+    here = ray.get_runtime_context().get_node_id()
+    needs: dict[str, list[str]] = {}
+    for group in actors.learners:
+        for rank in range(group.num_ranks):
+            needs.setdefault(group.group.node_of(rank), []).append(group.names[rank])
+    pools = [pool for pool in (actors.pool, actors.attacker_pool) if pool is not None]
+    for pool in pools:
+        if pool.weight_sync.shared_filesystem:
+            for slot in range(pool.num_workers):
+                needs.setdefault(pool.nodes[slot], []).append(pool.group.names[slot])
+    others = {node: names for node, names in needs.items() if node != here}
+    if not others:
+        return f"every learner (and worker that reads run_dir) is on the driver's node {here}"
+    marker = Path(cfg.run_dir) / f".shared-{uuid.uuid4().hex[:8]}"
+    marker.write_text(marker.name)
+    try:
+        reads = ray.get([_reads.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                         .remote(str(marker.resolve()), marker.name) for node in others])
+    finally:
+        marker.unlink()
+    blind = [f"node {node} ({', '.join(names)})" for (node, names), ok in zip(others.items(), reads) if not ok]
+    if blind:
+        raise NotShared(
+            f"run_dir {Path(cfg.run_dir).resolve()} is not shared with {'; '.join(blind)}: learners write there the "
+            f"checkpoints that the driver (node {here}) seals and resumes from, and a weight sync that hands files "
+            f"to the workers (rollout.weight_sync {cfg.rollout.weight_sync!r} "
+            f"{'does' if actors.pool.weight_sync.shared_filesystem else 'does not'}) writes them there. Put run_dir "
+            "on a filesystem every node mounts at the same path, or pin these actors to the driver's node "
+            "(learner.resources, rollout.resources)")
+    return (f"run_dir is shared with node{'s' if len(others) > 1 else ''} {', '.join(others)}: a file the driver "
+            "wrote there reads the same on each")
 
 
 def shutdown_actors(actors: Actors) -> None:

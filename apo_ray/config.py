@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model, model_validator
 
 from apo_ray.config_section import Section
 from apo_ray.data import is_hub_name
@@ -164,6 +164,29 @@ def _weight_sync_description() -> str:
             + ", ".join(listed(b) for b in backends()) + ".")
 
 
+# Ray's own resource names, which the CPU and GPU keys set; a custom resource is any other name.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _custom_resources(resources: dict[str, float]) -> dict[str, float]:
+    builtin = sorted(set(resources) & set(RAY_BUILTIN_RESOURCES))
+    if builtin:
+        raise ValueError(f"{', '.join(builtin)}: set by the CPU and GPU keys; name only custom resources here")
+    return resources
+
+
+# A custom resource is how a user pins a role to nodes: `ray start --resources '{"rollout_node": 8}'` on the
+# nodes that should run rollout workers, and rollout.resources {rollout_node: 1}.
+CustomResources = Annotated[dict[str, Annotated[float, Field(gt=0.0)]], AfterValidator(_custom_resources)]
+
+
+def _resources_description(role: str, others: str, example: str) -> str:
+    return (f"Custom Ray resources that each {role}'s bundle asks for besides its CPUs and GPUs ({others} too), e.g. "
+            f"{{{example}: 1}}: "
+            "only nodes started with that resource (`ray start --resources`, or a Cluster node's `resources`) "
+            "take it, which pins the role to them (docs/cluster.md). Empty: any node with room.")
+
+
 _BUCKET_USERS = " and ".join(f"'{b.name}'" for b in backends() if b.uses_buckets)
 
 
@@ -184,6 +207,8 @@ class RolloutConfig(Section):
         "engine read); null: Ray's default, the worker's Ray CPUs rounded down, at least 1. See learner.threads."))
     num_gpus_per_worker: float = Field(0.0, ge=0.0, description=(
         "Ray GPUs reserved by each rollout worker; 0 runs the engine on CPU."))
+    resources: CustomResources = Field(default_factory=dict, description=_resources_description(
+        "rollout worker", "APL's attacker workers", "rollout_node"))
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature; 0 samples greedily.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling's probability mass; 1 keeps every token.")
     weight_sync: Literal[backend_names()] = Field("object_store", description=_weight_sync_description())
@@ -300,6 +325,8 @@ class LearnerConfig(Section):
         "other."))
     num_gpus: float = Field(0.0, ge=0.0, description=(
         "Ray GPUs reserved by each learner rank; above 0, model.dtype 'auto' resolves to bfloat16."))
+    resources: CustomResources = Field(default_factory=dict, description=_resources_description(
+        "learner rank", "the frozen reference, evaluation RM and discriminator, and APL's attacker", "learner_node"))
     grad_clip: float = Field(1.0, ge=0.0, description="Gradient norm clipping threshold; 0 turns clipping off.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW's weight decay.")
     gradient_checkpointing: bool = Field(False, description=(

@@ -125,6 +125,7 @@ class LearnerGroup:
         kwargs: dict[str, Any],
         num_cpus_per_rank: float = 1.0,
         num_gpus_per_rank: float = 0.0,
+        resources_per_rank: dict[str, float] | None = None,
         env: dict[str, str] | None = None,
         distributed: bool = True,
         rank_zero_methods: Sequence[str] = (),
@@ -141,8 +142,8 @@ class LearnerGroup:
         self._due = 0.0
         self.group = ActorGroup(
             actor_cls, num_ranks, name_prefix=name_prefix, make_kwargs=self._rank_kwargs,
-            num_cpus_per_actor=num_cpus_per_rank, num_gpus_per_actor=num_gpus_per_rank, env=env,
-            ready_timeout_s=ready_timeout_s, on_placement_group=self._find_master,
+            num_cpus_per_actor=num_cpus_per_rank, num_gpus_per_actor=num_gpus_per_rank,
+            resources_per_actor=resources_per_rank, env=env, ready_timeout_s=ready_timeout_s, on_placement_group=self._find_master,
         )
 
     def _find_master(self, placement: PlacementGroup) -> None:

@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from apo_ray.config import Config, ConfigError
+from apo_ray.config import RAY_BUILTIN_RESOURCES, Config, ConfigError
 
 EPS = 1e-9
 
@@ -38,6 +38,9 @@ class Role:
     gpu_key: str
     # Threads each actor computes on (learner.threads, rollout.threads); None: Ray's, from `cpus`.
     threads: int | None = None
+    # Custom Ray resources of each bundle (learner.resources, rollout.resources): they pin the role to the nodes
+    # that have them.
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 def actor_plan(cfg: Config) -> list[Role]:
@@ -47,10 +50,11 @@ def actor_plan(cfg: Config) -> list[Role]:
     def trained(role: str) -> tuple:
         return ("rank", learner.num_cpus, learner.num_gpus,
                 f"learner.num_ranks or learner.{role}_ranks, learner.num_cpus, learner.num_gpus", "learner.num_gpus",
-                learner.threads)
+                learner.threads, learner.resources)
 
     # Frozen models (no optimizer state, no gradients) take half a learner's GPU share.
-    frozen = ("rank", 0.5, learner.num_gpus / 2, "half of learner.num_gpus", "learner.num_gpus", learner.threads)
+    frozen = ("rank", 0.5, learner.num_gpus / 2, "half of learner.num_gpus", "learner.num_gpus", learner.threads,
+              learner.resources)
     # The game's trained learners are learner.num_ranks (or its per-role override) ranks; the frozen ones, AAPA's
     # discriminator and APL's attacker are one process each.
     ranks = cfg.trained_ranks
@@ -69,16 +73,17 @@ def actor_plan(cfg: Config) -> list[Role]:
     roles.append(Role("rollout", rollout.peak_workers, "worker", rollout.num_cpus_per_worker,
                       rollout.num_gpus_per_worker,
                       "rollout.num_workers, rollout.schedule, rollout.num_cpus_per_worker, rollout.num_gpus_per_worker",
-                      "rollout.num_gpus_per_worker", rollout.threads))
+                      "rollout.num_gpus_per_worker", rollout.threads, rollout.resources))
     if cfg.apl.enabled:
         attacker = cfg.apl.attacker
         roles.append(Role("attacker", 1, "rank", attacker.num_cpus, attacker.num_gpus,
-                          "apl.attacker.num_cpus, apl.attacker.num_gpus", "apl.attacker.num_gpus", learner.threads))
+                          "apl.attacker.num_cpus, apl.attacker.num_gpus", "apl.attacker.num_gpus", learner.threads,
+                          learner.resources))
         roles.append(Role("attacker_rollout", attacker.rollout_workers, "worker", attacker.rollout_num_cpus_per_worker,
                           attacker.rollout_num_gpus_per_worker,
                           "apl.attacker.rollout_workers, apl.attacker.rollout_num_cpus_per_worker, "
                           "apl.attacker.rollout_num_gpus_per_worker", "apl.attacker.rollout_num_gpus_per_worker",
-                          rollout.threads))
+                          rollout.threads, rollout.resources))
     return roles
 
 
@@ -105,6 +110,11 @@ class Node:
     gpus: int
     # None: not given, not checked (a described cluster that names only its GPUs).
     cpus: float | None
+    # Its custom Ray resources (`ray start --resources`); None: not given, not checked (a described cluster).
+    resources: dict[str, float] | None = None
+
+    def custom_text(self) -> str:
+        return "".join(f", {amount:g} {name}" for name, amount in sorted((self.resources or {}).items()))
 
 
 @dataclass(frozen=True)
@@ -114,13 +124,14 @@ class Cluster:
     source: str
 
     def describe(self) -> str:
-        sizes = {(n.gpus, n.cpus) for n in self.nodes}
+        sizes = {(n.gpus, n.cpus, n.custom_text()) for n in self.nodes}
         if len(sizes) == 1:
-            gpus, cpus = next(iter(sizes))
+            gpus, cpus, custom = next(iter(sizes))
             cpu_text = "CPUs not checked" if cpus is None else f"{cpus:g} CPU"
             count = len(self.nodes)
-            return f"{count} node{'s' if count > 1 else ''} x {gpus} GPU, {cpu_text} each"
-        return ", ".join(f"{n.name}: {n.gpus} GPU, {'?' if n.cpus is None else f'{n.cpus:g}'} CPU" for n in self.nodes)
+            return f"{count} node{'s' if count > 1 else ''} x {gpus} GPU, {cpu_text}{custom} each"
+        return ", ".join(f"{n.name}: {n.gpus} GPU, {'?' if n.cpus is None else f'{n.cpus:g}'} CPU{n.custom_text()}"
+                         for n in self.nodes)
 
 
 CLUSTER_SYNTAX = ("`2x8gpu`, `2x8gpu,64cpu`, `8gpu`, `4cpu`, or `nodes=2,gpus_per_node=8,cpus_per_node=64` "
@@ -183,8 +194,15 @@ def local_cluster(cfg: Config) -> Cluster:
     """The one-node cluster init_ray would start here; GPUs as CUDA sees them (Ray counts the same)."""
     import torch
 
-    return Cluster((Node("this machine", torch.cuda.device_count(), float(local_num_cpus(cfg))),),
+    return Cluster((Node("this machine", torch.cuda.device_count(), float(local_num_cpus(cfg)), {}),),
                    "the local Ray cluster `apo-ray train` would start on this machine")
+
+
+def custom_resources(resources: dict[str, float]) -> dict[str, float]:
+    """A Ray node's resources less Ray's own: CPU, GPU, memory and the ones Ray names after the node
+    (`node:<ip>`, `accelerator_type:...`)."""
+    return {name: amount for name, amount in resources.items()
+            if name not in RAY_BUILTIN_RESOURCES and not name.startswith(("node:", "accelerator_type:"))}
 
 
 def cluster_from_ray_nodes(nodes: list[dict], source: str) -> Cluster:
@@ -192,7 +210,8 @@ def cluster_from_ray_nodes(nodes: list[dict], source: str) -> Cluster:
     alive = [n for n in nodes if n.get("Alive")]
     return Cluster(tuple(
         Node(f"{n.get('NodeManagerAddress', 'node')} ({n.get('NodeID', '')[:8]})",
-             int(n.get("Resources", {}).get("GPU", 0)), float(n.get("Resources", {}).get("CPU", 0)))
+             int(n.get("Resources", {}).get("GPU", 0)), float(n.get("Resources", {}).get("CPU", 0)),
+             custom_resources(n.get("Resources", {})))
         for n in alive), source)
 
 
@@ -219,10 +238,13 @@ class _NodeRoom:
     node: Node
     cpus: float | None
     gpus: list[float]  # free share of each GPU
+    custom: dict[str, float] | None  # None: not checked
     placed: list[tuple[str, int]] = field(default_factory=list)
 
-    def take(self, cpus: float, gpus: float) -> bool:
+    def take(self, cpus: float, gpus: float, custom: dict[str, float]) -> bool:
         if self.cpus is not None and cpus > self.cpus + EPS:
+            return False
+        if self.custom is not None and any(amount > self.custom.get(name, 0.0) + EPS for name, amount in custom.items()):
             return False
         if gpus >= 1 - EPS:
             whole = [i for i, free in enumerate(self.gpus) if free >= 1 - EPS]
@@ -238,6 +260,8 @@ class _NodeRoom:
             self.gpus[min(fitting, key=lambda i: self.gpus[i])] -= gpus
         if self.cpus is not None:
             self.cpus -= cpus
+        for name, amount in custom.items() if self.custom is not None else ():
+            self.custom[name] -= amount
         return True
 
 
@@ -259,7 +283,8 @@ class Placement:
 
 
 def place(plan: list[Role], cluster: Cluster) -> Placement:
-    rooms = [_NodeRoom(n, n.cpus, [1.0] * n.gpus) for n in cluster.nodes]
+    rooms = [_NodeRoom(n, n.cpus, [1.0] * n.gpus, None if n.resources is None else dict(n.resources))
+             for n in cluster.nodes]
     roles = {r.name: r for r in plan}
     bundles = [(r.name, i) for r in plan for i in range(r.count)]
     # Largest first: GPUs are the scarce resource, and whole GPUs before shares keeps shares from splitting them.
@@ -267,7 +292,7 @@ def place(plan: list[Role], cluster: Cluster) -> Placement:
     unplaced = []
     for name, index in bundles:
         role = roles[name]
-        room = next((room for room in rooms if room.take(role.cpus, role.gpus)), None)
+        room = next((room for room in rooms if room.take(role.cpus, role.gpus, role.resources)), None)
         if room is None:
             unplaced.append((name, index))
         else:
@@ -283,6 +308,9 @@ def place(plan: list[Role], cluster: Cluster) -> Placement:
 
 
 def _why_not(role: Role, cluster: Cluster) -> str:
+    for name, amount in role.resources.items():
+        if not any(n.resources is None or n.resources.get(name, 0.0) >= amount - EPS for n in cluster.nodes):
+            return f"a bundle lies on one node, and no node has {amount:g} of the custom resource {name!r}"
     biggest_gpus = max((n.gpus for n in cluster.nodes), default=0)
     node_cpus = [n.cpus for n in cluster.nodes]
     if role.gpus > biggest_gpus + EPS:

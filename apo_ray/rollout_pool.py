@@ -3,8 +3,11 @@
 - `generate` splits the prompts into contiguous, balanced shards (one per worker) and returns the
   rollouts in prompt order. If a worker dies mid-call, its shard is split over the surviving workers and
   the dead worker is restarted in its placement-group bundle with the current weights: every prompt is
-  answered exactly once. `submit` starts the same call and returns at once (`GenerateCall.result()`
-  collects it), so that the workers sample while the driver waits on learners.
+  answered exactly once. A worker whose node died is not restarted (its bundle has no node until one with
+  room joins): the pool names it and its node, re-runs its prompts on the workers left and goes on without it;
+  `resize` grows it again, and with no worker left the call raises WorkersLost. `submit` starts the same call
+  and returns at once (`GenerateCall.result()` collects it), so that the workers sample while the driver waits
+  on learners.
 - `sync` / `sync_from` move new weights to every worker through a weight-sync backend (apo_ray/sync_backends/);
   the pool keeps the last payload so that workers that join (resize) or restart get the current weights and
   version. After every load each worker reports a fingerprint of what its engine holds (apo_ray/fingerprint.py),
@@ -42,6 +45,15 @@ from apo_ray.sync_backends import SyncBackend, SyncStats, cluster_refusal, confi
 log = logging.getLogger(__name__)
 
 GENERATE_KEY, SYNC_KEY = "rollout.generate_timeout_s", "rollout.sync_timeout_s"
+
+
+class WorkersLost(RuntimeError):
+    """Every rollout worker of the pool was lost with its node: nothing is left to sample on."""
+
+
+def dead_nodes() -> set[str]:
+    """The Ray node ids that the cluster has marked dead."""
+    return {node["NodeID"] for node in ray.nodes() if not node.get("Alive")}
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,7 @@ class GenerateCall:
         self._answered: dict[int, list[Rollout]] = {}
         self._restarted: set[int] = set()
         self._failures = 0
+        self._lost = 0
         for worker, shard in enumerate(assign_shards(len(self.prompts), self.num_workers)):
             for piece in assign_shards(len(shard), pieces_per_worker):  # _submit skips the empty ones
                 self._submit(worker, [shard[i] for i in piece])
@@ -136,10 +149,13 @@ class GenerateCall:
                         self._stalled(ref)
         finally:
             pool._open_call = None
+            # The pool's size then counts only the workers it has (what a resize compares against).
+            pool._drop_lost()
 
         answered = self._answered
         result = [rollout for index in range(len(prompts)) for rollout in answered.get(index, [])]
-        if len(result) != n * len(prompts) or len(answered) != len(prompts):
+        # Each prompt's samples, once: a piece re-run after a worker's loss must neither drop nor repeat any.
+        if any(len(answered.get(index, ())) != n for index in range(len(prompts))) or len(answered) != len(prompts):
             raise RuntimeError(f"rollout pool: expected {n} rollouts for each of {len(prompts)} prompts, "
                                f"got {len(result)} for {len(answered)} prompts")
         # From submission to collection: for a call collected after other work, a lower bound on the rate.
@@ -151,6 +167,7 @@ class GenerateCall:
             "rollout/samples": float(len(result)),
             "rollout/num_workers": float(self.num_workers),
             "rollout/worker_failures": float(self._failures),
+            "rollout/workers_lost": float(self._lost),
         }
         pool._last_stats = self.stats
         return result
@@ -185,19 +202,27 @@ class GenerateCall:
         return generate_deadline_s(len(indices) * self.n, self.pool.spec.max_new_tokens, self.pool.generate_timeout_s)
 
     def _replace(self, worker: int, handle: ray.actor.ActorHandle, indices: list[int], exhausted: Exception) -> None:
-        """Restart `worker` (unless a failure of another of its pieces did already; then it counts once) and split
-        `indices` over the workers that are not restarting, or over the restarted ones when none is left. Raises
-        `exhausted` when the call has replaced as many workers as it may."""
+        """Restart `worker` (unless a failure of another of its pieces did already; then it counts once), or, if its
+        node died, leave it lost; and split `indices` over the workers that are not restarting, or over the
+        restarted ones when none is left. Raises `exhausted` when the call has replaced as many workers as it may,
+        and WorkersLost when every worker is lost."""
         pool = self.pool
-        if pool.group.actors[worker] == handle:
-            if self._failures >= pool.max_worker_failures:
-                raise exhausted
-            self._failures += 1
-            pool._restart(worker)
-            self._restarted.add(worker)
-            # Its next pieces wait for its engine to start and load the weights.
-            self._due[worker] = time.monotonic() + pool.startup_deadline_s + pool.sync_deadline_s
-        survivors = [w for w in range(pool.num_workers) if w not in self._restarted] or list(self._restarted)
+        if worker not in pool.lost and pool.group.actors[worker] == handle:
+            if pool.node_died(worker):
+                self._lost += 1
+                pool.mark_lost(worker, f"re-running its {len(indices)} prompts")
+            else:
+                if self._failures >= pool.max_worker_failures:
+                    raise exhausted
+                self._failures += 1
+                pool._restart(worker)
+                self._restarted.add(worker)
+                # Its next pieces wait for its engine to start and load the weights.
+                self._due[worker] = time.monotonic() + pool.startup_deadline_s + pool.sync_deadline_s
+        live = [w for w in range(pool.num_workers) if w not in pool.lost]
+        survivors = [w for w in live if w not in self._restarted] or live
+        if not survivors:
+            raise pool.all_lost(f"{len(indices)} prompts of this call were not answered")
         for survivor, part in zip(survivors, assign_shards(len(indices), len(survivors))):
             self._submit(survivor, [indices[i] for i in part])
 
@@ -210,6 +235,7 @@ class RolloutPool:
         *,
         num_cpus_per_worker: float = 1.0,
         num_gpus_per_worker: float = 0.0,
+        resources_per_worker: dict[str, float] | None = None,
         weight_sync: SyncBackend | str = "object_store",
         name_prefix: str = "rollout",
         placement_strategy: str = "PACK",
@@ -234,7 +260,7 @@ class RolloutPool:
         self.group = ActorGroup(
             RolloutWorker, num_workers, name_prefix=name_prefix, make_kwargs=self.spec.worker_kwargs,
             num_cpus_per_actor=num_cpus_per_worker, num_gpus_per_actor=num_gpus_per_worker,
-            placement_strategy=placement_strategy, env=env,
+            resources_per_actor=resources_per_worker, placement_strategy=placement_strategy, env=env,
         )
         # A policy this machine cannot see gets the deadlines' floors.
         weight_bytes = checkpoint_bytes(spec.model_path)
@@ -252,8 +278,10 @@ class RolloutPool:
         # The most threads a worker computes on (rollout.threads, else Ray's from its CPUs); a replacement starts
         # with the same environment.
         self.worker_threads = max(info["threads"] for info in infos)
-        # A slot's bundle, hence its node, stays when its worker is replaced.
+        # A slot's bundle, hence its node (a Ray node id), stays when its worker is replaced, unless the node dies.
         self._nodes = [info["node"] for info in infos]
+        # Slots whose worker was lost with its node; taken out of the pool at its next command.
+        self.lost: set[int] = set()
         self.engine_dtype = infos[0]["dtype"]
         self.verify_sync = verify_sync and infos[0]["engine_ranks"] == 1
         if verify_sync and not self.verify_sync:
@@ -284,7 +312,7 @@ class RolloutPool:
         )
         return cls(
             spec, rollout.num_workers, num_cpus_per_worker=rollout.num_cpus_per_worker,
-            num_gpus_per_worker=rollout.num_gpus_per_worker,
+            num_gpus_per_worker=rollout.num_gpus_per_worker, resources_per_worker=rollout.resources,
             weight_sync=policy_backend(cfg).from_config(cfg), name_prefix=name_prefix, env=env,
             verify_sync=rollout.verify_sync, generate_timeout_s=rollout.generate_timeout_s,
             sync_timeout_s=rollout.sync_timeout_s, startup_timeout_s=rollout.startup_timeout_s,
@@ -299,6 +327,11 @@ class RolloutPool:
     @property
     def workers(self) -> list[ray.actor.ActorHandle]:
         return self.group.actors
+
+    @property
+    def nodes(self) -> list[str]:
+        """Each worker's Ray node id."""
+        return list(self._nodes)
 
     def matmul_ceiling(self) -> float:
         """The workers' float32 matmul rates added up (FLOP/s), each measured with the others idle."""
@@ -321,6 +354,7 @@ class RolloutPool:
     def _settle_pending_loads(self) -> None:
         """Wait for the restarted workers to start and load the current weights; one that does not in time stops
         the run (it was itself the replacement of a failed worker)."""
+        self._drop_lost()
         pending, self._pending_loads = self._pending_loads, {}
         self._wait_workers(pending, self.startup_deadline_s + self.sync_deadline_s,
                            f"starting and loading weights version {self.version}", replace=False)
@@ -346,6 +380,11 @@ class RolloutPool:
                 try:
                     results[slot] = ray.get(ref)
                 except ray.exceptions.RayActorError:
+                    if self.node_died(slot):
+                        self.mark_lost(slot, f"during {phase}")
+                        if len(self.lost) == self.num_workers:
+                            raise self.all_lost(f"during {phase}") from None
+                        continue
                     if not replace:
                         raise
                     self._restart(slot)
@@ -361,6 +400,34 @@ class RolloutPool:
     def describe(self, index: int) -> str:
         """Worker `index` in words, for errors: its actor's name and its node."""
         return f"rollout worker {self.group.names[index]} on node {self._nodes[index]}"
+
+    def node_died(self, index: int) -> bool:
+        return self._nodes[index] in dead_nodes()
+
+    def mark_lost(self, index: int, doing: str) -> None:
+        self.lost.add(index)
+        left = [self.describe(w) for w in range(self.num_workers) if w not in self.lost]
+        then = f"{doing} on the {len(left)} workers left ({', '.join(left)})" if left else "no worker is left"
+        log.warning("%s was lost with its node (the node died); %s", self.describe(index), then)
+
+    def all_lost(self, what: str) -> WorkersLost:
+        return WorkersLost(
+            f"every rollout worker was lost with its node ({', '.join(self.describe(w) for w in sorted(self.lost))}): "
+            f"{what}. Bring back nodes with the workers' resources (rollout.resources, rollout.num_cpus_per_worker) "
+            "before resuming")
+
+    def _drop_lost(self) -> None:
+        """Take lost workers out of the pool; the slots after each move down one."""
+        if not self.lost:
+            return
+        keep = [slot for slot in range(self.num_workers) if slot not in self.lost]
+        moved = {old: new for new, old in enumerate(keep)}
+        for slot in sorted(self.lost, reverse=True):
+            self.group.remove(slot)
+            del self._nodes[slot]
+        self._pending_loads = {ref: moved[slot] for ref, slot in self._pending_loads.items() if slot in moved}
+        self._unverified = {moved[slot] for slot in self._unverified if slot in moved}
+        self.lost = set()
 
     def _verify(self) -> None:
         """Check the fingerprint of every worker that loaded the current weights since the last check against
@@ -415,6 +482,8 @@ class RolloutPool:
         del self._nodes[num_workers:]
         wait_until_ready([self.group], self.startup_deadline_s)
         self._nodes += [info["node"] for info in ray.get([self.group.actors[i].ping.remote() for i in added])]
+        if added:
+            log.info("rollout pool: added %s", ", ".join(self.describe(i) for i in added))
         if added and self._published is not None:
             strategy, payload = self._published
             refs = strategy.apply([self.group.actors[i] for i in added], payload, self.version)

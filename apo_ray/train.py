@@ -229,12 +229,12 @@ def write_config(run_dir: Path, cfg: Config) -> None:
 
 
 def run(prepared: PreparedRun) -> dict:
-    from apo_ray.cluster import start_actors, init_ray, shutdown_actors
+    from apo_ray.cluster import check_shared_run_dir, start_actors, init_ray, shutdown_actors
     from apo_ray.checkpoint import Checkpointer
     from apo_ray.driver import APOGame
     from apo_ray.learner_group import RankDied, find_dead_rank
     from apo_ray.metrics import MetricsLogger
-    from apo_ray.rollout_pool import WeightsDiffer
+    from apo_ray.rollout_pool import WeightsDiffer, WorkersLost
 
     cfg, run_dir = prepared.cfg, prepared.run_dir
     write_config(run_dir, prepared.written_cfg)
@@ -243,6 +243,11 @@ def run(prepared: PreparedRun) -> dict:
     init_ray(cfg)
     started = time.perf_counter()
     actors = start_actors(cfg, prepared.policy_path, prepared.reward_path, prepared.attacker_path)
+    try:
+        log.info("%s", check_shared_run_dir(cfg, actors))
+    except BaseException:
+        shutdown_actors(actors)
+        raise
     logger = MetricsLogger(
         run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
         wandb_mode=cfg.logging.wandb_mode, ray_metrics=cfg.logging.ray_metrics,
@@ -265,7 +270,7 @@ def run(prepared: PreparedRun) -> dict:
         game.run(first_round)
     except FloatingPointError as error:
         raise TrainingDiverged(divergence_message(run_dir, checkpointer.latest_round(), error)) from error
-    except (DeadlinePassed, WeightsDiffer) as error:
+    except (DeadlinePassed, WeightsDiffer, WorkersLost) as error:
         # The error names the actor; where the game was and what to resume from are the driver's to add.
         at = getattr(game, "at", "before the first round")
         error.args = (rank_lost_message(run_dir, checkpointer.latest_round(), f"{error} ({at})"),)
@@ -460,10 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from apo_ray.actor_group import ActorStartupTimeout
-    from apo_ray.rollout_pool import WeightsDiffer
+    from apo_ray.cluster import NotShared
+    from apo_ray.rollout_pool import WeightsDiffer, WorkersLost
 
     # A run that stops for a reason of its own exits with a code of its own (README, Faults and limits).
-    exit_codes = {TrainingDiverged: 3, ActorStartupTimeout: 4, LearnerRankLost: 5, DeadlinePassed: 6, WeightsDiffer: 7}
+    exit_codes = {TrainingDiverged: 3, ActorStartupTimeout: 4, LearnerRankLost: 5, DeadlinePassed: 6, WeightsDiffer: 7,
+                  WorkersLost: 8, NotShared: 9}
     try:
         run(prepared)
     except tuple(exit_codes) as exc:

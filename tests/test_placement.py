@@ -161,3 +161,36 @@ def test_the_sibling_games_learners_are_one_rank_groups_beside_a_multi_rank_game
     counts = {name: count for name, count, _, _ in plan}
     assert (counts["policy"], counts["reward"], counts[role]) == (2, 2, 1)
     assert getattr(actors, role) in actors.learners
+
+
+def test_custom_resources_pin_roles_to_the_nodes_that_have_them():
+    cfg = load_config(None, ["learner.resources={learner_node: 1}", "rollout.resources={rollout_node: 1}",
+                             "rollout.num_workers=2"])
+    nodes = [{"Alive": True, "NodeManagerAddress": "10.0.0.1", "NodeID": "aaaaaaaa01",
+              "Resources": {"CPU": 8.0, "learner_node": 3.0, "node:10.0.0.1": 1.0, "memory": 1e9}},
+             {"Alive": True, "NodeManagerAddress": "10.0.0.2", "NodeID": "bbbbbbbb02",
+              "Resources": {"CPU": 8.0, "rollout_node": 1.0}},
+             {"Alive": True, "NodeManagerAddress": "10.0.0.3", "NodeID": "cccccccc03",
+              "Resources": {"CPU": 8.0, "rollout_node": 1.0}}]
+    cluster = cluster_from_ray_nodes(nodes, "test")
+    assert [node.resources for node in cluster.nodes] == [{"learner_node": 3.0}, {"rollout_node": 1.0},
+                                                          {"rollout_node": 1.0}]
+    placement = place(actor_plan(cfg), cluster)
+    assert placement.fits
+    # The policy, RM and reference (3 units of learner_node) on the first node; one worker on each of the others,
+    # though any node has the CPUs for all of them.
+    assert [bundles for _, bundles, _, _ in placement.assigned] == [
+        (("policy", 0), ("reward", 0), ("reference", 0)), (("rollout", 0),), (("rollout", 1),)]
+    # A third worker finds no rollout_node left; a role asking for a resource no node has is named with it.
+    three = place(actor_plan(load_config(None, ["rollout.resources={rollout_node: 1}", "rollout.num_workers=3"])),
+                  cluster)
+    assert three.unplaced == (("rollout", 2),)
+    nowhere = place(actor_plan(load_config(None, ["learner.resources={gpu_box: 1}"])), cluster)
+    assert "no node has 1 of the custom resource 'gpu_box'" in "\n".join(nowhere.shortfall)
+    # A described cluster names no custom resources: they are not checked.
+    assert place(actor_plan(cfg), parse_cluster("3x0gpu,8cpu")).fits
+
+
+def test_custom_resources_are_only_custom():
+    with pytest.raises(ConfigError, match=r"rollout\.resources: .*CPU: set by the CPU and GPU keys"):
+        load_config(None, ["rollout.resources={CPU: 1}"])
