@@ -87,7 +87,7 @@ def main() -> None:
             forward(model, chunk, pad).sum().backward()
         model.zero_grad(set_to_none=True)
 
-    arms = {f"{phase} {name}": (lambda repeat, phase=phase, forward=forward: phase_fn(forward))
+    arms = {f"{phase} {name}": (lambda repeat, phase_fn=phase_fn, forward=forward: phase_fn(forward))
             for phase, phase_fn in (("logprobs", logprobs), ("train", train)) for name, forward in paths.items()}
     logprobs(window_forward)  # warm-up: thread pool, allocator
     trials = interleave(arms, args.repeats)
