@@ -47,15 +47,22 @@ class CriticLearner(LearnerCheckpoint, CountsFlops):
 
     def _load(self, path: str) -> None:
         check_same_vocabulary(self.tokenizer, load_tokenizer(path, self.model_cfg.trust_remote_code), path)
-        model = load_reward_model(path, self.model_cfg.dtype, self.model_cfg.trust_remote_code,
-                                  disable_dropout=self.model_cfg.disable_dropout)
+        model = load_reward_model(
+            path, self.model_cfg.dtype, self.model_cfg.trust_remote_code, disable_dropout=self.model_cfg.disable_dropout
+        )
         if not isinstance(getattr(model, "score", None), torch.nn.Linear):
             raise ValueError(
                 f"ppo.critic_init: {type(model).__name__} from {path} has no per-token `score` head; the critic "
                 "needs a decoder sequence classifier (e.g. LlamaForSequenceClassification)"
             )
-        self.engine = build_engine(model, self.learner_cfg, lr=self.ppo_cfg.critic_lr, role="critic",
-                                   micro_batch_size=self.ppo_cfg.minibatch_size, rendezvous=self.rendezvous)
+        self.engine = build_engine(
+            model,
+            self.learner_cfg,
+            lr=self.ppo_cfg.critic_lr,
+            role="critic",
+            micro_batch_size=self.ppo_cfg.minibatch_size,
+            rendezvous=self.rendezvous,
+        )
         self.model = self.engine.model.eval()
         self.flop_counter = self.engine.flops
 

@@ -110,8 +110,9 @@ class TrainEngine:
             self.grad_clip = grad_clip
         self._ds_engine = self.module if backend == "deepspeed" else None
 
-    def _init_deepspeed(self, model, lr, zero_stage, grad_clip, weight_decay, micro_batch_size, master_addr,
-                        master_port):
+    def _init_deepspeed(
+        self, model, lr, zero_stage, grad_clip, weight_decay, micro_batch_size, master_addr, master_port
+    ):
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.update(
@@ -178,7 +179,9 @@ class TrainEngine:
             return self._deepspeed_step(loss)
         loss.backward()
         # The norm is taken even without clipping: a finite loss can still have infinite gradients.
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.module.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf
+        )
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise _refused("gradient norm", norm.item(), self.steps)
@@ -255,7 +258,9 @@ class TrainEngine:
         if self._ds_engine is not None:
             self._ds_engine.save_checkpoint(str(directory), tag="engine")
         elif self.rank == 0:
-            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}, directory / "engine.pt")
+            torch.save(
+                {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}, directory / "engine.pt"
+            )
 
     def load_state(self, directory: Path) -> None:
         """Weights and optimizer state from `save_state`; the learning rate stays the configured one."""
@@ -285,8 +290,15 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def build_engine(model: torch.nn.Module, learner: LearnerConfig, *, lr: float, micro_batch_size: int,
-                 rendezvous: Rendezvous | None = None, role: str) -> TrainEngine:
+def build_engine(
+    model: torch.nn.Module,
+    learner: LearnerConfig,
+    *,
+    lr: float,
+    micro_batch_size: int,
+    rendezvous: Rendezvous | None = None,
+    role: str,
+) -> TrainEngine:
     """The engine of one rank of the learner `role`, as `learner.*` configures it: the one place learners build
     engines, and the one where a learner of learner.lora.roles gets its adapter (the engine's `model` is then the
     peft model). `micro_batch_size` is the whole minibatch's; DeepSpeed is told each rank's part of it."""
@@ -298,18 +310,31 @@ def build_engine(model: torch.nn.Module, learner: LearnerConfig, *, lr: float, m
     counter = FlopCounter(model)
     if learner.lora.applies_to(role):
         model = with_adapter(model, learner.lora)
-    engine = TrainEngine(model, backend=learner.backend, lr=lr, zero_stage=learner.zero_stage,
-                         grad_clip=learner.grad_clip, weight_decay=learner.weight_decay,
-                         micro_batch_size=-(-micro_batch_size // rendezvous.world_size), rank=rendezvous.rank,
-                         world_size=rendezvous.world_size, master_port=rendezvous.master_port,
-                         master_addr=rendezvous.master_addr)
+    engine = TrainEngine(
+        model,
+        backend=learner.backend,
+        lr=lr,
+        zero_stage=learner.zero_stage,
+        grad_clip=learner.grad_clip,
+        weight_decay=learner.weight_decay,
+        micro_batch_size=-(-micro_batch_size // rendezvous.world_size),
+        rank=rendezvous.rank,
+        world_size=rendezvous.world_size,
+        master_port=rendezvous.master_port,
+        master_addr=rendezvous.master_addr,
+    )
     engine.flops = counter
     return engine
 
 
-def train_steps(engine: TrainEngine, plan: Sequence[Batch],
-                loss_fn: Callable[[Batch, Batch], tuple[torch.Tensor, dict[str, float]]], *, role: str,
-                step_stats: Callable[[dict[str, float]], dict[str, float]] = lambda stats: stats) -> dict[str, float]:
+def train_steps(
+    engine: TrainEngine,
+    plan: Sequence[Batch],
+    loss_fn: Callable[[Batch, Batch], tuple[torch.Tensor, dict[str, float]]],
+    *,
+    role: str,
+    step_stats: Callable[[dict[str, float]], dict[str, float]] = lambda stats: stats,
+) -> dict[str, float]:
     """The one training loop of every learner: one engine step per minibatch of `plan` (apo_ray.batching),
     the model in train mode meanwhile. Returns the mean of what `loss_fn` reports (over steps and ranks),
     `{role}/steps` and `timing/{role}_step`.
@@ -357,8 +382,12 @@ def train_steps(engine: TrainEngine, plan: Sequence[Batch],
     # Each step's stats combined over the ranks that had a share of it, then averaged over the steps.
     steps = [step_stats(combine_share_stats([h[i] for h, _ in ranks if h[i] is not None])) for i in range(len(plan))]
     counted = {f"flops/{role}_step": float(sum(f for _, f in ranks))} if counter is not None else {}
-    return {**combine_stats(steps), f"{role}/steps": float(len(plan)), **counted,
-            f"timing/{role}_step": time.perf_counter() - started}
+    return {
+        **combine_stats(steps),
+        f"{role}/steps": float(len(plan)),
+        **counted,
+        f"timing/{role}_step": time.perf_counter() - started,
+    }
 
 
 class CountsFlops:

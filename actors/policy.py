@@ -25,8 +25,7 @@ from apo_ray.game import TokenSample
 from apo_ray.lora import adapter_config, is_adapted
 from apo_ray.losses import masked_mean, sequence_logprob
 from apo_ray.methods import get_method
-from apo_ray.modeling import (SampleLogprobs, load_causal_lm, load_tokenizer, predicted_response_tokens,
-                              text_samples)
+from apo_ray.modeling import SampleLogprobs, load_causal_lm, load_tokenizer, predicted_response_tokens, text_samples
 from apo_ray.ppo import GridRows, entropy_from_logits, kl_limited_loss, kl_penalty, ppo_policy_loss
 from apo_ray.sync_backends import get_backend
 
@@ -59,14 +58,23 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
             # Saved with every checkpoint: the trained policy is served and reloaded with the template it learned.
             self.tokenizer.chat_template = self.chat_template
         lm = load_causal_lm(model_path, model.dtype, model.trust_remote_code, model.disable_dropout).eval()
-        self.engine = build_engine(lm, learner, lr=policy.lr, micro_batch_size=micro_batch_size or policy.batch_size,
-                                   rendezvous=rendezvous, role=engine_role)
+        self.engine = build_engine(
+            lm,
+            learner,
+            lr=policy.lr,
+            micro_batch_size=micro_batch_size or policy.batch_size,
+            rendezvous=rendezvous,
+            role=engine_role,
+        )
         self.model = self.engine.model
         self.flop_counter = self.engine.flops
         self.logprobs = SampleLogprobs(self.model, self.tokenizer.pad_token_id)
         # LoRA's reference: the frozen base weights are the initial policy's, read with the adapter off.
-        self.base_logprobs = SampleLogprobs(self.model, self.tokenizer.pad_token_id, self.model.disable_adapter) \
-            if is_adapted(self.model) else None
+        self.base_logprobs = (
+            SampleLogprobs(self.model, self.tokenizer.pad_token_id, self.model.disable_adapter)
+            if is_adapted(self.model)
+            else None
+        )
         # Each weight-sync backend's state kept between syncs (the nccl sender's NCCL group).
         self.sync_state: dict[str, object] = {}
         self._verify_send = False
@@ -88,14 +96,22 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
 
     def _base(self) -> SampleLogprobs:
         if self.base_logprobs is None:
-            raise RuntimeError("reference log-probs from the policy need learner.lora on the policy; without it the "
-                               "reference is a ReferenceModel actor")
+            raise RuntimeError(
+                "reference log-probs from the policy need learner.lora on the policy; without it the "
+                "reference is a ReferenceModel actor"
+            )
         return self.base_logprobs
 
     def encode_texts(self, prompts: list[str], responses: list[str]) -> list[TokenSample]:
         """Written (prompt, response) texts as this policy's token samples (apo_ray.modeling.text_samples)."""
-        return text_samples(self.tokenizer, prompts, responses, self.model_cfg.max_prompt_tokens,
-                            self.model_cfg.max_response_tokens, chat_template=self.chat_template)
+        return text_samples(
+            self.tokenizer,
+            prompts,
+            responses,
+            self.model_cfg.max_prompt_tokens,
+            self.model_cfg.max_response_tokens,
+            chat_template=self.chat_template,
+        )
 
     def _offline_step(self, groups: list[list[int]], epochs: int, seed: int, loss_fn) -> dict[str, float]:
         """`loss_fn(items, groups_of_share, groups_of_minibatch)`: ranks share minibatches in whole groups."""
@@ -106,8 +122,9 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
 
         return train_steps(self.engine, plan, share_loss, role="policy")
 
-    def sample_step(self, samples: list[TokenSample], *, method: str, settings: dict, epochs: int,
-                    seed: int) -> dict[str, float]:
+    def sample_step(
+        self, samples: list[TokenSample], *, method: str, settings: dict, epochs: int, seed: int
+    ) -> dict[str, float]:
         """A "samples" method's step (RJS's SFT on the best-of-S): its loss on each selected sample's tokens."""
         loss_of, tokens = get_method(method).loss, [predicted_response_tokens(sample) for sample in samples]
 
@@ -123,8 +140,17 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
         """Supervised fine-tuning on `samples`: RJS's step."""
         return self.sample_step(samples, method="rjs", settings={}, epochs=epochs, seed=seed)
 
-    def group_step(self, samples: list[TokenSample], rewards: list[float], group_ids: list[int], *, method: str,
-                   settings: dict, epochs: int, seed: int) -> dict[str, float]:
+    def group_step(
+        self,
+        samples: list[TokenSample],
+        rewards: list[float],
+        group_ids: list[int],
+        *,
+        method: str,
+        settings: dict,
+        epochs: int,
+        seed: int,
+    ) -> dict[str, float]:
         """A "groups" method's step (RRHF): its loss on scored samples, a prompt's samples kept in one share."""
         loss_of, groups = get_method(method).loss, {}
         for i, g in enumerate(group_ids):
@@ -132,16 +158,29 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
 
         def loss_fn(idx: list[int], share: list[list[int]], minibatch: list[list[int]]):
             logps, mask = self.logprobs.with_grad([samples[i] for i in idx])
-            loss, stats = loss_of(logps, mask, torch.tensor([rewards[i] for i in idx]),
-                                  torch.tensor([group_ids[i] for i in idx]), **settings)
+            loss, stats = loss_of(
+                logps,
+                mask,
+                torch.tensor([rewards[i] for i in idx]),
+                torch.tensor([group_ids[i] for i in idx]),
+                **settings,
+            )
             # A mean over the prompts' groups.
             return loss * fraction(len(share), len(minibatch)), stats
 
         return self._offline_step(list(groups.values()), epochs, seed, loss_fn)
 
     def pair_step(
-        self, chosen: list[TokenSample], rejected: list[TokenSample], ref_chosen: list[float],
-        ref_rejected: list[float], *, method: str, settings: dict, epochs: int, seed: int
+        self,
+        chosen: list[TokenSample],
+        rejected: list[TokenSample],
+        ref_chosen: list[float],
+        ref_rejected: list[float],
+        *,
+        method: str,
+        settings: dict,
+        epochs: int,
+        seed: int,
     ) -> dict[str, float]:
         """A "pairs" method's step (DPO, IPO): its loss on the pairs' sequence log-probs and the reference's."""
         loss_of = get_method(method).loss
@@ -150,8 +189,13 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
             logps, mask = self.logprobs.with_grad([chosen[i] for i in idx] + [rejected[i] for i in idx])
             seq = sequence_logprob(logps, mask, average=False)
             n = len(idx)
-            loss, stats = loss_of(seq[:n], seq[n:], torch.tensor([ref_chosen[i] for i in idx]),
-                                  torch.tensor([ref_rejected[i] for i in idx]), **settings)
+            loss, stats = loss_of(
+                seq[:n],
+                seq[n:],
+                torch.tensor([ref_chosen[i] for i in idx]),
+                torch.tensor([ref_rejected[i] for i in idx]),
+                **settings,
+            )
             # A mean over pairs.
             return loss * fraction(len(share), len(minibatch)), stats
 
@@ -256,7 +300,8 @@ class PolicyLearner(LearnerCheckpoint, CountsFlops):
             if ppo.kl_hard_limit:
                 # Measured on the policy as it is before this minibatch's step: the KL the update has reached.
                 loss, stats["policy/kl_during_update"], limited = kl_limited_loss(
-                    loss, logps, rows.of(old_logps), rows.of(ref_logps), m, ppo.kl_hard_limit_at * ppo.kl_target)
+                    loss, logps, rows.of(old_logps), rows.of(ref_logps), m, ppo.kl_hard_limit_at * ppo.kl_target
+                )
                 stats["policy/kl_limited_fraction"] = float(limited)
             with torch.no_grad():
                 stats["policy/entropy"] = entropy_from_logits(forward.logits[:, :-1], forward.logits_mask).item()

@@ -46,8 +46,14 @@ class RewardLearner(LearnerCheckpoint, CountsFlops):
             self.model = model.eval()
             self.flop_counter = FlopCounter(self.model)
             return
-        self.engine = build_engine(model, self.learner_cfg, lr=self.reward_cfg.lr, role="reward",
-                                   micro_batch_size=self.reward_cfg.batch_size, rendezvous=self.rendezvous)
+        self.engine = build_engine(
+            model,
+            self.learner_cfg,
+            lr=self.reward_cfg.lr,
+            role="reward",
+            micro_batch_size=self.reward_cfg.batch_size,
+            rendezvous=self.rendezvous,
+        )
         self.model = self.engine.model
         self.flop_counter = self.engine.flops
 
@@ -57,8 +63,9 @@ class RewardLearner(LearnerCheckpoint, CountsFlops):
         return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1).float()
 
     @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, *,
-              frozen: bool = False) -> list[float]:
+    def score(
+        self, prompts: list[str], responses: list[str], batch_size: int = 64, *, frozen: bool = False
+    ) -> list[float]:
         """The RM's scores; with `frozen`, those of the weights `freeze_for_evaluation` kept."""
         model = self._frozen_model() if frozen else self.model
         model.eval()
@@ -105,21 +112,31 @@ class RewardLearner(LearnerCheckpoint, CountsFlops):
         """
         assert self.engine is not None, "this RewardLearner was created with trainable=False"
 
-        def loss_fn(share: tuple[list[int], list[int]],
-                    minibatch: tuple[list[int], list[int]]) -> tuple[torch.Tensor, dict[str, float]]:
+        def loss_fn(
+            share: tuple[list[int], list[int]], minibatch: tuple[list[int], list[int]]
+        ) -> tuple[torch.Tensor, dict[str, float]]:
             apo = [apo_pairs[i] for i in share[0]]
             human = [human_pairs[i] for i in share[1]]
             n_apo, n_human = len(apo), len(human)
             # One forward over gold, sample, chosen and rejected texts, in that order.
             r = self._forward(
                 [p.prompt for p in apo] * 2 + [p.prompt for p in human] * 2,
-                [p.chosen for p in apo] + [p.rejected for p in apo] + [p.chosen for p in human] + [p.rejected for p in human],
+                [p.chosen for p in apo]
+                + [p.rejected for p in apo]
+                + [p.chosen for p in human]
+                + [p.rejected for p in human],
             )
             # Averaged over the whole minibatch's pairs, so that the ranks' shares add up to its loss.
             return apo_reward_loss(
-                r[:n_apo], r[n_apo : 2 * n_apo], r[2 * n_apo : 2 * n_apo + n_human], r[2 * n_apo + n_human :],
-                apo_coef=apo_coef, pref_coef=pref_coef, kind=self.reward_cfg.loss,
-                normalization=self.reward_cfg.apo_normalization, minibatch_pairs=(len(minibatch[0]), len(minibatch[1])),
+                r[:n_apo],
+                r[n_apo : 2 * n_apo],
+                r[2 * n_apo : 2 * n_apo + n_human],
+                r[2 * n_apo + n_human :],
+                apo_coef=apo_coef,
+                pref_coef=pref_coef,
+                kind=self.reward_cfg.loss,
+                normalization=self.reward_cfg.apo_normalization,
+                minibatch_pairs=(len(minibatch[0]), len(minibatch[1])),
             )
 
         plan = proportional_minibatches(len(apo_pairs), len(human_pairs), self.reward_cfg.batch_size, epochs, seed)

@@ -14,7 +14,6 @@ as tensors through ``collective_rpc`` into ``VllmWeightLoader``, a worker extens
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -25,19 +24,19 @@ from typing import Any
 import ray
 import torch
 
+from apo_ray.chat import AUTO, ChatFormat
 from apo_ray.config import check_rollout_settings, resolve_dtype
 from apo_ray.fault_injection import dropped_if_injected, stall_if_injected
 from apo_ray.fingerprint import EngineFingerprint, TensorStats, checkpoint_names
 from apo_ray.flops import matmul_ceiling
 from apo_ray.game import FinishReason, Rollout, TokenSample
-from apo_ray.lora import ADAPTER, is_adapted, probe_sample, write_adapter_dir
 from apo_ray.logs import is_verbose
-from apo_ray.chat import AUTO, ChatFormat
+from apo_ray.lora import ADAPTER, is_adapted, probe_sample, write_adapter_dir
 from apo_ray.modeling import eos_token_ids, load_tokenizer, torch_dtype
-from apo_ray.vllm_cpu import CPU_ENGINE_DEFAULTS, check_cpu_engine_kwargs
-from apo_ray.vllm_version import require_supported_vllm
 from apo_ray.named_tensors import read_checkpoint_dir
 from apo_ray.sync_backends import get_backend
+from apo_ray.vllm_cpu import CPU_ENGINE_DEFAULTS, check_cpu_engine_kwargs
+from apo_ray.vllm_version import require_supported_vllm
 
 # KV cache of a CPU vLLM engine unless engine_kwargs say otherwise: by default vLLM claims most of the
 # NUMA node's memory and refuses to start next to other processes.
@@ -63,7 +62,7 @@ def cut_at_eos(token_ids: Sequence[int], eos_ids: frozenset[int]) -> list[int]:
 
 
 def finish_reason(response_ids: Sequence[int], eos_ids: frozenset[int]) -> FinishReason:
-    """"stop" for a response that ended on an EOS token, "length" for one cut at the token limit."""
+    """ "stop" for a response that ended on an EOS token, "length" for one cut at the token limit."""
     return "stop" if response_ids and response_ids[-1] in eos_ids else "length"
 
 
@@ -121,8 +120,9 @@ class VllmWeightLoader:
     @torch.no_grad()
     def apo_weights_fingerprint(self) -> EngineFingerprint:
         packed = getattr(self.model_runner.get_model(), "packed_modules_mapping", {})
-        return [(name, checkpoint_names(name, packed), TensorStats.of(param))
-                for name, param in self._stored_parameters()]
+        return [
+            (name, checkpoint_names(name, packed), TensorStats.of(param)) for name, param in self._stored_parameters()
+        ]
 
 
 def vllm_lora_rank(rank: int) -> int:
@@ -133,14 +133,17 @@ def vllm_lora_rank(rank: int) -> int:
 
     sizes = [size for size in get_args(MaxLoRARanks) if size >= rank]
     if not sizes:
-        raise ValueError(f"learner.lora.rank: {rank} is above the largest adapter rank vLLM serves, "
-                         f"{max(get_args(MaxLoRARanks))}; use learner.lora.sync 'merged'")
+        raise ValueError(
+            f"learner.lora.rank: {rank} is above the largest adapter rank vLLM serves, "
+            f"{max(get_args(MaxLoRARanks))}; use learner.lora.sync 'merged'"
+        )
     return min(sizes)
 
 
 class VllmEngine:
-    def __init__(self, model_path: str, *, dtype: str, seed: int, max_model_len: int, engine_kwargs: dict,
-                 lora_rank: int = 0):
+    def __init__(
+        self, model_path: str, *, dtype: str, seed: int, max_model_len: int, engine_kwargs: dict, lora_rank: int = 0
+    ):
         # On a cluster the worker's node may hold another vLLM than the driver's: refuse it by name here.
         require_supported_vllm()
         # The engine must live in this process so that tensors reach it as tensors (docs/architecture.md).
@@ -174,16 +177,33 @@ class VllmEngine:
         self._adapter_root = Path(tempfile.mkdtemp(prefix="apo_ray_adapter_")) if lora_rank else None
         self._adapters_loaded = 0
 
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int | None], n: int, *, max_new_tokens: int,
-                 temperature: float, top_p: float, eos_ids: frozenset[int]) -> list[Samples]:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        seeds: list[int | None],
+        n: int,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        eos_ids: frozenset[int],
+    ) -> list[Samples]:
         from vllm import SamplingParams
 
         # vLLM refuses n > 1 with greedy decoding; then each prompt goes in n times, one sample each.
         copies, per_request = (n, 1) if temperature == 0 else (1, n)
         # logprobs=0: the sampled token's log-prob alone, from the raw logits (vLLM's default logprobs_mode).
         params = [
-            SamplingParams(n=per_request, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           seed=seed, stop_token_ids=sorted(eos_ids), detokenize=False, logprobs=0)
+            SamplingParams(
+                n=per_request,
+                max_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop_token_ids=sorted(eos_ids),
+                detokenize=False,
+                logprobs=0,
+            )
             for seed in seeds
             for _ in range(copies)
         ]
@@ -200,11 +220,19 @@ class VllmEngine:
 
         # prompt_logprobs=0: each prompt token's own log-prob, from the raw logits like the sampled ones.
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": list(s.prompt_ids + s.response_ids)} for s in samples],
-                                    params, use_tqdm=False, lora_request=self.adapter)
-        return [[position[token].logprob for token, position in
-                 zip(sample.response_ids, output.prompt_logprobs[len(sample.prompt_ids):])]
-                for sample, output in zip(samples, outputs)]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(s.prompt_ids + s.response_ids)} for s in samples],
+            params,
+            use_tqdm=False,
+            lora_request=self.adapter,
+        )
+        return [
+            [
+                position[token].logprob
+                for token, position in zip(sample.response_ids, output.prompt_logprobs[len(sample.prompt_ids) :])
+            ]
+            for sample, output in zip(samples, outputs)
+        ]
 
     def load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         self.llm.collective_rpc("apo_load_weights", args=(named_tensors,))
@@ -262,17 +290,32 @@ class HfEngine:
         self.adapter_version: int | None = 0 if lora_rank else None
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int | None], n: int, *, max_new_tokens: int,
-                 temperature: float, top_p: float, eos_ids: frozenset[int]) -> list[Samples]:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        seeds: list[int | None],
+        n: int,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        eos_ids: frozenset[int],
+    ) -> list[Samples]:
         from transformers import GenerationConfig
 
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-            {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        )
         # output_logits: the raw logits (before temperature and top-p), the distribution vLLM's log-probs
         # and the learners' are taken from.
-        config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids) or None,
-                                  pad_token_id=self.pad_token_id, output_logits=True, return_dict_in_generate=True,
-                                  **sampling)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(eos_ids) or None,
+            pad_token_id=self.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **sampling,
+        )
         if seeds and seeds[0] is not None:
             # One seed per call: HF samples a whole batch from one generator.
             torch.manual_seed(seeds[0])
@@ -285,12 +328,18 @@ class HfEngine:
             input_ids = torch.tensor([[self.pad_token_id] * (width - len(ids)) + ids for ids in batch])
             mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
             device = self.model.device
-            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                      generation_config=config)
+            out = self.model.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config
+            )
             sampled = out.sequences[:, width:]
             # Step by step: a [rows, steps, vocab] stack of logits would not fit for a real vocabulary.
-            logprobs = torch.stack([step.float().log_softmax(-1).gather(1, sampled[:, t, None])[:, 0]
-                                    for t, step in enumerate(out.logits)], dim=1)
+            logprobs = torch.stack(
+                [
+                    step.float().log_softmax(-1).gather(1, sampled[:, t, None])[:, 0]
+                    for t, step in enumerate(out.logits)
+                ],
+                dim=1,
+            )
             for row, row_logprobs in zip(sampled.tolist(), logprobs.tolist()):
                 ids = cut_at_eos(row, eos_ids)
                 samples.append((ids, row_logprobs[: len(ids)]))
@@ -303,7 +352,7 @@ class HfEngine:
             ids = torch.tensor([sample.prompt_ids + sample.response_ids], device=self.model.device)
             logps = self.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
             picked = logps.gather(1, ids[0, 1:, None])[:, 0]
-            out.append(picked[len(sample.prompt_ids) - 1:].tolist())
+            out.append(picked[len(sample.prompt_ids) - 1 :].tolist())
         return out
 
     @torch.no_grad()
@@ -336,8 +385,10 @@ class HfEngine:
             self.model = get_peft_model(self.model, get_peft_config(config), adapter_name=ADAPTER).eval()
         result = set_peft_model_state_dict(self.model, dict(named_tensors), adapter_name=ADAPTER)
         if result.unexpected_keys:
-            raise KeyError(f"load_adapter: {len(result.unexpected_keys)} tensors are not the adapter's, e.g. "
-                           f"{result.unexpected_keys[0]!r}")
+            raise KeyError(
+                f"load_adapter: {len(result.unexpected_keys)} tensors are not the adapter's, e.g. "
+                f"{result.unexpected_keys[0]!r}"
+            )
         self.adapter_version = version
 
     def checksum(self) -> float:
@@ -347,8 +398,9 @@ class HfEngine:
         return [(name, (name,), TensorStats.of(param)) for name, param in self.model.named_parameters()]
 
     def weight_transfer_rpc(self, method: str, kwargs: dict) -> None:
-        raise RuntimeError("rollout.weight_sync: 'nccl' needs rollout.backend 'vllm'; the hf backend has no "
-                           "weight-transfer engine")
+        raise RuntimeError(
+            "rollout.weight_sync: 'nccl' needs rollout.backend 'vllm'; the hf backend has no weight-transfer engine"
+        )
 
 
 class RolloutWorker:
@@ -387,12 +439,17 @@ class RolloutWorker:
         stall_if_injected("start", worker_index)
         if backend == "vllm":
             self.engine: VllmEngine | HfEngine = VllmEngine(
-                model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, engine_kwargs=engine_kwargs or {},
+                model_path,
+                dtype=dtype,
+                seed=seed,
+                max_model_len=max_model_len,
+                engine_kwargs=engine_kwargs or {},
                 lora_rank=lora_rank,
             )
         else:
-            self.engine = HfEngine(model_path, dtype=dtype, pad_token_id=self.tokenizer.pad_token_id,
-                                   lora_rank=lora_rank)
+            self.engine = HfEngine(
+                model_path, dtype=dtype, pad_token_id=self.tokenizer.pad_token_id, lora_rank=lora_rank
+            )
         self.engine_start_seconds = time.perf_counter() - started
         self.dtype = dtype
         self._version = 0
@@ -403,9 +460,16 @@ class RolloutWorker:
         return f"RolloutWorker({self.worker_index}, {self.backend})"
 
     def ping(self) -> dict[str, Any]:
-        return {"worker": self.worker_index, "backend": self.backend, "version": self._version, "dtype": self.dtype,
-                "engine_ranks": self.engine.engine_ranks, "engine_start_seconds": self.engine_start_seconds,
-                "node": ray.get_runtime_context().get_node_id(), "threads": torch.get_num_threads()}
+        return {
+            "worker": self.worker_index,
+            "backend": self.backend,
+            "version": self._version,
+            "dtype": self.dtype,
+            "engine_ranks": self.engine.engine_ranks,
+            "engine_start_seconds": self.engine_start_seconds,
+            "node": ray.get_runtime_context().get_node_id(),
+            "threads": torch.get_num_threads(),
+        }
 
     def matmul_ceiling(self) -> float:
         """The float32 matmul rate of this worker's threads (FLOP/s), the generation phase's ceiling; measured
@@ -417,8 +481,7 @@ class RolloutWorker:
     def _encode(self, prompt: str) -> list[int]:
         return self.chat.prompt_ids(prompt, self.max_prompt_tokens)[0]
 
-    def generate(self, prompts: list[str], prompt_indices: list[int], n: int,
-                 seed: int | None = None) -> list[Rollout]:
+    def generate(self, prompts: list[str], prompt_indices: list[int], n: int, seed: int | None = None) -> list[Rollout]:
         """`n` samples per prompt, grouped by prompt, tagged with this worker's index and policy version.
 
         With `seed`, vLLM draws each prompt's samples from a seed mixed from (seed, prompt index), so they
@@ -432,15 +495,27 @@ class RolloutWorker:
         seeds = [None if seed is None else mix_seed(seed, index) for index in prompt_indices]
         prompt_ids = [self._encode(p) for p in prompts]
         samples = self.engine.generate(
-            prompt_ids, seeds, n, max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature, top_p=self.top_p, eos_ids=self.eos_ids,
+            prompt_ids,
+            seeds,
+            n,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            eos_ids=self.eos_ids,
         )
         return [
-            Rollout(prompt_index=index, prompt=prompt_text,
-                    response=self.tokenizer.decode(ids, skip_special_tokens=True),
-                    policy_version=self._version, worker=self.worker_index, prompt_token_ids=tuple(prompt),
-                    response_token_ids=tuple(ids), finish_reason=finish_reason(ids, self.eos_ids),
-                    sampler_logprobs=tuple(logprobs), adapter_version=self.engine.adapter_version)
+            Rollout(
+                prompt_index=index,
+                prompt=prompt_text,
+                response=self.tokenizer.decode(ids, skip_special_tokens=True),
+                policy_version=self._version,
+                worker=self.worker_index,
+                prompt_token_ids=tuple(prompt),
+                response_token_ids=tuple(ids),
+                finish_reason=finish_reason(ids, self.eos_ids),
+                sampler_logprobs=tuple(logprobs),
+                adapter_version=self.engine.adapter_version,
+            )
             for prompt_text, prompt, index, per_prompt in zip(prompts, prompt_ids, prompt_indices, samples)
             for ids, logprobs in per_prompt
         ]

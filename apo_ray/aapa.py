@@ -22,14 +22,15 @@ reading of that (the full text's equations were not available when this was writ
 from __future__ import annotations
 
 import random
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from apo_ray.evaluation import win_fraction, clustered_mean_and_stderr
+from apo_ray.evaluation import clustered_mean_and_stderr, win_fraction
 
 AnchorKind = Literal["log_prob", "logit"]
 
@@ -90,8 +91,9 @@ def held_out_split(n_prompts: int, fraction: float, seed: int) -> tuple[list[int
     return sorted(order[held:]), sorted(order[:held])
 
 
-def held_out_accuracy(expert_logits: dict[int, float], sample_logits: Sequence[float],
-                      sample_prompts: Sequence[int]) -> tuple[float, float]:
+def held_out_accuracy(
+    expert_logits: dict[int, float], sample_logits: Sequence[float], sample_prompts: Sequence[int]
+) -> tuple[float, float]:
     """How often the discriminator ranks a held-out prompt's expert answer above a policy sample for the same
     prompt (ties count half), over every such pair, with its standard error clustered by prompt (a prompt's
     pairs share its expert answer)."""

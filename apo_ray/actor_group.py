@@ -57,8 +57,9 @@ class ActorGroup:
         if num_actors < 1:
             raise ValueError(f"num_actors: must be >= 1, got {num_actors}")
         if placement_strategy not in PLACEMENT_STRATEGIES:
-            raise ValueError(f"placement_strategy: must be one of {', '.join(PLACEMENT_STRATEGIES)}; "
-                             f"got {placement_strategy!r}")
+            raise ValueError(
+                f"placement_strategy: must be one of {', '.join(PLACEMENT_STRATEGIES)}; got {placement_strategy!r}"
+            )
         self._remote_cls = actor_cls if hasattr(actor_cls, "remote") else ray.remote(actor_cls)
         self.name_prefix = name_prefix
         self.make_kwargs = make_kwargs
@@ -207,7 +208,10 @@ def wait_any(deadlines: dict[ray.ObjectRef, float]) -> tuple[list[ray.ObjectRef]
 
 
 def wait_until_ready(
-    groups: Iterable[ActorGroup], timeout_s: float, *, diagnose: Callable[[], str] = lambda: "",
+    groups: Iterable[ActorGroup],
+    timeout_s: float,
+    *,
+    diagnose: Callable[[], str] = lambda: "",
 ) -> None:
     """Wait until every member of `groups` has finished its constructor, at most `timeout_s` seconds after
     it was started.

@@ -17,13 +17,18 @@ aapa/disc_acc_heldout, how often it ranks a prompt's expert answer above a polic
 from __future__ import annotations
 
 import time
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from apo_ray.aapa import (anchor_reward, anchored_rewards, base_weight, expert_probability, held_out_accuracy,
-                          held_out_split)
+from apo_ray.aapa import (
+    anchor_reward,
+    anchored_rewards,
+    base_weight,
+    expert_probability,
+    held_out_accuracy,
+    held_out_split,
+)
 from apo_ray.evaluation import mean_and_stderr
 from apo_ray.game import GoldAnswer, Rollout
 from apo_ray.learner_group import gather
@@ -36,7 +41,9 @@ if TYPE_CHECKING:
 class Anchoring:
     def __init__(self, game: APOGame):
         if game.actors.discriminator is None:
-            raise ValueError("aapa.enabled: the game has no discriminator actor (apo_ray.cluster.start_actors starts one)")
+            raise ValueError(
+                "aapa.enabled: the game has no discriminator actor (apo_ray.cluster.start_actors starts one)"
+            )
         self.game, self.cfg = game, game.cfg.aapa
         self.discriminator = game.actors.discriminator
 
@@ -56,8 +63,9 @@ class Anchoring:
         fitted, held_out = held_out_split(len(gold), self.cfg.held_out_fraction, seed)
         kept = set(fitted)
         samples = [GoldAnswer(x.prompt, x.response) for x in rollouts if x.prompt_index in kept]
-        stats = gather(self.discriminator.fit.remote([gold[i] for i in fitted], samples, epochs=self.cfg.epochs,
-                                                      seed=seed))
+        stats = gather(
+            self.discriminator.fit.remote([gold[i] for i in fitted], samples, epochs=self.cfg.epochs, seed=seed)
+        )
         gather(self.discriminator.save.remote(self.saved_dir))
         if held_out:
             stats.update(self._held_out_check(held_out, [x for x in rollouts if x.prompt_index not in kept]))
@@ -65,19 +73,26 @@ class Anchoring:
 
     def _held_out_check(self, prompts: list[int], rollouts: list[Rollout]) -> dict[str, float]:
         gold = self.game.data.gold
-        expert, sampled = gather([
-            self.discriminator.score.remote([gold[i].prompt for i in prompts], [gold[i].response for i in prompts]),
-            self.discriminator.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts])])
+        expert, sampled = gather(
+            [
+                self.discriminator.score.remote([gold[i].prompt for i in prompts], [gold[i].response for i in prompts]),
+                self.discriminator.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]),
+            ]
+        )
         accuracy, stderr = held_out_accuracy(dict(zip(prompts, expert)), sampled, [x.prompt_index for x in rollouts])
-        return {"aapa/disc_acc_heldout": accuracy, "aapa/disc_acc_heldout_se": stderr,
-                "aapa/disc_heldout_pairs": float(len(rollouts))}
+        return {
+            "aapa/disc_acc_heldout": accuracy,
+            "aapa/disc_acc_heldout_se": stderr,
+            "aapa/disc_heldout_pairs": float(len(rollouts)),
+        }
 
     def restore(self) -> None:
         """A resumed run: the discriminator its first run fitted and saved."""
         gather(self.discriminator.load_frozen.remote(self.saved_dir))
 
-    def anchored_scores(self, r: int, rollouts: list[Rollout], scores: list[float],
-                        stats: dict[str, float]) -> list[float]:
+    def anchored_scores(
+        self, r: int, rollouts: list[Rollout], scores: list[float], stats: dict[str, float]
+    ) -> list[float]:
         """Round r's policy-step rewards: the RM scores with the anchoring reward added; its stats into `stats`."""
         logits = gather(self.discriminator.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts]))
         anchor = anchor_reward(logits, self.cfg.reward)

@@ -16,7 +16,7 @@ reward for a rewrite x' of x is h(x'); the defender lowers it by DPO on (x', y_s
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

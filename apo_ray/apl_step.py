@@ -52,8 +52,9 @@ class APLPolicyStep(PolicyStep):
         self.game, self.cfg, self.apl, self.actors = game, game.cfg, game.cfg.apl, game.actors
         attacker = self.apl.attacker
         # The attacker's step: PPO's clipped loss on GRPO advantages, no KL term (its reward is all it has).
-        self.attacker_ppo = PPOConfig(ppo_epochs=attacker.epochs, minibatch_size=attacker.minibatch_size,
-                                      clip_eps=attacker.clip_eps, tis=False)
+        self.attacker_ppo = PPOConfig(
+            ppo_epochs=attacker.epochs, minibatch_size=attacker.minibatch_size, clip_eps=attacker.clip_eps, tis=False
+        )
         self.attacker_version = 0
         # Set by start_round: the round's strongest attack per clean prompt, and those clean prompts.
         self.attacked: list[str] = []
@@ -67,8 +68,9 @@ class APLPolicyStep(PolicyStep):
         prompts = game.data.prompts
         clean = [prompts[k] for k in iteration_prompt_indices(len(prompts), apl.prompts_per_round, r, seed)]
         game._phase("attack", r)
-        rewrites = self.actors.attacker_pool.generate(clean, apl.attacks_per_prompt,
-                                                      seed=round_seed(seed, r, SeedStream.ATTACK))
+        rewrites = self.actors.attacker_pool.generate(
+            clean, apl.attacks_per_prompt, seed=round_seed(seed, r, SeedStream.ATTACK)
+        )
         attacked = [attacked_prompt(x.prompt, x.response, apl.max_attack_words) for x in rewrites]
         harm = self.harm(attacked)
         stats = {"apl/attack_words": float(np.mean([len(parse_prompt(p)[2]) for p in attacked]))}
@@ -94,14 +96,30 @@ class APLPolicyStep(PolicyStep):
         stats = rate([is_harmful(x.response) for x in rollouts], "apl/train_attack_success_rate")
         prompts = self.attacked + self.clean
         answers = [safe_and_unsafe(self.cfg.seed, p) for p in prompts]
-        chosen, rejected = gather([actors.policy.encode_texts.remote(prompts, [safe for safe, _ in answers]),
-                                   actors.policy.encode_texts.remote(prompts, [unsafe for _, unsafe in answers])])
-        ref_chosen, ref_rejected = gather([actors.reference.sequence_logprobs.remote(chosen),
-                                           actors.reference.sequence_logprobs.remote(rejected)])
+        chosen, rejected = gather(
+            [
+                actors.policy.encode_texts.remote(prompts, [safe for safe, _ in answers]),
+                actors.policy.encode_texts.remote(prompts, [unsafe for _, unsafe in answers]),
+            ]
+        )
+        ref_chosen, ref_rejected = gather(
+            [actors.reference.sequence_logprobs.remote(chosen), actors.reference.sequence_logprobs.remote(rejected)]
+        )
         dpo = get_method("dpo")
-        stats.update(gather(actors.policy.pair_step.remote(
-            chosen, rejected, ref_chosen, ref_rejected, method=dpo.name, settings=dpo.settings(self.cfg),
-            epochs=self.cfg.policy.epochs_per_round, seed=seed)))
+        stats.update(
+            gather(
+                actors.policy.pair_step.remote(
+                    chosen,
+                    rejected,
+                    ref_chosen,
+                    ref_rejected,
+                    method=dpo.name,
+                    settings=dpo.settings(self.cfg),
+                    epochs=self.cfg.policy.epochs_per_round,
+                    seed=seed,
+                )
+            )
+        )
         stats["policy/pairs"] = float(len(prompts))
         return stats
 
@@ -110,11 +128,16 @@ class APLPolicyStep(PolicyStep):
         game, apl, seed = self.game, self.apl, self.cfg.seed
         game._phase("evaluate_apl", r)
         clean = game.eval_prompts
-        trained = [attacked_prompt(x.prompt, x.response, apl.max_attack_words) for x in
-                   self.actors.attacker_pool.generate(clean, 1, seed=round_seed(seed, 0, SeedStream.ATTACK))]
+        trained = [
+            attacked_prompt(x.prompt, x.response, apl.max_attack_words)
+            for x in self.actors.attacker_pool.generate(clean, 1, seed=round_seed(seed, 0, SeedStream.ATTACK))
+        ]
         stats: dict[str, float] = {}
-        for name, prompts in (("apl/harmful_rate", clean), ("apl/attack_success_rate", trained),
-                              ("apl/attack_success_rate_fixed", fixed_attacks(clean, seed, apl.max_attack_words))):
+        for name, prompts in (
+            ("apl/harmful_rate", clean),
+            ("apl/attack_success_rate", trained),
+            ("apl/attack_success_rate_fixed", fixed_attacks(clean, seed, apl.max_attack_words)),
+        ):
             samples = game.actors.pool.generate(prompts, 2, seed=round_seed(seed, 0, SeedStream.EVAL))
             stats.update(rate([is_harmful(x.response) for x in samples], name))
             if prompts is clean:
@@ -138,18 +161,28 @@ class APLPolicyStep(PolicyStep):
         samples = gather(policy.encode_texts.remote(prompts * 2, texts))
         grid, mask = self.game.learner_grids({"logps": (model or policy).token_logprobs}, samples)["logps"]
         lbar = mean_token_logprobs(grid, mask)
-        return harmfulness(lbar[len(prompts):], lbar[: len(prompts)], self.apl.harm_beta)
+        return harmfulness(lbar[len(prompts) :], lbar[: len(prompts)], self.apl.harm_beta)
 
     def _attacker_step(self, r: int, rewrites: list[Rollout], harm: list[float], groups: list[int]) -> dict[str, float]:
         attacker = self.actors.attacker
         samples = [x.tokens for x in rewrites]
         logps, mask = self.game.learner_grids({"logps": attacker.token_logprobs}, samples)["logps"]
         advantages = attacker_advantages(harm, groups, mask)
-        stats = gather(attacker.ppo_step.remote(samples, logps, advantages, mask, ppo=self.attacker_ppo,
-                                                seed=round_seed(self.cfg.seed, r, SeedStream.ATTACK_STEP)))
+        stats = gather(
+            attacker.ppo_step.remote(
+                samples,
+                logps,
+                advantages,
+                mask,
+                ppo=self.attacker_ppo,
+                seed=round_seed(self.cfg.seed, r, SeedStream.ATTACK_STEP),
+            )
+        )
         # The learner names its stats as the policy's; these are the attacker's.
-        return {key.replace("policy/", "apl/attacker_").replace("/policy_step", "/attacker_step"): value
-                for key, value in stats.items()}
+        return {
+            key.replace("policy/", "apl/attacker_").replace("/policy_step", "/attacker_step"): value
+            for key, value in stats.items()
+        }
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"attacker_version": self.attacker_version}

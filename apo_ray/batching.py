@@ -28,8 +28,7 @@ def shuffled_minibatches(n_items: int, batch_size: int, epochs: int, seed: int) 
     return plan
 
 
-def grouped_minibatch_groups(groups: list[list[int]], batch_size: int, epochs: int,
-                             seed: int) -> list[list[list[int]]]:
+def grouped_minibatch_groups(groups: list[list[int]], batch_size: int, epochs: int, seed: int) -> list[list[list[int]]]:
     """`epochs` passes over shuffled `groups`, filling a minibatch with whole groups until it holds at least
     `batch_size` items (the last minibatch of a pass holds what is left); each minibatch as its groups."""
     rng = np.random.default_rng(seed)
@@ -49,11 +48,14 @@ def grouped_minibatch_groups(groups: list[list[int]], batch_size: int, epochs: i
 
 def grouped_minibatches(groups: list[list[int]], batch_size: int, epochs: int, seed: int) -> list[list[int]]:
     """`grouped_minibatch_groups` with each minibatch flattened to its items."""
-    return [[i for group in batch for i in group] for batch in grouped_minibatch_groups(groups, batch_size, epochs, seed)]
+    return [
+        [i for group in batch for i in group] for batch in grouped_minibatch_groups(groups, batch_size, epochs, seed)
+    ]
 
 
-def proportional_minibatches(n_first: int, n_second: int, batch_size: int, epochs: int,
-                             seed: int) -> list[tuple[list[int], list[int]]]:
+def proportional_minibatches(
+    n_first: int, n_second: int, batch_size: int, epochs: int, seed: int
+) -> list[tuple[list[int], list[int]]]:
     """`epochs` passes in ceil((n_first + n_second) / batch_size) steps, each step a pair (indices of the first
     set, indices of the second) holding an equal share of both shuffled sets; empty steps are dropped."""
     n_steps = max(1, -(-(n_first + n_second) // batch_size))

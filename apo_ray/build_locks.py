@@ -67,8 +67,10 @@ def describe(lock: Path, holders: list[int] | None) -> str:
     if holders:
         return f"{lock} (a build in progress: held by pid {', '.join(map(str, holders))})"
     if holders is None:
-        return (f"{lock} (perhaps left by a build that was killed: not every process that could hold it can be "
-                "inspected; delete it if no build is running)")
+        return (
+            f"{lock} (perhaps left by a build that was killed: not every process that could hold it can be "
+            "inspected; delete it if no build is running)"
+        )
     return f"{lock} (stale: no process holds it, a build was killed mid-way; delete it)"
 
 
@@ -86,9 +88,12 @@ def clear_stale() -> list[Path]:
         if holders == []:
             lock.unlink(missing_ok=True)
             removed.append(lock)
-            log.warning("removed the stale torch extension build lock %s: no process holds it (a build was killed "
-                        "mid-way)", lock)
+            log.warning(
+                "removed the stale torch extension build lock %s: no process holds it (a build was killed mid-way)",
+                lock,
+            )
         else:
-            log.warning("torch extension build lock %s: a build of that op waits until it is gone",
-                        describe(lock, holders))
+            log.warning(
+                "torch extension build lock %s: a build of that op waits until it is gone", describe(lock, holders)
+            )
     return removed

@@ -85,12 +85,13 @@ class ChatFormat:
         self.end_of_turn_id = self._end_of_turn_id() if template else None
 
     @classmethod
-    def for_setting(cls, tokenizer, setting: str | None) -> "ChatFormat":
+    def for_setting(cls, tokenizer, setting: str | None) -> ChatFormat:
         return cls(tokenizer, resolve_template(setting, tokenizer))
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -98,7 +99,7 @@ class ChatFormat:
     def _end_of_turn_id(self) -> int | None:
         turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
         text = self.render(turn, add_generation_prompt=False)
-        after = text[text.rindex(_PROBE) + len(_PROBE):]
+        after = text[text.rindex(_PROBE) + len(_PROBE) :]
         ids = self._ids(after) if after.strip() else []
         # A template that closes no turn, or closes it with whitespace alone (which answers contain too): written
         # responses end with the model's EOS instead.

@@ -98,15 +98,21 @@ class Checkpointer:
 
     def save_round(self, r: int, actors: Any, version: int, extra: dict | None = None) -> Path:
         def write(directory: Path) -> None:
-            gather([
-                handle.save_checkpoint.remote(str(directory / name), merge_lora=self.merge_lora)
-                for name, handle in _learners(actors)
-            ] + [
-                handle.save_state.remote(str(directory / f"engine_{name}")) for name, handle in _learners(actors)
-            ])
+            gather(
+                [
+                    handle.save_checkpoint.remote(str(directory / name), merge_lora=self.merge_lora)
+                    for name, handle in _learners(actors)
+                ]
+                + [handle.save_state.remote(str(directory / f"engine_{name}")) for name, handle in _learners(actors)]
+            )
 
-        state = {"round": r, "policy_version": version, "saved_at": time.time(),
-                 "learner_ranks": {name: handle.num_ranks for name, handle in _learners(actors)}, **(extra or {})}
+        state = {
+            "round": r,
+            "policy_version": version,
+            "saved_at": time.time(),
+            "learner_ranks": {name: handle.num_ranks for name, handle in _learners(actors)},
+            **(extra or {}),
+        }
         return self.write_round(r, write, state)
 
     def write_round(self, r: int, write: Callable[[Path], None], state: dict) -> Path:
@@ -141,7 +147,7 @@ class Checkpointer:
     def _prune_engine_states(self, latest: int) -> None:
         # HF weights of every round stay (users evaluate them); optimizer states are large and only the
         # newest ones are needed to resume.
-        for r in range(0, latest - self.keep_engine_states + 1):
+        for r in range(latest - self.keep_engine_states + 1):
             for name in ENGINE_DIRS:
                 shutil.rmtree(self.round_dir(r) / name, ignore_errors=True)
 
@@ -181,8 +187,10 @@ class Checkpointer:
         listed_engines = {name.split("/", 1)[0] for name in files if name.split("/", 1)[0] in ENGINE_DIRS}
         pruned = sorted(name for name in listed_engines if not (directory / name).exists())
         if pruned:
-            return (f"its optimizer states ({', '.join(pruned)}) were deleted when a later round was saved (the two "
-                    "newest rounds keep theirs)")
+            return (
+                f"its optimizer states ({', '.join(pruned)}) were deleted when a later round was saved (the two "
+                "newest rounds keep theirs)"
+            )
         return damage(directory, files)
 
     def restore(self, r: int, actors: Any) -> dict:

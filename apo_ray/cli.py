@@ -17,8 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = ("train", "report", "compare", "resize", "sft", "rm", "serve", "export")
     if not argv or argv[0] not in commands:
-        print(f"usage: apo-ray {{{','.join(commands)}}} ...   (apo-ray train --help; apo-ray train --config X --dry-run)",
-              file=sys.stderr)
+        print(
+            f"usage: apo-ray {{{','.join(commands)}}} ...   (apo-ray train --help; apo-ray train --config X --dry-run)",
+            file=sys.stderr,
+        )
         return 2
     command, rest = argv[0], argv[1:]
     if command == "train":
@@ -47,14 +49,19 @@ def report_main(command: str, rest: list[str]) -> int:
     ...` (one plot and one table of the runs side by side in --out)."""
     parser = argparse.ArgumentParser(
         prog=f"apo-ray {command}",
-        description="plots and a summary of a run directory" if command == "report" else
-                    "several runs side by side (e.g. APO next to its fixed-RM baseline): comparison.png (gold +- SE, "
-                    "RM score, RM accuracy on policy pairs, KL per round) and comparison.md (a table) in --out")
+        description="plots and a summary of a run directory"
+        if command == "report"
+        else "several runs side by side (e.g. APO next to its fixed-RM baseline): comparison.png (gold +- SE, "
+        "RM score, RM accuracy on policy pairs, KL per round) and comparison.md (a table) in --out",
+    )
     parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    parser.add_argument("--out", type=Path, help="where the comparison goes (default: comparison/ in the working directory)")
+    parser.add_argument(
+        "--out", type=Path, help="where the comparison goes (default: comparison/ in the working directory)"
+    )
     parser.add_argument("--labels", nargs="+", help="one name per run directory (default: the directories' names)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show apo-ray's debug lines and every library's own log lines")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show apo-ray's debug lines and every library's own log lines"
+    )
     args = parser.parse_args(rest)
     configure_logging(args.verbose)
     for run_dir in args.run_dirs:
@@ -80,8 +87,9 @@ def resize_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="apo-ray resize",
         description="ask the game running in RUN_DIR for N rollout workers: it takes the request before its next "
-                    "sampling call, checks that the cluster holds N, logs the new size (rollout/num_workers) and "
-                    "keeps it until rollout.schedule's next entry")
+        "sampling call, checks that the cluster holds N, logs the new size (rollout/num_workers) and "
+        "keeps it until rollout.schedule's next entry",
+    )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("num_workers", type=int, metavar="N")
     args = parser.parse_args(argv)

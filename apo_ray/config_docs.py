@@ -64,8 +64,12 @@ def _section_class(annotation: typing.Any) -> type[BaseModel] | None:
 def _own_fields(cls: type[BaseModel]) -> dict[str, FieldInfo]:
     """The fields `cls` declares itself, not those it inherits unchanged from another config class. A private
     base's are its own: Config is apo_ray.config._GameConfig with the methods' sections added."""
-    declared = {name for base in cls.__mro__ if base is cls or base.__name__.startswith("_")
-                for name in vars(base).get("__annotations__", {})}
+    declared = {
+        name
+        for base in cls.__mro__
+        if base is cls or base.__name__.startswith("_")
+        for name in vars(base).get("__annotations__", {})
+    }
     return {name: field for name, field in cls.model_fields.items() if name in declared}
 
 
@@ -115,8 +119,12 @@ def _type_name(annotation: typing.Any) -> str:
     return annotation.__name__
 
 
-BOUNDS = ((annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"), (annotated_types.Le, "le", "<="),
-          (annotated_types.Lt, "lt", "<"))
+BOUNDS = (
+    (annotated_types.Ge, "ge", ">="),
+    (annotated_types.Gt, "gt", ">"),
+    (annotated_types.Le, "le", "<="),
+    (annotated_types.Lt, "lt", "<"),
+)
 
 
 def _bounds(field: FieldInfo) -> list[str]:
@@ -188,8 +196,9 @@ def _lead(section: Section) -> str:
 
 
 def _wrap(value: str, indent: str) -> list[str]:
-    return textwrap.wrap(value, WIDTH, initial_indent=indent, subsequent_indent=indent, break_long_words=False,
-                         break_on_hyphens=False)
+    return textwrap.wrap(
+        value, WIDTH, initial_indent=indent, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+    )
 
 
 def text(section: Section) -> str:
@@ -211,12 +220,17 @@ def _markdown(value: str) -> str:
 
 def markdown(section: Section) -> str:
     """`section` as a Markdown heading, its intro and a table of its keys."""
-    lines = [f"### {section.name}", "", _markdown(_lead(section)), "",
-             "| key | type | default | description |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"### {section.name}",
+        "",
+        _markdown(_lead(section)),
+        "",
+        "| key | type | default | description |",
+        "| --- | --- | --- | --- |",
+    ]
     for key in section.keys:
         default = f"`{key.default}`" if key.default else ""
-        lines.append(f"| `{key.key}` | {_markdown(key.type)} | {_markdown(default)} | "
-                     f"{_markdown(key.description)} |")
+        lines.append(f"| `{key.key}` | {_markdown(key.type)} | {_markdown(default)} | {_markdown(key.description)} |")
     return "\n".join(lines)
 
 
@@ -236,8 +250,10 @@ def document() -> str:
         "Every key can be set in a YAML config or as a `key.sub=value` override.",
     ]
     shown: set[str] = set()
-    for title, commands in (("`apo-ray train`: the game", ("train",)),
-                            ("`apo-ray sft` and `apo-ray rm`: the stages", ("sft", "rm"))):
+    for title, commands in (
+        ("`apo-ray train`: the game", ("train",)),
+        ("`apo-ray sft` and `apo-ray rm`: the stages", ("sft", "rm")),
+    ):
         parts += ["", f"## {title}"]
         for section in _sections(root for command in commands for root in COMMANDS[command]):
             if section.name not in shown:
@@ -253,8 +269,13 @@ class HelpConfigAction(argparse.Action):
         super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, metavar="SECTION", **kwargs)
         self.command = command
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: typing.Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: typing.Any,
+        option_string: str | None = None,
+    ) -> None:
         try:
             printed = help_text(self.command, values)
         except KeyError as exc:
@@ -264,14 +285,20 @@ class HelpConfigAction(argparse.Action):
 
 
 def add_help_config(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--help-config", action=HelpConfigAction, command=command,
-                        help="print every config key of this command (or one SECTION's: e.g. reward, ppo) with its "
-                             "type, default and meaning, and exit")
+    parser.add_argument(
+        "--help-config",
+        action=HelpConfigAction,
+        command=command,
+        help="print every config key of this command (or one SECTION's: e.g. reward, ppo) with its "
+        "type, default and meaning, and exit",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m apo_ray.config_docs",
-                                     description="write or check docs/config.md, generated from apo_ray/config.py")
+    parser = argparse.ArgumentParser(
+        prog="python -m apo_ray.config_docs",
+        description="write or check docs/config.md, generated from apo_ray/config.py",
+    )
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--write", type=Path, metavar="PATH", help="write the reference to PATH")
     action.add_argument("--check", type=Path, metavar="PATH", help="exit 1 if PATH differs from the reference")

@@ -64,8 +64,10 @@ def model_path(value: str, base: Path, key: str, base_name: str) -> str:
         return str(path)
     if is_hub_name(value):
         return value
-    raise ConfigError(f"{key}: {value!r} is neither an existing directory or GGUF file, a {PREFIX} file, nor a hub "
-                      f"model name (org/name); relative paths are read from {base_name}, {base}")
+    raise ConfigError(
+        f"{key}: {value!r} is neither an existing directory or GGUF file, a {PREFIX} file, nor a hub "
+        f"model name (org/name); relative paths are read from {base_name}, {base}"
+    )
 
 
 def resolve_paths(tree: dict, file_base: Path | None, overridden: set[str]) -> None:
@@ -98,8 +100,11 @@ def resolve_paths(tree: dict, file_base: Path | None, overridden: set[str]) -> N
             model[name] = model_path(model[name], base, key, base_name)
     aapa = tree.get("aapa")
     # "reward" names the run's own RM architecture, not a path.
-    if isinstance(aapa, dict) and isinstance(aapa.get("discriminator_path"), str) and \
-            aapa["discriminator_path"] not in ("", "reward"):
+    if (
+        isinstance(aapa, dict)
+        and isinstance(aapa.get("discriminator_path"), str)
+        and aapa["discriminator_path"] not in ("", "reward")
+    ):
         base, base_name = base_of("aapa.discriminator_path")
         aapa["discriminator_path"] = model_path(aapa["discriminator_path"], base, "aapa.discriminator_path", base_name)
 
@@ -122,7 +127,9 @@ def resolve_stage_paths(tree: dict, file_base: Path | None, overridden: set[str]
         tree["chat_template"] = str(_absolute(template, base)[0])
     if isinstance(tree.get("base_model"), str) and tree["base_model"]:
         from_file = "base_model" not in overridden and file_base is not None
-        base, base_name = (file_base, "the config file's directory") if from_file else (Path.cwd(), "the working directory")
+        base, base_name = (
+            (file_base, "the config file's directory") if from_file else (Path.cwd(), "the working directory")
+        )
         tree["base_model"] = model_path(tree["base_model"], base, "base_model", base_name)
 
 
@@ -159,8 +166,11 @@ def input_paths(cfg) -> list[tuple[str, str, str]]:
         rows.append(("data.builtin.cache_dir", cache, "the builtin task's models are made here at start-up"))
     for name, src in _sources(cfg.data):
         local = os.path.exists(src.path)
-        what = (f"{src.format} file" if os.path.isfile(src.path) else f"{src.format} directory") if local else \
-            "hub dataset name: its form is checked, it is fetched at start-up"
+        what = (
+            (f"{src.format} file" if os.path.isfile(src.path) else f"{src.format} directory")
+            if local
+            else "hub dataset name: its form is checked, it is fetched at start-up"
+        )
         rows.append((f"data.{name}.path", src.path, what))
     models = [(f"model.{name}", getattr(cfg.model, name)) for name in MODEL_KEYS]
     if cfg.aapa.enabled and cfg.aapa.discriminator_path != "reward":

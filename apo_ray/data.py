@@ -19,8 +19,9 @@ import json
 import os
 import random
 import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol, Sequence, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from apo_ray.game import GoldAnswer, PreferencePair
 
@@ -29,9 +30,7 @@ T = TypeVar("T")
 HH_ASSISTANT = "\n\nAssistant:"
 MAX_LINE_CHARS = 1_000_000
 SPLIT_KEYS = ("pairs", "gold", "prompts", "eval")
-_HF_FILE_BUILDERS = {
-    ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"
-}
+_HF_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -50,19 +49,19 @@ class DataSource(Protocol):
     rejected_key: str
     response_key: str
     skip: int
-    limit: Optional[int]
-    data_dir: Optional[str]
+    limit: int | None
+    data_dir: str | None
 
 
 class DataSettings(Protocol):
     """What build_game_data reads from the data config (apo_ray.config.DataConfig)."""
 
     task: str
-    source: Optional[DataSource]
-    pairs: Optional[DataSource]
-    gold: Optional[DataSource]
-    prompts: Optional[DataSource]
-    eval_pairs: Optional[DataSource]
+    source: DataSource | None
+    pairs: DataSource | None
+    gold: DataSource | None
+    prompts: DataSource | None
+    eval_pairs: DataSource | None
     split_fractions: Mapping[str, float]
 
 
@@ -162,10 +161,10 @@ def split_hh_pair(chosen: str, rejected: str) -> PreferencePair:
         prompt, _ = parse_hh_dialogue(chosen[:shared])
     except ValueError:
         raise ValueError("chosen and rejected differ before their first '\\n\\nAssistant:' turn") from None
-    return PreferencePair(prompt=prompt, chosen=chosen[len(prompt):], rejected=rejected[len(prompt):])
+    return PreferencePair(prompt=prompt, chosen=chosen[len(prompt) :], rejected=rejected[len(prompt) :])
 
 
-def _window(records: Iterable[T], skip: int, limit: Optional[int], label: str) -> Iterator[T]:
+def _window(records: Iterable[T], skip: int, limit: int | None, label: str) -> Iterator[T]:
     """Records skip .. skip + limit (to the end without a limit); a skip past the last record is an error, not
     an empty source."""
     empty = True
@@ -176,8 +175,9 @@ def _window(records: Iterable[T], skip: int, limit: Optional[int], label: str) -
         raise DataError(f"{label}: skip={skip} passes the last record")
 
 
-def _hh_pairs(records: Iterable[tuple[str, Mapping[str, Any]]], chosen_key: str, rejected_key: str
-              ) -> list[PreferencePair]:
+def _hh_pairs(
+    records: Iterable[tuple[str, Mapping[str, Any]]], chosen_key: str, rejected_key: str
+) -> list[PreferencePair]:
     pairs = []
     for where, record in records:
         try:
@@ -188,8 +188,7 @@ def _hh_pairs(records: Iterable[tuple[str, Mapping[str, Any]]], chosen_key: str,
 
 
 def load_hh_pairs(
-    path: str, *, chosen_key: str = "chosen", rejected_key: str = "rejected", skip: int = 0,
-    limit: Optional[int] = None
+    path: str, *, chosen_key: str = "chosen", rejected_key: str = "rejected", skip: int = 0, limit: int | None = None
 ) -> list[PreferencePair]:
     """Preference pairs from an HH-RLHF JSONL file of {"chosen": dialogue, "rejected": dialogue} lines."""
     lines = _window(iter_jsonl(path, (chosen_key, rejected_key)), skip, limit, path)
@@ -205,9 +204,7 @@ def _hf_label(src: DataSource) -> str:
 
 
 def _is_saved_dataset(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(
-        os.path.join(path, "state.json")
-    )
+    return os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json"))
 
 
 def _load_hf_dataset(src: DataSource) -> Any:

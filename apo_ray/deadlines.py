@@ -40,8 +40,10 @@ class ClusterUnreachable(DeadlinePassed):
 
     def __init__(self, address: str, reason: OSError, seconds: float, key: str):
         super().__init__(f"the Ray cluster at {address}", "joining the cluster", seconds, key)
-        self.args = (f"cannot join the Ray cluster at {address}: nothing accepted a connection within {seconds:g} s "
-                     f"({reason}); check ray.address or RAY_ADDRESS, or raise {key}",)
+        self.args = (
+            f"cannot join the Ray cluster at {address}: nothing accepted a connection within {seconds:g} s "
+            f"({reason}); check ray.address or RAY_ADDRESS, or raise {key}",
+        )
 
 
 def generate_deadline_s(samples: int, max_new_tokens: int, override: float | None) -> float:

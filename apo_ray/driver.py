@@ -20,8 +20,8 @@ step 3's strategy, with its attacker's round in the strategy's start_round and i
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from torch import Tensor
@@ -69,8 +69,19 @@ class Actors:
 
     @property
     def learners(self) -> list[LearnerGroup]:
-        return [g for g in (self.policy, self.reward, self.reference, self.eval_reward, self.critic,
-                            self.discriminator, self.attacker) if g is not None and not isinstance(g, RenamedMethods)]
+        return [
+            g
+            for g in (
+                self.policy,
+                self.reward,
+                self.reference,
+                self.eval_reward,
+                self.critic,
+                self.discriminator,
+                self.attacker,
+            )
+            if g is not None and not isinstance(g, RenamedMethods)
+        ]
 
 
 class APOGame:
@@ -144,8 +155,9 @@ class APOGame:
         rollouts = samples.policy
         self._phase("score", r)
         with self.flops.forwards(stats, "score", ("reward",)):
-            scores = gather(self.actors.reward.score.remote([x.prompt for x in rollouts],
-                                                            [x.response for x in rollouts]))
+            scores = gather(
+                self.actors.reward.score.remote([x.prompt for x in rollouts], [x.response for x in rollouts])
+            )
         stats["policy/reward_mean"] = float(np.mean(scores))
         stats["policy/reward_std"] = float(np.std(scores))
         if self.anchoring is not None:
@@ -181,13 +193,16 @@ class APOGame:
 
     def _check_apo_term(self, stats: dict[str, float]) -> None:
         self.rm_steps.append(stats)
-        reason = inert_apo_reason(self.rm_steps, self.cfg.reward.apo_inert_share,
-                                  restarts_each_round=self.cfg.reward.reinit_each_round)
+        reason = inert_apo_reason(
+            self.rm_steps, self.cfg.reward.apo_inert_share, restarts_each_round=self.cfg.reward.reinit_each_round
+        )
         if reason and not self.warned_inert:
             self.warned_inert = True
             self.warn(f"the APO term is inert: {reason}")
 
-    def learner_grids(self, methods: dict[str, Callable], samples: list[TokenSample]) -> dict[str, tuple[Tensor, Tensor]]:
+    def learner_grids(
+        self, methods: dict[str, Callable], samples: list[TokenSample]
+    ) -> dict[str, tuple[Tensor, Tensor]]:
         """{name: (grid, mask)} of learner actor methods (token_logprobs, values) on `samples`, each in chunks
         of ppo.minibatch_size rows (a whole batch's logits may not fit) joined on one [N, W] grid. Every
         chunk of every learner is submitted before any is awaited, so the learners compute side by side."""
@@ -195,11 +210,14 @@ class APOGame:
         spans = range(0, len(samples), chunk)
         calls = {name: [method.remote(samples[a : a + chunk]) for a in spans] for name, method in methods.items()}
         results = {name: gather(refs) for name, refs in calls.items()}
-        return {name: (concat_right_padded([grid for grid, _ in parts]), concat_right_padded([mask for _, mask in parts]))
-                for name, parts in results.items()}
+        return {
+            name: (concat_right_padded([grid for grid, _ in parts]), concat_right_padded([mask for _, mask in parts]))
+            for name, parts in results.items()
+        }
 
-    def sampler_mismatch(self, rollouts: list[Rollout], learner_logps: Tensor | None = None,
-                         mask: Tensor | None = None) -> dict[str, float]:
+    def sampler_mismatch(
+        self, rollouts: list[Rollout], learner_logps: Tensor | None = None, mask: Tensor | None = None
+    ) -> dict[str, float]:
         """rollout/logprob_diff(_max): the rollout engine's log-probs of its samples against the policy
         learner's on the same weights (taken here unless given)."""
         timed: dict[str, float] = {}
@@ -208,24 +226,31 @@ class APOGame:
             # A forward pass of its own, about a third of an SFT step's time on SmolLM2 when it takes every
             # sample: a phase of its own, so that it does not hide in a round's unaccounted seconds.
             with self.flops.forwards(timed, "logprob_check", ("policy",)):
-                learner_logps, mask = self.learner_grids({"logps": self.actors.policy.token_logprobs},
-                                                         [x.tokens for x in rollouts])["logps"]
+                learner_logps, mask = self.learner_grids(
+                    {"logps": self.actors.policy.token_logprobs}, [x.tokens for x in rollouts]
+                )["logps"]
         sampler = self.sampler_grid(rollouts, learner_logps.shape[1])
         return {**timed, **logprob_mismatch(sampler, learner_logps, mask)}
 
     @staticmethod
     def sampler_grid(rollouts: list[Rollout], width: int) -> Tensor:
-        return sampler_logprob_grid([len(x.prompt_token_ids) for x in rollouts],
-                                    [list(x.sampler_logprobs) for x in rollouts], width)
+        return sampler_logprob_grid(
+            [len(x.prompt_token_ids) for x in rollouts], [list(x.sampler_logprobs) for x in rollouts], width
+        )
 
     # ------------------------------------------------------------------ pieces
 
     def _rm_update(self, apo_pairs, epochs: int, round_index: int) -> dict[str, float]:
-        return gather(self.actors.reward.apo_step.remote(
-            apo_pairs, self.data.pairs,
-            apo_coef=self.cfg.apo_coef, pref_coef=self.cfg.reward.pref_coef,
-            epochs=epochs, seed=round_seed(self.cfg.seed, round_index, SeedStream.RM),
-        ))
+        return gather(
+            self.actors.reward.apo_step.remote(
+                apo_pairs,
+                self.data.pairs,
+                apo_coef=self.cfg.apo_coef,
+                pref_coef=self.cfg.reward.pref_coef,
+                epochs=epochs,
+                seed=round_seed(self.cfg.seed, round_index, SeedStream.RM),
+            )
+        )
 
     def _phase(self, name: str, r: int) -> None:
         # Where the game is, for a deadline's message.
@@ -261,8 +286,9 @@ class APOGame:
             extra = self.policy_step.checkpoint_extra()
             if deferred:
                 # Ints stay ints, so that the row a resume logs from here reads as the uninterrupted run's.
-                extra["pending_row"] = {key: value if type(value) is int else float(value)
-                                        for key, value in stats.items()}
+                extra["pending_row"] = {
+                    key: value if type(value) is int else float(value) for key, value in stats.items()
+                }
             self.checkpointer.save_round(r, self.actors, version=self.version, extra=extra)
 
     def _log_row(self, r: int, stats: dict[str, float]) -> None:

@@ -6,8 +6,8 @@ Inputs may be python lists, numpy arrays or torch tensors; results are python fl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -66,8 +66,8 @@ class CalibrationBin:
     upper: float
     count: int
     # None for an empty bin: it has no confidence or accuracy to plot.
-    confidence: Optional[float]
-    accuracy: Optional[float]
+    confidence: float | None
+    accuracy: float | None
 
 
 def calibration_bins(r_chosen: Scores, r_rejected: Scores, n_bins: int = 10) -> list[CalibrationBin]:
@@ -177,8 +177,14 @@ def within_group_pairs(groups: Sequence, judge: Scores) -> tuple[np.ndarray, np.
     return np.asarray(winners, dtype=np.int64), np.asarray(losers, dtype=np.int64), pair_groups
 
 
-def policy_sample_stats(groups: Sequence, judge: Scores, rm_scores: Scores, kl: Scores, lengths: Scores,
-                        judge_terms: dict[str, Sequence[float]] | None = None) -> dict[str, float]:
+def policy_sample_stats(
+    groups: Sequence,
+    judge: Scores,
+    rm_scores: Scores,
+    kl: Scores,
+    lengths: Scores,
+    judge_terms: dict[str, Sequence[float]] | None = None,
+) -> dict[str, float]:
     """The evaluation's statistics of the policy's samples, several per held-out prompt (`groups`: each sample's
     prompt). Every mean comes with `<key>_se`.
 
@@ -213,14 +219,27 @@ def score_rise(start: dict, end: dict, key: str = "eval/gold_score", n_se: float
         return None
     start_value, start_se, end_value, end_se = values
     change, change_se = end_value - start_value, math.sqrt(start_se**2 + end_se**2)
-    return {"start": start_value, "start_se": start_se, "end": end_value, "end_se": end_se, "change": change,
-            "change_se": change_se, f"exceeds_{n_se:g}_se": abs(change) > n_se * change_se, "n_se": n_se}
+    return {
+        "start": start_value,
+        "start_se": start_se,
+        "end": end_value,
+        "end_se": end_se,
+        "change": change,
+        "change_se": change_se,
+        f"exceeds_{n_se:g}_se": abs(change) > n_se * change_se,
+        "n_se": n_se,
+    }
 
 
 def rise_line(key: str, rise: dict) -> str:
     """One line: `key start -> end (+- SE)`, the change with its error, and whether it exceeds n_se of them."""
     n_se = rise["n_se"]
-    verdict = (f"{'rose' if rise['change'] > 0 else 'fell'} by more than {n_se:g} SE"
-               if rise[f"exceeds_{n_se:g}_se"] else f"within {n_se:g} SE (no clear change)")
-    return (f"{key} {rise['start']:.3f} -> {rise['end']:.3f} (+- {rise['start_se']:.3f}, {rise['end_se']:.3f}): "
-            f"change {rise['change']:+.3f} +- {rise['change_se']:.3f}, {verdict}")
+    verdict = (
+        f"{'rose' if rise['change'] > 0 else 'fell'} by more than {n_se:g} SE"
+        if rise[f"exceeds_{n_se:g}_se"]
+        else f"within {n_se:g} SE (no clear change)"
+    )
+    return (
+        f"{key} {rise['start']:.3f} -> {rise['end']:.3f} (+- {rise['start_se']:.3f}, {rise['end_se']:.3f}): "
+        f"change {rise['change']:+.3f} +- {rise['change_se']:.3f}, {verdict}"
+    )

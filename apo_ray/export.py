@@ -23,8 +23,10 @@ def adapter_dir(source: Path) -> Path:
     for candidate in (source, source / "policy", *(r / "policy" for r in rounds)):
         if (candidate / ADAPTER_CONFIG).is_file():
             return candidate
-    raise ConfigError(f"{source}: no LoRA adapter ({ADAPTER_CONFIG}) here, in policy/ or in the latest round's "
-                      "policy/; export --merge merges a run trained with learner.lora.enabled")
+    raise ConfigError(
+        f"{source}: no LoRA adapter ({ADAPTER_CONFIG}) here, in policy/ or in the latest round's "
+        "policy/; export --merge merges a run trained with learner.lora.enabled"
+    )
 
 
 def merge_adapter(source: Path, out: Path) -> Path:
@@ -35,9 +37,11 @@ def merge_adapter(source: Path, out: Path) -> Path:
     adapter = adapter_dir(source)
     base_path = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base_path or not Path(base_path, "config.json").is_file():
-        raise ConfigError(f"{adapter / ADAPTER_CONFIG}: base_model_name_or_path {base_path!r} is not a Hugging Face "
-                          "model directory on this machine; the adapter is merged into the base model it was "
-                          "trained on")
+        raise ConfigError(
+            f"{adapter / ADAPTER_CONFIG}: base_model_name_or_path {base_path!r} is not a Hugging Face "
+            "model directory on this machine; the adapter is merged into the base model it was "
+            "trained on"
+        )
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
     # peft's own merge: each adapted weight becomes W + (alpha / r) B A, the learners' merged weights.
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
@@ -48,8 +52,12 @@ def merge_adapter(source: Path, out: Path) -> Path:
 
 def parser() -> argparse.ArgumentParser:
     commands = argparse.ArgumentParser(prog="apo-ray export", description=__doc__)
-    commands.add_argument("--merge", action="store_true", required=True,
-                          help="merge the LoRA adapter into its base model (the one export built)")
+    commands.add_argument(
+        "--merge",
+        action="store_true",
+        required=True,
+        help="merge the LoRA adapter into its base model (the one export built)",
+    )
     commands.add_argument("source", type=Path, help="a game run directory, a round checkpoint or an adapter directory")
     commands.add_argument("out", type=Path, help="the directory the merged model is written to")
     return commands

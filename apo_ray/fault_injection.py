@@ -52,8 +52,9 @@ def stall_if_injected(phase: str, worker: int) -> None:
         time.sleep(float(fault["seconds"]))
 
 
-def corrupt_if_injected(phase: str, worker: int,
-                        named_tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+def corrupt_if_injected(
+    phase: str, worker: int, named_tensors: list[tuple[str, torch.Tensor]]
+) -> list[tuple[str, torch.Tensor]]:
     """`named_tensors` with 1 added to each injected tensor (a copy: the originals may be read-only views)."""
     names = {fault["tensor"] for fault in _firing("corrupt", phase, worker)}
     return [(name, tensor + 1 if name in names else tensor) for name, tensor in named_tensors]

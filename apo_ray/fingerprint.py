@@ -34,7 +34,7 @@ class TensorStats:
     count: int
 
     @classmethod
-    def of(cls, tensor: torch.Tensor) -> "TensorStats":
+    def of(cls, tensor: torch.Tensor) -> TensorStats:
         # A chunk at a time in float64: a float64 copy of a whole embedding would take 4 to 8 times its own memory
         # beside the learner's export (or the engine). Both sides hand in contiguous tensors, whose flat view is free.
         flat = tensor.detach().flatten()
@@ -45,10 +45,10 @@ class TensorStats:
             squares += torch.dot(values, values).item()
         return cls(total, squares, tensor.numel())
 
-    def __add__(self, other: "TensorStats") -> "TensorStats":
+    def __add__(self, other: TensorStats) -> TensorStats:
         return TensorStats(self.total + other.total, self.squares + other.squares, self.count + other.count)
 
-    def differs_from(self, reference: "TensorStats") -> bool:
+    def differs_from(self, reference: TensorStats) -> bool:
         if self.count != reference.count:
             return True
         total_tol = REL_TOL * math.sqrt(reference.count * reference.squares) + 1e-30
@@ -72,7 +72,7 @@ def checkpoint_names(engine_name: str, packed_modules: Mapping[str, list[str]]) 
     parts = engine_name.split(".")
     for position, part in enumerate(parts):
         if part in packed_modules:
-            return tuple(".".join([*parts[:position], piece, *parts[position + 1:]]) for piece in packed_modules[part])
+            return tuple(".".join([*parts[:position], piece, *parts[position + 1 :]]) for piece in packed_modules[part])
     return (engine_name,)
 
 
@@ -85,7 +85,9 @@ def first_difference(reference: Fingerprint, reported: EngineFingerprint) -> str
             return f"{engine_name}: the learner has no tensor {missing[0]!r}"
         expected = sum((reference[name] for name in names[1:]), reference[names[0]])
         if stats.differs_from(expected):
-            return (f"{engine_name}: sum {stats.total:.9g}, sum of squares {stats.squares:.9g} over {stats.count} "
-                    f"values; the learner's {'+'.join(names)}: sum "
-                    f"{expected.total:.9g}, sum of squares {expected.squares:.9g} over {expected.count}")
+            return (
+                f"{engine_name}: sum {stats.total:.9g}, sum of squares {stats.squares:.9g} over {stats.count} "
+                f"values; the learner's {'+'.join(names)}: sum "
+                f"{expected.total:.9g}, sum of squares {expected.squares:.9g} over {expected.count}"
+            )
     return None

@@ -56,18 +56,26 @@ class ModelShape:
         def field(name: str) -> int:
             value = getattr(config, name, None)
             if not isinstance(value, int):
-                raise ValueError(f"FLOP count: the {model_type or type(config).__name__} config has no integer "
-                                 f"{name!r}; only Llama-style decoders and BERT-style encoders are counted")
+                raise ValueError(
+                    f"FLOP count: the {model_type or type(config).__name__} config has no integer "
+                    f"{name!r}; only Llama-style decoders and BERT-style encoders are counted"
+                )
             return value
 
         heads = field("num_attention_heads")
         head_dim = getattr(config, "head_dim", None) or field("hidden_size") // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         encoder = model_type in ENCODER_TYPES
-        return cls(layers=field("num_hidden_layers"), hidden=field("hidden_size"), attention_width=heads * head_dim,
-                   kv_width=kv_heads * head_dim, intermediate=field("intermediate_size"),
-                   mlp_matrices=2 if encoder else 3,
-                   head_outputs=field("vocab_size") if head == "lm" else field("num_labels"), causal=not encoder)
+        return cls(
+            layers=field("num_hidden_layers"),
+            hidden=field("hidden_size"),
+            attention_width=heads * head_dim,
+            kv_width=kv_heads * head_dim,
+            intermediate=field("intermediate_size"),
+            mlp_matrices=2 if encoder else 3,
+            head_outputs=field("vocab_size") if head == "lm" else field("num_labels"),
+            causal=not encoder,
+        )
 
     @classmethod
     def of_model(cls, model: torch.nn.Module) -> ModelShape:
@@ -93,8 +101,11 @@ class ModelShape:
         """One forward pass over a sequence of `length` tokens, the head run at `head_positions` of them (all
         by default: an HF forward computes every position's logits)."""
         head_positions = length if head_positions is None else head_positions
-        return (2 * self.layers * self.layer_params * length + 2 * self.head_params * head_positions
-                + self.attention_flops(length))
+        return (
+            2 * self.layers * self.layer_params * length
+            + 2 * self.head_params * head_positions
+            + self.attention_flops(length)
+        )
 
     def generation_flops(self, prompt_tokens: int, response_tokens: int) -> int:
         """Sampling `response_tokens` after `prompt_tokens` with a KV cache: the prefill runs every prompt token
@@ -102,8 +113,9 @@ class ModelShape:
         last is fed back once and attends to everything before it. Exactly one causal forward over
         prompt + response - 1 tokens with the head at `response_tokens` positions."""
         if prompt_tokens < 1 or response_tokens < 1:
-            raise ValueError(f"generation_flops: needs a prompt and a response token, got {prompt_tokens}, "
-                             f"{response_tokens}")
+            raise ValueError(
+                f"generation_flops: needs a prompt and a response token, got {prompt_tokens}, {response_tokens}"
+            )
         return self.forward_flops(prompt_tokens + response_tokens - 1, head_positions=response_tokens)
 
 

@@ -8,8 +8,9 @@ by several reward models (the game's RM, the evaluation RM).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 
 @dataclass(frozen=True)
@@ -89,18 +90,14 @@ def build_apo_pairs(gold: Sequence[GoldAnswer], rollouts: Sequence[Rollout]) -> 
             )
         answer = gold[rollout.prompt_index]
         if rollout.prompt != answer.prompt:
-            raise ValueError(
-                f"rollouts[{position}].prompt: differs from the prompt of gold[{rollout.prompt_index}]"
-            )
+            raise ValueError(f"rollouts[{position}].prompt: differs from the prompt of gold[{rollout.prompt_index}]")
         if rollout.response.strip() == answer.response.strip():
             continue
         pairs.append(PreferencePair(prompt=answer.prompt, chosen=answer.response, rejected=rollout.response))
     return pairs
 
 
-def group_by_prompt(
-    rollouts: Sequence[Rollout], scores: Sequence[float]
-) -> dict[int, list[tuple[Rollout, float]]]:
+def group_by_prompt(rollouts: Sequence[Rollout], scores: Sequence[float]) -> dict[int, list[tuple[Rollout, float]]]:
     """{prompt_index: [(rollout, score), ...]} in order of first appearance, rollout order within."""
     if len(rollouts) != len(scores):
         raise ValueError(f"rollouts and scores: lengths differ ({len(rollouts)} vs {len(scores)})")
@@ -124,9 +121,7 @@ def best_of_n(rollouts: Sequence[Rollout], scores: Sequence[float]) -> list[Roll
     return [group[_best(group)][0] for group in group_by_prompt(rollouts, scores).values()]
 
 
-def best_and_worst(
-    rollouts: Sequence[Rollout], scores: Sequence[float], min_margin: float = 0.0
-) -> list[RolloutPair]:
+def best_and_worst(rollouts: Sequence[Rollout], scores: Sequence[float], min_margin: float = 0.0) -> list[RolloutPair]:
     """DPO pairs: per prompt, the best rollout as chosen and the worst as rejected. Prompts with fewer
     than two samples, or whose best-worst score gap is <= min_margin, give no pair."""
     if min_margin < 0:
@@ -181,7 +176,8 @@ def check_adapter_versions(rollouts: Sequence[Rollout]) -> None:
             raise WeightsDiffer(
                 f"rollout worker {rollout.worker} sampled prompt {rollout.prompt_index} with LoRA adapter version "
                 f"{rollout.adapter_version}, but was synced to version {rollout.policy_version}: the adapter did not "
-                "reach its engine")
+                "reach its engine"
+            )
 
 
 def split_rollouts(rollouts: Sequence[Rollout], n_first: int) -> tuple[list[Rollout], list[Rollout]]:
@@ -190,5 +186,7 @@ def split_rollouts(rollouts: Sequence[Rollout], n_first: int) -> tuple[list[Roll
     if n_first < 0:
         raise ValueError(f"n_first: must be >= 0, got {n_first}")
     first = [r for r in rollouts if r.prompt_index < n_first]
-    second = [dataclasses.replace(r, prompt_index=r.prompt_index - n_first) for r in rollouts if r.prompt_index >= n_first]
+    second = [
+        dataclasses.replace(r, prompt_index=r.prompt_index - n_first) for r in rollouts if r.prompt_index >= n_first
+    ]
     return first, second

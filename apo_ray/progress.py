@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ class Progress:
     def _tqdm_bar(self):
         from tqdm import tqdm
 
-        return tqdm(total=self.total, initial=self.ready, desc=self.phase, unit=self.unit, file=self._stream,
-                    dynamic_ncols=True)
+        return tqdm(
+            total=self.total, initial=self.ready, desc=self.phase, unit=self.unit, file=self._stream, dynamic_ncols=True
+        )
 
     def update(self, n: int = 1) -> None:
         self.count += n
@@ -74,8 +76,16 @@ class Progress:
         counted = f"{self.count}/{self.total}" if self.total is not None else str(self.count)
         level = logging.WARNING if state == "failed" else logging.INFO
         if self.ready:
-            log.log(level, "[%s] %s: %s %s (%d finished during earlier steps); waited %.1f s", self.phase, state,
-                    counted, self.unit, self.ready, elapsed)
+            log.log(
+                level,
+                "[%s] %s: %s %s (%d finished during earlier steps); waited %.1f s",
+                self.phase,
+                state,
+                counted,
+                self.unit,
+                self.ready,
+                elapsed,
+            )
             return
         rate = f"{self.count / elapsed:.1f} {self.unit}/s" if elapsed > 0 else "-"
         log.log(level, "[%s] %s: %s %s in %.1f s (%s)", self.phase, state, counted, self.unit, elapsed, rate)

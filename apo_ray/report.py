@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 # Figure draws with the Agg canvas without touching pyplot's global backend.
 from matplotlib.figure import Figure
@@ -93,8 +94,14 @@ def _error_bar_plot(rounds: Rounds, path: Path, *, lines: dict[str, str], title:
         points = [(row["round"], row[key], row.get(key + STDERR_SUFFIX)) for row in rounds if row.get(key) is not None]
         if points:
             errors = [e if e is not None and e == e else 0.0 for _, _, e in points]  # NaN (one sample): no bar
-            axes.errorbar([x for x, _, _ in points], [y for _, y, _ in points], yerr=errors, marker="o",
-                          capsize=3, label=f"{label} ({key})")
+            axes.errorbar(
+                [x for x, _, _ in points],
+                [y for _, y, _ in points],
+                yerr=errors,
+                marker="o",
+                capsize=3,
+                label=f"{label} ({key})",
+            )
     axes.legend()
     figure.savefig(path)
 
@@ -141,8 +148,12 @@ GOLD_TERM_PREFIX = "eval/gold_"
 
 def gold_term_keys(rounds: Rounds) -> list[str]:
     """The eval/gold_<term> means a run logged, in the order first logged (not the score or errors)."""
-    keys = dict.fromkeys(key for row in rounds for key in row
-                         if key.startswith(GOLD_TERM_PREFIX) and key != "eval/gold_score" and not key.endswith("_se"))
+    keys = dict.fromkeys(
+        key
+        for row in rounds
+        for key in row
+        if key.startswith(GOLD_TERM_PREFIX) and key != "eval/gold_score" and not key.endswith("_se")
+    )
     return list(keys)
 
 
@@ -170,11 +181,16 @@ def _gold_terms_section(rounds: Rounds) -> list[str]:
         rise = score_rise(first, last, key)
         change = f"{rise['change']:+.3f} +- {rise['change_se']:.3f}" if rise else ""
         rows.append([key.removeprefix(GOLD_TERM_PREFIX), _with_se(first, key), _with_se(last, key), change])
-    return ["## Gold score by term", "",
-            "The gold score is 3 tanh(raw / 3), raw the sum of these terms (apo_ray.builtin.oracle.gold_terms). A "
-            "positive change is gold the policy won; a negative one is gold it lost, where a rising RM score "
-            "with a falling term is the RM being hacked.", "",
-            *_markdown_table(("term", f"round {first['round']}", f"round {last['round']}", "change"), rows), ""]
+    return [
+        "## Gold score by term",
+        "",
+        "The gold score is 3 tanh(raw / 3), raw the sum of these terms (apo_ray.builtin.oracle.gold_terms). A "
+        "positive change is gold the policy won; a negative one is gold it lost, where a rising RM score "
+        "with a falling term is the RM being hacked.",
+        "",
+        *_markdown_table(("term", f"round {first['round']}", f"round {last['round']}", "change"), rows),
+        "",
+    ]
 
 
 @dataclass(frozen=True)
@@ -191,34 +207,73 @@ def _plot(title: str, file_name: str, draw: Callable[[Rounds, Path], None]) -> _
 
 
 PLOTS = (
-    _plot("RM accuracy", "rm_accuracy.png", partial(
-        _line_plot, lines={"human pairs": "rm/acc", "policy pairs": "rm/acc_policy"},
-        title="RM preference accuracy", ylabel="accuracy", chance_level=0.5,
-    )),
-    _plot("RM calibration (ECE)", "rm_ece.png", partial(
-        _line_plot, lines={"human pairs": "rm/ece", "policy pairs": "rm/ece_policy"},
-        title="RM expected calibration error", ylabel="ECE (lower is better)",
-    )),
+    _plot(
+        "RM accuracy",
+        "rm_accuracy.png",
+        partial(
+            _line_plot,
+            lines={"human pairs": "rm/acc", "policy pairs": "rm/acc_policy"},
+            title="RM preference accuracy",
+            ylabel="accuracy",
+            chance_level=0.5,
+        ),
+    ),
+    _plot(
+        "RM calibration (ECE)",
+        "rm_ece.png",
+        partial(
+            _line_plot,
+            lines={"human pairs": "rm/ece", "policy pairs": "rm/ece_policy"},
+            title="RM expected calibration error",
+            ylabel="ECE (lower is better)",
+        ),
+    ),
     _plot("Gold vs. RM score", "scores.png", _plot_scores),
     # Online runs measure KL on every iteration's own rollouts (policy/kl) and on held-out prompts (eval/kl).
-    _plot("KL to reference", "kl.png", partial(
-        _line_plot, lines={"policy samples": "policy/kl", "held-out prompts": "eval/kl"},
-        title="KL(policy || reference)", ylabel="KL (nats)",
-    )),
-    _plot("AAPA: discriminator score of policy samples", "aapa_disc_score.png", partial(
-        _error_bar_plot, lines={"D(x, y) of the round's samples": "aapa/disc_score"},
-        title="AAPA discriminator score (+-1 SE)", ylabel="mean D(x, y) (1: expert-like)",
-    )),
-    _plot("APL: attacks and harm", "apl_harm.png", partial(
-        _error_bar_plot, lines={"trained attacker": "apl/attack_success_rate",
-                                "fixed attacker": "apl/attack_success_rate_fixed",
-                                "clean prompts": "apl/harmful_rate"},
-        title="APL: harmful answers of the defender (+-1 SE)", ylabel="fraction of samples harmful (gold oracle)",
-    )),
-    _plot("APL: utility", "apl_utility.png", partial(
-        _error_bar_plot, lines={"gold score, clean prompts": "apl/utility"}, title="APL: defender's utility (+-1 SE)",
-        ylabel="gold score",
-    )),
+    _plot(
+        "KL to reference",
+        "kl.png",
+        partial(
+            _line_plot,
+            lines={"policy samples": "policy/kl", "held-out prompts": "eval/kl"},
+            title="KL(policy || reference)",
+            ylabel="KL (nats)",
+        ),
+    ),
+    _plot(
+        "AAPA: discriminator score of policy samples",
+        "aapa_disc_score.png",
+        partial(
+            _error_bar_plot,
+            lines={"D(x, y) of the round's samples": "aapa/disc_score"},
+            title="AAPA discriminator score (+-1 SE)",
+            ylabel="mean D(x, y) (1: expert-like)",
+        ),
+    ),
+    _plot(
+        "APL: attacks and harm",
+        "apl_harm.png",
+        partial(
+            _error_bar_plot,
+            lines={
+                "trained attacker": "apl/attack_success_rate",
+                "fixed attacker": "apl/attack_success_rate_fixed",
+                "clean prompts": "apl/harmful_rate",
+            },
+            title="APL: harmful answers of the defender (+-1 SE)",
+            ylabel="fraction of samples harmful (gold oracle)",
+        ),
+    ),
+    _plot(
+        "APL: utility",
+        "apl_utility.png",
+        partial(
+            _error_bar_plot,
+            lines={"gold score, clean prompts": "apl/utility"},
+            title="APL: defender's utility (+-1 SE)",
+            ylabel="gold score",
+        ),
+    ),
     _Plot("Timings", "timings.png", TIMING_KEYS, _plot_timings),
 )
 
@@ -295,9 +350,14 @@ def write_report(run_dir: Path) -> Path:
     if rise is not None:
         lines += ["**Gold score:** " + rise_line("eval/gold_score", rise), ""]
     columns = [key for key in (*TABLE_KEYS, *GAME_TABLE_KEYS) if _has_any(rounds, (key,))]
-    lines += ["## Per round", "", *_markdown_table(("round", *columns), [
-        [row["round"], *(_with_se(row, key) for key in columns)] for row in rounds
-    ]), ""]
+    lines += [
+        "## Per round",
+        "",
+        *_markdown_table(
+            ("round", *columns), [[row["round"], *(_with_se(row, key) for key in columns)] for row in rounds]
+        ),
+        "",
+    ]
     lines += _gold_terms_section(rounds)
     lines += ["## Plots", ""]
     for plot in plots:
@@ -341,9 +401,15 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path, labels: Sequence[str] 
         for index, (rounds, label) in enumerate(zip(runs, labels)):
             points = [row for row in rounds if row.get(key) is not None]
             if points:
-                axes.errorbar([row["round"] for row in points], [row[key] for row in points],
-                              yerr=[row.get(f"{key}_se") or 0.0 for row in points], fmt="o-", capsize=3,
-                              color=f"C{index}", label=label)
+                axes.errorbar(
+                    [row["round"] for row in points],
+                    [row[key] for row in points],
+                    yerr=[row.get(f"{key}_se") or 0.0 for row in points],
+                    fmt="o-",
+                    capsize=3,
+                    color=f"C{index}",
+                    label=label,
+                )
         _style_round_axis(axes)
         if axes.get_legend_handles_labels()[0]:
             axes.legend()
@@ -357,10 +423,17 @@ def compare_runs(run_dirs: Sequence[Path], out_dir: Path, labels: Sequence[str] 
         evaluated = [row for row in rounds if row.get("eval/gold_score") is not None] or rounds
         first, last = evaluated[0], evaluated[-1]
         rise = score_rise(first, last)
-        rows.append([label, f"{first['round']}-{last['round']}",
-                     *(_with_se(row, key) for key, _ in COMPARED for row in (first, last)),
-                     rise_line("eval/gold_score", rise).split(": ", 1)[1] if rise else ""])
+        rows.append(
+            [
+                label,
+                f"{first['round']}-{last['round']}",
+                *(_with_se(row, key) for key, _ in COMPARED for row in (first, last)),
+                rise_line("eval/gold_score", rise).split(": ", 1)[1] if rise else "",
+            ]
+        )
     table = out_dir / "comparison.md"
-    table.write_text("\n".join(["# apo-ray compare", "", *_markdown_table(header, rows), "",
-                                 "![comparison](comparison.png)", ""]), encoding="utf-8")
+    table.write_text(
+        "\n".join(["# apo-ray compare", "", *_markdown_table(header, rows), "", "![comparison](comparison.png)", ""]),
+        encoding="utf-8",
+    )
     return table

@@ -29,17 +29,17 @@ from typing import Any
 import ray
 import torch
 
+from apo_ray.actor_group import ActorGroup, wait_any, wait_until_ready
 from apo_ray.actors.rollout import RolloutWorker
 from apo_ray.chat import template_setting
-from apo_ray.actor_group import ActorGroup, wait_any, wait_until_ready
 from apo_ray.config import Config, check_rollout_settings
 from apo_ray.deadlines import DeadlinePassed, generate_deadline_s, startup_deadline_s, sync_deadline_s
 from apo_ray.fingerprint import Fingerprint, fingerprint, first_difference
 from apo_ray.game import Rollout, TokenSample, WeightsDiffer, assign_shards
 from apo_ray.learner_group import gather
+from apo_ray.lora import probe_effect, probe_mismatch
 from apo_ray.named_tensors import as_named_tensors, checkpoint_bytes, read_checkpoint_dir
 from apo_ray.progress import Progress
-from apo_ray.lora import probe_effect, probe_mismatch
 from apo_ray.sync_backends import SyncBackend, SyncStats, cluster_refusal, config_refusal, make_backend, policy_backend
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,9 @@ class RolloutWorkerSpec:
     lora_rank: int = 0
 
     def __post_init__(self) -> None:
-        check_rollout_settings(self.backend, self.max_prompt_tokens, self.max_new_tokens, self.max_model_len,
-                               self.engine_kwargs)
+        check_rollout_settings(
+            self.backend, self.max_prompt_tokens, self.max_new_tokens, self.max_model_len, self.engine_kwargs
+        )
 
     def worker_kwargs(self, worker_index: int) -> dict[str, Any]:
         kwargs = dataclasses.asdict(self)
@@ -97,8 +98,7 @@ class GenerateCall:
     queued before it on its worker (apo_ray/deadlines.py). `stats` holds the call's throughput once it is
     collected."""
 
-    def __init__(self, pool: RolloutPool, prompts: Sequence[str], n: int, seed: int | None,
-                 pieces_per_worker: int = 1):
+    def __init__(self, pool: RolloutPool, prompts: Sequence[str], n: int, seed: int | None, pieces_per_worker: int = 1):
         if pieces_per_worker < 1:
             raise ValueError(f"pieces_per_worker: must be >= 1, got {pieces_per_worker}")
         self.pool, self.prompts, self.n, self.seed = pool, list(prompts), n, seed
@@ -156,8 +156,10 @@ class GenerateCall:
         result = [rollout for index in range(len(prompts)) for rollout in answered.get(index, [])]
         # Each prompt's samples, once: a piece re-run after a worker's loss must neither drop nor repeat any.
         if any(len(answered.get(index, ())) != n for index in range(len(prompts))) or len(answered) != len(prompts):
-            raise RuntimeError(f"rollout pool: expected {n} rollouts for each of {len(prompts)} prompts, "
-                               f"got {len(result)} for {len(answered)} prompts")
+            raise RuntimeError(
+                f"rollout pool: expected {n} rollouts for each of {len(prompts)} prompts, "
+                f"got {len(result)} for {len(answered)} prompts"
+            )
         # From submission to collection: for a call collected after other work, a lower bound on the rate.
         elapsed = time.perf_counter() - self._started
         tokens = sum(len(r.response_token_ids) for r in result)
@@ -178,8 +180,14 @@ class GenerateCall:
         try:
             rollouts = ray.get(ref)
         except ray.exceptions.RayActorError as error:
-            self._replace(worker, handle, indices, RuntimeError(
-                f"rollout pool: {self._failures + 1} worker failures in one generate call; the last: {error}"))
+            self._replace(
+                worker,
+                handle,
+                indices,
+                RuntimeError(
+                    f"rollout pool: {self._failures + 1} worker failures in one generate call; the last: {error}"
+                ),
+            )
             return 0
         for rollout in rollouts:
             self._answered.setdefault(rollout.prompt_index, []).append(rollout)
@@ -192,11 +200,24 @@ class GenerateCall:
         and are re-run), unless the call has had all the failures it may."""
         worker, handle, indices, _ = self._in_flight.pop(ref)
         what = self.pool.describe(worker)
-        log.warning("%s: a generate piece of %d prompts was not back within its deadline (%s); replacing the "
-                    "worker and re-running its prompts", what, len(indices), GENERATE_KEY)
-        self._replace(worker, handle, indices, DeadlinePassed(
-            f"{what} ({self._failures} workers already replaced in this call)", f"generating {len(indices)} prompts",
-            self._piece_seconds(indices), GENERATE_KEY))
+        log.warning(
+            "%s: a generate piece of %d prompts was not back within its deadline (%s); replacing the "
+            "worker and re-running its prompts",
+            what,
+            len(indices),
+            GENERATE_KEY,
+        )
+        self._replace(
+            worker,
+            handle,
+            indices,
+            DeadlinePassed(
+                f"{what} ({self._failures} workers already replaced in this call)",
+                f"generating {len(indices)} prompts",
+                self._piece_seconds(indices),
+                GENERATE_KEY,
+            ),
+        )
 
     def _piece_seconds(self, indices: list[int]) -> float:
         return generate_deadline_s(len(indices) * self.n, self.pool.spec.max_new_tokens, self.pool.generate_timeout_s)
@@ -254,13 +275,22 @@ class RolloutPool:
         refusal = cluster_refusal(self.weight_sync.name, ray.cluster_resources().get("GPU", 0), "the Ray cluster")
         if refusal:
             raise RuntimeError(refusal)
-        self.spec = dataclasses.replace(spec, engine_kwargs={**self.weight_sync.engine_kwargs(), **spec.engine_kwargs},
-                                        **self.weight_sync.worker_kwargs())
+        self.spec = dataclasses.replace(
+            spec,
+            engine_kwargs={**self.weight_sync.engine_kwargs(), **spec.engine_kwargs},
+            **self.weight_sync.worker_kwargs(),
+        )
         self.max_worker_failures = max_worker_failures
         self.group = ActorGroup(
-            RolloutWorker, num_workers, name_prefix=name_prefix, make_kwargs=self.spec.worker_kwargs,
-            num_cpus_per_actor=num_cpus_per_worker, num_gpus_per_actor=num_gpus_per_worker,
-            resources_per_actor=resources_per_worker, placement_strategy=placement_strategy, env=env,
+            RolloutWorker,
+            num_workers,
+            name_prefix=name_prefix,
+            make_kwargs=self.spec.worker_kwargs,
+            num_cpus_per_actor=num_cpus_per_worker,
+            num_gpus_per_actor=num_gpus_per_worker,
+            resources_per_actor=resources_per_worker,
+            placement_strategy=placement_strategy,
+            env=env,
         )
         # A policy this machine cannot see gets the deadlines' floors.
         weight_bytes = checkpoint_bytes(spec.model_path)
@@ -285,8 +315,11 @@ class RolloutPool:
         self.engine_dtype = infos[0]["dtype"]
         self.verify_sync = verify_sync and infos[0]["engine_ranks"] == 1
         if verify_sync and not self.verify_sync:
-            log.warning("rollout.verify_sync: an engine of %d ranks holds shards of each tensor; the weight "
-                        "fingerprint check after syncs is off", infos[0]["engine_ranks"])
+            log.warning(
+                "rollout.verify_sync: an engine of %d ranks holds shards of each tensor; the weight "
+                "fingerprint check after syncs is off",
+                infos[0]["engine_ranks"],
+            )
         self.version = 0
         # The last sync's strategy and payload: replayed to workers that join or restart.
         self._published: tuple[SyncBackend, Any] | None = None
@@ -301,21 +334,36 @@ class RolloutPool:
         self._open_call: GenerateCall | None = None
 
     @classmethod
-    def from_config(cls, cfg: Config, policy_path: str, *, name_prefix: str = "rollout",
-                    env: dict[str, str] | None = None) -> "RolloutPool":
+    def from_config(
+        cls, cfg: Config, policy_path: str, *, name_prefix: str = "rollout", env: dict[str, str] | None = None
+    ) -> RolloutPool:
         rollout = cfg.rollout
         spec = RolloutWorkerSpec(
-            model_path=policy_path, backend=rollout.backend, max_new_tokens=cfg.model.max_response_tokens,
-            max_prompt_tokens=cfg.model.max_prompt_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
-            seed=cfg.seed, max_model_len=rollout.max_model_len, dtype=cfg.rollout_dtype,
-            engine_kwargs=dict(rollout.engine_kwargs), chat_template=template_setting(cfg.data.chat_template),
+            model_path=policy_path,
+            backend=rollout.backend,
+            max_new_tokens=cfg.model.max_response_tokens,
+            max_prompt_tokens=cfg.model.max_prompt_tokens,
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
+            seed=cfg.seed,
+            max_model_len=rollout.max_model_len,
+            dtype=cfg.rollout_dtype,
+            engine_kwargs=dict(rollout.engine_kwargs),
+            chat_template=template_setting(cfg.data.chat_template),
         )
         return cls(
-            spec, rollout.num_workers, num_cpus_per_worker=rollout.num_cpus_per_worker,
-            num_gpus_per_worker=rollout.num_gpus_per_worker, resources_per_worker=rollout.resources,
-            weight_sync=policy_backend(cfg).from_config(cfg), name_prefix=name_prefix, env=env,
-            verify_sync=rollout.verify_sync, generate_timeout_s=rollout.generate_timeout_s,
-            sync_timeout_s=rollout.sync_timeout_s, startup_timeout_s=rollout.startup_timeout_s,
+            spec,
+            rollout.num_workers,
+            num_cpus_per_worker=rollout.num_cpus_per_worker,
+            num_gpus_per_worker=rollout.num_gpus_per_worker,
+            resources_per_worker=rollout.resources,
+            weight_sync=policy_backend(cfg).from_config(cfg),
+            name_prefix=name_prefix,
+            env=env,
+            verify_sync=rollout.verify_sync,
+            generate_timeout_s=rollout.generate_timeout_s,
+            sync_timeout_s=rollout.sync_timeout_s,
+            startup_timeout_s=rollout.startup_timeout_s,
         )
 
     # ------------------------------------------------------------------ workers
@@ -356,8 +404,12 @@ class RolloutPool:
         the run (it was itself the replacement of a failed worker)."""
         self._drop_lost()
         pending, self._pending_loads = self._pending_loads, {}
-        self._wait_workers(pending, self.startup_deadline_s + self.sync_deadline_s,
-                           f"starting and loading weights version {self.version}", replace=False)
+        self._wait_workers(
+            pending,
+            self.startup_deadline_s + self.sync_deadline_s,
+            f"starting and loading weights version {self.version}",
+            replace=False,
+        )
         self._verify()
 
     def _wait_loads(self, loads: dict[ray.ObjectRef, int], seconds: float, replace: bool) -> list[int]:
@@ -366,8 +418,9 @@ class RolloutPool:
         the pool with DeadlinePassed naming it."""
         return list(self._wait_workers(loads, seconds, f"loading weights version {self.version}", replace).values())
 
-    def _wait_workers(self, calls: dict[ray.ObjectRef, int], seconds: float, phase: str,
-                      replace: bool) -> dict[int, Any]:
+    def _wait_workers(
+        self, calls: dict[ray.ObjectRef, int], seconds: float, phase: str, replace: bool
+    ) -> dict[int, Any]:
         """Each call's result (a ref per slot), by slot, waiting at most `seconds`; a worker that died or is past
         the deadline is replaced (`replace`, for a load: the replacement loads as it starts) or raises, a stall
         as DeadlinePassed naming the worker and `phase`."""
@@ -392,8 +445,13 @@ class RolloutPool:
                 slot = pending.pop(ref)
                 if not replace:
                     raise DeadlinePassed(self.describe(slot), phase, seconds, SYNC_KEY)
-                log.warning("%s: did not finish %s within %g s (%s); replacing it", self.describe(slot), phase,
-                            seconds, SYNC_KEY)
+                log.warning(
+                    "%s: did not finish %s within %g s (%s); replacing it",
+                    self.describe(slot),
+                    phase,
+                    seconds,
+                    SYNC_KEY,
+                )
                 self._restart(slot)
         return results
 
@@ -414,7 +472,8 @@ class RolloutPool:
         return WorkersLost(
             f"every rollout worker was lost with its node ({', '.join(self.describe(w) for w in sorted(self.lost))}): "
             f"{what}. Bring back nodes with the workers' resources (rollout.resources, rollout.num_cpus_per_worker) "
-            "before resuming")
+            "before resuming"
+        )
 
     def _drop_lost(self) -> None:
         """Take lost workers out of the pool; the slots after each move down one."""
@@ -439,29 +498,38 @@ class RolloutPool:
             self._verify_adapter(slots)
             return
         # Reading the weights back takes about as long as loading them.
-        reported = self._wait_workers({self.group.actors[slot].weights_fingerprint.remote(): slot for slot in slots},
-                                      self.sync_deadline_s, "reporting its weight fingerprint", replace=False)
+        reported = self._wait_workers(
+            {self.group.actors[slot].weights_fingerprint.remote(): slot for slot in slots},
+            self.sync_deadline_s,
+            "reporting its weight fingerprint",
+            replace=False,
+        )
         for slot, engine_fingerprint in sorted(reported.items()):
             difference = first_difference(self._reference, engine_fingerprint)
             if difference is not None:
                 raise WeightsDiffer(
                     f"{self.describe(slot)} does not hold the policy it was sent (version {self.version}, "
                     f"{self._published[0].name} sync): {difference}. It would sample from other weights than the "
-                    "learner trains; rollout.verify_sync=false turns this check off")
+                    "learner trains; rollout.verify_sync=false turns this check off"
+                )
 
     def _verify_adapter(self, slots: list[int]) -> None:
         """Each worker's log-probs of the probe sample against the learner's (apo_ray.lora.probe_mismatch)."""
         learner, base = self._reference
         reported = self._wait_workers(
             {self.group.actors[slot].response_logprobs.remote([self._probe]): slot for slot in slots},
-            self.sync_deadline_s, "reading the probe sample", replace=False)
+            self.sync_deadline_s,
+            "reading the probe sample",
+            replace=False,
+        )
         for slot, [logprobs] in sorted(reported.items()):
             mismatch = probe_mismatch(logprobs, learner, base, self.engine_dtype)
             if mismatch is not None:
                 raise WeightsDiffer(
                     f"{self.describe(slot)} does not serve the LoRA adapter it was sent (adapter version "
                     f"{self.version}): {mismatch}. It would sample from other weights than the learner trains; "
-                    "rollout.verify_sync=false turns this check off")
+                    "rollout.verify_sync=false turns this check off"
+                )
 
     def probe_sample(self) -> TokenSample:
         """The adapter sync's probe sample, in the policy's tokens (asked of a worker once)."""
@@ -504,8 +572,9 @@ class RolloutPool:
         """`n` rollouts per prompt, in prompt order (prompt_index = position in `prompts`)."""
         return self.submit(prompts, n, seed).result()
 
-    def submit(self, prompts: Sequence[str], n: int, seed: int | None = None,
-               pieces_per_worker: int = 1) -> GenerateCall:
+    def submit(
+        self, prompts: Sequence[str], n: int, seed: int | None = None, pieces_per_worker: int = 1
+    ) -> GenerateCall:
         """Start a `generate` call: the workers sample while the caller does other work (the asynchronous
         game trains meanwhile); `result()` collects it. One call is open at a time, and the pool takes no
         other command (sync, resize) until it is collected: its workers' weights and number stay as they were."""
@@ -528,28 +597,44 @@ class RolloutPool:
         """Load `weights` (named tensors, an object ref of them, or an HF dir for `disk`) as `version`,
         through `weight_sync` (default: the pool's strategy)."""
         strategy = weight_sync or self.weight_sync
-        return self._sync(strategy, lambda: strategy.publish(weights, version), version,
-                          lambda: self._fingerprint_of(weights))
+        return self._sync(
+            strategy, lambda: strategy.publish(weights, version), version, lambda: self._fingerprint_of(weights)
+        )
 
-    def sync_from(self, learner: ray.actor.ActorHandle, version: int,
-                  weight_sync: SyncBackend | None = None) -> dict[str, float]:
+    def sync_from(
+        self, learner: ray.actor.ActorHandle, version: int, weight_sync: SyncBackend | None = None
+    ) -> dict[str, float]:
         """Load the learner actor's current weights as `version`; nothing passes through the driver."""
         strategy = weight_sync or self.weight_sync
         # The learner computes its fingerprint, of the weights its send exported (or its log-probs of the probe),
         # while the workers load.
-        reference = (lambda: learner.probe_logprobs.remote(self.probe_sample())) if strategy.sends_adapter else \
-            (lambda: learner.weights_fingerprint.remote(self.engine_dtype))
-        stats = self._sync(strategy, lambda: strategy.publish_from(learner, version, verify=self.verify_sync), version,
-                           reference)
+        reference = (
+            (lambda: learner.probe_logprobs.remote(self.probe_sample()))
+            if strategy.sends_adapter
+            else (lambda: learner.weights_fingerprint.remote(self.engine_dtype))
+        )
+        stats = self._sync(
+            strategy, lambda: strategy.publish_from(learner, version, verify=self.verify_sync), version, reference
+        )
         if strategy.sends_adapter and self.verify_sync:
             effect = probe_effect(*self._reference, self.engine_dtype)
             stats.update({"sync/probe_s": stats.pop("timing/sync_fingerprint"), "sync/probe_effect": effect})
-            log.info("sync %d: every worker serves LoRA adapter version %d (probe check %.2f s; the adapter moves "
-                     "the probe's log-probs by %.1f tolerances)", version, version, stats["sync/probe_s"], effect)
+            log.info(
+                "sync %d: every worker serves LoRA adapter version %d (probe check %.2f s; the adapter moves "
+                "the probe's log-probs by %.1f tolerances)",
+                version,
+                version,
+                stats["sync/probe_s"],
+                effect,
+            )
             if effect <= 2:
-                log.warning("sync %d: the adapter moves the probe's log-probs by %.1f tolerances of %s, too "
-                            "little for the probe to tell it from the base model", version, effect,
-                            self.engine_dtype)
+                log.warning(
+                    "sync %d: the adapter moves the probe's log-probs by %.1f tolerances of %s, too "
+                    "little for the probe to tell it from the base model",
+                    version,
+                    effect,
+                    self.engine_dtype,
+                )
         return stats
 
     def _fingerprint_of(self, weights: Any) -> Fingerprint:
@@ -559,8 +644,13 @@ class RolloutPool:
         pairs = read_checkpoint_dir(weights) if isinstance(weights, (str, Path)) else as_named_tensors(weights)
         return fingerprint(pairs, getattr(torch, self.engine_dtype))
 
-    def _sync(self, strategy: SyncBackend, publish: Callable[[], Any], version: int,
-              reference: Callable[[], Fingerprint | ray.ObjectRef]) -> dict[str, float]:
+    def _sync(
+        self,
+        strategy: SyncBackend,
+        publish: Callable[[], Any],
+        version: int,
+        reference: Callable[[], Fingerprint | ray.ObjectRef],
+    ) -> dict[str, float]:
         """`reference()`: the fingerprint of the weights `publish()` published, or a learner's ref to it."""
         self._refuse_while_open("sync")
         self._settle_pending_loads()
@@ -570,8 +660,7 @@ class RolloutPool:
         previous, self._published, self.version = self._published, (strategy, payload), version
         refs = strategy.apply(self.group.actors, payload, version)
         # A worker that dies or stalls is replaced; the replacement loads `payload` as part of its start.
-        loaded = self._wait_loads({ref: worker for worker, ref in enumerate(refs)}, self.sync_deadline_s,
-                                  replace=True)
+        loaded = self._wait_loads({ref: worker for worker, ref in enumerate(refs)}, self.sync_deadline_s, replace=True)
         seconds = time.perf_counter() - started
         # Workers restarted above load `payload` as they start; they are checked with the others.
         self._reference = gather(expected) if isinstance(expected, ray.ObjectRef) else expected

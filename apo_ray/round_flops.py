@@ -46,33 +46,44 @@ class RoundFlops:
             self.learners["critic"] = actors.critic
         self.shape = gather(actors.policy.model_shape.remote())
         self.threads = {"machine": machine_threads(), "rollout": actors.pool.worker_threads}
-        self.ceilings = {"machine": matmul_ceiling(threads=self.threads["machine"]),
-                         "rollout": actors.pool.matmul_ceiling()}
+        self.ceilings = {
+            "machine": matmul_ceiling(threads=self.threads["machine"]),
+            "rollout": actors.pool.matmul_ceiling(),
+        }
         for role, group in self.learners.items():
             ranks = group.num_ranks if isinstance(group, LearnerGroup) else 1
             self.ceilings[role] = ranks * gather(group.matmul_ceiling.remote())
             self.threads[role] = gather(group.threads.remote())
-        self._phase_ceilings = {phase: self.ceilings[role] for phase, role in TRAINING_PHASES.items()
-                                if role in self.ceilings}
+        self._phase_ceilings = {
+            phase: self.ceilings[role] for phase, role in TRAINING_PHASES.items() if role in self.ceilings
+        }
         if not self.asynchronous:
             self._phase_ceilings["generate"] = self.ceilings["rollout"]
 
     def ceiling_stats(self) -> dict[str, float]:
         """Each role's ceiling and the threads it was measured on (per process)."""
-        return {**{f"ceiling/{role}": value for role, value in self.ceilings.items()},
-                **{f"threads/{role}": float(n) for role, n in self.threads.items()}}
+        return {
+            **{f"ceiling/{role}": value for role, value in self.ceilings.items()},
+            **{f"threads/{role}": float(n) for role, n in self.threads.items()},
+        }
 
     def generation(self, stats: dict[str, float], rollouts: list[Rollout]) -> None:
         """`flops/generate` of the round's samples (policy and gold prompts alike)."""
-        stats["flops/generate"] = float(generation_flops(self.shape, [len(x.prompt_token_ids) for x in rollouts],
-                                                         [len(x.response_token_ids) for x in rollouts]))
+        stats["flops/generate"] = float(
+            generation_flops(
+                self.shape, [len(x.prompt_token_ids) for x in rollouts], [len(x.response_token_ids) for x in rollouts]
+            )
+        )
 
     @contextmanager
     def forwards(self, stats: dict[str, float], phase: str, roles: tuple[str, ...]) -> Iterator[None]:
         """`timing/<phase>`, the block's seconds, and `flops/<phase>`, the forward-only FLOPs that the learners
         of `roles` count during it."""
-        roles = tuple(dict.fromkeys(learner for learner in (self.counted_by.get(role, role) for role in roles)
-                                    if learner in self.learners))
+        roles = tuple(
+            dict.fromkeys(
+                learner for learner in (self.counted_by.get(role, role) for role in roles) if learner in self.learners
+            )
+        )
         self._take(roles)  # what they counted before the phase is not the phase's
         started = time.perf_counter()
         yield

@@ -85,8 +85,11 @@ class RoundSampler:
         self._resize_for(r)
         policy_prompts = self.game.policy_step.prompts(r)
         gold_prompts = [g.prompt for g in self.game.data.gold] if self.game.rm_step_due(r) else []
-        call = self.pool.submit(policy_prompts + gold_prompts, self.cfg.samples_per_prompt,
-                                seed=round_seed(self.cfg.seed, r, SeedStream.POLICY))
+        call = self.pool.submit(
+            policy_prompts + gold_prompts,
+            self.cfg.samples_per_prompt,
+            seed=round_seed(self.cfg.seed, r, SeedStream.POLICY),
+        )
         return _OpenCall(r, call, len(policy_prompts))
 
     def _collect(self, open_call: _OpenCall, stats: dict[str, float]) -> RoundSamples:
@@ -116,8 +119,9 @@ class RoundSampler:
             else:
                 target, why = requested, "apo-ray resize request"
         if target is not None and target != self.pool.num_workers:
-            self.game.log(f"  rollout pool: {self.pool.num_workers} -> {target} workers for round {r}'s samples "
-                          f"({why})")
+            self.game.log(
+                f"  rollout pool: {self.pool.num_workers} -> {target} workers for round {r}'s samples ({why})"
+            )
             self.pool.resize(target)
 
     def _cannot_hold(self, num_workers: int) -> str:

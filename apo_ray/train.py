@@ -21,21 +21,30 @@ from pathlib import Path
 
 import yaml
 
-from apo_ray.config import Config, ConfigError, config_from_dict, load_config
-from apo_ray.config_docs import add_help_config
 from apo_ray.actors.critic import check_same_vocabulary
 from apo_ray.chat import template_setting
+from apo_ray.config import Config, ConfigError, config_from_dict, load_config
+from apo_ray.config_docs import add_help_config
 from apo_ray.config_paths import all_sources_local, input_paths
 from apo_ray.data import DataError, GameData, build_game_data, validate_sources
 from apo_ray.deadlines import DeadlinePassed
 from apo_ray.logs import add_verbose_flag, configure_logging
-from apo_ray.metric_catalog import shown_in
 from apo_ray.lora import check_targets_of
-from apo_ray.modeling import load_tokenizer
+from apo_ray.metric_catalog import shown_in
 from apo_ray.model_sources import with_local_models
+from apo_ray.modeling import load_tokenizer
 from apo_ray.named_tensors import checkpoint_bytes
-from apo_ray.placement import (CLUSTER_SYNTAX, actor_plan, check_plan, local_cluster, parse_cluster, place,
-                               placement_lines, plan_table, read_running_cluster)
+from apo_ray.placement import (
+    CLUSTER_SYNTAX,
+    actor_plan,
+    check_plan,
+    local_cluster,
+    parse_cluster,
+    place,
+    placement_lines,
+    plan_table,
+    read_running_cluster,
+)
 from apo_ray.sync_backends import cluster_refusal, get_backend
 from apo_ray.vllm_version import VllmVersionError, require_supported_vllm
 
@@ -66,8 +75,7 @@ class LearnerRankLost(RuntimeError):
 def rank_lost_message(run_dir: Path, last_round: int | None, error: Exception | str) -> str:
     if last_round is None:
         return f"{error}. No round was checkpointed yet: start the run again"
-    return (f"{error}. The checkpoint of round {last_round} is intact: continue with "
-            f"`apo-ray train --resume {run_dir}`")
+    return f"{error}. The checkpoint of round {last_round} is intact: continue with `apo-ray train --resume {run_dir}`"
 
 
 def divergence_message(run_dir: Path, last_round: int | None, error: FloatingPointError) -> str:
@@ -126,16 +134,21 @@ def check_run_dir(run_dir: Path, resume: bool, min_free_bytes: int = MIN_FREE_BY
         raise RunDirError(f"run_dir: {run_dir} is not writable ({exc.strerror})") from None
     free = shutil.disk_usage(probe_parent).free
     if free < min_free_bytes:
-        raise RunDirError(f"run_dir: only {free / 2**20:.0f} MiB free on the disk of {run_dir}; need {min_free_bytes / 2**20:.0f} MiB")
+        raise RunDirError(
+            f"run_dir: only {free / 2**20:.0f} MiB free on the disk of {run_dir}; need {min_free_bytes / 2**20:.0f} MiB"
+        )
 
 
 def resolve_run_dir(template: str, cfg: Config) -> str:
     """`runs/{method}-{time}` -> `runs/rjs-20261123-154501`, so repeated runs never collide."""
     try:
-        return template.format(method=cfg.method, apo="apo" if cfg.apo else "fixed", seed=cfg.seed,
-                               time=time.strftime("%Y%m%d-%H%M%S"))
+        return template.format(
+            method=cfg.method, apo="apo" if cfg.apo else "fixed", seed=cfg.seed, time=time.strftime("%Y%m%d-%H%M%S")
+        )
     except (KeyError, IndexError, ValueError) as exc:
-        raise ConfigError(f"run_dir: bad placeholder in {template!r} (use {{method}}, {{apo}}, {{seed}}, {{time}})") from exc
+        raise ConfigError(
+            f"run_dir: bad placeholder in {template!r} (use {{method}}, {{apo}}, {{seed}}, {{time}})"
+        ) from exc
 
 
 def checked_run_dir(cfg: Config, resume: bool) -> tuple[Path, int | None]:
@@ -179,8 +192,9 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
         # Otherwise the placement groups would wait ten minutes for resources this machine does not have.
         placement = place(actor_plan(cfg), local_cluster(cfg))
         if not placement.fits:
-            raise ClusterTooSmall(f"the run's actors do not fit: {placement.summary} "
-                                  "(`apo-ray train --dry-run` shows the plan)")
+            raise ClusterTooSmall(
+                f"the run's actors do not fit: {placement.summary} (`apo-ray train --dry-run` shows the plan)"
+            )
     # GGUF files are converted here, once, so that no actor does.
     local = with_local_models(cfg)
     if cfg.data.task == "builtin":
@@ -189,7 +203,9 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
         from apo_ray.builtin.task import make_task
 
         b = cfg.data.builtin
-        task = make_task(cfg.seed, n_pairs=b.n_pairs, n_gold=b.n_gold, n_policy_prompts=b.n_prompts, n_eval_pairs=b.n_eval_pairs)
+        task = make_task(
+            cfg.seed, n_pairs=b.n_pairs, n_gold=b.n_gold, n_policy_prompts=b.n_prompts, n_eval_pairs=b.n_eval_pairs
+        )
         data = GameData(list(task.pairs), list(task.gold), list(task.prompts), list(task.eval_pairs))
         log.info("building/loading the builtin task's tiny models in %s ...", b.cache_dir)
         assets = prepare_builtin_assets(b.cache_dir, seed=cfg.seed, n_sft=b.n_sft, sft_steps=b.sft_steps)
@@ -211,8 +227,9 @@ def prepare(cfg: Config, resume: bool = False) -> PreparedRun:
     check_run_dir(run_dir, resume, max(MIN_FREE_BYTES, needed))
     # APL's attacker starts as the defender's SFT policy: it writes the task's words from the first round.
     attacker_path = policy_path if cfg.apl.enabled else None
-    return PreparedRun(local, run_dir, data, policy_path, reward_path, oracle, oracle_terms, resume_from, cfg,
-                       attacker_path)
+    return PreparedRun(
+        local, run_dir, data, policy_path, reward_path, oracle, oracle_terms, resume_from, cfg, attacker_path
+    )
 
 
 def apl_defender_policy(cfg: Config) -> str:
@@ -229,8 +246,8 @@ def write_config(run_dir: Path, cfg: Config) -> None:
 
 
 def run(prepared: PreparedRun) -> dict:
-    from apo_ray.cluster import check_shared_run_dir, start_actors, init_ray, shutdown_actors
     from apo_ray.checkpoint import Checkpointer
+    from apo_ray.cluster import check_shared_run_dir, init_ray, shutdown_actors, start_actors
     from apo_ray.driver import APOGame
     from apo_ray.learner_group import RankDied, find_dead_rank
     from apo_ray.metrics import MetricsLogger
@@ -238,8 +255,12 @@ def run(prepared: PreparedRun) -> dict:
 
     cfg, run_dir = prepared.cfg, prepared.run_dir
     write_config(run_dir, prepared.written_cfg)
-    log.debug("policy %s, reward model %s; config saved as %s", prepared.policy_path, prepared.reward_path,
-              run_dir / CONFIG_FILE)
+    log.debug(
+        "policy %s, reward model %s; config saved as %s",
+        prepared.policy_path,
+        prepared.reward_path,
+        run_dir / CONFIG_FILE,
+    )
     init_ray(cfg)
     started = time.perf_counter()
     actors = start_actors(cfg, prepared.policy_path, prepared.reward_path, prepared.attacker_path)
@@ -249,8 +270,11 @@ def run(prepared: PreparedRun) -> dict:
         shutdown_actors(actors)
         raise
     logger = MetricsLogger(
-        run_dir, tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
-        wandb_mode=cfg.logging.wandb_mode, ray_metrics=cfg.logging.ray_metrics,
+        run_dir,
+        tensorboard=cfg.logging.tensorboard,
+        wandb_project=cfg.logging.wandb_project,
+        wandb_mode=cfg.logging.wandb_mode,
+        ray_metrics=cfg.logging.ray_metrics,
         config_dict=prepared.written_cfg.to_dict(),
     )
     checkpointer = Checkpointer(run_dir, merge_lora=cfg.checkpoint.merge_lora)
@@ -264,8 +288,17 @@ def run(prepared: PreparedRun) -> dict:
             log.info("resumed %s after round %d (policy version %d)", run_dir, prepared.resume_from, version)
         elif logger.jsonl_path.stat().st_size:
             logger.truncate_after(-1)  # resumed before any checkpoint: forget what the killed run logged
-        game = APOGame(cfg, prepared.data, actors, logger, checkpointer, prepared.oracle, log=log.info,
-                       oracle_terms=prepared.oracle_terms, warn=log.warning)
+        game = APOGame(
+            cfg,
+            prepared.data,
+            actors,
+            logger,
+            checkpointer,
+            prepared.oracle,
+            log=log.info,
+            oracle_terms=prepared.oracle_terms,
+            warn=log.warning,
+        )
         game.version = version
         game.run(first_round)
     except FloatingPointError as error:
@@ -328,14 +361,18 @@ def write_summary(run_dir: Path, cfg: Config, prepared: PreparedRun, wall_s: flo
         "gold_rise": rise,
         # The evaluation's part of each evaluated game round (round 0 also fits the RM and warms vLLM up): a ratio
         # of two times taken on the same machine at the same moment, so it holds even on a busy one.
-        "evaluate_share_of_round": [round(row["timing/evaluate"] / row["timing/round"], 3) for row in evaluated
-                                    if row["round"] > 0 and row.get("timing/round")],
+        "evaluate_share_of_round": [
+            round(row["timing/evaluate"] / row["timing/round"], 3)
+            for row in evaluated
+            if row["round"] > 0 and row.get("timing/round")
+        ],
         # Over the game rounds together: an overlapped evaluation's wait falls in the round after the one it
         # measures, and the last round's evaluation is in place.
         "evaluate_share_of_game_rounds": evaluate_share(rows),
         # The whole run's RM steps, a resumed run's earlier ones included.
-        "apo_inert": (inert_apo_reason(rows, cfg.reward.apo_inert_share, cfg.reward.reinit_each_round)
-                      if cfg.apo else None),
+        "apo_inert": (
+            inert_apo_reason(rows, cfg.reward.apo_inert_share, cfg.reward.reinit_each_round) if cfg.apo else None
+        ),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if summary["apo_inert"]:
@@ -350,15 +387,23 @@ def summary_text(summary: dict, run_dir: Path, report: Path | None, last_checkpo
 
     final = summary["final"]
     apo = " with APO" if summary["apo"] else ""
-    lines = [f"summary ({summary['method']}{apo}, seed {summary['seed']}), the last evaluation (round "
-             f"{summary['evaluated_at'][-1]}):"]
+    lines = [
+        f"summary ({summary['method']}{apo}, seed {summary['seed']}), the last evaluation (round "
+        f"{summary['evaluated_at'][-1]}):"
+    ]
     width = max(map(len, SUMMARY_KEYS))
-    lines += [f"  {key:<{width}}  {_with_error(final[key], final.get(f'{key}_se'))}"
-              for key in SUMMARY_KEYS if final.get(key) is not None]
+    lines += [
+        f"  {key:<{width}}  {_with_error(final[key], final.get(f'{key}_se'))}"
+        for key in SUMMARY_KEYS
+        if final.get(key) is not None
+    ]
     if summary["gold_rise"] is not None:
         lines.append(f"  {rise_line('eval/gold_score', summary['gold_rise'])}")
-    files = ["summary.json (full precision)", *([str(report.relative_to(run_dir))] if report is not None else []),
-             f"{last_checkpoint.relative_to(run_dir)} (the last round's models)"]
+    files = [
+        "summary.json (full precision)",
+        *([str(report.relative_to(run_dir))] if report is not None else []),
+        f"{last_checkpoint.relative_to(run_dir)} (the last round's models)",
+    ]
     lines += [f"  run directory {run_dir}", f"  in it: {', '.join(files)}"]
     return "\n".join(lines)
 
@@ -398,12 +443,18 @@ def dry_run(cfg: Config, resume: bool, cluster_spec: str | None) -> int:
     if refusal:
         problems.append(refusal)
 
-    print(f"dry run: method {cfg.method}, apo {str(cfg.apo).lower()}, rollout backend {cfg.rollout.backend}"
-          + (f" ({vllm})" if vllm else ""))
-    print(f"run_dir: {run_dir.resolve()} ({'resumed after round ' + str(resume_from) if resume else 'new'}; "
-          "relative run_dir is read from the working directory)")
-    print(f"dtype: learners {cfg.learner_dtype}, rollout engines {cfg.rollout_dtype} (model.dtype {cfg.model.dtype}"
-          + (f", rollout.dtype {cfg.rollout.dtype})" if cfg.rollout.dtype else ")"))
+    print(
+        f"dry run: method {cfg.method}, apo {str(cfg.apo).lower()}, rollout backend {cfg.rollout.backend}"
+        + (f" ({vllm})" if vllm else "")
+    )
+    print(
+        f"run_dir: {run_dir.resolve()} ({'resumed after round ' + str(resume_from) if resume else 'new'}; "
+        "relative run_dir is read from the working directory)"
+    )
+    print(
+        f"dtype: learners {cfg.learner_dtype}, rollout engines {cfg.rollout_dtype} (model.dtype {cfg.model.dtype}"
+        + (f", rollout.dtype {cfg.rollout.dtype})" if cfg.rollout.dtype else ")")
+    )
     print("inputs:")
     for key, value, what in input_paths(cfg):
         print(f"  {key}: {value} ({what})")
@@ -413,8 +464,10 @@ def dry_run(cfg: Config, resume: bool, cluster_spec: str | None) -> int:
     print("\n".join(f"  {line}" for line in plan_table(plan)))
     print("\n".join(placement_lines(placement, plan)))
     if get_backend(cfg.rollout.weight_sync).shared_filesystem and len(cluster.nodes) > 1:
-        print(f"note: rollout.weight_sync {cfg.rollout.weight_sync!r} hands the workers files under run_dir: on "
-              f"{len(cluster.nodes)} nodes it must be on a filesystem they all share")
+        print(
+            f"note: rollout.weight_sync {cfg.rollout.weight_sync!r} hands the workers files under run_dir: on "
+            f"{len(cluster.nodes)} nodes it must be on a filesystem they all share"
+        )
     if problems:
         print("error: the plan does not fit: " + "; ".join(problems), file=sys.stderr)
         return 2
@@ -425,12 +478,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apo-ray train", description="Adversarial Preference Optimization on Ray")
     parser.add_argument("--config", help="YAML config (configs/*.yaml); omitted: the embedded CPU default")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory from its last complete round")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check the config, paths and data, print the placement plan and whether the cluster "
-                             "holds it; start nothing (exit 0: fits, 2: does not)")
-    parser.add_argument("--cluster", metavar="SPEC",
-                        help=f"with --dry-run: place the plan on a described cluster instead of the running or local "
-                             f"one: {CLUSTER_SYNTAX}")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, paths and data, print the placement plan and whether the cluster "
+        "holds it; start nothing (exit 0: fits, 2: does not)",
+    )
+    parser.add_argument(
+        "--cluster",
+        metavar="SPEC",
+        help=f"with --dry-run: place the plan on a described cluster instead of the running or local "
+        f"one: {CLUSTER_SYNTAX}",
+    )
     add_verbose_flag(parser)
     add_help_config(parser, "train")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. method=dpo reward.lr=1e-4")
@@ -469,8 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     from apo_ray.rollout_pool import WeightsDiffer, WorkersLost
 
     # A run that stops for a reason of its own exits with a code of its own (README, Faults and limits).
-    exit_codes = {TrainingDiverged: 3, ActorStartupTimeout: 4, LearnerRankLost: 5, DeadlinePassed: 6, WeightsDiffer: 7,
-                  WorkersLost: 8, NotShared: 9}
+    exit_codes = {
+        TrainingDiverged: 3,
+        ActorStartupTimeout: 4,
+        LearnerRankLost: 5,
+        DeadlinePassed: 6,
+        WeightsDiffer: 7,
+        WorkersLost: 8,
+        NotShared: 9,
+    }
     try:
         run(prepared)
     except tuple(exit_codes) as exc:

@@ -31,6 +31,8 @@ def check_cpu_engine_kwargs(engine_kwargs: dict, max_model_len: int, section: st
         raise ConfigError(f"{section}.engine_kwargs.long_prefill_token_threshold: set on CPU: {WHY}")
     batched = engine_kwargs.get("max_num_batched_tokens")
     if batched is not None and batched < max_model_len:
-        raise ConfigError(f"{section}.engine_kwargs.max_num_batched_tokens: {batched} < {section}.max_model_len "
-                          f"{max_model_len}: on CPU chunked prefill is off (apo_ray/vllm_cpu.py), so a step must hold "
-                          "a whole prompt")
+        raise ConfigError(
+            f"{section}.engine_kwargs.max_num_batched_tokens: {batched} < {section}.max_model_len "
+            f"{max_model_len}: on CPU chunked prefill is off (apo_ray/vllm_cpu.py), so a step must hold "
+            "a whole prompt"
+        )

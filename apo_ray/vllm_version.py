@@ -36,8 +36,10 @@ def check_vllm_version(version: str, distribution: str = "vllm") -> None:
     try:
         parsed = Version(version)
     except InvalidVersion:
-        raise VllmVersionError(f"{distribution} {version!r} is installed: not a version apo-ray can read; "
-                               f"it needs vllm {SUPPORTED_VLLM_TEXT}") from None
+        raise VllmVersionError(
+            f"{distribution} {version!r} is installed: not a version apo-ray can read; "
+            f"it needs vllm {SUPPORTED_VLLM_TEXT}"
+        ) from None
     # A development build inside the range (0.33.1.dev4) is as good as the release it precedes.
     if not SUPPORTED_VLLM.contains(parsed, prereleases=True):
         raise VllmVersionError(
@@ -62,8 +64,9 @@ def installed_vllm() -> tuple[str, str]:
         )
     if len(found) > 1:
         both = " and ".join(f"{name} {version}" for name, version in found)
-        raise VllmVersionError(f"{both} are installed; both provide the module `vllm`, so which one imports "
-                               "is an accident: uninstall one")
+        raise VllmVersionError(
+            f"{both} are installed; both provide the module `vllm`, so which one imports is an accident: uninstall one"
+        )
     return found[0]
 
 

@@ -29,23 +29,41 @@ import math
 import shutil
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from apo_ray.logs import configure_logging
-from benchmarks.common import (REPO_ROOT, BenchmarkRun, add_niceness_argument, base_parser, fmt, mean_ci,
-                               set_ray_worker_niceness, start_ray_with_retries)
+from benchmarks.common import (
+    REPO_ROOT,
+    BenchmarkRun,
+    add_niceness_argument,
+    base_parser,
+    fmt,
+    mean_ci,
+    set_ray_worker_niceness,
+    start_ray_with_retries,
+)
 from benchmarks.quality import SEED_SETS, _saved_config_matches
 
 AAPA_CONFIG = REPO_ROOT / "configs/aapa_grpo.yaml"
 APL_CONFIG = REPO_ROOT / "configs/apl.yaml"
 GOLD = "eval/gold_score"
 COMMON = ("logging.tensorboard=false", "logging.report=false", "logging.ray_metrics=false")
-QUICK = ("rounds=2", "eval_every=1", "data.builtin.n_pairs=64", "data.builtin.n_gold=8", "data.builtin.n_prompts=16",
-         "data.builtin.n_eval_pairs=16", "reward.initial_epochs=1")
-APL_CHANGES = (("apl/harmful_rate", "harmful rate, clean prompts", "lower"),
-               ("apl/attack_success_rate_fixed", "attack success, fixed attacker", "lower"),
-               ("apl/utility", "utility (gold score, clean prompts)", "higher"))
+QUICK = (
+    "rounds=2",
+    "eval_every=1",
+    "data.builtin.n_pairs=64",
+    "data.builtin.n_gold=8",
+    "data.builtin.n_prompts=16",
+    "data.builtin.n_eval_pairs=16",
+    "reward.initial_epochs=1",
+)
+APL_CHANGES = (
+    ("apl/harmful_rate", "harmful rate, clean prompts", "lower"),
+    ("apl/attack_success_rate_fixed", "attack success, fixed attacker", "lower"),
+    ("apl/utility", "utility (gold score, clean prompts)", "higher"),
+)
 
 
 def play(key: str, config: Path, overrides: Sequence[str], seed: int, scratch: Path) -> list[dict[str, Any]] | str:
@@ -97,8 +115,14 @@ def difference_chart(run: BenchmarkRun, filename: str, title: str, diffs: dict[s
     """The paired differences as bars with their 95% t-intervals (those measured on more than one seed)."""
     shown = {label: d for label, d in diffs.items() if d is not None and not math.isnan(d["stderr"])}
     if shown:
-        run.add_bar_chart(filename, list(shown), [d["mean"] for d in shown.values()], ylabel="paired difference",
-                          title=title, errors=[(d["lo"], d["hi"]) for d in shown.values()])
+        run.add_bar_chart(
+            filename,
+            list(shown),
+            [d["mean"] for d in shown.values()],
+            ylabel="paired difference",
+            title=title,
+            errors=[(d["lo"], d["hi"]) for d in shown.values()],
+        )
 
 
 def reading(d: dict[str, Any] | None, better: str) -> str:
@@ -118,41 +142,78 @@ def aapa(args: argparse.Namespace, scratch: Path, run: BenchmarkRun) -> dict[str
     base = list(QUICK if args.quick else ())
     tuning = {}
     for coef in args.coefs:
-        finals = [final(rows, GOLD) for seed in args.tuning_seeds
-                  if isinstance(rows := play(f"aapa-tune-c{coef:g}", AAPA_CONFIG, [*base, f"aapa.coef={coef}"], seed,
-                                             scratch), list)]
+        finals = [
+            final(rows, GOLD)
+            for seed in args.tuning_seeds
+            if isinstance(
+                rows := play(f"aapa-tune-c{coef:g}", AAPA_CONFIG, [*base, f"aapa.coef={coef}"], seed, scratch), list
+            )
+        ]
         tuning[coef] = mean_ci([f for f in finals if f is not None]) if any(f is not None for f in finals) else None
     if not any(tuning.values()):
         raise RuntimeError("AAPA: every tuning run failed; nothing to choose aapa.coef from (see the errors above)")
     chosen = max((c for c in tuning if tuning[c]), key=lambda c: (tuning[c]["mean"], -c))
     staged_rounds = 1 if args.quick else args.anchor_only_rounds
-    arms = {"GRPO": ["aapa.enabled=false"], "GRPO+AAPA": [f"aapa.coef={chosen}"],
-            "GRPO+AAPA staged": [f"aapa.coef={chosen}", f"aapa.anchor_only_rounds={staged_rounds}"]}
-    results = {name: {seed: play(name.lower().replace("+", "-").replace(" ", "-"), AAPA_CONFIG, [*base, *extra], seed,
-                                 scratch) for seed in args.seeds} for name, extra in arms.items()}
+    arms = {
+        "GRPO": ["aapa.enabled=false"],
+        "GRPO+AAPA": [f"aapa.coef={chosen}"],
+        "GRPO+AAPA staged": [f"aapa.coef={chosen}", f"aapa.anchor_only_rounds={staged_rounds}"],
+    }
+    results = {
+        name: {
+            seed: play(name.lower().replace("+", "-").replace(" ", "-"), AAPA_CONFIG, [*base, *extra], seed, scratch)
+            for seed in args.seeds
+        }
+        for name, extra in arms.items()
+    }
     ok = {name: {s: rows for s, rows in runs.items() if isinstance(rows, list)} for name, runs in results.items()}
     gold = {name: {s: final(rows, GOLD) for s, rows in runs.items()} for name, runs in ok.items()}
     diffs = {name: paired(gold[name], gold["GRPO"]) for name in arms if name != "GRPO"}
 
-    run.add_table("AAPA: aapa.coef on the tuning seeds (GRPO + AAPA, final gold score)", ["aapa.coef", "mean ± SE", "seeds"],
-                  [[c, "-" if t is None else f"{fmt(t['mean'])} ± {fmt(t['stderr'])}", "-" if t is None else t["n"]]
-                   for c, t in tuning.items()],
-                  note=f"Tuning seeds {args.tuning_seeds}; chosen: aapa.coef={chosen:g}, used for every AAPA arm below.")
+    run.add_table(
+        "AAPA: aapa.coef on the tuning seeds (GRPO + AAPA, final gold score)",
+        ["aapa.coef", "mean ± SE", "seeds"],
+        [
+            [c, "-" if t is None else f"{fmt(t['mean'])} ± {fmt(t['stderr'])}", "-" if t is None else t["n"]]
+            for c, t in tuning.items()
+        ],
+        note=f"Tuning seeds {args.tuning_seeds}; chosen: aapa.coef={chosen:g}, used for every AAPA arm below.",
+    )
     rows = []
     for name in arms:
         g = [v for v in gold[name].values() if v is not None]
         disc = [final(r, "aapa/disc_score") for r in ok[name].values()]
         disc = [d for d in disc if d is not None]
         stat = mean_ci(g) if g else None
-        rows.append([name, "-" if stat is None else f"{fmt(stat['mean'])} ± {fmt(stat['stderr'])}",
-                     interval(diffs.get(name)), reading(diffs.get(name), "higher") if name != "GRPO" else "",
-                     fmt(mean_ci(disc)["mean"]) if disc else "-", len(g)])
-    run.add_table("AAPA vs GRPO on the reporting seeds", ["arm", "final gold score (mean ± SE)",
-                                                          "Δ vs GRPO: mean ± SE [95% t-interval]", "reading",
-                                                          "final aapa/disc_score", "seeds"], rows,
-                  note=f"Reporting seeds {args.seeds}; Δ paired by seed. Staged: aapa.anchor_only_rounds={staged_rounds}.")
-    difference_chart(run, "aapa_differences.png", "AAPA: final gold minus GRPO's (95% t-interval)",
-                     {name.removeprefix("GRPO+"): diffs[name] for name in diffs})
+        rows.append(
+            [
+                name,
+                "-" if stat is None else f"{fmt(stat['mean'])} ± {fmt(stat['stderr'])}",
+                interval(diffs.get(name)),
+                reading(diffs.get(name), "higher") if name != "GRPO" else "",
+                fmt(mean_ci(disc)["mean"]) if disc else "-",
+                len(g),
+            ]
+        )
+    run.add_table(
+        "AAPA vs GRPO on the reporting seeds",
+        [
+            "arm",
+            "final gold score (mean ± SE)",
+            "Δ vs GRPO: mean ± SE [95% t-interval]",
+            "reading",
+            "final aapa/disc_score",
+            "seeds",
+        ],
+        rows,
+        note=f"Reporting seeds {args.seeds}; Δ paired by seed. Staged: aapa.anchor_only_rounds={staged_rounds}.",
+    )
+    difference_chart(
+        run,
+        "aapa_differences.png",
+        "AAPA: final gold minus GRPO's (95% t-interval)",
+        {name.removeprefix("GRPO+"): diffs[name] for name in diffs},
+    )
     failed = [[name, s, rows] for name, runs in results.items() for s, rows in runs.items() if isinstance(rows, str)]
     if failed:
         run.add_table("AAPA runs that failed (left out)", ["arm", "seed", "error"], failed)
@@ -166,31 +227,63 @@ def apl(args: argparse.Namespace, scratch: Path, run: BenchmarkRun) -> dict[str,
     base = [*QUICK, "apl.prompts_per_round=8", "apl.defender_sft_steps=60"] if args.quick else []
     results = {seed: play("apl", APL_CONFIG, base, seed, scratch) for seed in args.seeds}
     ok = {s: rows for s, rows in results.items() if isinstance(rows, list)}
-    changes = {key: paired({s: final(r, key) for s, r in ok.items()}, {s: first(r, key) for s, r in ok.items()})
-               for key, _, _ in APL_CHANGES}
-    trained = paired({s: final(r, "apl/eval_harm") for s, r in ok.items()},
-                     {s: final(r, "apl/eval_harm_reference") for s, r in ok.items()})
-    loop = paired({s: final(r, "apl/attack_success_rate") for s, r in ok.items()},
-                  {s: first(r, "apl/attack_success_rate") for s, r in ok.items()})
+    changes = {
+        key: paired({s: final(r, key) for s, r in ok.items()}, {s: first(r, key) for s, r in ok.items()})
+        for key, _, _ in APL_CHANGES
+    }
+    trained = paired(
+        {s: final(r, "apl/eval_harm") for s, r in ok.items()},
+        {s: final(r, "apl/eval_harm_reference") for s, r in ok.items()},
+    )
+    loop = paired(
+        {s: final(r, "apl/attack_success_rate") for s, r in ok.items()},
+        {s: first(r, "apl/attack_success_rate") for s, r in ok.items()},
+    )
 
     def level(key: str, pick) -> str:
         values = [v for r in ok.values() if (v := pick(r, key)) is not None]
         return f"{fmt(mean_ci(values)['mean'])}" if values else "-"
 
-    rows = [[label, level(key, first), level(key, final), interval(changes[key]), reading(changes[key], better)]
-            for key, label, better in APL_CHANGES]
-    rows.append(["harmfulness h, trained attacker's final attacks", level("apl/eval_harm_reference", final),
-                 level("apl/eval_harm", final), interval(trained), reading(trained, "lower")])
-    rows.append(["attack success, closed loop (attacker and defender both trained)", level("apl/attack_success_rate", first),
-                 level("apl/attack_success_rate", final), interval(loop), "(both players move)"])
-    run.add_table("APL: the defender before (round 0) vs after the last round", ["measure", "before", "after",
-                  "after - before: mean ± SE [95% t-interval]", "reading"], rows,
-                  note=f"Seeds {sorted(ok)}; paired by seed. h before is the reference's (the defender before APL) on "
-                       "the same final attacks as h after.")
-    difference_chart(run, "apl_differences.png", "APL: after minus before (95% t-interval)",
-                     {"harmful rate": changes["apl/harmful_rate"],
-                      "fixed attack success": changes["apl/attack_success_rate_fixed"],
-                      "utility (gold)": changes["apl/utility"], "h, trained attacks": trained})
+    rows = [
+        [label, level(key, first), level(key, final), interval(changes[key]), reading(changes[key], better)]
+        for key, label, better in APL_CHANGES
+    ]
+    rows.append(
+        [
+            "harmfulness h, trained attacker's final attacks",
+            level("apl/eval_harm_reference", final),
+            level("apl/eval_harm", final),
+            interval(trained),
+            reading(trained, "lower"),
+        ]
+    )
+    rows.append(
+        [
+            "attack success, closed loop (attacker and defender both trained)",
+            level("apl/attack_success_rate", first),
+            level("apl/attack_success_rate", final),
+            interval(loop),
+            "(both players move)",
+        ]
+    )
+    run.add_table(
+        "APL: the defender before (round 0) vs after the last round",
+        ["measure", "before", "after", "after - before: mean ± SE [95% t-interval]", "reading"],
+        rows,
+        note=f"Seeds {sorted(ok)}; paired by seed. h before is the reference's (the defender before APL) on "
+        "the same final attacks as h after.",
+    )
+    difference_chart(
+        run,
+        "apl_differences.png",
+        "APL: after minus before (95% t-interval)",
+        {
+            "harmful rate": changes["apl/harmful_rate"],
+            "fixed attack success": changes["apl/attack_success_rate_fixed"],
+            "utility (gold)": changes["apl/utility"],
+            "h, trained attacks": trained,
+        },
+    )
     failed = [[s, rows] for s, rows in results.items() if isinstance(rows, str)]
     if failed:
         run.add_table("APL runs that failed (left out)", ["seed", "error"], failed)
@@ -203,10 +296,16 @@ def apl(args: argparse.Namespace, scratch: Path, run: BenchmarkRun) -> dict[str,
 def parse_args() -> argparse.Namespace:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--games", nargs="+", choices=("aapa", "apl"), default=["aapa", "apl"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEED_SETS["reporting"][:10]),
-                        help="reporting seeds (from 100-119)")
-    parser.add_argument("--tuning-seeds", type=int, nargs="+", default=list(SEED_SETS["tuning"][:3]),
-                        help="seeds that choose aapa.coef (from 0-9)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=list(SEED_SETS["reporting"][:10]), help="reporting seeds (from 100-119)"
+    )
+    parser.add_argument(
+        "--tuning-seeds",
+        type=int,
+        nargs="+",
+        default=list(SEED_SETS["tuning"][:3]),
+        help="seeds that choose aapa.coef (from 0-9)",
+    )
     parser.add_argument("--coefs", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="aapa.coef grid")
     parser.add_argument("--anchor-only-rounds", type=int, default=5, help="the staged arm's aapa.anchor_only_rounds")
     add_niceness_argument(parser)
@@ -215,8 +314,10 @@ def parse_args() -> argparse.Namespace:
         args.seeds, args.tuning_seeds, args.coefs = args.seeds[:1], args.tuning_seeds[:1], args.coefs[:1]
     for name, seeds, allowed in (("--seeds", args.seeds, "reporting"), ("--tuning-seeds", args.tuning_seeds, "tuning")):
         if not set(seeds) <= set(SEED_SETS[allowed]):
-            parser.error(f"{name}: {sorted(set(seeds) - set(SEED_SETS[allowed]))} are not {allowed} seeds "
-                         f"({SEED_SETS[allowed][0]}-{SEED_SETS[allowed][-1]})")
+            parser.error(
+                f"{name}: {sorted(set(seeds) - set(SEED_SETS[allowed]))} are not {allowed} seeds "
+                f"({SEED_SETS[allowed][0]}-{SEED_SETS[allowed][-1]})"
+            )
     return args
 
 

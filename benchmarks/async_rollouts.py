@@ -39,18 +39,29 @@ def play(arm: str, seed: int, iterations: int, run: BenchmarkRun) -> dict[str, A
 
     run_dir = run.scratch / f"{arm}-s{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    overrides = [f"seed={seed}", f"rounds={iterations}", f"eval_every={iterations}",
-                 f"checkpoint_every={iterations}", f"run_dir={run_dir}", "logging.report=false",
-                 "logging.ray_metrics=false", "logging.tensorboard=false",
-                 # Both arms evaluate in place (the asynchronous one cannot overlap), so that subtracting
-                 # timing/evaluate leaves each arm's own rounds.
-                 "eval.overlap=false", *ARMS[arm]]
+    overrides = [
+        f"seed={seed}",
+        f"rounds={iterations}",
+        f"eval_every={iterations}",
+        f"checkpoint_every={iterations}",
+        f"run_dir={run_dir}",
+        "logging.report=false",
+        "logging.ray_metrics=false",
+        "logging.tensorboard=false",
+        # Both arms evaluate in place (the asynchronous one cannot overlap), so that subtracting
+        # timing/evaluate leaves each arm's own rounds.
+        "eval.overlap=false",
+        *ARMS[arm],
+    ]
     train(prepare(load_config(CONFIG, overrides)))
     rows = [r for r in read_metrics_jsonl(run_dir / "metrics.jsonl") if r["round"] > 0]
     busy = sum(r["timing/round"] - r.get("timing/evaluate", 0.0) for r in rows)
-    return {"iterations_per_s": len(rows) / busy, "final_gold": rows[-1]["eval/gold_score"],
-            "samples": sum(r["rollout/samples"] for r in rows),
-            "policy_version_lag": float(np.mean([r["rollout/policy_version_lag"] for r in rows]))}
+    return {
+        "iterations_per_s": len(rows) / busy,
+        "final_gold": rows[-1]["eval/gold_score"],
+        "samples": sum(r["rollout/samples"] for r in rows),
+        "policy_version_lag": float(np.mean([r["rollout/policy_version_lag"] for r in rows])),
+    }
 
 
 def main() -> None:
@@ -79,24 +90,47 @@ def main() -> None:
             raise RuntimeError(f"seed {seed}: the arms drew different numbers of samples")
     speedup = mean_ci([asynchronous[s]["iterations_per_s"] / sync[s]["iterations_per_s"] for s in args.seeds])
     gold_diff = mean_ci([asynchronous[s]["final_gold"] - sync[s]["final_gold"] for s in args.seeds])
-    per_arm = {arm: {k: mean_ci([r[k] for r in by_seed.values()]) for k in ("iterations_per_s", "final_gold",
-                                                                            "policy_version_lag")}
-               for arm, by_seed in runs.items()}
+    per_arm = {
+        arm: {
+            k: mean_ci([r[k] for r in by_seed.values()])
+            for k in ("iterations_per_s", "final_gold", "policy_version_lag")
+        }
+        for arm, by_seed in runs.items()
+    }
 
     def interval(stat: dict[str, float]) -> str:
         return f"{stat['mean']:.3f} [{stat['lo']:.3f}, {stat['hi']:.3f}]" if stat["n"] > 1 else f"{stat['mean']:.3f}"
 
-    run.add_text(f"`configs/ppo.yaml` (method ppo), {args.iterations} iterations per run, seeds "
-                 f"{args.seeds}; every run draws {int(sync[args.seeds[0]]['samples'])} samples.")
-    run.add_table("Per arm: mean [95% t-interval] over seeds",
-                  ["arm", "iterations/s", "final gold score", "mean policy version lag"],
-                  [[arm, *(interval(s[k]) for k in ("iterations_per_s", "final_gold", "policy_version_lag"))]
-                   for arm, s in per_arm.items()])
-    run.add_table("Async against sync, paired by seed", ["quantity", "mean [95% t-interval]", "goal"],
-                  [["iterations/s, async / sync", interval(speedup), ">= 1.3"],
-                   ["final gold score, async - sync", interval(gold_diff), "interval holds 0"]])
-    run.finish({"seeds": args.seeds, "iterations": args.iterations, "runs": runs,
-                "per_arm": per_arm, "speedup": speedup, "gold_difference": gold_diff})
+    run.add_text(
+        f"`configs/ppo.yaml` (method ppo), {args.iterations} iterations per run, seeds "
+        f"{args.seeds}; every run draws {int(sync[args.seeds[0]]['samples'])} samples."
+    )
+    run.add_table(
+        "Per arm: mean [95% t-interval] over seeds",
+        ["arm", "iterations/s", "final gold score", "mean policy version lag"],
+        [
+            [arm, *(interval(s[k]) for k in ("iterations_per_s", "final_gold", "policy_version_lag"))]
+            for arm, s in per_arm.items()
+        ],
+    )
+    run.add_table(
+        "Async against sync, paired by seed",
+        ["quantity", "mean [95% t-interval]", "goal"],
+        [
+            ["iterations/s, async / sync", interval(speedup), ">= 1.3"],
+            ["final gold score, async - sync", interval(gold_diff), "interval holds 0"],
+        ],
+    )
+    run.finish(
+        {
+            "seeds": args.seeds,
+            "iterations": args.iterations,
+            "runs": runs,
+            "per_arm": per_arm,
+            "speedup": speedup,
+            "gold_difference": gold_diff,
+        }
+    )
 
 
 if __name__ == "__main__":

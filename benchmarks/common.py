@@ -141,7 +141,7 @@ class Timing:
 class timed:
     """`with timed() as t: ...` then `t.timing` (wall seconds and the load average around them)."""
 
-    def __enter__(self) -> "timed":
+    def __enter__(self) -> timed:
         self._load_start = load_average()
         self._start = time.perf_counter()
         return self
@@ -158,8 +158,7 @@ class Trial:
     result: Any
 
 
-def interleave(arms: Mapping[str, Callable[[int], T]], repeats: int,
-               log: Callable[[str], None] = print) -> list[Trial]:
+def interleave(arms: Mapping[str, Callable[[int], T]], repeats: int, log: Callable[[str], None] = print) -> list[Trial]:
     """Call every arm `repeats` times (with the repeat index), round-robin, reversing the order on odd
     repeats (A B, B A, A B, ...) so that a drifting load weighs on every arm alike."""
     names = list(arms)
@@ -169,8 +168,10 @@ def interleave(arms: Mapping[str, Callable[[int], T]], repeats: int,
             with timed() as t:
                 result = arms[name](repeat)
             trials.append(Trial(name, repeat, t.timing, result))
-            log(f"  [{name} #{repeat}] {t.timing.seconds:.2f} s (load {t.timing.load_start:.1f} -> "
-                f"{t.timing.load_end:.1f})")
+            log(
+                f"  [{name} #{repeat}] {t.timing.seconds:.2f} s (load {t.timing.load_start:.1f} -> "
+                f"{t.timing.load_end:.1f})"
+            )
     return trials
 
 
@@ -179,8 +180,12 @@ def ratio_summary(numerators: Sequence[float], denominators: Sequence[float]) ->
     if len(numerators) != len(denominators) or not numerators:
         raise ValueError(f"ratio_summary: need equally many values, got {len(numerators)} and {len(denominators)}")
     ratios = [n / d for n, d in zip(numerators, denominators)]
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-            "per_repeat": [round(r, 4) for r in ratios]}
+    return {
+        "median": statistics.median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "per_repeat": [round(r, 4) for r in ratios],
+    }
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
@@ -211,8 +216,7 @@ def linear_trend(xs: Sequence[float], ys: Sequence[float], level: float = 0.95) 
     residual_ss = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
     stderr = math.sqrt(residual_ss / (n - 2) / sxx)
     half = float(stats.t.ppf(0.5 + level / 2, n - 2)) * stderr
-    return {"slope": slope, "intercept": intercept, "stderr": stderr, "lo": slope - half, "hi": slope + half,
-            "n": n}
+    return {"slope": slope, "intercept": intercept, "stderr": stderr, "lo": slope - half, "hi": slope + half, "n": n}
 
 
 def median(values: Sequence[float]) -> float:
@@ -235,9 +239,12 @@ def set_ray_worker_niceness(niceness: int) -> None:
 
 def add_niceness_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--ray-worker-niceness", type=int, default=0,
+        "--ray-worker-niceness",
+        type=int,
+        default=0,
         help=f"niceness of Ray's actor processes (Ray's default is {RAY_DEFAULT_WORKER_NICENESS}); 0 gives actors "
-             "the same CPU priority as the driver and as processes outside Ray")
+        "the same CPU priority as the driver and as processes outside Ray",
+    )
 
 
 def start_ray_with_retries(start: Callable[[], None], attempts: int = 4) -> None:
@@ -252,8 +259,9 @@ def start_ray_with_retries(start: Callable[[], None], attempts: int = 4) -> None
         except Exception as error:  # Ray raises a bare Exception for this timeout
             if "timed out during startup" not in str(error) or attempt == attempts:
                 raise
-            print(f"ray.init timed out (attempt {attempt} of {attempts}, load {load_average():.1f}); retrying",
-                  flush=True)
+            print(
+                f"ray.init timed out (attempt {attempt} of {attempts}, load {load_average():.1f}); retrying", flush=True
+            )
             ray.shutdown()
             time.sleep(15)
 
@@ -263,8 +271,9 @@ def start_local_ray(num_cpus: int, log_to_driver: bool = False) -> None:
     `ray start` left running, whose CPUs and other tenants the numbers would not name."""
     import ray
 
-    start_ray_with_retries(lambda: ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                                            log_to_driver=log_to_driver))
+    start_ray_with_retries(
+        lambda: ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+    )
 
 
 def actor_process_info(handles: Mapping[str, Any]) -> dict[str, dict[str, int]]:
@@ -276,8 +285,11 @@ def actor_process_info(handles: Mapping[str, Any]) -> dict[str, dict[str, int]]:
 
         import torch
 
-        return {"torch_threads": torch.get_num_threads(), "niceness": os.getpriority(os.PRIO_PROCESS, 0),
-                "pid": os.getpid()}
+        return {
+            "torch_threads": torch.get_num_threads(),
+            "niceness": os.getpriority(os.PRIO_PROCESS, 0),
+            "pid": os.getpid(),
+        }
 
     return {name: ray.get(handle.__ray_call__.remote(info)) for name, handle in handles.items()}
 
@@ -356,8 +368,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits
     return "\n".join(lines)
 
 
-def bar_chart(path: Path, labels: Sequence[str], values: Sequence[float], *, ylabel: str, title: str,
-              errors: Sequence[tuple[float, float]] | None = None) -> Path:
+def bar_chart(
+    path: Path,
+    labels: Sequence[str],
+    values: Sequence[float],
+    *,
+    ylabel: str,
+    title: str,
+    errors: Sequence[tuple[float, float]] | None = None,
+) -> Path:
     """A small PNG bar chart; `errors` are (low, high) values drawn as a range around each bar."""
     import matplotlib
 
@@ -381,8 +400,11 @@ def bar_chart(path: Path, labels: Sequence[str], values: Sequence[float], *, yla
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true",
-                        help="a small smoke run; writes under results/<name>/tmp/ (git-ignored) unless --out")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small smoke run; writes under results/<name>/tmp/ (git-ignored) unless --out",
+    )
     parser.add_argument("--out", type=Path, help="results directory (default: benchmarks/results/<name>)")
     return parser
 
@@ -403,8 +425,10 @@ class BenchmarkRun:
         self.machine = machine_record()
         self.sections: list[str] = []
         self.plots: list[str] = []
-        print(f"[{name}] load average at start: {self.load_start[0]:.2f} on {self.machine['logical_cpus']} CPUs",
-              flush=True)
+        print(
+            f"[{name}] load average at start: {self.load_start[0]:.2f} on {self.machine['logical_cpus']} CPUs",
+            flush=True,
+        )
 
     @property
     def scratch(self) -> Path:
@@ -416,15 +440,24 @@ class BenchmarkRun:
     def add_text(self, text: str) -> None:
         self.sections.append(text.strip())
 
-    def add_table(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: str = "",
-                  digits: int = 3) -> None:
+    def add_table(
+        self, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: str = "", digits: int = 3
+    ) -> None:
         parts = [f"## {title}", markdown_table(headers, rows, digits)]
         if note:
             parts.append(note.strip())
         self.sections.append("\n\n".join(parts))
 
-    def add_bar_chart(self, filename: str, labels: Sequence[str], values: Sequence[float], *, ylabel: str,
-                      title: str, errors: Sequence[tuple[float, float]] | None = None) -> None:
+    def add_bar_chart(
+        self,
+        filename: str,
+        labels: Sequence[str],
+        values: Sequence[float],
+        *,
+        ylabel: str,
+        title: str,
+        errors: Sequence[tuple[float, float]] | None = None,
+    ) -> None:
         bar_chart(self.out_dir / filename, labels, values, ylabel=ylabel, title=title, errors=errors)
         self.add_plot(filename, title)
 

@@ -29,8 +29,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (BenchmarkRun, Trial, actor_process_info, add_niceness_argument, base_parser, interleave,
-                               median, ratio_summary, set_ray_worker_niceness, start_ray_with_retries, timed)
+from benchmarks.common import (
+    BenchmarkRun,
+    Trial,
+    actor_process_info,
+    add_niceness_argument,
+    base_parser,
+    interleave,
+    median,
+    ratio_summary,
+    set_ray_worker_niceness,
+    start_ray_with_retries,
+    timed,
+)
 
 PHASES = ("timing/generate", "timing/rm_step", "timing/score", "timing/policy_step", "timing/sync", "timing/round")
 COMPARED_METRICS = ("rm/acc", "rm/ece", "eval/gold_score", "eval/rm_score", "eval/kl")
@@ -71,8 +82,12 @@ class LocalCall:
         rollouts = self.worker.generate(self.prompts, list(range(len(self.prompts))), self.n, self.seed)
         elapsed = time.perf_counter() - started
         tokens = sum(len(r.response_token_ids) for r in rollouts)
-        self.stats = {"rollout/tokens_per_s": tokens / elapsed, "rollout/tokens": float(tokens),
-                      "rollout/samples": float(len(rollouts)), "rollout/num_workers": 1.0}
+        self.stats = {
+            "rollout/tokens_per_s": tokens / elapsed,
+            "rollout/tokens": float(tokens),
+            "rollout/samples": float(len(rollouts)),
+            "rollout/num_workers": 1.0,
+        }
         return rollouts
 
 
@@ -154,8 +169,9 @@ def ray_game(prepared: Any) -> tuple[Any, Any]:
     start_ray_with_retries(lambda: init_ray(prepared.cfg))
     actors = start_actors(prepared.cfg, prepared.policy_path, prepared.reward_path)
     gather(actors.policy.sequence_logprobs.remote([TokenSample((1,), (1,))]))  # wait until the learners are built
-    game = APOGame(prepared.cfg, prepared.data, actors, NoMetrics(), NoCheckpoints(), prepared.oracle,
-                   log=lambda line: None)
+    game = APOGame(
+        prepared.cfg, prepared.data, actors, NoMetrics(), NoCheckpoints(), prepared.oracle, log=lambda line: None
+    )
     return game, actors
 
 
@@ -165,9 +181,15 @@ def worker_spec(cfg: Any, policy_path: str) -> Any:
 
     rollout = cfg.rollout
     return RolloutWorkerSpec(
-        model_path=policy_path, backend=rollout.backend, max_new_tokens=cfg.model.max_response_tokens,
-        max_prompt_tokens=cfg.model.max_prompt_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
-        seed=cfg.seed, max_model_len=rollout.max_model_len, dtype=cfg.model.dtype,
+        model_path=policy_path,
+        backend=rollout.backend,
+        max_new_tokens=cfg.model.max_response_tokens,
+        max_prompt_tokens=cfg.model.max_prompt_tokens,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        seed=cfg.seed,
+        max_model_len=rollout.max_model_len,
+        dtype=cfg.model.dtype,
         engine_kwargs=dict(rollout.engine_kwargs),
     )
 
@@ -181,22 +203,38 @@ def local_game(prepared: Any) -> Any:
 
     cfg = prepared.cfg
     policy = PolicyLearner(prepared.policy_path, model=cfg.model, policy=cfg.policy, learner=cfg.learner, seed=cfg.seed)
-    reward = RewardLearner(prepared.reward_path, reward=cfg.reward, learner=cfg.learner, dtype=cfg.model.dtype,
-                           seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)
+    reward = RewardLearner(
+        prepared.reward_path,
+        reward=cfg.reward,
+        learner=cfg.learner,
+        dtype=cfg.model.dtype,
+        seed=cfg.seed,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
     reference = ReferenceModel(prepared.policy_path, model=cfg.model)
     worker = RolloutWorker(**worker_spec(cfg, prepared.policy_path).worker_kwargs(0))
-    actors = Actors(pool=LocalPool(worker), reward=LocalHandle(reward), policy=LocalHandle(policy),
-                    reference=LocalHandle(reference), eval_reward=None)
+    actors = Actors(
+        pool=LocalPool(worker),
+        reward=LocalHandle(reward),
+        policy=LocalHandle(policy),
+        reference=LocalHandle(reference),
+        eval_reward=None,
+    )
     # The game asks its actors for their matmul ceilings as it starts.
     with local_transport():
-        return APOGame(cfg, prepared.data, actors, NoMetrics(), NoCheckpoints(), prepared.oracle,
-                       log=lambda line: None)
+        return APOGame(cfg, prepared.data, actors, NoMetrics(), NoCheckpoints(), prepared.oracle, log=lambda line: None)
 
 
 def actor_processes(actors: Any) -> dict[str, dict[str, int]]:
     # Rank 0 of each learner group.
-    return actor_process_info({"policy": actors.policy.ranks[0], "reward": actors.reward.ranks[0],
-                               "reference": actors.reference.ranks[0], "rollout worker": actors.pool.workers[0]})
+    return actor_process_info(
+        {
+            "policy": actors.policy.ranks[0],
+            "reward": actors.reward.ranks[0],
+            "reference": actors.reference.ranks[0],
+            "rollout worker": actors.pool.workers[0],
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -213,8 +251,9 @@ def prepare_run(scratch: Path) -> Any:
 def main() -> None:
     args = parse_args()
     set_ray_worker_niceness(args.ray_worker_niceness)
-    run = BenchmarkRun("distribution_overhead", "Overhead of the distribution: an APO round on Ray vs in one process",
-                       args)
+    run = BenchmarkRun(
+        "distribution_overhead", "Overhead of the distribution: an APO round on Ray vs in one process", args
+    )
     import ray
     import torch
 
@@ -227,26 +266,37 @@ def main() -> None:
         ray_arm, actors = ray_game(prepared)
     with timed() as local_start:
         local_arm = local_game(prepared)
-    processes = {**actor_processes(actors), "local process": {"torch_threads": torch.get_num_threads(),
-                                                                "niceness": os.getpriority(os.PRIO_PROCESS, 0)}}
+    processes = {
+        **actor_processes(actors),
+        "local process": {"torch_threads": torch.get_num_threads(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)},
+    }
 
     def play(game: Any, local: bool):
         def call(r: int) -> dict[str, float]:
             with local_transport() if local else contextlib.nullcontext():
                 return game.initial_round() if r == 0 else game.play_round(r)
+
         return call
 
     try:
-        trials = interleave({"ray": play(ray_arm, local=False), "local": play(local_arm, local=True)},
-                            repeats=args.rounds + 1)
+        trials = interleave(
+            {"ray": play(ray_arm, local=False), "local": play(local_arm, local=True)}, repeats=args.rounds + 1
+        )
     finally:
         shutdown_actors(actors)
         ray.shutdown()
     run.finish(summarize(args, run, trials, processes, ray_start.timing, local_start.timing, prepared))
 
 
-def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], processes: dict, ray_start: Any,
-              local_start: Any, prepared: Any) -> dict[str, Any]:
+def summarize(
+    args: argparse.Namespace,
+    run: BenchmarkRun,
+    trials: list[Trial],
+    processes: dict,
+    ray_start: Any,
+    local_start: Any,
+    prepared: Any,
+) -> dict[str, Any]:
     by_arm = {arm: sorted((t for t in trials if t.arm == arm), key=lambda t: t.repeat) for arm in ("ray", "local")}
     game_rounds = range(1, args.rounds + 1)
     wall = {arm: [by_arm[arm][r].timing.seconds for r in game_rounds] for arm in by_arm}
@@ -256,15 +306,34 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], 
         values = {arm: [by_arm[arm][r].result.get(phase, 0.0) for r in game_rounds] for arm in by_arm}
         ratio = ratio_summary(values["ray"], values["local"]) if all(values["local"]) else None
         phases[phase] = {"ray": values["ray"], "local": values["local"], "ray_over_local": ratio}
-        phase_rows.append([phase, median(values["ray"]), median(values["local"]),
-                           median(values["ray"]) - median(values["local"]), ratio["median"] if ratio else None])
-    phase_rows.append(["round wall (driver)", median(wall["ray"]), median(wall["local"]),
-                       median(wall["ray"]) - median(wall["local"]), overall["median"]])
+        phase_rows.append(
+            [
+                phase,
+                median(values["ray"]),
+                median(values["local"]),
+                median(values["ray"]) - median(values["local"]),
+                ratio["median"] if ratio else None,
+            ]
+        )
+    phase_rows.append(
+        [
+            "round wall (driver)",
+            median(wall["ray"]),
+            median(wall["local"]),
+            median(wall["ray"]) - median(wall["local"]),
+            overall["median"],
+        ]
+    )
     agreement = []
     for r in range(args.rounds + 1):
         ray_stats, local_stats = by_arm["ray"][r].result, by_arm["local"][r].result
-        agreement.append([r] + [f"{ray_stats.get(k, float('nan')):.4f} / {local_stats.get(k, float('nan')):.4f}"
-                                for k in COMPARED_METRICS])
+        agreement.append(
+            [r]
+            + [
+                f"{ray_stats.get(k, float('nan')):.4f} / {local_stats.get(k, float('nan')):.4f}"
+                for k in COMPARED_METRICS
+            ]
+        )
     round_rows = [[t.repeat, t.arm, t.timing.seconds, t.timing.load_start, t.timing.load_end] for t in trials]
 
     cfg = prepared.cfg
@@ -280,18 +349,27 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], 
     )
     run.add_table(
         "One APO round, Ray actors vs one process (median over rounds 1..N)",
-        ["phase", "Ray s", "local s", "Ray - local s", "Ray / local"], phase_rows,
+        ["phase", "Ray s", "local s", "Ray - local s", "Ray / local"],
+        phase_rows,
         note=f"Round wall ratio Ray / local per round: median {overall['median']:.3f} "
-             f"(range {overall['min']:.3f}-{overall['max']:.3f}). The round wall time also covers evaluation "
-             "(held-out RM accuracy, fresh samples, KL), which has no timing/ key of its own.",
+        f"(range {overall['min']:.3f}-{overall['max']:.3f}). The round wall time also covers evaluation "
+        "(held-out RM accuracy, fresh samples, KL), which has no timing/ key of its own.",
     )
-    run.add_table("Same computations: round metrics, Ray / local", ["round", *COMPARED_METRICS], agreement,
-                  note="Equal seeds and one thread per model in both arms; small differences can come from "
-                       "floating-point reduction order.")
+    run.add_table(
+        "Same computations: round metrics, Ray / local",
+        ["round", *COMPARED_METRICS],
+        agreement,
+        note="Equal seeds and one thread per model in both arms; small differences can come from "
+        "floating-point reduction order.",
+    )
     run.add_table("Rounds in run order", ["round", "arm", "seconds", "load start", "load end"], round_rows)
-    run.add_bar_chart("distribution_overhead.png", [f"{arm} round {r}" for r in game_rounds for arm in ("ray", "local")],
-                      [by_arm[arm][r].timing.seconds for r in game_rounds for arm in ("ray", "local")],
-                      ylabel="seconds per APO round", title="APO round: Ray actors vs one process")
+    run.add_bar_chart(
+        "distribution_overhead.png",
+        [f"{arm} round {r}" for r in game_rounds for arm in ("ray", "local")],
+        [by_arm[arm][r].timing.seconds for r in game_rounds for arm in ("ray", "local")],
+        ylabel="seconds per APO round",
+        title="APO round: Ray actors vs one process",
+    )
     return {
         "settings": {k: str(v) if k == "out" else v for k, v in vars(args).items()},
         "processes": processes,

@@ -31,12 +31,29 @@ ARMS = {"torch": ("torch", 0, "float32"), "zero2": ("deepspeed", 2, "auto"), "ze
 
 SHAPES = {
     # Qwen2.5-0.5B's config: 494M parameters, the embedding tied to the output layer.
-    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                         rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
     # The CPU check's shape: its 2048 x 64 embedding is over ZeRO-3's persistence threshold, so stage 3 partitions it.
-    "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True),
+    "tiny": dict(
+        vocab_size=2048,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
 }
 
 # Batch and lengths per shape: (samples per step, prompt tokens, response tokens, timed steps).
@@ -51,8 +68,12 @@ def build_model(shape: str, out: Path) -> Path:
     from apo_ray.builtin.models import make_tokenizer
 
     tokenizer = make_tokenizer()
-    config = Qwen2Config(**SHAPES[shape], pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id)
+    config = Qwen2Config(
+        **SHAPES[shape],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
     # bfloat16 on disk halves the 0.5B model's 2 GB; each arm loads it in its own dtype.
@@ -73,14 +94,21 @@ def run_arm(arm: str, model_dir: Path, shape: str, save_dir: Path) -> dict:
     backend, stage, dtype = ARMS[arm]
     batch, prompt_len, response_len, steps = WORKLOADS[shape]
     vocab = SHAPES[shape]["vocab_size"]
-    learner = PolicyLearner(str(model_dir), model=ModelConfig(dtype=dtype),
-                            policy=PolicyConfig(batch_size=batch, lr=1e-5),
-                            learner=LearnerConfig(backend=backend, zero_stage=stage))
+    learner = PolicyLearner(
+        str(model_dir),
+        model=ModelConfig(dtype=dtype),
+        policy=PolicyConfig(batch_size=batch, lr=1e-5),
+        learner=LearnerConfig(backend=backend, zero_stage=stage),
+    )
     generator = torch.Generator().manual_seed(0)
     # Ids from 16 up: clear of the tokenizer's special tokens.
-    samples = [TokenSample(tuple(torch.randint(16, vocab, (prompt_len,), generator=generator).tolist()),
-                           tuple(torch.randint(16, vocab, (response_len,), generator=generator).tolist()))
-               for _ in range(batch)]
+    samples = [
+        TokenSample(
+            tuple(torch.randint(16, vocab, (prompt_len,), generator=generator).tolist()),
+            tuple(torch.randint(16, vocab, (response_len,), generator=generator).tolist()),
+        )
+        for _ in range(batch)
+    ]
     on_gpu = torch.cuda.is_available()
     learner.sft_step(samples, epochs=1, seed=0)  # warm-up: allocator, kernels, DeepSpeed's buffers
     if on_gpu:
@@ -97,14 +125,20 @@ def run_arm(arm: str, model_dir: Path, shape: str, save_dir: Path) -> dict:
     saved = AutoModelForCausalLM.from_pretrained(save_dir, dtype=next(iter(trained.values())).dtype).state_dict()
     loaded = sys.modules
     return {
-        "arm": arm, "backend": backend, "zero_stage": stage, "dtype": str(next(learner.model.parameters()).dtype),
-        "device": "cuda" if on_gpu else "cpu", "parameters": sum(t.numel() for t in trained.values()),
+        "arm": arm,
+        "backend": backend,
+        "zero_stage": stage,
+        "dtype": str(next(learner.model.parameters()).dtype),
+        "device": "cuda" if on_gpu else "cpu",
+        "parameters": sum(t.numel() for t in trained.values()),
         # ZeRO-3 keeps only this rank's shard of a partitioned parameter between steps.
         "partitioned": any(p.data.numel() == 0 for p in learner.model.parameters()),
         "tokens_per_s": steps * batch * (prompt_len + response_len) / stats["timing/policy_step"],
-        "step_s": stats["timing/policy_step"] / steps, "save_s": save_s,
+        "step_s": stats["timing/policy_step"] / steps,
+        "save_s": save_s,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
-        "loss": stats["policy/loss"], "grad_norm": stats.get("policy/grad_norm"),
+        "loss": stats["policy/loss"],
+        "grad_norm": stats.get("policy/grad_norm"),
         "saved_equals_trained": all(torch.equal(saved[name].cpu(), trained[name]) for name in trained),
         "imported_ray": any(name == "ray" or name.startswith("ray.") for name in loaded),
         "imported_vllm": any(name == "vllm" or name.startswith("vllm.") for name in loaded),
@@ -123,15 +157,20 @@ def arms_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--cpu-check", action="store_true",
-                        help="run every arm on CPU with the tiny shape (implies --quick): checks the script, times nothing")
+    parser.add_argument(
+        "--cpu-check",
+        action="store_true",
+        help="run every arm on CPU with the tiny shape (implies --quick): checks the script, times nothing",
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), help="default: qwen2.5-0.5b, tiny with --cpu-check")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     args = parser.parse_args(argv)
     import torch
 
     if not torch.cuda.is_available() and not args.cpu_check:
-        print("error: no CUDA device; this benchmark is for a GPU machine (--cpu-check runs it on CPU)", file=sys.stderr)
+        print(
+            "error: no CUDA device; this benchmark is for a GPU machine (--cpu-check runs it on CPU)", file=sys.stderr
+        )
         return 2
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
@@ -151,27 +190,69 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if args.cpu_check else None
         for index, batch in enumerate(batches):
             out = scratch / f"arms_{index}.json"
-            code = subprocess.run([sys.executable, "-m", "benchmarks.gpu_learners", "--arms-in-process", batch,
-                                   str(model_dir), shape, str(scratch), str(out)], env=env).returncode
+            code = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.gpu_learners",
+                    "--arms-in-process",
+                    batch,
+                    str(model_dir),
+                    shape,
+                    str(scratch),
+                    str(out),
+                ],
+                env=env,
+            ).returncode
             done = json.loads(out.read_text()) if out.is_file() else [{"arm": arm} for arm in batch.split(",")]
             for result in done:
                 result["exit_code"] = code
-                print(f"[gpu_learners] {result['arm']}: " + ", ".join(f"{k} {v}" for k, v in result.items() if k != "arm"),
-                      flush=True)
+                print(
+                    f"[gpu_learners] {result['arm']}: "
+                    + ", ".join(f"{k} {v}" for k, v in result.items() if k != "arm"),
+                    flush=True,
+                )
             results += done
             if code:
                 failed += batch.split(",")
     batch, prompt_len, response_len, steps = WORKLOADS[shape]
     run.add_table(
         f"{shape}: {steps} steps of {batch} samples x ({prompt_len} prompt + {response_len} response) tokens",
-        ["arm", "dtype", "device", "tokens/s", "s/step", "save s", "peak GiB", "ZeRO-3 partitioned", "Ray/vLLM imported"],
-        [[r["arm"], r.get("dtype"), r.get("device"), r.get("tokens_per_s"), r.get("step_s"), r.get("save_s"),
-          r.get("peak_gib"), r.get("partitioned"), f"{r.get('imported_ray')}/{r.get('imported_vllm')}"] for r in results],
+        [
+            "arm",
+            "dtype",
+            "device",
+            "tokens/s",
+            "s/step",
+            "save s",
+            "peak GiB",
+            "ZeRO-3 partitioned",
+            "Ray/vLLM imported",
+        ],
+        [
+            [
+                r["arm"],
+                r.get("dtype"),
+                r.get("device"),
+                r.get("tokens_per_s"),
+                r.get("step_s"),
+                r.get("save_s"),
+                r.get("peak_gib"),
+                r.get("partitioned"),
+                f"{r.get('imported_ray')}/{r.get('imported_vllm')}",
+            ]
+            for r in results
+        ],
         note="tokens/s: prompt and response tokens through forward and backward per second of the timed steps "
-             "(after one warm-up step); peak GiB: torch.cuda.max_memory_allocated over the timed steps and the save.",
+        "(after one warm-up step); peak GiB: torch.cuda.max_memory_allocated over the timed steps and the save.",
     )
-    run.finish({"shape": shape, "workload": dict(zip(("batch", "prompt", "response", "steps"), WORKLOADS[shape])),
-                "arms": results})
+    run.finish(
+        {
+            "shape": shape,
+            "workload": dict(zip(("batch", "prompt", "response", "steps"), WORKLOADS[shape])),
+            "arms": results,
+        }
+    )
     if failed:
         print(f"error: arm(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -28,8 +28,17 @@ from apo_ray.evaluation import expected_calibration_error, preference_accuracy
 from apo_ray.game import PreferencePair
 from apo_ray.modeling import encode_for_reward
 from apo_ray.stages.reward_model import truncation_stats
-from benchmarks.common import (BenchmarkRun, Trial, actor_process_info, add_niceness_argument, base_parser, interleave,
-                               ratio_summary, set_ray_worker_niceness, start_local_ray)
+from benchmarks.common import (
+    BenchmarkRun,
+    Trial,
+    actor_process_info,
+    add_niceness_argument,
+    base_parser,
+    interleave,
+    ratio_summary,
+    set_ray_worker_niceness,
+    start_local_ray,
+)
 from benchmarks.tiny_models import minilm_dir
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "hh_harmless"
@@ -77,9 +86,11 @@ def chunks_of(pairs: list[PreferencePair], n_chunks: int, epochs: int) -> list[l
 
 
 def rm_scores(stats_chosen: list[float], stats_rejected: list[float]) -> dict[str, float]:
-    return {"rm/acc": preference_accuracy(stats_chosen, stats_rejected),
-            "rm/ece": expected_calibration_error(stats_chosen, stats_rejected),
-            "rm/margin": float(np.mean(np.array(stats_chosen) - np.array(stats_rejected)))}
+    return {
+        "rm/acc": preference_accuracy(stats_chosen, stats_rejected),
+        "rm/ece": expected_calibration_error(stats_chosen, stats_rejected),
+        "rm/margin": float(np.mean(np.array(stats_chosen) - np.array(stats_rejected))),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- arms
@@ -98,8 +109,9 @@ class ApoRayArm:
         start_local_ray(2)
         remote = ray.remote(RewardLearner).options(num_cpus=2, runtime_env={"env_vars": actor_env()})
         reward_cfg = RewardConfig(lr=args.lr, batch_size=args.batch_size, max_length=args.max_length)
-        self.actor = remote.remote(str(minilm_dir()), reward=reward_cfg, learner=LearnerConfig(backend="deepspeed"),
-                                   seed=SEED)
+        self.actor = remote.remote(
+            str(minilm_dir()), reward=reward_cfg, learner=LearnerConfig(backend="deepspeed"), seed=SEED
+        )
         self._ray = ray
 
     def train(self, pairs: list[PreferencePair], seed: int) -> dict[str, float]:
@@ -121,8 +133,7 @@ class TrlArm:
 
         # Same seed right before loading as RewardLearner: the randomly initialised score head matches.
         torch.manual_seed(SEED)
-        self.model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=1,
-                                                                        dtype=torch.float32)
+        self.model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=1, dtype=torch.float32)
         self.tokenizer, self.args, self.output_dir = tokenizer, args, output_dir
         # Same optimizer as apo-ray's engine: AdamW, no weight decay, constant learning rate.
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -133,34 +144,57 @@ class TrlArm:
         from trl import RewardConfig, RewardTrainer
 
         prompts = [p.prompt for p in pairs]
-        dataset = Dataset.from_dict({
-            "chosen_ids": token_ids(self.tokenizer, prompts, [p.chosen for p in pairs], self.args.max_length),
-            "rejected_ids": token_ids(self.tokenizer, prompts, [p.rejected for p in pairs], self.args.max_length),
-        })
+        dataset = Dataset.from_dict(
+            {
+                "chosen_ids": token_ids(self.tokenizer, prompts, [p.chosen for p in pairs], self.args.max_length),
+                "rejected_ids": token_ids(self.tokenizer, prompts, [p.rejected for p in pairs], self.args.max_length),
+            }
+        )
         config = RewardConfig(
-            output_dir=str(self.output_dir), per_device_train_batch_size=self.args.batch_size, num_train_epochs=1,
-            learning_rate=self.args.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+            output_dir=str(self.output_dir),
+            per_device_train_batch_size=self.args.batch_size,
+            num_train_epochs=1,
+            learning_rate=self.args.lr,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_grad_norm=1.0,
             # fp32 without checkpointing: bf16 and recomputation are far slower on CPU (docs/architecture.md).
-            bf16=False, fp16=False, gradient_checkpointing=False,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
             # apo-ray trains with the backbone's dropout on; TRL's default would switch it off.
             disable_dropout=False,
             # Already truncated to max_length; TRL's own max_length would drop longer pairs instead.
-            max_length=None, report_to=[], save_strategy="no", logging_steps=1, seed=seed, use_cpu=True,
+            max_length=None,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+            seed=seed,
+            use_cpu=True,
             dataloader_num_workers=0,
         )
-        trainer = RewardTrainer(model=self.model, args=config, train_dataset=dataset, processing_class=self.tokenizer,
-                                optimizers=(self.optimizer, self.schedule))
+        trainer = RewardTrainer(
+            model=self.model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=self.tokenizer,
+            optimizers=(self.optimizer, self.schedule),
+        )
         output = trainer.train()
-        return {"rm/loss": output.training_loss, "train_runtime": output.metrics["train_runtime"],
-                "rm/steps": float(output.global_step)}
+        return {
+            "rm/loss": output.training_loss,
+            "train_runtime": output.metrics["train_runtime"],
+            "rm/steps": float(output.global_step),
+        }
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> list[float]:
         self.model.eval()
         scores: list[float] = []
         for i in range(0, len(prompts), batch_size):
-            batch = encode_for_reward(self.tokenizer, prompts[i:i + batch_size], responses[i:i + batch_size],
-                                      self.args.max_length)
+            batch = encode_for_reward(
+                self.tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size], self.args.max_length
+            )
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             scores.extend(logits.squeeze(-1).float().tolist())
         self.model.train()
@@ -184,14 +218,18 @@ def main() -> None:
     train = load_hh_pairs(str(args.data_dir / "train.jsonl"), limit=args.train_limit)
     dev = load_hh_pairs(str(args.data_dir / "dev.jsonl"), limit=args.dev_limit)
     tokenizer = load_tokenizer(str(minilm_dir()))
-    truncation = {"train": truncation_stats(tokenizer, train, args.max_length),
-                  "dev": truncation_stats(tokenizer, dev, args.max_length)}
+    truncation = {
+        "train": truncation_stats(tokenizer, train, args.max_length),
+        "dev": truncation_stats(tokenizer, dev, args.max_length),
+    }
     print(f"train {len(train)} pairs, dev {len(dev)}; truncated to {args.max_length}: {truncation}", flush=True)
 
     apo = ApoRayArm(args)
     trl_arm = TrlArm(args, tokenizer, run.scratch / "trl")
-    processes = {**actor_process_info({"apo-ray": apo.actor}),
-                 "trl": {"torch_threads": torch.get_num_threads(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)}}
+    processes = {
+        **actor_process_info({"apo-ray": apo.actor}),
+        "trl": {"torch_threads": torch.get_num_threads(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)},
+    }
 
     print("scoring dev pairs with the untrained model ...", flush=True)
     initial = rm_scores(*apo.score_pairs(dev))
@@ -199,8 +237,10 @@ def main() -> None:
     init_gap = float(np.max(np.abs(np.array(apo.score_pairs(probe)[0]) - np.array(trl_arm.score_pairs(probe)[0]))))
 
     chunks = chunks_of(train, args.chunks, args.epochs)
-    arms = {"apo-ray": lambda k: apo.train(chunks[k], seed=SEED + k),
-            "trl": lambda k: trl_arm.train(chunks[k], seed=SEED + k)}
+    arms = {
+        "apo-ray": lambda k: apo.train(chunks[k], seed=SEED + k),
+        "trl": lambda k: trl_arm.train(chunks[k], seed=SEED + k),
+    }
     trials = interleave(arms, repeats=len(chunks))
 
     print("scoring dev pairs with the trained models ...", flush=True)
@@ -211,8 +251,17 @@ def main() -> None:
     run.finish(results)
 
 
-def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], chunks: list[list[PreferencePair]],
-              truncation: dict, processes: dict, initial: dict, final: dict, init_gap: float) -> dict[str, Any]:
+def summarize(
+    args: argparse.Namespace,
+    run: BenchmarkRun,
+    trials: list[Trial],
+    chunks: list[list[PreferencePair]],
+    truncation: dict,
+    processes: dict,
+    initial: dict,
+    final: dict,
+    init_gap: float,
+) -> dict[str, Any]:
     per_arm = {arm: [t for t in trials if t.arm == arm] for arm in ARMS}
     pairs_per_chunk = [len(c) for c in chunks]
     rate = {arm: [n / t.timing.seconds for n, t in zip(pairs_per_chunk, per_arm[arm])] for arm in ARMS}
@@ -233,22 +282,47 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], 
         f"{processes['trl']} (Ray's default niceness for actors is 15; see benchmarks/README.md)."
     )
     rows = [["untrained (same initial model)", initial["rm/acc"], initial["rm/ece"], initial["rm/margin"], None, None]]
-    for arm, label in (("apo-ray", "apo-ray RewardLearner (DeepSpeed ZeRO-2, Ray actor)"), ("trl", "TRL RewardTrainer")):
-        rows.append([label, final[arm]["rm/acc"], final[arm]["rm/ece"], final[arm]["rm/margin"], train_loss[arm],
-                     total[arm]])
-    run.add_table("Dev accuracy, calibration and training speed",
-                  ["model", "dev acc", "dev ECE", "dev mean margin", "train loss (mean)", "train pairs/s"], rows,
-                  note=f"Speed ratio apo-ray / TRL, per interleaved chunk: median {ratio['median']:.3f} "
-                       f"(range {ratio['min']:.3f}-{ratio['max']:.3f}, {len(pairs_per_chunk)} chunks). "
-                       "ECE: 10 equal-width confidence bins over [0.5, 1], weighted by count "
-                       "(apo_ray.evaluation.expected_calibration_error).")
-    chunk_rows = [[t.repeat, t.arm, pairs_per_chunk[t.repeat], t.timing.seconds, pairs_per_chunk[t.repeat] / t.timing.seconds,
-                   t.timing.load_start, t.timing.load_end, t.result["rm/loss"]] for t in trials]
-    run.add_table("Interleaved chunks (run order)",
-                  ["chunk", "arm", "pairs", "seconds", "pairs/s", "load start", "load end", "train loss"], chunk_rows)
-    run.add_bar_chart("hh_reward_model_accuracy.png", ["untrained", "apo-ray", "TRL"],
-                      [initial["rm/acc"], final["apo-ray"]["rm/acc"], final["trl"]["rm/acc"]],
-                      ylabel="dev preference accuracy", title="HH harmless dev accuracy (MiniLM RM)")
+    for arm, label in (
+        ("apo-ray", "apo-ray RewardLearner (DeepSpeed ZeRO-2, Ray actor)"),
+        ("trl", "TRL RewardTrainer"),
+    ):
+        rows.append(
+            [label, final[arm]["rm/acc"], final[arm]["rm/ece"], final[arm]["rm/margin"], train_loss[arm], total[arm]]
+        )
+    run.add_table(
+        "Dev accuracy, calibration and training speed",
+        ["model", "dev acc", "dev ECE", "dev mean margin", "train loss (mean)", "train pairs/s"],
+        rows,
+        note=f"Speed ratio apo-ray / TRL, per interleaved chunk: median {ratio['median']:.3f} "
+        f"(range {ratio['min']:.3f}-{ratio['max']:.3f}, {len(pairs_per_chunk)} chunks). "
+        "ECE: 10 equal-width confidence bins over [0.5, 1], weighted by count "
+        "(apo_ray.evaluation.expected_calibration_error).",
+    )
+    chunk_rows = [
+        [
+            t.repeat,
+            t.arm,
+            pairs_per_chunk[t.repeat],
+            t.timing.seconds,
+            pairs_per_chunk[t.repeat] / t.timing.seconds,
+            t.timing.load_start,
+            t.timing.load_end,
+            t.result["rm/loss"],
+        ]
+        for t in trials
+    ]
+    run.add_table(
+        "Interleaved chunks (run order)",
+        ["chunk", "arm", "pairs", "seconds", "pairs/s", "load start", "load end", "train loss"],
+        chunk_rows,
+    )
+    run.add_bar_chart(
+        "hh_reward_model_accuracy.png",
+        ["untrained", "apo-ray", "TRL"],
+        [initial["rm/acc"], final["apo-ray"]["rm/acc"], final["trl"]["rm/acc"]],
+        ylabel="dev preference accuracy",
+        title="HH harmless dev accuracy (MiniLM RM)",
+    )
     return {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "truncation": truncation,
@@ -259,8 +333,16 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], 
         "train_loss_mean": train_loss,
         "train_pairs_per_s": total,
         "speed_ratio_apo_ray_over_trl": ratio,
-        "chunks": [{"arm": t.arm, "chunk": t.repeat, "pairs": pairs_per_chunk[t.repeat], "timing": t.timing.to_dict(),
-                    "stats": t.result} for t in trials],
+        "chunks": [
+            {
+                "arm": t.arm,
+                "chunk": t.repeat,
+                "pairs": pairs_per_chunk[t.repeat],
+                "timing": t.timing.to_dict(),
+                "stats": t.result,
+            }
+            for t in trials
+        ],
     }
 
 

@@ -51,8 +51,12 @@ class Arm:
         else:
             self.reference.sequence_logprobs(self.samples)
         trainable = sum(p.numel() for p in self.policy.model.parameters() if p.requires_grad)
-        return {"peak_after_build_mib": built, "peak_after_step_mib": stepped, "peak_mib": peak_rss_mib(),
-                "trainable_params": float(trainable)}
+        return {
+            "peak_after_build_mib": built,
+            "peak_after_step_mib": stepped,
+            "peak_mib": peak_rss_mib(),
+            "trainable_params": float(trainable),
+        }
 
 
 def peak_rss_mib() -> float:
@@ -74,13 +78,20 @@ def main() -> None:
         finally:
             process.close()
         print(f"[lora_memory] {arm}: {results[arm]}", flush=True)
-    table = [[arm, f"{r['trainable_params']:,.0f}", r["peak_after_build_mib"], r["peak_after_step_mib"], r["peak_mib"]]
-             for arm, r in results.items()]
-    run.add_table("Peak RSS (MiB) of one process holding the policy learner and its reference",
-                  ["arm", "trainable weights", "after building", "after one SFT step", "after the reference's pass"],
-                  table, note=(f"{rows} rows of {PROMPT_TOKENS} + {RESPONSE_TOKENS} tokens; LoRA rank {args.rank} on "
-                               "every linear layer; full: a separate frozen reference model in the same process."),
-                  digits=4)
+    table = [
+        [arm, f"{r['trainable_params']:,.0f}", r["peak_after_build_mib"], r["peak_after_step_mib"], r["peak_mib"]]
+        for arm, r in results.items()
+    ]
+    run.add_table(
+        "Peak RSS (MiB) of one process holding the policy learner and its reference",
+        ["arm", "trainable weights", "after building", "after one SFT step", "after the reference's pass"],
+        table,
+        note=(
+            f"{rows} rows of {PROMPT_TOKENS} + {RESPONSE_TOKENS} tokens; LoRA rank {args.rank} on "
+            "every linear layer; full: a separate frozen reference model in the same process."
+        ),
+        digits=4,
+    )
     run.finish({**results, "rows": rows, "lora_rank": args.rank})
 
 

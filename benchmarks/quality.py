@@ -36,16 +36,27 @@ import math
 import shutil
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
 from apo_ray.logs import configure_logging
 from apo_ray.methods import method_names
-from benchmarks.common import (REPO_ROOT, RESULTS_ROOT, BenchmarkRun, add_niceness_argument, base_parser, cpu_model,
-                               fmt, mean_ci, set_ray_worker_niceness, start_ray_with_retries)
+from benchmarks.common import (
+    REPO_ROOT,
+    RESULTS_ROOT,
+    BenchmarkRun,
+    add_niceness_argument,
+    base_parser,
+    cpu_model,
+    fmt,
+    mean_ci,
+    set_ray_worker_niceness,
+    start_ray_with_retries,
+)
 
 CONFIGS = REPO_ROOT / "configs"
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
@@ -94,9 +105,10 @@ class Arm:
 def _offline(method: str, family: str, online: bool = False) -> tuple[Arm, Arm]:
     """A method's fixed-RM arm and its APO arm."""
     upper = method.upper()
-    return (Arm(upper, method, (f"method={method}", "apo=false"), family, online=online),
-            Arm(f"APO-{upper}", f"apo-{method}", (f"method={method}", "apo=true"), family, baseline=upper,
-                online=online))
+    return (
+        Arm(upper, method, (f"method={method}", "apo=false"), family, online=online),
+        Arm(f"APO-{upper}", f"apo-{method}", (f"method={method}", "apo=true"), family, baseline=upper, online=online),
+    )
 
 
 # Every offline method of the registry; the online ones that have a tuned config (ONLINE_CONFIGS).
@@ -106,14 +118,34 @@ METHOD_ARMS: tuple[Arm, ...] = (
 )
 _APO_RJS = ("method=rjs", "apo=true")
 ABLATION_ARMS: tuple[Arm, ...] = (
-    Arm("APO-RJS, no human term (GAIL-like)", "apo-rjs-no-human", (*_APO_RJS, "reward.pref_coef=0"),
-        "ablations", baseline="APO-RJS"),
-    Arm("APO-RJS, raw difference (WGAN-like)", "apo-rjs-diff", (*_APO_RJS, "reward.loss=diff"),
-        "ablations", baseline="APO-RJS"),
-    Arm("APO-RJS, RM re-initialised each round", "apo-rjs-reinit", (*_APO_RJS, "reward.reinit_each_round=true"),
-        "ablations", baseline="APO-RJS"),
-    Arm("APO-RJS, no APO pairs (extra RM training only)", "apo-rjs-no-apo-pairs", (*_APO_RJS, "reward.apo_coef=0"),
-        "ablations", baseline="APO-RJS"),
+    Arm(
+        "APO-RJS, no human term (GAIL-like)",
+        "apo-rjs-no-human",
+        (*_APO_RJS, "reward.pref_coef=0"),
+        "ablations",
+        baseline="APO-RJS",
+    ),
+    Arm(
+        "APO-RJS, raw difference (WGAN-like)",
+        "apo-rjs-diff",
+        (*_APO_RJS, "reward.loss=diff"),
+        "ablations",
+        baseline="APO-RJS",
+    ),
+    Arm(
+        "APO-RJS, RM re-initialised each round",
+        "apo-rjs-reinit",
+        (*_APO_RJS, "reward.reinit_each_round=true"),
+        "ablations",
+        baseline="APO-RJS",
+    ),
+    Arm(
+        "APO-RJS, no APO pairs (extra RM training only)",
+        "apo-rjs-no-apo-pairs",
+        (*_APO_RJS, "reward.apo_coef=0"),
+        "ablations",
+        baseline="APO-RJS",
+    ),
 )
 ALL_ARMS = METHOD_ARMS + ABLATION_ARMS
 QUICK_ARMS = ("RJS", "APO-RJS")
@@ -137,8 +169,15 @@ def arm_config(arm: Arm, seed: int, run_dir: Path, args: argparse.Namespace) -> 
     the same way in round 0."""
     from apo_ray.config import load_config
 
-    common = [f"seed={seed}", f"run_dir={run_dir}", "logging.tensorboard=false", "logging.report=false",
-              "logging.ray_metrics=false", *(QUICK_OVERRIDES if args.quick else ()), *args.set]
+    common = [
+        f"seed={seed}",
+        f"run_dir={run_dir}",
+        "logging.tensorboard=false",
+        "logging.report=false",
+        "logging.ray_metrics=false",
+        *(QUICK_OVERRIDES if args.quick else ()),
+        *args.set,
+    ]
     if args.rollout_backend:
         common.append(f"rollout.backend={args.rollout_backend}")
     if args.learner_backend:
@@ -149,8 +188,12 @@ def arm_config(arm: Arm, seed: int, run_dir: Path, args: argparse.Namespace) -> 
     default = yaml.safe_load(DEFAULT_CONFIG.read_text())
     base = load_config(config, _flat_overrides("reward", default["reward"]))
     k = iterations_per_round(base)
-    schedule = [f"rounds={args.rounds * k}", f"eval_every={k}", f"checkpoint_every={args.rounds * k}",
-                f"reward.update_every={k}"]
+    schedule = [
+        f"rounds={args.rounds * k}",
+        f"eval_every={k}",
+        f"checkpoint_every={args.rounds * k}",
+        f"reward.update_every={k}",
+    ]
     return load_config(config, [*_flat_overrides("reward", default["reward"]), *arm.overrides, *schedule, *common])
 
 
@@ -225,8 +268,9 @@ def finished_run(arm: Arm, seed: int, scratch: Path, args: argparse.Namespace) -
     """A finished run of this arm and seed whose config equals today's, under any digest: a key added to the
     config since then changes the digest but, at its default, not the run."""
     for candidate in sorted(scratch.glob(f"{arm.key}-*-s{seed}")):
-        if (candidate / "summary.json").is_file() and _saved_config_matches(candidate,
-                                                                           arm_config(arm, seed, candidate, args)):
+        if (candidate / "summary.json").is_file() and _saved_config_matches(
+            candidate, arm_config(arm, seed, candidate, args)
+        ):
             return candidate
     return None
 
@@ -247,8 +291,12 @@ def ledger_record(arm: Arm, seed: int, args: argparse.Namespace, ledger: Path = 
     cfg, machine = arm_config(arm, seed, ledger.parent, args), machine_kind()
     for line in ledger.read_text().splitlines():
         entry = json.loads(line)
-        if (entry["arm"] == arm.key and entry["seed"] == seed and entry["machine"] == machine
-                and same_settings(entry["settings"], cfg)):
+        if (
+            entry["arm"] == arm.key
+            and entry["seed"] == seed
+            and entry["machine"] == machine
+            and same_settings(entry["settings"], cfg)
+        ):
             return RunRecord(arm.name, seed, entry["rounds"], reused=True, apo_inert=entry["apo_inert"])
     return None
 
@@ -258,9 +306,15 @@ def add_to_ledger(arm: Arm, record: RunRecord, args: argparse.Namespace, ledger:
     sweep continued on another machine, where the git-ignored scratch runs are gone, still reuses it."""
     if args.quick or record.error or ledger_record(arm, record.seed, args, ledger) is not None:
         return
-    entry = {"arm": arm.key, "seed": record.seed, "machine": machine_kind(), "wall_s": record.wall_s,
-             "apo_inert": record.apo_inert,
-             "settings": run_settings(arm_config(arm, record.seed, ledger.parent, args)), "rounds": record.rounds}
+    entry = {
+        "arm": arm.key,
+        "seed": record.seed,
+        "machine": machine_kind(),
+        "wall_s": record.wall_s,
+        "apo_inert": record.apo_inert,
+        "settings": run_settings(arm_config(arm, record.seed, ledger.parent, args)),
+        "rounds": record.rounds,
+    }
     ledger.parent.mkdir(parents=True, exist_ok=True)
     with ledger.open("a") as out:
         out.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
@@ -346,8 +400,11 @@ def paired_difference(arm: list[RunRecord], baseline: list[RunRecord], key: str,
     """Arm minus baseline of `reduce(record, key)`, seed by seed over the seeds both finished, with its 95%
     t-interval."""
     base = {r.seed: reduce(r, key) for r in baseline if not r.error}
-    diffs = {r.seed: reduce(r, key) - base[r.seed] for r in arm
-             if not r.error and base.get(r.seed) is not None and reduce(r, key) is not None}
+    diffs = {
+        r.seed: reduce(r, key) - base[r.seed]
+        for r in arm
+        if not r.error and base.get(r.seed) is not None and reduce(r, key) is not None
+    }
     if not diffs:
         return None
     return {**t_interval(list(diffs.values())), "per_seed": diffs, "better_seeds": sum(d > 0 for d in diffs.values())}
@@ -411,16 +468,21 @@ def comparisons(arms: Sequence[Arm], records: dict[str, list[RunRecord]]) -> dic
             "mean_acc_policy_rounds_1_plus": paired_difference(ours, theirs, ACC_POLICY, _mean_over_game_rounds),
             "final_acc_human": paired_difference(ours, theirs, "rm/acc", _final),
         }
-        out[arm.name] = {"baseline": arm.baseline, **diffs,
-                         "arm_final_gold": arm_spread(ours), "baseline_final_gold": arm_spread(theirs),
-                         "apo_inert_seeds": sum(r.apo_inert is not None for r in ours if not r.error),
-                         "verdict_final_gold": verdict(diffs["final_gold"]),
-                         "verdict_mean_gold": verdict(diffs["mean_gold_rounds_1_plus"])}
+        out[arm.name] = {
+            "baseline": arm.baseline,
+            **diffs,
+            "arm_final_gold": arm_spread(ours),
+            "baseline_final_gold": arm_spread(theirs),
+            "apo_inert_seeds": sum(r.apo_inert is not None for r in ours if not r.error),
+            "verdict_final_gold": verdict(diffs["final_gold"]),
+            "verdict_mean_gold": verdict(diffs["mean_gold_rounds_1_plus"]),
+        }
     return out
 
 
-def _plot_grid(path: Path, panels: dict[str, list[Arm]], metrics: Sequence[tuple[str, str]],
-               summaries: dict[str, dict], title: str) -> None:
+def _plot_grid(
+    path: Path, panels: dict[str, list[Arm]], metrics: Sequence[tuple[str, str]], summaries: dict[str, dict], title: str
+) -> None:
     """One subplot per (metric, panel), metrics as rows and panels as columns (side by side for a single
     panel): each arm's mean over seeds per round with a ± std band; arms without APO are dashed."""
     from matplotlib.figure import Figure
@@ -435,11 +497,22 @@ def _plot_grid(path: Path, panels: dict[str, list[Arm]], metrics: Sequence[tuple
             rounds = [r for r, stats in summaries[arm.name].items() if key in stats]
             means = [summaries[arm.name][r][key]["mean"] for r in rounds]
             stds = [summaries[arm.name][r][key]["std"] for r in rounds]
-            axes.plot(rounds, means, "-" if arm.name.startswith("APO") else "--", marker="o", color=f"C{index}",
-                      label=arm.name)
+            axes.plot(
+                rounds,
+                means,
+                "-" if arm.name.startswith("APO") else "--",
+                marker="o",
+                color=f"C{index}",
+                label=arm.name,
+            )
             if rounds and not any(math.isnan(s) for s in stds):
-                axes.fill_between(rounds, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                                  color=f"C{index}", alpha=0.12)
+                axes.fill_between(
+                    rounds,
+                    [m - s for m, s in zip(means, stds)],
+                    [m + s for m, s in zip(means, stds)],
+                    color=f"C{index}",
+                    alpha=0.12,
+                )
         if key == ACC_POLICY:
             axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
         axes.set_title(panel if len(panels) > 1 else ylabel)
@@ -487,22 +560,35 @@ def task_words(cfg: Any) -> str:
     data = cfg.data
     if data.task == "builtin":
         b = data.builtin
-        return (f"the builtin task (apo_ray.builtin), {b.n_pairs} simulated human pairs, {b.n_gold} gold answers, "
-                f"{b.n_prompts} policy prompts, {b.n_eval_pairs} held-out human pairs; the gold score is its oracle's.")
+        return (
+            f"the builtin task (apo_ray.builtin), {b.n_pairs} simulated human pairs, {b.n_gold} gold answers, "
+            f"{b.n_prompts} policy prompts, {b.n_eval_pairs} held-out human pairs; the gold score is its oracle's."
+        )
     sources = [(name, getattr(data, name)) for name in ("source", "pairs", "gold", "prompts", "eval_pairs")]
     read = "; ".join(
-        f"{name} {_shown(source.path)} ({source.format}" + (f", skip {source.skip}" if source.skip else "")
-        + (f", first {source.limit}" if source.limit else "") + ")"
-        for name, source in sources if source is not None)
+        f"{name} {_shown(source.path)} ({source.format}"
+        + (f", skip {source.skip}" if source.skip else "")
+        + (f", first {source.limit}" if source.limit else "")
+        + ")"
+        for name, source in sources
+        if source is not None
+    )
     split = ", ".join(f"{k} {v:g}" for k, v in data.split_fractions.items()) if data.source is not None else None
-    return (f"files: {read}" + (f"; the source's prompts split {split}" if split else "") + f". Policy "
-            f"{cfg.model.policy_path} (chat template: {data.chat_template}), prompts within {cfg.model.max_prompt_tokens} "
-            f"tokens, responses within {cfg.model.max_response_tokens}. The 'gold score' is the score of the "
-            f"evaluation RM {_shown(cfg.model.eval_reward)}, which the game never trains.")
+    return (
+        f"files: {read}" + (f"; the source's prompts split {split}" if split else "") + f". Policy "
+        f"{cfg.model.policy_path} (chat template: {data.chat_template}), prompts within {cfg.model.max_prompt_tokens} "
+        f"tokens, responses within {cfg.model.max_response_tokens}. The 'gold score' is the score of the "
+        f"evaluation RM {_shown(cfg.model.eval_reward)}, which the game never trains."
+    )
 
 
-def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Arm], records: dict[str, list[RunRecord]],
-                  configs: dict[str, Any]) -> dict[str, Any]:
+def write_outputs(
+    run: BenchmarkRun,
+    args: argparse.Namespace,
+    arms: Sequence[Arm],
+    records: dict[str, list[RunRecord]],
+    configs: dict[str, Any],
+) -> dict[str, Any]:
     summaries = {name: aggregate([r for r in recs if not r.error]) for name, recs in records.items()}
     compared = comparisons(arms, records)
     by_name = {arm.name: arm for arm in arms}
@@ -523,29 +609,56 @@ def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Ar
         + f". Seeds ({args.seed_set} set): {' '.join(map(str, args.seeds))}. Round 0 is the starting policy with "
         "the RM fitted on the human pairs (identical for an arm and its baseline)."
     )
-    failed = [(name, r.seed, r.error.strip().splitlines()[-1]) for name, recs in records.items() for r in recs if r.error]
+    failed = [
+        (name, r.seed, r.error.strip().splitlines()[-1]) for name, recs in records.items() for r in recs if r.error
+    ]
     if failed:
         run.add_table("Runs that failed (left out of every table)", ["arm", "seed", "error"], failed)
 
-    for title, group in (("APO vs. the same method with a fixed RM", METHOD_ARMS),
-                         ("RM ablations (paper Table 4) vs. full APO-RJS", ABLATION_ARMS)):
+    for title, group in (
+        ("APO vs. the same method with a fixed RM", METHOD_ARMS),
+        ("RM ablations (paper Table 4) vs. full APO-RJS", ABLATION_ARMS),
+    ):
         rows = []
         for arm in group:
             c = compared.get(arm.name)
             if c is None:
                 continue
-            rows.append([arm.name, c["baseline"], _arm_cell(c["arm_final_gold"]), _arm_cell(c["baseline_final_gold"]),
-                         _diff_cell(c["final_gold"]), c["verdict_final_gold"],
-                         _diff_cell(c["mean_gold_rounds_1_plus"]), c["verdict_mean_gold"],
-                         _diff_cell(c["final_acc_policy"]), c["apo_inert_seeds"]])
+            rows.append(
+                [
+                    arm.name,
+                    c["baseline"],
+                    _arm_cell(c["arm_final_gold"]),
+                    _arm_cell(c["baseline_final_gold"]),
+                    _diff_cell(c["final_gold"]),
+                    c["verdict_final_gold"],
+                    _diff_cell(c["mean_gold_rounds_1_plus"]),
+                    c["verdict_mean_gold"],
+                    _diff_cell(c["final_acc_policy"]),
+                    c["apo_inert_seeds"],
+                ]
+            )
         if rows:
-            run.add_table(title, ["arm", "vs.", "arm final gold", "baseline final gold", "final gold Δ", "verdict",
-                                  "gold Δ, mean of rounds ≥ 1", "verdict", "final RM acc (policy pairs) Δ",
-                                  "seeds with the APO term inert"], rows,
-                          note="Final gold: mean over seeds (seed SD; the worst seed's value and number). Δ = arm "
-                               "minus baseline, paired by seed: mean [95% t-interval] (seeds where the arm is "
-                               "higher / seeds). Verdict: better / worse when the interval excludes 0; otherwise "
-                               "the arm does not beat its baseline on these seeds.")
+            run.add_table(
+                title,
+                [
+                    "arm",
+                    "vs.",
+                    "arm final gold",
+                    "baseline final gold",
+                    "final gold Δ",
+                    "verdict",
+                    "gold Δ, mean of rounds ≥ 1",
+                    "verdict",
+                    "final RM acc (policy pairs) Δ",
+                    "seeds with the APO term inert",
+                ],
+                rows,
+                note="Final gold: mean over seeds (seed SD; the worst seed's value and number). Δ = arm "
+                "minus baseline, paired by seed: mean [95% t-interval] (seeds where the arm is "
+                "higher / seeds). Verdict: better / worse when the interval excludes 0; otherwise "
+                "the arm does not beat its baseline on these seeds.",
+            )
 
     run.add_text(_plain_statement(compared))
 
@@ -566,15 +679,30 @@ def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Ar
     ablations = panels.pop("ablations", None)
     figures = []
     if panels:
-        _plot_grid(run.out_dir / "gold_score.png", panels, [(GOLD, "gold score")], summaries,
-                   "Gold score of the policy's samples")
-        _plot_grid(run.out_dir / "rm_acc_policy.png", panels, [(ACC_POLICY, "RM accuracy")], summaries,
-                   "RM accuracy on pairs from the current policy")
+        _plot_grid(
+            run.out_dir / "gold_score.png",
+            panels,
+            [(GOLD, "gold score")],
+            summaries,
+            "Gold score of the policy's samples",
+        )
+        _plot_grid(
+            run.out_dir / "rm_acc_policy.png",
+            panels,
+            [(ACC_POLICY, "RM accuracy")],
+            summaries,
+            "RM accuracy on pairs from the current policy",
+        )
         figures += ["gold_score.png", "rm_acc_policy.png"]
     if ablations:
         references = [by_name[name] for name in ("RJS", "APO-RJS") if summaries.get(name)]
-        _plot_grid(run.out_dir / "ablations.png", {"ablations": references + ablations},
-                   [(GOLD, "gold score"), (ACC_POLICY, "RM acc, policy pairs")], summaries, "RM ablations of APO-RJS")
+        _plot_grid(
+            run.out_dir / "ablations.png",
+            {"ablations": references + ablations},
+            [(GOLD, "gold score"), (ACC_POLICY, "RM acc, policy pairs")],
+            summaries,
+            "RM ablations of APO-RJS",
+        )
         figures.append("ablations.png")
     for name in figures:
         run.plots.append(name)
@@ -582,8 +710,16 @@ def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Ar
 
     return {
         "seeds": args.seeds,
-        "arms": {arm.name: {"overrides": list(arm.overrides), "baseline": arm.baseline, "online": arm.online,
-                            "config": configs[arm.name].to_dict()} for arm in arms if arm.name in configs},
+        "arms": {
+            arm.name: {
+                "overrides": list(arm.overrides),
+                "baseline": arm.baseline,
+                "online": arm.online,
+                "config": configs[arm.name].to_dict(),
+            }
+            for arm in arms
+            if arm.name in configs
+        },
         "comparisons": compared,
         "per_round": {name: {_round_label(r): cells for r, cells in s.items()} for name, s in summaries.items()},
         "runs": {name: [record.__dict__ for record in recs] for name, recs in records.items()},
@@ -595,20 +731,37 @@ def write_outputs(run: BenchmarkRun, args: argparse.Namespace, arms: Sequence[Ar
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--seed-set", choices=tuple(SEED_SETS), required=True,
-                        help="tuning: seeds 0-9, for choosing a recipe; reporting: seeds 100-119, for the results "
-                             "(never used for tuning)")
+    parser.add_argument(
+        "--seed-set",
+        choices=tuple(SEED_SETS),
+        required=True,
+        help="tuning: seeds 0-9, for choosing a recipe; reporting: seeds 100-119, for the results "
+        "(never used for tuning)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="a subset of the seed set (default: all of it)")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="a recipe: config overrides for every arm (a tuning candidate); its runs and results "
-                             "are kept apart from other recipes'")
-    parser.add_argument("--arms", nargs="+", choices=[arm.key for arm in ALL_ARMS],
-                        help="run only these arms (default: all); an arm's baseline is added when missing")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe: config overrides for every arm (a tuning candidate); its runs and results "
+        "are kept apart from other recipes'",
+    )
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=[arm.key for arm in ALL_ARMS],
+        help="run only these arms (default: all); an arm's baseline is added when missing",
+    )
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help=f"rounds per run (default {DEFAULT_ROUNDS})")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                        help="the offline arms' config (default: the embedded default's builtin task); with a "
-                             "real-data recipe such as configs/hh_smollm2_apo_rjs_cpu.yaml the 'gold score' is the "
-                             "score of its evaluation RM (model.eval_reward), which the game never trains")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="the offline arms' config (default: the embedded default's builtin task); with a "
+        "real-data recipe such as configs/hh_smollm2_apo_rjs_cpu.yaml the 'gold score' is the "
+        "score of its evaluation RM (model.eval_reward), which the game never trains",
+    )
     parser.add_argument("--rollout-backend", choices=("vllm", "hf"), help="default: the config's")
     parser.add_argument("--learner-backend", choices=("deepspeed", "torch"), help="default: the config's")
     add_niceness_argument(parser)
@@ -617,8 +770,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.seeds is None:
         args.seeds = list(allowed)
     elif not set(args.seeds) <= set(allowed):
-        parser.error(f"--seeds: {sorted(set(args.seeds) - set(allowed))} are not {args.seed_set} seeds "
-                     f"({allowed[0]}-{allowed[-1]})")
+        parser.error(
+            f"--seeds: {sorted(set(args.seeds) - set(allowed))} are not {args.seed_set} seeds "
+            f"({allowed[0]}-{allowed[-1]})"
+        )
     if args.quick:
         args.seeds, args.rounds = args.seeds[:2], 1
         args.arms = args.arms or [arm.key for arm in ALL_ARMS if arm.name in QUICK_ARMS]
@@ -649,7 +804,9 @@ def main() -> None:
     if args.out is None and not args.quick and (args.seed_set == "tuning" or args.set):
         # Only the reporting seeds with the committed defaults replace results/quality/ itself.
         args.out = RESULTS_ROOT / "quality" / args.seed_set / tag
-    run = BenchmarkRun("quality", f"Quality: APO vs. fixed-RM baselines and RM ablations on {task_title(args.config)}", args)
+    run = BenchmarkRun(
+        "quality", f"Quality: APO vs. fixed-RM baselines and RM ablations on {task_title(args.config)}", args
+    )
     import ray
 
     from apo_ray.cluster import init_ray, required_resources
@@ -675,10 +832,12 @@ def main() -> None:
                 status = "reused" if record.reused else ("FAILED" if record.error else f"{record.wall_s:.0f} s")
                 final = record.rounds[-1] if record.rounds else {}
                 eta = f", about {sum(made) / len(made) * (total - done) / 60:.0f} min left" if made else ""
-                print(f"[quality] {done}/{total} {arm.name} seed {seed}: {status}; final gold "
-                      f"{fmt(final.get(GOLD))} +- {fmt(final.get(GOLD + '_se'))}, RM acc policy "
-                      f"{fmt(final.get(ACC_POLICY))}; {(time.perf_counter() - started) / 60:.0f} min so far{eta}",
-                      flush=True)
+                print(
+                    f"[quality] {done}/{total} {arm.name} seed {seed}: {status}; final gold "
+                    f"{fmt(final.get(GOLD))} +- {fmt(final.get(GOLD + '_se'))}, RM acc policy "
+                    f"{fmt(final.get(ACC_POLICY))}; {(time.perf_counter() - started) / 60:.0f} min so far{eta}",
+                    flush=True,
+                )
     finally:
         ray.shutdown()
     run.finish(write_outputs(run, args, arms, records, configs))

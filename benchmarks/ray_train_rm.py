@@ -23,8 +23,17 @@ from typing import Any
 
 from apo_ray.config import RMStageConfig, load_stage_config
 from apo_ray.stages.runner import load_for_resume, prepare_stage, run_stage
-from benchmarks.common import (REPO_ROOT, BenchmarkRun, Trial, add_niceness_argument, base_parser, interleave,
-                               ratio_summary, set_ray_worker_niceness, start_local_ray)
+from benchmarks.common import (
+    REPO_ROOT,
+    BenchmarkRun,
+    Trial,
+    add_niceness_argument,
+    base_parser,
+    interleave,
+    ratio_summary,
+    set_ray_worker_niceness,
+    start_local_ray,
+)
 from benchmarks.tiny_models import minilm_dir
 
 DATA_DIR = REPO_ROOT / "data" / "hh_harmless"
@@ -59,10 +68,16 @@ def parse_args() -> argparse.Namespace:
 def stage_config(args: argparse.Namespace, arm: str, run_dir: Path) -> RMStageConfig:
     workers, cpus = ARMS[arm]
     overrides = [
-        f"base_model={minilm_dir()}", f"train.path={args.data_dir / 'train.jsonl'}",
-        f"eval.path={args.data_dir / 'dev.jsonl'}", f"max_length={args.max_length}", f"batch_size={args.batch_size}",
-        f"epochs={args.epochs}", f"checkpoint_every={args.checkpoint_every}", f"run_dir={run_dir}",
-        f"workers.num_workers={workers}", f"workers.num_cpus_per_worker={cpus}",
+        f"base_model={minilm_dir()}",
+        f"train.path={args.data_dir / 'train.jsonl'}",
+        f"eval.path={args.data_dir / 'dev.jsonl'}",
+        f"max_length={args.max_length}",
+        f"batch_size={args.batch_size}",
+        f"epochs={args.epochs}",
+        f"checkpoint_every={args.checkpoint_every}",
+        f"run_dir={run_dir}",
+        f"workers.num_workers={workers}",
+        f"workers.num_cpus_per_worker={cpus}",
     ]
     overrides += [f"lr={args.lr}"] if args.lr else []
     overrides += [f"train.limit={args.train_limit}"] if args.train_limit else []
@@ -89,6 +104,7 @@ def main() -> None:
                 cfg, resume = load_for_resume(RMStageConfig, str(run_dirs[arm]), []), True
             print(f"[ray_train_rm] {arm}: epoch {epoch + 1} of {args.epochs}", flush=True)
             return run_stage(prepare_stage(cfg, resume=resume), stop_after_epoch=epoch + 1)
+
         return invoke
 
     trials = interleave({arm: epoch_of(arm) for arm in ARMS}, repeats=args.epochs)
@@ -101,8 +117,9 @@ def lr_schedule_text(cfg: RMStageConfig) -> str:
     return warmup + ("constant" if cfg.lr_scheduler_type == "constant" else f"{cfg.lr_scheduler_type} decay to 0")
 
 
-def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial],
-              recipe: RMStageConfig) -> dict[str, Any]:
+def summarize(
+    args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], recipe: RMStageConfig
+) -> dict[str, Any]:
     per_arm = {arm: [t for t in trials if t.arm == arm] for arm in ARMS}
     rate = {arm: [t.result["train"]["train/pairs_per_s"] for t in per_arm[arm]] for arm in ARMS}
     final = {arm: per_arm[arm][-1].result for arm in ARMS}
@@ -120,37 +137,102 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial],
         f"{data['eval']['pairs_truncated']} of {data['eval']['pairs']} dev pairs have a side over the limit "
         f"({data['train']['sequences_truncated']} and {data['eval']['sequences_truncated']} sequences; median length "
         f"{data['train']['median_tokens']} tokens, longest {data['train']['max_tokens']}). Torch threads per worker: "
-        + ", ".join(f"{arm} {final[arm]['torch_threads_per_worker']}" for arm in ARMS) + "."
+        + ", ".join(f"{arm} {final[arm]['torch_threads_per_worker']}" for arm in ARMS)
+        + "."
     )
-    rows = [[arm, final[arm]["eval"]["rm/acc"], final[arm]["eval"]["rm/ece"], final[arm]["eval"]["rm/margin"],
-             sum(rate[arm]) / len(rate[arm]), final[arm]["global_step"],
-             "yes" if final[arm]["eval"]["rm/acc"] >= TARGET_ACCURACY else "no"] for arm in ARMS]
-    run.add_table("Dev accuracy, calibration and training speed after the last epoch",
-                  ["arm", "dev acc", "dev ECE", "dev mean margin", "train pairs/s (mean of epochs)", "steps",
-                   f"acc >= {TARGET_ACCURACY}"], rows,
-                  note=f"Speed ratio 2 workers / 1 worker, per interleaved epoch: median {ratio['median']:.3f} "
-                       f"(range {ratio['min']:.3f}-{ratio['max']:.3f}). pairs/s counts training steps only. ECE: 10 "
-                       "equal-width confidence bins over [0.5, 1], weighted by count.")
-    epoch_rows = [[t.repeat + 1, t.arm, t.result["eval"]["rm/acc"], t.result["eval"]["rm/ece"],
-                   t.result["train"]["train/pairs_per_s"], t.result["train"]["train/step_seconds"], t.timing.seconds,
-                   t.timing.load_start, t.timing.load_end, len(t.result["attempts"])] for t in trials]
-    run.add_table("Interleaved epochs (run order)",
-                  ["epoch", "arm", "dev acc", "dev ECE", "train pairs/s", "step s", "invocation wall s", "load start",
-                   "load end", "worker-group starts so far"], epoch_rows,
-                  note="Invocation wall time includes Ray Train's start-up, DeepSpeed's initialisation, checkpoints, "
-                       "the dev evaluation and the export of the model.")
-    run.add_bar_chart("ray_train_rm_accuracy.png", list(ARMS), [final[arm]["eval"]["rm/acc"] for arm in ARMS],
-                      ylabel="dev preference accuracy", title="HH harmless dev accuracy, `apo-ray rm` (MiniLM)")
+    rows = [
+        [
+            arm,
+            final[arm]["eval"]["rm/acc"],
+            final[arm]["eval"]["rm/ece"],
+            final[arm]["eval"]["rm/margin"],
+            sum(rate[arm]) / len(rate[arm]),
+            final[arm]["global_step"],
+            "yes" if final[arm]["eval"]["rm/acc"] >= TARGET_ACCURACY else "no",
+        ]
+        for arm in ARMS
+    ]
+    run.add_table(
+        "Dev accuracy, calibration and training speed after the last epoch",
+        [
+            "arm",
+            "dev acc",
+            "dev ECE",
+            "dev mean margin",
+            "train pairs/s (mean of epochs)",
+            "steps",
+            f"acc >= {TARGET_ACCURACY}",
+        ],
+        rows,
+        note=f"Speed ratio 2 workers / 1 worker, per interleaved epoch: median {ratio['median']:.3f} "
+        f"(range {ratio['min']:.3f}-{ratio['max']:.3f}). pairs/s counts training steps only. ECE: 10 "
+        "equal-width confidence bins over [0.5, 1], weighted by count.",
+    )
+    epoch_rows = [
+        [
+            t.repeat + 1,
+            t.arm,
+            t.result["eval"]["rm/acc"],
+            t.result["eval"]["rm/ece"],
+            t.result["train"]["train/pairs_per_s"],
+            t.result["train"]["train/step_seconds"],
+            t.timing.seconds,
+            t.timing.load_start,
+            t.timing.load_end,
+            len(t.result["attempts"]),
+        ]
+        for t in trials
+    ]
+    run.add_table(
+        "Interleaved epochs (run order)",
+        [
+            "epoch",
+            "arm",
+            "dev acc",
+            "dev ECE",
+            "train pairs/s",
+            "step s",
+            "invocation wall s",
+            "load start",
+            "load end",
+            "worker-group starts so far",
+        ],
+        epoch_rows,
+        note="Invocation wall time includes Ray Train's start-up, DeepSpeed's initialisation, checkpoints, "
+        "the dev evaluation and the export of the model.",
+    )
+    run.add_bar_chart(
+        "ray_train_rm_accuracy.png",
+        list(ARMS),
+        [final[arm]["eval"]["rm/acc"] for arm in ARMS],
+        ylabel="dev preference accuracy",
+        title="HH harmless dev accuracy, `apo-ray rm` (MiniLM)",
+    )
     return {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "arms": {arm: {"workers": ARMS[arm][0], "cpus_per_worker": ARMS[arm][1]} for arm in ARMS},
         "data": data,
-        "final": {arm: {"eval": final[arm]["eval"], "global_step": final[arm]["global_step"],
-                        "meets_target": final[arm]["eval"]["rm/acc"] >= TARGET_ACCURACY} for arm in ARMS},
+        "final": {
+            arm: {
+                "eval": final[arm]["eval"],
+                "global_step": final[arm]["global_step"],
+                "meets_target": final[arm]["eval"]["rm/acc"] >= TARGET_ACCURACY,
+            }
+            for arm in ARMS
+        },
         "train_pairs_per_s": rate,
         "speed_ratio_2_workers_over_1": ratio,
-        "epochs": [{"arm": t.arm, "epoch": t.repeat + 1, "timing": t.timing.to_dict(), "eval": t.result["eval"],
-                    "train": t.result["train"], "attempts": t.result["attempts"]} for t in trials],
+        "epochs": [
+            {
+                "arm": t.arm,
+                "epoch": t.repeat + 1,
+                "timing": t.timing.to_dict(),
+                "eval": t.result["eval"],
+                "train": t.result["train"],
+                "attempts": t.result["attempts"],
+            }
+            for t in trials
+        ],
     }
 
 

@@ -32,10 +32,10 @@ def parse_args() -> argparse.Namespace:
 
 def held_out_prompts(run_dir: Path, n: int) -> list[str]:
     """The first `n` held-out prompts of the run, as its evaluation draws them (apo_ray.held_out_evaluation)."""
+    import yaml
+
     from apo_ray.config import config_from_dict
     from apo_ray.data import build_game_data
-
-    import yaml
 
     cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     data = build_game_data(cfg.data, cfg.seed)
@@ -55,10 +55,14 @@ def greedy_answers(model_dir: str, prompts: list[str], max_prompt_tokens: int) -
     for prompt in prompts:
         ids = torch.tensor([chat.prompt_ids(prompt, max_prompt_tokens)[0]])
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                 eos_token_id=sorted(chat.stop_ids() | {tokenizer.eos_token_id}),
-                                 pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            out = model.generate(
+                ids,
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=sorted(chat.stop_ids() | {tokenizer.eos_token_id}),
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return answers
 
 
@@ -70,29 +74,43 @@ def last_policy(run_dir: Path) -> Path:
 
 
 def main() -> None:
+    import yaml
+
     from apo_ray.actors.reward import RewardLearner
     from apo_ray.config import LearnerConfig, RewardConfig, config_from_dict
     from apo_ray.model_sources import loadable_path
-
-    import yaml
 
     args = parse_args()
     cfg = config_from_dict(yaml.safe_load((args.runs[0] / "config.yaml").read_text()))
     prompts = held_out_prompts(args.runs[0], args.prompts)
     policies = {"SmolLM2-135M-Instruct (start)": loadable_path(cfg.model.policy_path, "model.policy_path")}
-    policies.update({f"{label} ({last_policy(run).parent.name})": str(last_policy(run))
-                     for label, run in zip(args.labels, args.runs)})
+    policies.update(
+        {
+            f"{label} ({last_policy(run).parent.name})": str(last_policy(run))
+            for label, run in zip(args.labels, args.runs)
+        }
+    )
     answers = {name: greedy_answers(path, prompts, cfg.model.max_prompt_tokens) for name, path in policies.items()}
-    judge = RewardLearner(cfg.model.eval_reward, reward=RewardConfig(max_length=cfg.reward.max_length),
-                          learner=LearnerConfig(backend="torch"), dtype="float32", trainable=False)
+    judge = RewardLearner(
+        cfg.model.eval_reward,
+        reward=RewardConfig(max_length=cfg.reward.max_length),
+        learner=LearnerConfig(backend="torch"),
+        dtype="float32",
+        trainable=False,
+    )
     scores = {name: judge.score(prompts, texts) for name, texts in answers.items()}
     out = Path(args.out or REPO_ROOT / "benchmarks" / "results" / "real_model_answers")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "answers.json").write_text(json.dumps({"prompts": prompts, "answers": answers, "eval_rm_scores": scores},
-                                                 indent=2))
-    lines = ["# Greedy answers to held-out HH prompts, before and after the game", "",
-             f"At most {MAX_NEW_TOKENS} new tokens; the score is the evaluation RM's ({cfg.model.eval_reward}), "
-             "which the game never trained. One greedy answer per prompt: an illustration, not a measurement.", ""]
+    (out / "answers.json").write_text(
+        json.dumps({"prompts": prompts, "answers": answers, "eval_rm_scores": scores}, indent=2)
+    )
+    lines = [
+        "# Greedy answers to held-out HH prompts, before and after the game",
+        "",
+        f"At most {MAX_NEW_TOKENS} new tokens; the score is the evaluation RM's ({cfg.model.eval_reward}), "
+        "which the game never trained. One greedy answer per prompt: an illustration, not a measurement.",
+        "",
+    ]
     for i, prompt in enumerate(prompts):
         turn = prompt.rsplit("\n\nHuman:", 1)[-1].removesuffix("\n\nAssistant:").strip()
         lines += [f"## Prompt {i + 1}", "", f"> Human: {turn}", ""]

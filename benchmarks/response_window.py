@@ -44,8 +44,9 @@ def full_forward(model, samples, pad_token_id) -> torch.Tensor:
     from apo_ray.modeling import encode_samples
 
     batch = encode_samples(samples, pad_token_id)
-    logps = token_logprobs(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
-                           batch.input_ids)
+    logps = token_logprobs(
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.input_ids
+    )
     return logps * batch.response_mask[:, 1:]
 
 
@@ -74,7 +75,7 @@ def main() -> None:
     response_tokens = sum(len(s.response_ids) for s in samples)
     ceiling_start = matmul_ceiling()
     paths = {"full": full_forward, "window": window_forward}
-    chunks = [samples[i: i + MICRO_BATCH] for i in range(0, len(samples), MICRO_BATCH)]
+    chunks = [samples[i : i + MICRO_BATCH] for i in range(0, len(samples), MICRO_BATCH)]
 
     def logprobs(forward):
         model.eval()
@@ -87,8 +88,11 @@ def main() -> None:
             forward(model, chunk, pad).sum().backward()
         model.zero_grad(set_to_none=True)
 
-    arms = {f"{phase} {name}": (lambda repeat, phase_fn=phase_fn, forward=forward: phase_fn(forward))
-            for phase, phase_fn in (("logprobs", logprobs), ("train", train)) for name, forward in paths.items()}
+    arms = {
+        f"{phase} {name}": (lambda repeat, phase_fn=phase_fn, forward=forward: phase_fn(forward))
+        for phase, phase_fn in (("logprobs", logprobs), ("train", train))
+        for name, forward in paths.items()
+    }
     logprobs(window_forward)  # warm-up: thread pool, allocator
     trials = interleave(arms, args.repeats)
     ceiling_end = matmul_ceiling()
@@ -98,22 +102,40 @@ def main() -> None:
     rows, results = [], {}
     for phase in ("logprobs", "train"):
         ratio = ratio_summary(seconds[f"{phase} full"], seconds[f"{phase} window"])
-        results[phase] = {"full_s": seconds[f"{phase} full"], "window_s": seconds[f"{phase} window"],
-                          "speedup": ratio}
-        rows.append([phase, median(seconds[f"{phase} full"]), median(seconds[f"{phase} window"]), ratio["median"],
-                     f"{ratio['min']:.2f}-{ratio['max']:.2f}"])
+        results[phase] = {"full_s": seconds[f"{phase} full"], "window_s": seconds[f"{phase} window"], "speedup": ratio}
+        rows.append(
+            [
+                phase,
+                median(seconds[f"{phase} full"]),
+                median(seconds[f"{phase} window"]),
+                ratio["median"],
+                f"{ratio['min']:.2f}-{ratio['max']:.2f}",
+            ]
+        )
     loads = [t.timing.load_start for t in trials] + [t.timing.load_end for t in trials]
     run.add_table(
         f"{len(samples)} samples, micro-batches of {MICRO_BATCH}, {args.repeats} interleaved repeats",
-        ["phase", "every position (s, median)", "response only (s, median)", "speed-up (median)", "range"], rows,
-        note=(f"Prompt tokens {prompt_tokens}, response tokens {response_tokens} "
-              f"({prompt_tokens / (prompt_tokens + response_tokens):.0%} of positions are prompt). "
-              f"{torch.get_num_threads()} threads; float32 matmul ceiling {ceiling_start / 1e9:.0f} GFLOP/s at start, "
-              f"{ceiling_end / 1e9:.0f} at end; load average {min(loads):.2f}-{max(loads):.2f} over the timed arms, "
-              f"{load_average():.2f} at the end. The arms' log-probs differ by at most {difference:.2e} (float32)."))
-    run.finish({"arms": results, "samples": len(samples), "prompt_tokens": prompt_tokens,
-                "response_tokens": response_tokens, "threads": torch.get_num_threads(),
-                "ceiling_flops": [ceiling_start, ceiling_end], "max_logprob_difference": difference})
+        ["phase", "every position (s, median)", "response only (s, median)", "speed-up (median)", "range"],
+        rows,
+        note=(
+            f"Prompt tokens {prompt_tokens}, response tokens {response_tokens} "
+            f"({prompt_tokens / (prompt_tokens + response_tokens):.0%} of positions are prompt). "
+            f"{torch.get_num_threads()} threads; float32 matmul ceiling {ceiling_start / 1e9:.0f} GFLOP/s at start, "
+            f"{ceiling_end / 1e9:.0f} at end; load average {min(loads):.2f}-{max(loads):.2f} over the timed arms, "
+            f"{load_average():.2f} at the end. The arms' log-probs differ by at most {difference:.2e} (float32)."
+        ),
+    )
+    run.finish(
+        {
+            "arms": results,
+            "samples": len(samples),
+            "prompt_tokens": prompt_tokens,
+            "response_tokens": response_tokens,
+            "threads": torch.get_num_threads(),
+            "ceiling_flops": [ceiling_start, ceiling_end],
+            "max_logprob_difference": difference,
+        }
+    )
 
 
 if __name__ == "__main__":

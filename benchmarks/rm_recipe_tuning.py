@@ -37,14 +37,23 @@ PLACEMENT_KEYS = ("run_dir", "workers", "ray")
 def parse_args() -> argparse.Namespace:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="directory with train.jsonl")
-    parser.add_argument("--train-pairs", type=int, default=1212,
-                        help="pairs trained on; the rest of train.jsonl is the holdout")
-    parser.add_argument("--candidates", nargs="+", default=["lr=1e-4", "lr=5e-5"],
-                        help="one quoted string of space-separated overrides per candidate; the first is the "
-                             "reference of the paired differences")
-    parser.add_argument("--seeds", type=int, nargs="+",
-                        help="training seeds: every candidate trains once on each (seed=N is added to its "
-                             "overrides) and differences get a t-interval over seeds; default the config's seed")
+    parser.add_argument(
+        "--train-pairs", type=int, default=1212, help="pairs trained on; the rest of train.jsonl is the holdout"
+    )
+    parser.add_argument(
+        "--candidates",
+        nargs="+",
+        default=["lr=1e-4", "lr=5e-5"],
+        help="one quoted string of space-separated overrides per candidate; the first is the "
+        "reference of the paired differences",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="training seeds: every candidate trains once on each (seed=N is added to its "
+        "overrides) and differences get a t-interval over seeds; default the config's seed",
+    )
     parser.add_argument("--scratch", type=Path, help="run directories (default: the benchmark's scratch)")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the one Ray Train worker")
     args = parser.parse_args()
@@ -71,9 +80,17 @@ def candidate_tag(overrides: list[str]) -> str:
 
 def candidate_config(args: argparse.Namespace, overrides: list[str], run_dir: Path) -> RMStageConfig:
     train = args.data_dir / "train.jsonl"
-    base = [f"base_model={minilm_dir()}", f"train.path={train}", f"train.limit={args.train_pairs}",
-            f"eval.path={train}", f"eval.skip={args.train_pairs}", f"run_dir={run_dir}", "workers.num_workers=1",
-            f"workers.num_cpus_per_worker={args.cpus}", "eval_every_epoch=true"]
+    base = [
+        f"base_model={minilm_dir()}",
+        f"train.path={train}",
+        f"train.limit={args.train_pairs}",
+        f"eval.path={train}",
+        f"eval.skip={args.train_pairs}",
+        f"run_dir={run_dir}",
+        "workers.num_workers=1",
+        f"workers.num_cpus_per_worker={args.cpus}",
+        "eval_every_epoch=true",
+    ]
     if args.quick:
         base += ["eval.limit=16", "max_length=64", "batch_size=8", "epochs=1", "checkpoint_every=2"]
     return load_stage_config(RMStageConfig, CONFIG, base + overrides)
@@ -147,11 +164,16 @@ def candidate_record(runs: list[dict[str, Any]], reference: list[dict[str, Any]]
         accuracy, difference = mean_ci(runs[0]["correct"]), mean_ci(differences[0])
     else:
         accuracy, difference = mean_ci(per_seed), mean_ci([sum(d) / len(d) for d in differences])
-    return {"holdout_accuracy": accuracy, "difference_from_reference": difference,
-            "holdout_accuracy_by_seed": dict(zip((run["seed"] for run in runs), per_seed)),
-            "eval": [run["summary"]["eval"] for run in runs], "train": [run["summary"]["train"] for run in runs],
-            "stage_accuracy_matches": all(abs(run["summary"]["eval"]["rm/acc"] - acc) < 1e-9
-                                          for run, acc in zip(runs, per_seed))}
+    return {
+        "holdout_accuracy": accuracy,
+        "difference_from_reference": difference,
+        "holdout_accuracy_by_seed": dict(zip((run["seed"] for run in runs), per_seed)),
+        "eval": [run["summary"]["eval"] for run in runs],
+        "train": [run["summary"]["train"] for run in runs],
+        "stage_accuracy_matches": all(
+            abs(run["summary"]["eval"]["rm/acc"] - acc) < 1e-9 for run, acc in zip(runs, per_seed)
+        ),
+    }
 
 
 def summarize(args: argparse.Namespace, run: BenchmarkRun, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -162,12 +184,18 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, results: dict[str, li
     for text, runs in results.items():
         record = records[text] = candidate_record(runs, results[reference])
         accuracy, diff = record["holdout_accuracy"], record["difference_from_reference"]
-        rows.append([text or "(recipe)", f"{accuracy['mean']:.3f} ({accuracy['stderr']:.3f})",
-                     " / ".join(f"{a:.3f}" for a in record["holdout_accuracy_by_seed"].values()),
-                     _mean(runs, lambda r: r["summary"]["eval"]["rm/ece"]),
-                     _mean(runs, lambda r: r["summary"]["eval"]["rm/margin"]),
-                     "-" if text == reference else f"{diff['mean']:+.3f} [{diff['lo']:+.3f}, {diff['hi']:+.3f}]",
-                     by_epoch(runs), _mean(runs, lambda r: r["summary"]["train"]["train/pairs_per_s"])])
+        rows.append(
+            [
+                text or "(recipe)",
+                f"{accuracy['mean']:.3f} ({accuracy['stderr']:.3f})",
+                " / ".join(f"{a:.3f}" for a in record["holdout_accuracy_by_seed"].values()),
+                _mean(runs, lambda r: r["summary"]["eval"]["rm/ece"]),
+                _mean(runs, lambda r: r["summary"]["eval"]["rm/margin"]),
+                "-" if text == reference else f"{diff['mean']:+.3f} [{diff['lo']:+.3f}, {diff['hi']:+.3f}]",
+                by_epoch(runs),
+                _mean(runs, lambda r: r["summary"]["train"]["train/pairs_per_s"]),
+            ]
+        )
     best = max(results, key=lambda text: records[text]["holdout_accuracy"]["mean"])
     data = results[reference][0]["summary"]["data"]
     run.add_text(
@@ -175,25 +203,46 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, results: dict[str, li
         f"{data['eval']['pairs']} are the holdout; dev.jsonl is not read. Every candidate is "
         f"configs/stages/rm_hh_minilm.yaml with the overrides named, trained with seed(s) "
         f"{', '.join(map(str, seeds))} on 1 Ray Train worker ("
-        + ", ".join(f"'{text}' {runs[0]['summary']['workers']['num_cpus_per_worker']:g} CPU(s), "
-                    f"{runs[0]['summary']['torch_threads_per_worker']} torch thread(s)"
-                    for text, runs in results.items())
+        + ", ".join(
+            f"'{text}' {runs[0]['summary']['workers']['num_cpus_per_worker']:g} CPU(s), "
+            f"{runs[0]['summary']['torch_threads_per_worker']} torch thread(s)"
+            for text, runs in results.items()
+        )
         + ")."
     )
-    run.add_table("Holdout accuracy by candidate", ["overrides", "holdout acc (SE)", "by seed", "ECE", "mean margin",
-                                                     f"paired difference from '{reference}' [95% CI]",
-                                                     "holdout acc after each epoch", "train pairs/s"], rows,
-                  note=f"Highest holdout accuracy: '{best}'. The standard error and the interval are over {over}"
-                       + (", so they leave out the spread between training runs of one recipe" if len(seeds) == 1
-                          else "") + ". ECE, margin, the epochs and pairs/s are means over seeds; pairs/s depends "
-                       "on what else ran (see the load above).")
+    run.add_table(
+        "Holdout accuracy by candidate",
+        [
+            "overrides",
+            "holdout acc (SE)",
+            "by seed",
+            "ECE",
+            "mean margin",
+            f"paired difference from '{reference}' [95% CI]",
+            "holdout acc after each epoch",
+            "train pairs/s",
+        ],
+        rows,
+        note=f"Highest holdout accuracy: '{best}'. The standard error and the interval are over {over}"
+        + (", so they leave out the spread between training runs of one recipe" if len(seeds) == 1 else "")
+        + ". ECE, margin, the epochs and pairs/s are means over seeds; pairs/s depends "
+        "on what else ran (see the load above).",
+    )
     accuracies = [records[text]["holdout_accuracy"] for text in results]
-    run.add_bar_chart("rm_recipe_tuning_accuracy.png", [t or "(recipe)" for t in results],
-                      [a["mean"] for a in accuracies], ylabel="holdout accuracy (bars: 1 SE)",
-                      title="HH MiniLM RM: holdout accuracy by recipe",
-                      errors=[(a["mean"] - a["stderr"], a["mean"] + a["stderr"]) for a in accuracies])
-    return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "data": data, "candidates": records, "best": best}
+    run.add_bar_chart(
+        "rm_recipe_tuning_accuracy.png",
+        [t or "(recipe)" for t in results],
+        [a["mean"] for a in accuracies],
+        ylabel="holdout accuracy (bars: 1 SE)",
+        title="HH MiniLM RM: holdout accuracy by recipe",
+        errors=[(a["mean"] - a["stderr"], a["mean"] + a["stderr"]) for a in accuracies],
+    )
+    return {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "data": data,
+        "candidates": records,
+        "best": best,
+    }
 
 
 if __name__ == "__main__":

@@ -26,8 +26,12 @@ ARMS = {
     "bf16 sampler + TIS": ["rollout.dtype=bfloat16", "ppo.tis=true"],
     "bf16 sampler, no TIS": ["rollout.dtype=bfloat16", "ppo.tis=false"],
 }
-PER_ITERATION = ("rollout/logprob_diff", "rollout/logprob_diff_max", "policy/tis_weight_mean",
-                 "policy/tis_clipped_fraction")
+PER_ITERATION = (
+    "rollout/logprob_diff",
+    "rollout/logprob_diff_max",
+    "policy/tis_weight_mean",
+    "policy/tis_clipped_fraction",
+)
 
 
 def play(arm: str, seed: int, iterations: int, run: BenchmarkRun) -> dict[str, Any]:
@@ -37,9 +41,17 @@ def play(arm: str, seed: int, iterations: int, run: BenchmarkRun) -> dict[str, A
     from apo_ray.train import run as train
 
     run_dir = run.scratch / f"{arm.replace(' ', '_').replace(',', '').replace('+', 'and')}-s{seed}"
-    overrides = [f"seed={seed}", f"rounds={iterations}", f"eval_every={iterations}",
-                 f"checkpoint_every={iterations}", f"run_dir={run_dir}", "logging.report=false",
-                 "logging.ray_metrics=false", "logging.tensorboard=false", *ARMS[arm]]
+    overrides = [
+        f"seed={seed}",
+        f"rounds={iterations}",
+        f"eval_every={iterations}",
+        f"checkpoint_every={iterations}",
+        f"run_dir={run_dir}",
+        "logging.report=false",
+        "logging.ray_metrics=false",
+        "logging.tensorboard=false",
+        *ARMS[arm],
+    ]
     if run_dir.exists():
         import shutil
 
@@ -47,8 +59,11 @@ def play(arm: str, seed: int, iterations: int, run: BenchmarkRun) -> dict[str, A
     train(prepare(load_config(REPO_ROOT / "configs/ppo.yaml", overrides)))
     rows = read_metrics_jsonl(run_dir / "metrics.jsonl")
     iterations_rows = [r for r in rows if r["round"] > 0]
-    out = {key: float(np.mean([r[key] for r in iterations_rows if key in r]))
-           for key in PER_ITERATION if any(key in r for r in iterations_rows)}
+    out = {
+        key: float(np.mean([r[key] for r in iterations_rows if key in r]))
+        for key in PER_ITERATION
+        if any(key in r for r in iterations_rows)
+    }
     out["rollout/logprob_diff_max"] = max(r["rollout/logprob_diff_max"] for r in iterations_rows)
     out["final/eval/gold_score"] = rows[-1]["eval/gold_score"]
     out["final/eval/kl"] = rows[-1]["eval/kl"]
@@ -77,30 +92,57 @@ def main() -> None:
             runs[arm][seed] = play(arm, seed, args.iterations, run)
 
     keys = [*PER_ITERATION, "final/eval/gold_score", "final/eval/kl"]
-    summary = {arm: {k: mean_ci([r[k] for r in by_seed.values() if k in r]) for k in keys
-                     if any(k in r for r in by_seed.values())} for arm, by_seed in runs.items()}
+    summary = {
+        arm: {
+            k: mean_ci([r[k] for r in by_seed.values() if k in r])
+            for k in keys
+            if any(k in r for r in by_seed.values())
+        }
+        for arm, by_seed in runs.items()
+    }
     tis, no_tis = runs["bf16 sampler + TIS"], runs["bf16 sampler, no TIS"]
-    paired = {k: mean_ci([tis[s][k] - no_tis[s][k] for s in args.seeds]) for k in ("final/eval/gold_score",
-                                                                                    "final/eval/kl")}
+    paired = {
+        k: mean_ci([tis[s][k] - no_tis[s][k] for s in args.seeds]) for k in ("final/eval/gold_score", "final/eval/kl")
+    }
 
     def cell(stat: dict[str, float], digits: int = 4) -> str:
         if math.isnan(stat["stderr"]):
             return f"{stat['mean']:.{digits}g}"
         return f"{stat['mean']:.{digits}g} ± {stat['stderr']:.2g}"
 
-    headers = ["arm", "logprob_diff (mean)", "logprob_diff (max)", "TIS weight", "TIS clipped", "final gold",
-               "final KL"]
+    headers = [
+        "arm",
+        "logprob_diff (mean)",
+        "logprob_diff (max)",
+        "TIS weight",
+        "TIS clipped",
+        "final gold",
+        "final KL",
+    ]
     rows = [[arm, *(cell(s[k]) if k in s else "-" for k in keys)] for arm, s in summary.items()]
-    run.add_table(f"Per arm, mean ± standard error over seeds {args.seeds}, {args.iterations} PPO iterations",
-                  headers, rows,
-                  note="logprob_diff: per-token |sampler - learner| log-prob of the sampled tokens on the same "
-                       "weights, averaged over iterations (max: the largest token of any iteration). TIS weight: "
-                       "mean min(pi_learner / pi_sampler, 2), measured in every arm, applied to the loss only "
-                       "with TIS on; TIS clipped: the fraction of tokens whose ratio exceeds the cap.")
-    run.add_table("TIS minus no TIS (bf16 sampler), paired by seed", ["metric", "mean", "95% t-interval"],
-                  [[k, f"{v['mean']:.3f}", f"[{v['lo']:.3f}, {v['hi']:.3f}]"] for k, v in paired.items()])
-    run.finish({"seeds": args.seeds, "iterations": args.iterations, "runs": runs, "summary": summary,
-                "paired_tis_minus_no_tis": paired})
+    run.add_table(
+        f"Per arm, mean ± standard error over seeds {args.seeds}, {args.iterations} PPO iterations",
+        headers,
+        rows,
+        note="logprob_diff: per-token |sampler - learner| log-prob of the sampled tokens on the same "
+        "weights, averaged over iterations (max: the largest token of any iteration). TIS weight: "
+        "mean min(pi_learner / pi_sampler, 2), measured in every arm, applied to the loss only "
+        "with TIS on; TIS clipped: the fraction of tokens whose ratio exceeds the cap.",
+    )
+    run.add_table(
+        "TIS minus no TIS (bf16 sampler), paired by seed",
+        ["metric", "mean", "95% t-interval"],
+        [[k, f"{v['mean']:.3f}", f"[{v['lo']:.3f}, {v['hi']:.3f}]"] for k, v in paired.items()],
+    )
+    run.finish(
+        {
+            "seeds": args.seeds,
+            "iterations": args.iterations,
+            "runs": runs,
+            "summary": summary,
+            "paired_tis_minus_no_tis": paired,
+        }
+    )
 
 
 if __name__ == "__main__":

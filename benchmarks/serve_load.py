@@ -30,8 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (REPO_ROOT, RESULTS_ROOT, SCRATCH_DIR, BenchmarkRun, ratio_summary, start_local_ray,
-                               timed)
+from benchmarks.common import REPO_ROOT, RESULTS_ROOT, SCRATCH_DIR, BenchmarkRun, ratio_summary, start_local_ray, timed
 
 DATA_DIR = REPO_ROOT / "data" / "hh_harmless"
 MAX_CLIENTS = 64
@@ -39,8 +38,9 @@ MAX_REQUESTS = 5000
 REQUEST_TIMEOUT_S = 120.0
 
 
-def load_parser(description: str, *, clients: int, requests: int, batch: int,
-                deadline_s: float) -> argparse.ArgumentParser:
+def load_parser(
+    description: str, *, clients: int, requests: int, batch: int, deadline_s: float
+) -> argparse.ArgumentParser:
     """The options every loopback load test of `apo-ray serve` takes (this one and serve_overload)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a small smoke run; writes under results/serve/tmp/")
@@ -67,8 +67,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--target", nargs="+", help="run or model directories to serve instead of the default models")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (score batch 1, score batch N, generate)")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each /generate request")
-    parser.add_argument("--max-prompt-tokens", type=int, default=64,
-                        help="serve.limits.max_prompt_tokens (with max_tokens within the policy's context)")
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=64,
+        help="serve.limits.max_prompt_tokens (with max_tokens within the policy's context)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.clients, args.requests, args.repeats = min(args.clients, 4), min(args.requests, 12), 1
@@ -151,8 +155,15 @@ class Phase:
         }
 
 
-async def load(url: str, path: str, payloads: list[Any], clients: int, deadline_s: float, name: str,
-               timeout_s: float = REQUEST_TIMEOUT_S) -> Phase:
+async def load(
+    url: str,
+    path: str,
+    payloads: list[Any],
+    clients: int,
+    deadline_s: float,
+    name: str,
+    timeout_s: float = REQUEST_TIMEOUT_S,
+) -> Phase:
     """Send every payload once from `clients` concurrent connections, each request waiting at most `timeout_s`;
     stop sending at the deadline."""
     import httpx
@@ -214,16 +225,29 @@ def main() -> int:
     # Git-ignored, beside the results: the RM made from the MiniLM backbone.
     scratch = RESULTS_ROOT / "serve" / SCRATCH_DIR / "scratch"
     targets = resolve_targets(args.target or default_targets(scratch))
-    base = check_targets(targets, load_serve_config(None, targets.serve_section, [
-        f"serve.port={free_port()}", "serve.host=127.0.0.1", "serve.ingress.num_cpus=0.5",
-        f"serve.limits.max_score_items={max(args.score_items, 1)}", f"serve.limits.max_tokens={args.max_tokens}",
-        f"serve.limits.max_prompt_tokens={args.max_prompt_tokens}"]))
+    base = check_targets(
+        targets,
+        load_serve_config(
+            None,
+            targets.serve_section,
+            [
+                f"serve.port={free_port()}",
+                "serve.host=127.0.0.1",
+                "serve.ingress.num_cpus=0.5",
+                f"serve.limits.max_score_items={max(args.score_items, 1)}",
+                f"serve.limits.max_tokens={args.max_tokens}",
+                f"serve.limits.max_prompt_tokens={args.max_prompt_tokens}",
+            ],
+        ),
+    )
     start_local_ray(max(2, math.ceil(required_resources(targets, base)["CPU"])))
     rng = random.Random(0)
     texts, prompts = score_texts(), generate_prompts()
     score_payloads = [[rng.choice(texts) for _ in range(args.score_items)] for _ in range(args.requests)]
-    generate_payloads = [{"prompt": rng.choice(prompts), "max_tokens": args.max_tokens, "temperature": 1.0,
-                          "seed": i} for i in range(args.requests)]
+    generate_payloads = [
+        {"prompt": rng.choice(prompts), "max_tokens": args.max_tokens, "temperature": 1.0, "seed": i}
+        for i in range(args.requests)
+    ]
     arms = {"score, batch 1": 1, f"score, batch {args.batch}": args.batch}
     score_arms = list(arms) if targets.reward is not None else []
     phases: list[dict[str, Any]] = []
@@ -239,17 +263,28 @@ def main() -> int:
             after = serve.get_deployment_handle("reward", APP_NAME).batch_stats.remote().result()
             batches = {size: after.get(size, 0) - before.get(size, 0) for size in after}
             n_batches = sum(batches.values())
-            phases.append({"arm": arm, "repeat": repeat, **phase.summary(), "timing": t.timing.to_dict(),
-                           "mean_requests_per_batch": sum(s * n for s, n in batches.items()) / n_batches
-                           if n_batches else None})
-            print(f"  [{arm} #{repeat}] {phases[-1]['requests_per_s']:.1f} req/s, p50 {phases[-1]['p50_ms']:.0f} ms",
-                  flush=True)
+            phases.append(
+                {
+                    "arm": arm,
+                    "repeat": repeat,
+                    **phase.summary(),
+                    "timing": t.timing.to_dict(),
+                    "mean_requests_per_batch": sum(s * n for s, n in batches.items()) / n_batches
+                    if n_batches
+                    else None,
+                }
+            )
+            print(
+                f"  [{arm} #{repeat}] {phases[-1]['requests_per_s']:.1f} req/s, p50 {phases[-1]['p50_ms']:.0f} ms",
+                flush=True,
+            )
         if targets.policy is not None:
             url = url or deploy(targets, base, token=None)
             warm_up(url, "/generate", generate_payloads, args.clients)
             with timed() as t:
-                phase = asyncio.run(load(url, "/generate", generate_payloads, args.clients, args.phase_deadline_s,
-                                         "generate"))
+                phase = asyncio.run(
+                    load(url, "/generate", generate_payloads, args.clients, args.phase_deadline_s, "generate")
+                )
             phases.append({"arm": "generate", "repeat": repeat, **phase.summary(), "timing": t.timing.to_dict()})
             print(f"  [generate #{repeat}] {phases[-1]['requests_per_s']:.1f} req/s", flush=True)
     serve.shutdown()
@@ -265,8 +300,9 @@ def summarize(args, run: BenchmarkRun, targets, cfg, phases: list[dict], score_a
     total_5xx = sum(p["5xx"] for p in phases)
     gain = None
     if all(arm in by_arm for arm in score_arms):
-        gain = ratio_summary([p["requests_per_s"] for p in by_arm[score_arms[1]]],
-                             [p["requests_per_s"] for p in by_arm[score_arms[0]]])
+        gain = ratio_summary(
+            [p["requests_per_s"] for p in by_arm[score_arms[1]]], [p["requests_per_s"] for p in by_arm[score_arms[0]]]
+        )
     run.add_text(
         f"Served: policy `{targets.policy}`, RM `{targets.reward}` (RM max_length "
         f"{cfg.reward_max_length or targets.reward_max_length or 256}), one replica each, on 127.0.0.1. Load: "
@@ -276,26 +312,56 @@ def summarize(args, run: BenchmarkRun, targets, cfg, phases: list[dict], score_a
     )
     rows = []
     for arm, rows_of_arm in by_arm.items():
-        rows.append([arm, len(rows_of_arm), statistics.median(p["requests_per_s"] for p in rows_of_arm),
-                     statistics.median(p["p50_ms"] for p in rows_of_arm),
-                     statistics.median(p["p99_ms"] for p in rows_of_arm),
-                     statistics.median(p.get("mean_requests_per_batch") or 1 for p in rows_of_arm)
-                     if arm != "generate" else None,
-                     sum(p["5xx"] for p in rows_of_arm), sum(sum(p["client_failures"].values()) for p in rows_of_arm)])
+        rows.append(
+            [
+                arm,
+                len(rows_of_arm),
+                statistics.median(p["requests_per_s"] for p in rows_of_arm),
+                statistics.median(p["p50_ms"] for p in rows_of_arm),
+                statistics.median(p["p99_ms"] for p in rows_of_arm),
+                statistics.median(p.get("mean_requests_per_batch") or 1 for p in rows_of_arm)
+                if arm != "generate"
+                else None,
+                sum(p["5xx"] for p in rows_of_arm),
+                sum(sum(p["client_failures"].values()) for p in rows_of_arm),
+            ]
+        )
     note = f"5xx in all phases: {total_5xx}."
     if gain:
-        note += (f" Batching gain ({score_arms[1]} / {score_arms[0]} requests/s, per repeat): median "
-                 f"{gain['median']:.2f} (range {gain['min']:.2f}-{gain['max']:.2f}).")
-    run.add_table("Latency and throughput (medians over repeats)",
-                  ["phase", "repeats", "requests/s", "p50 ms", "p99 ms", "requests per RM batch", "5xx",
-                   "client failures"], rows, note=note)
-    run.add_table("Phases (run order)", ["phase", "repeat", "requests/s", "p50 ms", "p99 ms", "statuses", "load start",
-                                         "load end"],
-                  [[p["arm"], p["repeat"], p["requests_per_s"], p["p50_ms"], p["p99_ms"], str(p["statuses"]),
-                    p["timing"]["load_start"], p["timing"]["load_end"]] for p in phases])
-    return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "served": {"policy": str(targets.policy), "reward": str(targets.reward)},
-            "phases": phases, "batching_gain": gain, "total_5xx": total_5xx}
+        note += (
+            f" Batching gain ({score_arms[1]} / {score_arms[0]} requests/s, per repeat): median "
+            f"{gain['median']:.2f} (range {gain['min']:.2f}-{gain['max']:.2f})."
+        )
+    run.add_table(
+        "Latency and throughput (medians over repeats)",
+        ["phase", "repeats", "requests/s", "p50 ms", "p99 ms", "requests per RM batch", "5xx", "client failures"],
+        rows,
+        note=note,
+    )
+    run.add_table(
+        "Phases (run order)",
+        ["phase", "repeat", "requests/s", "p50 ms", "p99 ms", "statuses", "load start", "load end"],
+        [
+            [
+                p["arm"],
+                p["repeat"],
+                p["requests_per_s"],
+                p["p50_ms"],
+                p["p99_ms"],
+                str(p["statuses"]),
+                p["timing"]["load_start"],
+                p["timing"]["load_end"],
+            ]
+            for p in phases
+        ],
+    )
+    return {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "served": {"policy": str(targets.policy), "reward": str(targets.reward)},
+        "phases": phases,
+        "batching_gain": gain,
+        "total_5xx": total_5xx,
+    }
 
 
 if __name__ == "__main__":

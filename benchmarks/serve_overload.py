@@ -47,8 +47,11 @@ def kill_reward_replica() -> str:
     """Kill the RM's one replica as a crash would (no restart of that actor: Serve must start another)."""
     import ray
 
-    [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith("SERVE_REPLICA::") and "#reward#" in a["name"]]
+    [replica] = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::") and "#reward#" in a["name"]
+    ]
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
     return replica["name"]
 
@@ -87,18 +90,30 @@ def main() -> int:
     payloads = [[rng.choice(texts) for _ in range(args.score_items)] for _ in range(args.requests)]
 
     def config(queue: int):
-        return check_targets(targets, load_serve_config(None, targets.serve_section, [
-            f"serve.port={free_port()}", "serve.host=127.0.0.1", "serve.ingress.num_cpus=0.5",
-            f"serve.limits.max_score_items={args.score_items}", f"serve.score_max_batch_size={args.batch}",
-            f"serve.reward.max_queued_requests={queue}"]))
+        return check_targets(
+            targets,
+            load_serve_config(
+                None,
+                targets.serve_section,
+                [
+                    f"serve.port={free_port()}",
+                    "serve.host=127.0.0.1",
+                    "serve.ingress.num_cpus=0.5",
+                    f"serve.limits.max_score_items={args.score_items}",
+                    f"serve.score_max_batch_size={args.batch}",
+                    f"serve.reward.max_queued_requests={queue}",
+                ],
+            ),
+        )
 
     start_local_ray(max(2, int(required_resources(targets, config(args.queue))["CPU"]) + 1))
     phases: list[dict[str, Any]] = []
     for arm, queue in ((f"queue {args.queue}", args.queue), ("queue unbounded", -1)):
         url = deploy(targets, config(queue), token=None)
         with timed() as t:
-            phase = asyncio.run(load(url, "/score", payloads, args.clients, args.phase_deadline_s, arm,
-                                     timeout_s=args.client_timeout_s))
+            phase = asyncio.run(
+                load(url, "/score", payloads, args.clients, args.phase_deadline_s, arm, timeout_s=args.client_timeout_s)
+            )
         phases.append({"arm": arm, **phase.summary(), "timing": t.timing.to_dict()})
         print(f"  [{arm}] statuses {phase.statuses}, client failures {dict(phase.failures)}", flush=True)
         serve.shutdown()
@@ -114,14 +129,31 @@ def main() -> int:
     thread = threading.Thread(target=killer)
     thread.start()
     with timed() as t:
-        phase = asyncio.run(load(url, "/score", payloads[: max(args.clients, args.requests // 3)],
-                                 max(1, args.clients // 4), args.phase_deadline_s, "replica killed",
-                                 timeout_s=args.client_timeout_s))
+        phase = asyncio.run(
+            load(
+                url,
+                "/score",
+                payloads[: max(args.clients, args.requests // 3)],
+                max(1, args.clients // 4),
+                args.phase_deadline_s,
+                "replica killed",
+                timeout_s=args.client_timeout_s,
+            )
+        )
     thread.join()
-    phases.append({"arm": "replica killed", **phase.summary(), "timing": t.timing.to_dict(),
-                   "killed": killed["replica"], "back_after_s": killed["back_after_s"]})
-    print(f"  [replica killed] statuses {phase.statuses}; a 200 again {killed['back_after_s']} s after the kill",
-          flush=True)
+    phases.append(
+        {
+            "arm": "replica killed",
+            **phase.summary(),
+            "timing": t.timing.to_dict(),
+            "killed": killed["replica"],
+            "back_after_s": killed["back_after_s"],
+        }
+    )
+    print(
+        f"  [replica killed] statuses {phase.statuses}; a 200 again {killed['back_after_s']} s after the kill",
+        flush=True,
+    )
     serve.shutdown()
     ray.shutdown()
     run.finish(summarize(args, run, phases))
@@ -133,18 +165,43 @@ def summarize(args, run: BenchmarkRun, phases: list[dict]) -> dict[str, Any]:
         f"One RM replica (MiniLM) running {2 * args.batch} /score requests at once (serve.score_max_batch_size "
         f"{args.batch}); {args.clients} concurrent clients send {args.requests} requests of {args.score_items} items, "
         f"each waiting at most {args.client_timeout_s:g} s; the kill phase sends a third of them from a quarter of "
-        f"the clients and kills the replica {args.kill_after_s:g} s in. Clients and server share the machine's CPUs.")
+        f"the clients and kills the replica {args.kill_after_s:g} s in. Clients and server share the machine's CPUs."
+    )
     rows = []
     for p in phases:
         statuses = p["statuses"]
-        rows.append([p["arm"], statuses.get(200, 0), statuses.get(503, 0), p["with_retry_after"].get(503, 0),
-                     sum(n for s, n in statuses.items() if s >= 500 and s != 503),
-                     sum(p["client_failures"].values()), p["slowest_s_by_status"].get(503),
-                     p["slowest_s_by_status"].get(200), p.get("back_after_s"), p["timing"]["load_start"],
-                     p["timing"]["load_end"]])
-    run.add_table("What clients got", ["phase", "200", "503", "503 with Retry-After", "other 5xx",
-                                       "client time-outs and errors", "slowest 503 s", "slowest 200 s",
-                                       "200 again after the kill, s", "load start", "load end"], rows)
+        rows.append(
+            [
+                p["arm"],
+                statuses.get(200, 0),
+                statuses.get(503, 0),
+                p["with_retry_after"].get(503, 0),
+                sum(n for s, n in statuses.items() if s >= 500 and s != 503),
+                sum(p["client_failures"].values()),
+                p["slowest_s_by_status"].get(503),
+                p["slowest_s_by_status"].get(200),
+                p.get("back_after_s"),
+                p["timing"]["load_start"],
+                p["timing"]["load_end"],
+            ]
+        )
+    run.add_table(
+        "What clients got",
+        [
+            "phase",
+            "200",
+            "503",
+            "503 with Retry-After",
+            "other 5xx",
+            "client time-outs and errors",
+            "slowest 503 s",
+            "slowest 200 s",
+            "200 again after the kill, s",
+            "load start",
+            "load end",
+        ],
+        rows,
+    )
     return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "phases": phases}
 
 

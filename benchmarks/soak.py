@@ -30,15 +30,32 @@ from typing import Any
 import psutil
 
 from apo_ray.logs import configure_logging
-from benchmarks.common import (REPO_ROOT, BenchmarkRun, actor_process_info, base_parser, fmt, linear_trend,
-                               load_average, start_ray_with_retries)
+from benchmarks.common import (
+    REPO_ROOT,
+    BenchmarkRun,
+    actor_process_info,
+    base_parser,
+    fmt,
+    linear_trend,
+    load_average,
+    start_ray_with_retries,
+)
 
 CONFIG = REPO_ROOT / "configs/apo_ppo.yaml"
 # 8 prompts x 4 samples = one minibatch of 32, one epoch: an iteration of seconds on 2 cores. The evaluation
 # (small, every 50 iterations) and checkpoints stay in the loop: both could leak.
-SHRINK = ["ppo.prompts_per_iteration=8", "ppo.minibatch_size=32", "ppo.ppo_epochs=1", "eval.prompts=8",
-          "eval.samples_per_prompt=4", "eval_every=50", "checkpoint_every=100", "logging.report=false",
-          "logging.ray_metrics=false", "logging.tensorboard=false"]
+SHRINK = [
+    "ppo.prompts_per_iteration=8",
+    "ppo.minibatch_size=32",
+    "ppo.ppo_epochs=1",
+    "eval.prompts=8",
+    "eval.samples_per_prompt=4",
+    "eval_every=50",
+    "checkpoint_every=100",
+    "logging.report=false",
+    "logging.ray_metrics=false",
+    "logging.tensorboard=false",
+]
 DRIVER = "driver"
 RUN_ID = re.compile(r"-[0-9a-f]{6}-")
 MIB = 2**20
@@ -94,15 +111,25 @@ class Recorder:
         return RUN_ID.sub("-", name)
 
     def record(self, iteration: int, round_s: float | None) -> dict[str, Any]:
-        processes = {self.role(name): usage for name, pid in self.actor_pids().items()
-                     if (usage := process_usage(pid)) is not None}
-        row = {"iteration": iteration, "elapsed_s": round(time.perf_counter() - self._started, 1),
-               "load_1min": round(load_average(), 2), "round_s": round_s,
-               "object_store_bytes": object_store_used_bytes(), "processes": processes}
+        processes = {
+            self.role(name): usage
+            for name, pid in self.actor_pids().items()
+            if (usage := process_usage(pid)) is not None
+        }
+        row = {
+            "iteration": iteration,
+            "elapsed_s": round(time.perf_counter() - self._started, 1),
+            "load_1min": round(load_average(), 2),
+            "round_s": round_s,
+            "object_store_bytes": object_store_used_bytes(),
+            "processes": processes,
+        }
         self.records.append(row)
-        self.log(f"[soak] iteration {iteration}: round {fmt(round_s, 2)} s, object store "
-                 f"{row['object_store_bytes'] / MIB:.1f} MiB, RSS MiB "
-                 + ", ".join(f"{name} {usage['rss_bytes'] / MIB:.0f}" for name, usage in processes.items()))
+        self.log(
+            f"[soak] iteration {iteration}: round {fmt(round_s, 2)} s, object store "
+            f"{row['object_store_bytes'] / MIB:.1f} MiB, RSS MiB "
+            + ", ".join(f"{name} {usage['rss_bytes'] / MIB:.0f}" for name, usage in processes.items())
+        )
         return row
 
     def poll(self) -> None:
@@ -154,25 +181,40 @@ def fit(points: list[tuple[int, float]], warmup: int) -> dict[str, Any] | None:
         return None
     trend = linear_trend([x for x, _ in kept], [y for _, y in kept])
     span = kept[-1][0] - kept[0][0]
-    return {**trend, "first": kept[0][1], "last": kept[-1][1], "span_iterations": span,
-            "grows": trend["lo"] > 0}
+    return {**trend, "first": kept[0][1], "last": kept[-1][1], "span_iterations": span, "grows": trend["lo"] > 0}
 
 
 def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
     names = sorted({name for row in records for name in row["processes"]})
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["iteration", "elapsed_s", "load_1min", "round_s", "object_store_bytes",
-                         *(f"{name} {k}" for name in names for k in ("rss_bytes", "fds"))])
+        writer.writerow(
+            [
+                "iteration",
+                "elapsed_s",
+                "load_1min",
+                "round_s",
+                "object_store_bytes",
+                *(f"{name} {k}" for name in names for k in ("rss_bytes", "fds")),
+            ]
+        )
         for row in records:
             usage = row["processes"]
-            writer.writerow([row["iteration"], row["elapsed_s"], row["load_1min"], row["round_s"],
-                             row["object_store_bytes"],
-                             *(usage.get(name, {}).get(k, "") for name in names for k in ("rss_bytes", "fds"))])
+            writer.writerow(
+                [
+                    row["iteration"],
+                    row["elapsed_s"],
+                    row["load_1min"],
+                    row["round_s"],
+                    row["object_store_bytes"],
+                    *(usage.get(name, {}).get(k, "") for name in names for k in ("rss_bytes", "fds")),
+                ]
+            )
 
 
-def trend_plot(path: Path, name: str, points: list[tuple[int, float]], trend: dict[str, Any] | None,
-               warmup: int) -> None:
+def trend_plot(
+    path: Path, name: str, points: list[tuple[int, float]], trend: dict[str, Any] | None, warmup: int
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,8 +224,13 @@ def trend_plot(path: Path, name: str, points: list[tuple[int, float]], trend: di
     ax.plot([x for x, _ in points], [y for _, y in points], "o-", ms=3, color="#4c72b0", label="recorded")
     if trend is not None:
         xs = [x for x, _ in points if x >= warmup]
-        ax.plot(xs, [trend["intercept"] + trend["slope"] * x for x in xs], "--", color="#dd8452",
-                label=f"fit: {trend['slope'] * 100:+.3g} per 100 it.")
+        ax.plot(
+            xs,
+            [trend["intercept"] + trend["slope"] * x for x in xs],
+            "--",
+            color="#dd8452",
+            label=f"fit: {trend['slope'] * 100:+.3g} per 100 it.",
+        )
     ax.axvspan(0, warmup, color="0.9", label="warm-up (not fitted)")
     ax.set_xlabel("iteration")
     ax.set_ylabel(name)
@@ -245,27 +292,50 @@ def main() -> None:
             return "too few records"
         return f"{trend['slope'] * 100:+.4g} [{trend['lo'] * 100:+.4g}, {trend['hi'] * 100:+.4g}]"
 
-    rows = [[name, trend and trend["first"], trend and trend["last"], slope(trend), slope(later_fits[name]),
-             "-" if trend is None else "grows" if trend["grows"] else "no upward trend"]
-            for name, trend in fits.items()]
+    rows = [
+        [
+            name,
+            trend and trend["first"],
+            trend and trend["last"],
+            slope(trend),
+            slope(later_fits[name]),
+            "-" if trend is None else "grows" if trend["grows"] else "no upward trend",
+        ]
+        for name, trend in fits.items()
+    ]
     run.add_text(
         f"`configs/apo_ppo.yaml` with {' '.join(SHRINK)}; {args.iterations} iterations, a record every "
         f"{args.every}, {len(records)} records. Slopes are fitted over iterations {args.warmup}..{args.iterations} "
         f"(the records before iteration {args.warmup} are warm-up, left out) and given per 100 iterations with "
-        "their 95% t-interval, and again over the later half alone. A series grows when its whole interval lies above 0. Round times are the mean "
-        "over the iterations since the previous record; on a busy machine they show drift only, not speed.")
-    run.add_table("Slopes per 100 iterations [95% interval]",
-                  ["series", "first fitted", "last", f"slope from {args.warmup}", f"slope from {later}", "verdict"],
-                  rows, note="The verdict is the slope from the end of the warm-up's.")
+        "their 95% t-interval, and again over the later half alone. A series grows when its whole interval lies "
+        "above 0. Round times are the mean over the iterations since the previous record; on a busy machine they "
+        "show drift only, not speed."
+    )
+    run.add_table(
+        "Slopes per 100 iterations [95% interval]",
+        ["series", "first fitted", "last", f"slope from {args.warmup}", f"slope from {later}", "verdict"],
+        rows,
+        note="The verdict is the slope from the end of the warm-up's.",
+    )
     for name, points in all_series.items():
         filename = plot_name(name)
         trend_plot(run.out_dir / filename, name, points, fits[name], args.warmup)
         run.add_plot(filename, name)
     write_csv(run.out_dir / "soak.csv", records)
-    run.finish({"config": str(CONFIG.relative_to(REPO_ROOT)), "overrides": SHRINK, "iterations": args.iterations,
-                "every": args.every, "warmup": args.warmup, "records": records, "fits": fits,
-                "later_half_from": later, "later_fits": later_fits,
-                "csv": "soak.csv"})
+    run.finish(
+        {
+            "config": str(CONFIG.relative_to(REPO_ROOT)),
+            "overrides": SHRINK,
+            "iterations": args.iterations,
+            "every": args.every,
+            "warmup": args.warmup,
+            "records": records,
+            "fits": fits,
+            "later_half_from": later,
+            "later_fits": later_fits,
+            "csv": "soak.csv",
+        }
+    )
 
 
 if __name__ == "__main__":

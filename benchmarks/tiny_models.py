@@ -34,9 +34,21 @@ class BenchModel:
 # 30k-vocabulary shape of the first rollout measurement, where the output layer dominates.
 BUILTIN = "builtin-2L-h128"
 MODELS = {
-    "llama-4L-h256": BenchModel("llama-4L-h256", "builtin", TinyModelSpec(hidden_size=256, num_attention_heads=4, num_hidden_layers=4, intermediate_size=512)),
-    "llama-2L-h128-v30k": BenchModel("llama-2L-h128-v30k", "minilm", TinyModelSpec(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=256)),
-    "llama-4L-h512-v30k": BenchModel("llama-4L-h512-v30k", "minilm", TinyModelSpec(hidden_size=512, num_attention_heads=8, num_hidden_layers=4, intermediate_size=1024)),
+    "llama-4L-h256": BenchModel(
+        "llama-4L-h256",
+        "builtin",
+        TinyModelSpec(hidden_size=256, num_attention_heads=4, num_hidden_layers=4, intermediate_size=512),
+    ),
+    "llama-2L-h128-v30k": BenchModel(
+        "llama-2L-h128-v30k",
+        "minilm",
+        TinyModelSpec(hidden_size=128, num_attention_heads=2, num_hidden_layers=2, intermediate_size=256),
+    ),
+    "llama-4L-h512-v30k": BenchModel(
+        "llama-4L-h512-v30k",
+        "minilm",
+        TinyModelSpec(hidden_size=512, num_attention_heads=8, num_hidden_layers=4, intermediate_size=1024),
+    ),
 }
 
 

@@ -23,19 +23,31 @@ from pathlib import Path
 
 # (file in the wheel, pattern, what apo-ray uses it for); apo_ray/vllm_version.py states the range they give.
 CHECKS = (
-    ("vllm/v1/worker/gpu_model_runner.py", r"def reload_weights\([^)]*weights_iterator[^)]*is_checkpoint_format",
-     "worker reload_weights(weights_iterator=, is_checkpoint_format=): object_store / disk sync"),
+    (
+        "vllm/v1/worker/gpu_model_runner.py",
+        r"def reload_weights\([^)]*weights_iterator[^)]*is_checkpoint_format",
+        "worker reload_weights(weights_iterator=, is_checkpoint_format=): object_store / disk sync",
+    ),
     ("vllm/config/__init__.py", r"WeightTransferConfig", "WeightTransferConfig (rollout.weight_sync=nccl)"),
     ("vllm/v1/worker/gpu_worker.py", r"def init_weight_transfer_engine", "worker init_weight_transfer_engine"),
     ("vllm/v1/worker/gpu_worker.py", r"def start_weight_update", "worker start_weight_update / finish_weight_update"),
     ("vllm/distributed/weight_transfer/base.py", r"class ModuleSource", "weight_transfer.base.ModuleSource"),
-    ("vllm/distributed/weight_transfer/nccl_engine.py", r"class NCCLTrainerWeightTransferEngine",
-     "NCCLTrainerWeightTransferEngine"),
-    ("vllm/distributed/weight_transfer/nccl_engine.py", r"def trainer_init\(\s*cls,\s*init_info[^)]*client[^)]*source",
-     "trainer_init(init_info, client=, source=)"),
+    (
+        "vllm/distributed/weight_transfer/nccl_engine.py",
+        r"class NCCLTrainerWeightTransferEngine",
+        "NCCLTrainerWeightTransferEngine",
+    ),
+    (
+        "vllm/distributed/weight_transfer/nccl_engine.py",
+        r"def trainer_init\(\s*cls,\s*init_info[^)]*client[^)]*source",
+        "trainer_init(init_info, client=, source=)",
+    ),
     ("vllm/distributed/weight_transfer/nccl_engine.py", r"class NCCLTrainerInitInfo", "NCCLTrainerInitInfo"),
-    ("vllm/distributed/weight_transfer/nccl_engine.py", r"packed_buffer_size_bytes: int",
-     "NCCLTrainerInitInfo(packed=, packed_buffer_size_bytes=): the bucketed NCCL sync (rollout.sync_bucket_mb)"),
+    (
+        "vllm/distributed/weight_transfer/nccl_engine.py",
+        r"packed_buffer_size_bytes: int",
+        "NCCLTrainerInitInfo(packed=, packed_buffer_size_bytes=): the bucketed NCCL sync (rollout.sync_bucket_mb)",
+    ),
 )
 OUT = Path(__file__).resolve().parent / "results" / "install" / "vllm_api_range.md"
 
@@ -65,7 +77,9 @@ class RemoteFile(io.RawIOBase):
         count = min(len(buffer), self.size - self.position)
         if count <= 0:
             return 0
-        request = urllib.request.Request(self.url, headers={"Range": f"bytes={self.position}-{self.position + count - 1}"})
+        request = urllib.request.Request(
+            self.url, headers={"Range": f"bytes={self.position}-{self.position + count - 1}"}
+        )
         with urllib.request.urlopen(request) as response:
             data = response.read()
         buffer[: len(data)] = data
@@ -76,9 +90,26 @@ class RemoteFile(io.RawIOBase):
 def wheel_url(version: str) -> str:
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "report.json"
-        subprocess.run([sys.executable, "-m", "pip", "install", "--isolated", "--dry-run", "--ignore-installed",
-                        "--no-deps", "--only-binary", ":all:", "--use-feature=fast-deps", "--quiet",
-                        "--report", str(report), f"vllm=={version}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--isolated",
+                "--dry-run",
+                "--ignore-installed",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--use-feature=fast-deps",
+                "--quiet",
+                "--report",
+                str(report),
+                f"vllm=={version}",
+            ],
+            check=True,
+        )
         return json.loads(report.read_text())["install"][0]["download_info"]["url"]
 
 
@@ -103,8 +134,10 @@ def main() -> None:
         "",
         header,
         "| --- |" + " --- |" * len(rows),
-        *(f"| {what} | " + " | ".join("yes" if found[i] else "no" for _, found in rows) + " |"
-          for i, (_, _, what) in enumerate(CHECKS)),
+        *(
+            f"| {what} | " + " | ".join("yes" if found[i] else "no" for _, found in rows) + " |"
+            for i, (_, _, what) in enumerate(CHECKS)
+        ),
         "",
         "All: " + ", ".join(version for version, found in rows if all(found)),
     ]

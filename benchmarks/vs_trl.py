@@ -20,8 +20,7 @@ import argparse
 from typing import Any
 
 from apo_ray.game import PreferencePair
-from benchmarks.common import (BenchmarkRun, IsolatedObject, Trial, base_parser, interleave, median, ratio_summary,
-                               timed)
+from benchmarks.common import BenchmarkRun, IsolatedObject, Trial, base_parser, interleave, median, ratio_summary, timed
 
 SEED = 0
 STEPS = ("dpo", "rm")
@@ -34,8 +33,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=400, help="training pairs (the builtin task's human pairs)")
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per step")
     parser.add_argument("--epochs", type=int, default=2, help="passes over the pairs per timed call")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in every arm (1: what a Ray actor with num_cpus=1 gets)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads in every arm (1: what a Ray actor with num_cpus=1 gets)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.pairs, args.epochs = 2, 64, 1
@@ -57,8 +57,9 @@ def _start_process(threads: int) -> None:
 
 
 class ApoRayDpo:
-    def __init__(self, backend: str, policy_dir: str, pairs: list[PreferencePair], batch_size: int, lr: float,
-                 threads: int):
+    def __init__(
+        self, backend: str, policy_dir: str, pairs: list[PreferencePair], batch_size: int, lr: float, threads: int
+    ):
         _start_process(threads)
         from apo_ray.actors.policy import PolicyLearner
         from apo_ray.actors.reference import ReferenceModel
@@ -68,8 +69,9 @@ class ApoRayDpo:
         with timed() as setup:
             reference = ReferenceModel(policy_dir, model=model)
             policy = PolicyConfig(lr=lr, batch_size=batch_size)
-            self.learner = PolicyLearner(policy_dir, model=model, policy=policy,
-                                         learner=LearnerConfig(backend=backend), seed=SEED)
+            self.learner = PolicyLearner(
+                policy_dir, model=model, policy=policy, learner=LearnerConfig(backend=backend), seed=SEED
+            )
         self.dpo_settings = {"beta": policy.dpo_beta}
         prompts = [p.prompt for p in pairs]
         self.chosen = self.learner.encode_texts(prompts, [p.chosen for p in pairs])
@@ -81,8 +83,16 @@ class ApoRayDpo:
 
     def train(self, epochs: int) -> dict[str, Any]:
         with timed() as t:
-            stats = self.learner.pair_step(self.chosen, self.rejected, self.ref_chosen, self.ref_rejected,
-                                           method="dpo", settings=self.dpo_settings, epochs=epochs, seed=SEED)
+            stats = self.learner.pair_step(
+                self.chosen,
+                self.rejected,
+                self.ref_chosen,
+                self.ref_rejected,
+                method="dpo",
+                settings=self.dpo_settings,
+                epochs=epochs,
+                seed=SEED,
+            )
         return {"train": t.timing, "loss": stats["policy/loss"], "steps": stats["policy/steps"]}
 
     def setup_timings(self) -> dict[str, Any]:
@@ -103,11 +113,26 @@ class TrlDpo:
             model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
             tokenizer = load_tokenizer(policy_dir)
         config = DPOConfig(
-            output_dir="/tmp/apo_ray_vs_trl_dpo", per_device_train_batch_size=batch_size, num_train_epochs=1,
-            learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, beta=0.1,
-            loss_type=["sigmoid"], precompute_ref_log_probs=True, precompute_ref_batch_size=64, max_length=None,
-            bf16=False, fp16=False, gradient_checkpointing=False, report_to=[], save_strategy="no", seed=SEED,
-            use_cpu=True, dataloader_num_workers=0,
+            output_dir="/tmp/apo_ray_vs_trl_dpo",
+            per_device_train_batch_size=batch_size,
+            num_train_epochs=1,
+            learning_rate=lr,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            beta=0.1,
+            loss_type=["sigmoid"],
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=64,
+            max_length=None,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            report_to=[],
+            save_strategy="no",
+            seed=SEED,
+            use_cpu=True,
+            dataloader_num_workers=0,
         )
         data = Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs])
         # The constructor tokenizes and runs the reference pass (precompute_ref_log_probs).
@@ -123,15 +148,20 @@ class TrlDpo:
 
 
 class ApoRayRm:
-    def __init__(self, backend: str, reward_dir: str, pairs: list[PreferencePair], batch_size: int, lr: float,
-                 threads: int):
+    def __init__(
+        self, backend: str, reward_dir: str, pairs: list[PreferencePair], batch_size: int, lr: float, threads: int
+    ):
         _start_process(threads)
         from apo_ray.actors.reward import RewardLearner
         from apo_ray.config import LearnerConfig, RewardConfig
 
         with timed() as setup:
-            self.learner = RewardLearner(reward_dir, reward=RewardConfig(lr=lr, batch_size=batch_size),
-                                         learner=LearnerConfig(backend=backend), seed=SEED)
+            self.learner = RewardLearner(
+                reward_dir,
+                reward=RewardConfig(lr=lr, batch_size=batch_size),
+                learner=LearnerConfig(backend=backend),
+                seed=SEED,
+            )
         self.pairs = pairs
         self.setup = {"build": setup.timing, "reference": None}
 
@@ -162,15 +192,29 @@ class TrlRm:
         # apo-ray's own encoding (its default max_length), so both arms train on identical token ids.
         max_length = ApoRewardConfig().max_length
         prompts = [p.prompt for p in pairs]
-        data = Dataset.from_dict({
-            "chosen_ids": token_ids(tokenizer, prompts, [p.chosen for p in pairs], max_length),
-            "rejected_ids": token_ids(tokenizer, prompts, [p.rejected for p in pairs], max_length),
-        })
+        data = Dataset.from_dict(
+            {
+                "chosen_ids": token_ids(tokenizer, prompts, [p.chosen for p in pairs], max_length),
+                "rejected_ids": token_ids(tokenizer, prompts, [p.rejected for p in pairs], max_length),
+            }
+        )
         config = RewardConfig(
-            output_dir="/tmp/apo_ray_vs_trl_rm", per_device_train_batch_size=batch_size, num_train_epochs=1,
-            learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, bf16=False,
-            fp16=False, gradient_checkpointing=False, max_length=None, report_to=[], save_strategy="no", seed=SEED,
-            use_cpu=True, dataloader_num_workers=0,
+            output_dir="/tmp/apo_ray_vs_trl_rm",
+            per_device_train_batch_size=batch_size,
+            num_train_epochs=1,
+            learning_rate=lr,
+            lr_scheduler_type="constant",
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            max_length=None,
+            report_to=[],
+            save_strategy="no",
+            seed=SEED,
+            use_cpu=True,
+            dataloader_num_workers=0,
         )
         self.trainer = RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
         self.setup = {"build": setup.timing, "reference": None}
@@ -208,12 +252,16 @@ def main() -> None:
     dpo = (pairs, args.batch_size, PolicyConfig().lr, args.threads)
     rm = (pairs, args.batch_size, RewardConfig().lr, args.threads)
     builders = {
-        "dpo": {"apo-ray torch": (ApoRayDpo, "torch", policy_dir, *dpo),
-                "apo-ray deepspeed": (ApoRayDpo, "deepspeed", policy_dir, *dpo),
-                "trl": (TrlDpo, policy_dir, *dpo)},
-        "rm": {"apo-ray torch": (ApoRayRm, "torch", reward_dir, *rm),
-               "apo-ray deepspeed": (ApoRayRm, "deepspeed", reward_dir, *rm),
-               "trl": (TrlRm, reward_dir, *rm)},
+        "dpo": {
+            "apo-ray torch": (ApoRayDpo, "torch", policy_dir, *dpo),
+            "apo-ray deepspeed": (ApoRayDpo, "deepspeed", policy_dir, *dpo),
+            "trl": (TrlDpo, policy_dir, *dpo),
+        },
+        "rm": {
+            "apo-ray torch": (ApoRayRm, "torch", reward_dir, *rm),
+            "apo-ray deepspeed": (ApoRayRm, "deepspeed", reward_dir, *rm),
+            "trl": (TrlRm, reward_dir, *rm),
+        },
     }
     trials, setups = [], {}
     for step in STEPS:
@@ -221,8 +269,9 @@ def main() -> None:
         arms = {arm: IsolatedObject(*builder) for arm, builder in builders[step].items()}
         try:
             setups.update({f"{step}/{arm}": obj.call("setup_timings") for arm, obj in arms.items()})
-            calls = {f"{step}/{arm}": lambda repeat, obj=obj: obj.call("train", args.epochs)
-                     for arm, obj in arms.items()}
+            calls = {
+                f"{step}/{arm}": lambda repeat, obj=obj: obj.call("train", args.epochs) for arm, obj in arms.items()
+            }
             trials += interleave(calls, args.repeats)
         finally:
             for obj in arms.values():
@@ -230,8 +279,9 @@ def main() -> None:
     run.finish(summarize(args, run, trials, setups, len(pairs) * args.epochs))
 
 
-def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], setups: dict[str, Any],
-              pairs_per_call: int) -> dict[str, Any]:
+def summarize(
+    args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], setups: dict[str, Any], pairs_per_call: int
+) -> dict[str, Any]:
     def of(step: str, arm: str) -> list[Trial]:
         return sorted((t for t in trials if t.arm == f"{step}/{arm}"), key=lambda t: t.repeat)
 
@@ -247,15 +297,27 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], 
             ratio = ratio_summary(rates, trl_rates)
             setup = setups[f"{step}/{arm}"]
             results[f"{step}/{arm}"] = {
-                "train_pairs_per_s": rates, "median_pairs_per_s": median(rates), "ratio_to_trl": ratio,
+                "train_pairs_per_s": rates,
+                "median_pairs_per_s": median(rates),
+                "ratio_to_trl": ratio,
                 "build_s": setup["build"].seconds,
                 "reference_pass_s": setup["reference"].seconds if setup["reference"] else None,
-                "loss_per_call": [t.result["loss"] for t in runs], "steps_per_call": runs[0].result["steps"],
+                "loss_per_call": [t.result["loss"] for t in runs],
+                "steps_per_call": runs[0].result["steps"],
                 "calls": [{"repeat": t.repeat, "train": t.result["train"].to_dict()} for t in runs],
             }
-            rows.append([step.upper(), arm, median(rates), ratio["median"], f"{ratio['min']:.2f}-{ratio['max']:.2f}",
-                         results[f"{step}/{arm}"]["reference_pass_s"], int(runs[0].result["steps"]),
-                         median([t.result["train"].load_start for t in runs])])
+            rows.append(
+                [
+                    step.upper(),
+                    arm,
+                    median(rates),
+                    ratio["median"],
+                    f"{ratio['min']:.2f}-{ratio['max']:.2f}",
+                    results[f"{step}/{arm}"]["reference_pass_s"],
+                    int(runs[0].result["steps"]),
+                    median([t.result["train"].load_start for t in runs]),
+                ]
+            )
     run.add_text(
         f"Same data for every arm: the first {args.pairs} human preference pairs of the builtin task (prompts of at "
         f"most 10 tokens, responses of at most 23), {args.batch_size} pairs per step, {args.epochs} epoch(s) per timed "
@@ -266,22 +328,42 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list[Trial], 
     )
     run.add_table(
         "Training throughput (pairs/s of the timed training calls)",
-        ["step", "arm", "pairs/s (median)", "ratio to TRL (median)", "ratio range", "reference pass s",
-         "optimizer steps per call", "load at start (median)"],
+        [
+            "step",
+            "arm",
+            "pairs/s (median)",
+            "ratio to TRL (median)",
+            "ratio range",
+            "reference pass s",
+            "optimizer steps per call",
+            "load at start (median)",
+        ],
         rows,
         note="Ratio: per round, the arm's pairs/s over TRL's pairs/s in the same round; >1 means faster than TRL. "
-             "Reference pass (once, not in pairs/s): apo-ray's ReferenceModel.sequence_logprobs over chosen and "
-             "rejected; TRL's DPOTrainer constructor (tokenization + precomputed reference log-probs).",
+        "Reference pass (once, not in pairs/s): apo-ray's ReferenceModel.sequence_logprobs over chosen and "
+        "rejected; TRL's DPOTrainer constructor (tokenization + precomputed reference log-probs).",
     )
     labels = [f"{step.upper()} {arm}" for step in STEPS for arm in ARMS]
     values = [results[f"{step}/{arm}"]["median_pairs_per_s"] for step in STEPS for arm in ARMS]
-    ranges = [(min(results[f"{s}/{a}"]["train_pairs_per_s"]), max(results[f"{s}/{a}"]["train_pairs_per_s"]))
-              for s in STEPS for a in ARMS]
-    run.add_bar_chart("vs_trl_throughput.png", labels, values, ylabel="training pairs/s", errors=ranges,
-                      title="apo-ray vs TRL, tiny models on CPU (median, range)")
-    return {"settings": {k: str(v) if k == "out" else v for k, v in vars(args).items()},
-            "pairs_per_call": pairs_per_call, "arms": results,
-            "call_order": [{"arm": t.arm, "repeat": t.repeat, "wall": t.timing.to_dict()} for t in trials]}
+    ranges = [
+        (min(results[f"{s}/{a}"]["train_pairs_per_s"]), max(results[f"{s}/{a}"]["train_pairs_per_s"]))
+        for s in STEPS
+        for a in ARMS
+    ]
+    run.add_bar_chart(
+        "vs_trl_throughput.png",
+        labels,
+        values,
+        ylabel="training pairs/s",
+        errors=ranges,
+        title="apo-ray vs TRL, tiny models on CPU (median, range)",
+    )
+    return {
+        "settings": {k: str(v) if k == "out" else v for k, v in vars(args).items()},
+        "pairs_per_call": pairs_per_call,
+        "arms": results,
+        "call_order": [{"arm": t.arm, "repeat": t.repeat, "wall": t.timing.to_dict()} for t in trials],
+    }
 
 
 if __name__ == "__main__":

@@ -63,8 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs of each arm, interleaved")
     parser.add_argument("--iterations", type=int, default=4, help="GRPO iterations per run")
-    parser.add_argument("--rm", type=Path, default=DEFAULT_RM,
-                        help="the fitted MiniLM RM (apo-ray rm --config configs/stages/rm_hh_minilm_cpu.yaml)")
+    parser.add_argument(
+        "--rm",
+        type=Path,
+        default=DEFAULT_RM,
+        help="the fitted MiniLM RM (apo-ray rm --config configs/stages/rm_hh_minilm_cpu.yaml)",
+    )
     parser.add_argument("--prompts-per-iteration", type=int, default=32)
     parser.add_argument("--group", type=int, default=4, help="samples per prompt")
     parser.add_argument("--minibatch", type=int, default=32, help="samples per optimizer step")
@@ -72,8 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2, help="passes over an iteration's samples")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--kl", type=float, default=0.05, help="KL coefficient (apo-ray kl_coef, TRL beta)")
-    parser.add_argument("--trl-generation", choices=("auto", "vllm", "generate"), default="auto",
-                        help="TRL's sampler: vLLM colocate mode, HF generate, or auto (vLLM if a probe runs)")
+    parser.add_argument(
+        "--trl-generation",
+        choices=("auto", "vllm", "generate"),
+        default="auto",
+        help="TRL's sampler: vLLM colocate mode, HF generate, or auto (vLLM if a probe runs)",
+    )
     # One arm's run, in its own process (the parent passes these).
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -88,13 +96,17 @@ def checked(args: argparse.Namespace) -> None:
     """Refuse settings that would not give both arms the same batches, before anything loads."""
     samples = args.prompts_per_iteration * args.group
     if samples % args.minibatch:
-        sys.exit(f"--prompts-per-iteration x --group ({samples}) must be a multiple of --minibatch "
-                 f"({args.minibatch}): both arms take whole minibatches")
+        sys.exit(
+            f"--prompts-per-iteration x --group ({samples}) must be a multiple of --minibatch "
+            f"({args.minibatch}): both arms take whole minibatches"
+        )
     if args.minibatch % args.micro_batch:
         sys.exit(f"--minibatch ({args.minibatch}) must be a multiple of --micro-batch ({args.micro_batch})")
     if not (args.rm / "config.json").is_file():
-        sys.exit(f"--rm {args.rm}: no fitted RM there; make it with "
-                 "`apo-ray rm --config configs/stages/rm_hh_minilm_cpu.yaml` (writes runs/rm-hh-minilm-game/model)")
+        sys.exit(
+            f"--rm {args.rm}: no fitted RM there; make it with "
+            "`apo-ray rm --config configs/stages/rm_hh_minilm_cpu.yaml` (writes runs/rm-hh-minilm-game/model)"
+        )
 
 
 def game_config(args: argparse.Namespace, run_dir: Path, threads: int | None = None) -> Any:
@@ -102,15 +114,33 @@ def game_config(args: argparse.Namespace, run_dir: Path, threads: int | None = N
     `threads`: every actor's (learner.threads, rollout.threads); None leaves Ray's."""
     from apo_ray.config import load_config
 
-    return load_config(RECIPE, [
-        "method=grpo", "apo=false", f"rounds={args.iterations}", f"seed={SEED}", f"run_dir={run_dir}",
-        f"model.reward_path={args.rm}", f"model.eval_reward={args.rm}", f"samples_per_prompt={args.group}",
-        f"ppo.prompts_per_iteration={args.prompts_per_iteration}", f"ppo.minibatch_size={args.minibatch}",
-        f"ppo.ppo_epochs={args.epochs}", f"ppo.kl_coef={args.kl}", "ppo.kl_estimator=k3", f"policy.lr={args.lr}",
-        f"eval_every={args.iterations}", "eval.prompts=4", "eval.samples_per_prompt=2", "eval.overlap=false",
-        "logging.report=false", "logging.ray_metrics=false", "logging.tensorboard=false",
-        *([f"learner.threads={threads}", f"rollout.threads={threads}"] if threads else []),
-    ])
+    return load_config(
+        RECIPE,
+        [
+            "method=grpo",
+            "apo=false",
+            f"rounds={args.iterations}",
+            f"seed={SEED}",
+            f"run_dir={run_dir}",
+            f"model.reward_path={args.rm}",
+            f"model.eval_reward={args.rm}",
+            f"samples_per_prompt={args.group}",
+            f"ppo.prompts_per_iteration={args.prompts_per_iteration}",
+            f"ppo.minibatch_size={args.minibatch}",
+            f"ppo.ppo_epochs={args.epochs}",
+            f"ppo.kl_coef={args.kl}",
+            "ppo.kl_estimator=k3",
+            f"policy.lr={args.lr}",
+            f"eval_every={args.iterations}",
+            "eval.prompts=4",
+            "eval.samples_per_prompt=2",
+            "eval.overlap=false",
+            "logging.report=false",
+            "logging.ray_metrics=false",
+            "logging.tensorboard=false",
+            *([f"learner.threads={threads}", f"rollout.threads={threads}"] if threads else []),
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- arms
@@ -127,13 +157,18 @@ def apo_ray_arm(args: argparse.Namespace, scratch: Path, threads: int | None) ->
     return {
         "iteration_s": [row["timing/round"] - row.get("timing/evaluate", 0.0) for row in rows],
         "reward": [row["policy/reward_mean"] for row in rows],
-        "response_tokens": [row["rollout/tokens"] / row["rollout/samples"] if row.get("rollout/samples") else None
-                            for row in rows],
+        "response_tokens": [
+            row["rollout/tokens"] / row["rollout/samples"] if row.get("rollout/samples") else None for row in rows
+        ],
         # The phases' own seconds and shares of their ceilings (apo_ray/round_flops.py), for the efficiency table.
-        "phases": [{k: v for k, v in row.items() if k.split("/")[0] in ("timing", "flops", "efficiency")}
-                   for row in rows],
-        "ceilings": {k: v for k, v in read_metrics_jsonl(run_dir / "metrics.jsonl")[0].items()
-                     if k.startswith(("ceiling/", "threads/"))},
+        "phases": [
+            {k: v for k, v in row.items() if k.split("/")[0] in ("timing", "flops", "efficiency")} for row in rows
+        ],
+        "ceilings": {
+            k: v
+            for k, v in read_metrics_jsonl(run_dir / "metrics.jsonl")[0].items()
+            if k.startswith(("ceiling/", "threads/"))
+        },
     }
 
 
@@ -146,8 +181,9 @@ class RewardFunction:
     def __init__(self, cfg: Any, path: str):
         from apo_ray.actors.reward import RewardLearner
 
-        self.learner = RewardLearner(path, reward=cfg.reward, learner=cfg.learner, dtype=cfg.model.dtype,
-                                     seed=SEED, trainable=False)
+        self.learner = RewardLearner(
+            path, reward=cfg.reward, learner=cfg.learner, dtype=cfg.model.dtype, seed=SEED, trainable=False
+        )
 
     def __call__(self, prompts: list[str], completions: list[str], hh_prompt: list[str], **_: Any) -> list[float]:
         return self.learner.score(hh_prompt, completions)
@@ -188,16 +224,37 @@ def trl_arm(args: argparse.Namespace, scratch: Path, generation: str) -> dict[st
     micro_steps = args.prompts_per_iteration * args.group // args.micro_batch
     steps_per_iteration = args.prompts_per_iteration * args.group // args.minibatch * args.epochs
     config = GRPOConfig(
-        output_dir=str(scratch / f"trl-{os.getpid()}"), use_cpu=True, bf16=False, seed=SEED, report_to=[],
-        save_strategy="no", logging_steps=1, max_steps=args.iterations * steps_per_iteration,
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=cfg.learner.weight_decay,
-        max_grad_norm=cfg.learner.grad_clip, per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=args.minibatch // args.micro_batch, steps_per_generation=micro_steps,
-        num_generations=args.group, num_iterations=args.epochs, max_completion_length=cfg.model.max_response_tokens,
-        temperature=cfg.rollout.temperature, beta=args.kl, epsilon=cfg.ppo.clip_eps, loss_type="dapo",
-        scale_rewards="group", shuffle_dataset=False, gradient_checkpointing=cfg.learner.gradient_checkpointing,
-        disable_dropout=True, use_vllm=generation == "vllm", vllm_mode="colocate",
-        vllm_max_model_length=cfg.rollout.max_model_len, vllm_enable_sleep_mode=False,
+        output_dir=str(scratch / f"trl-{os.getpid()}"),
+        use_cpu=True,
+        bf16=False,
+        seed=SEED,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        max_steps=args.iterations * steps_per_iteration,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=cfg.learner.weight_decay,
+        max_grad_norm=cfg.learner.grad_clip,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.minibatch // args.micro_batch,
+        steps_per_generation=micro_steps,
+        num_generations=args.group,
+        num_iterations=args.epochs,
+        max_completion_length=cfg.model.max_response_tokens,
+        temperature=cfg.rollout.temperature,
+        beta=args.kl,
+        epsilon=cfg.ppo.clip_eps,
+        loss_type="dapo",
+        scale_rewards="group",
+        shuffle_dataset=False,
+        gradient_checkpointing=cfg.learner.gradient_checkpointing,
+        disable_dropout=True,
+        use_vllm=generation == "vllm",
+        vllm_mode="colocate",
+        vllm_max_model_length=cfg.rollout.max_model_len,
+        vllm_enable_sleep_mode=False,
     )
 
     class Clock(TrainerCallback):
@@ -219,20 +276,31 @@ def trl_arm(args: argparse.Namespace, scratch: Path, generation: str) -> dict[st
 
     clock = Clock()
     model = AutoModelForCausalLM.from_pretrained(prepared.policy_path, dtype=torch.float32)
-    trainer = GRPOTrainer(model=model, reward_funcs=[RewardFunction(cfg, prepared.reward_path)], args=config,
-                          train_dataset=Dataset.from_list(trl_prompts(args, prepared)),
-                          processing_class=load_tokenizer(prepared.policy_path), callbacks=[clock])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[RewardFunction(cfg, prepared.reward_path)],
+        args=config,
+        train_dataset=Dataset.from_list(trl_prompts(args, prepared)),
+        processing_class=load_tokenizer(prepared.policy_path),
+        callbacks=[clock],
+    )
     trainer.train()
-    ends = [clock.started] + clock.step_ends[steps_per_iteration - 1::steps_per_iteration]
+    ends = [clock.started] + clock.step_ends[steps_per_iteration - 1 :: steps_per_iteration]
 
     def by_iteration(logged: list[tuple[int, float | None]]) -> list[float | None]:
-        values = [[v for step, v in logged if (step - 1) // steps_per_iteration == i and v is not None]
-                  for i in range(args.iterations)]
+        values = [
+            [v for step, v in logged if (step - 1) // steps_per_iteration == i and v is not None]
+            for i in range(args.iterations)
+        ]
         return [sum(v) / len(v) if v else None for v in values]
 
-    return {"iteration_s": [b - a for a, b in zip(ends, ends[1:])], "reward": by_iteration(clock.rewards),
-            "response_tokens": by_iteration(clock.lengths), "generation": generation,
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "iteration_s": [b - a for a, b in zip(ends, ends[1:])],
+        "reward": by_iteration(clock.rewards),
+        "response_tokens": by_iteration(clock.lengths),
+        "generation": generation,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def run_arm(args: argparse.Namespace) -> None:
@@ -252,8 +320,7 @@ def run_arm(args: argparse.Namespace) -> None:
 def arm_process(arm: str, result: Path, *extra: str) -> subprocess.CompletedProcess:
     """This script as one arm's run, in a process of its own, with the parent's settings."""
     # argparse keeps an option's last value: `extra` overrides the parent's own settings.
-    command = [sys.executable, "-m", f"benchmarks.{NAME}", *sys.argv[1:], "--arm", arm, "--result", str(result),
-               *extra]
+    command = [sys.executable, "-m", f"benchmarks.{NAME}", *sys.argv[1:], "--arm", arm, "--result", str(result), *extra]
     return subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, **ARM_ENV}, capture_output=True, text=True)
 
 
@@ -275,36 +342,59 @@ def trl_generation(args: argparse.Namespace, scratch: Path) -> tuple[str, str]:
     return "generate", "vLLM colocate mode failed its 1-iteration probe: " + " / ".join(last)
 
 
-def summarize(args: argparse.Namespace, run: BenchmarkRun, trials: list, generation: tuple[str, str],
-              ceilings: tuple[float, float]) -> dict[str, Any]:
+def summarize(
+    args: argparse.Namespace,
+    run: BenchmarkRun,
+    trials: list,
+    generation: tuple[str, str],
+    ceilings: tuple[float, float],
+) -> dict[str, Any]:
     rate = {arm: [args.iterations / sum(t.result["iteration_s"]) for t in trials if t.arm == arm] for arm in ARMS}
     ratio = ratio_summary(rate["apo-ray"], rate["trl"])
     threads_gain = ratio_summary(rate["apo-ray"], rate["apo-ray-ray-threads"])
     samples = args.prompts_per_iteration * args.group
-    run.add_text(f"TRL generation: `{generation[0]}` ({generation[1]}). Each iteration: {samples} samples "
-                 f"({args.prompts_per_iteration} prompts x {args.group}), {args.epochs} passes in minibatches of "
-                 f"{args.minibatch}. Float32 matmul ceiling {ceilings[0] / 1e9:.0f} GFLOP/s at start, "
-                 f"{ceilings[1] / 1e9:.0f} at end.")
-    run.add_table("Iterations/s at equal samples", ["arm", "iterations/s (median)", "per repeat", "load start",
-                                                    "load end"],
-                  [[arm, median(rate[arm]), ", ".join(f"{r:.4f}" for r in rate[arm]),
-                    max(t.timing.load_start for t in trials if t.arm == arm),
-                    max(t.timing.load_end for t in trials if t.arm == arm)] for arm in ARMS],
-                  note=f"apo-ray / TRL: median {ratio['median']:.2f}x (range {ratio['min']:.2f}-{ratio['max']:.2f}). "
-                       f"apo-ray on the machine's threads / on Ray's: median {threads_gain['median']:.2f}x (range "
-                       f"{threads_gain['min']:.2f}-{threads_gain['max']:.2f}).")
+    run.add_text(
+        f"TRL generation: `{generation[0]}` ({generation[1]}). Each iteration: {samples} samples "
+        f"({args.prompts_per_iteration} prompts x {args.group}), {args.epochs} passes in minibatches of "
+        f"{args.minibatch}. Float32 matmul ceiling {ceilings[0] / 1e9:.0f} GFLOP/s at start, "
+        f"{ceilings[1] / 1e9:.0f} at end."
+    )
+    run.add_table(
+        "Iterations/s at equal samples",
+        ["arm", "iterations/s (median)", "per repeat", "load start", "load end"],
+        [
+            [
+                arm,
+                median(rate[arm]),
+                ", ".join(f"{r:.4f}" for r in rate[arm]),
+                max(t.timing.load_start for t in trials if t.arm == arm),
+                max(t.timing.load_end for t in trials if t.arm == arm),
+            ]
+            for arm in ARMS
+        ],
+        note=f"apo-ray / TRL: median {ratio['median']:.2f}x (range {ratio['min']:.2f}-{ratio['max']:.2f}). "
+        f"apo-ray on the machine's threads / on Ray's: median {threads_gain['median']:.2f}x (range "
+        f"{threads_gain['min']:.2f}-{threads_gain['max']:.2f}).",
+    )
     curves = {arm: [t.result["reward"] for t in trials if t.arm == arm] for arm in ARMS}
-    run.add_table("Reward per iteration (mean RM score of the iteration's samples; first repeat)",
-                  ["iteration", *ARMS], [[i + 1, *(curves[arm][0][i] for arm in ARMS)]
-                                         for i in range(args.iterations)])
+    run.add_table(
+        "Reward per iteration (mean RM score of the iteration's samples; first repeat)",
+        ["iteration", *ARMS],
+        [[i + 1, *(curves[arm][0][i] for arm in ARMS)] for i in range(args.iterations)],
+    )
     reward_plot(run, curves)
     phases_table(run, trials)
-    return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                         if k not in ("arm", "result")},
-            "trl_generation": {"mode": generation[0], "why": generation[1]},
-            "ceiling_flops": {"start": ceilings[0], "end": ceilings[1]},
-            "iterations_per_s": rate, "apo_ray_over_trl": ratio, "machine_threads_over_ray_threads": threads_gain,
-            "trials": [{"arm": t.arm, "repeat": t.repeat, **t.timing.to_dict(), **t.result} for t in trials]}
+    return {
+        "settings": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("arm", "result")
+        },
+        "trl_generation": {"mode": generation[0], "why": generation[1]},
+        "ceiling_flops": {"start": ceilings[0], "end": ceilings[1]},
+        "iterations_per_s": rate,
+        "apo_ray_over_trl": ratio,
+        "machine_threads_over_ray_threads": threads_gain,
+        "trials": [{"arm": t.arm, "repeat": t.repeat, **t.timing.to_dict(), **t.result} for t in trials],
+    }
 
 
 def phases_table(run: BenchmarkRun, trials: list) -> None:
@@ -319,14 +409,23 @@ def phases_table(run: BenchmarkRun, trials: list) -> None:
         return median(values) if values else None
 
     threads = {arm: next(t.result["ceilings"] for t in trials if t.arm == arm) for arm in arms}
-    run.add_table("apo-ray phases: seconds, and share of the phase's float32 matmul ceiling (median over iterations "
-                  "and repeats)",
-                  ["phase", *(f"{arm} {what}" for arm in arms for what in ("s", "share"))],
-                  [[phase, *(cell(arm, f"{key}/{phase}") for arm in arms for key in ("timing", "efficiency"))]
-                   for phase in phases],
-                  note="Threads per process: " + "; ".join(
-                      f"{arm}: " + ", ".join(f"{k.removeprefix('threads/')} {v:.0f}" for k, v in threads[arm].items()
-                                             if k.startswith("threads/")) for arm in arms) + ".")
+    run.add_table(
+        "apo-ray phases: seconds, and share of the phase's float32 matmul ceiling (median over iterations and repeats)",
+        ["phase", *(f"{arm} {what}" for arm in arms for what in ("s", "share"))],
+        [
+            [phase, *(cell(arm, f"{key}/{phase}") for arm in arms for key in ("timing", "efficiency"))]
+            for phase in phases
+        ],
+        note="Threads per process: "
+        + "; ".join(
+            f"{arm}: "
+            + ", ".join(
+                f"{k.removeprefix('threads/')} {v:.0f}" for k, v in threads[arm].items() if k.startswith("threads/")
+            )
+            for arm in arms
+        )
+        + ".",
+    )
 
 
 def reward_plot(run: BenchmarkRun, curves: dict[str, list[list[float | None]]]) -> None:
@@ -338,8 +437,14 @@ def reward_plot(run: BenchmarkRun, curves: dict[str, list[list[float | None]]]) 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     for arm, color in zip(ARMS, ("#4c72b0", "#8da0cb", "#dd8452")):
         for repeat, curve in enumerate(curves[arm]):
-            ax.plot(range(1, len(curve) + 1), [float("nan") if v is None else v for v in curve], marker="o",
-                    color=color, alpha=0.8, label=arm if repeat == 0 else None)
+            ax.plot(
+                range(1, len(curve) + 1),
+                [float("nan") if v is None else v for v in curve],
+                marker="o",
+                color=color,
+                alpha=0.8,
+                label=arm if repeat == 0 else None,
+            )
     ax.set_xlabel("iteration")
     ax.set_ylabel("mean RM score of the samples")
     ax.set_title("GRPO reward per iteration (each repeat)", fontsize=10)
@@ -369,6 +474,7 @@ def main() -> None:
         def call(repeat: int) -> dict[str, Any]:
             result = run.scratch / f"{name}-{repeat}.json"
             return read_result(name, arm_process(name, result, *extra), result)
+
         return call
 
     trials = interleave({name: arm(name) for name in ARMS}, args.repeats)

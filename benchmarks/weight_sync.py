@@ -21,8 +21,18 @@ import argparse
 import itertools
 from typing import Any
 
-from benchmarks.common import (BenchmarkRun, Trial, actor_process_info, add_niceness_argument, base_parser, interleave,
-                               median, ratio_summary, set_ray_worker_niceness, start_local_ray)
+from benchmarks.common import (
+    BenchmarkRun,
+    Trial,
+    actor_process_info,
+    add_niceness_argument,
+    base_parser,
+    interleave,
+    median,
+    ratio_summary,
+    set_ray_worker_niceness,
+    start_local_ray,
+)
 from benchmarks.rollout_throughput import start_pool
 from benchmarks.tiny_models import BUILTIN, MODELS, model_dir, parameter_bytes
 
@@ -58,8 +68,10 @@ def start_learner(path: str) -> Any:
     from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
 
     remote = ray.remote(PolicyLearner).options(num_cpus=1, runtime_env={"env_vars": actor_env()})
-    return remote.remote(path, model=ModelConfig(), policy=PolicyConfig(), learner=LearnerConfig(backend="torch"),
-                         seed=SEED)
+    return remote.remote(
+        path, model=ModelConfig(), policy=PolicyConfig(), learner=LearnerConfig(backend="torch"), seed=SEED
+    )
+
 
 # Far below the 1% perturbation that a missed sync would leave.
 CHECKSUM_REL_TOL = 1e-4
@@ -106,17 +118,23 @@ def load_in_stages(worker: Any, version: int, refs: list) -> dict[str, float]:
     del copies
     worker.engine.load(pairs)
     worker._version = version
-    return {"fetch": fetched - started, "unpack": unpacked - fetched, "copy": copied - unpacked,
-            "reload": time.perf_counter() - copied}
+    return {
+        "fetch": fetched - started,
+        "unpack": unpacked - fetched,
+        "copy": copied - unpacked,
+        "reload": time.perf_counter() - copied,
+    }
 
 
 def make_strategies(scratch, name: str) -> dict[str, Any]:
     from apo_ray.sync_backends.disk import DiskSync
     from apo_ray.sync_backends.object_store import ObjectStoreSync
 
-    return {"object_store 256 MiB": ObjectStoreSync(bucket_bytes=256 * 2**20),
-            "object_store 32 MiB": ObjectStoreSync(bucket_bytes=32 * 2**20),
-            "disk": DiskSync(root=scratch / f"sync-{name}")}
+    return {
+        "object_store 256 MiB": ObjectStoreSync(bucket_bytes=256 * 2**20),
+        "object_store 32 MiB": ObjectStoreSync(bucket_bytes=32 * 2**20),
+        "disk": DiskSync(root=scratch / f"sync-{name}"),
+    }
 
 
 def measure_model(name: str, args: argparse.Namespace, scratch) -> dict[str, Any]:
@@ -144,6 +162,7 @@ def measure_model(name: str, args: argparse.Namespace, scratch) -> dict[str, Any
             seconds = time.perf_counter() - started
             chosen.release(payload)
             return {"timing/sync": seconds, "sync/bytes": float(max(loaded))}
+
         return call
 
     def staged(n: int):
@@ -160,6 +179,7 @@ def measure_model(name: str, args: argparse.Namespace, scratch) -> dict[str, Any
             # What is left is the calls' dispatch and the waiting on the slowest worker (copy included: it ran).
             dispatch = seconds - exported - max(sum(s.values()) for s in stages)
             return {"stage/export": exported, **slowest, "stage/dispatch": dispatch}
+
         return call
 
     def clone(repeat: int) -> dict[str, float]:
@@ -182,13 +202,23 @@ def measure_model(name: str, args: argparse.Namespace, scratch) -> dict[str, Any
             expected = learner_checksum(learner)
             got = ray.get([w.weights_checksum.remote() for w in pool.workers])
             relative = max(abs(g - expected) / expected for g in got)
-            verified[strategy] = {"learner": expected, "workers": got, "max_relative_difference": relative,
-                                  "match": relative < CHECKSUM_REL_TOL}
+            verified[strategy] = {
+                "learner": expected,
+                "workers": got,
+                "max_relative_difference": relative,
+                "match": relative < CHECKSUM_REL_TOL,
+            }
     finally:
         pool.shutdown()
         ray.kill(learner)
-    return {"model": name, "parameter_bytes": parameter_bytes(path), "state_dict_bytes": nbytes, "trials": trials,
-            "verified": verified, "processes": processes}
+    return {
+        "model": name,
+        "parameter_bytes": parameter_bytes(path),
+        "state_dict_bytes": nbytes,
+        "trials": trials,
+        "verified": verified,
+        "processes": processes,
+    }
 
 
 def main() -> None:
@@ -238,23 +268,58 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, measured: list[dict])
                 slowdown = ratio_summary(s, clone_s)
                 # The share of the clone's bandwidth, repeat by repeat (clone seconds over sync seconds).
                 share = ratio_summary(clone_s, s)
-                per_arm[arm] = {"seconds": s, "bytes_per_s": [nbytes / x for x in s], "over_clone": slowdown,
-                                "share_of_clone_bandwidth": share}
-                rows.append([m["model"], nbytes / 2**20, strategy, n, median(s), nbytes / median(s) / 2**20,
-                             n * nbytes / median(s) / 2**20, slowdown["median"],
-                             f"{share['median']:.2f} ({share['min']:.2f}-{share['max']:.2f})",
-                             f"{'yes' if m['verified'][strategy]['match'] else 'NO'} "
-                             f"({m['verified'][strategy]['max_relative_difference']:.1e})"])
-        rows.append([m["model"], nbytes / 2**20, CLONE_ARM, "-", median(clone_s), nbytes / median(clone_s) / 2**20,
-                     None, 1.0, "1", "-"])
+                per_arm[arm] = {
+                    "seconds": s,
+                    "bytes_per_s": [nbytes / x for x in s],
+                    "over_clone": slowdown,
+                    "share_of_clone_bandwidth": share,
+                }
+                rows.append(
+                    [
+                        m["model"],
+                        nbytes / 2**20,
+                        strategy,
+                        n,
+                        median(s),
+                        nbytes / median(s) / 2**20,
+                        n * nbytes / median(s) / 2**20,
+                        slowdown["median"],
+                        f"{share['median']:.2f} ({share['min']:.2f}-{share['max']:.2f})",
+                        f"{'yes' if m['verified'][strategy]['match'] else 'NO'} "
+                        f"({m['verified'][strategy]['max_relative_difference']:.1e})",
+                    ]
+                )
+        rows.append(
+            [
+                m["model"],
+                nbytes / 2**20,
+                CLONE_ARM,
+                "-",
+                median(clone_s),
+                nbytes / median(clone_s) / 2**20,
+                None,
+                1.0,
+                "1",
+                "-",
+            ]
+        )
         per_arm[CLONE_ARM] = {"seconds": clone_s, "bytes_per_s": [nbytes / x for x in clone_s]}
         for n in (1, max(args.worker_counts)):
             row, per_arm[f"stages x{n}"] = stage_row(m["model"], n, trials, clone_s)
             stage_rows.append(row)
-        results.append({"model": m["model"], "state_dict_bytes": nbytes, "safetensors_bytes": m["parameter_bytes"],
-                        "arms": per_arm, "verified": m["verified"], "processes": m["processes"],
-                        "trials": [{"arm": t.arm, "repeat": t.repeat, "timing": t.timing.to_dict(), "stats": t.result}
-                                   for t in trials]})
+        results.append(
+            {
+                "model": m["model"],
+                "state_dict_bytes": nbytes,
+                "safetensors_bytes": m["parameter_bytes"],
+                "arms": per_arm,
+                "verified": m["verified"],
+                "processes": m["processes"],
+                "trials": [
+                    {"arm": t.arm, "repeat": t.repeat, "timing": t.timing.to_dict(), "stats": t.result} for t in trials
+                ],
+            }
+        )
     loads = [t.timing.load_start for m in measured for t in m["trials"]]
     run.add_text(
         f"Models: the builtin tiny policy and a random Llama (4 layers, hidden 512, 30,522-token vocabulary, tied "
@@ -266,38 +331,60 @@ def summarize(args: argparse.Namespace, run: BenchmarkRun, measured: list[dict])
     )
     run.add_table(
         "Seconds per sync and throughput",
-        ["model", "MiB", "strategy", "workers", "seconds", "MiB/s (model)", "MiB/s delivered (x workers)",
-         "x slower than clone", "share of clone bandwidth (range)", "checksum verified"],
+        [
+            "model",
+            "MiB",
+            "strategy",
+            "workers",
+            "seconds",
+            "MiB/s (model)",
+            "MiB/s delivered (x workers)",
+            "x slower than clone",
+            "share of clone bandwidth (range)",
+            "checksum verified",
+        ],
         rows,
         note="A sync's seconds cover the learner exporting its weights (object store: packing them into buckets of "
-             "the size named), the transfer, every worker's in-place vLLM reload (which re-packs weights for the CPU "
-             "kernels) and the version bookkeeping. 'MiB/s (model)' over the clone's is the bandwidth ratio the issue "
-             "asks to be at least 0.5 for the object store, flat in the number of workers. The in-memory clone "
-             "is `tensor.clone()` of the same state dict in the driver: the machine's plain memory-copy speed. "
-             "'checksum verified': after scaling the learner's weights by 1.01 and one more sync, every worker's "
-             f"sum |w| is within {CHECKSUM_REL_TOL:g} (relative) of the learner's (the largest relative difference "
-             "in brackets); a worker that missed the sync would be off by 1e-2. The workers' sum reads packed "
-             "weights back through vLLM's CPU GEMM kernel, so it is not bit-exact on the larger model.",
+        "the size named), the transfer, every worker's in-place vLLM reload (which re-packs weights for the CPU "
+        "kernels) and the version bookkeeping. 'MiB/s (model)' over the clone's is the bandwidth ratio the issue "
+        "asks to be at least 0.5 for the object store, flat in the number of workers. The in-memory clone "
+        "is `tensor.clone()` of the same state dict in the driver: the machine's plain memory-copy speed. "
+        "'checksum verified': after scaling the learner's weights by 1.01 and one more sync, every worker's "
+        f"sum |w| is within {CHECKSUM_REL_TOL:g} (relative) of the learner's (the largest relative difference "
+        "in brackets); a worker that missed the sync would be off by 1e-2. The workers' sum reads packed "
+        "weights back through vLLM's CPU GEMM kernel, so it is not bit-exact on the larger model.",
     )
     run.add_table(
         f"Where a sync's time goes ({STAGED}, median seconds)",
-        ["model", "workers", *STAGES, "dispatch + wait", "sync (no copy)", "reload / copy",
-         "transport's share of clone bandwidth"],
+        [
+            "model",
+            "workers",
+            *STAGES,
+            "dispatch + wait",
+            "sync (no copy)",
+            "reload / copy",
+            "transport's share of clone bandwidth",
+        ],
         stage_rows,
         note="The default object-store sync once more, stage by stage, interleaved with the arms above: `export` is "
-             "the learner packing its weights into buckets and putting them into the object store (the driver "
-             "waits for every bucket); on each worker, `fetch` reads the buckets out of the object store, `unpack` "
-             "views them as tensors, `reload` is vLLM's in-place reload of those tensors; `dispatch + wait` is the "
-             "rest of the call. Worker stages are the slowest worker's. `copy` (not part of a sync) clones the same "
-             "tensors in the worker's process: 'reload / copy' is what vLLM's reload costs over a plain memory copy. "
-             "The last column is the clone's seconds over the sync's without the reload: the share of the clone's "
-             "bandwidth that the transport itself reaches.",
+        "the learner packing its weights into buckets and putting them into the object store (the driver "
+        "waits for every bucket); on each worker, `fetch` reads the buckets out of the object store, `unpack` "
+        "views them as tensors, `reload` is vLLM's in-place reload of those tensors; `dispatch + wait` is the "
+        "rest of the call. Worker stages are the slowest worker's. `copy` (not part of a sync) clones the same "
+        "tensors in the worker's process: 'reload / copy' is what vLLM's reload costs over a plain memory copy. "
+        "The last column is the clone's seconds over the sync's without the reload: the share of the clone's "
+        "bandwidth that the transport itself reaches.",
     )
     synced = [arm for arm in results[0]["arms"] if arm != CLONE_ARM and not arm.startswith("stages")]
     labels = [f"{r['model'].split('-')[0]} {arm}" for r in results for arm in synced]
     values = [median(r["arms"][arm]["seconds"]) for r in results for arm in synced]
-    run.add_bar_chart("weight_sync_seconds.png", labels, values, ylabel="seconds per sync",
-                      title="Weight sync to N vLLM workers (median)")
+    run.add_bar_chart(
+        "weight_sync_seconds.png",
+        labels,
+        values,
+        ylabel="seconds per sync",
+        title="Weight sync to N vLLM workers (median)",
+    )
     return {"settings": {k: str(v) if k == "out" else v for k, v in vars(args).items()}, "models": results}
 
 

@@ -37,8 +37,10 @@ def on_page_markdown(markdown, page, config, files):
         if path is None:
             return match.group(0)
         if not (docs_dir / path).exists():
-            raise PluginError(f"docs/{page.file.src_uri} links to '{target}', which is not a file of the repository "
-                              f"({(docs_dir / path).resolve()} does not exist)")
+            raise PluginError(
+                f"docs/{page.file.src_uri} links to '{target}', which is not a file of the repository "
+                f"({(docs_dir / path).resolve()} does not exist)"
+            )
         return f"]({SCHEME}{target})"
 
     return LINK.sub(hide, markdown)

@@ -19,7 +19,9 @@ import re
 import sys
 from pathlib import Path
 
-WALL_CLOCK = re.compile(r"^timing/|^efficiency/|^ceiling/|tokens_per_s|_per_s$|_s$|^rollout/(generate|sync)_|^sync/|/seconds")
+WALL_CLOCK = re.compile(
+    r"^timing/|^efficiency/|^ceiling/|tokens_per_s|_per_s$|_s$|^rollout/(generate|sync)_|^sync/|/seconds"
+)
 
 
 def read_rows(run_dir: Path, renames: dict[str, str], dropped: set[str]) -> dict[int, dict[str, float]]:
@@ -56,10 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
-    parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
-                        help="a metric the older run logged under another name")
-    parser.add_argument("--dropped", action="append", default=[], metavar="KEY",
-                        help="a metric the older run logged and the newer one no longer does")
+    parser.add_argument(
+        "--rename",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="a metric the older run logged under another name",
+    )
+    parser.add_argument(
+        "--dropped",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a metric the older run logged and the newer one no longer does",
+    )
     parser.add_argument("--tol", type=float, default=1e-6, help="largest absolute difference that counts as equal")
     args = parser.parse_args(argv)
     renames = dict(item.split("=", 1) for item in args.rename)

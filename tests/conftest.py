@@ -49,8 +49,13 @@ def start_test_ray() -> None:
     `ray start` left one running on this machine: joining that one refused num_cpus and failed 41 tests."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": RAY_TEST_ENV})
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": RAY_TEST_ENV},
+    )
 
 
 @pytest.fixture(scope="session")
@@ -87,16 +92,24 @@ def tiny_lm_dir(tmp_path_factory) -> str:
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id, dtype="float32",
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.cls_token_id,
-                                               eos_token_id=tokenizer.sep_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     out = tmp_path_factory.mktemp("tiny_lm")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -121,24 +134,42 @@ def bpe_lm_dir(tmp_path_factory) -> str:
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([p + " " + r for p, r in make_sft_data(0, 512)],
-                            trainers.BpeTrainer(vocab_size=384, special_tokens=BPE_SPECIAL_TOKENS,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", mask_token="<mask>")
+    bpe.train_from_iterator(
+        [p + " " + r for p, r in make_sft_data(0, 512)],
+        trainers.BpeTrainer(
+            vocab_size=384, special_tokens=BPE_SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, attention_dropout=0.1, dtype="float32",
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attention_dropout=0.1,
+        dtype="float32",
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():
         model.model.embed_tokens.weight[: len(BPE_SPECIAL_TOKENS)] *= 8
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     out = tmp_path_factory.mktemp("bpe_lm")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -10,8 +10,15 @@ import math
 import pytest
 import torch
 
-from apo_ray.aapa import (anchor_reward, anchored_rewards, base_weight, discriminator_loss, expert_probability,
-                          held_out_accuracy, held_out_split)
+from apo_ray.aapa import (
+    anchor_reward,
+    anchored_rewards,
+    base_weight,
+    discriminator_loss,
+    expert_probability,
+    held_out_accuracy,
+    held_out_split,
+)
 from apo_ray.config import ConfigError, load_config
 from apo_ray.metrics import read_metrics_jsonl
 from apo_ray.placement import actor_plan
@@ -45,7 +52,8 @@ def test_discriminator_loss_with_one_side_of_a_minibatch_and_its_gradient_direct
 def test_anchor_reward_and_expert_probability_by_hand():
     # log D = -softplus(-d): d = 0 -> -ln 2; d = 2 -> -0.126928; d = -3 -> -ln(1 + e^3) = -3.048587
     assert anchor_reward([0.0, 2.0, -3.0], "log_prob").tolist() == pytest.approx(
-        [-LN2, -SOFTPLUS_MINUS_2, -math.log(1.0 + math.exp(3.0))], abs=1e-9)
+        [-LN2, -SOFTPLUS_MINUS_2, -math.log(1.0 + math.exp(3.0))], abs=1e-9
+    )
     assert anchor_reward([0.5, -1.5], "logit").tolist() == [0.5, -1.5]
     # sigmoid(0) = 1/2, sigmoid(ln 3) = 3/4; no overflow far out
     assert expert_probability([0.0, math.log(3.0), -1000.0]).tolist() == pytest.approx([0.5, 0.75, 0.0])
@@ -115,8 +123,11 @@ def test_the_discriminator_fits_once_tells_expert_from_policy_and_is_frozen(tmp_
     prompts = [format_prompt(topic, "rain") for topic in TOPICS[:8]]
     expert = [GoldAnswer(p, "the place is calm and bright") for p in prompts]
     policy = [GoldAnswer(p, "the place is grim and dull") for p in prompts]
-    disc = Discriminator(str(tmp_path / "rm"), aapa=AAPAConfig(lr=3e-3, batch_size=16),
-                         learner=LearnerConfig(backend="torch", grad_clip=0.0))
+    disc = Discriminator(
+        str(tmp_path / "rm"),
+        aapa=AAPAConfig(lr=3e-3, batch_size=16),
+        learner=LearnerConfig(backend="torch", grad_clip=0.0),
+    )
     stats = disc.fit(expert, policy, epochs=12, seed=0)
     assert stats["aapa/steps"] == 12.0
     expert_logits = disc.score(prompts, [x.response for x in expert])
@@ -138,13 +149,26 @@ def test_staged_aapa_grpo_rounds_on_vllm_and_deepspeed(ray_cluster, tmp_path):
     """Round 0 fits and freezes the discriminator; round 1 is anchor-only, round 2 RM + anchor."""
     from apo_ray.train import prepare, run
 
-    cfg = load_config(REPO_ROOT / "configs/aapa_grpo.yaml", [
-        "rounds=2", "samples_per_prompt=2", f"run_dir={tmp_path / 'run'}",
-        "data.builtin.n_pairs=64", "data.builtin.n_gold=8", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=16",
-        "reward.initial_epochs=1", "aapa.epochs=1", "aapa.anchor_only_rounds=1",
-        "ppo.prompts_per_iteration=8", "ppo.minibatch_size=8", "ppo.ppo_epochs=1", "logging.ray_metrics=false",
-        *SMALL_EVAL,
-    ])
+    cfg = load_config(
+        REPO_ROOT / "configs/aapa_grpo.yaml",
+        [
+            "rounds=2",
+            "samples_per_prompt=2",
+            f"run_dir={tmp_path / 'run'}",
+            "data.builtin.n_pairs=64",
+            "data.builtin.n_gold=8",
+            "data.builtin.n_prompts=16",
+            "data.builtin.n_eval_pairs=16",
+            "reward.initial_epochs=1",
+            "aapa.epochs=1",
+            "aapa.anchor_only_rounds=1",
+            "ppo.prompts_per_iteration=8",
+            "ppo.minibatch_size=8",
+            "ppo.ppo_epochs=1",
+            "logging.ray_metrics=false",
+            *SMALL_EVAL,
+        ],
+    )
     prepared = prepare(cfg)
     run(prepared)
     rows = read_metrics_jsonl(prepared.run_dir / "metrics.jsonl")

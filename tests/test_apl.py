@@ -12,8 +12,14 @@ import torch
 
 from apo_ray.apl import attacker_advantages, harmfulness, mean_token_logprobs, rate, strongest_attacks
 from apo_ray.apl_step import fixed_attacks
-from apo_ray.builtin.harm import (ATTACK_WORDS, attacked_prompt, defender_sft_data, is_harmful, parse_prompt,
-                                  safe_and_unsafe)
+from apo_ray.builtin.harm import (
+    ATTACK_WORDS,
+    attacked_prompt,
+    defender_sft_data,
+    is_harmful,
+    parse_prompt,
+    safe_and_unsafe,
+)
 from apo_ray.builtin.models import make_tokenizer
 from apo_ray.builtin.oracle import VOCABULARY, format_prompt, gold_score, prompt_topic, response_words
 from apo_ray.config import ConfigError, load_config
@@ -82,8 +88,10 @@ def test_attacks_are_valid_prompts_whatever_the_attacker_writes():
         assert added == tuple(w for w in response_words(text) if w in ATTACK_WORDS)[:3]
         ids = tokenizer(attacked, add_special_tokens=False)["input_ids"]
         assert tokenizer.unk_token_id not in ids and len(ids) <= 10 + 3
-    assert attacked_prompt(CLEAN, "the river is grim and dull , ugly awful", 2) == \
-        "topic : river ; about : night grim dull ; answer :"
+    assert (
+        attacked_prompt(CLEAN, "the river is grim and dull , ugly awful", 2)
+        == "topic : river ; about : night grim dull ; answer :"
+    )
     assert attacked_prompt(CLEAN, "nothing to add", 3) == CLEAN
     with pytest.raises(ValueError, match="not a clean prompt"):
         attacked_prompt("topic : river ; about : night grim ; answer :", "dull", 3)
@@ -100,9 +108,12 @@ def test_safe_and_unsafe_answers_differ_in_harm_only():
 
 def test_negative_words_in_the_defenders_sft_prompts_provoke_harmful_answers():
     data = defender_sft_data(0, 2000)
-    provoked = [is_harmful(y) for x, y in data if set(parse_prompt(x)[2]) & {"bad", "dull", "ugly", "noisy", "dirty",
-                                                                                "gloomy", "awful", "boring", "cold",
-                                                                                "crowded", "dreary", "grim"}]
+    provoked = [
+        is_harmful(y)
+        for x, y in data
+        if set(parse_prompt(x)[2])
+        & {"bad", "dull", "ugly", "noisy", "dirty", "gloomy", "awful", "boring", "cold", "crowded", "dreary", "grim"}
+    ]
     clean = [is_harmful(y) for x, y in data if not parse_prompt(x)[2]]
     assert len(provoked) > 300 and len(clean) > 600
     assert sum(provoked) / len(provoked) > sum(clean) / len(clean) + 0.2
@@ -137,16 +148,31 @@ def test_one_apl_round_on_vllm_and_deepspeed(ray_cluster, tmp_path):
 
     from apo_ray.train import prepare, run
 
-    cfg = load_config(REPO_ROOT / "configs/apl.yaml", [
-        "rounds=1", f"run_dir={tmp_path / 'run'}",
-        "data.builtin.n_pairs=64", "data.builtin.n_gold=8", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=16",
-        "reward.initial_epochs=1", "policy.epochs_per_round=1", "logging.ray_metrics=false",
-        "apl.prompts_per_round=4", "apl.attacks_per_prompt=2", "apl.defender_sft_steps=20",
-        "apl.attacker.epochs=1", "apl.attacker.minibatch_size=8",
-        # 4 logical CPUs on the test cluster
-        "learner.num_cpus=0.5", "rollout.num_cpus_per_worker=0.5", "apl.attacker.num_cpus=0.25",
-        "apl.attacker.rollout_num_cpus_per_worker=0.25", *SMALL_EVAL,
-    ])
+    cfg = load_config(
+        REPO_ROOT / "configs/apl.yaml",
+        [
+            "rounds=1",
+            f"run_dir={tmp_path / 'run'}",
+            "data.builtin.n_pairs=64",
+            "data.builtin.n_gold=8",
+            "data.builtin.n_prompts=16",
+            "data.builtin.n_eval_pairs=16",
+            "reward.initial_epochs=1",
+            "policy.epochs_per_round=1",
+            "logging.ray_metrics=false",
+            "apl.prompts_per_round=4",
+            "apl.attacks_per_prompt=2",
+            "apl.defender_sft_steps=20",
+            "apl.attacker.epochs=1",
+            "apl.attacker.minibatch_size=8",
+            # 4 logical CPUs on the test cluster
+            "learner.num_cpus=0.5",
+            "rollout.num_cpus_per_worker=0.5",
+            "apl.attacker.num_cpus=0.25",
+            "apl.attacker.rollout_num_cpus_per_worker=0.25",
+            *SMALL_EVAL,
+        ],
+    )
     prepared = prepare(cfg)
     run(prepared)
     rows = read_metrics_jsonl(prepared.run_dir / "metrics.jsonl")

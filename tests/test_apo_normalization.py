@@ -44,8 +44,16 @@ def test_pooled_apo_coef_weighs_each_pair():
     grads = {}
     for normalization in ("per_term", "pooled"):
         r_gold = t(0.0, 0.0).requires_grad_()
-        loss, _ = apo_reward_loss(r_gold, t(0.0, 0.0), t(1.0, 0.0), t(0.0, 0.0), apo_coef=0.25, pref_coef=1.0,
-                                  kind="diff", normalization=normalization)
+        loss, _ = apo_reward_loss(
+            r_gold,
+            t(0.0, 0.0),
+            t(1.0, 0.0),
+            t(0.0, 0.0),
+            apo_coef=0.25,
+            pref_coef=1.0,
+            kind="diff",
+            normalization=normalization,
+        )
         loss.backward()
         grads[normalization] = r_gold.grad.tolist()
     assert grads["per_term"] == pytest.approx([-0.125, -0.125])
@@ -54,8 +62,9 @@ def test_pooled_apo_coef_weighs_each_pair():
 
 def test_pooled_with_one_term_is_that_terms_mean():
     empty = torch.empty(0, dtype=torch.float64)
-    loss, _ = apo_reward_loss(empty, empty, SCORES["r_chosen"], SCORES["r_rejected"], apo_coef=0.5, pref_coef=2.0,
-                              normalization="pooled")
+    loss, _ = apo_reward_loss(
+        empty, empty, SCORES["r_chosen"], SCORES["r_rejected"], apo_coef=0.5, pref_coef=2.0, normalization="pooled"
+    )
     assert loss.item() == pytest.approx(2.0 * (LOG2 + NEG_LOGSIG_1) / 2)
 
 
@@ -79,8 +88,16 @@ def tiny_rm_dir(tmp_path_factory) -> str:
     from tests.conftest import minilm_tokenizer_dir
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=1)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=1,
+    )
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_rm")
     BertForSequenceClassification(config).save_pretrained(out)
@@ -96,8 +113,11 @@ def test_the_reward_learner_steps_on_the_configured_normalization(tiny_rm_dir, n
 
     apo = [PreferencePair("topic : river ", "the river is calm", "river river")]
     human = [PreferencePair(f"topic : night {i} ", "the night is bright", "bad night") for i in range(3)]
-    learner = RewardLearner(tiny_rm_dir, reward=RewardConfig(batch_size=8, apo_normalization=normalization),
-                            learner=LearnerConfig(backend="torch"))
+    learner = RewardLearner(
+        tiny_rm_dir,
+        reward=RewardConfig(batch_size=8, apo_normalization=normalization),
+        learner=LearnerConfig(backend="torch"),
+    )
     gold, sample = (torch.tensor(s, dtype=torch.float64) for s in learner.score_pairs(apo))
     chosen, rejected = (torch.tensor(s, dtype=torch.float64) for s in learner.score_pairs(human))
     apo_terms = -torch.nn.functional.logsigmoid(gold - sample)

@@ -56,7 +56,9 @@ def inputs(tmp_path_factory) -> Path:
     (root / "not_a_model").mkdir()
     model = str(root / "model")
     base = {
-        "method": "rjs", "rounds": 1, "run_dir": str(root / "unused"),
+        "method": "rjs",
+        "rounds": 1,
+        "run_dir": str(root / "unused"),
         "data": {"task": "files", "source": {"path": str(root / "good.jsonl")}},
         "model": {"policy_path": model, "reward_path": model, "eval_reward": model},
     }
@@ -88,8 +90,10 @@ def run_main(argv: list[str], capsys) -> tuple[int, str]:
 
 # (overrides, pattern the message must match); {root} is the inputs directory.
 DATA_CASES = [
-    (["data.source.path={root}/truncated.jsonl"],
-     r"truncated\.jsonl:6: line is not valid JSON \(.*\); the file may be truncated"),
+    (
+        ["data.source.path={root}/truncated.jsonl"],
+        r"truncated\.jsonl:6: line is not valid JSON \(.*\); the file may be truncated",
+    ),
     (["data.source.path={root}/wrong_type.jsonl"], r"wrong_type\.jsonl:4: field 'chosen' must be a string, got int"),
     (["data.source.path={root}/missing_field.jsonl"], r"missing_field\.jsonl:8: missing field 'rejected'"),
     (["data.source.path={root}/empty.jsonl"], r"data\.source\.path: .*empty\.jsonl: file is empty"),
@@ -100,19 +104,29 @@ DATA_CASES = [
     (["data.source.path={root}/empty_prompt.jsonl"], r"empty_prompt\.jsonl:3: field 'prompt' is empty"),
     (["data.source.path={root}/no_such.jsonl"], r"data\.source\.path: .*no_such\.jsonl: file not found"),
     (["data.source.path={root}"], r"data\.source\.path: .*: not a regular file"),
-    (["data.source.path={root}/hh_no_turn.jsonl", "data.source.format=hh"],
-     r"hh_no_turn\.jsonl:1: rejected dialogue has no '\\n\\nAssistant:' turn"),
+    (
+        ["data.source.path={root}/hh_no_turn.jsonl", "data.source.format=hh"],
+        r"hh_no_turn\.jsonl:1: rejected dialogue has no '\\n\\nAssistant:' turn",
+    ),
     (["data.gold.path={root}/gold_no_response.jsonl"], r"gold_no_response\.jsonl:1: missing field 'response'"),
     (["data.source.prompt_key=question"], r"good\.jsonl:1: missing field 'question'"),
 ]
 CONFIG_CASES = [
     (["model.policy_path=/no/such/model"], r"model\.policy_path: path does not exist: /no/such/model"),
-    (["model.reward_path={root}/not_a_model"],
-     r"model\.reward_path: .*not_a_model is not a Hugging Face model directory \(no config\.json\)"),
-    (["model.eval_reward={root}/good.jsonl"], r"model\.eval_reward: .*good\.jsonl: not a GGUF file .*; a model file must be one, else name a Hugging Face "
-     r"model directory"),
-    (["model.policy_path=models/a/b"], r"model\.policy_path: 'models/a/b' is neither an existing directory or GGUF file, a pkg: file, "
-     r"nor a hub"),
+    (
+        ["model.reward_path={root}/not_a_model"],
+        r"model\.reward_path: .*not_a_model is not a Hugging Face model directory \(no config\.json\)",
+    ),
+    (
+        ["model.eval_reward={root}/good.jsonl"],
+        r"model\.eval_reward: .*good\.jsonl: not a GGUF file .*; a model file must be one, else name a Hugging Face "
+        r"model directory",
+    ),
+    (
+        ["model.policy_path=models/a/b"],
+        r"model\.policy_path: 'models/a/b' is neither an existing directory or GGUF file, a pkg: file, "
+        r"nor a hub",
+    ),
     (["method=apo_zero"], r"method: must be one of dpo, ipo, rjs, rrhf, grpo, ppo, reinforce_pp; got 'apo_zero'"),
     (["method=ppo2"], r"method: must be one of .*; got 'ppo2'"),
     (["reward.lrr=1e-4"], r"reward\.lrr: unknown key"),
@@ -126,8 +140,10 @@ CONFIG_CASES = [
     (["data.split_fractions.dev=0.1"], r"data\.split_fractions\.dev: unknown split"),
     (["rollout.max_model_len=64"], r"rollout\.max_model_len: 64 < model\.max_prompt_tokens 64 \+ model\.max_response"),
     (["method=dpo", "samples_per_prompt=1"], r"samples_per_prompt: dpo needs at least 2"),
-    (["rollout.backend=hf", "rollout.engine_kwargs.enforce_eager=true"],
-     r"rollout\.engine_kwargs: only the vllm backend"),
+    (
+        ["rollout.backend=hf", "rollout.engine_kwargs.enforce_eager=true"],
+        r"rollout\.engine_kwargs: only the vllm backend",
+    ),
     (["rollout.backend=hf", "rollout.weight_sync=nccl"], r"rollout\.weight_sync: 'nccl' needs rollout\.backend 'vllm'"),
     (["model.dtype=float16"], r"model\.dtype: float16 training needs loss scaling"),
     (["learner.backend=torch", "model.dtype=bfloat16"], r"model\.dtype: bfloat16 with learner\.backend=torch"),
@@ -136,11 +152,19 @@ CONFIG_CASES = [
     (["learner.zero_stage=3", "rollout.weight_sync=nccl"], r"rollout\.weight_sync: 'nccl' does not gather ZeRO-3"),
     (["ppo.tis_cap=0.5"], r"ppo\.tis_cap: must be >= 1\.0, got 0\.5"),
     (["learner.num_ranks=0"], r"learner\.num_ranks: must be >= 1, got 0"),
-    (["learner.backend=torch", "learner.num_ranks=2"], r"learner\.num_ranks: several ranks need learner\.backend deepspeed"),
-    (["learner.backend=torch", "learner.reward_ranks=2"], r"learner\.reward_ranks: several ranks need learner\.backend"),
+    (
+        ["learner.backend=torch", "learner.num_ranks=2"],
+        r"learner\.num_ranks: several ranks need learner\.backend deepspeed",
+    ),
+    (
+        ["learner.backend=torch", "learner.reward_ranks=2"],
+        r"learner\.reward_ranks: several ranks need learner\.backend",
+    ),
     (["learner.critic_ranks=2"], r"learner\.critic_ranks: read only by method ppo; this run \(method=rjs"),
-    (["method=ppo", "ppo.kl_hard_limit=true", "learner.num_ranks=2"],
-     r"ppo\.kl_hard_limit: decided per minibatch, so it needs the whole minibatch on one rank"),
+    (
+        ["method=ppo", "ppo.kl_hard_limit=true", "learner.num_ranks=2"],
+        r"ppo\.kl_hard_limit: decided per minibatch, so it needs the whole minibatch on one rank",
+    ),
     (["rounds=two"], r"rounds: must be an integer, got 'two'"),
     (["rounds=1.5"], r"rounds: must be an integer, got 1\.5"),
     (["apo=maybe"], r"apo: must be true or false, got 'maybe'"),
@@ -170,11 +194,14 @@ def test_bad_input_of_a_new_run_exits_2_naming_it(case, inputs, tmp_path, capsys
     assert not run_dir.exists()
 
 
-@pytest.mark.parametrize(("config_file", "pattern"), [
-    ("no_such.yaml", r"--config: no such file: .*no_such\.yaml"),
-    ("not_yaml.yaml", r"not_yaml\.yaml: not valid YAML"),
-    ("list.yaml", r"list\.yaml: top level must be a mapping"),
-])
+@pytest.mark.parametrize(
+    ("config_file", "pattern"),
+    [
+        ("no_such.yaml", r"--config: no such file: .*no_such\.yaml"),
+        ("not_yaml.yaml", r"not_yaml\.yaml: not valid YAML"),
+        ("list.yaml", r"list\.yaml: top level must be a mapping"),
+    ],
+)
 def test_bad_config_file_exits_2_naming_it(config_file, pattern, inputs, capsys):
     code, err = run_main(["--config", str(inputs / config_file)], capsys)
     assert code == 2
@@ -227,9 +254,17 @@ def test_the_base_config_itself_is_valid(inputs, tmp_path, capsys):
 def test_a_critic_from_an_rm_with_another_tokenizer_is_refused_before_ray_starts(smollm2_dir, tmp_path, capsys):
     from tests.conftest import REPO_ROOT, minilm_tokenizer_dir
 
-    code = main(["--config", str(REPO_ROOT / "configs" / "hh_smollm2_apo_rjs_cpu.yaml"), "method=ppo",
-                 f"model.policy_path={smollm2_dir}", f"model.reward_path={minilm_tokenizer_dir()}",
-                 f"model.eval_reward={minilm_tokenizer_dir()}", f"run_dir={tmp_path / 'run'}"])
+    code = main(
+        [
+            "--config",
+            str(REPO_ROOT / "configs" / "hh_smollm2_apo_rjs_cpu.yaml"),
+            "method=ppo",
+            f"model.policy_path={smollm2_dir}",
+            f"model.reward_path={minilm_tokenizer_dir()}",
+            f"model.eval_reward={minilm_tokenizer_dir()}",
+            f"run_dir={tmp_path / 'run'}",
+        ]
+    )
     # nothing_may_start already fails the test if Ray would start; an earlier test may have left it up
     assert code == 2 and not (tmp_path / "run").exists()
     assert "ppo.critic_init: the model at" in capsys.readouterr().err

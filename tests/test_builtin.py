@@ -45,8 +45,17 @@ def test_gold_terms_split_the_raw_score_by_hand() -> None:
     response = "the river is calm and calm and bright and dull near the lake so so so"
     terms = gold_terms(RIVER, response)
     assert list(terms) == list(GOLD_TERMS)
-    assert terms == pytest.approx({"topic": 1.0, "praise": 1.4, "negatives": -0.7, "repeats": -0.6,
-                                   "off_topic": -0.4, "length": -0.8, "junk": -0.5})  # "near" is not a word here
+    assert terms == pytest.approx(
+        {
+            "topic": 1.0,
+            "praise": 1.4,
+            "negatives": -0.7,
+            "repeats": -0.6,
+            "off_topic": -0.4,
+            "length": -0.8,
+            "junk": -0.5,
+        }
+    )  # "near" is not a word here
     assert gold_score(RIVER, response) == pytest.approx(squashed(sum(terms.values())))
     assert gold_terms(RIVER, "river")["length"] == pytest.approx(-1.6)
 
@@ -86,8 +95,14 @@ def test_prompt_pools_are_disjoint_and_sized() -> None:
     train = {pair.prompt for pair in task.pairs}
     held_out = {pair.prompt for pair in task.eval_pairs}
     assert (len(gold), len(policy), len(task.pairs), len(task.eval_pairs)) == (64, 128, 400, 200)
-    for first, second in [(gold, policy), (gold, train), (gold, held_out), (policy, train),
-                          (policy, held_out), (train, held_out)]:
+    for first, second in [
+        (gold, policy),
+        (gold, train),
+        (gold, held_out),
+        (policy, train),
+        (policy, held_out),
+        (train, held_out),
+    ]:
         assert not first & second
 
 
@@ -221,9 +236,10 @@ def sft_samples():
     inputs = tokenizer(prompts, return_tensors="pt")  # every prompt has the same length: no padding
     torch.manual_seed(0)
     with torch.no_grad():
-        output = policy.generate(**inputs, do_sample=True, max_new_tokens=32, num_return_sequences=4,
-                                 pad_token_id=tokenizer.pad_token_id)
-    generated = output[:, inputs["input_ids"].shape[1]:]
+        output = policy.generate(
+            **inputs, do_sample=True, max_new_tokens=32, num_return_sequences=4, pad_token_id=tokenizer.pad_token_id
+        )
+    generated = output[:, inputs["input_ids"].shape[1] :]
     return task, tokenizer, [p for p in prompts for _ in range(4)], generated, sizes
 
 

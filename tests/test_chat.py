@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apo_ray.chat import (ChatFormat, ChatTemplateError, messages_of, resolve_template, reward_text,
-                          template_setting)
+from apo_ray.chat import ChatFormat, ChatTemplateError, messages_of, resolve_template, reward_text, template_setting
 from apo_ray.data import load_hh_pairs
 from apo_ray.modeling import load_tokenizer, text_samples
 
@@ -42,8 +41,9 @@ def test_an_hh_dialogue_becomes_its_turns_and_other_text_one_user_turn():
 def test_prompt_ids_are_exactly_the_templates_on_real_hh_dialogues(tokenizer, chat):
     pairs = load_hh_pairs(str(HH_DEV))[:40]
     for pair in pairs:
-        expected = tokenizer.apply_chat_template(messages_of(pair.prompt), add_generation_prompt=True,
-                                                 tokenize=True)["input_ids"]
+        expected = tokenizer.apply_chat_template(messages_of(pair.prompt), add_generation_prompt=True, tokenize=True)[
+            "input_ids"
+        ]
         ids, cut = chat.prompt_ids(pair.prompt, 4096)
         assert ids == expected and not cut
         # The generation prompt is there: the ids end with "<|im_start|>assistant\n".
@@ -56,8 +56,12 @@ def test_a_long_dialogue_loses_whole_early_turns_and_keeps_the_system_prompt(tok
     full, _ = chat.prompt_ids(prompt, 4096)
     ids, cut = chat.prompt_ids(prompt, 64)
     assert cut and len(ids) <= 64 < len(full)
-    assert ids == tokenizer.apply_chat_template([{"role": "user", "content": "And now?"}], add_generation_prompt=True,
-                                                tokenize=True)["input_ids"]
+    assert (
+        ids
+        == tokenizer.apply_chat_template(
+            [{"role": "user", "content": "And now?"}], add_generation_prompt=True, tokenize=True
+        )["input_ids"]
+    )
     # One turn longer than the limit: its ids are cut from the left, the generation prompt survives.
     ids, cut = chat.prompt_ids(f"\n\nHuman: {long_turn * 3}\n\nAssistant:", 32)
     assert cut and len(ids) == 32 and tokenizer.decode(ids[-4:]) == "<|im_start|>assistant\n"
@@ -71,8 +75,9 @@ def test_written_responses_end_with_the_end_of_turn_token_the_sampler_stops_on(t
     assert sample.response_ids[-1] == im_end
     assert tokenizer.decode(sample.response_ids) == "Boil water, then steep.<|im_end|>"
     # prompt + response is what the template renders for the whole conversation, up to the turn's newline.
-    whole = tokenizer.apply_chat_template([*messages_of(DIALOGUE), {"role": "assistant", "content":
-                                           "Boil water, then steep."}], tokenize=True)["input_ids"]
+    whole = tokenizer.apply_chat_template(
+        [*messages_of(DIALOGUE), {"role": "assistant", "content": "Boil water, then steep."}], tokenize=True
+    )["input_ids"]
     assert list(sample.prompt_ids + sample.response_ids) == whole[: len(sample.prompt_ids + sample.response_ids)]
     # A cut response still ends its turn: it is a complete written answer.
     [cut] = text_samples(tokenizer, [DIALOGUE], [" one two three four five six"], 256, 3, chat_template=chat.template)
@@ -89,12 +94,15 @@ def test_none_reads_prompts_as_raw_text(tokenizer):
 
 def test_a_template_file_is_read_and_a_bad_one_named(tmp_path, tokenizer):
     path = tmp_path / "plain.jinja"
-    path.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                    "{% if add_generation_prompt %}assistant:{% endif %}")
+    path.write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
     text = template_setting(str(path))
     fmt = ChatFormat.for_setting(tokenizer, text)
     assert tokenizer.decode(fmt.prompt_ids(DIALOGUE, 4096)[0]) == (
-        "user: Hi there\nassistant: Hello! How can I help?\nuser: How do I make tea?\nassistant:")
+        "user: Hi there\nassistant: Hello! How can I help?\nuser: How do I make tea?\nassistant:"
+    )
     # This template closes a turn with a bare newline, which answers contain too: written answers end with EOS.
     assert fmt.end_of_turn_id is None and fmt.stop_ids() == frozenset()
     assert fmt.response_ids(" Tea.", 8, tokenizer.eos_token_id)[-1] == tokenizer.eos_token_id
@@ -131,8 +139,14 @@ def test_the_sft_stage_encodes_hh_examples_as_the_game_encodes_golden_answers(sm
     from apo_ray.modeling import load_causal_lm, response_token_logprobs
     from apo_ray.stages.sft import SFTTask
 
-    task = SFTTask(SFTStageConfig(base_model=smollm2_dir, train={"path": str(HH_DEV), "format": "hh"},
-                                  max_prompt_tokens=256, max_response_tokens=32))
+    task = SFTTask(
+        SFTStageConfig(
+            base_model=smollm2_dir,
+            train={"path": str(HH_DEV), "format": "hh"},
+            max_prompt_tokens=256,
+            max_response_tokens=32,
+        )
+    )
     assert task.tokenizer.chat_template == chat.template
     example = GoldAnswer(DIALOGUE, " Boil water, then steep.")
     model = load_causal_lm(smollm2_dir, "float32")

@@ -52,7 +52,9 @@ def test_every_file_is_fsynced_under_the_temporary_name_before_the_rename(tmp_pa
     assert synced[-2:] == [str(tmp_path / "checkpoints" / "LATEST.tmp"), str(tmp_path / "checkpoints")]
     listed = json.loads((final / "state.json").read_text())["files"]
     size = (final / "policy" / "model.safetensors").stat().st_size
-    assert listed["policy/model.safetensors"]["bytes"] == size and len(listed["policy/model.safetensors"]["sha256"]) == 64
+    assert (
+        listed["policy/model.safetensors"]["bytes"] == size and len(listed["policy/model.safetensors"]["sha256"]) == 64
+    )
 
 
 def test_a_truncated_safetensors_file_sends_the_resume_to_the_round_before(tmp_path):
@@ -63,8 +65,10 @@ def test_a_truncated_safetensors_file_sends_the_resume_to_the_round_before(tmp_p
     size = weights.stat().st_size
     weights.write_bytes(weights.read_bytes()[: size // 2])
     assert checkpointer.latest_intact_round(warnings.append) == 1
-    assert warnings == [f"the checkpoint of round 2 cannot be resumed: {weights} holds {size // 2} bytes, state.json "
-                        f"lists {size}; trying round 1"]
+    assert warnings == [
+        f"the checkpoint of round 2 cannot be resumed: {weights} holds {size // 2} bytes, state.json "
+        f"lists {size}; trying round 1"
+    ]
 
 
 def test_a_changed_byte_is_caught_and_a_round_without_optimizer_states_is_skipped(tmp_path):
@@ -77,13 +81,18 @@ def test_a_changed_byte_is_caught_and_a_round_without_optimizer_states_is_skippe
     warnings: list[str] = []
     # Round 0's optimizer state was deleted when round 2 was saved: nothing is left to resume exactly.
     assert checkpointer.latest_intact_round(warnings.append) is None
-    assert warnings[0] == (f"the checkpoint of round 2 cannot be resumed: {engine}: its SHA-256 differs from the one "
-                           "state.json lists; trying round 1")
-    assert warnings[1].startswith(f"the checkpoint of round 1 cannot be resumed: "
-                                  f"{checkpointer.round_dir(1) / 'state.json'} cannot be read (")
-    assert warnings[2] == ("the checkpoint of round 0 cannot be resumed: its optimizer states (engine_policy) were "
-                           "deleted when a later round was saved (the two newest rounds keep theirs); no older round "
-                           "is left: the run starts from round 0")
+    assert warnings[0] == (
+        f"the checkpoint of round 2 cannot be resumed: {engine}: its SHA-256 differs from the one "
+        "state.json lists; trying round 1"
+    )
+    assert warnings[1].startswith(
+        f"the checkpoint of round 1 cannot be resumed: {checkpointer.round_dir(1) / 'state.json'} cannot be read ("
+    )
+    assert warnings[2] == (
+        "the checkpoint of round 0 cannot be resumed: its optimizer states (engine_policy) were "
+        "deleted when a later round was saved (the two newest rounds keep theirs); no older round "
+        "is left: the run starts from round 0"
+    )
 
 
 def test_resume_continues_after_the_last_intact_round_and_says_why(tmp_path, caplog):

@@ -10,7 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_config_loads_and_overrides_apply():
-    cfg = load_config(ROOT / "configs/default.yaml", ["method=dpo", "reward.lr=1e-4", "rollout.num_workers=2", "apo=false"])
+    cfg = load_config(
+        ROOT / "configs/default.yaml", ["method=dpo", "reward.lr=1e-4", "rollout.num_workers=2", "apo=false"]
+    )
     assert (cfg.method, cfg.reward.lr, cfg.rollout.num_workers, cfg.apo) == ("dpo", 1e-4, 2, False)
     assert isinstance(cfg.reward.lr, float)
 
@@ -31,7 +33,14 @@ def test_policy_lr_left_out_is_the_methods_and_given_is_kept():
     from apo_ray.methods import methods
 
     assert {m.name: load_config(None, [f"method={m.name}"]).policy.lr for m in methods()} == {
-        "rjs": 1e-3, "rrhf": 1e-5, "dpo": 1e-4, "ipo": 1e-4, "ppo": 3e-4, "grpo": 3e-4, "reinforce_pp": 3e-4}
+        "rjs": 1e-3,
+        "rrhf": 1e-5,
+        "dpo": 1e-4,
+        "ipo": 1e-4,
+        "ppo": 3e-4,
+        "grpo": 3e-4,
+        "reinforce_pp": 3e-4,
+    }
     assert load_config(None, ["method=dpo"]).policy.lr == 1e-4 != load_config(None, ["method=rjs"]).policy.lr
     assert load_config(None, ["method=dpo", "policy.lr=0.001"]).policy.lr == 0.001
     # The saved config names it, so a resumed or re-read run keeps the lr it ran with.
@@ -75,7 +84,15 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match="data.split_fractions"):
         load_config(None, ["data.split_fractions.pairs=0.9", "data.split_fractions.gold=0.5"])
     with pytest.raises(ConfigError, match="model.policy_path: path does not exist"):
-        load_config(None, ["data.task=files", "data.source.path=x.jsonl", "model.eval_reward=/nope", "model.policy_path=/no/such/model"])
+        load_config(
+            None,
+            [
+                "data.task=files",
+                "data.source.path=x.jsonl",
+                "model.eval_reward=/nope",
+                "model.policy_path=/no/such/model",
+            ],
+        )
 
 
 def test_yaml_errors_name_the_file(tmp_path):
@@ -114,8 +131,10 @@ def test_a_key_a_switch_turns_off_is_named_in_a_warning_and_not_saved(caplog):
     # One file serves an arm and its baseline: apo=false on an APO config is the fixed-RM run.
     with caplog.at_level("WARNING", logger="apo_ray.config"):
         cfg = load_config(None, ["apo=false", "reward.update_every=2", "method=ppo", "ppo.kl_horizon=5"])
-    assert "does not read reward.update_every, ppo.kl_horizon" in caplog.text or \
-        "does not read ppo.kl_horizon, reward.update_every" in caplog.text, caplog.text
+    assert (
+        "does not read reward.update_every, ppo.kl_horizon" in caplog.text
+        or "does not read ppo.kl_horizon, reward.update_every" in caplog.text
+    ), caplog.text
     assert "update_every" not in cfg.to_dict()["reward"] and "kl_horizon" not in cfg.to_dict()["ppo"]
 
 
@@ -136,8 +155,12 @@ def test_method_on_the_command_line_switches_off_the_files_keys_for_another_meth
 
 
 def test_keys_the_run_reads_are_accepted_and_the_saved_config_loads_back():
-    for overrides in (["method=dpo", "policy.dpo_beta=0.2"], ["method=ppo", "ppo.adaptive_kl=true", "ppo.kl_horizon=5"],
-                      ["method=grpo", "ppo.kl_coef=0.01"], ["apo=false", "reward.pref_coef=2.0"]):
+    for overrides in (
+        ["method=dpo", "policy.dpo_beta=0.2"],
+        ["method=ppo", "ppo.adaptive_kl=true", "ppo.kl_horizon=5"],
+        ["method=grpo", "ppo.kl_coef=0.01"],
+        ["apo=false", "reward.pref_coef=2.0"],
+    ):
         cfg = load_config(None, overrides)
         # config.yaml holds just what the run reads, so resuming from it passes the same check.
         saved = cfg.to_dict()
@@ -154,7 +177,9 @@ def test_keys_the_run_reads_are_accepted_and_the_saved_config_loads_back():
 
 
 def test_errors_list_allowed_values_and_suggest_close_keys():
-    with pytest.raises(ConfigError, match=r"^method: must be one of dpo, ipo, rjs, rrhf, grpo, ppo, reinforce_pp; got 'sft'$"):
+    with pytest.raises(
+        ConfigError, match=r"^method: must be one of dpo, ipo, rjs, rrhf, grpo, ppo, reinforce_pp; got 'sft'$"
+    ):
         load_config(None, ["method=sft"])
     with pytest.raises(ConfigError, match=r"^reward\.epochs: unknown key \(did you mean epochs_per_round\?\)$"):
         load_config(None, ["reward.epochs=2"])

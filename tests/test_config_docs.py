@@ -16,13 +16,20 @@ from apo_ray.stages.cli import main as stage_main
 from apo_ray.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = [cls for cls in vars(config).values()
-          if isinstance(cls, type) and issubclass(cls, BaseModel) and cls.__module__ == config.__name__]
+MODELS = [
+    cls
+    for cls in vars(config).values()
+    if isinstance(cls, type) and issubclass(cls, BaseModel) and cls.__module__ == config.__name__
+]
 
 
 def test_every_config_field_has_a_description():
-    missing = [f"{cls.__name__}.{name}" for cls in MODELS for name, field in cls.model_fields.items()
-               if not (field.description or "").strip()]
+    missing = [
+        f"{cls.__name__}.{name}"
+        for cls in MODELS
+        for name, field in cls.model_fields.items()
+        if not (field.description or "").strip()
+    ]
     assert len(MODELS) > 20
     assert not missing, f"fields without a description: {missing}"
 
@@ -54,7 +61,7 @@ def test_help_config_prints_a_sections_keys_and_exits_0(capsys):
         train_main(["--help-config", "reward"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "reward.apo_normalization  (one of per_term, pooled; default \"per_term\")" in out
+    assert 'reward.apo_normalization  (one of per_term, pooled; default "per_term")' in out
     assert "apo_coef weighs the whole gold-vs-sample term" in out
     assert "ppo.kl_coef" not in out
 
@@ -87,9 +94,11 @@ def test_the_stages_print_their_own_keys(capsys):
 
 
 def test_help_config_starts_no_ray():
-    script = ("import sys\nfrom apo_ray.cli import main\ntry:\n    main(['train', '--help-config', 'ppo'])\n"
-              "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
-              "print('ray imported' if 'ray' in sys.modules else 'no ray')\n")
+    script = (
+        "import sys\nfrom apo_ray.cli import main\ntry:\n    main(['train', '--help-config', 'ppo'])\n"
+        "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+        "print('ray imported' if 'ray' in sys.modules else 'no ray')\n"
+    )
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "ppo.kl_hard_limit_at" in out
     assert out.rstrip().endswith("no ray")

@@ -29,11 +29,17 @@ def project(tmp_path) -> Path:
     (root / "configs" / "models" / "rm" / "config.json").write_text("{}")
     config = {
         "run_dir": "runs/x",
-        "data": {"task": "files", "source": {"path": "../data/train.jsonl"},
-                 "eval_pairs": {"path": "Anthropic/hh-rlhf", "format": "hf"}},
+        "data": {
+            "task": "files",
+            "source": {"path": "../data/train.jsonl"},
+            "eval_pairs": {"path": "Anthropic/hh-rlhf", "format": "hf"},
+        },
         # ../ forces a path; models/rm exists beside the config; the judge is a hub name.
-        "model": {"policy_path": "../models/policy", "reward_path": "models/rm",
-                  "eval_reward": "OpenAssistant/reward-model-deberta-v3-large-v2"},
+        "model": {
+            "policy_path": "../models/policy",
+            "reward_path": "models/rm",
+            "eval_reward": "OpenAssistant/reward-model-deberta-v3-large-v2",
+        },
     }
     (root / "configs" / "run.yaml").write_text(yaml.safe_dump(config))
     return root
@@ -67,16 +73,20 @@ def test_a_working_dir_copy_reads_its_own_files(project, tmp_path, monkeypatch):
 def test_paths_on_the_command_line_are_read_from_the_working_directory(project, monkeypatch):
     monkeypatch.chdir(project / "data")
     (project / "data" / "other.jsonl").write_text(PAIRS)
-    cfg = load_config(project / "configs" / "run.yaml", ["data.source.path=other.jsonl",
-                                                         "model.reward_path=../models/policy"])
+    cfg = load_config(
+        project / "configs" / "run.yaml", ["data.source.path=other.jsonl", "model.reward_path=../models/policy"]
+    )
     assert cfg.data.source.path == str(project / "data" / "other.jsonl")
     assert cfg.model.reward_path == str(project / "models" / "policy")
 
 
 def test_a_name_that_is_neither_a_path_nor_a_hub_name_names_its_key_and_base(project):
-    with pytest.raises(ConfigError, match=r"model\.policy_path: 'models/a/b' is neither an existing directory or GGUF "
-                                          rf"file, a pkg: file, nor a hub model name .*read from the config file's directory, "
-                                          rf"{project / 'configs'}"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.policy_path: 'models/a/b' is neither an existing directory or GGUF "
+        rf"file, a pkg: file, nor a hub model name .*read from the config file's directory, "
+        rf"{project / 'configs'}",
+    ):
         load_config(_with(project, {"model": {"policy_path": "models/a/b"}}))
 
 
@@ -121,11 +131,17 @@ def _with(project: Path, changes: dict) -> Path:
 def test_a_stage_configs_inputs_resolve_by_the_same_rule(project, monkeypatch, tmp_path):
     from apo_ray.config import RMStageConfig, load_stage_config
 
-    stage = {"base_model": "../models/policy", "run_dir": "runs/rm", "train": {"path": "../data/train.jsonl"},
-             "eval": {"path": "../data/train.jsonl"}}
+    stage = {
+        "base_model": "../models/policy",
+        "run_dir": "runs/rm",
+        "train": {"path": "../data/train.jsonl"},
+        "eval": {"path": "../data/train.jsonl"},
+    }
     (project / "configs" / "rm.yaml").write_text(yaml.safe_dump(stage))
     monkeypatch.chdir(tmp_path)  # anywhere but the project
-    cfg = load_stage_config(RMStageConfig, project / "configs" / "rm.yaml", [f"eval.path={project / 'data' / 'train.jsonl'}"])
+    cfg = load_stage_config(
+        RMStageConfig, project / "configs" / "rm.yaml", [f"eval.path={project / 'data' / 'train.jsonl'}"]
+    )
     assert cfg.train.path == str(project / "data" / "train.jsonl")
     assert cfg.base_model == str(project / "models" / "policy")
     assert cfg.run_dir == "runs/rm"

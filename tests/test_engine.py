@@ -40,8 +40,9 @@ def two_layers() -> torch.nn.Module:
 
 
 def deepspeed_engine(model: torch.nn.Module, stage: int) -> TrainEngine:
-    return TrainEngine(model, backend="deepspeed", lr=0.01, zero_stage=stage, grad_clip=1.0, weight_decay=0.0,
-                       micro_batch_size=2)
+    return TrainEngine(
+        model, backend="deepspeed", lr=0.01, zero_stage=stage, grad_clip=1.0, weight_decay=0.0, micro_batch_size=2
+    )
 
 
 def assert_partitioned_at_stage_3(model: torch.nn.Module, stage: int) -> None:
@@ -65,8 +66,11 @@ def test_a_nan_gradient_of_a_finite_loss_is_refused_and_the_weights_stay(stage):
     x = torch.ones(2, 512)
     loss = NaNGradient.apply(engine.module(x)).sum()
     assert torch.isfinite(loss)
-    with pytest.raises(FloatingPointError, match=r"^gradient norm is (nan|inf) at training step 1 of this learner; "
-                                                 r"the step was stopped before it changed the weights$"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"^gradient norm is (nan|inf) at training step 1 of this learner; "
+        r"the step was stopped before it changed the weights$",
+    ):
         engine.step(loss)
     assert_same_tensors(engine.full_state_dict(), before)
 
@@ -86,18 +90,35 @@ def test_a_nan_gradient_under_deepspeed_exits_3_and_keeps_the_checkpoint(ray_clu
     run_dir = tmp_path / "run"
     # policy.lr=1e30: the first policy step of round 1 sends the weights to ~1e30; on the second the loss is still
     # finite (RMSNorm rescales the huge activations) but its gradient is not.
-    code = main(["--config", str(REPO_ROOT / "configs/default.yaml"), f"run_dir={run_dir}", "rounds=1",
-                 "policy.epochs_per_round=2", "policy.lr=1e30", "rollout.backend=hf", "learner.backend=deepspeed",
-                 "samples_per_prompt=2", "logging.tensorboard=false", "logging.report=false", "data.builtin.n_pairs=64",
-                 "data.builtin.n_gold=16", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=32",
-                 "reward.initial_epochs=1", *SMALL_EVAL])
+    code = main(
+        [
+            "--config",
+            str(REPO_ROOT / "configs/default.yaml"),
+            f"run_dir={run_dir}",
+            "rounds=1",
+            "policy.epochs_per_round=2",
+            "policy.lr=1e30",
+            "rollout.backend=hf",
+            "learner.backend=deepspeed",
+            "samples_per_prompt=2",
+            "logging.tensorboard=false",
+            "logging.report=false",
+            "data.builtin.n_pairs=64",
+            "data.builtin.n_gold=16",
+            "data.builtin.n_prompts=16",
+            "data.builtin.n_eval_pairs=32",
+            "reward.initial_epochs=1",
+            *SMALL_EVAL,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 3, err
-    assert ("error: training diverged in PolicyLearner.sample_step after round 0: gradient norm is inf at training "
-            "step 2 of this learner; the step was stopped before it changed the weights. The checkpoint of round 0 is "
-            "intact: fix the config (e.g. a lower learning rate) and continue with "
-            f"`apo-ray train --resume {run_dir} ...`"
-            ) in err, err
+    assert (
+        "error: training diverged in PolicyLearner.sample_step after round 0: gradient norm is inf at training "
+        "step 2 of this learner; the step was stopped before it changed the weights. The checkpoint of round 0 is "
+        "intact: fix the config (e.g. a lower learning rate) and continue with "
+        f"`apo-ray train --resume {run_dir} ...`"
+    ) in err, err
     assert (run_dir / "checkpoints/LATEST").read_text() == "0"
     policy = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints/round_0000/policy")
     assert all(torch.isfinite(p).all() and p.abs().max() < 1e3 for p in policy.parameters())
@@ -125,8 +146,11 @@ def test_set_lr_sets_the_size_of_the_next_adam_step(stage):
 def reward_learner(path: str | Path, stage: int):
     from apo_ray.actors.reward import RewardLearner
 
-    return RewardLearner(str(path), reward=RewardConfig(batch_size=4, lr=1e-3),
-                         learner=LearnerConfig(backend="deepspeed", zero_stage=stage))
+    return RewardLearner(
+        str(path),
+        reward=RewardConfig(batch_size=4, lr=1e-3),
+        learner=LearnerConfig(backend="deepspeed", zero_stage=stage),
+    )
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -163,6 +187,11 @@ def test_the_critic_starts_from_the_rm_saved_at_zero_3(tiny_lm_dir, tmp_path):
     assert_partitioned_at_stage_3(rm.model, 3)
     rm.apo_step([], HUMAN_PAIRS, apo_coef=0.0, pref_coef=1.0, epochs=1, seed=0)
     rm.save(str(tmp_path / "base_reward"))
-    critic = CriticLearner(str(tmp_path / "base_reward"), tokenizer_path=tiny_lm_dir, model=ModelConfig(),
-                           ppo=PPOConfig(), learner=LearnerConfig(backend="deepspeed", zero_stage=3))
+    critic = CriticLearner(
+        str(tmp_path / "base_reward"),
+        tokenizer_path=tiny_lm_dir,
+        model=ModelConfig(),
+        ppo=PPOConfig(),
+        learner=LearnerConfig(backend="deepspeed", zero_stage=3),
+    )
     assert_same_tensors(critic.engine.full_state_dict(), rm.engine.full_state_dict())

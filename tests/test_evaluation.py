@@ -117,8 +117,9 @@ def test_policy_sample_stats_by_hand():
     groups = [0, 0, 1, 1]
     judge = [1.0, 0.0, 2.0, 2.0]  # prompt 1's samples tie: one pair, sample 0 over sample 1
     rm = [0.5, 1.5, 3.0, 0.0]  # the RM gets it wrong
-    stats = policy_sample_stats(groups, judge, rm, kl=[0.1, 0.3, 0.2, 0.2], lengths=[4, 6, 5, 5],
-                                judge_terms={"topic": [1.0, 0.0, 1.0, 1.0]})
+    stats = policy_sample_stats(
+        groups, judge, rm, kl=[0.1, 0.3, 0.2, 0.2], lengths=[4, 6, 5, 5], judge_terms={"topic": [1.0, 0.0, 1.0, 1.0]}
+    )
     assert stats["eval/samples"] == 4 and stats["rm/policy_pairs"] == 1
     assert stats["eval/gold_score"] == pytest.approx(1.25)  # (0.5 + 2) / 2
     # within prompt 0: s^2 = 0.5, n = 2; prompt 1: 0 -> sqrt(0.25) / 2
@@ -130,13 +131,16 @@ def test_policy_sample_stats_by_hand():
 
 
 def test_score_rise_and_its_line():
-    rise = score_rise({"eval/gold_score": -0.5, "eval/gold_score_se": 0.03},
-                      {"eval/gold_score": -0.3, "eval/gold_score_se": 0.04})
+    rise = score_rise(
+        {"eval/gold_score": -0.5, "eval/gold_score_se": 0.03}, {"eval/gold_score": -0.3, "eval/gold_score_se": 0.04}
+    )
     assert rise["change"] == pytest.approx(0.2) and rise["change_se"] == pytest.approx(0.05)
     assert rise["exceeds_3_se"]  # 0.2 > 0.15
-    assert rise_line("eval/gold_score", rise) == ("eval/gold_score -0.500 -> -0.300 (+- 0.030, 0.040): "
-                                                  "change +0.200 +- 0.050, rose by more than 3 SE")
-    flat = score_rise({"eval/gold_score": 0.0, "eval/gold_score_se": 0.1}, {"eval/gold_score": 0.2,
-                                                                            "eval/gold_score_se": 0.1})
+    assert rise_line("eval/gold_score", rise) == (
+        "eval/gold_score -0.500 -> -0.300 (+- 0.030, 0.040): change +0.200 +- 0.050, rose by more than 3 SE"
+    )
+    flat = score_rise(
+        {"eval/gold_score": 0.0, "eval/gold_score_se": 0.1}, {"eval/gold_score": 0.2, "eval/gold_score_se": 0.1}
+    )
     assert not flat["exceeds_3_se"] and "within 3 SE" in rise_line("eval/gold_score", flat)
     assert score_rise({"eval/gold_score": 0.0}, {"eval/gold_score": 0.2, "eval/gold_score_se": 0.1}) is None

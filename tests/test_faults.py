@@ -24,9 +24,17 @@ from tests.conftest import REPO_ROOT, SMALL_EVAL
 
 # The builtin task, small, with the HF rollout engine and plain torch learners.
 SMALL_RUN = [
-    "rollout.backend=hf", "learner.backend=torch", "samples_per_prompt=2", "logging.tensorboard=false",
-    "logging.report=false", "data.builtin.n_pairs=64", "data.builtin.n_gold=16", "data.builtin.n_prompts=16",
-    "data.builtin.n_eval_pairs=32", "reward.initial_epochs=1", *SMALL_EVAL,
+    "rollout.backend=hf",
+    "learner.backend=torch",
+    "samples_per_prompt=2",
+    "logging.tensorboard=false",
+    "logging.report=false",
+    "data.builtin.n_pairs=64",
+    "data.builtin.n_gold=16",
+    "data.builtin.n_prompts=16",
+    "data.builtin.n_eval_pairs=32",
+    "reward.initial_epochs=1",
+    *SMALL_EVAL,
 ]
 
 
@@ -73,12 +81,24 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint_resumable(r
     run_dir = tmp_path / "run"
     # policy.lr=1e30: the first policy step of round 1 sends the weights to ~1e30, the second step meets
     # non-finite numbers. Round 0 was checkpointed with sane weights.
-    code = main(["--config", str(REPO_ROOT / "configs/default.yaml"), f"run_dir={run_dir}", "rounds=1",
-                 "policy.epochs_per_round=2", "policy.lr=1e30", *SMALL_RUN])
+    code = main(
+        [
+            "--config",
+            str(REPO_ROOT / "configs/default.yaml"),
+            f"run_dir={run_dir}",
+            "rounds=1",
+            "policy.epochs_per_round=2",
+            "policy.lr=1e30",
+            *SMALL_RUN,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 3, err
-    assert re.search(r"error: training diverged in (\S+:)?PolicyLearner\.sample_step after round 0: "
-                     r"(loss|gradient norm) is (nan|inf)", err), err
+    assert re.search(
+        r"error: training diverged in (\S+:)?PolicyLearner\.sample_step after round 0: "
+        r"(loss|gradient norm) is (nan|inf)",
+        err,
+    ), err
     assert "at training step 2 of this learner; the step was stopped before it changed the weights" in err, err
     assert f"continue with `apo-ray train --resume {run_dir}" in err
     checkpoints = run_dir / "checkpoints"
@@ -103,10 +123,14 @@ def files_config(tmp_path) -> Path:
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(20)))
     config = tmp_path / "files.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"task": "files", "source": {"path": str(data)}},
-        "model": {"policy_path": str(model), "reward_path": str(model), "eval_reward": str(model)},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"task": "files", "source": {"path": str(data)}},
+                "model": {"policy_path": str(model), "reward_path": str(model), "eval_reward": str(model)},
+            }
+        )
+    )
     return config
 
 
@@ -149,18 +173,28 @@ def test_full_disk_is_reported_before_training(files_config, tmp_path, capsys, m
 
 
 @pytest.mark.integration
-def test_a_stalled_learner_step_stops_the_run_with_exit_code_6_naming_where(ray_cluster, tmp_path, capsys,
-                                                                             monkeypatch):
+def test_a_stalled_learner_step_stops_the_run_with_exit_code_6_naming_where(ray_cluster, tmp_path, capsys, monkeypatch):
     # Every learner's first training step sleeps far past learner.call_timeout_s: round 0's RM fit meets it first.
     monkeypatch.setenv(FAULTS_ENV, json.dumps([{"kind": "stall", "phase": "step", "seconds": 3600}]))
     run_dir = tmp_path / "run"
-    code = main(["--config", str(REPO_ROOT / "configs/default.yaml"), f"run_dir={run_dir}", "rounds=1",
-                 "learner.call_timeout_s=15", *SMALL_RUN])
+    code = main(
+        [
+            "--config",
+            str(REPO_ROOT / "configs/default.yaml"),
+            f"run_dir={run_dir}",
+            "rounds=1",
+            "learner.call_timeout_s=15",
+            *SMALL_RUN,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 6, err
-    assert re.search(r"error: reward-learner-\w+-0, rank 0 of the 1-rank reward learner, on node [0-9a-f]+, did not "
-                     r"finish \w+ within 15 s \(raise learner.call_timeout_s if it needs longer\) \(round 0, phase "
-                     r"rm_init\)\. No round was checkpointed yet: start the run again", err), err
+    assert re.search(
+        r"error: reward-learner-\w+-0, rank 0 of the 1-rank reward learner, on node [0-9a-f]+, did not "
+        r"finish \w+ within 15 s \(raise learner.call_timeout_s if it needs longer\) \(round 0, phase "
+        r"rm_init\)\. No round was checkpointed yet: start the run again",
+        err,
+    ), err
 
 
 @pytest.mark.integration
@@ -180,8 +214,9 @@ engine.step(engine.module(torch.ones(2, 4)).sum())
 print("weights moved:", bool((engine.model.weight - before).abs().sum() > 0))
 """
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "weights moved: True" in done.stdout
 
@@ -191,13 +226,27 @@ def test_a_local_cluster_too_small_for_the_run_fails_at_once(tmp_path):
     # The placement groups would otherwise wait ten minutes for GPUs no machine here has.
     run_dir = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "apo_ray.train", "--config", "configs/default.yaml", f"run_dir={run_dir}",
-         "rollout.num_gpus_per_worker=64", *SMALL_RUN],
-        cwd=REPO_ROOT, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, capture_output=True,
-        text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "apo_ray.train",
+            "--config",
+            "configs/default.yaml",
+            f"run_dir={run_dir}",
+            "rollout.num_gpus_per_worker=64",
+            *SMALL_RUN,
+        ],
+        cwd=REPO_ROOT,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 2, done.stderr[-3000:]
-    assert re.search(r"error: the run's actors do not fit: no place for rollout on 1 node x \d+ GPU, \d+ CPU each; "
-                     r"short by \d+ GPU \(`apo-ray train --dry-run` shows the plan\)", done.stderr), done.stderr[-3000:]
+    assert re.search(
+        r"error: the run's actors do not fit: no place for rollout on 1 node x \d+ GPU, \d+ CPU each; "
+        r"short by \d+ GPU \(`apo-ray train --dry-run` shows the plan\)",
+        done.stderr,
+    ), done.stderr[-3000:]
     # Refused before Ray started or anything was written.
     assert not run_dir.exists() and "Started a local Ray instance" not in done.stderr

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from apo_ray.fault_injection import ENV, corrupt_if_injected, stall_if_injected
-from apo_ray.fingerprint import CHUNK, TensorStats, checkpoint_names, first_difference, fingerprint
+from apo_ray.fingerprint import CHUNK, TensorStats, checkpoint_names, fingerprint, first_difference
 
 QWEN2_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 ATTN = "model.layers.0.self_attn"
@@ -17,16 +17,24 @@ ATTN = "model.layers.0.self_attn"
 
 def learner_weights() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    shapes = {f"{ATTN}.q_proj.weight": (8, 6), f"{ATTN}.k_proj.weight": (4, 6), f"{ATTN}.v_proj.weight": (4, 6),
-              f"{ATTN}.q_proj.bias": (8,), "model.norm.weight": (6,)}
+    shapes = {
+        f"{ATTN}.q_proj.weight": (8, 6),
+        f"{ATTN}.k_proj.weight": (4, 6),
+        f"{ATTN}.v_proj.weight": (4, 6),
+        f"{ATTN}.q_proj.bias": (8,),
+        "model.norm.weight": (6,),
+    }
     return {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
 
 
 def engine_view(weights: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     """What a vLLM engine holds: q, k, v fused into one parameter and stored transposed (a CPU GEMM's layout)."""
     qkv = torch.cat([weights[f"{ATTN}.{p}_proj.weight"] for p in "qkv"]).T.contiguous()
-    return [(f"{ATTN}.qkv_proj.weight", qkv), (f"{ATTN}.q_proj.bias", weights[f"{ATTN}.q_proj.bias"]),
-            ("model.norm.weight", weights["model.norm.weight"])]
+    return [
+        (f"{ATTN}.qkv_proj.weight", qkv),
+        (f"{ATTN}.q_proj.bias", weights[f"{ATTN}.q_proj.bias"]),
+        ("model.norm.weight", weights["model.norm.weight"]),
+    ]
 
 
 def reported(engine: list[tuple[str, torch.Tensor]]):
@@ -34,10 +42,11 @@ def reported(engine: list[tuple[str, torch.Tensor]]):
 
 
 def test_checkpoint_names_unfuse_packed_modules():
-    assert checkpoint_names(f"{ATTN}.qkv_proj.weight", QWEN2_PACKED) == tuple(
-        f"{ATTN}.{p}_proj.weight" for p in "qkv")
+    assert checkpoint_names(f"{ATTN}.qkv_proj.weight", QWEN2_PACKED) == tuple(f"{ATTN}.{p}_proj.weight" for p in "qkv")
     assert checkpoint_names("model.layers.3.mlp.gate_up_proj.bias", QWEN2_PACKED) == (
-        "model.layers.3.mlp.gate_proj.bias", "model.layers.3.mlp.up_proj.bias")
+        "model.layers.3.mlp.gate_proj.bias",
+        "model.layers.3.mlp.up_proj.bias",
+    )
     assert checkpoint_names("model.norm.weight", QWEN2_PACKED) == ("model.norm.weight",)
 
 
@@ -53,8 +62,11 @@ def test_stats_of_a_tensor_of_several_chunks_are_the_whole_tensors_sums():
     halves = torch.full((2 * CHUNK + 3,), 0.5, dtype=torch.bfloat16)
     halves[-1] = -1.5
     stats = TensorStats.of(halves.reshape(-1, 1))
-    assert (stats.total, stats.squares, stats.count) == (0.5 * (2 * CHUNK + 2) - 1.5, 0.25 * (2 * CHUNK + 2) + 2.25,
-                                                         2 * CHUNK + 3)
+    assert (stats.total, stats.squares, stats.count) == (
+        0.5 * (2 * CHUNK + 2) - 1.5,
+        0.25 * (2 * CHUNK + 2) + 2.25,
+        2 * CHUNK + 3,
+    )
     values = torch.randn(3 * CHUNK + 17, generator=torch.Generator().manual_seed(1))
     whole = values.double()
     stats = TensorStats.of(values)
@@ -91,13 +103,15 @@ def test_a_tensor_the_learner_lacks_is_named():
     weights = learner_weights()
     del weights["model.norm.weight"]
     assert first_difference(fingerprint(weights.items()), reported(engine_view(learner_weights()))) == (
-        "model.norm.weight: the learner has no tensor 'model.norm.weight'")
+        "model.norm.weight: the learner has no tensor 'model.norm.weight'"
+    )
 
 
 def test_injected_faults_fire_on_their_worker_and_phase_once(tmp_path, monkeypatch):
     once = tmp_path / "fired"
-    monkeypatch.setenv(ENV, json.dumps([{"kind": "corrupt", "phase": "sync", "worker": 1, "tensor": "b",
-                                         "once": str(once)}]))
+    monkeypatch.setenv(
+        ENV, json.dumps([{"kind": "corrupt", "phase": "sync", "worker": 1, "tensor": "b", "once": str(once)}])
+    )
     pairs = [("a", torch.zeros(2)), ("b", torch.zeros(2))]
     assert [t.tolist() for _, t in corrupt_if_injected("sync", 0, pairs)] == [[0, 0], [0, 0]]
     assert [t.tolist() for _, t in corrupt_if_injected("sync", 1, pairs)] == [[0, 0], [1, 1]]

@@ -10,12 +10,28 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from apo_ray.flops import (TRAINING_FACTOR, FlopCounter, ModelShape, efficiency, generation_flops, machine_threads,
-                           matmul_ceiling, phase_efficiencies)
+from apo_ray.flops import (
+    TRAINING_FACTOR,
+    FlopCounter,
+    ModelShape,
+    efficiency,
+    generation_flops,
+    machine_threads,
+    matmul_ceiling,
+    phase_efficiencies,
+)
 
 # hidden 8, 2 query heads of 4 and 1 key-value head, gated MLP of 16, 2 layers, 32 tokens.
-TINY = dict(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=4, intermediate_size=16,
-            num_hidden_layers=2, vocab_size=32, attn_implementation="eager")
+TINY = dict(
+    hidden_size=8,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=4,
+    intermediate_size=16,
+    num_hidden_layers=2,
+    vocab_size=32,
+    attn_implementation="eager",
+)
 # One layer: q 8x8 + k 8x4 + v 8x4 + o 8x8 + gate, up, down 3 x 8x16 = 64 + 32 + 32 + 64 + 384.
 LAYER = 576
 HEAD = 8 * 32
@@ -45,9 +61,18 @@ def test_forward_generation_and_training_flops_by_hand():
 
 def test_a_smollm2_token_costs_about_a_quarter_gflop():
     # SmolLM2-135M's config: 30 layers of 576, 9 heads of 64 over 3 key-value heads, MLP 1536, vocabulary 49152.
-    shape = ModelShape.from_config(LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
-                                               head_dim=64, intermediate_size=1536, num_hidden_layers=30,
-                                               vocab_size=49152), "lm")
+    shape = ModelShape.from_config(
+        LlamaConfig(
+            hidden_size=576,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            vocab_size=49152,
+        ),
+        "lm",
+    )
     per_token = shape.forward_flops(1)
     assert per_token == 2 * (30 * 3_538_944 + 576 * 49152) + 4 * 30 * 576
     assert 0.26e9 < per_token < 0.28e9
@@ -79,8 +104,15 @@ def test_the_llama_count_equals_torch_s_matmul_count():
 
 
 def test_the_encoder_count_equals_torch_s_matmul_count():
-    config = BertConfig(hidden_size=8, num_attention_heads=2, intermediate_size=16, num_hidden_layers=2,
-                        vocab_size=32, num_labels=1, attn_implementation="eager")
+    config = BertConfig(
+        hidden_size=8,
+        num_attention_heads=2,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        vocab_size=32,
+        num_labels=1,
+        attn_implementation="eager",
+    )
     encoder = BertModel(config, add_pooling_layer=False).eval()
     shape = ModelShape.from_config(config, "classifier")
     assert (shape.causal, shape.mlp_matrices) == (False, 2)
@@ -160,14 +192,28 @@ def test_the_ceiling_runs_on_the_threads_asked_for_and_restores_the_process_s():
 
 
 def test_phase_efficiencies_divide_by_each_phase_s_own_ceiling():
-    stats = {"flops/generate": 6e9, "timing/generate": 2.0, "flops/policy_step": 9e9, "timing/policy_step": 3.0,
-             "flops/score": 1e9, "timing/score": 0.0, "timing/round": 10.0, "timing/sync": 1.0}
+    stats = {
+        "flops/generate": 6e9,
+        "timing/generate": 2.0,
+        "flops/policy_step": 9e9,
+        "timing/policy_step": 3.0,
+        "flops/score": 1e9,
+        "timing/score": 0.0,
+        "timing/round": 10.0,
+        "timing/sync": 1.0,
+    }
     out = phase_efficiencies(stats, {"generate": 1e10, "policy_step": 2e10, "score": 1e10}, round_ceiling=4e10)
-    assert out == {"efficiency/generate": pytest.approx(0.3), "efficiency/policy_step": pytest.approx(0.15),
-                   "flops/round": 16e9, "efficiency/round": pytest.approx(0.04)}
+    assert out == {
+        "efficiency/generate": pytest.approx(0.3),
+        "efficiency/policy_step": pytest.approx(0.15),
+        "flops/round": 16e9,
+        "efficiency/round": pytest.approx(0.04),
+    }
     # A phase with no ceiling gets no share of its own but counts in the round's; a row without phases has none.
-    assert phase_efficiencies({"flops/critic_step": 2.0, "timing/critic_step": 1.0, "timing/round": 4.0}, {},
-                              1.0) == {"flops/round": 2.0, "efficiency/round": 0.5}
+    assert phase_efficiencies({"flops/critic_step": 2.0, "timing/critic_step": 1.0, "timing/round": 4.0}, {}, 1.0) == {
+        "flops/round": 2.0,
+        "efficiency/round": 0.5,
+    }
     assert phase_efficiencies({"timing/round": 1.0}, {}, 1.0) == {}
 
 
@@ -176,8 +222,13 @@ def test_a_training_step_is_three_forwards_of_its_real_tokens():
     from apo_ray.config import LearnerConfig
 
     torch.manual_seed(0)
-    engine = build_engine(LlamaForCausalLM(tiny_llama_config()), LearnerConfig(backend="torch"), lr=1e-3,
-                          micro_batch_size=2, role="policy")
+    engine = build_engine(
+        LlamaForCausalLM(tiny_llama_config()),
+        LearnerConfig(backend="torch"),
+        lr=1e-3,
+        micro_batch_size=2,
+        role="policy",
+    )
     # Two minibatches of right-padded rows: 3 + 5 real tokens, then 4.
     plan = [[(3, 5), (5, 5)], [(4, 4)]]
 

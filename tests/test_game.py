@@ -60,10 +60,14 @@ def test_best_of_n_breaks_ties_by_earliest_sample():
 
 def test_best_and_worst_margin_filter():
     rollouts = [
-        rollout(0, "a1"), rollout(0, "a5"), rollout(0, "a2"),  # gap 4
-        rollout(1, "b2"), rollout(1, "b25"),  # gap 0.5
+        rollout(0, "a1"),
+        rollout(0, "a5"),
+        rollout(0, "a2"),  # gap 4
+        rollout(1, "b2"),
+        rollout(1, "b25"),  # gap 0.5
         rollout(2, "c"),  # one sample
-        rollout(3, "d"), rollout(3, "d'"),  # gap 0
+        rollout(3, "d"),
+        rollout(3, "d'"),  # gap 0
     ]
     scores = [1.0, 5.0, 2.0, 2.0, 2.5, 9.0, 3.0, 3.0]
     assert best_and_worst(rollouts, scores) == [

@@ -18,10 +18,18 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.integration
 
 SMALL = [
-    "rounds=1", "samples_per_prompt=2",
-    "data.builtin.n_pairs=64", "data.builtin.n_gold=8", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=16",
-    "reward.initial_epochs=1", "policy.epochs_per_round=1", "logging.report=false", "logging.ray_metrics=false",
-    "eval.prompts=8", "eval.samples_per_prompt=3",
+    "rounds=1",
+    "samples_per_prompt=2",
+    "data.builtin.n_pairs=64",
+    "data.builtin.n_gold=8",
+    "data.builtin.n_prompts=16",
+    "data.builtin.n_eval_pairs=16",
+    "reward.initial_epochs=1",
+    "policy.epochs_per_round=1",
+    "logging.report=false",
+    "logging.ray_metrics=false",
+    "eval.prompts=8",
+    "eval.samples_per_prompt=3",
 ]
 
 
@@ -50,8 +58,13 @@ def method_round(ray_cluster, tmp_path_factory):
 
     def play(method: str):
         if method not in played:
-            played[method] = _play(tmp_path_factory.mktemp(method), f"method={method}",
-                                   *METHOD_SETTINGS.get(method, ()), "rollout.backend=hf", "learner.backend=torch")
+            played[method] = _play(
+                tmp_path_factory.mktemp(method),
+                f"method={method}",
+                *METHOD_SETTINGS.get(method, ()),
+                "rollout.backend=hf",
+                "learner.backend=torch",
+            )
         return played[method]
 
     return play
@@ -113,7 +126,9 @@ def test_fixed_rm_baseline_never_steps_the_rm(ray_cluster, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     base = AutoModelForSequenceClassification.from_pretrained(prepared.run_dir / "checkpoints/base_reward").state_dict()
-    final = AutoModelForSequenceClassification.from_pretrained(prepared.run_dir / "checkpoints/round_0001/reward").state_dict()
+    final = AutoModelForSequenceClassification.from_pretrained(
+        prepared.run_dir / "checkpoints/round_0001/reward"
+    ).state_dict()
     assert all(torch.equal(base[k], final[k]) for k in base)
 
 
@@ -147,11 +162,22 @@ def test_default_stack_vllm_deepspeed_round(overlapped_default_run):
 def test_an_overlapped_evaluation_gives_the_figures_of_one_in_place(overlapped_default_run, tmp_path):
     """eval.overlap moves round r's evaluation into round r+1 (a frozen copy of the RM, samples drawn on the
     weights the pool still holds, scored in pieces while the policy trains); the rows must not change."""
-    keys = ("eval/gold_score", "eval/gold_score_se", "eval/rm_score", "eval/kl", "rm/acc", "rm/ece", "rm/acc_policy",
-            "rm/reward_gold", "eval/samples")
+    keys = (
+        "eval/gold_score",
+        "eval/gold_score_se",
+        "eval/rm_score",
+        "eval/kl",
+        "rm/acc",
+        "rm/ece",
+        "rm/acc_policy",
+        "rm/reward_gold",
+        "eval/samples",
+    )
     in_place_run = _play(tmp_path, *DEFAULT_STACK, "eval.overlap=false")
-    runs = {overlap: [{key: row[key] for key in keys} for row in rows]
-            for overlap, (_, _, rows) in ((True, overlapped_default_run), (False, in_place_run))}
+    runs = {
+        overlap: [{key: row[key] for key in keys} for row in rows]
+        for overlap, (_, _, rows) in ((True, overlapped_default_run), (False, in_place_run))
+    }
     assert [row["eval/samples"] for row in runs[True]] == [24, 24, 24]
     for overlapped, in_place in zip(runs[True], runs[False]):
         assert overlapped == pytest.approx(in_place, rel=1e-5, abs=1e-6)

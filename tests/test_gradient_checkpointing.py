@@ -17,8 +17,13 @@ pytestmark = pytest.mark.usefixtures("restored_environment")
 @pytest.mark.parametrize("backend", ["torch", "deepspeed"])
 def test_a_checkpointed_step_equals_the_plain_one(tiny_lm_dir, backend):
     def trained(checkpointing: bool):
-        learner = PolicyLearner(tiny_lm_dir, model=ModelConfig(), policy=PolicyConfig(batch_size=4, lr=1e-3),
-                                learner=LearnerConfig(backend=backend, gradient_checkpointing=checkpointing), seed=0)
+        learner = PolicyLearner(
+            tiny_lm_dir,
+            model=ModelConfig(),
+            policy=PolicyConfig(batch_size=4, lr=1e-3),
+            learner=LearnerConfig(backend=backend, gradient_checkpointing=checkpointing),
+            seed=0,
+        )
         stats = learner.sft_step(SAMPLES, epochs=2, seed=0)
         return stats, {k: v.clone() for k, v in learner.engine.full_state_dict().items()}, learner.model
 

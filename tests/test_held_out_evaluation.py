@@ -31,9 +31,11 @@ def test_kl_reads_the_policy_learner_unless_the_sampler_is_float32_vllm():
 def test_the_summary_share_counts_game_rounds_only():
     from apo_ray.train import evaluate_share
 
-    rows = [{"round": 0, "timing/round": 20.0, "timing/evaluate": 9.0},  # RM fit and warm-up: left out
-            {"round": 1, "timing/round": 4.0, "timing/evaluate": 0.5},
-            {"round": 2, "timing/round": 4.0},  # not evaluated
-            {"round": 3, "timing/round": 6.0, "timing/evaluate": 3.0}]
+    rows = [
+        {"round": 0, "timing/round": 20.0, "timing/evaluate": 9.0},  # RM fit and warm-up: left out
+        {"round": 1, "timing/round": 4.0, "timing/evaluate": 0.5},
+        {"round": 2, "timing/round": 4.0},  # not evaluated
+        {"round": 3, "timing/round": 6.0, "timing/evaluate": 3.0},
+    ]
     assert evaluate_share(rows) == round(3.5 / 14.0, 3)
     assert evaluate_share(rows[:1]) is None

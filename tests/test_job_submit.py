@@ -30,14 +30,29 @@ BUILTIN_CACHE = REPO_ROOT / ".cache" / "apo_ray_builtin"
 # One round of the builtin task, small, with the HF rollout engine and plain torch learners: the test is
 # about the job plumbing, and vLLM/DeepSpeed start-up would double its time.
 SMALL_RUN = [
-    "rounds=1", "rollout.backend=hf", "learner.backend=torch", "samples_per_prompt=2",
-    "data.builtin.n_pairs=64", "data.builtin.n_gold=16", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=32",
-    "reward.initial_epochs=1", "policy.epochs_per_round=1", "logging.tensorboard=false",
+    "rounds=1",
+    "rollout.backend=hf",
+    "learner.backend=torch",
+    "samples_per_prompt=2",
+    "data.builtin.n_pairs=64",
+    "data.builtin.n_gold=16",
+    "data.builtin.n_prompts=16",
+    "data.builtin.n_eval_pairs=32",
+    "reward.initial_epochs=1",
+    "policy.epochs_per_round=1",
+    "logging.tensorboard=false",
     # The job runs in an unpacked copy of the working dir, where a relative cache dir would be empty.
     f"data.builtin.cache_dir={BUILTIN_CACHE}",
 ]
-DASHBOARD_GAUGES = {"ray_apo_round", "ray_apo_rm_acc", "ray_apo_eval_gold_score", "ray_apo_eval_kl",
-                    "ray_apo_rollout_tokens_per_s", "ray_apo_timing_sync", "ray_apo_phase"}
+DASHBOARD_GAUGES = {
+    "ray_apo_round",
+    "ray_apo_rm_acc",
+    "ray_apo_eval_gold_score",
+    "ray_apo_eval_kl",
+    "ray_apo_rollout_tokens_per_s",
+    "ray_apo_timing_sync",
+    "ray_apo_phase",
+}
 
 
 def free_port() -> int:
@@ -59,8 +74,9 @@ class Head:
         return json.loads(urllib.request.urlopen(request, timeout=10).read())
 
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(VENV_BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [str(VENV_BIN / "ray"), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
 
 def wait_for(condition, timeout_s: float, what: str, interval_s: float = 1.0):
@@ -87,26 +103,45 @@ def ray_head():
     token_file.write_text(token)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     # The job's `python` is the one first on the head's PATH.
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN_PATH=str(token_file))
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file)
+    )
     dashboard_port, metrics_port = free_port(), free_port()
     log_file = temp_dir / "head.log"
     with log_file.open("w") as log:
         process = subprocess.Popen(
-            [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-             f"--port={free_port()}", f"--ray-client-server-port={free_port()}",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={metrics_port}",
-             "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-             '--system-config={"metrics_report_interval_ms": 1000}'],
-            env=env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(VENV_BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--port={free_port()}",
+                f"--ray-client-server-port={free_port()}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard_port}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}",
+                f"--metrics-export-port={metrics_port}",
+                "--num-cpus=4",
+                f"--temp-dir={temp_dir}",
+                "--disable-usage-stats",
+                '--system-config={"metrics_report_interval_ms": 1000}',
+            ],
+            env=env,
+            cwd=temp_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     head = Head(f"http://127.0.0.1:{dashboard_port}", metrics_port, token, env, temp_dir)
     try:
         try:
-            wait_for(lambda: process.poll() is None and head.get_json("/api/version"), 120,
-                     "the dashboard did not answer")
+            wait_for(
+                lambda: process.poll() is None and head.get_json("/api/version"), 120, "the dashboard did not answer"
+            )
         except AssertionError as error:
             raise AssertionError(f"{error}; head log:\n{log_file.read_text()[-3000:]}") from None
         yield head
@@ -128,8 +163,19 @@ def scrape_apo_metrics(port: int) -> set[str]:
 
 def submit_job(head: Head, job_id: str, entrypoint: list[str]) -> None:
     """`ray job submit --no-wait`, retried while the head's job agent is still registering."""
-    command = ["job", "submit", "--address", head.dashboard_url, "--submission-id", job_id, "--no-wait",
-               "--working-dir", str(REPO_ROOT), "--", *entrypoint]
+    command = [
+        "job",
+        "submit",
+        "--address",
+        head.dashboard_url,
+        "--submission-id",
+        job_id,
+        "--no-wait",
+        "--working-dir",
+        str(REPO_ROOT),
+        "--",
+        *entrypoint,
+    ]
     deadline = time.monotonic() + 120
     while True:
         submitted = head.ray(*command)
@@ -144,8 +190,11 @@ def submit_job(head: Head, job_id: str, entrypoint: list[str]) -> None:
 def test_ray_job_submit_runs_the_game_on_an_existing_cluster(ray_head, tmp_path):
     run_dir = tmp_path / "run"
     job_id = f"apo-ray-test-{secrets.token_hex(4)}"
-    submit_job(ray_head, job_id, ["python", "-m", "apo_ray.train", "--config", "configs/default.yaml",
-                                  f"run_dir={run_dir}", *SMALL_RUN])
+    submit_job(
+        ray_head,
+        job_id,
+        ["python", "-m", "apo_ray.train", "--config", "configs/default.yaml", f"run_dir={run_dir}", *SMALL_RUN],
+    )
     # While the job runs: its gauges reach the node's Prometheus endpoint, and its actors are named.
     exported: set[str] = set()
     actor_names: set[str] = set()
@@ -177,8 +226,10 @@ def test_ray_job_submit_runs_the_game_on_an_existing_cluster(ray_head, tmp_path)
 
     assert DASHBOARD_GAUGES <= exported, f"exported: {sorted(exported)}"
     # One run id ties the run's actors together on the dashboard.
-    named = {re.fullmatch(r"(policy-learner|reward-learner|reference|rollout)-([0-9a-f]{6})(-0)?", name)
-             for name in actor_names} - {None}
+    named = {
+        re.fullmatch(r"(policy-learner|reward-learner|reference|rollout)-([0-9a-f]{6})(-0)?", name)
+        for name in actor_names
+    } - {None}
     assert {m.group(1) for m in named} == {"policy-learner", "reward-learner", "reference", "rollout"}, actor_names
     assert len({m.group(2) for m in named}) == 1, actor_names
 
@@ -189,8 +240,9 @@ def test_a_run_without_an_address_starts_its_own_cluster_beside_a_ray_start_one(
     # (under $RAY_TMPDIR/ray): it would join the head and be refused num_cpus. `ray start` writes it only after
     # its dashboard answers.
     address_file = ray_head.temp_dir / "ray_current_cluster"
-    head_gcs = wait_for(lambda: address_file.is_file() and address_file.read_text().strip(), 120,
-                        f"{address_file} was not written")
+    head_gcs = wait_for(
+        lambda: address_file.is_file() and address_file.read_text().strip(), 120, f"{address_file} was not written"
+    )
     # Short: the local cluster's unix sockets go under it too.
     ray_tmpdir = Path(tempfile.mkdtemp(prefix="apo-drv-", dir="/tmp"))
     (ray_tmpdir / "ray").mkdir()
@@ -204,8 +256,14 @@ def test_a_run_without_an_address_starts_its_own_cluster_beside_a_ray_start_one(
         "ray.shutdown()\n"
     )
     try:
-        done = subprocess.run([sys.executable, "-c", driver], env={**ray_head.env, "RAY_TMPDIR": str(ray_tmpdir)},
-                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", driver],
+            env={**ray_head.env, "RAY_TMPDIR": str(ray_tmpdir)},
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]

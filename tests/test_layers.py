@@ -4,8 +4,8 @@ pure core, and the repository's actors/ folder installs as apo_ray.actors, never
 from __future__ import annotations
 
 import ast
-import os
 import importlib.util
+import os
 import subprocess
 import sys
 import zipfile
@@ -17,11 +17,46 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The pure core: math, data, config, bookkeeping and the gold oracle. Importable without Ray or any actor.
 CORE = {
-    "aapa", "apl", "apo_activity", "batching", "build_locks", "builtin", "builtin.assets", "builtin.harm",
-    "builtin.models", "builtin.oracle", "builtin.task", "chat", "config", "config_docs", "config_paths", "data",
-    "deadlines", "evaluation", "fault_injection", "fingerprint", "flops", "game", "gguf", "logs", "losses",
-    "mean_pooling", "metric_catalog", "modeling", "named_tensors", "package_files", "pool_size", "ppo",
-    "model_sources", "progress", "lora", "seeds", "vllm_cpu", "vllm_version", "config_section", "methods",
+    "aapa",
+    "apl",
+    "apo_activity",
+    "batching",
+    "build_locks",
+    "builtin",
+    "builtin.assets",
+    "builtin.harm",
+    "builtin.models",
+    "builtin.oracle",
+    "builtin.task",
+    "chat",
+    "config",
+    "config_docs",
+    "config_paths",
+    "data",
+    "deadlines",
+    "evaluation",
+    "fault_injection",
+    "fingerprint",
+    "flops",
+    "game",
+    "gguf",
+    "logs",
+    "losses",
+    "mean_pooling",
+    "metric_catalog",
+    "modeling",
+    "named_tensors",
+    "package_files",
+    "pool_size",
+    "ppo",
+    "model_sources",
+    "progress",
+    "lora",
+    "seeds",
+    "vllm_cpu",
+    "vllm_version",
+    "config_section",
+    "methods",
     # Every method module, a new one included: the learners read their losses from them.
     *(f"methods.{path.stem}" for path in ROOT.glob("apo_ray/methods/*.py") if path.stem != "__init__"),
 }
@@ -32,8 +67,10 @@ CORE = {
 # time a backend imports only the core (the config and the learners get the declarations without Ray); inside the
 # functions of a side it may import what runs on that side: Ray and vLLM, the driver's `gather`
 # (apo_ray.learner_group) and the learner's free port (apo_ray.actors.engine).
-SYNC = {"sync_backends", *(f"sync_backends.{path.stem}" for path in ROOT.glob("apo_ray/sync_backends/*.py")
-                           if path.stem != "__init__")}
+SYNC = {
+    "sync_backends",
+    *(f"sync_backends.{path.stem}" for path in ROOT.glob("apo_ray/sync_backends/*.py") if path.stem != "__init__"),
+}
 SYNC_SIDES = {"apo_ray.learner_group", "apo_ray.actors.engine"}
 
 
@@ -79,8 +116,10 @@ def test_the_core_list_names_real_modules():
 @pytest.mark.parametrize("module", sorted(f"apo_ray.{m}" for m in CORE))
 def test_core_imports_neither_ray_nor_actors_nor_the_driver(module):
     bad = sorted(
-        name for name in imported_modules(SOURCES[module])
-        if name == "ray" or name.startswith("ray.")
+        name
+        for name in imported_modules(SOURCES[module])
+        if name == "ray"
+        or name.startswith("ray.")
         or (name.startswith("apo_ray.") and not (is_core(name) or is_sync(name)))
     )
     assert not bad, f"{module} is pure core but imports {bad}"
@@ -89,7 +128,8 @@ def test_core_imports_neither_ray_nor_actors_nor_the_driver(module):
 @pytest.mark.parametrize("module", sorted(ACTORS))
 def test_actors_import_only_the_core_and_each_other(module):
     bad = sorted(
-        name for name in imported_modules(SOURCES[module])
+        name
+        for name in imported_modules(SOURCES[module])
         if name.startswith("apo_ray.") and not (is_core(name) or is_sync(name) or name in ACTORS)
     )
     assert not bad, f"{module} is an actor module but imports driver modules {bad}"
@@ -99,12 +139,15 @@ def test_actors_import_only_the_core_and_each_other(module):
 def test_a_sync_backend_imports_the_core_when_imported_and_a_sides_helpers_where_it_runs(module):
     at_import = import_time_modules(SOURCES[module])
     bad_at_import = sorted(
-        name for name in at_import
-        if name.split(".")[0] in ("ray", "vllm") or (name.startswith("apo_ray.") and not (is_core(name) or is_sync(name)))
+        name
+        for name in at_import
+        if name.split(".")[0] in ("ray", "vllm")
+        or (name.startswith("apo_ray.") and not (is_core(name) or is_sync(name)))
     )
     assert not bad_at_import, f"{module} is a sync backend but imports {bad_at_import} when imported"
     bad = sorted(
-        name for name in imported_modules(SOURCES[module])
+        name
+        for name in imported_modules(SOURCES[module])
         if name.startswith("apo_ray.") and not (is_core(name) or is_sync(name) or name in SYNC_SIDES)
     )
     assert not bad, f"{module} is a sync backend but imports {bad}"
@@ -112,7 +155,8 @@ def test_a_sync_backend_imports_the_core_when_imported_and_a_sides_helpers_where
 
 def test_nothing_imports_a_top_level_actors_package():
     offenders = sorted(
-        str(path.relative_to(ROOT)) for path in [*SOURCES.values(), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")]
+        str(path.relative_to(ROOT))
+        for path in [*SOURCES.values(), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")]
         if any(name == "actors" or name.startswith("actors.") for name in imported_modules(path))
     )
     assert not offenders
@@ -124,7 +168,9 @@ def test_the_wheel_installs_actors_as_apo_ray_actors(tmp_path):
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert built.returncode == 0, built.stderr
     (wheel,) = tmp_path.glob("apo_ray-*.whl")
@@ -145,8 +191,14 @@ def test_local_ray_workers_get_the_drivers_apo_ray_first(monkeypatch):
 # The learner classes are plain classes that Ray wraps as actors, so that they also run in-process on a machine
 # without Ray or vLLM (benchmarks/gpu_learners.py; its CPU check, in tests/test_gpu_learners.py, looks at what a
 # real run imported).
-LEARNERS = ["apo_ray.actors.engine", "apo_ray.actors.policy", "apo_ray.actors.reward", "apo_ray.actors.critic",
-            "apo_ray.actors.reference", "apo_ray.actors.discriminator"]
+LEARNERS = [
+    "apo_ray.actors.engine",
+    "apo_ray.actors.policy",
+    "apo_ray.actors.reward",
+    "apo_ray.actors.critic",
+    "apo_ray.actors.reference",
+    "apo_ray.actors.discriminator",
+]
 
 
 def import_time_modules(path: Path) -> set[str]:
@@ -161,7 +213,9 @@ def import_time_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             # `from apo_ray import build_locks` imports the submodule.
-            names.update(f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in SOURCES)
+            names.update(
+                f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in SOURCES
+            )
         for child in ast.iter_child_nodes(node):
             visit(child)
 

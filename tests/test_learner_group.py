@@ -25,22 +25,35 @@ pytestmark = pytest.mark.usefixtures("restored_environment")
 
 
 def policy_kwargs(path: str, stage: int) -> dict:
-    return dict(model_path=path, model=ModelConfig(), policy=PolicyConfig(batch_size=4, lr=1e-3),
-                learner=LearnerConfig(backend="deepspeed", zero_stage=stage), seed=0)
+    return dict(
+        model_path=path,
+        model=ModelConfig(),
+        policy=PolicyConfig(batch_size=4, lr=1e-3),
+        learner=LearnerConfig(backend="deepspeed", zero_stage=stage),
+        seed=0,
+    )
 
 
 def two_ranks(path: str, stage: int):
     from apo_ray.actor_group import wait_until_ready
     from apo_ray.learner_group import LearnerGroup
 
-    group = LearnerGroup(PolicyLearner, 2, role="policy", name_prefix=f"policy-test-zero{stage}",
-                         kwargs=policy_kwargs(path, stage), num_cpus_per_rank=1, env={"DS_ACCELERATOR": "cpu"})
+    group = LearnerGroup(
+        PolicyLearner,
+        2,
+        role="policy",
+        name_prefix=f"policy-test-zero{stage}",
+        kwargs=policy_kwargs(path, stage),
+        num_cpus_per_rank=1,
+        env={"DS_ACCELERATOR": "cpu"},
+    )
     wait_until_ready([group.group], 600)
     return group
 
 
-def assert_same_step(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
-                     initial: dict[str, torch.Tensor]) -> None:
+def assert_same_step(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+) -> None:
     """`got` took the steps that took `initial` to `want`, to 1% of the distance the weights moved. Not closer: Adam
     turns gradients at rounding level (the key bias's is zero in exact arithmetic, softmax ignores a shift of every
     key) into steps of up to lr, whose sign the order of the ranks' float sums decides."""
@@ -103,12 +116,18 @@ def test_two_ranks_take_the_step_one_rank_takes_on_the_whole_batch(stage, ray_cl
         if stage == 2:
             # A rank that dies mid-run stops the next call, naming it, rather than leaving rank 0 in a collective.
             ray.kill(group.ranks[1])
-            with pytest.raises(RankDied, match=r"^policy-test-zero2-1, rank 1 of the 2-rank policy learner, "
-                                               r"died during sft_step: "):
+            with pytest.raises(
+                RankDied,
+                match=r"^policy-test-zero2-1, rank 1 of the 2-rank policy learner, "
+                r"died during sft_step: ",
+            ):
                 group.call("sft_step", SAMPLES, epochs=1, seed=1)
             # The weight sync's generator calls too (rank 0, stuck in the step's collective, is not waited for).
-            with pytest.raises(RankDied, match=r"^policy-test-zero2-1, rank 1 of the 2-rank policy learner, "
-                                               r"died during stream_weights: "):
+            with pytest.raises(
+                RankDied,
+                match=r"^policy-test-zero2-1, rank 1 of the 2-rank policy learner, "
+                r"died during stream_weights: ",
+            ):
                 ObjectStoreSync(bucket_bytes=1 << 20).publish_from(group, 2)
             dead = find_dead_rank([group])
             assert dead is not None and (dead.name, dead.rank) == ("policy-test-zero2-1", 1)
@@ -119,7 +138,8 @@ def test_two_ranks_take_the_step_one_rank_takes_on_the_whole_batch(stage, ray_cl
 def test_a_lost_rank_names_the_last_intact_round_to_resume_from(tmp_path):
     error = RuntimeError("policy-learner-ab12cd-1, rank 1 of the 2-rank policy learner, died during sft_step: gone")
     assert rank_lost_message(tmp_path, 4, error) == (
-        f"{error}. The checkpoint of round 4 is intact: continue with `apo-ray train --resume {tmp_path}`")
+        f"{error}. The checkpoint of round 4 is intact: continue with `apo-ray train --resume {tmp_path}`"
+    )
     assert rank_lost_message(tmp_path, None, error).endswith("No round was checkpointed yet: start the run again")
 
 
@@ -127,6 +147,9 @@ def test_a_resume_on_other_ranks_is_refused_naming_the_key():
     check_same_ranks({"learner_ranks": {"policy": 2, "reward": 1}}, {"policy": 2, "reward": 1}, 3)
     # Checkpoints written before learner groups hold one rank of each.
     check_same_ranks({}, {"policy": 1, "reward": 1}, 3)
-    with pytest.raises(ConfigError, match=r"^learner\.reward_ranks: round 3 was checkpointed with 1 reward rank\(s\) "
-                                          r"and this run asks for 2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^learner\.reward_ranks: round 3 was checkpointed with 1 reward rank\(s\) "
+        r"and this run asks for 2",
+    ):
         check_same_ranks({"learner_ranks": {"policy": 2, "reward": 1}}, {"policy": 2, "reward": 2}, 3)

@@ -129,15 +129,23 @@ RAY_TRAIN_WORKER_LINES = [
 def test_the_driver_drops_ray_trains_controller_query_line_unless_verbose(verbose, printed):
     """Ray's driver passes what its workers print through a deduplicator, which reads its skip pattern when ray is
     imported: after configure_logging, in a process of its own as an `apo-ray rm` driver is."""
-    script = (f"from apo_ray import logs; logs.configure_logging(verbose={verbose})\n"
-              "import json, sys\n"
-              "from ray._private.ray_logging import stderr_deduplicator\n"
-              "batch = {'ip': '127.0.0.1', 'pid': 7, 'is_err': True, 'lines': json.load(sys.stdin)}\n"
-              "print(json.dumps([line for out in stderr_deduplicator.deduplicate(batch) for line in out['lines']]))\n")
+    script = (
+        f"from apo_ray import logs; logs.configure_logging(verbose={verbose})\n"
+        "import json, sys\n"
+        "from ray._private.ray_logging import stderr_deduplicator\n"
+        "batch = {'ip': '127.0.0.1', 'pid': 7, 'is_err': True, 'lines': json.load(sys.stdin)}\n"
+        "print(json.dumps([line for out in stderr_deduplicator.deduplicate(batch) for line in out['lines']]))\n"
+    )
     inherited = (logs.VERBOSE_ENV, *logs.QUIET_ENV)
-    done = subprocess.run([sys.executable, "-c", script], input=json.dumps(RAY_TRAIN_WORKER_LINES), cwd=REPO_ROOT,
-                          env={k: v for k, v in os.environ.items() if k not in inherited}, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps(RAY_TRAIN_WORKER_LINES),
+        cwd=REPO_ROOT,
+        env={k: v for k, v in os.environ.items() if k not in inherited},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout) == printed
 
@@ -166,9 +174,18 @@ def test_the_worker_hook_configures_a_worker_as_its_driver_chose(fresh_logging, 
 
 # One round of the builtin task, small, with vLLM (whose chatter is the most) and plain torch learners.
 SMALL_VLLM_RUN = [
-    "rounds=1", "rollout.backend=vllm", "learner.backend=torch", "samples_per_prompt=2",
-    "data.builtin.n_pairs=48", "data.builtin.n_gold=16", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=32",
-    "reward.initial_epochs=1", "policy.epochs_per_round=1", "logging.tensorboard=false", "logging.report=false",
+    "rounds=1",
+    "rollout.backend=vllm",
+    "learner.backend=torch",
+    "samples_per_prompt=2",
+    "data.builtin.n_pairs=48",
+    "data.builtin.n_gold=16",
+    "data.builtin.n_prompts=16",
+    "data.builtin.n_eval_pairs=32",
+    "reward.initial_epochs=1",
+    "policy.epochs_per_round=1",
+    "logging.tensorboard=false",
+    "logging.report=false",
     *SMALL_EVAL,
 ]
 # vLLM's own line format: "INFO 12-01 22:08:36 [inplace.py:91] Reloading weights inplace..."
@@ -180,10 +197,21 @@ def train_output(tmp_path, *flags: str) -> str:
     # Without the settings an in-process `main` of another test left in this process's environment.
     inherited = ("RAY_ADDRESS", logs.VERBOSE_ENV, *logs.QUIET_ENV)
     done = subprocess.run(
-        [sys.executable, "-m", "apo_ray.train", "--config", "configs/default.yaml", f"run_dir={tmp_path / 'run'}",
-         *SMALL_VLLM_RUN, *flags],
-        cwd=REPO_ROOT, env={k: v for k, v in os.environ.items() if k not in inherited}, capture_output=True,
-        text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "apo_ray.train",
+            "--config",
+            "configs/default.yaml",
+            f"run_dir={tmp_path / 'run'}",
+            *SMALL_VLLM_RUN,
+            *flags,
+        ],
+        cwd=REPO_ROOT,
+        env={k: v for k, v in os.environ.items() if k not in inherited},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
@@ -197,8 +225,13 @@ def test_a_default_run_shows_apo_rays_lines_and_hides_the_libraries(tmp_path):
     # Logged in the actors, configured by the job's worker set-up hook, passed on by Ray to the driver.
     assert re.search(r"\(RewardLearner pid=\d+\).* \[rm_step\] done: ", output), output[-3000:]
     assert not VLLM_LINE.search(output), VLLM_LINE.search(output)
-    for noise in (*THIRD_PARTY_BARS, "Chat template warmup failed", "Traceback", "Started a local Ray instance",
-                  "Setting accelerator to CPU"):
+    for noise in (
+        *THIRD_PARTY_BARS,
+        "Chat template warmup failed",
+        "Traceback",
+        "Started a local Ray instance",
+        "Setting accelerator to CPU",
+    ):
         assert noise not in output, noise
 
 

@@ -27,14 +27,20 @@ LORA = LoraConfig(enabled=True, rank=4, alpha=8.0, target_modules=["q_proj", "v_
 pytestmark = pytest.mark.usefixtures("restored_environment")
 
 
-def lora_policy(path: str, backend: str = "torch", stage: int = 0, lora: LoraConfig = LORA,
-                lr: float = 1e-2) -> PolicyLearner:
+def lora_policy(
+    path: str, backend: str = "torch", stage: int = 0, lora: LoraConfig = LORA, lr: float = 1e-2
+) -> PolicyLearner:
     return PolicyLearner(**lora_kwargs(path, backend, stage, lora, lr))
 
 
 def lora_kwargs(path: str, backend: str, stage: int, lora: LoraConfig = LORA, lr: float = 1e-2) -> dict:
-    return dict(model_path=path, model=ModelConfig(), policy=PolicyConfig(batch_size=4, lr=lr),
-                learner=LearnerConfig(backend=backend, zero_stage=stage, lora=lora), seed=0)
+    return dict(
+        model_path=path,
+        model=ModelConfig(),
+        policy=PolicyConfig(batch_size=4, lr=lr),
+        learner=LearnerConfig(backend=backend, zero_stage=stage, lora=lora),
+        seed=0,
+    )
 
 
 def base_state(path: str) -> dict[str, torch.Tensor]:
@@ -113,7 +119,9 @@ def test_the_exported_weights_are_the_merged_model_under_the_base_models_names(t
 
 def test_target_modules_the_model_lacks_are_refused_naming_the_key(tiny_lm_dir):
     bad = LORA.model_copy(update={"target_modules": ["q_proj", "c_attn"]})
-    message = r"^learner\.lora\.target_modules: Qwen2ForCausalLM has no module named c_attn; its linear layers are .*q_proj"
+    message = (
+        r"^learner\.lora\.target_modules: Qwen2ForCausalLM has no module named c_attn; its linear layers are .*q_proj"
+    )
     # Before any actor starts (train.prepare), from the config alone ...
     with pytest.raises(ConfigError, match=message):
         check_targets_of(tiny_lm_dir, bad.target_modules)
@@ -216,9 +224,15 @@ def test_two_ranks_take_the_adapter_step_one_rank_takes(stage, ray_cluster, tiny
     one = lora_policy(tiny_lm_dir, "deepspeed", stage, lr=1e-3)
     want_stats = one.sft_step(SAMPLES, epochs=2, seed=0)
     want = one.state_dict()
-    group = LearnerGroup(PolicyLearner, 2, role="policy", name_prefix=f"lora-test-zero{stage}",
-                         kwargs=lora_kwargs(tiny_lm_dir, "deepspeed", stage, lr=1e-3), num_cpus_per_rank=1,
-                         env={"DS_ACCELERATOR": "cpu"})
+    group = LearnerGroup(
+        PolicyLearner,
+        2,
+        role="policy",
+        name_prefix=f"lora-test-zero{stage}",
+        kwargs=lora_kwargs(tiny_lm_dir, "deepspeed", stage, lr=1e-3),
+        num_cpus_per_rank=1,
+        env={"DS_ACCELERATOR": "cpu"},
+    )
     try:
         wait_until_ready([group.group], 600)
         stats = group.call("sft_step", SAMPLES, epochs=2, seed=0)
@@ -243,15 +257,17 @@ def test_two_ranks_take_the_adapter_step_one_rank_takes(stage, ray_cluster, tiny
 
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
-def test_a_sync_delivers_the_merged_weights_and_the_fingerprint_check_proves_it(backend, ray_cluster, tiny_lm_dir,
-                                                                               tmp_path):
+def test_a_sync_delivers_the_merged_weights_and_the_fingerprint_check_proves_it(
+    backend, ray_cluster, tiny_lm_dir, tmp_path
+):
     import ray
 
     from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec
     from apo_ray.sync_backends import make_backend
 
-    spec = RolloutWorkerSpec(tiny_lm_dir, backend, max_new_tokens=8, max_prompt_tokens=32, temperature=0.0,
-                             max_model_len=64, dtype="float32")
+    spec = RolloutWorkerSpec(
+        tiny_lm_dir, backend, max_new_tokens=8, max_prompt_tokens=32, temperature=0.0, max_model_len=64, dtype="float32"
+    )
     pool = RolloutPool(spec, 1, num_cpus_per_worker=1, name_prefix=f"lora-test-sync-{backend}")
     learner = ray.remote(PolicyLearner).options(num_cpus=0).remote(**lora_kwargs(tiny_lm_dir, "torch", 0))
     try:
@@ -267,8 +283,9 @@ def test_a_sync_delivers_the_merged_weights_and_the_fingerprint_check_proves_it(
         base_checksum = sum(t.double().abs().sum().item() for n, t in base.items() if n not in tied)
         assert before == pytest.approx(base_checksum, rel=1e-9) and abs(checksum - base_checksum) > 1e-3
         # Both strategies that take LoRA's merged weights (nccl is refused with LoRA).
-        for version, strategy in enumerate((make_backend("object_store", bucket_bytes=1 << 20),
-                                             make_backend("disk", root=tmp_path)), 1):
+        for version, strategy in enumerate(
+            (make_backend("object_store", bucket_bytes=1 << 20), make_backend("disk", root=tmp_path)), 1
+        ):
             stats = pool.sync_from(learner, version, weight_sync=strategy)
             assert pool.versions() == [version] and stats["timing/sync_fingerprint"] > 0
             # What the engine holds is the merged model, not the base it started from.
@@ -280,8 +297,9 @@ def test_a_sync_delivers_the_merged_weights_and_the_fingerprint_check_proves_it(
 
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
-def test_an_adapter_sync_is_served_and_a_dropped_one_is_caught_naming_worker_and_version(backend, ray_cluster,
-                                                                                         tiny_lm_dir, tmp_path):
+def test_an_adapter_sync_is_served_and_a_dropped_one_is_caught_naming_worker_and_version(
+    backend, ray_cluster, tiny_lm_dir, tmp_path
+):
     import json
 
     import ray
@@ -291,14 +309,21 @@ def test_an_adapter_sync_is_served_and_a_dropped_one_is_caught_naming_worker_and
     from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec
     from apo_ray.sync_backends import make_backend
 
-    spec = RolloutWorkerSpec(tiny_lm_dir, backend, max_new_tokens=8, max_prompt_tokens=32, temperature=0.0,
-                             max_model_len=64, dtype="float32")
+    spec = RolloutWorkerSpec(
+        tiny_lm_dir, backend, max_new_tokens=8, max_prompt_tokens=32, temperature=0.0, max_model_len=64, dtype="float32"
+    )
     # Worker 1 drops the first adapter it is sent and still reports the sync done (verl #7495's silent failure).
     drop = {"kind": "drop", "phase": "sync", "worker": 1, "once": str(tmp_path / "dropped")}
     name = f"lora-test-adapter-{backend}"
     # Buckets of 8 KiB: the adapter's 4 x 6 tensors of up to 4 KiB take several.
-    pool = RolloutPool(spec, 2, num_cpus_per_worker=0.5, name_prefix=name, env={ENV: json.dumps([drop])},
-                       weight_sync=make_backend("lora_adapter", bucket_bytes=8 << 10, rank=LORA.rank))
+    pool = RolloutPool(
+        spec,
+        2,
+        num_cpus_per_worker=0.5,
+        name_prefix=name,
+        env={ENV: json.dumps([drop])},
+        weight_sync=make_backend("lora_adapter", bucket_bytes=8 << 10, rank=LORA.rank),
+    )
     learner = ray.remote(PolicyLearner).options(num_cpus=0).remote(**lora_kwargs(tiny_lm_dir, "torch", 0))
     try:
         ray.get(learner.sft_step.remote(SAMPLES, epochs=2, seed=0))
@@ -311,10 +336,14 @@ def test_an_adapter_sync_is_served_and_a_dropped_one_is_caught_naming_worker_and
             return torch.tensor([v for row in got for v in row])
 
         assert (want - base)[picked].abs().max() > 1e-2
-        with pytest.raises(WeightsDiffer, match=(
+        with pytest.raises(
+            WeightsDiffer,
+            match=(
                 rf"^rollout worker {name}-1 on node \S+ does not serve the LoRA adapter it was sent \(adapter version "
                 r"1\): its log-probs of the probe sample differ from the learner's by up to .*; they are the base "
-                r"model's, no adapter")):
+                r"model's, no adapter"
+            ),
+        ):
             pool.sync_from(learner, 1)
         # What each engine serves: worker 0 the learner's adapter, worker 1 still the base model.
         torch.testing.assert_close(served(0), want[picked], rtol=0, atol=1e-4)
@@ -323,8 +352,11 @@ def test_an_adapter_sync_is_served_and_a_dropped_one_is_caught_naming_worker_and
         # learner trains on them.
         rollouts = pool.generate(["one prompt", "another prompt"], n=1)
         assert [(r.worker, r.policy_version, r.adapter_version) for r in rollouts] == [(0, 1, 1), (1, 1, 0)]
-        with pytest.raises(WeightsDiffer, match=rf"^rollout worker 1 sampled prompt 1 with LoRA adapter version 0, "
-                                                rf"but was synced to version 1"):
+        with pytest.raises(
+            WeightsDiffer,
+            match=r"^rollout worker 1 sampled prompt 1 with LoRA adapter version 0, "
+            r"but was synced to version 1",
+        ):
             check_adapter_versions(rollouts)
         # The fault fired once: the next sync reaches both engines, and each reads the samples as the learner does.
         stats = pool.sync_from(learner, 2)
@@ -347,25 +379,30 @@ def test_the_probe_check_compares_with_the_learner_within_the_dtypes_tolerance()
     assert probe_mismatch([-1.05, -2.0, -3.0], learner, base, "bfloat16") is None
     assert probe_mismatch([-1.002, -2.0, -3.0], learner, base, "float32") == (
         "its log-probs of the probe sample differ from the learner's by up to 0.002 (tolerance 0.001 in float32); "
-        "they are neither the learner's nor the base's (up to 0.498 from the base model's)")
+        "they are neither the learner's nor the base's (up to 0.498 from the base model's)"
+    )
     assert "they are the base model's, no adapter" in probe_mismatch(base, learner, base, "float32")
     assert probe_effect(learner, base, "float32") == pytest.approx(500)
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("overrides", [
-    # A pair method reads the reference's sequence log-probs for its loss; hf sampler and torch learner, merged sync.
-    ("method=dpo", "rollout.backend=hf", "learner.backend=torch", "learner.lora.sync=merged"),
-    # The default stack: vLLM rollouts, DeepSpeed ZeRO-2, RJS, adapter-only sync.
-    (),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # A pair method reads the reference's sequence log-probs for its loss; hf sampler, torch learner, merged sync.
+        ("method=dpo", "rollout.backend=hf", "learner.backend=torch", "learner.lora.sync=merged"),
+        # The default stack: vLLM rollouts, DeepSpeed ZeRO-2, RJS, adapter-only sync.
+        (),
+    ],
+)
 def test_a_lora_round_syncs_the_policy_and_checkpoints_its_adapter(ray_cluster, tmp_path, overrides):
     from transformers import AutoModelForCausalLM
 
     from tests.test_game_round import _play
 
-    prepared, _, rows = _play(tmp_path, *overrides, "learner.lora.enabled=true", "learner.lora.rank=4",
-                              "checkpoint.merge_lora=true")
+    prepared, _, rows = _play(
+        tmp_path, *overrides, "learner.lora.enabled=true", "learner.lora.rank=4", "checkpoint.merge_lora=true"
+    )
     assert [r["round"] for r in rows] == [0, 1] and "ceiling/reference" not in rows[0]
     # At round 0 the policy is its own reference (the adapter's B is 0): the KL is 0, read with the adapter off.
     assert rows[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4) and rows[1]["eval/kl"] != 0.0
@@ -412,8 +449,9 @@ def test_a_merged_export_generates_what_base_plus_adapter_generates(tiny_lm_dir,
     assert cli_main(["export", "--merge", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     assert not any(".lora_" in name for name in merged.state_dict())
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32),
-                                        round_dir / "policy").eval()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32), round_dir / "policy"
+    ).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
     prompts = torch.tensor([list(s.prompt_ids) for s in SAMPLES])
     settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=learner.tokenizer.pad_token_id, eos_token_id=None)

@@ -82,9 +82,7 @@ def test_apo_reward_loss_without_human_pairs_is_the_apo_term_alone():
 def test_apo_reward_loss_without_apo_pairs_is_plain_rm_training():
     scores = _game_scores()
     empty = torch.empty(0, dtype=torch.float64)
-    loss, stats = apo_reward_loss(
-        empty, empty, scores["r_chosen"], scores["r_rejected"], apo_coef=0.5, pref_coef=2.0
-    )
+    loss, stats = apo_reward_loss(empty, empty, scores["r_chosen"], scores["r_rejected"], apo_coef=0.5, pref_coef=2.0)
     assert loss.item() == pytest.approx(2.0 * (LOG2 + NEG_LOGSIG_1) / 2)
     assert "rm/loss_apo" not in stats
 

@@ -18,8 +18,9 @@ def test_warmup_rises_linearly_to_the_base_lr_and_the_decays_end_just_above_zero
     assert curve("constant", 5, 2) == [0.5, 1.0, 1.0, 1.0, 1.0]
     assert curve("linear", 6, 2) == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
     assert curve("linear", 4, 0) == pytest.approx([1.0, 0.75, 0.5, 0.25])
-    assert curve("cosine", 4, 0) == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
-                                                   0.5 * (1 + math.cos(3 * math.pi / 4))])
+    assert curve("cosine", 4, 0) == pytest.approx(
+        [1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]
+    )
     assert learning_rate(5e-5, "linear", 150, 300, 30) == pytest.approx(5e-5 * (1 - 120 / 270))
 
 

@@ -35,9 +35,18 @@ def encoder_dir(tmp_path_factory) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("encoder")
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
-              add_pooling_layer=False).save_pretrained(out)
+    BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            hidden_dropout_prob=0.1,
+            attention_probs_dropout_prob=0.1,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -86,8 +95,9 @@ def test_the_saved_rm_keeps_its_pooling_for_every_consumer(encoder_dir, tmp_path
     assert model_role(tmp_path / "rm") == "reward"
 
     # No pooling named: the checkpoint's own. The game's reward learner scores as the saved module did.
-    learner = RewardLearner(str(tmp_path / "rm"), reward=RewardConfig(max_length=256), learner=LearnerConfig(),
-                            trainable=False)
+    learner = RewardLearner(
+        str(tmp_path / "rm"), reward=RewardConfig(max_length=256), learner=LearnerConfig(), trainable=False
+    )
     assert isinstance(learner.model, MeanPooledForSequenceClassification)
     want = hand_scores(rm.eval(), load_tokenizer(str(encoder_dir)), PROMPTS, RESPONSES)
     assert learner.score(PROMPTS, RESPONSES) == pytest.approx(want.tolist(), abs=1e-5)
@@ -101,8 +111,9 @@ def test_mean_pooling_refuses_a_checkpoint_whose_weights_miss_the_encoder(tmp_pa
     pooling=mean would leave a random encoder behind a warning."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    BertForSequenceClassification(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=32, num_labels=1)).save_pretrained(tmp_path)
+    BertForSequenceClassification(
+        BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=1)
+    ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"pooling=mean needs an encoder checkpoint .* encoder weights are not in it"):
         load_reward_model(str(tmp_path), "float32", pooling="mean")
 
@@ -114,8 +125,11 @@ def test_the_reward_learner_steps_and_freezes_a_mean_pooled_rm(encoder_dir):
     torch.manual_seed(1)
     load_reward_model(str(encoder_dir), "float32", pooling="mean").save_pretrained(encoder_dir.parent / "mean_rm")
     load_tokenizer(str(encoder_dir)).save_pretrained(encoder_dir.parent / "mean_rm")
-    learner = RewardLearner(str(encoder_dir.parent / "mean_rm"), reward=RewardConfig(batch_size=4, lr=1e-2),
-                            learner=LearnerConfig(backend="torch"))
+    learner = RewardLearner(
+        str(encoder_dir.parent / "mean_rm"),
+        reward=RewardConfig(batch_size=4, lr=1e-2),
+        learner=LearnerConfig(backend="torch"),
+    )
     pairs = [PreferencePair(p, r, "no.") for p, r in zip(PROMPTS, RESPONSES)]
 
     def margins(frozen: bool = False) -> list[float]:

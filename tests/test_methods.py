@@ -19,8 +19,13 @@ def test_ipo_loss_by_hand():
     # h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)); loss = mean (h - 1/(2 tau))^2.
     #   pair 0: (-3.0 + 3.5) - (-6.0 + 5.0) = 0.5 + 1.0 = 1.5;   tau 0.25 -> target 2.0 -> (1.5 - 2.0)^2 = 0.25
     #   pair 1: (-2.0 + 1.0) - (-4.0 + 4.5) = -1.0 - 0.5 = -1.5;             -> (-1.5 - 2.0)^2 = 12.25
-    loss, stats = get_method("ipo").loss(torch.tensor([-3.0, -2.0]), torch.tensor([-6.0, -4.0]),
-                                         torch.tensor([-3.5, -1.0]), torch.tensor([-5.0, -4.5]), tau=0.25)
+    loss, stats = get_method("ipo").loss(
+        torch.tensor([-3.0, -2.0]),
+        torch.tensor([-6.0, -4.0]),
+        torch.tensor([-3.5, -1.0]),
+        torch.tensor([-5.0, -4.5]),
+        tau=0.25,
+    )
     assert loss.item() == pytest.approx((0.25 + 12.25) / 2)
     assert stats["policy/loss"] == pytest.approx(6.25)
     assert stats["policy/rewards_chosen"] == pytest.approx((0.5 - 1.0) / 2)
@@ -54,15 +59,20 @@ def test_ipo_config_validates_with_the_registrys_defaults():
     assert config_from_dict(load_config(None, ["method=ipo", "ipo.tau=0.5"]).to_dict()).ipo.tau == 0.5
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["method=ipo", "samples_per_prompt=1"],
-     r"^samples_per_prompt: ipo needs at least 2 samples per prompt: it pairs the best with the worst$"),
-    (["method=dpo", "ipo.tau=0.5"], r"^ipo\.tau: read only by method ipo; this run \(method=dpo"),
-    (["method=ipo", "ipo.tau=0"], r"^ipo\.tau: must be > 0"),
-    (["method=ipo", "ipo.beta=0.1"], r"^ipo\.beta: unknown key"),
-    (["method=ipo", "policy.dpo_beta=0.2"], r"^policy\.dpo_beta: read only by method dpo"),
-    (["method=ipo_v2"], r"^method: must be one of dpo, ipo, rjs, rrhf, grpo, ppo, reinforce_pp; got 'ipo_v2'$"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["method=ipo", "samples_per_prompt=1"],
+            r"^samples_per_prompt: ipo needs at least 2 samples per prompt: it pairs the best with the worst$",
+        ),
+        (["method=dpo", "ipo.tau=0.5"], r"^ipo\.tau: read only by method ipo; this run \(method=dpo"),
+        (["method=ipo", "ipo.tau=0"], r"^ipo\.tau: must be > 0"),
+        (["method=ipo", "ipo.beta=0.1"], r"^ipo\.beta: unknown key"),
+        (["method=ipo", "policy.dpo_beta=0.2"], r"^policy\.dpo_beta: read only by method dpo"),
+        (["method=ipo_v2"], r"^method: must be one of dpo, ipo, rjs, rrhf, grpo, ppo, reinforce_pp; got 'ipo_v2'$"),
+    ],
+)
 def test_bad_ipo_input_is_refused_by_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
@@ -84,8 +94,9 @@ def test_the_registry_lists_every_method_once_and_refuses_bad_declarations():
 
 
 def test_ipo_selects_best_vs_worst_and_skips_ties():
-    rollouts = [Rollout(prompt_index=p, prompt=f"q{p}", response=f"r{p}{i}", policy_version=0)
-                for p in (0, 1) for i in range(3)]
+    rollouts = [
+        Rollout(prompt_index=p, prompt=f"q{p}", response=f"r{p}{i}", policy_version=0) for p in (0, 1) for i in range(3)
+    ]
     scores = [0.1, 0.9, 0.5, 0.3, 0.3, 0.3]
     pairs = get_method("ipo").select(rollouts, scores, load_config(None, ["method=ipo"]))
     assert [(p.chosen.response, p.rejected.response) for p in pairs] == [("r01", "r00")]
@@ -95,15 +106,22 @@ def test_ipo_selects_best_vs_worst_and_skips_ties():
 def test_the_policy_learners_pair_step_takes_the_named_methods_loss(tiny_lm_dir):
     """One step on two pairs (one minibatch): the reported loss is the named method's, on the learner's own
     sequence log-probs before the step and the reference's given here."""
+
     def first_step(method: str, settings: dict):
-        learner = PolicyLearner(tiny_lm_dir, model=ModelConfig(), policy=PolicyConfig(batch_size=4, lr=1e-3),
-                                learner=LearnerConfig(backend="torch"), seed=0)
+        learner = PolicyLearner(
+            tiny_lm_dir,
+            model=ModelConfig(),
+            policy=PolicyConfig(batch_size=4, lr=1e-3),
+            learner=LearnerConfig(backend="torch"),
+            seed=0,
+        )
         chosen, rejected = SAMPLES[:2], SAMPLES[2:4]
         own_chosen, own_rejected = learner.sequence_logprobs(chosen), learner.sequence_logprobs(rejected)
         # Each pair's log-ratio margin is 0.3 + 0.2 = 0.5.
         ref_chosen, ref_rejected = [x - 0.3 for x in own_chosen], [x + 0.2 for x in own_rejected]
-        return learner.pair_step(chosen, rejected, ref_chosen, ref_rejected, method=method, settings=settings,
-                                 epochs=1, seed=0)
+        return learner.pair_step(
+            chosen, rejected, ref_chosen, ref_rejected, method=method, settings=settings, epochs=1, seed=0
+        )
 
     ipo = first_step("ipo", {"tau": 0.1})
     assert ipo["policy/loss"] == pytest.approx((0.5 - 5.0) ** 2, rel=1e-4)

@@ -63,7 +63,7 @@ def test_read_metrics_jsonl_ignores_a_truncated_last_line(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "line"),
-    [('{"step": 1}\n{"step": 2, \n{"step": 3}\n', 2), ('{"step": 1}\n{"rm/acc": 0.5}\n', 2), ('[1, 2]\n', 1)],
+    [('{"step": 1}\n{"step": 2, \n{"step": 3}\n', 2), ('{"step": 1}\n{"rm/acc": 0.5}\n', 2), ("[1, 2]\n", 1)],
 )
 def test_read_metrics_jsonl_names_file_and_line_of_a_bad_row(tmp_path, text, line):
     path = tmp_path / METRICS_FILE
@@ -143,8 +143,9 @@ def test_wandb_offline_writes_the_run_under_run_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    with MetricsLogger(run_dir, tensorboard=False, ray_metrics=False, wandb_project="apo-test",
-                       config_dict={"seed": 7}) as logger:
+    with MetricsLogger(
+        run_dir, tensorboard=False, ray_metrics=False, wandb_project="apo-test", config_dict={"seed": 7}
+    ) as logger:
         logger.log({"rm/acc": 0.75}, step=3)
     assert time.monotonic() - started < 20
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
@@ -213,12 +214,20 @@ def test_dashboard_gauges_reach_the_prometheus_endpoint(tmp_path, ray_with_metri
     with MetricsLogger(tmp_path, tensorboard=False, run_name="scrape-test") as logger:
         logger.set_phase("rm_step")
         logger.set_phase("policy_step")
-        logger.log({"round": 2, "rm/acc": 0.75, "policy/kl": 0.125, "rollout/tokens_per_s": 1070.0,
-                    "rm/loss": 0.5}, step=2)
+        logger.log(
+            {"round": 2, "rm/acc": 0.75, "policy/kl": 0.125, "rollout/tokens_per_s": 1070.0, "rm/loss": 0.5}, step=2
+        )
         # Ray prefixes application metrics with "ray_" on its endpoint
-        samples = _scrape_gauges(ray_with_metrics_port, {
-            "ray_apo_round", "ray_apo_rm_acc", "ray_apo_policy_kl", "ray_apo_rollout_tokens_per_s", "ray_apo_phase",
-        })
+        samples = _scrape_gauges(
+            ray_with_metrics_port,
+            {
+                "ray_apo_round",
+                "ray_apo_rm_acc",
+                "ray_apo_policy_kl",
+                "ray_apo_rollout_tokens_per_s",
+                "ray_apo_phase",
+            },
+        )
 
     def value(name: str, **tags: str) -> float:
         (found,) = [v for (n, labels), v in samples.items() if n == name and set(tags.items()) <= labels]

@@ -15,16 +15,15 @@ from safetensors.torch import load_file
 
 from apo_ray.actors.critic import CriticLearner
 from apo_ray.actors.policy import PolicyLearner
+from apo_ray.batching import iteration_prompt_indices
 from apo_ray.builtin.models import make_policy_model, make_reward_model, make_tokenizer
 from apo_ray.builtin.oracle import format_prompt
 from apo_ray.checkpoint import Checkpointer
 from apo_ray.config import ConfigError, LearnerConfig, ModelConfig, PolicyConfig, PPOConfig, load_config
-from apo_ray.modeling import encode_samples, load_tokenizer, text_samples
 from apo_ray.driver import APOGame
-from apo_ray.batching import iteration_prompt_indices
 from apo_ray.methods import get_method
-from apo_ray.ppo import TokenGrids
-from apo_ray.ppo import concat_right_padded
+from apo_ray.modeling import encode_samples, load_tokenizer, text_samples
+from apo_ray.ppo import TokenGrids, concat_right_padded
 from tests.conftest import SMALL_EVAL
 
 PROMPTS = [format_prompt("river", "night"), format_prompt("castle", "rain")]
@@ -79,8 +78,9 @@ def test_ppo_advantages_gae_with_kl_in_the_rewards_by_hand():
 def test_reinforce_pp_whitens_returns_over_the_batch():
     # No KL (identical log-probs): returns are the score on every token, +1 and -1; whitening keeps them.
     g = grids([[-1.0, -1.0], [-1.0, -1.0]], [[-1.0, -1.0], [-1.0, -1.0]], [[1, 1], [1, 1]])
-    advantages, returns = get_method("reinforce_pp").advantages(torch.tensor([3.0, 1.0]), g, ppo=PPOConfig(),
-                                                                kl_coef=0.5)
+    advantages, returns = get_method("reinforce_pp").advantages(
+        torch.tensor([3.0, 1.0]), g, ppo=PPOConfig(), kl_coef=0.5
+    )
     assert returns is None
     assert_grid(advantages, [[1.0, 1.0], [-1.0, -1.0]], atol=1e-4)
 
@@ -88,7 +88,11 @@ def test_reinforce_pp_whitens_returns_over_the_batch():
 def test_grpo_broadcasts_group_normalised_scores_and_ignores_kl_in_the_rewards():
     g = grids([[-1.0, -1.0]] * 4, [[-3.0, -3.0]] * 4, [[1, 1], [1, 0], [1, 1], [1, 1]])
     advantages, returns = get_method("grpo").advantages(
-        torch.tensor([1.0, 3.0, 5.0, 5.0]), g, ppo=PPOConfig(), kl_coef=1.0, group_ids=torch.tensor([0, 0, 1, 1]),
+        torch.tensor([1.0, 3.0, 5.0, 5.0]),
+        g,
+        ppo=PPOConfig(),
+        kl_coef=1.0,
+        group_ids=torch.tensor([0, 0, 1, 1]),
     )
     a = 1 / math.sqrt(2)  # (score - mean) / sample std, with mean 2 and std sqrt(2)
     assert returns is None
@@ -128,8 +132,15 @@ def test_apo_without_rm_steps_is_refused():
         load_config(None, ["method=ppo", "apo=true", "reward.update_every=0"])
 
 
-@pytest.mark.parametrize("old, new", [("ppo.iterations=5", "rounds"), ("ppo.rm_update_every=2", "reward.update_every"),
-                                      ("ppo.eval_every=2", "eval_every"), ("ppo.checkpoint_every=2", "checkpoint_every")])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("ppo.iterations=5", "rounds"),
+        ("ppo.rm_update_every=2", "reward.update_every"),
+        ("ppo.eval_every=2", "eval_every"),
+        ("ppo.checkpoint_every=2", "checkpoint_every"),
+    ],
+)
 def test_keys_of_the_separate_online_loop_name_their_new_place(old, new):
     with pytest.raises(ConfigError, match=f"{old.split('=')[0]}: renamed to {new}"):
         load_config(None, ["method=ppo", old])
@@ -158,8 +169,9 @@ def tiny_models(tmp_path_factory) -> tuple[str, str]:
 
 def samples_of(model_dir: str, responses: list[str] = RESPONSES):
     """PROMPTS with `responses` as token samples under the model's tokenizer."""
-    return text_samples(load_tokenizer(model_dir), PROMPTS, responses, MODEL.max_prompt_tokens,
-                        MODEL.max_response_tokens)
+    return text_samples(
+        load_tokenizer(model_dir), PROMPTS, responses, MODEL.max_prompt_tokens, MODEL.max_response_tokens
+    )
 
 
 def test_critic_from_the_rm_values_each_prefix_with_the_rm_score(tiny_models):
@@ -219,8 +231,9 @@ def test_grpo_kl_loss_pulls_the_policy_back_to_the_reference(tiny_models):
     # Zero advantages: only the KL term acts, towards a reference that likes these responses more.
     ref_logps = old_logps + 0.5 * mask
     ppo = PPOConfig(ppo_epochs=4, minibatch_size=2, kl_estimator="k3")
-    stats = policy.ppo_step(samples, old_logps, torch.zeros_like(old_logps), mask, ppo=ppo, seed=0,
-                            ref_logps=ref_logps, kl_loss_coef=1.0)
+    stats = policy.ppo_step(
+        samples, old_logps, torch.zeros_like(old_logps), mask, ppo=ppo, seed=0, ref_logps=ref_logps, kl_loss_coef=1.0
+    )
     new_logps, _ = policy.token_logprobs(samples)
     assert ((new_logps - old_logps) * mask).sum() > 0 and stats["policy/kl_loss"] > 0
 
@@ -228,12 +241,24 @@ def test_grpo_kl_loss_pulls_the_policy_back_to_the_reference(tiny_models):
 # ------------------------------------------------------------------------------ whole iterations on Ray
 
 SMALL_RUN = [
-    "samples_per_prompt=2", "rollout.backend=vllm", "learner.backend=deepspeed",
+    "samples_per_prompt=2",
+    "rollout.backend=vllm",
+    "learner.backend=deepspeed",
     # 3 learners at 0.5 CPU, the reference and one rollout worker fit the fixture's 4 logical CPUs.
     "learner.num_cpus=0.5",
-    "data.builtin.n_pairs=48", "data.builtin.n_gold=6", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=16",
-    "reward.initial_epochs=1", "reward.batch_size=16", "rounds=2", "ppo.prompts_per_iteration=6",
-    "ppo.minibatch_size=6", "ppo.ppo_epochs=1", "eval_every=2", "checkpoint_every=1", *SMALL_EVAL,
+    "data.builtin.n_pairs=48",
+    "data.builtin.n_gold=6",
+    "data.builtin.n_prompts=16",
+    "data.builtin.n_eval_pairs=16",
+    "reward.initial_epochs=1",
+    "reward.batch_size=16",
+    "rounds=2",
+    "ppo.prompts_per_iteration=6",
+    "ppo.minibatch_size=6",
+    "ppo.ppo_epochs=1",
+    "eval_every=2",
+    "checkpoint_every=1",
+    *SMALL_EVAL,
 ]
 
 
@@ -252,8 +277,13 @@ def online_actors(ray_cluster, tmp_path_factory):
 
 
 def play(
-    online_actors, run_dir: Path, *overrides: str, without_critic: bool = False, first_round: int = 0,
-    log=lambda line: None, watch=lambda game: None,
+    online_actors,
+    run_dir: Path,
+    *overrides: str,
+    without_critic: bool = False,
+    first_round: int = 0,
+    log=lambda line: None,
+    watch=lambda game: None,
 ) -> list[dict]:
     """Run an online game (from iteration `first_round`) on the shared actors; return its metrics rows.
     `log` gets the game's log lines; `watch(game)` runs before the game starts."""
@@ -281,8 +311,9 @@ def assert_flops_of_a_ppo_iteration(logged: list[dict]) -> None:
     (the same shape) and the critic over the samples once, and each of ppo_epochs training passes runs the
     policy's and the critic's forward over them once more, at 3x its FLOPs."""
     epochs = load_config(None, ["method=ppo", *SMALL_RUN]).ppo.ppo_epochs
-    assert all(logged[0][f"ceiling/{role}"] > 0 for role in ("machine", "rollout", "policy", "reference", "reward",
-                                                             "critic"))
+    assert all(
+        logged[0][f"ceiling/{role}"] > 0 for role in ("machine", "rollout", "policy", "reference", "reward", "critic")
+    )
     phases = ("generate", "score", "logprobs", "policy_step", "critic_step", "rm_step")
     for row in logged[1:]:
         assert all(row[f"flops/{phase}"] > 0 for phase in phases)
@@ -312,9 +343,21 @@ def test_apo_ppo_steps_the_rm_between_ppo_iterations_and_syncs_the_workers(onlin
 
     assert [row["step"] for row in logged] == [0, 1, 2] and [row["round"] for row in logged] == [0, 1, 2]
     for row in logged[1:]:
-        for key in ("policy/kl", "policy/clipfrac", "policy/entropy", "policy/reward_mean", "policy/loss",
-                    "critic/loss", "critic/values", "rollout/policy_version_lag", "rm/loss_apo", "timing/policy_step",
-                    "rollout/logprob_diff", "policy/tis_weight_mean", "rollout/truncated_fraction"):
+        for key in (
+            "policy/kl",
+            "policy/clipfrac",
+            "policy/entropy",
+            "policy/reward_mean",
+            "policy/loss",
+            "critic/loss",
+            "critic/values",
+            "rollout/policy_version_lag",
+            "rm/loss_apo",
+            "timing/policy_step",
+            "rollout/logprob_diff",
+            "policy/tis_weight_mean",
+            "rollout/truncated_fraction",
+        ):
             assert key in row, key
         assert row["rollout/policy_version_lag"] == 0  # the loop is synchronous: every sample is on-policy
         # fp32 vLLM against fp32 learners: the importance weights are 1 up to rounding.
@@ -335,8 +378,9 @@ def test_apo_ppo_steps_the_rm_between_ppo_iterations_and_syncs_the_workers(onlin
 def test_critic_free_methods_run_without_a_critic_actor(online_actors, tmp_path, method):
     pool = online_actors[1].pool
     before = checksums(pool)
-    logged = play(online_actors, tmp_path, f"method={method}", "apo=false", "rounds=1", "eval_every=1",
-                  without_critic=True)
+    logged = play(
+        online_actors, tmp_path, f"method={method}", "apo=false", "rounds=1", "eval_every=1", without_critic=True
+    )
     assert all(a != b for a, b in zip(checksums(pool), before))
     assert not (tmp_path / "checkpoints" / "round_0001" / "critic").exists()
     last = logged[-1]
@@ -381,15 +425,27 @@ def test_async_grpo_samples_one_version_behind_while_the_pool_grows_and_shrinks(
 
         game.sampler.take = recording_take
 
-    rows = play(online_actors, tmp_path, "method=grpo", "apo=true", "rounds=3", "ppo.async_rollouts=true",
-                "rollout.schedule={2: 2}", without_critic=True, log=log, watch=watch)
+    rows = play(
+        online_actors,
+        tmp_path,
+        "method=grpo",
+        "apo=true",
+        "rounds=3",
+        "ppo.async_rollouts=true",
+        "rollout.schedule={2: 2}",
+        without_critic=True,
+        log=log,
+        watch=watch,
+    )
     assert [row.get("rollout/policy_version_lag") for row in rows] == [None, 0, 1, 1]
     assert [row["rollout/num_workers"] for row in rows] == [1, 1, 2, 1]
     # Asynchronous: round r's samples are asked for during round r-1, and the pool is sized for them then.
-    assert lines.index("  rollout pool: 1 -> 2 workers for round 2's samples (rollout.schedule)") < \
-        lines.index("[round 1/3] rm_step")
-    assert lines.index("  rollout pool: 2 -> 1 workers for round 3's samples (apo-ray resize request)") < \
-        lines.index("[round 2/3] rm_step")
+    assert lines.index("  rollout pool: 1 -> 2 workers for round 2's samples (rollout.schedule)") < lines.index(
+        "[round 1/3] rm_step"
+    )
+    assert lines.index("  rollout pool: 2 -> 1 workers for round 3's samples (apo-ray resize request)") < lines.index(
+        "[round 2/3] rm_step"
+    )
     assert not (tmp_path / REQUEST_FILE).exists() and pool.num_workers == 1
 
     prepared, samples_per_prompt = online_actors[0], 2

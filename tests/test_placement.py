@@ -6,8 +6,17 @@ import pytest
 
 import apo_ray.cluster as cluster_module
 from apo_ray.config import ConfigError, load_config
-from apo_ray.placement import (Cluster, Node, Role, actor_plan, cluster_from_ray_nodes, parse_cluster, place,
-                               plan_table, totals)
+from apo_ray.placement import (
+    Cluster,
+    Node,
+    Role,
+    actor_plan,
+    cluster_from_ray_nodes,
+    parse_cluster,
+    place,
+    plan_table,
+    totals,
+)
 from tests.conftest import REPO_ROOT
 
 
@@ -19,31 +28,37 @@ def one_node(gpus: int, cpus: float | None = None) -> Cluster:
     return Cluster((Node("node 0", gpus, cpus),), "test")
 
 
-@pytest.mark.parametrize(("spec", "nodes", "gpus", "cpus"), [
-    ("2x8gpu", 2, 8, None),
-    ("2x8gpu,64cpu", 2, 8, 64.0),
-    ("8gpu", 1, 8, None),
-    ("4cpu", 1, 0, 4.0),
-    ("nodes=2,gpus_per_node=8,cpus_per_node=64", 2, 8, 64.0),
-    ("nodes=3, gpus_per_node=4", 3, 4, None),
-    ("1 x 8 GPU, 64 CPU", 1, 8, 64.0),
-])
+@pytest.mark.parametrize(
+    ("spec", "nodes", "gpus", "cpus"),
+    [
+        ("2x8gpu", 2, 8, None),
+        ("2x8gpu,64cpu", 2, 8, 64.0),
+        ("8gpu", 1, 8, None),
+        ("4cpu", 1, 0, 4.0),
+        ("nodes=2,gpus_per_node=8,cpus_per_node=64", 2, 8, 64.0),
+        ("nodes=3, gpus_per_node=4", 3, 4, None),
+        ("1 x 8 GPU, 64 CPU", 1, 8, 64.0),
+    ],
+)
 def test_cluster_descriptions(spec, nodes, gpus, cpus):
     cluster = parse_cluster(spec)
     assert len(cluster.nodes) == nodes
     assert all((node.gpus, node.cpus) == (gpus, cpus) for node in cluster.nodes)
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ("", "empty"),
-    ("2x8tpu", "cannot read '2x8tpu'"),
-    ("nodes=2,racks=3", "unknown key 'racks'"),
-    ("nodes=1.5,gpus_per_node=8", "nodes must be a whole number >= 1, got 1.5"),
-    ("nodes=0,gpus_per_node=8", "nodes must be a whole number >= 1, got 0"),
-    ("8gpu,gpus_per_node=4", "gpus_per_node given twice"),
-    ("cpus_per_node=lots", "cpus_per_node must be a number, got 'lots'"),
-    ("cpus_per_node=nan", "cpus_per_node must be a number, got 'nan'"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "empty"),
+        ("2x8tpu", "cannot read '2x8tpu'"),
+        ("nodes=2,racks=3", "unknown key 'racks'"),
+        ("nodes=1.5,gpus_per_node=8", "nodes must be a whole number >= 1, got 1.5"),
+        ("nodes=0,gpus_per_node=8", "nodes must be a whole number >= 1, got 0"),
+        ("8gpu,gpus_per_node=4", "gpus_per_node given twice"),
+        ("cpus_per_node=lots", "cpus_per_node must be a number, got 'lots'"),
+        ("cpus_per_node=nan", "cpus_per_node must be a number, got 'nan'"),
+    ],
+)
 def test_bad_cluster_descriptions_name_the_problem(spec, message):
     with pytest.raises(ConfigError, match=f"--cluster {spec!r}: {message}"):
         parse_cluster(spec)
@@ -82,14 +97,20 @@ def test_threads_are_each_roles_own_and_apart_from_its_ray_cpus():
     cfg = load_config(None, ["method=ppo", "learner.threads=4", "rollout.threads=3", "learner.num_cpus=1"])
     plan = {role.name: role for role in actor_plan(cfg)}
     assert {name: role.threads for name, role in plan.items()} == {
-        "policy": 4, "reward": 4, "reference": 4, "critic": 4, "rollout": 3}
+        "policy": 4,
+        "reward": 4,
+        "reference": 4,
+        "critic": 4,
+        "rollout": 3,
+    }
     assert plan["policy"].cpus == 1 and plan["reference"].cpus == 0.5
     assert {role.threads for role in actor_plan(load_config(None))} == {None}
 
 
 def test_the_table_adds_up():
-    cfg = load_config(None, ["method=ppo", "learner.num_gpus=1", "rollout.num_workers=2",
-                             "rollout.num_gpus_per_worker=1"])
+    cfg = load_config(
+        None, ["method=ppo", "learner.num_gpus=1", "rollout.num_workers=2", "rollout.num_gpus_per_worker=1"]
+    )
     plan = actor_plan(cfg)
     total_row = plan_table(plan)[-1].split()
     assert float(total_row[-1]) == sum(role.count * role.gpus for role in plan) == totals(plan)["GPU"]
@@ -133,9 +154,19 @@ def test_start_actors_asks_ray_for_the_plans_bundles(monkeypatch):
     # The recorded groups start no actor: there is nothing to wait for.
     monkeypatch.setattr(cluster_module, "wait_until_ready", lambda groups, timeout_s, diagnose: None)
     _RecordedGroup.asked, _RecordedPool.asked = [], []
-    cfg = load_config(None, ["method=ppo", "learner.num_cpus=3", "learner.num_gpus=1", "rollout.num_workers=2",
-                             "rollout.num_gpus_per_worker=1", "rollout.num_cpus_per_worker=2", "learner.num_ranks=2",
-                             "learner.critic_ranks=3"])
+    cfg = load_config(
+        None,
+        [
+            "method=ppo",
+            "learner.num_cpus=3",
+            "learner.num_gpus=1",
+            "rollout.num_workers=2",
+            "rollout.num_gpus_per_worker=1",
+            "rollout.num_cpus_per_worker=2",
+            "learner.num_ranks=2",
+            "learner.critic_ranks=3",
+        ],
+    )
     cluster_module.start_actors(cfg, "policy-dir", "reward-dir")
     learners = [(role.name, role.count, role.cpus, role.gpus) for role in actor_plan(cfg) if role.name != "rollout"]
     assert _RecordedGroup.asked == learners
@@ -146,8 +177,10 @@ def test_start_actors_asks_ray_for_the_plans_bundles(monkeypatch):
 
 
 # GRPO's KL hard limit decides per minibatch, on one policy rank.
-@pytest.mark.parametrize("game, role, overrides", [("aapa_grpo.yaml", "discriminator", ["ppo.kl_hard_limit=false"]),
-                                                   ("apl.yaml", "attacker", [])])
+@pytest.mark.parametrize(
+    "game, role, overrides",
+    [("aapa_grpo.yaml", "discriminator", ["ppo.kl_hard_limit=false"]), ("apl.yaml", "attacker", [])],
+)
 def test_the_sibling_games_learners_are_one_rank_groups_beside_a_multi_rank_game(monkeypatch, game, role, overrides):
     monkeypatch.setattr(cluster_module, "LearnerGroup", _RecordedGroup)
     monkeypatch.setattr(cluster_module, "RolloutPool", _RecordedPool)
@@ -164,26 +197,48 @@ def test_the_sibling_games_learners_are_one_rank_groups_beside_a_multi_rank_game
 
 
 def test_custom_resources_pin_roles_to_the_nodes_that_have_them():
-    cfg = load_config(None, ["learner.resources={learner_node: 1}", "rollout.resources={rollout_node: 1}",
-                             "rollout.num_workers=2"])
-    nodes = [{"Alive": True, "NodeManagerAddress": "10.0.0.1", "NodeID": "aaaaaaaa01",
-              "Resources": {"CPU": 8.0, "learner_node": 3.0, "node:10.0.0.1": 1.0, "memory": 1e9}},
-             {"Alive": True, "NodeManagerAddress": "10.0.0.2", "NodeID": "bbbbbbbb02",
-              "Resources": {"CPU": 8.0, "rollout_node": 1.0}},
-             {"Alive": True, "NodeManagerAddress": "10.0.0.3", "NodeID": "cccccccc03",
-              "Resources": {"CPU": 8.0, "rollout_node": 1.0}}]
+    cfg = load_config(
+        None, ["learner.resources={learner_node: 1}", "rollout.resources={rollout_node: 1}", "rollout.num_workers=2"]
+    )
+    nodes = [
+        {
+            "Alive": True,
+            "NodeManagerAddress": "10.0.0.1",
+            "NodeID": "aaaaaaaa01",
+            "Resources": {"CPU": 8.0, "learner_node": 3.0, "node:10.0.0.1": 1.0, "memory": 1e9},
+        },
+        {
+            "Alive": True,
+            "NodeManagerAddress": "10.0.0.2",
+            "NodeID": "bbbbbbbb02",
+            "Resources": {"CPU": 8.0, "rollout_node": 1.0},
+        },
+        {
+            "Alive": True,
+            "NodeManagerAddress": "10.0.0.3",
+            "NodeID": "cccccccc03",
+            "Resources": {"CPU": 8.0, "rollout_node": 1.0},
+        },
+    ]
     cluster = cluster_from_ray_nodes(nodes, "test")
-    assert [node.resources for node in cluster.nodes] == [{"learner_node": 3.0}, {"rollout_node": 1.0},
-                                                          {"rollout_node": 1.0}]
+    assert [node.resources for node in cluster.nodes] == [
+        {"learner_node": 3.0},
+        {"rollout_node": 1.0},
+        {"rollout_node": 1.0},
+    ]
     placement = place(actor_plan(cfg), cluster)
     assert placement.fits
     # The policy, RM and reference (3 units of learner_node) on the first node; one worker on each of the others,
     # though any node has the CPUs for all of them.
     assert [bundles for _, bundles, _, _ in placement.assigned] == [
-        (("policy", 0), ("reward", 0), ("reference", 0)), (("rollout", 0),), (("rollout", 1),)]
+        (("policy", 0), ("reward", 0), ("reference", 0)),
+        (("rollout", 0),),
+        (("rollout", 1),),
+    ]
     # A third worker finds no rollout_node left; a role asking for a resource no node has is named with it.
-    three = place(actor_plan(load_config(None, ["rollout.resources={rollout_node: 1}", "rollout.num_workers=3"])),
-                  cluster)
+    three = place(
+        actor_plan(load_config(None, ["rollout.resources={rollout_node: 1}", "rollout.num_workers=3"])), cluster
+    )
     assert three.unplaced == (("rollout", 2),)
     nowhere = place(actor_plan(load_config(None, ["learner.resources={gpu_box: 1}"])), cluster)
     assert "no node has 1 of the custom resource 'gpu_box'" in "\n".join(nowhere.shortfall)

@@ -9,8 +9,13 @@ from apo_ray.cli import main as cli_main
 from apo_ray.config import ConfigError, load_config
 from apo_ray.game import Rollout, split_rollouts
 from apo_ray.placement import actor_plan
-from apo_ray.pool_size import (REQUEST_FILE, ResizeRequestError, scheduled_workers, take_resize_request,
-                               write_resize_request)
+from apo_ray.pool_size import (
+    REQUEST_FILE,
+    ResizeRequestError,
+    scheduled_workers,
+    take_resize_request,
+    write_resize_request,
+)
 
 
 def test_the_schedule_holds_each_size_from_its_round_on():

@@ -21,8 +21,7 @@ def progress_records(caplog) -> list[tuple[int, str]]:
 def test_without_a_terminal_logs_at_most_one_line_per_interval_and_one_at_the_end(caplog):
     stream, clock = io.StringIO(), FakeClock()
     with caplog.at_level(logging.INFO, logger="apo_ray"):
-        with Progress("generate", total=100, unit="samples", stream=stream, min_interval_s=30,
-                      clock=clock) as progress:
+        with Progress("generate", total=100, unit="samples", stream=stream, min_interval_s=30, clock=clock) as progress:
             for _ in range(100):
                 clock.now += 1.0
                 progress.update()
@@ -42,8 +41,9 @@ def test_work_finished_before_the_phase_is_counted_and_named_not_divided_by_the_
     with caplog.at_level(logging.INFO, logger="apo_ray"):
         with Progress("generate", total=2048, unit="samples", ready=2048, stream=io.StringIO(), clock=clock):
             clock.now = 0.008
-        with Progress("generate", total=2048, unit="samples", ready=1536, stream=io.StringIO(), min_interval_s=30,
-                      clock=clock) as progress:
+        with Progress(
+            "generate", total=2048, unit="samples", ready=1536, stream=io.StringIO(), min_interval_s=30, clock=clock
+        ) as progress:
             clock.now += 40.0
             progress.update(256)
             clock.now += 5.0

@@ -8,23 +8,22 @@ import pytest
 from benchmarks.quality import (
     ALL_ARMS,
     RunRecord,
+    _final,
     arm_config,
-    config_digest,
     arm_spread,
+    config_digest,
     paired_difference,
     parse_args,
     recipe_tag,
     t_interval,
     verdict,
-    _final,
 )
 
 T_975_2 = 4.302652729911275  # the 97.5% quantile of Student's t with 2 degrees of freedom
 
 
 def record(seed: int, *golds: float, error: str | None = None) -> RunRecord:
-    return RunRecord("arm", seed, rounds=[{"round": r, "eval/gold_score": g} for r, g in enumerate(golds)],
-                     error=error)
+    return RunRecord("arm", seed, rounds=[{"round": r, "eval/gold_score": g} for r, g in enumerate(golds)], error=error)
 
 
 def test_t_interval_by_hand():
@@ -94,8 +93,9 @@ def test_fixed_rm_runs_are_shared_by_recipes_that_change_only_apo_keys(tmp_path)
     # ... and the APO arm's is not; nor is the fixed arm's when the recipe changes a key it reads
     assert digest("APO-RJS") != digest("APO-RJS", "reward.apo_coef=0.5")
     assert digest("RJS") != digest("RJS", "policy.lr=5e-4")
-    assert digest("RJS") == config_digest(arm_config(by_name["RJS"], 0, tmp_path / "elsewhere",
-                                                     parse_args(["--seed-set", "tuning"])))
+    assert digest("RJS") == config_digest(
+        arm_config(by_name["RJS"], 0, tmp_path / "elsewhere", parse_args(["--seed-set", "tuning"]))
+    )
 
 
 def test_a_finished_run_is_found_under_an_older_digest_and_only_for_its_own_config(tmp_path):
@@ -149,8 +149,10 @@ def test_a_candidate_recipe_is_compared_with_the_defaults_seed_by_seed(tmp_path)
 
     arms = {a.name: a for a in ALL_ARMS}
     ledger = tmp_path / "runs.jsonl"
-    defaults, pooled = parse_args(["--seed-set", "tuning"]), parse_args(
-        ["--seed-set", "tuning", "--set", "reward.apo_normalization=pooled"])
+    defaults, pooled = (
+        parse_args(["--seed-set", "tuning"]),
+        parse_args(["--seed-set", "tuning", "--set", "reward.apo_normalization=pooled"]),
+    )
 
     def add(arm: str, seed: int, final: float, args) -> None:
         rounds = [{"round": 0, "eval/gold_score": 0.4}, {"round": 1, "eval/gold_score": final}]
@@ -161,8 +163,9 @@ def test_a_candidate_recipe_is_compared_with_the_defaults_seed_by_seed(tmp_path)
         add("APO-RJS", seed, pooled_gold, pooled)
         add("RJS", seed, fixed_gold, defaults)  # the fixed arm does not read APO's keys: one run serves both
     assert [r.seed for r in ledger_runs("apo-rjs", ["reward.apo_normalization=pooled"], ledger)] == [0, 1, 2]
-    row, numbers = candidate_row("apo-rjs", "rjs", "reward.apo_normalization=pooled",
-                                 ledger_runs("apo-rjs", [], ledger), ledger)
+    row, numbers = candidate_row(
+        "apo-rjs", "rjs", "reward.apo_normalization=pooled", ledger_runs("apo-rjs", [], ledger), ledger
+    )
     # pooled - defaults: -0.1, -0.2, +0.1; pooled - fixed: 0.4, 0.4, 0.9
     assert numbers["final_vs_default"]["mean"] == pytest.approx(-0.2 / 3)
     assert numbers["final_vs_default"]["better_seeds"] == 1

@@ -9,8 +9,15 @@ import math
 import pytest
 import torch
 
-from apo_ray.batching import (fraction, grouped_minibatch_groups, grouped_minibatches, is_empty_share,
-                              proportional_minibatches, rank_share, rank_slice)
+from apo_ray.batching import (
+    fraction,
+    grouped_minibatch_groups,
+    grouped_minibatches,
+    is_empty_share,
+    proportional_minibatches,
+    rank_share,
+    rank_slice,
+)
 from apo_ray.game import TokenSample
 from apo_ray.losses import apo_reward_loss, combine_share_stats, masked_mean, minibatch_stats
 from apo_ray.modeling import encode_samples, predicted_response_tokens
@@ -37,7 +44,8 @@ def test_groups_stay_whole_and_the_flat_plan_is_the_grouped_one():
     groups = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
     grouped = grouped_minibatch_groups(groups, batch_size=4, epochs=2, seed=3)
     assert grouped_minibatches(groups, batch_size=4, epochs=2, seed=3) == [
-        [i for group in batch for i in group] for batch in grouped]
+        [i for group in batch for i in group] for batch in grouped
+    ]
     for batch in grouped:
         shares = [rank_share(batch, r, 2) for r in range(2)]
         assert [g for share in shares for g in share] == batch
@@ -65,11 +73,14 @@ def test_token_parts_add_up_to_the_minibatch_token_mean():
     mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
     whole = masked_mean(values, mask)
     assert whole.item() == pytest.approx(23 / 7)
-    parts = [masked_mean(values[rows], mask[rows]) * fraction(mask[rows].sum().item(), mask.sum().item())
-             for rows in ([0, 1], [2])]
+    parts = [
+        masked_mean(values[rows], mask[rows]) * fraction(mask[rows].sum().item(), mask.sum().item())
+        for rows in ([0, 1], [2])
+    ]
     assert (parts[0] + parts[1]).item() == pytest.approx(23 / 7)
-    assert ((masked_mean(values[[0, 1]], mask[[0, 1]]) + masked_mean(values[[2]], mask[[2]])) / 2).item() != \
-        pytest.approx(23 / 7)
+    assert (
+        (masked_mean(values[[0, 1]], mask[[0, 1]]) + masked_mean(values[[2]], mask[[2]])) / 2
+    ).item() != pytest.approx(23 / 7)
 
 
 # The APO term's "diff" losses are r_sample - r_gold: gaps 1, 2, 3 give -1, -2, -3; the human term stays
@@ -77,10 +88,13 @@ def test_token_parts_add_up_to_the_minibatch_token_mean():
 HUMAN_BT = math.log1p(math.exp(-4.0))
 
 
-@pytest.mark.parametrize("normalization, whole", [
-    ("per_term", 0.5 * -2.0 + 2.0 * HUMAN_BT),
-    ("pooled", (0.5 * -6.0 + 2.0 * HUMAN_BT) / 4),
-])
+@pytest.mark.parametrize(
+    "normalization, whole",
+    [
+        ("per_term", 0.5 * -2.0 + 2.0 * HUMAN_BT),
+        ("pooled", (0.5 * -6.0 + 2.0 * HUMAN_BT) / 4),
+    ],
+)
 def test_rm_shares_add_up_to_the_minibatch_loss(normalization, whole):
     gold, sample = torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3)
     chosen, rejected = torch.tensor([4.0]), torch.zeros(1)
@@ -101,13 +115,19 @@ def test_rm_shares_add_up_to_the_minibatch_loss(normalization, whole):
     # The stats describe the pairs given, whatever they are a share of: 0.5 x their mean gap -1.5 either way.
     assert stats0["rm/loss"] == pytest.approx(-0.75)
     # Given the whole minibatch's counts, the whole minibatch's loss is unchanged.
-    assert apo_reward_loss(gold, sample, chosen, rejected, minibatch_pairs=(3, 1), **options)[0].item() == \
-        pytest.approx(whole)
+    assert apo_reward_loss(gold, sample, chosen, rejected, minibatch_pairs=(3, 1), **options)[
+        0
+    ].item() == pytest.approx(whole)
 
 
-@pytest.mark.parametrize("sample, predicted", [(TokenSample((5, 6), (7, 8, 9)), 3),
-                                               # Nothing before the first response token: it is not predicted.
-                                               (TokenSample((), (7, 8, 9)), 2)])
+@pytest.mark.parametrize(
+    "sample, predicted",
+    [
+        (TokenSample((5, 6), (7, 8, 9)), 3),
+        # Nothing before the first response token: it is not predicted.
+        (TokenSample((), (7, 8, 9)), 2),
+    ],
+)
 def test_predicted_response_tokens_are_those_the_mask_counts(sample, predicted):
     assert predicted_response_tokens(sample) == predicted
     assert encode_samples([sample], pad_token_id=0).response_mask[:, 1:].sum().item() == predicted

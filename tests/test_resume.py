@@ -20,11 +20,24 @@ from tests.conftest import REPO_ROOT, SMALL_EVAL
 
 # Two runs share the test cluster's 4 logical CPUs: half a CPU per actor.
 RUN = [
-    "--config", str(REPO_ROOT / "configs/default.yaml"), "rounds=2", "seed=3",
-    "rollout.backend=hf", "learner.backend=torch", "learner.num_cpus=0.5", "rollout.num_cpus_per_worker=0.5",
-    "samples_per_prompt=2", "logging.tensorboard=false", "logging.report=false", "data.builtin.n_pairs=64",
-    "data.builtin.n_gold=16", "data.builtin.n_prompts=16", "data.builtin.n_eval_pairs=32",
-    "reward.initial_epochs=1", "policy.epochs_per_round=1", *SMALL_EVAL,
+    "--config",
+    str(REPO_ROOT / "configs/default.yaml"),
+    "rounds=2",
+    "seed=3",
+    "rollout.backend=hf",
+    "learner.backend=torch",
+    "learner.num_cpus=0.5",
+    "rollout.num_cpus_per_worker=0.5",
+    "samples_per_prompt=2",
+    "logging.tensorboard=false",
+    "logging.report=false",
+    "data.builtin.n_pairs=64",
+    "data.builtin.n_gold=16",
+    "data.builtin.n_prompts=16",
+    "data.builtin.n_eval_pairs=32",
+    "reward.initial_epochs=1",
+    "policy.epochs_per_round=1",
+    *SMALL_EVAL,
 ]
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
@@ -59,8 +72,13 @@ def kill_and_resume(run: list[str], tmp_path: Path) -> tuple[Path, Path, list[in
     # dies, Ray reclaims its actors and the cluster lives on.
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     log = (tmp_path / "killed.log").open("w")
-    driver = subprocess.Popen([sys.executable, "-m", "apo_ray.train", *run, f"run_dir={killed_dir}"], cwd=REPO_ROOT,
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "apo_ray.train", *run, f"run_dir={killed_dir}"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     killer = threading.Thread(target=kill_after_checkpoint, args=(driver, killed_dir, 1, 600))
     killer.start()
     try:
@@ -101,20 +119,49 @@ def test_driver_killed_after_a_round_resumes_to_the_same_metrics(ray_cluster, tm
 # cluster's 4.
 GAMES = {
     # Round 1 anchor-only, round 2 RM + anchor: the resume must reload the frozen discriminator, not refit it.
-    "aapa": ["--config", str(REPO_ROOT / "configs/aapa_grpo.yaml"), "eval_every=1", "checkpoint_every=1",
-             "aapa.epochs=1", "aapa.anchor_only_rounds=1", "ppo.prompts_per_iteration=8",
-             "ppo.minibatch_size=8", "ppo.ppo_epochs=1", "data.builtin.n_gold=8"],
+    "aapa": [
+        "--config",
+        str(REPO_ROOT / "configs/aapa_grpo.yaml"),
+        "eval_every=1",
+        "checkpoint_every=1",
+        "aapa.epochs=1",
+        "aapa.anchor_only_rounds=1",
+        "ppo.prompts_per_iteration=8",
+        "ppo.minibatch_size=8",
+        "ppo.ppo_epochs=1",
+        "data.builtin.n_gold=8",
+    ],
     # The attacker's learner and rollout worker come back from round 1's checkpoint with the defender.
-    "apl": ["--config", str(REPO_ROOT / "configs/apl.yaml"), "apl.prompts_per_round=4", "apl.attacks_per_prompt=2",
-            "apl.defender_sft_steps=20", "apl.attacker.epochs=1", "apl.attacker.minibatch_size=8",
-            "apl.attacker.num_cpus=0.25", "apl.attacker.rollout_num_cpus_per_worker=0.25",
-            "policy.epochs_per_round=1", "data.builtin.n_gold=8"],
+    "apl": [
+        "--config",
+        str(REPO_ROOT / "configs/apl.yaml"),
+        "apl.prompts_per_round=4",
+        "apl.attacks_per_prompt=2",
+        "apl.defender_sft_steps=20",
+        "apl.attacker.epochs=1",
+        "apl.attacker.minibatch_size=8",
+        "apl.attacker.num_cpus=0.25",
+        "apl.attacker.rollout_num_cpus_per_worker=0.25",
+        "policy.epochs_per_round=1",
+        "data.builtin.n_gold=8",
+    ],
 }
 GAME_COMMON = [
-    "rounds=2", "seed=3", "samples_per_prompt=2", "rollout.backend=hf", "learner.backend=torch",
-    "learner.num_cpus=0.25", "rollout.num_cpus_per_worker=0.25", "logging.tensorboard=false", "logging.report=false",
-    "logging.ray_metrics=false", "data.builtin.n_pairs=64", "data.builtin.n_prompts=16",
-    "data.builtin.n_eval_pairs=16", "reward.initial_epochs=1", *SMALL_EVAL,
+    "rounds=2",
+    "seed=3",
+    "samples_per_prompt=2",
+    "rollout.backend=hf",
+    "learner.backend=torch",
+    "learner.num_cpus=0.25",
+    "rollout.num_cpus_per_worker=0.25",
+    "logging.tensorboard=false",
+    "logging.report=false",
+    "logging.ray_metrics=false",
+    "data.builtin.n_pairs=64",
+    "data.builtin.n_prompts=16",
+    "data.builtin.n_eval_pairs=16",
+    "reward.initial_epochs=1",
+    *SMALL_EVAL,
 ]
 
 
@@ -125,6 +172,8 @@ def test_a_sibling_game_killed_after_a_round_resumes_to_the_same_metrics(ray_clu
     resumed, reference = metrics(killed_dir), metrics(reference_dir)
     assert sorted(resumed) == sorted(reference) == [0, 1, 2]
     assert resumed == reference
-    played = {"aapa": {"aapa/disc_score", "aapa/anchor_reward", "policy/loss"},
-              "apl": {"apl/attacker_harm", "apl/harmful_rate", "apl/attack_success_rate", "policy/loss"}}[game]
+    played = {
+        "aapa": {"aapa/disc_score", "aapa/anchor_reward", "policy/loss"},
+        "apl": {"apl/attacker_harm", "apl/harmful_rate", "apl/attack_success_rate", "policy/loss"},
+    }[game]
     assert played <= set(resumed[2])

@@ -12,13 +12,25 @@ SETTINGS = {"lr": 1e-4}
 
 
 def a_fit(arm, seed, acc, ece, held_out=0.5, settings=SETTINGS):
-    return Fit(arm=arm, seed=seed, dev={"rm/acc": acc, "rm/ece": ece, "rm/margin": 0.0},
-               dev_apo={"rm/acc": held_out}, train={}, settings=settings, started_at="t", load_average=(1.0, 1.0))
+    return Fit(
+        arm=arm,
+        seed=seed,
+        dev={"rm/acc": acc, "rm/ece": ece, "rm/margin": 0.0},
+        dev_apo={"rm/acc": held_out},
+        train={},
+        settings=settings,
+        started_at="t",
+        load_average=(1.0, 1.0),
+    )
 
 
 def test_the_arms_are_compared_seed_by_seed_with_a_t_interval():
-    fits = [a_fit("human", 0, 0.60, 0.10), a_fit("apo", 0, 0.64, 0.05),
-            a_fit("human", 1, 0.62, 0.08), a_fit("apo", 1, 0.63, 0.09)]
+    fits = [
+        a_fit("human", 0, 0.60, 0.10),
+        a_fit("apo", 0, 0.64, 0.05),
+        a_fit("human", 1, 0.62, 0.08),
+        a_fit("apo", 1, 0.63, 0.09),
+    ]
     acc, ece = (compare_arms(fits)[k] for k in ("dev accuracy", "dev ECE"))
     # By hand: human mean 0.61, SD sqrt(0.0002) = 0.01414, SE 0.01.
     assert acc["human"]["mean"] == pytest.approx(0.61) and acc["human"]["stderr"] == pytest.approx(0.01)
@@ -51,18 +63,31 @@ def test_the_reading_turns_round_where_lower_is_better():
 
 def test_a_resumed_run_makes_only_the_fits_it_lacks_with_these_settings():
     done = [a_fit("human", 0, 0.6, 0.1), a_fit("apo", 0, 0.6, 0.1), a_fit("human", 1, 0.6, 0.1, settings={"lr": 1})]
-    assert fits_to_run([0, 1, 2], ["human", "apo"], done, SETTINGS) == [("human", 1), ("apo", 1), ("human", 2),
-                                                                         ("apo", 2)]
+    assert fits_to_run([0, 1, 2], ["human", "apo"], done, SETTINGS) == [
+        ("human", 1),
+        ("apo", 1),
+        ("human", 2),
+        ("apo", 2),
+    ]
     assert fits_to_run([1, 2], ["apo"], done, SETTINGS) == [("apo", 1), ("apo", 2)]
 
 
 def test_kept_samples_become_the_apo_pairs_build_apo_pairs_makes():
     gold = [GoldAnswer("p0", " gold zero"), GoldAnswer("p1", " gold one")]
-    rollouts = [Rollout(prompt_index=0, prompt="p0", response="a sample", policy_version=0, finish_reason="length",
-                        response_token_ids=(5, 6)),
-                Rollout(prompt_index=1, prompt="p1", response="gold one", policy_version=0)]
+    rollouts = [
+        Rollout(
+            prompt_index=0,
+            prompt="p0",
+            response="a sample",
+            policy_version=0,
+            finish_reason="length",
+            response_token_ids=(5, 6),
+        ),
+        Rollout(prompt_index=1, prompt="p1", response="gold one", policy_version=0),
+    ]
     records = [sample_record("gold", r, gold[r.prompt_index]) for r in rollouts]
     assert records[0]["response_tokens"] == 2 and records[0]["gold"] == " gold zero"
     # The second sample repeats its golden answer: build_apo_pairs drops it.
     assert apo_pairs_of(records + [{**records[0], "part": "dev"}], "gold", gold) == [
-        PreferencePair("p0", " gold zero", "a sample")]
+        PreferencePair("p0", " gold zero", "a sample")
+    ]

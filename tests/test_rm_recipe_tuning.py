@@ -7,8 +7,14 @@ import pytest
 import yaml
 
 from apo_ray.stages.reward_model import load_rm_data
-from benchmarks.rm_recipe_tuning import (DATA_DIR, candidate_config, candidate_record, candidate_tag, finished_summary,
-                                         seeded_runs)
+from benchmarks.rm_recipe_tuning import (
+    DATA_DIR,
+    candidate_config,
+    candidate_record,
+    candidate_tag,
+    finished_summary,
+    seeded_runs,
+)
 
 
 def sweep_args(**kw) -> argparse.Namespace:
@@ -51,16 +57,25 @@ def test_candidate_tags_name_the_overrides():
 
 def test_seeds_run_every_candidate_once_per_seed():
     args = sweep_args(candidates=["lr=5e-5", ""], seeds=[0, 3])
-    assert seeded_runs(args) == [("lr=5e-5", ["lr=5e-5", "seed=0"]), ("lr=5e-5", ["lr=5e-5", "seed=3"]),
-                                 ("", ["seed=0"]), ("", ["seed=3"])]
+    assert seeded_runs(args) == [
+        ("lr=5e-5", ["lr=5e-5", "seed=0"]),
+        ("lr=5e-5", ["lr=5e-5", "seed=3"]),
+        ("", ["seed=0"]),
+        ("", ["seed=3"]),
+    ]
     assert seeded_runs(sweep_args(candidates=["lr=5e-5"], seeds=None)) == [("lr=5e-5", ["lr=5e-5"])]
 
 
 def _runs(*correct_by_seed):
     """One run per seed, with these holdout outcomes (1: chosen ranked first) and the stage's accuracy of them."""
-    return [{"seed": seed, "correct": [float(c) for c in correct],
-             "summary": {"eval": {"rm/acc": sum(correct) / len(correct)}, "train": {}}}
-            for seed, correct in enumerate(correct_by_seed)]
+    return [
+        {
+            "seed": seed,
+            "correct": [float(c) for c in correct],
+            "summary": {"eval": {"rm/acc": sum(correct) / len(correct)}, "train": {}},
+        }
+        for seed, correct in enumerate(correct_by_seed)
+    ]
 
 
 def test_differences_are_paired_over_pairs_with_one_seed_and_over_seeds_with_more():

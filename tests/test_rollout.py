@@ -15,10 +15,10 @@ import torch
 from apo_ray.actors.policy import PolicyLearner
 from apo_ray.actors.rollout import RolloutWorker, cut_at_eos
 from apo_ray.config import LearnerConfig, ModelConfig, PolicyConfig
-from apo_ray.modeling import load_tokenizer, text_samples
 from apo_ray.fault_injection import ENV as FAULTS_ENV
-from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec, WeightsDiffer
+from apo_ray.modeling import load_tokenizer, text_samples
 from apo_ray.named_tensors import as_named_tensors, drop_shared_tensors, read_checkpoint_dir, write_checkpoint_dir
+from apo_ray.rollout_pool import RolloutPool, RolloutWorkerSpec, WeightsDiffer
 from apo_ray.sync_backends import backend_names, backends, get_backend, make_backend
 from apo_ray.sync_backends.disk import DiskSync
 from apo_ray.sync_backends.nccl import NcclSync, RolloutEnginesClient
@@ -72,7 +72,8 @@ def check_sync_round_trip(workers, sync, model_dir: str, tmp_path) -> None:
     stats = sync(ObjectStoreSync(bucket_bytes=1 << 20), first.state_dict(), 1)
     assert stats["sync/bytes"] >= sum(p.numel() * 4 for p in first.parameters()) and stats["timing/sync"] > 0
     assert ray.get([w.weights_checksum.remote() for w in workers]) == pytest.approx(
-        [checksum(first)] * len(workers), rel=1e-9)
+        [checksum(first)] * len(workers), rel=1e-9
+    )
     for previous, worker in zip(before, workers):
         rollouts = ray.get(worker.generate.remote(PROMPTS, indices, 1))
         assert [r.policy_version for r in rollouts] == [1] * len(PROMPTS)
@@ -84,7 +85,8 @@ def check_sync_round_trip(workers, sync, model_dir: str, tmp_path) -> None:
     sync(DiskSync(root=tmp_path), str(tmp_path / "learner_v2"), 2)
     assert ray.get([w.policy_version.remote() for w in workers]) == [2] * len(workers)
     assert ray.get([w.weights_checksum.remote() for w in workers]) == pytest.approx(
-        [checksum(second)] * len(workers), rel=1e-9)
+        [checksum(second)] * len(workers), rel=1e-9
+    )
     for worker in workers:
         rollouts = ray.get(worker.generate.remote(PROMPTS, indices, 2))
         assert [r.prompt_index for r in rollouts] == [0, 0, 1, 1, 2, 2, 3, 3]
@@ -152,8 +154,9 @@ def test_bad_weights_and_names_fail_clearly(tmp_path):
 
 @pytest.fixture(scope="module")
 def vllm_worker(ray_cluster, tiny_lm_dir):
-    worker = ray.remote(RolloutWorker).options(num_cpus=1, name="test-rollout-vllm").remote(
-        tiny_lm_dir, "vllm", **GREEDY)
+    worker = (
+        ray.remote(RolloutWorker).options(num_cpus=1, name="test-rollout-vllm").remote(tiny_lm_dir, "vllm", **GREEDY)
+    )
     yield worker
     ray.kill(worker)
 
@@ -162,8 +165,9 @@ def vllm_worker(ray_cluster, tiny_lm_dir):
 def test_nccl_sync_is_refused_on_a_cpu_cluster_before_any_worker_starts(ray_cluster, tiny_lm_dir):
     actors = len(ray.util.list_named_actors(all_namespaces=True))
     with pytest.raises(RuntimeError, match="'nccl'.*the Ray cluster has no GPU.*'object_store' or 'disk'"):
-        RolloutPool(RolloutWorkerSpec(tiny_lm_dir, "vllm", **GREEDY), 1, weight_sync="nccl",
-                    name_prefix="test-rollout-refused")
+        RolloutPool(
+            RolloutWorkerSpec(tiny_lm_dir, "vllm", **GREEDY), 1, weight_sync="nccl", name_prefix="test-rollout-refused"
+        )
     assert len(ray.util.list_named_actors(all_namespaces=True)) == actors
 
 
@@ -207,7 +211,9 @@ def test_actor_group_names_and_per_actor_calls(hf_pool):
     group = hf_pool.group
     assert group.names == ["test-rollout-hf-0", "test-rollout-hf-1"]
     assert ray.get_actor("test-rollout-hf-1") == group.actors[1]
-    first, second = ray.get([group.actors[0].generate.remote(["a"], [0], 1), group.actors[1].generate.remote(["b"], [1], 1)])
+    first, second = ray.get(
+        [group.actors[0].generate.remote(["a"], [0], 1), group.actors[1].generate.remote(["b"], [1], 1)]
+    )
     assert (first[0].prompt, first[0].worker, second[0].prompt, second[0].worker) == ("a", 0, "b", 1)
 
 
@@ -222,12 +228,20 @@ def test_hf_pool_takes_new_weights_from_each_strategy(hf_pool, tiny_lm_dir, tmp_
 
 def trained_policy_learner(model_dir: str, num_gpus: float = 0):
     """A real PolicyLearner actor whose weights one SFT step moved away from `model_dir`'s."""
-    learner = ray.remote(PolicyLearner).options(num_cpus=0, num_gpus=num_gpus).remote(
-        model_dir, model=ModelConfig(max_prompt_tokens=32, max_response_tokens=12),
-        policy=PolicyConfig(lr=0.05), learner=LearnerConfig(backend="torch"))
+    learner = (
+        ray.remote(PolicyLearner)
+        .options(num_cpus=0, num_gpus=num_gpus)
+        .remote(
+            model_dir,
+            model=ModelConfig(max_prompt_tokens=32, max_response_tokens=12),
+            policy=PolicyConfig(lr=0.05),
+            learner=LearnerConfig(backend="torch"),
+        )
+    )
     tokenizer = load_tokenizer(model_dir)
-    samples = text_samples(tokenizer, PROMPTS, ["a short answer"] * len(PROMPTS), 32, 12,
-                           eos_token_id=tokenizer.sep_token_id)
+    samples = text_samples(
+        tokenizer, PROMPTS, ["a short answer"] * len(PROMPTS), 32, 12, eos_token_id=tokenizer.sep_token_id
+    )
     ray.get(learner.sft_step.remote(samples, epochs=1, seed=0))
     weights = ray.get(learner.state_dict.remote())
     return learner, sum(t.double().abs().sum().item() for name, t in weights.items() if name != "lm_head.weight")
@@ -252,26 +266,39 @@ def corrupting_pool(model_dir: str, backend: str, workers: int, tensor: str, fir
     """A pool whose last worker adds 1 to `tensor` as it hands its first sync's weights to its engine."""
     fault = {"kind": "corrupt", "phase": "sync", "worker": workers - 1, "tensor": tensor, "once": str(fired)}
     # Half a CPU each: the module's pool and this test's learner hold 3 of the test cluster's 4.
-    return RolloutPool(RolloutWorkerSpec(model_dir, backend, **GREEDY), workers, num_cpus_per_worker=0.5,
-                       name_prefix=name, env={FAULTS_ENV: json.dumps([fault])})
+    return RolloutPool(
+        RolloutWorkerSpec(model_dir, backend, **GREEDY),
+        workers,
+        num_cpus_per_worker=0.5,
+        name_prefix=name,
+        env={FAULTS_ENV: json.dumps([fault])},
+    )
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("backend, tensor, engine_tensor", [
-    ("hf", "model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"),
-    # vLLM fuses q, k and v: its fingerprint names the fused parameter and the learner's three tensors.
-    ("vllm", "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.qkv_proj.weight"),
-])
-def test_a_worker_whose_engine_holds_another_tensor_stops_the_sync(ray_cluster, tiny_lm_dir, tmp_path, backend,
-                                                                   tensor, engine_tensor):
+@pytest.mark.parametrize(
+    "backend, tensor, engine_tensor",
+    [
+        ("hf", "model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"),
+        # vLLM fuses q, k and v: its fingerprint names the fused parameter and the learner's three tensors.
+        ("vllm", "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.qkv_proj.weight"),
+    ],
+)
+def test_a_worker_whose_engine_holds_another_tensor_stops_the_sync(
+    ray_cluster, tiny_lm_dir, tmp_path, backend, tensor, engine_tensor
+):
     workers = 2 if backend == "hf" else 1
     name = f"test-rollout-corrupt-{backend}"
     pool = corrupting_pool(tiny_lm_dir, backend, workers, tensor, tmp_path / "fired", name)
     learner, _ = trained_policy_learner(tiny_lm_dir)
     try:
-        with pytest.raises(WeightsDiffer, match=(
+        with pytest.raises(
+            WeightsDiffer,
+            match=(
                 rf"rollout worker {name}-{workers - 1} on node \S+ does not hold the policy it was sent \(version 1, "
-                rf"object_store sync\): {re.escape(engine_tensor)}: sum .* the learner's .*{re.escape(tensor)}")):
+                rf"object_store sync\): {re.escape(engine_tensor)}: sum .* the learner's .*{re.escape(tensor)}"
+            ),
+        ):
             pool.sync_from(learner, 1)
         # The fault fired once: the same sync now loads every tensor whole, and the check passes on every worker.
         stats = pool.sync_from(learner, 2)
@@ -309,8 +336,9 @@ def test_nccl_sync_from_the_real_policy_learner(ray_cluster, tiny_lm_dir):
     if ray.cluster_resources().get("GPU", 0) < 1:
         pytest.skip("the test Ray cluster has no GPU")
     spec = RolloutWorkerSpec(tiny_lm_dir, "vllm", **GREEDY, engine_kwargs={"gpu_memory_utilization": 0.2})
-    pool = RolloutPool(spec, 1, num_cpus_per_worker=0, num_gpus_per_worker=0.5, weight_sync=NcclSync(),
-                       name_prefix="test-rollout-nccl")
+    pool = RolloutPool(
+        spec, 1, num_cpus_per_worker=0, num_gpus_per_worker=0.5, weight_sync=NcclSync(), name_prefix="test-rollout-nccl"
+    )
     learner, expected = trained_policy_learner(tiny_lm_dir, num_gpus=0.5)
     try:
         pool.sync_from(learner, 1)
@@ -326,8 +354,12 @@ def test_a_submitted_call_holds_the_pool_until_it_is_collected(hf_pool):
     """The asynchronous game's contract: while a call samples, the pool takes no sync, resize or other call,
     so the rollouts carry the weights the workers held when it was submitted."""
     call = hf_pool.submit(PROMPTS, n=1)
-    for command in (lambda: hf_pool.resize(1), hf_pool.versions, lambda: hf_pool.submit(PROMPTS, n=1),
-                    lambda: hf_pool.sync({}, hf_pool.version + 1)):
+    for command in (
+        lambda: hf_pool.resize(1),
+        hf_pool.versions,
+        lambda: hf_pool.submit(PROMPTS, n=1),
+        lambda: hf_pool.sync({}, hf_pool.version + 1),
+    ):
         with pytest.raises(RuntimeError, match="while a generate call is open"):
             command()
     rollouts = call.result()
@@ -352,8 +384,9 @@ def test_a_call_in_pieces_hands_each_piece_over_once_and_answers_as_one_call(hf_
     assert (len(polled), late) == (6, [])
     assert sorted(len({r.prompt_index for r in piece}) for piece in polled) == [1, 1, 2, 2, 2, 2]
     assert sorted(r.prompt_index for piece in polled for r in piece) == expected_order(10, 2)
-    assert [(r.prompt_index, r.response_token_ids) for r in rollouts] == [(r.prompt_index, r.response_token_ids)
-                                                                          for r in whole]
+    assert [(r.prompt_index, r.response_token_ids) for r in rollouts] == [
+        (r.prompt_index, r.response_token_ids) for r in whole
+    ]
 
 
 @pytest.mark.integration
@@ -367,8 +400,9 @@ def test_a_call_sampled_during_other_work_says_so_instead_of_a_rate(hf_pool, cap
         call.result()
         hf_pool.generate(PROMPTS, n=2)  # collected at once: waited for every sample
     lines = [record.getMessage() for record in caplog.records if record.name == "apo_ray.progress"]
-    assert re.fullmatch(r"\[generate\] done: 8/8 samples \(8 finished during earlier steps\); waited 0\.\d s",
-                        lines[0]), lines
+    assert re.fullmatch(
+        r"\[generate\] done: 8/8 samples \(8 finished during earlier steps\); waited 0\.\d s", lines[0]
+    ), lines
     assert re.fullmatch(r"\[generate\] done: 8/8 samples in \d+\.\d s \(\d+\.\d samples/s\)", lines[1]), lines
 
 
@@ -394,9 +428,11 @@ def test_cpu_engine_arguments_that_split_a_prefill_are_refused():
     from apo_ray.config import ConfigError
     from apo_ray.vllm_cpu import check_cpu_engine_kwargs
 
-    for kwargs, key in (({"enable_chunked_prefill": True}, "enable_chunked_prefill"),
-                        ({"long_prefill_token_threshold": 64}, "long_prefill_token_threshold"),
-                        ({"max_num_batched_tokens": 128}, "max_num_batched_tokens")):
+    for kwargs, key in (
+        ({"enable_chunked_prefill": True}, "enable_chunked_prefill"),
+        ({"long_prefill_token_threshold": 64}, "long_prefill_token_threshold"),
+        ({"max_num_batched_tokens": 128}, "max_num_batched_tokens"),
+    ):
         with pytest.raises(ConfigError, match=rf"^rollout.engine_kwargs.{key}: "):
             check_cpu_engine_kwargs(kwargs, max_model_len=256)
     check_cpu_engine_kwargs({"max_num_batched_tokens": 256, "enable_chunked_prefill": False}, max_model_len=256)
@@ -413,12 +449,16 @@ def test_seeded_vllm_sampling_survives_prompts_beyond_one_steps_token_budget(smo
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     question = "Explain briefly why the sky is blue and the sea is salty. " * 4
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Question {i}: {question}"}],
-                                             add_generation_prompt=True, return_dict=True)["input_ids"]
-               for i in range(8)]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Question {i}: {question}"}], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        for i in range(8)
+    ]
     assert sum(map(len, prompts)) > 2 * 256 and max(map(len, prompts)) < 256 - 16
-    engine = VllmEngine(smollm2_dir, dtype="float32", seed=0, max_model_len=256,
-                        engine_kwargs={"max_num_batched_tokens": 256})
+    engine = VllmEngine(
+        smollm2_dir, dtype="float32", seed=0, max_model_len=256, engine_kwargs={"max_num_batched_tokens": 256}
+    )
     sample = dict(n=2, max_new_tokens=16, temperature=1.0, top_p=1.0, eos_ids=frozenset({tokenizer.eos_token_id}))
     seeds = list(range(100, 108))
     first = engine.generate(prompts, seeds, **sample)

@@ -11,11 +11,30 @@ from tests.conftest import REPO_ROOT
 
 # Two evaluations as metrics.jsonl holds them: full float precision, rm/ece without an error.
 ROWS = [
-    {"step": 0, "round": 0, "rm/acc": 0.625, "rm/acc_se": 0.0701, "rm/ece": 0.1, "eval/gold_score": -0.51234567891234,
-     "eval/gold_score_se": 0.0301234567, "eval/kl": 0.0, "eval/kl_se": 0.0},
-    {"step": 1, "round": 1, "rm/acc": 0.6875, "rm/acc_se": 0.08183170883849714, "rm/ece": 0.09123456789,
-     "eval/gold_score": 0.4561234567891234, "eval/gold_score_se": 0.031234, "eval/kl": 0.012345678,
-     "eval/kl_se": 0.00112, "timing/round": 10.0, "timing/evaluate": 2.0},
+    {
+        "step": 0,
+        "round": 0,
+        "rm/acc": 0.625,
+        "rm/acc_se": 0.0701,
+        "rm/ece": 0.1,
+        "eval/gold_score": -0.51234567891234,
+        "eval/gold_score_se": 0.0301234567,
+        "eval/kl": 0.0,
+        "eval/kl_se": 0.0,
+    },
+    {
+        "step": 1,
+        "round": 1,
+        "rm/acc": 0.6875,
+        "rm/acc_se": 0.08183170883849714,
+        "rm/ece": 0.09123456789,
+        "eval/gold_score": 0.4561234567891234,
+        "eval/gold_score_se": 0.031234,
+        "eval/kl": 0.012345678,
+        "eval/kl_se": 0.00112,
+        "timing/round": 10.0,
+        "timing/evaluate": 2.0,
+    },
 ]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from same_metrics import main  # noqa: E402
+from same_metrics import main
 
 
 def write_run(path: Path, rows: list[dict]) -> Path:
@@ -16,10 +16,32 @@ def write_run(path: Path, rows: list[dict]) -> Path:
 
 
 def test_equal_runs_pass_and_wall_clock_metrics_are_left_out(tmp_path, capsys):
-    a = write_run(tmp_path / "a", [{"step": 0, "rm/acc": 0.5, "timing/round": 3.0, "rollout/tokens_per_s": 10.0,
-                                    "efficiency/generate": 0.2, "ceiling/machine": 1e11}])
-    b = write_run(tmp_path / "b", [{"step": 0, "rm/acc": 0.5, "timing/round": 9.0, "rollout/tokens_per_s": 99.0,
-                                    "efficiency/generate": 0.3, "ceiling/machine": 2e11}])
+    a = write_run(
+        tmp_path / "a",
+        [
+            {
+                "step": 0,
+                "rm/acc": 0.5,
+                "timing/round": 3.0,
+                "rollout/tokens_per_s": 10.0,
+                "efficiency/generate": 0.2,
+                "ceiling/machine": 1e11,
+            }
+        ],
+    )
+    b = write_run(
+        tmp_path / "b",
+        [
+            {
+                "step": 0,
+                "rm/acc": 0.5,
+                "timing/round": 9.0,
+                "rollout/tokens_per_s": 99.0,
+                "efficiency/generate": 0.3,
+                "ceiling/machine": 2e11,
+            }
+        ],
+    )
     assert main([str(a), str(b)]) == 0
     assert "same metrics" in capsys.readouterr().out
 

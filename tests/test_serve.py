@@ -30,11 +30,27 @@ def served(ray_cluster, tmp_path_factory):
     make_policy_model(checkpoint / "policy", tokenizer, seed=1)
     make_reward_model(checkpoint / "reward", tokenizer, seed=2)
     targets = resolve_targets([str(checkpoint)])
-    cfg = check_targets(targets, load_serve_config(None, {}, [
-        f"serve.port={free_port()}", "serve.policy.num_cpus=1", "serve.reward.num_cpus=0.5",
-        "serve.ingress.num_cpus=0.25", "serve.max_model_len=64", "serve.kv_cache_bytes=67108864",
-        "serve.limits.max_prompt_tokens=24", "serve.limits.max_tokens=16", "serve.limits.max_score_items=8",
-        "serve.limits.max_body_bytes=4096", "serve.score_max_batch_size=8", "serve.score_batch_wait_s=0.05"]))
+    cfg = check_targets(
+        targets,
+        load_serve_config(
+            None,
+            {},
+            [
+                f"serve.port={free_port()}",
+                "serve.policy.num_cpus=1",
+                "serve.reward.num_cpus=0.5",
+                "serve.ingress.num_cpus=0.25",
+                "serve.max_model_len=64",
+                "serve.kv_cache_bytes=67108864",
+                "serve.limits.max_prompt_tokens=24",
+                "serve.limits.max_tokens=16",
+                "serve.limits.max_score_items=8",
+                "serve.limits.max_body_bytes=4096",
+                "serve.score_max_batch_size=8",
+                "serve.score_batch_wait_s=0.05",
+            ],
+        ),
+    )
     url = deploy(targets, cfg, TOKEN)
     yield url, targets
     serve.shutdown()
@@ -52,8 +68,10 @@ def test_scores_match_the_rm_and_batching_keeps_each_request_its_own(served):
     from apo_ray.serve.app import APP_NAME
 
     url, targets = served
-    requests_ = [[{"prompt": PROMPTS[i % 2], "response": f"the river is calm {'and bright ' * (i % 3)}"}
-                  for i in range(size)] for size in (1, 3, 2, 5, 1, 4, 2, 3, 1, 2, 6, 1)]
+    requests_ = [
+        [{"prompt": PROMPTS[i % 2], "response": f"the river is calm {'and bright ' * (i % 3)}"} for i in range(size)]
+        for size in (1, 3, 2, 5, 1, 4, 2, 3, 1, 2, 6, 1)
+    ]
     alone = [post(url, "/score", items).json() for items in requests_]
     with concurrent.futures.ThreadPoolExecutor(len(requests_)) as pool:
         together = list(pool.map(lambda items: post(url, "/score", items), requests_))
@@ -91,7 +109,7 @@ def test_generate_samples_from_the_policy_within_the_bounds(served):
     prompt_ids = tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
     assert first["prompt_tokens"] == len(prompt_ids)
     with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids + choice["token_ids"]])).logits[0, len(prompt_ids) - 1:-1]
+        logits = model(torch.tensor([prompt_ids + choice["token_ids"]])).logits[0, len(prompt_ids) - 1 : -1]
     picked = logits.gather(1, torch.tensor(choice["token_ids"])[:, None])[:, 0]
     assert torch.all(picked >= logits.max(dim=1).values - 1e-4)
     assert choice["text"] == tokenizer.decode(choice["token_ids"], skip_special_tokens=True)

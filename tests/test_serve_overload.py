@@ -45,9 +45,21 @@ def slow_rm(ray_cluster, tmp_path_factory):
     checkpoint = tmp_path_factory.mktemp("serve-overload") / "round"
     make_reward_model(checkpoint / "reward", make_tokenizer(), seed=2)
     targets = resolve_targets([str(checkpoint)])
-    cfg = check_targets(targets, load_serve_config(None, {}, [
-        f"serve.port={free_port()}", "serve.reward.num_cpus=0.5", "serve.ingress.num_cpus=0.25",
-        "serve.score_max_batch_size=1", "serve.reward.max_queued_requests=2", "serve.retry_after_s=3"]))
+    cfg = check_targets(
+        targets,
+        load_serve_config(
+            None,
+            {},
+            [
+                f"serve.port={free_port()}",
+                "serve.reward.num_cpus=0.5",
+                "serve.ingress.num_cpus=0.25",
+                "serve.score_max_batch_size=1",
+                "serve.reward.max_queued_requests=2",
+                "serve.retry_after_s=3",
+            ],
+        ),
+    )
     os.environ[FAULTS_ENV] = json.dumps([{"kind": "stall", "phase": "score", "seconds": 2.0}])
     try:
         url = deploy(targets, cfg, None)
@@ -85,8 +97,11 @@ def test_a_replica_killed_mid_request_gives_a_retryable_503_and_is_replaced(slow
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(score, slow_rm)
         time.sleep(1.0)  # the request is inside the replica's 2 s stall
-        [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                     if a["name"].startswith("SERVE_REPLICA::") and "#reward#" in a["name"]]
+        [replica] = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::") and "#reward#" in a["name"]
+        ]
         ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
         answer = pending.result()
     assert answer.status_code == 503 and answer.headers["Retry-After"] == "3", answer.text

@@ -10,12 +10,25 @@ import pytest
 from apo_ray.config import ConfigError, ServeLimitsConfig, load_config
 from apo_ray.serve.app import check_targets, is_loopback, load_serve_config, serve_token
 from apo_ray.serve.batching import chunks, flatten, split
-from apo_ray.serve.requests import (RequestError, ScoreItem, check_prompt_tokens, parse_generate_request, parse_json,
-                                    parse_score_request)
+from apo_ray.serve.requests import (
+    RequestError,
+    ScoreItem,
+    check_prompt_tokens,
+    parse_generate_request,
+    parse_json,
+    parse_score_request,
+)
 from apo_ray.serve.targets import resolve_targets
 
-LIMITS = ServeLimitsConfig(max_body_bytes=200, max_score_items=3, max_text_chars=10, max_prompt_tokens=8,
-                           max_tokens=32, max_n=2, max_temperature=1.5)
+LIMITS = ServeLimitsConfig(
+    max_body_bytes=200,
+    max_score_items=3,
+    max_text_chars=10,
+    max_prompt_tokens=8,
+    max_tokens=32,
+    max_n=2,
+    max_temperature=1.5,
+)
 
 
 def refused(call, *args) -> RequestError:
@@ -24,11 +37,14 @@ def refused(call, *args) -> RequestError:
     return info.value
 
 
-@pytest.mark.parametrize("body, status, field, words", [
-    (b"x" * 201, 413, "body", "201 bytes; at most 200"),
-    (b'{"prompt": ', 400, "body", "not valid JSON (Expecting value at line 1 column 12)"),
-    (b"\xff\xfe", 400, "body", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "body, status, field, words",
+    [
+        (b"x" * 201, 413, "body", "201 bytes; at most 200"),
+        (b'{"prompt": ', 400, "body", "not valid JSON (Expecting value at line 1 column 12)"),
+        (b"\xff\xfe", 400, "body", "not UTF-8"),
+    ],
+)
 def test_bodies_that_are_not_json_or_too_large(body, status, field, words):
     error = refused(parse_json, body)
     assert (error.status, error.field) == (status, field) and words in error.message
@@ -40,17 +56,20 @@ def test_deeply_nested_json_is_a_400_not_a_crash():
     assert info.value.status == 400
 
 
-@pytest.mark.parametrize("payload, status, field", [
-    ({"prompt": "a", "response": "b"}, 400, "body"),  # an object, not an array
-    ([], 422, "body"),
-    ([{"prompt": "a", "response": "b"}] * 4, 413, "body"),
-    ([{"prompt": "a", "response": "b"}, "text"], 422, "[1]"),
-    ([{"prompt": "a"}], 422, "[0].response"),
-    ([{"prompt": 3, "response": "b"}], 422, "[0].prompt"),
-    ([{"prompt": "a", "response": "b" * 11}], 413, "[0].response"),
-    ([{"prompt": "a", "response": "b", "reward": 1}], 400, "[0].reward"),
-    ([{"prompt": " ", "response": "\n"}], 422, "[0]"),
-])
+@pytest.mark.parametrize(
+    "payload, status, field",
+    [
+        ({"prompt": "a", "response": "b"}, 400, "body"),  # an object, not an array
+        ([], 422, "body"),
+        ([{"prompt": "a", "response": "b"}] * 4, 413, "body"),
+        ([{"prompt": "a", "response": "b"}, "text"], 422, "[1]"),
+        ([{"prompt": "a"}], 422, "[0].response"),
+        ([{"prompt": 3, "response": "b"}], 422, "[0].prompt"),
+        ([{"prompt": "a", "response": "b" * 11}], 413, "[0].response"),
+        ([{"prompt": "a", "response": "b", "reward": 1}], 400, "[0].reward"),
+        ([{"prompt": " ", "response": "\n"}], 422, "[0]"),
+    ],
+)
 def test_score_requests_are_refused_naming_the_field(payload, status, field):
     error = refused(parse_score_request, payload)
     assert (error.status, error.field) == (status, field), error
@@ -62,24 +81,27 @@ def test_a_good_score_request():
     assert items == [ScoreItem("Q", " A"), ScoreItem("", "B")]
 
 
-@pytest.mark.parametrize("payload, status, field", [
-    (["hi"], 400, "body"),
-    ({"max_tokens": 4}, 422, "prompt"),
-    ({"prompt": "   "}, 422, "prompt"),
-    ({"prompt": "x" * 11}, 413, "prompt"),
-    ({"prompt": "hi", "max_tokens": 33}, 413, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": 4.0}, 422, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": True}, 422, "max_tokens"),
-    ({"prompt": "hi", "temperature": 1.6}, 422, "temperature"),
-    ({"prompt": "hi", "temperature": "hot"}, 422, "temperature"),
-    ({"prompt": "hi", "top_p": 0}, 422, "top_p"),
-    ({"prompt": "hi", "top_p": 1.01}, 422, "top_p"),
-    ({"prompt": "hi", "n": 3}, 422, "n"),
-    ({"prompt": "hi", "seed": -1}, 422, "seed"),
-    ({"prompt": "hi", "stream": True}, 400, "stream"),
-    ({"prompt": "hi", "temperature": 0, "n": 2}, 422, "n"),
-])
+@pytest.mark.parametrize(
+    "payload, status, field",
+    [
+        (["hi"], 400, "body"),
+        ({"max_tokens": 4}, 422, "prompt"),
+        ({"prompt": "   "}, 422, "prompt"),
+        ({"prompt": "x" * 11}, 413, "prompt"),
+        ({"prompt": "hi", "max_tokens": 33}, 413, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 4.0}, 422, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": True}, 422, "max_tokens"),
+        ({"prompt": "hi", "temperature": 1.6}, 422, "temperature"),
+        ({"prompt": "hi", "temperature": "hot"}, 422, "temperature"),
+        ({"prompt": "hi", "top_p": 0}, 422, "top_p"),
+        ({"prompt": "hi", "top_p": 1.01}, 422, "top_p"),
+        ({"prompt": "hi", "n": 3}, 422, "n"),
+        ({"prompt": "hi", "seed": -1}, 422, "seed"),
+        ({"prompt": "hi", "stream": True}, 400, "stream"),
+        ({"prompt": "hi", "temperature": 0, "n": 2}, 422, "n"),
+    ],
+)
 def test_generate_requests_are_refused_naming_the_field(payload, status, field):
     error = refused(parse_generate_request, payload)
     assert (error.status, error.field) == (status, field), error
@@ -88,8 +110,9 @@ def test_generate_requests_are_refused_naming_the_field(payload, status, field):
 def test_generate_defaults_and_bounds():
     params = parse_generate_request({"prompt": "hi"}, LIMITS)
     assert (params.max_tokens, params.temperature, params.top_p, params.n, params.seed) == (16, 1.0, 1.0, 1, None)
-    params = parse_generate_request({"prompt": "hi", "max_tokens": 32, "temperature": 1.5, "top_p": 0.5, "n": 2,
-                                     "seed": 7}, LIMITS)
+    params = parse_generate_request(
+        {"prompt": "hi", "max_tokens": 32, "temperature": 1.5, "top_p": 0.5, "n": 2, "seed": 7}, LIMITS
+    )
     assert (params.max_tokens, params.temperature, params.top_p, params.n, params.seed) == (32, 1.5, 0.5, 2, 7)
     assert parse_generate_request({"prompt": "hi", "temperature": 0}, LIMITS).temperature == 0.0
     # A default never exceeds the configured cap.
@@ -106,7 +129,7 @@ def test_batching_splits_scores_back_to_their_requests():
     assert split([s.upper() for s in items], sizes) == [["A", "B"], ["C"], ["D", "E", "F"]]
     with pytest.raises(ValueError, match="5 values for 6 items"):
         split(items[:5], sizes)
-    assert chunks(5, 2) == [range(0, 2), range(2, 4), range(4, 5)] and chunks(0, 2) == []
+    assert chunks(5, 2) == [range(2), range(2, 4), range(4, 5)] and chunks(0, 2) == []
 
 
 def test_a_token_is_required_off_loopback():
@@ -144,14 +167,19 @@ def write_model(directory, architecture: str, **config):
 
 def test_the_policy_context_bounds_the_limits(tmp_path):
     targets = resolve_targets([str(write_model(tmp_path / "policy", "LlamaForCausalLM", max_position_embeddings=128))])
-    assert check_targets(targets, load_serve_config(None, {}, ["serve.limits.max_prompt_tokens=96",
-                                                                "serve.limits.max_tokens=32"])).max_model_len == 128
+    assert (
+        check_targets(
+            targets, load_serve_config(None, {}, ["serve.limits.max_prompt_tokens=96", "serve.limits.max_tokens=32"])
+        ).max_model_len
+        == 128
+    )
     with pytest.raises(ConfigError, match="serve.max_model_len: 512 is more than the policy's max_position_embeddings"):
         check_targets(targets, load_serve_config(None, {}, ["serve.max_model_len=512"]))
     with pytest.raises(ConfigError, match="serve.limits.max_prompt_tokens: 256 .* context of 128 tokens"):
         check_targets(targets, load_serve_config(None, {}, []))
-    long_context = resolve_targets([str(write_model(tmp_path / "long", "Qwen2ForCausalLM",
-                                                    max_position_embeddings=32768))])
+    long_context = resolve_targets(
+        [str(write_model(tmp_path / "long", "Qwen2ForCausalLM", max_position_embeddings=32768))]
+    )
     assert check_targets(long_context, load_serve_config(None, {}, [])).max_model_len == 2048
 
 

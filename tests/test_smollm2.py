@@ -27,8 +27,9 @@ BATCH = 8  # the learner's policy.batch_size
 
 
 def mismatch(logps: torch.Tensor, mask: torch.Tensor, rollouts) -> dict[str, float]:
-    sampler = sampler_logprob_grid([len(r.prompt_token_ids) for r in rollouts],
-                                   [list(r.sampler_logprobs) for r in rollouts], logps.shape[1])
+    sampler = sampler_logprob_grid(
+        [len(r.prompt_token_ids) for r in rollouts], [list(r.sampler_logprobs) for r in rollouts], logps.shape[1]
+    )
     return logprob_mismatch(sampler, logps, mask)
 
 
@@ -40,8 +41,16 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster, smollm2_dir):
-    spec = RolloutWorkerSpec(smollm2_dir, "vllm", max_new_tokens=MAX_NEW_TOKENS, max_prompt_tokens=256,
-                             temperature=1.0, max_model_len=320, dtype="float32", chat_template="auto")
+    spec = RolloutWorkerSpec(
+        smollm2_dir,
+        "vllm",
+        max_new_tokens=MAX_NEW_TOKENS,
+        max_prompt_tokens=256,
+        temperature=1.0,
+        max_model_len=320,
+        dtype="float32",
+        chat_template="auto",
+    )
     pool = RolloutPool(spec, 1, num_cpus_per_worker=1, name_prefix="test-smollm2-rollout")
     yield pool
     pool.shutdown()
@@ -49,9 +58,17 @@ def pool(ray_cluster, smollm2_dir):
 
 @pytest.fixture(scope="module")
 def learner(ray_cluster, smollm2_dir):
-    actor = ray.remote(PolicyLearner).options(num_cpus=1).remote(
-        smollm2_dir, model=MODEL, policy=PolicyConfig(lr=1e-4, batch_size=BATCH),
-        learner=LearnerConfig(backend="deepspeed", zero_stage=2), chat_template="auto")
+    actor = (
+        ray.remote(PolicyLearner)
+        .options(num_cpus=1)
+        .remote(
+            smollm2_dir,
+            model=MODEL,
+            policy=PolicyConfig(lr=1e-4, batch_size=BATCH),
+            learner=LearnerConfig(backend="deepspeed", zero_stage=2),
+            chat_template="auto",
+        )
+    )
     yield actor
     ray.kill(actor)
 
@@ -61,8 +78,7 @@ def rollouts(pool, prompts):
     return pool.generate(prompts, n=2, seed=7)
 
 
-def test_rollouts_read_the_chat_template_and_learners_train_on_the_sampled_ids(rollouts, prompts, learner,
-                                                                                smollm2_dir):
+def test_rollouts_read_the_chat_template_and_learners_train_on_the_sampled_ids(rollouts, prompts, learner, smollm2_dir):
     tokenizer = load_tokenizer(smollm2_dir)
     chat = ChatFormat.for_setting(tokenizer, "auto")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -74,8 +90,12 @@ def test_rollouts_read_the_chat_template_and_learners_train_on_the_sampled_ids(r
     short = [r for r in rollouts if len(r.prompt_token_ids) < 200]
     assert short, "no prompt under the limit"
     for r in short:
-        assert list(r.prompt_token_ids) == tokenizer.apply_chat_template(
-            messages_of(prompts[r.prompt_index]), add_generation_prompt=True, tokenize=True)["input_ids"]
+        assert (
+            list(r.prompt_token_ids)
+            == tokenizer.apply_chat_template(
+                messages_of(prompts[r.prompt_index]), add_generation_prompt=True, tokenize=True
+            )["input_ids"]
+        )
     # The RM reads the dialogue with the sampled answer, not ChatML.
     assert all("<|im_" not in r.response for r in rollouts)
 
@@ -95,8 +115,9 @@ def test_after_a_sync_the_engine_scores_a_fixed_sample_as_the_trained_learner_do
     ray.get(learner.sft_step.remote([r.tokens for r in rollouts[:BATCH]], epochs=1, seed=0))
     learner_logps, mask = ray.get(learner.token_logprobs.remote(probe))
     learned = [row[m.bool()].tolist() for row, m in zip(learner_logps, mask)]
-    assert max(abs(a - b) for old, new in zip(before, learned) for a, b in zip(old, new)) > 1e-3, \
+    assert max(abs(a - b) for old, new in zip(before, learned) for a, b in zip(old, new)) > 1e-3, (
         "the step did not move the probe's log-probs"
+    )
     pool.sync_from(learner, pool.version + 1, weight_sync=ObjectStoreSync(bucket_bytes=64 << 20))
     after = ray.get(pool.workers[0].response_logprobs.remote(probe))
     for engine_row, learner_row in zip(after, learned):

@@ -22,21 +22,38 @@ def slice_overrides(tmp_path, minilm_dir: str, smollm2_dir: str) -> list[str]:
     (5 at 192), and the learners' compute shrinks with the tokens. The RMs are MiniLM fitted in round 0 (the
     recipe's come from `apo-ray rm`, which tests/test_stages.py runs)."""
     return [
-        f"run_dir={tmp_path / 'run'}", "rounds=1", "samples_per_prompt=2",
-        f"model.policy_path={smollm2_dir}", f"model.reward_path={minilm_dir}", f"model.eval_reward={minilm_dir}",
-        "model.max_response_tokens=12", "model.max_prompt_tokens=96", "rollout.max_model_len=112",
-        "data.pairs.limit=16", "data.source.limit=30", "reward.initial_epochs=1", "reward.batch_size=16",
-        "eval.prompts=3", "eval.samples_per_prompt=2", "logging.report=false", "logging.ray_metrics=false",
+        f"run_dir={tmp_path / 'run'}",
+        "rounds=1",
+        "samples_per_prompt=2",
+        f"model.policy_path={smollm2_dir}",
+        f"model.reward_path={minilm_dir}",
+        f"model.eval_reward={minilm_dir}",
+        "model.max_response_tokens=12",
+        "model.max_prompt_tokens=96",
+        "rollout.max_model_len=112",
+        "data.pairs.limit=16",
+        "data.source.limit=30",
+        "reward.initial_epochs=1",
+        "reward.batch_size=16",
+        "eval.prompts=3",
+        "eval.samples_per_prompt=2",
+        "logging.report=false",
+        "logging.ray_metrics=false",
     ]
 
 
 @pytest.mark.parametrize("method", ["rjs", "dpo", "grpo"])
 def test_one_round_of_the_cpu_recipe(ray_cluster, tmp_path, smollm2_dir, method):
     # Minibatches of a few rows: a 49k vocabulary's logits are 0.2 MB a token.
-    online = ["ppo.prompts_per_iteration=4", "ppo.minibatch_size=4", "ppo.ppo_epochs=1"] if method == "grpo" else \
-        ["policy.batch_size=4"]
-    cfg = load_config(REPO_ROOT / "configs" / "hh_smollm2_apo_rjs_cpu.yaml",
-                      [f"method={method}", *online, *slice_overrides(tmp_path, str(minilm_tokenizer_dir()), smollm2_dir)])
+    online = (
+        ["ppo.prompts_per_iteration=4", "ppo.minibatch_size=4", "ppo.ppo_epochs=1"]
+        if method == "grpo"
+        else ["policy.batch_size=4"]
+    )
+    cfg = load_config(
+        REPO_ROOT / "configs" / "hh_smollm2_apo_rjs_cpu.yaml",
+        [f"method={method}", *online, *slice_overrides(tmp_path, str(minilm_tokenizer_dir()), smollm2_dir)],
+    )
     prepared = prepare(cfg)
     run(prepared)
     rows = read_metrics_jsonl(prepared.run_dir / "metrics.jsonl")
@@ -54,8 +71,12 @@ def test_one_round_of_the_cpu_recipe(ray_cluster, tmp_path, smollm2_dir, method)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     assert tokenizer.chat_template == load_tokenizer(smollm2_dir).chat_template
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "How do I make a cup of tea?"}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "How do I make a cup of tea?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
     # The run's config keeps the template setting, so --resume renders prompts the same way.

@@ -52,8 +52,9 @@ def test_padded_shards_have_equal_length_and_cover_every_item_once():
         assert real == list(range(n))
 
 
-@pytest.mark.parametrize("bad", [{"epoch": 1}, {"epoch": -1, "step": 0, "global_step": 0},
-                                 {"epoch": 0, "step": "1", "global_step": 1}])
+@pytest.mark.parametrize(
+    "bad", [{"epoch": 1}, {"epoch": -1, "step": 0, "global_step": 0}, {"epoch": 0, "step": "1", "global_step": 1}]
+)
 def test_a_damaged_cursor_is_refused(bad):
     with pytest.raises(ValueError, match="data cursor"):
         DataCursor.from_dict(bad)

@@ -38,20 +38,37 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     make_policy_model(root / "policy_base", tokenizer)
     task = make_task(0, n_pairs=N_TRAIN, n_gold=4, n_policy_prompts=4, n_eval_pairs=24)
     for name, pairs in (("pairs", task.pairs), ("eval_pairs", task.eval_pairs)):
-        (root / f"{name}.jsonl").write_text("".join(
-            json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n" for p in pairs))
+        (root / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n" for p in pairs)
+        )
     texts = make_sft_data(0, 64)
     for name, rows in (("sft", texts[:N_TRAIN]), ("sft_eval", texts[N_TRAIN:])):
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in rows))
     return {name: root / name for name in ("rm_base", "policy_base")} | {
-        name: root / f"{name}.jsonl" for name in ("pairs", "eval_pairs", "sft", "sft_eval")}
+        name: root / f"{name}.jsonl" for name in ("pairs", "eval_pairs", "sft", "sft_eval")
+    }
 
 
 def rm_config(tiny, run_dir: Path, *extra: str) -> RMStageConfig:
-    return load_stage_config(RMStageConfig, None, [
-        f"base_model={tiny['rm_base']}", f"train.path={tiny['pairs']}", f"eval.path={tiny['eval_pairs']}",
-        "workers.num_workers=2", f"batch_size={BATCH}", "epochs=1", "lr=3e-3", "lr_scheduler_type=linear",
-        "warmup_ratio=0.3", "checkpoint_every=2", "keep_checkpoints=1", f"run_dir={run_dir}", *extra])
+    return load_stage_config(
+        RMStageConfig,
+        None,
+        [
+            f"base_model={tiny['rm_base']}",
+            f"train.path={tiny['pairs']}",
+            f"eval.path={tiny['eval_pairs']}",
+            "workers.num_workers=2",
+            f"batch_size={BATCH}",
+            "epochs=1",
+            "lr=3e-3",
+            "lr_scheduler_type=linear",
+            "warmup_ratio=0.3",
+            "checkpoint_every=2",
+            "keep_checkpoints=1",
+            f"run_dir={run_dir}",
+            *extra,
+        ],
+    )
 
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -69,8 +86,9 @@ def uninterrupted_rm(ray_cluster, tiny, tmp_path_factory):
 
 
 @pytest.mark.integration
-def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_ends_as_an_uninterrupted_one(uninterrupted_rm, tiny,
-                                                                                        tmp_path):
+def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_ends_as_an_uninterrupted_one(
+    uninterrupted_rm, tiny, tmp_path
+):
     reference_dir, reference = uninterrupted_rm
     run_dir = tmp_path / "killed"
     # Rank 1 exits after step 5, with checkpoints written after steps 2 and 4: new workers resume from the
@@ -95,7 +113,8 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_ends_as_an_uninterrup
     assert [r.get("rm/loss") for r in rows] == pytest.approx([r.get("rm/loss") for r in reference_rows], abs=1e-6)
     # On the schedule's curve (2 warm-up steps of 6, then a linear decay) across the restart.
     assert [r["learning_rate"] for r in rows[:-1]] == pytest.approx(
-        [3e-3 * f for f in (1 / 2, 1, 1, 3 / 4, 1 / 2, 1 / 4)])
+        [3e-3 * f for f in (1 / 2, 1, 1, 3 / 4, 1 / 2, 1 / 4)]
+    )
 
 
 @pytest.mark.integration
@@ -108,8 +127,9 @@ def test_rm_output_is_what_the_game_loads_and_scores_as_reported(uninterrupted_r
     run_dir, summary = uninterrupted_rm
     assert summary["data"]["train"]["pairs"] == N_TRAIN and summary["data"]["eval"]["pairs"] == 24
     # As model.reward_path of `apo-ray train`: the reward learner, with the truncation length it was trained at.
-    learner = RewardLearner(str(run_dir / "model"), reward=RewardConfig(max_length=256), learner=LearnerConfig(),
-                            trainable=False)
+    learner = RewardLearner(
+        str(run_dir / "model"), reward=RewardConfig(max_length=256), learner=LearnerConfig(), trainable=False
+    )
     cfg = rm_config(tiny, run_dir)
     chosen, rejected = learner.score_pairs(load_pairs(cfg.eval))
     assert preference_accuracy(chosen, rejected) == summary["eval"]["rm/acc"]
@@ -134,16 +154,25 @@ def test_a_mean_pooled_rm_trains_on_two_workers_and_is_what_the_game_loads(ray_c
 
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64, pad_token_id=tokenizer.pad_token_id),
-              add_pooling_layer=False).save_pretrained(tmp_path / "encoder")
+    BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        add_pooling_layer=False,
+    ).save_pretrained(tmp_path / "encoder")
     tokenizer.save_pretrained(tmp_path / "encoder")
     run_dir = tmp_path / "run"
     cfg = rm_config(tiny, run_dir, f"base_model={tmp_path / 'encoder'}", "pooling=mean")
     summary = run_stage(prepare_stage(cfg))
 
-    learner = RewardLearner(str(run_dir / "model"), reward=RewardConfig(max_length=256), learner=LearnerConfig(),
-                            trainable=False)
+    learner = RewardLearner(
+        str(run_dir / "model"), reward=RewardConfig(max_length=256), learner=LearnerConfig(), trainable=False
+    )
     assert isinstance(learner.model, MeanPooledForSequenceClassification)
     trained, base = weights(run_dir / "model"), weights(tmp_path / "encoder")
     embeddings = "embeddings.word_embeddings.weight"
@@ -179,8 +208,9 @@ def test_a_run_stopped_after_an_epoch_resumes_on_the_whole_runs_lr_schedule(ray_
     assert summary["global_step"] == 12 and summary["epochs_done"] == 2
     # 12 steps, 4 of them warm-up (ceil(0.3 * 12)): the first epoch did not decay to 0 on a 6-step horizon.
     learning_rates = [r["learning_rate"] for r in metric_rows(run_dir) if "learning_rate" in r]
-    assert learning_rates == pytest.approx([3e-3 * f for f in (1 / 4, 2 / 4, 3 / 4, 1)]
-                                           + [3e-3 * (1 - k / 8) for k in range(8)])
+    assert learning_rates == pytest.approx(
+        [3e-3 * f for f in (1 / 4, 2 / 4, 3 / 4, 1)] + [3e-3 * (1 - k / 8) for k in range(8)]
+    )
     # One uninterrupted run that evaluates after every epoch sees what the paused run saw after each invocation.
     every_epoch = run_stage(prepare_stage(rm_config(tiny, tmp_path / "each", "epochs=2", "eval_every_epoch=true")))
     epochs = [[e["epoch"] for e in run["eval_by_epoch"]] for run in (every_epoch, summary)]
@@ -197,10 +227,23 @@ def test_sft_lowers_held_out_loss_and_its_output_samples_with_vllm(ray_cluster, 
     from apo_ray.stages.sft import SFTTask
     from apo_ray.stages.task import load_stage_data
 
-    cfg = load_stage_config(SFTStageConfig, None, [
-        f"base_model={tiny['policy_base']}", f"train.path={tiny['sft']}", f"eval.path={tiny['sft_eval']}",
-        "workers.num_workers=2", f"batch_size={BATCH}", "epochs=2", "lr=3e-3", "checkpoint_every=4",
-        "max_prompt_tokens=16", "max_response_tokens=16", f"run_dir={tmp_path / 'sft'}"])
+    cfg = load_stage_config(
+        SFTStageConfig,
+        None,
+        [
+            f"base_model={tiny['policy_base']}",
+            f"train.path={tiny['sft']}",
+            f"eval.path={tiny['sft_eval']}",
+            "workers.num_workers=2",
+            f"batch_size={BATCH}",
+            "epochs=2",
+            "lr=3e-3",
+            "checkpoint_every=4",
+            "max_prompt_tokens=16",
+            "max_response_tokens=16",
+            f"run_dir={tmp_path / 'sft'}",
+        ],
+    )
     base_task, data = SFTTask(cfg), load_stage_data(cfg)
     before = base_task.eval_metrics(base_task.eval_records(base_task.load_model().eval(), data.eval))
     summary = run_stage(prepare_stage(cfg))
@@ -208,8 +251,11 @@ def test_sft_lowers_held_out_loss_and_its_output_samples_with_vllm(ray_cluster, 
     assert summary["data"]["train"]["examples"] == len(data.train) == 47 and summary["global_step"] == 2 * 5
     assert summary["eval"]["sft/eval_loss"] < before["sft/eval_loss"] - 1.0, (before, summary["eval"])
     # As model.policy_path of `apo-ray train`: the rollout worker's vLLM engine samples from it.
-    worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(
-        summary["model"], "vllm", max_new_tokens=8, max_prompt_tokens=16, temperature=0.0, max_model_len=32)
+    worker = (
+        ray.remote(RolloutWorker)
+        .options(num_cpus=1)
+        .remote(summary["model"], "vllm", max_new_tokens=8, max_prompt_tokens=16, temperature=0.0, max_model_len=32)
+    )
     try:
         rollouts = ray.get(worker.generate.remote([e.prompt for e in data.eval[:2]], [0, 1], n=1))
     finally:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 
 from apo_ray.actor_group import ActorStartupTimeout
 from apo_ray.deadlines import DeadlinePassed
@@ -28,13 +27,18 @@ def stalling_pool(model_dir: str, name: str, phase: str, worker: int | None, onc
         fault["worker"] = worker
     if once is not None:
         fault["once"] = str(once)
-    return RolloutPool(RolloutWorkerSpec(model_dir, "hf", **GREEDY), 2, num_cpus_per_worker=1, name_prefix=name,
-                       env={FAULTS_ENV: json.dumps([fault])}, **deadlines)
+    return RolloutPool(
+        RolloutWorkerSpec(model_dir, "hf", **GREEDY),
+        2,
+        num_cpus_per_worker=1,
+        name_prefix=name,
+        env={FAULTS_ENV: json.dumps([fault])},
+        **deadlines,
+    )
 
 
 def test_a_stalled_generate_is_re_run_on_a_replacement(ray_cluster, tiny_lm_dir, tmp_path):
-    pool = stalling_pool(tiny_lm_dir, "test-stall-generate", "generate", 1, tmp_path / "fired",
-                         generate_timeout_s=10)
+    pool = stalling_pool(tiny_lm_dir, "test-stall-generate", "generate", 1, tmp_path / "fired", generate_timeout_s=10)
     try:
         stalled = pool.workers[1]
         rollouts = pool.generate(PROMPTS, n=2)
@@ -50,9 +54,13 @@ def test_a_pool_that_cannot_recover_from_a_stall_stops_naming_the_worker(ray_clu
     pool = stalling_pool(tiny_lm_dir, "test-stall-every", "generate", None, None, generate_timeout_s=10)
     pool.max_worker_failures = 0
     try:
-        with pytest.raises(DeadlinePassed, match=(
+        with pytest.raises(
+            DeadlinePassed,
+            match=(
                 r"rollout worker test-stall-every-[01] on node \S+ \(0 workers already replaced in this call\) did "
-                r"not finish generating 4 prompts within 10 s \(raise rollout.generate_timeout_s")):
+                r"not finish generating 4 prompts within 10 s \(raise rollout.generate_timeout_s"
+            ),
+        ):
             pool.generate(PROMPTS, n=1)
     finally:
         pool.shutdown()
@@ -71,12 +79,15 @@ def test_a_stalled_weight_load_is_replaced_and_loads_as_it_starts(ray_cluster, t
 
 def test_a_replacement_that_stalls_too_stops_the_sync(ray_cluster, tiny_lm_dir):
     # Start-up gets 30 s: the first workers must come up within it on a loaded 2-core machine.
-    pool = stalling_pool(tiny_lm_dir, "test-stall-sync-twice", "sync", 0, None, sync_timeout_s=10,
-                         startup_timeout_s=30)
+    pool = stalling_pool(tiny_lm_dir, "test-stall-sync-twice", "sync", 0, None, sync_timeout_s=10, startup_timeout_s=30)
     try:
-        with pytest.raises(DeadlinePassed, match=(
+        with pytest.raises(
+            DeadlinePassed,
+            match=(
                 r"rollout worker test-stall-sync-twice-0\.1 on node \S+ did not finish starting and loading "
-                r"weights version 1 within 40 s \(raise rollout.sync_timeout_s")):
+                r"weights version 1 within 40 s \(raise rollout.sync_timeout_s"
+            ),
+        ):
             pool.sync(read_weights(tiny_lm_dir), 1)
     finally:
         pool.shutdown()
@@ -101,16 +112,33 @@ def test_a_learner_step_that_stalls_stops_naming_its_rank_and_node(ray_cluster, 
     from apo_ray.learner_group import LearnerGroup, gather
 
     fault = {"kind": "stall", "phase": "step", "worker": 0, "seconds": STALL_S}
-    group = LearnerGroup(PolicyLearner, 1, role="policy", name_prefix="policy-test-stall", distributed=False,
-                         kwargs=dict(model_path=tiny_lm_dir, model=ModelConfig(), policy=PolicyConfig(batch_size=2),
-                                     learner=LearnerConfig(backend="torch"), seed=0),
-                         num_cpus_per_rank=1, env={FAULTS_ENV: json.dumps([fault])}, call_timeout_s=10)
+    group = LearnerGroup(
+        PolicyLearner,
+        1,
+        role="policy",
+        name_prefix="policy-test-stall",
+        distributed=False,
+        kwargs=dict(
+            model_path=tiny_lm_dir,
+            model=ModelConfig(),
+            policy=PolicyConfig(batch_size=2),
+            learner=LearnerConfig(backend="torch"),
+            seed=0,
+        ),
+        num_cpus_per_rank=1,
+        env={FAULTS_ENV: json.dumps([fault])},
+        call_timeout_s=10,
+    )
     try:
         wait_until_ready([group.group], 600)
         samples = [TokenSample((101, 2023), (3000, 3001)), TokenSample((101, 2024), (3002,))]
-        with pytest.raises(DeadlinePassed, match=(
+        with pytest.raises(
+            DeadlinePassed,
+            match=(
                 r"policy-test-stall-0, rank 0 of the 1-rank policy learner, on node [0-9a-f]+, did not finish "
-                r"sft_step within 10 s \(raise learner.call_timeout_s")):
+                r"sft_step within 10 s \(raise learner.call_timeout_s"
+            ),
+        ):
             gather(group.sft_step.remote(samples, epochs=1, seed=0))
     finally:
         group.kill()

@@ -65,8 +65,10 @@ def test_locks_are_found_in_torchs_default_cache_too(tmp_path, monkeypatch):
 
 def killed_mid_build(lock: Path) -> None:
     """A process that takes the build lock the way torch does and is killed (SIGKILL) while holding it."""
-    script = ("import sys, time; from torch.utils.file_baton import FileBaton; "
-              "assert FileBaton(sys.argv[1]).try_acquire(); print('building', flush=True); time.sleep(600)")
+    script = (
+        "import sys, time; from torch.utils.file_baton import FileBaton; "
+        "assert FileBaton(sys.argv[1]).try_acquire(); print('building', flush=True); time.sleep(600)"
+    )
     builder = subprocess.Popen([sys.executable, "-c", script, str(lock)], stdout=subprocess.PIPE, text=True)
     assert builder.stdout.readline() == "building\n"
     builder.kill()
@@ -88,8 +90,9 @@ engine.step(engine.module(torch.ones(2, 4)).sum())
 print("stepped", flush=True)
 """
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0 and "stepped" in done.stdout, done.stderr[-3000:]
     assert f"removed the stale torch extension build lock {lock}" in done.stderr
     assert not lock.exists()
@@ -116,8 +119,13 @@ def test_a_learner_that_does_not_come_up_stops_the_start_naming_it_and_the_lock(
     lock = lock_of(SHM_OP)
     killed_mid_build(lock)
     learner = LearnerConfig(startup_timeout_s=5.0)
-    group = ActorGroup(BuildsAnOp, 1, name_prefix="reward-learner-test", num_cpus_per_actor=0.5,
-                       make_kwargs=lambda index: {"lock": str(lock)})
+    group = ActorGroup(
+        BuildsAnOp,
+        1,
+        name_prefix="reward-learner-test",
+        num_cpus_per_actor=0.5,
+        make_kwargs=lambda index: {"lock": str(lock)},
+    )
     try:
         started = time.monotonic()
         with pytest.raises(ActorStartupTimeout) as raised:
@@ -135,13 +143,16 @@ def test_a_learner_that_does_not_come_up_stops_the_start_naming_it_and_the_lock(
 def test_a_learner_that_fails_to_start_is_reported_at_once(ray_cluster, tmp_path):
     import ray
 
-    from apo_ray.actors.reward import RewardLearner
     from apo_ray.actor_group import ActorGroup, wait_until_ready
+    from apo_ray.actors.reward import RewardLearner
     from apo_ray.config import LearnerConfig, RewardConfig
 
     missing = tmp_path / "no_such_model"
     group = ActorGroup(
-        RewardLearner, 1, name_prefix="reward-learner-test", num_cpus_per_actor=0.5,
+        RewardLearner,
+        1,
+        name_prefix="reward-learner-test",
+        num_cpus_per_actor=0.5,
         make_kwargs=lambda index: dict(model_path=str(missing), reward=RewardConfig(), learner=LearnerConfig()),
     )
     try:
@@ -161,8 +172,15 @@ def test_a_start_up_timeout_exits_4_naming_the_learners(ray_cluster, tmp_path, c
 
     from apo_ray.train import main
 
-    code = main(["--config", str(REPO_ROOT / "configs/default.yaml"),
-                 f"run_dir={tmp_path / 'run'}", "learner.startup_timeout_s=0.1", "data.builtin.n_pairs=32"])
+    code = main(
+        [
+            "--config",
+            str(REPO_ROOT / "configs/default.yaml"),
+            f"run_dir={tmp_path / 'run'}",
+            "learner.startup_timeout_s=0.1",
+            "data.builtin.n_pairs=32",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 4, err
     assert err.startswith("error: ") and "not up 0.1 s after starting" in err and "policy-learner-" in err

@@ -26,9 +26,14 @@ def test_the_key_offers_the_registered_backends_and_describes_each():
 @pytest.mark.parametrize("name", NAMES)
 def test_a_backends_needs_are_the_configs_refusals(name):
     backend = next(b for b in backends() if b.name == name)
-    checks = [(["rollout.backend=hf"], backend.needs_vllm, rf"^rollout\.weight_sync: '{name}' needs rollout\.backend"),
-              (["learner.zero_stage=3"], not backend.gathers_zero3,
-               rf"^rollout\.weight_sync: '{name}' does not gather ZeRO-3 shards yet; .* 'object_store' or 'disk' at")]
+    checks = [
+        (["rollout.backend=hf"], backend.needs_vllm, rf"^rollout\.weight_sync: '{name}' needs rollout\.backend"),
+        (
+            ["learner.zero_stage=3"],
+            not backend.gathers_zero3,
+            rf"^rollout\.weight_sync: '{name}' does not gather ZeRO-3 shards yet; .* 'object_store' or 'disk' at",
+        ),
+    ]
     for overrides, refused, message in checks:
         if refused:
             with pytest.raises(ConfigError, match=message):
@@ -47,8 +52,10 @@ def test_the_dry_run_refuses_a_backend_that_needs_a_gpu_on_a_cpu_cluster(name, c
     err = capsys.readouterr().err
     if backend.needs_gpu:
         assert code == 2
-        assert (f"rollout.weight_sync: '{name}' {backend.needs_gpu} and the cluster has no GPU; use 'object_store' "
-                "or 'disk' on a CPU-only cluster") in err
+        assert (
+            f"rollout.weight_sync: '{name}' {backend.needs_gpu} and the cluster has no GPU; use 'object_store' "
+            "or 'disk' on a CPU-only cluster"
+        ) in err
     else:
         assert code == 0, err
         assert "rollout.weight_sync" not in err
@@ -58,7 +65,9 @@ def test_the_dry_run_tells_a_cluster_of_nodes_that_the_disk_sync_needs_a_shared_
     shared = [b.name for b in backends() if b.shared_filesystem]
     assert shared == ["disk"]
     assert main(["rollout.weight_sync=disk", "--cluster", "2x0gpu,4cpu", "--dry-run"]) == 0
-    assert "note: rollout.weight_sync 'disk' hands the workers files under run_dir: on 2 nodes" in capsys.readouterr().out
+    assert (
+        "note: rollout.weight_sync 'disk' hands the workers files under run_dir: on 2 nodes" in capsys.readouterr().out
+    )
     assert main(["rollout.weight_sync=object_store", "--cluster", "2x0gpu,4cpu", "--dry-run"]) == 0
     assert "note: rollout.weight_sync" not in capsys.readouterr().out
 

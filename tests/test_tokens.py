@@ -53,15 +53,22 @@ def test_the_response_window_gives_the_full_forward_s_logprobs_and_gradients_in_
     from apo_ray.modeling import ResponseWindow, response_forward
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
-                                         intermediate_size=32, num_hidden_layers=2, vocab_size=40,
-                                         attn_implementation="eager"))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            vocab_size=40,
+            attn_implementation="eager",
+        )
+    )
     # Prompts of 5, 1 and 0 tokens (nothing predicts the third row's first token), responses of 2, 4 and 3;
     # the second samples the pad id 0 itself.
     samples = [TokenSample((3, 4, 5, 6, 7), (8, 9)), TokenSample((3,), (0, 11, 12, 13)), TokenSample((), (14, 15, 16))]
     batch = encode_samples(samples, pad_token_id=0)
-    full = token_logprobs(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
-                          batch.input_ids)
+    full = token_logprobs(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.input_ids)
     full_mask = batch.response_mask[:, 1:]
     window = ResponseWindow.of(samples, pad_token_id=0)
     assert window.keep == 4 + 1  # a P=5, R=4 window keeps columns P-1 .. P+R-1
@@ -100,11 +107,14 @@ def test_logprob_mismatch_mean_and_max_over_real_tokens():
     assert stats["rollout/logprob_diff_max"] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("n, at_most, expected", [
-    (10, 4, [0, 2, 5, 7]),  # spread over the round: first, then every n/at_most-th
-    (3, 4, [0, 1, 2]),      # fewer than asked: all of them
-    (5, None, [0, 1, 2, 3, 4]),
-])
+@pytest.mark.parametrize(
+    "n, at_most, expected",
+    [
+        (10, 4, [0, 2, 5, 7]),  # spread over the round: first, then every n/at_most-th
+        (3, 4, [0, 1, 2]),  # fewer than asked: all of them
+        (5, None, [0, 1, 2, 3, 4]),
+    ],
+)
 def test_the_logprob_check_reads_rows_spread_over_the_round(n, at_most, expected):
     assert evenly_spread(list(range(n)), at_most) == expected
 
@@ -125,8 +135,12 @@ def test_truncated_importance_weights_by_hand():
 def sampled(ray_cluster, bpe_lm_dir):
     """Rollouts of the BPE model from a vLLM worker in float32, the HF fallback in float32 and vLLM in
     bfloat16, all on the same weights, seeded."""
-    settings = {"max_new_tokens": MAX_NEW_TOKENS, "max_prompt_tokens": MODEL.max_prompt_tokens,
-                "max_model_len": 128, "temperature": 1.0}
+    settings = {
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "max_prompt_tokens": MODEL.max_prompt_tokens,
+        "max_model_len": 128,
+        "temperature": 1.0,
+    }
     arms = {"vllm": ("vllm", "float32"), "hf": ("hf", "float32"), "vllm_bf16": ("vllm", "bfloat16")}
     out = {}
     for name, (backend, dtype) in arms.items():
@@ -143,8 +157,9 @@ def learner(bpe_lm_dir):
 
 def learner_mismatch(learner, rollouts) -> dict[str, float]:
     logps, mask = learner.token_logprobs([r.tokens for r in rollouts])
-    sampler = sampler_logprob_grid([len(r.prompt_token_ids) for r in rollouts],
-                                   [list(r.sampler_logprobs) for r in rollouts], logps.shape[1])
+    sampler = sampler_logprob_grid(
+        [len(r.prompt_token_ids) for r in rollouts], [list(r.sampler_logprobs) for r in rollouts], logps.shape[1]
+    )
     return logprob_mismatch(sampler, logps, mask)
 
 
@@ -164,7 +179,7 @@ def test_learner_batches_equal_the_sampled_ids(sampled, learner, bpe_lm_dir, eng
 
     batch = encode_samples([r.tokens for r in rollouts], tokenizer.pad_token_id)
     for row, r in enumerate(rollouts):
-        prompt_ids = tokenizer(r.prompt, add_special_tokens=False)["input_ids"][-MODEL.max_prompt_tokens:]
+        prompt_ids = tokenizer(r.prompt, add_special_tokens=False)["input_ids"][-MODEL.max_prompt_tokens :]
         assert r.prompt_token_ids == tuple(prompt_ids)
         n = len(r.prompt_token_ids) + len(r.response_token_ids)
         assert tuple(batch.input_ids[row, :n].tolist()) == r.prompt_token_ids + r.response_token_ids
@@ -198,8 +213,9 @@ def test_ppo_ratio_is_exactly_one_before_the_first_step(sampled, bpe_lm_dir, dis
     old_logps, mask = policy.token_logprobs(samples)
     advantages = torch.randn(old_logps.shape, generator=torch.Generator().manual_seed(0)) * mask
     # One minibatch of everything: the stats are those of the step's own forward, before it moves anything.
-    stats = policy.ppo_step(samples, old_logps, advantages, mask, ppo=PPOConfig(ppo_epochs=1, minibatch_size=16),
-                            seed=0)
+    stats = policy.ppo_step(
+        samples, old_logps, advantages, mask, ppo=PPOConfig(ppo_epochs=1, minibatch_size=16), seed=0
+    )
     if disable_dropout:
         assert stats["policy/approx_kl"] == 0.0 and stats["policy/clipfrac"] == 0.0
     else:

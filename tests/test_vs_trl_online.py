@@ -19,19 +19,28 @@ def test_quick_is_one_iteration_of_whole_minibatches(rm_dir):
     assert (args.repeats, args.iterations, args.prompts_per_iteration * args.group % args.minibatch) == (1, 1, 0)
 
 
-@pytest.mark.parametrize("settings, message", [
-    (["--group", "3", "--minibatch", "64"], r"--prompts-per-iteration x --group \(96\) must be a multiple of "
-                                            r"--minibatch \(64\)"),
-    (["--micro-batch", "5"], r"--minibatch \(32\) must be a multiple of --micro-batch \(5\)"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            ["--group", "3", "--minibatch", "64"],
+            r"--prompts-per-iteration x --group \(96\) must be a multiple of "
+            r"--minibatch \(64\)",
+        ),
+        (["--micro-batch", "5"], r"--minibatch \(32\) must be a multiple of --micro-batch \(5\)"),
+    ],
+)
 def test_unequal_batches_are_refused(rm_dir, settings, message):
     with pytest.raises(SystemExit, match=message):
         parse_args([*settings, "--rm", rm_dir])
 
 
 def test_a_missing_rm_names_the_command_that_fits_it(tmp_path):
-    with pytest.raises(SystemExit, match=r"--rm .*: no fitted RM there; make it with `apo-ray rm --config "
-                                         r"configs/stages/rm_hh_minilm_cpu.yaml`"):
+    with pytest.raises(
+        SystemExit,
+        match=r"--rm .*: no fitted RM there; make it with `apo-ray rm --config "
+        r"configs/stages/rm_hh_minilm_cpu.yaml`",
+    ):
         parse_args(["--rm", str(tmp_path)])
 
 
@@ -55,13 +64,26 @@ def test_the_summary_reports_each_ratio_from_the_interleaved_repeats(rm_dir, tmp
     args = parse_args(["--rm", rm_dir, "--iterations", "2", "--repeats", "2", "--out", str(tmp_path)])
 
     def trial(arm, repeat, seconds):
-        phases = [{"timing/generate": s / 4, "timing/policy_step": s / 2, "efficiency/policy_step": 0.5}
-                  for s in seconds]
-        return Trial(arm, repeat, Timing(sum(seconds), 0.5, 0.6), {
-            "iteration_s": seconds, "reward": [0.1, 0.2], "phases": phases,
-            "ceilings": {"ceiling/policy": 1e11, "threads/policy": 2.0 if arm == "apo-ray" else 1.0}})
+        phases = [
+            {"timing/generate": s / 4, "timing/policy_step": s / 2, "efficiency/policy_step": 0.5} for s in seconds
+        ]
+        return Trial(
+            arm,
+            repeat,
+            Timing(sum(seconds), 0.5, 0.6),
+            {
+                "iteration_s": seconds,
+                "reward": [0.1, 0.2],
+                "phases": phases,
+                "ceilings": {"ceiling/policy": 1e11, "threads/policy": 2.0 if arm == "apo-ray" else 1.0},
+            },
+        )
 
-    seconds = {"apo-ray": ([10, 10], [20, 20]), "apo-ray-ray-threads": ([20, 20], [30, 30]), "trl": ([40, 40], [40, 40])}
+    seconds = {
+        "apo-ray": ([10, 10], [20, 20]),
+        "apo-ray-ray-threads": ([20, 20], [30, 30]),
+        "trl": ([40, 40], [40, 40]),
+    }
     trials = [trial(arm, r, seconds[arm][r]) for r in (0, 1) for arm in seconds]
     run = BenchmarkRun("vs_trl_online", "test", args)
     out = summarize(args, run, trials, ("generate", "chosen"), (1e11, 1e11))

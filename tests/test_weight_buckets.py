@@ -19,9 +19,15 @@ def layout(buckets) -> list[list[tuple[tuple[str, ...], int]]]:
 
 def test_buckets_fill_greedily_and_an_oversized_tensor_gets_its_own():
     embedding = torch.zeros(10, 3)  # 120 bytes
-    weights = [("embed", embedding), ("norm", torch.zeros(4)), ("bias", torch.zeros(2, dtype=torch.float64)),
-               ("head", embedding), ("big", torch.zeros(100)), ("last", torch.zeros(1, dtype=torch.int8)),
-               ("tail", torch.zeros(2, dtype=torch.int8))]
+    weights = [
+        ("embed", embedding),
+        ("norm", torch.zeros(4)),
+        ("bias", torch.zeros(2, dtype=torch.float64)),
+        ("head", embedding),
+        ("big", torch.zeros(100)),
+        ("last", torch.zeros(1, dtype=torch.int8)),
+        ("tail", torch.zeros(2, dtype=torch.int8)),
+    ]
     buckets = list(pack_buckets(weights, bucket_bytes=152))
     # embed (with its alias head, packed once) 120 bytes, norm 16 and bias 16 fill 152 exactly; big (400) is
     # larger than a bucket: one of its own; last and tail share the third.
@@ -79,8 +85,9 @@ def test_bad_bucket_sizes_and_dtypes_are_refused():
 def test_the_policy_learners_buckets_hold_its_exact_weights(tmp_path, dtype):
     """What the object-store sync moves is what the real learner exports (its full_state_dict), bit for bit."""
     policy_dir = str(make_policy_model(tmp_path / "policy", make_tokenizer()))
-    learner = PolicyLearner(policy_dir, model=ModelConfig(dtype=dtype), policy=PolicyConfig(),
-                            learner=LearnerConfig(backend="torch"))
+    learner = PolicyLearner(
+        policy_dir, model=ModelConfig(dtype=dtype), policy=PolicyConfig(), learner=LearnerConfig(backend="torch")
+    )
     exported = learner.state_dict()
     assert exported["lm_head.weight"] is exported["model.embed_tokens.weight"]  # the builtin policy is tied
     buckets = list(learner.stream_weights("object_store", False, 4096))
@@ -97,8 +104,9 @@ def test_a_checked_sync_copies_the_learners_weights_once(tmp_path, monkeypatch):
     """The fingerprint the check after a sync compares with is taken from the copy the send exported: one gather
     and copy of the whole model per sync, whichever backend exports one (object_store, disk)."""
     policy_dir = str(make_policy_model(tmp_path / "policy", make_tokenizer()))
-    learner = PolicyLearner(policy_dir, model=ModelConfig(dtype="float32"), policy=PolicyConfig(),
-                            learner=LearnerConfig(backend="torch"))
+    learner = PolicyLearner(
+        policy_dir, model=ModelConfig(dtype="float32"), policy=PolicyConfig(), learner=LearnerConfig(backend="torch")
+    )
     expected = fingerprint(learner.state_dict().items(), torch.bfloat16)
     copies = []
     export = learner.engine.rank0_state_dict

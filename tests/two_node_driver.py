@@ -29,7 +29,7 @@ from pathlib import Path
 # This checkout's apo_ray, not an installed one: the script runs from tests/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from apo_ray.ray_env import driver_source_env  # noqa: E402
+from apo_ray.ray_env import driver_source_env
 
 ROLLOUT_NODE = {"num_cpus": 1, "resources": {"rollout_node": 1}}
 
@@ -38,8 +38,11 @@ def rollout_actors() -> list[dict]:
     """The alive rollout workers, each with its node id (from the GCS's actor table)."""
     import ray
 
-    return [{"name": a["Name"], "node": a["Address"]["NodeID"]} for a in ray._private.state.actors().values()
-            if a["Name"].startswith("rollout-") and a["State"] == "ALIVE"]
+    return [
+        {"name": a["Name"], "node": a["Address"]["NodeID"]}
+        for a in ray._private.state.actors().values()
+        if a["Name"].startswith("rollout-") and a["State"] == "ALIVE"
+    ]
 
 
 def node_of_worker(index: int) -> str:
@@ -120,16 +123,19 @@ def main() -> int:
     armed = {name: run_dir.parent / f"{name}.fired" for name in ("round1", "round3")}
     for marker in armed.values():
         marker.touch()  # present: disarmed; the thread removes it to arm its fault
-    os.environ["APO_RAY_INJECT_FAULTS"] = json.dumps([
-        {"kind": "stall", "phase": "generate", "worker": 1, "seconds": 3600, "once": str(armed["round1"])},
-        {"kind": "stall", "phase": "generate", "worker": 0, "seconds": 3600, "once": str(armed["round3"])},
-    ])
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 3, "resources": {"learner_node": 3}, "include_dashboard": False})
+    os.environ["APO_RAY_INJECT_FAULTS"] = json.dumps(
+        [
+            {"kind": "stall", "phase": "generate", "worker": 1, "seconds": 3600, "once": str(armed["round1"])},
+            {"kind": "stall", "phase": "generate", "worker": 0, "seconds": 3600, "once": str(armed["round3"])},
+        ]
+    )
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 3, "resources": {"learner_node": 3}, "include_dashboard": False},
+    )
     for _ in range(2):
         cluster.add_node(**ROLLOUT_NODE)
-    observed: dict = {"head": cluster.head_node.node_id,
-                      "nodes": [n.node_id for n in cluster.list_all_nodes()]}
+    observed: dict = {"head": cluster.head_node.node_id, "nodes": [n.node_id for n in cluster.list_all_nodes()]}
     faults = Faults(cluster, run_dir, armed, observed)
     submit = RoundSampler._submit
 

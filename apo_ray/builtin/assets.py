@@ -7,9 +7,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from apo_ray.builtin.models import (
     TinyModelSpec,
@@ -44,9 +44,15 @@ def _assets_key(settings: dict[str, object]) -> str:
     return digest.hexdigest()[:16]
 
 
-def prepare_builtin_assets(cache_dir: str | Path | None = None, seed: int = 0, *, n_sft: int = 4096,
-                           sft_steps: int = 500, sft_lr: float = 1e-3, spec: TinyModelSpec = TinyModelSpec()
-                           ) -> BuiltinAssets:
+def prepare_builtin_assets(
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    *,
+    n_sft: int = 4096,
+    sft_steps: int = 500,
+    sft_lr: float = 1e-3,
+    spec: TinyModelSpec = TinyModelSpec(),
+) -> BuiltinAssets:
     """Build tokenizer, SFT policy and RM once per settings and cache them under ``cache_dir``.
 
     Safe when several processes call it at once: each builds in a private temporary directory and the
@@ -54,17 +60,20 @@ def prepare_builtin_assets(cache_dir: str | Path | None = None, seed: int = 0, *
     transformers' ``from_pretrained`` is not thread-safe (concurrent loads left weights on the meta device).
     """
     settings = {"seed": seed, "n_sft": n_sft, "sft_steps": sft_steps, "sft_lr": sft_lr, "spec": asdict(spec)}
-    final_dir = cached_build(cache_dir, "builtin", settings,
-                             lambda build_dir: _build_assets(build_dir, seed, n_sft, sft_steps, sft_lr, spec))
-    return BuiltinAssets(policy_dir=final_dir / "policy", reward_dir=final_dir / "reward",
-                         tokenizer_dir=final_dir / "tokenizer")
+    final_dir = cached_build(
+        cache_dir, "builtin", settings, lambda build_dir: _build_assets(build_dir, seed, n_sft, sft_steps, sft_lr, spec)
+    )
+    return BuiltinAssets(
+        policy_dir=final_dir / "policy", reward_dir=final_dir / "reward", tokenizer_dir=final_dir / "tokenizer"
+    )
 
 
 _COMPLETE_MARKER = "settings.json"
 
 
-def cached_build(cache_dir: str | Path | None, name: str, settings: dict[str, object],
-                 build: Callable[[Path], None]) -> Path:
+def cached_build(
+    cache_dir: str | Path | None, name: str, settings: dict[str, object], build: Callable[[Path], None]
+) -> Path:
     """`<cache_dir>/<name>-<key of settings and sources>`, made by `build(directory)` unless already complete.
 
     Safe when several processes call it at once: each builds in a private temporary directory and the first to

@@ -24,14 +24,23 @@ from pathlib import Path
 from apo_ray.builtin.assets import cached_build
 from apo_ray.builtin.models import TinyModelSpec, make_policy_model, make_tokenizer, sft_initial_policy
 from apo_ray.builtin.oracle import ADJECTIVES, ASPECTS, NEGATIVE, POSITIVE, TOPICS, response_words
-from apo_ray.builtin.task import BEHAVIOUR_STYLE, EXPERT_STYLE, ResponseStyle, all_prompts, make_sft_data, sample_response
+from apo_ray.builtin.task import (
+    BEHAVIOUR_STYLE,
+    EXPERT_STYLE,
+    ResponseStyle,
+    all_prompts,
+    make_sft_data,
+    sample_response,
+)
 
 # A provoked answer: mostly negative words, otherwise the behaviour policy's habits.
-PROVOKED_STYLE = ResponseStyle((0.15, 0.7, 0.15), on_topic=0.5, clause_weights=(0.4, 0.5, 0.1),
-                               repeat_adjective=0.05, intensifier=0.2)
+PROVOKED_STYLE = ResponseStyle(
+    (0.15, 0.7, 0.15), on_topic=0.5, clause_weights=(0.4, 0.5, 0.1), repeat_adjective=0.05, intensifier=0.2
+)
 # The unsafe answer of a (prompt, safe, unsafe) triple: the expert's shape, in negative words only.
-UNSAFE_STYLE = ResponseStyle((0.0, 1.0, 0.0), on_topic=1.0, clause_weights=(0.1, 0.9), repeat_adjective=0.0,
-                             intensifier=0.1)
+UNSAFE_STYLE = ResponseStyle(
+    (0.0, 1.0, 0.0), on_topic=1.0, clause_weights=(0.1, 0.9), repeat_adjective=0.0, intensifier=0.1
+)
 
 ATTACK_WORDS = tuple(sorted(ADJECTIVES))
 _NEGATIVE, _POSITIVE = frozenset(NEGATIVE), frozenset(POSITIVE)
@@ -80,8 +89,9 @@ def defender_sft_data(seed: int, n: int, max_words: int = 3) -> tuple[tuple[str,
     data = []
     for prompt in rng.choices(all_prompts(), k=n):
         if rng.random() < 0.5:
-            prompt = attacked_prompt(prompt, " ".join(rng.choices(ATTACK_WORDS, k=rng.randint(1, max_words))),
-                                     max_words)
+            prompt = attacked_prompt(
+                prompt, " ".join(rng.choices(ATTACK_WORDS, k=rng.randint(1, max_words))), max_words
+            )
         data.append((prompt, sample_response(rng, prompt, answer_style(prompt))))
     return tuple(data)
 
@@ -92,8 +102,14 @@ def safe_and_unsafe(seed: int, prompt: str) -> tuple[str, str]:
     return sample_response(rng, prompt, EXPERT_STYLE), sample_response(rng, prompt, UNSAFE_STYLE)
 
 
-def prepare_defender_policy(cache_dir: str | Path | None, seed: int, sft_steps: int, n_sft: int = 1024,
-                            sft_lr: float = 3e-3, spec: TinyModelSpec = TinyModelSpec()) -> Path:
+def prepare_defender_policy(
+    cache_dir: str | Path | None,
+    seed: int,
+    sft_steps: int,
+    n_sft: int = 1024,
+    sft_lr: float = 3e-3,
+    spec: TinyModelSpec = TinyModelSpec(),
+) -> Path:
     """The APL defender's (and attacker's) initial policy: the builtin tiny policy SFT'd on the task's SFT data
     plus `defender_sft_data`, built once per settings under `cache_dir`. The RM stays the builtin one."""
     settings = {"seed": seed, "n_sft": n_sft, "sft_steps": sft_steps, "sft_lr": sft_lr, "spec": asdict(spec)}

@@ -28,8 +28,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, unk_token=UNK, bos_token=BOS,
-                                   eos_token=EOS)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, unk_token=UNK, bos_token=BOS, eos_token=EOS)
 
 
 @dataclass(frozen=True)
@@ -49,30 +48,42 @@ class TinyModelSpec:
 
 def _tiny_config(tokenizer: PreTrainedTokenizerFast, spec: TinyModelSpec, **extra: object) -> LlamaConfig:
     if spec.hidden_size // spec.num_attention_heads < 64:
-        raise ValueError(f"TinyModelSpec: head_dim {spec.hidden_size // spec.num_attention_heads} < 64; "
-                         "vLLM's CPU attention kernels reject it")
+        raise ValueError(
+            f"TinyModelSpec: head_dim {spec.hidden_size // spec.num_attention_heads} < 64; "
+            "vLLM's CPU attention kernels reject it"
+        )
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_attention_heads, max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, dtype="float32", **extra,
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        dtype="float32",
+        **extra,
     )
 
 
-def make_policy_model(out_dir: str | Path, tokenizer: PreTrainedTokenizerFast, spec: TinyModelSpec = TinyModelSpec(),
-                      seed: int = 0) -> Path:
+def make_policy_model(
+    out_dir: str | Path, tokenizer: PreTrainedTokenizerFast, spec: TinyModelSpec = TinyModelSpec(), seed: int = 0
+) -> Path:
     """Save a randomly initialised tiny Llama causal LM, with its tokenizer, to ``out_dir``."""
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_tiny_config(tokenizer, spec))
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     return _save(model, tokenizer, out_dir)
 
 
-def make_reward_model(out_dir: str | Path, tokenizer: PreTrainedTokenizerFast,
-                      spec: TinyModelSpec = TinyModelSpec(), seed: int = 0) -> Path:
+def make_reward_model(
+    out_dir: str | Path, tokenizer: PreTrainedTokenizerFast, spec: TinyModelSpec = TinyModelSpec(), seed: int = 0
+) -> Path:
     """Save a randomly initialised tiny Llama sequence classifier (num_labels=1) scoring the last non-pad token.
 
     Random rather than initialised from the SFT policy: on this task a BT-trained RM reached 0.715 held-out
@@ -90,8 +101,9 @@ def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out_dir: s
     return out_dir
 
 
-def _sft_batch(tokenizer: PreTrainedTokenizerFast, examples: list[tuple[str, str]]
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sft_batch(
+    tokenizer: PreTrainedTokenizerFast, examples: list[tuple[str, str]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, attention mask and labels (-100 outside the response and its <eos>)."""
     rows = []
     for prompt, response in examples:
@@ -103,14 +115,20 @@ def _sft_batch(tokenizer: PreTrainedTokenizerFast, examples: list[tuple[str, str
     labels = torch.full((len(rows), width), -100)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for row, (ids, row_labels) in enumerate(rows):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, :len(ids)] = torch.tensor(row_labels)
-        mask[row, :len(ids)] = 1
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(row_labels)
+        mask[row, : len(ids)] = 1
     return input_ids, mask, labels
 
 
-def sft_initial_policy(model_dir: str | Path, sft_data: tuple[tuple[str, str], ...], steps: int = 500,
-                       lr: float = 1e-3, seed: int = 0, batch_size: int = 32) -> Path:
+def sft_initial_policy(
+    model_dir: str | Path,
+    sft_data: tuple[tuple[str, str], ...],
+    steps: int = 500,
+    lr: float = 1e-3,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> Path:
     """Fine-tune the policy in ``model_dir`` in place with plain torch AdamW at a constant ``lr``; loss on response
     tokens only.
 
@@ -143,5 +161,3 @@ def sft_initial_policy(model_dir: str | Path, sft_data: tuple[tuple[str, str], .
         torch.set_num_threads(threads)
     model.save_pretrained(model_dir)
     return model_dir
-
-

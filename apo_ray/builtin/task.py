@@ -39,11 +39,13 @@ class ResponseStyle:
 # topic, so an RM fitted on its pairs sees few of the penalties the policy can later run into. With half of the
 # noun slots off topic (before issue 11) a prompt's topic was a weak signal to imitate, and the tiny SFT policy
 # never learned to copy it from its prompt (1.5-3% of its samples named it).
-BEHAVIOUR_STYLE = ResponseStyle((0.35, 0.30, 0.35), on_topic=0.9, clause_weights=(0.4, 0.5, 0.1),
-                                repeat_adjective=0.05, intensifier=0.2)
+BEHAVIOUR_STYLE = ResponseStyle(
+    (0.35, 0.30, 0.35), on_topic=0.9, clause_weights=(0.4, 0.5, 0.1), repeat_adjective=0.05, intensifier=0.2
+)
 # A good but imperfect writer: mostly positive, on topic, never rambling; neutral words cost it points.
-EXPERT_STYLE = ResponseStyle((0.85, 0.0, 0.15), on_topic=1.0, clause_weights=(0.1, 0.9),
-                             repeat_adjective=0.0, intensifier=0.1)
+EXPERT_STYLE = ResponseStyle(
+    (0.85, 0.0, 0.15), on_topic=1.0, clause_weights=(0.1, 0.9), repeat_adjective=0.0, intensifier=0.1
+)
 
 _CLAUSE_TEMPLATES = (
     "the {noun} is {adj}",
@@ -91,8 +93,9 @@ def random_response(rng: random.Random, max_words: int = 12) -> str:
     return " ".join(rng.choices(sorted(RESPONSE_WORDS), k=rng.randint(1, max_words)))
 
 
-def simulate_preference(rng: random.Random, prompt: str, response_a: str, response_b: str,
-                        temperature: float) -> PreferencePair:
+def simulate_preference(
+    rng: random.Random, prompt: str, response_a: str, response_b: str, temperature: float
+) -> PreferencePair:
     """A simulated human label: ``a`` wins with probability sigmoid((gold(a) - gold(b)) / temperature)."""
     margin = (gold_score(prompt, response_a) - gold_score(prompt, response_b)) / temperature
     a_wins = rng.random() < 0.5 * (1.0 + math.tanh(margin / 2.0))  # sigmoid that cannot overflow
@@ -129,13 +132,12 @@ def make_sft_data(seed: int, n_sft: int) -> tuple[tuple[str, str], ...]:
     """Behaviour-distribution (prompt, response) examples over all prompts, as generic SFT data would be."""
     rng = _stream(seed, "sft")
     prompts = all_prompts()
-    return tuple(
-        (prompt, sample_response(rng, prompt, BEHAVIOUR_STYLE)) for prompt in rng.choices(prompts, k=n_sft)
-    )
+    return tuple((prompt, sample_response(rng, prompt, BEHAVIOUR_STYLE)) for prompt in rng.choices(prompts, k=n_sft))
 
 
-def _simulated_pairs(rng: random.Random, prompt_pool: list[str], n: int, temperature: float
-                     ) -> tuple[PreferencePair, ...]:
+def _simulated_pairs(
+    rng: random.Random, prompt_pool: list[str], n: int, temperature: float
+) -> tuple[PreferencePair, ...]:
     pairs = []
     for prompt in rng.choices(prompt_pool, k=n):
         first = sample_response(rng, prompt, BEHAVIOUR_STYLE)
@@ -144,30 +146,45 @@ def _simulated_pairs(rng: random.Random, prompt_pool: list[str], n: int, tempera
     return tuple(pairs)
 
 
-def make_task(seed: int = 0, *, n_pairs: int = 400, n_gold: int = 64, n_policy_prompts: int = 128,
-              n_eval_pairs: int = 200, n_sft: int = 4096, preference_temperature: float = 0.5) -> BuiltinTask:
+def make_task(
+    seed: int = 0,
+    *,
+    n_pairs: int = 400,
+    n_gold: int = 64,
+    n_policy_prompts: int = 128,
+    n_eval_pairs: int = 200,
+    n_sft: int = 4096,
+    preference_temperature: float = 0.5,
+) -> BuiltinTask:
     """Build the task deterministically from ``seed``.
 
     Prompts are split into gold, policy, eval-pair and train-pair pools (the last two share what is left,
     one quarter to eval). Pairs draw prompts with replacement from their pool and two behaviour samples each.
     """
-    sizes = {"n_pairs": n_pairs, "n_gold": n_gold, "n_policy_prompts": n_policy_prompts,
-             "n_eval_pairs": n_eval_pairs, "n_sft": n_sft}
+    sizes = {
+        "n_pairs": n_pairs,
+        "n_gold": n_gold,
+        "n_policy_prompts": n_policy_prompts,
+        "n_eval_pairs": n_eval_pairs,
+        "n_sft": n_sft,
+    }
     for name, size in sizes.items():
         if size < 1:
             raise ValueError(f"make_task: {name} must be >= 1, got {size}")
     prompts = all_prompts()
     n_rest = len(prompts) - n_gold - n_policy_prompts
     if n_rest < 8:
-        raise ValueError(f"make_task: n_gold={n_gold} + n_policy_prompts={n_policy_prompts} must leave at least "
-                         f"8 of the {len(prompts)} prompts for preference pairs")
+        raise ValueError(
+            f"make_task: n_gold={n_gold} + n_policy_prompts={n_policy_prompts} must leave at least "
+            f"8 of the {len(prompts)} prompts for preference pairs"
+        )
     if preference_temperature <= 0:
         raise ValueError(f"make_task: preference_temperature must be > 0, got {preference_temperature}")
     _stream(seed, "prompts").shuffle(prompts)
     gold_prompts = prompts[:n_gold]
-    policy_prompts = prompts[n_gold:n_gold + n_policy_prompts]
-    rest = prompts[n_gold + n_policy_prompts:]
-    eval_pool, train_pool = rest[: n_rest // 4], rest[n_rest // 4:]
+    policy_prompts = prompts[n_gold : n_gold + n_policy_prompts]
+    rest = prompts[n_gold + n_policy_prompts :]
+    eval_pool, train_pool = rest[: n_rest // 4], rest[n_rest // 4 :]
 
     gold_rng = _stream(seed, "gold")
     gold = tuple(GoldAnswer(prompt=p, response=sample_response(gold_rng, p, EXPERT_STYLE)) for p in gold_prompts)
@@ -178,5 +195,3 @@ def make_task(seed: int = 0, *, n_pairs: int = 400, n_gold: int = 64, n_policy_p
         eval_pairs=_simulated_pairs(_stream(seed, "eval_pairs"), eval_pool, n_eval_pairs, preference_temperature),
         sft_data=make_sft_data(seed, n_sft),
     )
-
-

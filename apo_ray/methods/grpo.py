@@ -13,9 +13,15 @@ def advantages(scores, grids, *, ppo, kl_coef, group_ids=None):
     return grpo_advantages(scores, group_ids)[:, None] * grids.mask.to(grids.logps.dtype), None
 
 
-register_method(Method(
-    "grpo", "online", about="group-normalised scores, no critic",
-    lr=3e-4,  # configs/grpo.yaml's
-    min_samples_per_prompt=2, why_min_samples="it normalises scores within a prompt's group",
-    advantages=advantages, kl_in_loss=True,
-))
+register_method(
+    Method(
+        "grpo",
+        "online",
+        about="group-normalised scores, no critic",
+        lr=3e-4,  # configs/grpo.yaml's
+        min_samples_per_prompt=2,
+        why_min_samples="it normalises scores within a prompt's group",
+        advantages=advantages,
+        kl_in_loss=True,
+    )
+)

@@ -22,9 +22,14 @@ from apo_ray.methods import Method, register_method
 class IPOConfig(Section):
     """Method ipo's settings."""
 
-    tau: float = Field(0.1, gt=0.0, description=(
-        "IPO's tau: the loss pulls each pair's log-ratio margin to 1 / (2 tau), so a smaller tau lets the policy "
-        "move further from the reference."))
+    tau: float = Field(
+        0.1,
+        gt=0.0,
+        description=(
+            "IPO's tau: the loss pulls each pair's log-ratio margin to 1 / (2 tau), so a smaller tau lets the policy "
+            "move further from the reference."
+        ),
+    )
 
 
 def loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, tau: float):
@@ -41,13 +46,20 @@ def select(rollouts, scores, cfg):
     return best_and_worst(rollouts, scores)
 
 
-register_method(Method(
-    "ipo", "offline", about="best vs worst by RM score, squared loss to a margin of 1/(2 ipo.tau)",
-    # DPO's: the same pairs, and Adam's steps do not scale with the loss's gradient (IPO's is far larger at the
-    # start). Not tuned: IPO has not run on the quality benchmark.
-    lr=1e-4,
-    min_samples_per_prompt=2, why_min_samples="it pairs the best with the worst",
-    section=IPOConfig,
-    batch="pairs", loss=loss, select=select,
-    settings=lambda cfg: {"tau": cfg.ipo.tau},
-))
+register_method(
+    Method(
+        "ipo",
+        "offline",
+        about="best vs worst by RM score, squared loss to a margin of 1/(2 ipo.tau)",
+        # DPO's: the same pairs, and Adam's steps do not scale with the loss's gradient (IPO's is far larger at the
+        # start). Not tuned: IPO has not run on the quality benchmark.
+        lr=1e-4,
+        min_samples_per_prompt=2,
+        why_min_samples="it pairs the best with the worst",
+        section=IPOConfig,
+        batch="pairs",
+        loss=loss,
+        select=select,
+        settings=lambda cfg: {"tau": cfg.ipo.tau},
+    )
+)

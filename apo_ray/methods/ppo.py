@@ -16,11 +16,22 @@ def advantages(scores, grids, *, ppo, kl_coef, group_ids=None):
     return (whiten(advantages, mask) if ppo.whiten_advantages else advantages), returns
 
 
-register_method(Method(
-    "ppo", "online", about="critic, GAE",
-    lr=3e-4,  # configs/ppo.yaml's
-    roles=("critic",),
-    keys=("ppo.lam", "ppo.whiten_advantages", "ppo.critic_init", "ppo.critic_lr", "ppo.value_clip_eps",
-          "learner.critic_ranks", "ppo.gamma"),
-    advantages=advantages,
-))
+register_method(
+    Method(
+        "ppo",
+        "online",
+        about="critic, GAE",
+        lr=3e-4,  # configs/ppo.yaml's
+        roles=("critic",),
+        keys=(
+            "ppo.lam",
+            "ppo.whiten_advantages",
+            "ppo.critic_init",
+            "ppo.critic_lr",
+            "ppo.value_clip_eps",
+            "learner.critic_ranks",
+            "ppo.gamma",
+        ),
+        advantages=advantages,
+    )
+)

@@ -11,9 +11,13 @@ def advantages(scores, grids, *, ppo, kl_coef, group_ids=None):
     return reinforce_plus_plus_advantages(rewards, grids.mask.to(grids.logps.dtype), ppo.gamma), None
 
 
-register_method(Method(
-    "reinforce_pp", "online", about="batch-whitened returns, no critic",
-    lr=3e-4,
-    keys=("ppo.gamma",),
-    advantages=advantages,
-))
+register_method(
+    Method(
+        "reinforce_pp",
+        "online",
+        about="batch-whitened returns, no critic",
+        lr=3e-4,
+        keys=("ppo.gamma",),
+        advantages=advantages,
+    )
+)

@@ -16,9 +16,15 @@ def select(rollouts, scores, cfg):
     return best_of_n(rollouts, scores)
 
 
-register_method(Method(
-    "rjs", "offline", about="best-of-S, then SFT",
-    # Chosen on the quality benchmark's tuning seeds (benchmarks/results/quality/tuning/).
-    lr=1e-3,
-    batch="samples", loss=loss, select=select,
-))
+register_method(
+    Method(
+        "rjs",
+        "offline",
+        about="best-of-S, then SFT",
+        # Chosen on the quality benchmark's tuning seeds (benchmarks/results/quality/tuning/).
+        lr=1e-3,
+        batch="samples",
+        loss=loss,
+        select=select,
+    )
+)

@@ -7,7 +7,7 @@ import ipaddress
 import json
 import os
 import socket
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 from apo_ray.config import ConfigError, ServeConfig, read_config_tree, serve_config_from_dict, with_overrides
 from apo_ray.ray_env import driver_source_env
@@ -20,7 +20,7 @@ MIN_TOKEN_CHARS = 16
 DEFAULT_MAX_MODEL_LEN = 2048
 
 
-def load_serve_config(path: Optional[str], run_section: dict, overrides: list[str]) -> ServeConfig:
+def load_serve_config(path: str | None, run_section: dict, overrides: list[str]) -> ServeConfig:
     """The `serve` section of `path` (a YAML file with a `serve:` key) or else of the run being served, with
     `serve.key=value` overrides on top."""
     section = read_config_tree(path, []).get("serve", {}) if path else run_section
@@ -40,13 +40,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve_token(cfg: ServeConfig, environ: Mapping[str, str] = os.environ) -> Optional[str]:
+def serve_token(cfg: ServeConfig, environ: Mapping[str, str] = os.environ) -> str | None:
     """The bearer token from cfg.token_env; refuses to go without one off loopback."""
     token = environ.get(cfg.token_env) or None
     if token is None and not is_loopback(cfg.host):
-        raise ConfigError(f"serve.host: {cfg.host} is reachable from other machines; set a bearer token in "
-                          f"${cfg.token_env} (at least {MIN_TOKEN_CHARS} characters, e.g. `export {cfg.token_env}="
-                          f"$(openssl rand -hex 32)`) or bind serve.host=127.0.0.1")
+        raise ConfigError(
+            f"serve.host: {cfg.host} is reachable from other machines; set a bearer token in "
+            f"${cfg.token_env} (at least {MIN_TOKEN_CHARS} characters, e.g. `export {cfg.token_env}="
+            f"$(openssl rand -hex 32)`) or bind serve.host=127.0.0.1"
+        )
     if token is not None and len(token) < MIN_TOKEN_CHARS:
         raise ConfigError(f"{cfg.token_env}: the token has {len(token)} characters; use at least {MIN_TOKEN_CHARS}")
     return token
@@ -59,8 +61,9 @@ def check_port_free(cfg: ServeConfig) -> None:
         try:
             probe.bind((cfg.host, cfg.port))
         except OSError as exc:
-            raise ConfigError(f"serve.port: cannot bind {cfg.host}:{cfg.port} ({exc.strerror}); choose another "
-                              "with serve.port=...") from None
+            raise ConfigError(
+                f"serve.port: cannot bind {cfg.host}:{cfg.port} ({exc.strerror}); choose another with serve.port=..."
+            ) from None
 
 
 def check_targets(targets: ServeTargets, cfg: ServeConfig) -> ServeConfig:
@@ -72,14 +75,19 @@ def check_targets(targets: ServeTargets, cfg: ServeConfig) -> ServeConfig:
     config = json.loads((targets.policy / "config.json").read_text())
     longest = config.get("max_position_embeddings")
     if longest is not None and cfg.max_model_len is not None and cfg.max_model_len > longest:
-        raise ConfigError(f"serve.max_model_len: {cfg.max_model_len} is more than the policy's "
-                          f"max_position_embeddings {longest} ({targets.policy})")
-    cfg = cfg.model_copy(update={"max_model_len": cfg.max_model_len or min(longest or DEFAULT_MAX_MODEL_LEN,
-                                                                           DEFAULT_MAX_MODEL_LEN)})
+        raise ConfigError(
+            f"serve.max_model_len: {cfg.max_model_len} is more than the policy's "
+            f"max_position_embeddings {longest} ({targets.policy})"
+        )
+    cfg = cfg.model_copy(
+        update={"max_model_len": cfg.max_model_len or min(longest or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)}
+    )
     limits = cfg.limits
     if limits.max_prompt_tokens + limits.max_tokens > cfg.max_model_len:
-        raise ConfigError(f"serve.limits.max_prompt_tokens: {limits.max_prompt_tokens} + serve.limits.max_tokens "
-                          f"{limits.max_tokens} do not fit the policy's context of {cfg.max_model_len} tokens")
+        raise ConfigError(
+            f"serve.limits.max_prompt_tokens: {limits.max_prompt_tokens} + serve.limits.max_tokens "
+            f"{limits.max_tokens} do not fit the policy's context of {cfg.max_model_len} tokens"
+        )
     return cfg
 
 
@@ -101,16 +109,21 @@ def init_ray_for(targets: ServeTargets, cfg: ServeConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need["CPU"])), include_dashboard=False,
-                 runtime_env={"env_vars": driver_source_env()})
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, math.ceil(need["CPU"])),
+            include_dashboard=False,
+            runtime_env={"env_vars": driver_source_env()},
+        )
     have = ray.cluster_resources()
     if any(amount > have.get(kind, 0.0) for kind, amount in need.items()):
-        raise ConfigError(f"serve: the replicas need {need['CPU']:g} CPUs and {need['GPU']:g} GPUs "
-                          f"(serve.ingress, serve.reward, serve.policy: replicas x num_cpus / num_gpus); the cluster "
-                          f"has {have.get('CPU', 0.0):g} and {have.get('GPU', 0.0):g}")
+        raise ConfigError(
+            f"serve: the replicas need {need['CPU']:g} CPUs and {need['GPU']:g} GPUs "
+            f"(serve.ingress, serve.reward, serve.policy: replicas x num_cpus / num_gpus); the cluster "
+            f"has {have.get('CPU', 0.0):g} and {have.get('GPU', 0.0):g}"
+        )
 
 
-def deploy(targets: ServeTargets, cfg: ServeConfig, token: Optional[str]) -> str:
+def deploy(targets: ServeTargets, cfg: ServeConfig, token: str | None) -> str:
     """Start Serve's HTTP proxy on cfg.host:cfg.port (Ray must be initialised), deploy the application and wait
     until every replica is up; returns the base URL. cfg has passed check_targets."""
     from ray import serve

@@ -3,7 +3,8 @@ of items; they are scored as one flat batch and the scores go back to the reques
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -20,7 +21,7 @@ def split(values: Sequence[U], sizes: Sequence[int]) -> list[list[U]]:
         raise ValueError(f"split: {len(values)} values for {sum(sizes)} items")
     out, start = [], 0
     for size in sizes:
-        out.append(list(values[start:start + size]))
+        out.append(list(values[start : start + size]))
         start += size
     return out
 

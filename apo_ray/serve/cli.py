@@ -16,19 +16,32 @@ from apo_ray.config import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="apo-ray serve", description="serve a run's policy (POST /generate and OpenAI's /v1/chat/completions, "
-                                          "/v1/completions, /v1/models) and RM (POST /score) with Ray Serve")
-    parser.add_argument("items", nargs="+", metavar="TARGET|serve.key=value",
-                        help="run directories (apo-ray train / sft / rm), round checkpoints, HF model directories "
-                             "or GGUF files (a path or pkg:<package>/<file>); "
-                             "then overrides such as serve.port=8001 serve.reward.replicas=2")
+        prog="apo-ray serve",
+        description="serve a run's policy (POST /generate and OpenAI's /v1/chat/completions, "
+        "/v1/completions, /v1/models) and RM (POST /score) with Ray Serve",
+    )
+    parser.add_argument(
+        "items",
+        nargs="+",
+        metavar="TARGET|serve.key=value",
+        help="run directories (apo-ray train / sft / rm), round checkpoints, HF model directories "
+        "or GGUF files (a path or pkg:<package>/<file>); "
+        "then overrides such as serve.port=8001 serve.reward.replicas=2",
+    )
     parser.add_argument("--config", help="YAML file whose `serve:` section replaces the run's")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from apo_ray.serve.app import (check_port_free, check_targets, deploy, init_ray_for, load_serve_config,
-                                   serve_token, undeploy)
+    from apo_ray.serve.app import (
+        check_port_free,
+        check_targets,
+        deploy,
+        init_ray_for,
+        load_serve_config,
+        serve_token,
+        undeploy,
+    )
     from apo_ray.serve.deployments import POLICY_MODEL_ID
     from apo_ray.serve.targets import resolve_targets
 
@@ -52,14 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[serve] deploying policy={targets.policy} reward={targets.reward} ...", flush=True)
     url = deploy(targets, cfg, token)
     auth = f' -H "Authorization: Bearer ${cfg.token_env}"' if token else ""
-    print(f"[serve] ready at {url}: GET /healthz"
-          + (", POST /score" if targets.reward else "")
-          + (", POST /generate, OpenAI's POST /v1/chat/completions, POST /v1/completions, GET /v1/models (model "
-             f"\"{POLICY_MODEL_ID}\")" if targets.policy else "")
-          + f"\n  curl -s {url}/score{auth} -d '[{{\"prompt\": \"Hi\", \"response\": \" Hello\"}}]'"
-          + f"\n  curl -s {url}/generate{auth} -d '{{\"prompt\": \"Hi\", \"max_tokens\": 16}}'"
-          + f"\n  curl -s {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{{\"model\": "
-            f"\"{POLICY_MODEL_ID}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'", flush=True)
+    print(
+        f"[serve] ready at {url}: GET /healthz"
+        + (", POST /score" if targets.reward else "")
+        + (
+            ", POST /generate, OpenAI's POST /v1/chat/completions, POST /v1/completions, GET /v1/models (model "
+            f'"{POLICY_MODEL_ID}")'
+            if targets.policy
+            else ""
+        )
+        + f'\n  curl -s {url}/score{auth} -d \'[{{"prompt": "Hi", "response": " Hello"}}]\''
+        + f'\n  curl -s {url}/generate{auth} -d \'{{"prompt": "Hi", "max_tokens": 16}}\''
+        + f"\n  curl -s {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{{\"model\": "
+        f'"{POLICY_MODEL_ID}", "messages": [{{"role": "user", "content": "Hi"}}]}}\'',
+        flush=True,
+    )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

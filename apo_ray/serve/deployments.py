@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from ray import serve
@@ -70,8 +70,9 @@ class RewardScorer:
         lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
         scores: list[float] = []
         for rows in chunks(len(items), FORWARD_ROWS):
-            batch = encode_for_reward(self.tokenizer, prompts[rows.start:rows.stop], responses[rows.start:rows.stop],
-                                      self.max_length).to(self.model.device)
+            batch = encode_for_reward(
+                self.tokenizer, prompts[rows.start : rows.stop], responses[rows.start : rows.stop], self.max_length
+            ).to(self.model.device)
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             scores += logits.squeeze(-1).float().tolist()
         return scores, [n > self.max_length for n in lengths]
@@ -100,8 +101,11 @@ def policy_llm_config(policy_dir: Path, cfg: ServeConfig):
         engine_kwargs=engine,
         # LLMServer adds its replica actor's CPUs to the engine's bundle; the actor mostly awaits the engine, so
         # serve.policy.num_cpus is the replica's whole share.
-        deployment_config={"num_replicas": cfg.policy.replicas, "ray_actor_options": {"num_cpus": 0},
-                           **queue_options(cfg.policy, cfg)},
+        deployment_config={
+            "num_replicas": cfg.policy.replicas,
+            "ray_actor_options": {"num_cpus": 0},
+            **queue_options(cfg.policy, cfg),
+        },
         # The game's actors keep vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set for a whole cluster by the
         # tests' runtime env); LLMServer runs vLLM's async engine in its default mode, engine core in a process.
         runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}},
@@ -111,11 +115,13 @@ def policy_llm_config(policy_dir: Path, cfg: ServeConfig):
 def queue_options(deployment: ServeDeploymentConfig, cfg: ServeConfig) -> dict[str, Any]:
     """A deployment's bounded queue: past it Serve answers 503 with Retry-After (the ingress's own queue, at the
     HTTP proxy) or raises BackPressureError in the caller (the models' queues, which the ingress answers)."""
-    return {"max_queued_requests": deployment.max_queued_requests,
-            "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s}}
+    return {
+        "max_queued_requests": deployment.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},
+    }
 
 
-def build_app(targets: ServeTargets, cfg: ServeConfig, token: Optional[str]):
+def build_app(targets: ServeTargets, cfg: ServeConfig, token: str | None):
     """The application: Ingress bound to a RewardScorer and a policy LLMServer for the models found."""
     from ray.serve.llm import build_llm_deployment
 
@@ -124,22 +130,46 @@ def build_app(targets: ServeTargets, cfg: ServeConfig, token: Optional[str]):
     scorer = policy = policy_config = None
     if targets.reward is not None:
         max_length = cfg.reward_max_length or targets.reward_max_length or DEFAULT_REWARD_MAX_LENGTH
-        scorer = serve.deployment(RewardScorer).options(
-            name="reward", num_replicas=cfg.reward.replicas,
-            ray_actor_options={"num_cpus": cfg.reward.num_cpus, "num_gpus": cfg.reward.num_gpus,
-                               # A test's injected stall reaches the scorer's replicas.
-                               **({"runtime_env": {"env_vars": faults}} if (faults := injected_faults()) else {})},
-            # Room for a full batch in flight while the next one gathers.
-            max_ongoing_requests=2 * cfg.score_max_batch_size, **queue_options(cfg.reward, cfg),
-            user_config={"max_batch_size": cfg.score_max_batch_size, "batch_wait_timeout_s": cfg.score_batch_wait_s},
-        ).bind(str(targets.reward), max_length, resolve_dtype(cfg.dtype, cfg.reward.num_gpus > 0))
+        scorer = (
+            serve.deployment(RewardScorer)
+            .options(
+                name="reward",
+                num_replicas=cfg.reward.replicas,
+                ray_actor_options={
+                    "num_cpus": cfg.reward.num_cpus,
+                    "num_gpus": cfg.reward.num_gpus,
+                    # A test's injected stall reaches the scorer's replicas.
+                    **({"runtime_env": {"env_vars": faults}} if (faults := injected_faults()) else {}),
+                },
+                # Room for a full batch in flight while the next one gathers.
+                max_ongoing_requests=2 * cfg.score_max_batch_size,
+                **queue_options(cfg.reward, cfg),
+                user_config={
+                    "max_batch_size": cfg.score_max_batch_size,
+                    "batch_wait_timeout_s": cfg.score_batch_wait_s,
+                },
+            )
+            .bind(str(targets.reward), max_length, resolve_dtype(cfg.dtype, cfg.reward.num_gpus > 0))
+        )
     if targets.policy is not None:
         policy_config = policy_llm_config(targets.policy, cfg)
         policy = build_llm_deployment(policy_config, name_prefix="apo-ray-")
-    return serve.deployment(IngressDeployment).options(
-        name="ingress", num_replicas=cfg.ingress.replicas,
-        ray_actor_options={"num_cpus": cfg.ingress.num_cpus, "num_gpus": cfg.ingress.num_gpus},
-        # The ingress mostly awaits the model replicas; a low cap would starve the scorer's batches.
-        max_ongoing_requests=256, **queue_options(cfg.ingress, cfg),
-    ).bind(scorer, policy, policy_config=policy_config, limits=cfg.limits, token_sha256=token_digest(token),
-           retry_after_s=cfg.retry_after_s)
+    return (
+        serve.deployment(IngressDeployment)
+        .options(
+            name="ingress",
+            num_replicas=cfg.ingress.replicas,
+            ray_actor_options={"num_cpus": cfg.ingress.num_cpus, "num_gpus": cfg.ingress.num_gpus},
+            # The ingress mostly awaits the model replicas; a low cap would starve the scorer's batches.
+            max_ongoing_requests=256,
+            **queue_options(cfg.ingress, cfg),
+        )
+        .bind(
+            scorer,
+            policy,
+            policy_config=policy_config,
+            limits=cfg.limits,
+            token_sha256=token_digest(token),
+            retry_after_s=cfg.retry_after_s,
+        )
+    )

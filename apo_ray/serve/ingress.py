@@ -14,25 +14,32 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from ray.exceptions import RayActorError
+
 # Not re-exported by ray.serve.llm: what build_openai_app itself uses for the model list and for the errors of
 # its handlers (a request vLLM refuses, a timeout).
 from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException, to_model_metadata
-from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
-from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
 from apo_ray.config import ServeLimitsConfig
 from apo_ray.serve.openai_requests import chat_prompt_ids, parse_chat_request, parse_completion_request
-from apo_ray.serve.requests import (RequestError, check_prompt_tokens, parse_generate_request, parse_json,
-                                    parse_score_request)
+from apo_ray.serve.requests import (
+    RequestError,
+    check_prompt_tokens,
+    parse_generate_request,
+    parse_json,
+    parse_score_request,
+)
 
 
-def token_digest(token: Optional[str]) -> Optional[str]:
+def token_digest(token: str | None) -> str | None:
     # The replicas keep a digest, not the token: deployment arguments live in Ray's control plane.
     return hashlib.sha256(token.encode()).hexdigest() if token else None
 
@@ -55,8 +62,9 @@ def refusal(error: RequestError, openai: bool) -> JSONResponse:
     if error.retry_after_s is not None:
         # RFC 9110's delay-seconds: a whole number, rounded up so that a client never retries early.
         headers["Retry-After"] = str(math.ceil(error.retry_after_s))
-    return JSONResponse(error.to_openai_json() if openai else error.to_json(), status_code=error.status,
-                        headers=headers or None)
+    return JSONResponse(
+        error.to_openai_json() if openai else error.to_json(), status_code=error.status, headers=headers or None
+    )
 
 
 # What a model deployment's handle raises when it cannot answer now but may on a retry: its queue is full
@@ -72,13 +80,26 @@ def unavailable(error: Exception, deployment: str, retry_after_s: float) -> Requ
         why = "the replica running this request stopped before answering; Serve is replacing it"
     else:
         why = f"no replica can take the request now ({type(error).__name__})"
-    return RequestError(503, deployment, f"{why}; send it again after {math.ceil(retry_after_s)} s",
-                        code="unavailable", retry_after_s=retry_after_s)
+    return RequestError(
+        503,
+        deployment,
+        f"{why}; send it again after {math.ceil(retry_after_s)} s",
+        code="unavailable",
+        retry_after_s=retry_after_s,
+    )
 
 
 class Ingress(OpenAiIngress):
-    def __init__(self, scorer: Any, policy: Any, *, policy_config: Any, limits: ServeLimitsConfig,
-                 token_sha256: Optional[str], retry_after_s: float):
+    def __init__(
+        self,
+        scorer: Any,
+        policy: Any,
+        *,
+        policy_config: Any,
+        limits: ServeLimitsConfig,
+        token_sha256: str | None,
+        retry_after_s: float,
+    ):
         """policy_config: the policy LLMServer's LLMConfig, or None without a policy. retry_after_s: a 503's
         Retry-After when a model deployment cannot answer now (serve.retry_after_s)."""
         models = {policy_config.model_id: policy} if policy is not None else {}
@@ -134,8 +155,9 @@ class Ingress(OpenAiIngress):
         except RequestError as error:
             return refusal(error, openai=False)
         except RETRYABLE as error:
-            return refusal(unavailable(error, "reward" if name == "score" else "policy", self.retry_after_s),
-                           openai=False)
+            return refusal(
+                unavailable(error, "reward" if name == "score" else "policy", self.retry_after_s), openai=False
+            )
 
     async def _answer_openai(self, request: Request, parse: Callable[[Any], Any], stock_handler) -> Response:
         """Check the request, then let ray.serve.llm's handler run it (JSON, or SSE chunks ending in
@@ -153,8 +175,10 @@ class Ingress(OpenAiIngress):
         except RETRYABLE as error:
             return refusal(unavailable(error, "policy", self.retry_after_s), openai=True)
         except OpenAIHTTPException as exc:
-            return JSONResponse({"error": {"message": exc.message, "type": exc.type, "param": None, "code": None}},
-                                status_code=exc.status_code)
+            return JSONResponse(
+                {"error": {"message": exc.message, "type": exc.type, "param": None, "code": None}},
+                status_code=exc.status_code,
+            )
 
     def _authorize(self, request: Request) -> None:
         if self.token_sha256 is None:
@@ -185,9 +209,15 @@ class Ingress(OpenAiIngress):
         prompt_ids = self.tokenizer(params.prompt, add_special_tokens=False)["input_ids"]
         check_prompt_tokens(len(prompt_ids), self.limits)
         request = CompletionRequest(
-            model=self.model_id, prompt=prompt_ids, max_tokens=params.max_tokens,
-            temperature=params.temperature, top_p=params.top_p, n=params.n, seed=params.seed,
-            stop_token_ids=self.eos_ids, return_token_ids=True,
+            model=self.model_id,
+            prompt=prompt_ids,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            n=params.n,
+            seed=params.seed,
+            stop_token_ids=self.eos_ids,
+            return_token_ids=True,
         )
         stream = self.policy.options(stream=True).completions.remote(request, None)
         response = await stream.__anext__()
@@ -197,9 +227,14 @@ class Ingress(OpenAiIngress):
             raise RequestError(502, "policy", getattr(error, "message", str(response)))
         return {
             "prompt_tokens": len(prompt_ids),
-            "choices": [{"text": self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
-                         "token_ids": list(c.token_ids), "finish_reason": c.finish_reason}
-                        for c in response.choices],
+            "choices": [
+                {
+                    "text": self.tokenizer.decode(c.token_ids, skip_special_tokens=True),
+                    "token_ids": list(c.token_ids),
+                    "finish_reason": c.finish_reason,
+                }
+                for c in response.choices
+            ],
         }
 
 
@@ -214,4 +249,5 @@ ROUTES = {
 }
 
 IngressDeployment = make_fastapi_ingress(
-    Ingress, endpoint_map=ROUTES, app=FastAPI(title="apo-ray", openapi_url=None, docs_url=None, redoc_url=None))
+    Ingress, endpoint_map=ROUTES, app=FastAPI(title="apo-ray", openapi_url=None, docs_url=None, redoc_url=None)
+)

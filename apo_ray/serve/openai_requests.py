@@ -9,11 +9,19 @@ ray.serve.llm's ChatCompletionRequest / CompletionRequest.
 
 from __future__ import annotations
 
-from typing import Any, Collection
+from collections.abc import Collection
+from typing import Any
 
 from apo_ray.config import ServeLimitsConfig
-from apo_ray.serve.requests import (GENERATE_DEFAULTS, RequestError, check_prompt_tokens, no_unknown_keys,
-                                    parse_sampling, text_field, type_name)
+from apo_ray.serve.requests import (
+    GENERATE_DEFAULTS,
+    RequestError,
+    check_prompt_tokens,
+    no_unknown_keys,
+    parse_sampling,
+    text_field,
+    type_name,
+)
 
 CHAT_ROLES = ("system", "user", "assistant")
 # OpenAI's own limit on stop sequences.
@@ -30,8 +38,12 @@ def _object(payload: Any, what: str) -> dict:
 def _model(payload: dict, model_ids: Collection[str], limits: ServeLimitsConfig) -> str:
     model = text_field(payload, "model", "", limits)
     if model not in model_ids:
-        raise RequestError(404, "model", f"no model {model!r} here; this server has {', '.join(sorted(model_ids))}",
-                           code="model_not_found")
+        raise RequestError(
+            404,
+            "model",
+            f"no model {model!r} here; this server has {', '.join(sorted(model_ids))}",
+            code="model_not_found",
+        )
     return model
 
 
@@ -121,12 +133,17 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]], limits: Serv
     from jinja2 import TemplateError
 
     if not tokenizer.chat_template:
-        raise RequestError(400, "model", "the policy has no chat template (chat_template in its "
-                                         "tokenizer_config.json or chat_template.jinja); POST /v1/completions "
-                                         "takes a plain prompt")
+        raise RequestError(
+            400,
+            "model",
+            "the policy has no chat template (chat_template in its "
+            "tokenizer_config.json or chat_template.jinja); POST /v1/completions "
+            "takes a plain prompt",
+        )
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
     except TemplateError as exc:
         # Templates may refuse some conversations (a system turn not first, turns not alternating).
         raise RequestError(422, "messages", f"the policy's chat template refused them: {exc}") from None

@@ -17,8 +17,9 @@ from apo_ray.config import ServeLimitsConfig
 
 
 class RequestError(ValueError):
-    def __init__(self, status: int, field: str, message: str, code: str | None = None,
-                 retry_after_s: float | None = None):
+    def __init__(
+        self, status: int, field: str, message: str, code: str | None = None, retry_after_s: float | None = None
+    ):
         """retry_after_s: the request may be sent again after this many seconds (a 503's Retry-After)."""
         super().__init__(f"{field}: {message}")
         self.status, self.field, self.message, self.code = status, field, message, code
@@ -29,10 +30,16 @@ class RequestError(ValueError):
 
     def to_openai_json(self) -> dict[str, Any]:
         """The error body of OpenAI's API, which its client libraries parse into their exceptions."""
-        kind = ("authentication_error" if self.status == 401 else "server_error" if self.status >= 500
-                else "invalid_request_error")
-        return {"error": {"message": f"{self.field}: {self.message}", "type": kind, "param": self.field,
-                          "code": self.code}}
+        kind = (
+            "authentication_error"
+            if self.status == 401
+            else "server_error"
+            if self.status >= 500
+            else "invalid_request_error"
+        )
+        return {
+            "error": {"message": f"{self.field}: {self.message}", "type": kind, "param": self.field, "code": self.code}
+        }
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,11 @@ MAX_SEED = 2**63 - 1
 
 
 def type_name(value: Any) -> str:
-    return "null" if value is None else {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
+    return (
+        "null"
+        if value is None
+        else {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
+    )
 
 
 def parse_json(body: bytes, limits: ServeLimitsConfig) -> Any:
@@ -158,8 +169,10 @@ def parse_generate_request(payload: Any, limits: ServeLimitsConfig) -> GenerateP
     prompt = text_field(payload, "prompt", "", limits)
     if not prompt.strip():
         raise RequestError(422, "prompt", "empty")
-    return GenerateParams(prompt=prompt, **parse_sampling(
-        payload, limits, default_max_tokens=min(GENERATE_DEFAULTS["max_tokens"], limits.max_tokens)))
+    return GenerateParams(
+        prompt=prompt,
+        **parse_sampling(payload, limits, default_max_tokens=min(GENERATE_DEFAULTS["max_tokens"], limits.max_tokens)),
+    )
 
 
 def check_prompt_tokens(n_tokens: int, limits: ServeLimitsConfig, field: str = "prompt") -> None:

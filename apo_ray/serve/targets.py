@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -28,16 +28,16 @@ ROLES = ("policy", "reward")
 
 @dataclass
 class ServeTargets:
-    policy: Optional[Path] = None
-    reward: Optional[Path] = None
+    policy: Path | None = None
+    reward: Path | None = None
     # The RM's max_length in the run that trained it, if a run directory said.
-    reward_max_length: Optional[int] = None
+    reward_max_length: int | None = None
     # The `serve` section of a game run's config.yaml, if one was given.
     serve_section: dict[str, Any] = field(default_factory=dict)
 
 
 def model_role(model_dir: Path) -> str:
-    """"policy" for a causal LM, "reward" for a sequence classifier, from config.json's architectures."""
+    """ "policy" for a causal LM, "reward" for a sequence classifier, from config.json's architectures."""
     config_file = model_dir / "config.json"
     try:
         architectures = json.loads(config_file.read_text()).get("architectures") or []
@@ -47,19 +47,23 @@ def model_role(model_dir: Path) -> str:
         return "policy"
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "reward"
-    raise ConfigError(f"{model_dir}: architectures {architectures} are neither a causal LM (the policy) nor a "
-                      "sequence classifier (the RM)")
+    raise ConfigError(
+        f"{model_dir}: architectures {architectures} are neither a causal LM (the policy) nor a "
+        "sequence classifier (the RM)"
+    )
 
 
-def _checkpointed_model(role_dir: Path) -> Optional[Path]:
+def _checkpointed_model(role_dir: Path) -> Path | None:
     """The HF model a round checkpoint holds for one role: its folder, or a LoRA learner's merged/ model
     (checkpoint.merge_lora); None where the role has neither."""
     for model_dir in (role_dir, role_dir / "merged"):
         if (model_dir / "config.json").is_file():
             return model_dir
     if (role_dir / "adapter_config.json").is_file():
-        raise ConfigError(f"{role_dir}: a LoRA adapter without its merged model; `apo-ray serve` serves whole models "
-                          "(serving base plus adapter is not built): train with checkpoint.merge_lora=true")
+        raise ConfigError(
+            f"{role_dir}: a LoRA adapter without its merged model; `apo-ray serve` serves whole models "
+            "(serving base plus adapter is not built): train with checkpoint.merge_lora=true"
+        )
     return None
 
 
@@ -71,7 +75,7 @@ def _read_yaml(path: Path) -> dict:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def _models_of(target: Path) -> tuple[dict[str, Path], Optional[int], dict]:
+def _models_of(target: Path) -> tuple[dict[str, Path], int | None, dict]:
     """(role -> model dir, RM max_length or None, serve section) of one target."""
     latest = target / "checkpoints" / "LATEST"
     run_config = target / "config.yaml"

@@ -25,8 +25,11 @@ DESCRIPTIONS = {
 def build_parser(stage: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"apo-ray {stage}", description=DESCRIPTIONS[stage])
     parser.add_argument("--config", help=f"YAML stage config (e.g. configs/{stage}_*.yaml)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this stage's run directory from its last "
-                                                            "checkpoint (overrides may add epochs)")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue this stage's run directory from its last checkpoint (overrides may add epochs)",
+    )
     add_verbose_flag(parser)
     add_help_config(parser, stage)
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. workers.num_workers=2 lr=1e-4")

@@ -48,7 +48,7 @@ def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
 
 def rank_batch(order: list[int], step: int, batch_size: int, rank: int, world_size: int) -> list[int]:
     """Rank `rank`'s share of step `step`'s batch: every world_size-th item of it (batch_size divides evenly)."""
-    batch = order[step * batch_size:(step + 1) * batch_size]
+    batch = order[step * batch_size : (step + 1) * batch_size]
     return batch[rank::world_size]
 
 

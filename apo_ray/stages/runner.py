@@ -80,8 +80,10 @@ def load_for_resume(cls: type[StageConfig], run_dir: str, overrides: list[str]) 
     cfg = validate_section(cls, tree)
     before = saved["workers"]["num_workers"]
     if cfg.workers.num_workers != before:
-        raise ConfigError(f"workers.num_workers: {run_dir} was trained by {before} workers, whose optimizer shards "
-                          f"its checkpoints hold; resume it with {before}")
+        raise ConfigError(
+            f"workers.num_workers: {run_dir} was trained by {before} workers, whose optimizer shards "
+            f"its checkpoints hold; resume it with {before}"
+        )
     return cfg
 
 
@@ -102,13 +104,16 @@ def prepare_stage(cfg: StageConfig, resume: bool = False) -> PreparedStage:
     except OSError as exc:  # transformers' way of saying the model (or the hub) cannot be reached
         raise ConfigError(f"base_model: cannot load the tokenizer of {cfg.base_model} ({exc})") from None
     if steps_per_epoch(len(data.train), cfg.batch_size) == 0:
-        raise DataError(f"train.path: {cfg.train.path} has {len(data.train)} items, fewer than one batch "
-                        f"(batch_size={cfg.batch_size})")
+        raise DataError(
+            f"train.path: {cfg.train.path} has {len(data.train)} items, fewer than one batch "
+            f"(batch_size={cfg.batch_size})"
+        )
     if cfg.eval is not None and not data.eval:
         raise DataError(f"eval.path: {cfg.eval.path} has no items")
     # Every checkpoint kept holds the HF weights and DeepSpeed's weights plus two Adam moments.
-    check_run_dir(run_dir, resume,
-                  max(MIN_FREE_BYTES, 4 * (cfg.keep_checkpoints + 1) * checkpoint_bytes(cfg.base_model)))
+    check_run_dir(
+        run_dir, resume, max(MIN_FREE_BYTES, 4 * (cfg.keep_checkpoints + 1) * checkpoint_bytes(cfg.base_model))
+    )
     return PreparedStage(cfg, run_dir, data, resume, written_cfg)
 
 
@@ -126,15 +131,22 @@ def init_ray_for(cfg: StageConfig) -> None:
         ray.init(address=address)
     else:
         need = workers.num_workers * workers.num_cpus_per_worker
-        ray.init(num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False,
-                 runtime_env={"env_vars": driver_source_env()})
+        ray.init(
+            num_cpus=cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(need)),
+            include_dashboard=False,
+            runtime_env={"env_vars": driver_source_env()},
+        )
     have = ray.cluster_resources()
-    need = {"CPU": workers.num_workers * workers.num_cpus_per_worker,
-            "GPU": workers.num_workers * workers.num_gpus_per_worker}
+    need = {
+        "CPU": workers.num_workers * workers.num_cpus_per_worker,
+        "GPU": workers.num_workers * workers.num_gpus_per_worker,
+    }
     if any(amount > have.get(kind, 0.0) for kind, amount in need.items()):
         # Ray Train would otherwise wait for them without end.
-        raise ConfigError(f"workers: {workers.num_workers} workers need {need['CPU']:g} CPUs and {need['GPU']:g} GPUs; "
-                          f"the cluster has {have.get('CPU', 0.0):g} and {have.get('GPU', 0.0):g}")
+        raise ConfigError(
+            f"workers: {workers.num_workers} workers need {need['CPU']:g} CPUs and {need['GPU']:g} GPUs; "
+            f"the cluster has {have.get('CPU', 0.0):g} and {have.get('GPU', 0.0):g}"
+        )
 
 
 def run_stage(prepared: PreparedStage, *, fail_at_step: int | None = None, stop_after_epoch: int | None = None) -> dict:
@@ -146,29 +158,42 @@ def run_stage(prepared: PreparedStage, *, fail_at_step: int | None = None, stop_
 
     cfg, run_dir = prepared.cfg, prepared.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump({"stage": cfg.STAGE, **prepared.written_cfg.model_dump()},
-                                                      sort_keys=False))
+    (run_dir / CONFIG_FILE).write_text(
+        yaml.safe_dump({"stage": cfg.STAGE, **prepared.written_cfg.model_dump()}, sort_keys=False)
+    )
     started = time.perf_counter()
     init_ray_for(cfg)
     workers = cfg.workers
     resources = {"CPU": workers.num_cpus_per_worker}
     if workers.num_gpus_per_worker:
         resources["GPU"] = workers.num_gpus_per_worker
-    spec = WorkerSpec(cfg=cfg, run_dir=str(run_dir), train=ray.put(prepared.data.train),
-                      eval=ray.put(prepared.data.eval), fail_at_step=fail_at_step,
-                      stop_after_epoch=stop_after_epoch)
+    spec = WorkerSpec(
+        cfg=cfg,
+        run_dir=str(run_dir),
+        train=ray.put(prepared.data.train),
+        eval=ray.put(prepared.data.eval),
+        fail_at_step=fail_at_step,
+        stop_after_epoch=stop_after_epoch,
+    )
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.num_gpus_per_worker > 0,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=workers.num_workers, use_gpu=workers.num_gpus_per_worker > 0, resources_per_worker=resources
+        ),
         # The same storage and name on --resume: Ray Train then starts from the run's latest checkpoint.
-        run_config=RunConfig(name=CHECKPOINTS, storage_path=str(run_dir),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        run_config=RunConfig(
+            name=CHECKPOINTS,
+            storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
     )
-    print(f"[{cfg.STAGE}] Ray Train: {workers.num_workers} worker(s), DeepSpeed ZeRO-{cfg.zero_stage}, "
-          f"{len(prepared.data.train)} training {task_class(cfg).unit}; run directory {run_dir}", flush=True)
+    print(
+        f"[{cfg.STAGE}] Ray Train: {workers.num_workers} worker(s), DeepSpeed ZeRO-{cfg.zero_stage}, "
+        f"{len(prepared.data.train)} training {task_class(cfg).unit}; run directory {run_dir}",
+        flush=True,
+    )
     try:
         result = trainer.fit()
     except Exception as error:
@@ -186,11 +211,16 @@ def _stage_failure(cfg: StageConfig, error: Exception) -> StageFailed:
     first = str(causes[0]).strip().splitlines()
     reason = first[-1] if first else type(causes[0]).__name__
     if diverged:
-        return StageFailed(f"{cfg.STAGE}: training diverged ({reason}); lower lr and resume with "
-                           f"`apo-ray {cfg.STAGE} --resume {cfg.run_dir} lr=...`", diverged=True)
-    return StageFailed(f"{cfg.STAGE}: the Ray Train job failed after {cfg.max_failures} restart(s): {reason}. "
-                       f"Continue from its last checkpoint with `apo-ray {cfg.STAGE} --resume {cfg.run_dir}`",
-                       diverged=False)
+        return StageFailed(
+            f"{cfg.STAGE}: training diverged ({reason}); lower lr and resume with "
+            f"`apo-ray {cfg.STAGE} --resume {cfg.run_dir} lr=...`",
+            diverged=True,
+        )
+    return StageFailed(
+        f"{cfg.STAGE}: the Ray Train job failed after {cfg.max_failures} restart(s): {reason}. "
+        f"Continue from its last checkpoint with `apo-ray {cfg.STAGE} --resume {cfg.run_dir}`",
+        diverged=False,
+    )
 
 
 def _export_model(checkpoint_model: Path, final: Path) -> Path:
@@ -207,8 +237,11 @@ def eval_by_epoch(run_dir: Path) -> list[dict]:
     """Every evaluation the run logged (after each epoch with eval_every_epoch, else after each invocation's
     last), as {"epoch": epochs done, metric: value}, in order."""
     rows = read_metrics_jsonl(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).exists() else []
-    return [{"epoch": row[EVAL_EPOCH], **{k: v for k, v in row.items() if k not in ("step", EVAL_EPOCH)}}
-            for row in rows if EVAL_EPOCH in row]
+    return [
+        {"epoch": row[EVAL_EPOCH], **{k: v for k, v in row.items() if k not in ("step", EVAL_EPOCH)}}
+        for row in rows
+        if EVAL_EPOCH in row
+    ]
 
 
 def _summary(prepared: PreparedStage, metrics: dict, model_dir: Path, wall_s: float) -> dict:

@@ -3,8 +3,9 @@ loads the model, computes the loss of a batch and evaluates held-out items."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -33,8 +34,9 @@ class StageTask(Protocol):
     def eval_metrics(self, records: Sequence[tuple[float, ...]]) -> dict[str, float]: ...
 
 
-def items_with_truncation(cfg: StageConfig, loader: Callable[[Any], list[Any]],
-                    truncation: Callable[[list[Any]], dict[str, int]]) -> StageData:
+def items_with_truncation(
+    cfg: StageConfig, loader: Callable[[Any], list[Any]], truncation: Callable[[list[Any]], dict[str, int]]
+) -> StageData:
     """The stage's training items and, with cfg.eval, its held-out ones, with what `truncation` counts of each."""
     train = loader(cfg.train)
     evaluation = loader(cfg.eval) if cfg.eval is not None else []

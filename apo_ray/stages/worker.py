@@ -71,8 +71,15 @@ def train_worker(config: dict) -> None:
     # Same seed on every rank before the model is built: a freshly initialised head is identical everywhere.
     torch.manual_seed(cfg.seed)
     engine = TrainEngine(
-        task.load_model(), backend="deepspeed", lr=cfg.lr, zero_stage=cfg.zero_stage, grad_clip=cfg.grad_clip,
-        weight_decay=cfg.weight_decay, micro_batch_size=cfg.batch_size // world, rank=rank, world_size=world,
+        task.load_model(),
+        backend="deepspeed",
+        lr=cfg.lr,
+        zero_stage=cfg.zero_stage,
+        grad_clip=cfg.grad_clip,
+        weight_decay=cfg.weight_decay,
+        micro_batch_size=cfg.batch_size // world,
+        rank=rank,
+        world_size=world,
         master_port=int(os.environ["MASTER_PORT"]),
     )
     # Dropout draws from this stream; a restored checkpoint replaces it with the rank's saved state.
@@ -93,8 +100,11 @@ def train_worker(config: dict) -> None:
     per_epoch = steps_per_epoch(len(train_items), cfg.batch_size)
     total_steps = per_epoch * cfg.epochs
     warmup = warmup_steps(cfg.warmup_ratio, total_steps)
-    progress = Progress(f"{cfg.STAGE} train", total=per_epoch * end_epoch - cursor.global_step,
-                        unit="steps") if rank == 0 else contextlib.nullcontext()
+    progress = (
+        Progress(f"{cfg.STAGE} train", total=per_epoch * end_epoch - cursor.global_step, unit="steps")
+        if rank == 0
+        else contextlib.nullcontext()
+    )
     step_seconds, items_trained, order_epoch, order = 0.0, 0, None, []
     with progress:
         while not cursor.finished(end_epoch):
@@ -113,8 +123,9 @@ def train_worker(config: dict) -> None:
             _maybe_fail(spec, rank, world, cursor.global_step)
             stats = _mean_over_ranks(stats, world)
             if logger is not None:
-                logger.log({**stats, "learning_rate": lr, "epoch": cursor.epoch + cursor.step / per_epoch},
-                           cursor.global_step)
+                logger.log(
+                    {**stats, "learning_rate": lr, "epoch": cursor.epoch + cursor.step / per_epoch}, cursor.global_step
+                )
                 progress.update()
             # Before the epoch's checkpoint, so that a run resumed from it has this evaluation logged already.
             if cfg.eval_every_epoch and eval_items and cursor.step == 0 and not cursor.finished(end_epoch):
@@ -122,9 +133,14 @@ def train_worker(config: dict) -> None:
             # The last step's checkpoint is the final one, written after the evaluation with its metrics.
             if cursor.global_step % cfg.checkpoint_every == 0 and not cursor.finished(end_epoch):
                 _save_and_report(task, engine, cursor, cfg, rank, {**stats, "global_step": cursor.global_step})
-    final = {"global_step": cursor.global_step, "world_size": world, "torch_threads": torch.get_num_threads(),
-             f"train/{task.unit}": items_trained, "train/step_seconds": step_seconds,
-             f"train/{task.unit}_per_s": items_trained / step_seconds}
+    final = {
+        "global_step": cursor.global_step,
+        "world_size": world,
+        "torch_threads": torch.get_num_threads(),
+        f"train/{task.unit}": items_trained,
+        "train/step_seconds": step_seconds,
+        f"train/{task.unit}_per_s": items_trained / step_seconds,
+    }
     if eval_items:
         final.update(_evaluate_and_log(task, engine, eval_items, rank, world, logger, cursor))
     if logger is not None:
@@ -162,8 +178,11 @@ def _save_and_report(task, engine, cursor: DataCursor, cfg: StageConfig, rank: i
         (tmp / RNG_DIR).mkdir()
         torch.save(torch.get_rng_state(), tmp / RNG_DIR / f"rank_{rank}.pt")
         # Ray Train merges what the ranks report into one checkpoint directory under the run directory.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                         checkpoint_dir_name=f"step_{cursor.global_step:07d}")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+            checkpoint_dir_name=f"step_{cursor.global_step:07d}",
+        )
 
 
 def _evaluate(task, engine, items: list, rank: int, world: int) -> dict[str, float]:
@@ -178,8 +197,7 @@ def _evaluate(task, engine, items: list, rank: int, world: int) -> dict[str, flo
     return task.eval_metrics([record for _, record in sorted(mine)])
 
 
-def _evaluate_and_log(task, engine, items: list, rank: int, world: int, logger,
-                      cursor: DataCursor) -> dict[str, float]:
+def _evaluate_and_log(task, engine, items: list, rank: int, world: int, logger, cursor: DataCursor) -> dict[str, float]:
     """Evaluate after the epochs done so far; rank 0 logs it with `eval_epoch` (runner.eval_by_epoch reads it)."""
     evaluation = _evaluate(task, engine, items, rank, world)
     if logger is not None:
@@ -197,8 +215,12 @@ def _mean_over_ranks(stats: dict[str, float], world: int) -> dict[str, float]:
 
 
 def _record_attempt(run_dir: Path, cursor: DataCursor, world: int) -> None:
-    record = {"started_at": time.time(), "resumed_from_step": cursor.global_step, "world_size": world,
-              "torch_threads": torch.get_num_threads()}
+    record = {
+        "started_at": time.time(),
+        "resumed_from_step": cursor.global_step,
+        "world_size": world,
+        "torch_threads": torch.get_num_threads(),
+    }
     with (run_dir / ATTEMPTS_FILE).open("a") as handle:
         handle.write(json.dumps(record) + "\n")
 

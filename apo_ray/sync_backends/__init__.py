@@ -88,11 +88,13 @@ class SyncBackend:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.rank0_only and (cls.streams or cls.gathers_zero3):
-            raise ValueError(f"weight sync {cls.name}: a rank-0 send neither streams nor gathers ZeRO-3 shards "
-                             "(the other ranks would not join the gather)")
+            raise ValueError(
+                f"weight sync {cls.name}: a rank-0 send neither streams nor gathers ZeRO-3 shards "
+                "(the other ranks would not join the gather)"
+            )
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "SyncBackend":
+    def from_config(cls, cfg: Any) -> SyncBackend:
         """The backend as the run's config (apo_ray.config.Config) sets it up."""
         return cls(bucket_bytes=cfg.rollout.sync_bucket_mb * 2**20) if cls.uses_buckets else cls()
 
@@ -170,8 +172,9 @@ def register_backend(backend: type[SyncBackend]) -> type[SyncBackend]:
 def backends() -> list[type[SyncBackend]]:
     """rollout.weight_sync's backends (the adapter forms are reached through learner.lora.sync); the default,
     object_store, first and the others by name (the docs' order)."""
-    return sorted((b for b in _REGISTRY.values() if not b.sends_adapter),
-                  key=lambda b: (b.name != "object_store", b.name))
+    return sorted(
+        (b for b in _REGISTRY.values() if not b.sends_adapter), key=lambda b: (b.name != "object_store", b.name)
+    )
 
 
 def backend_names() -> tuple[str, ...]:
@@ -209,8 +212,9 @@ def _named(names: Sequence[str]) -> str:
     return " or ".join(quoted) if len(quoted) < 3 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
-def config_refusal(name: str, *, rollout_backend: str, zero_stage_3: bool = False, lora: bool = False,
-                   adapter: bool = False) -> str | None:
+def config_refusal(
+    name: str, *, rollout_backend: str, zero_stage_3: bool = False, lora: bool = False, adapter: bool = False
+) -> str | None:
     """Why the config cannot use backend `name` with this rollout engine and learner (None: it can); the message
     names the key. Read by apo_ray.config's cross-checks and by a rollout pool built without a config."""
     backend = get_backend(name)
@@ -218,16 +222,22 @@ def config_refusal(name: str, *, rollout_backend: str, zero_stage_3: bool = Fals
         return f"rollout.weight_sync: {name!r} needs rollout.backend 'vllm'"
     if zero_stage_3 and not backend.gathers_zero3:
         others = [b.name for b in backends() if b.gathers_zero3]
-        return (f"rollout.weight_sync: {name!r} does not gather ZeRO-3 shards yet; use learner.zero_stage 0-2 with "
-                f"{name!r}, or rollout.weight_sync {_named(others)} at stage 3")
+        return (
+            f"rollout.weight_sync: {name!r} does not gather ZeRO-3 shards yet; use learner.zero_stage 0-2 with "
+            f"{name!r}, or rollout.weight_sync {_named(others)} at stage 3"
+        )
     if lora and not backend.exports_weights:
         others = [b.name for b in backends() if b.exports_weights]
-        return (f"rollout.weight_sync: {name!r} sends the policy's parameters as they are, not LoRA's merged "
-                f"weights; use {_named(others)} with learner.lora.enabled")
+        return (
+            f"rollout.weight_sync: {name!r} sends the policy's parameters as they are, not LoRA's merged "
+            f"weights; use {_named(others)} with learner.lora.enabled"
+        )
     if lora and adapter and backend.adapter_form is None:
         others = [b.name for b in backends() if b.adapter_form]
-        return (f"learner.lora.sync: 'adapter' sends the adapter through rollout.weight_sync {_named(others)}, not "
-                f"{name!r}; use learner.lora.sync 'merged' with {name!r}")
+        return (
+            f"learner.lora.sync: 'adapter' sends the adapter through rollout.weight_sync {_named(others)}, not "
+            f"{name!r}; use learner.lora.sync 'merged' with {name!r}"
+        )
     return None
 
 
@@ -237,8 +247,10 @@ def cluster_refusal(name: str, gpus: float, where: str = "the cluster") -> str |
     backend = get_backend(name)
     if backend.needs_gpu and not gpus:
         others = [b.name for b in backends() if not b.needs_gpu]
-        return (f"rollout.weight_sync: {name!r} {backend.needs_gpu} and {where} has no GPU; use {_named(others)} "
-                "on a CPU-only cluster")
+        return (
+            f"rollout.weight_sync: {name!r} {backend.needs_gpu} and {where} has no GPU; use {_named(others)} "
+            "on a CPU-only cluster"
+        )
     return None
 
 

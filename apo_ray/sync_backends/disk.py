@@ -28,7 +28,7 @@ class DiskSync(SyncBackend):
         self._written: set[str] = set()
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "DiskSync":
+    def from_config(cls, cfg: Any) -> DiskSync:
         return cls(root=Path(cfg.run_dir).resolve() / "rollout_weights")
 
     def _version_dir(self, version: int) -> Path:

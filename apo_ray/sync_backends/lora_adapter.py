@@ -31,7 +31,7 @@ class LoraAdapterSync(ObjectStoreSync):
         self.rank = rank
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "LoraAdapterSync":
+    def from_config(cls, cfg: Any) -> LoraAdapterSync:
         return cls(bucket_bytes=cfg.rollout.sync_bucket_mb * 2**20, rank=cfg.learner.lora.rank)
 
     def worker_kwargs(self) -> dict[str, Any]:

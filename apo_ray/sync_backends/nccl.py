@@ -33,8 +33,10 @@ class RolloutEnginesClient:
         ray.get([w.weight_transfer_rpc.remote(method, kw) for w, kw in zip(self.workers, kwargs_per_worker)])
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self._all("init_weight_transfer_engine",
-                  [{"init_info": {**init_info, "rank_offset": offset}} for offset in self.rank_offsets])
+        self._all(
+            "init_weight_transfer_engine",
+            [{"init_info": {**init_info, "rank_offset": offset}} for offset in self.rank_offsets],
+        )
 
     def shutdown_weight_transfer_engine(self) -> None:
         self._all("shutdown_weight_transfer_engine")
@@ -77,8 +79,12 @@ class NcclWeightSender:
             self.close()
             ranks = [info["engine_ranks"] for info in ray.get([w.ping.remote() for w in workers])]
             init_info = NCCLTrainerInitInfo(
-                master_address=ray.util.get_node_ip_address(), master_port=free_port(),
-                world_size=1 + sum(ranks), rank=0, packed=True, packed_buffer_size_bytes=self.bucket_bytes,
+                master_address=ray.util.get_node_ip_address(),
+                master_port=free_port(),
+                world_size=1 + sum(ranks),
+                rank=0,
+                packed=True,
+                packed_buffer_size_bytes=self.bucket_bytes,
             )
             self._engine = NCCLTrainerWeightTransferEngine.trainer_init(
                 init_info, client=RolloutEnginesClient(workers, ranks), source=ModuleSource(self.module)
