@@ -45,8 +45,8 @@ def test_the_fit_leaves_out_the_warm_up_and_calls_growth_only_when_the_interval_
     assert fit(points, warmup=50) is None  # two records are too few for an interval
 
 
-def test_the_recorder_reads_a_real_actors_memory_and_file_descriptors(tmp_path):
-    ray = pytest.importorskip("ray")
+def test_the_recorder_reads_a_real_actors_memory_and_file_descriptors(ray_cluster, tmp_path):
+    ray = ray_cluster
     from benchmarks.soak import Recorder
 
     @ray.remote(num_cpus=0)
@@ -59,17 +59,17 @@ def test_the_recorder_reads_a_real_actors_memory_and_file_descriptors(tmp_path):
             self.data = bytearray(mib * 2**20)  # zero-filled: every page is touched
             self.files = [open(tmp_path / f"f{i}", "w") for i in range(files)]
 
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    # On the suite's shared cluster: other tests' named actors may be alive beside it, so only its own are checked.
+    holder = Holder.options(name="holder-0a1b2c-0").remote()
     try:
-        holder = Holder.options(name="holder-0a1b2c-0").remote()
         recorder = Recorder(tmp_path / "metrics.jsonl", every=1, log=lambda line: None)
         before = recorder.record(0, None)["processes"]["holder-0"]
         ray.get(holder.grow.remote(200, 20))
         after = recorder.record(1, None)["processes"]["holder-0"]
-        assert set(recorder.pids) == {"driver", "holder-0a1b2c-0"}  # records name it without the run id
+        assert {"driver", "holder-0a1b2c-0"} <= set(recorder.pids)  # records name it without the run id
         assert after["rss_bytes"] - before["rss_bytes"] >= 190 * 2**20
         # One run read 21 for the 20 files: Ray's worker opened a descriptor of its own during the task.
         assert 20 <= after["fds"] - before["fds"] <= 21
         assert recorder.records[-1]["object_store_bytes"] >= 0
     finally:
-        ray.shutdown()
+        ray.kill(holder)
