@@ -125,13 +125,18 @@ def text_samples(
     ]
 
 
+def require_responses(samples: list[TokenSample]) -> None:
+    """ValueError naming the first sample with an empty response: every layout of samples needs one token."""
+    for position, sample in enumerate(samples):
+        if not sample.response_ids:
+            raise ValueError(f"samples[{position}]: empty response; a sample has at least one token")
+
+
 def encode_samples(samples: list[TokenSample], pad_token_id: int) -> EncodedBatch:
     """Prompt + response ids as the sampler saw and wrote them, right-padded, with a mask on the response.
 
     Padding is told apart by length, not by id: a policy may sample the pad token itself."""
-    for position, sample in enumerate(samples):
-        if not sample.response_ids:
-            raise ValueError(f"samples[{position}]: empty response; a sample has at least one token")
+    require_responses(samples)
     rows = [list(s.prompt_ids) + list(s.response_ids) for s in samples]
     masks = [[0] * len(s.prompt_ids) + [1] * len(s.response_ids) for s in samples]
     ids, attn, resp = _pad(rows, masks, pad_token_id)
@@ -169,9 +174,7 @@ class ResponseWindow:
 
     @classmethod
     def of(cls, samples: list[TokenSample], pad_token_id: int) -> ResponseWindow:
-        for position, sample in enumerate(samples):
-            if not sample.response_ids:
-                raise ValueError(f"samples[{position}]: empty response; a sample has at least one token")
+        require_responses(samples)
         prompt_width = max(len(s.prompt_ids) for s in samples)
         response_width = max(len(s.response_ids) for s in samples)
         ids = torch.full((len(samples), prompt_width + response_width), pad_token_id, dtype=torch.long)

@@ -83,6 +83,8 @@ def test_the_response_window_gives_the_full_forward_s_logprobs_and_gradients_in_
     forward.logps.sum().backward()
     for got, expected in zip((p.grad for p in model.parameters()), want):
         assert torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"samples\[1\]: empty response"):
+        ResponseWindow.of([TokenSample((3,), (4,)), TokenSample((3,), ())], pad_token_id=0)
 
 
 def test_finish_reason_is_stop_only_on_a_final_eos():
